@@ -3,3 +3,15 @@
 
 pub mod detection;
 pub mod timefmt;
+pub mod auth;
+pub mod config;
+pub mod format;
+pub mod json_stream;
+pub mod retry;
+pub mod sink;
+pub mod source;
+pub mod store;
+pub mod pipeline;
+pub mod cli;
+pub mod demo;
+pub mod emulator;

@@ -1,1 +1,13 @@
-fn main() {}
+//! Command-line entry point: parse arguments, load and validate the config
+//! before binding anything, then hand over to the command.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use mde_forwarder::cli::{self, Cli};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    cli::main(cli)
+}

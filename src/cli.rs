@@ -1,0 +1,334 @@
+//! The commands behind `mde-forwarder`: run, demo, emulate, check-config, state.
+//!
+//! Exit codes: 0 success; 1 a run failed (the reason is on stderr);
+//! 2 invalid command-line arguments; 64 invalid configuration.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+use tokio::sync::watch;
+
+use crate::config::{Config, LogFormat};
+use crate::pipeline::{self, Mode};
+use crate::store::Store;
+use crate::timefmt;
+
+pub const EXIT_FAILURE: u8 = 1;
+pub const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser, Debug)]
+#[command(name = "mde-forwarder", version, about = "Forwards Microsoft Defender for Endpoint detections from the SIEM REST API to syslog, file and HTTP sinks")]
+pub struct Cli {
+    /// Log format on stderr; overrides [service] log_format.
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the forwarder with a config file.
+    Run(RunArgs),
+    /// Start the built-in API emulator with sample detections and forward them to standard output as CEF.
+    Demo(DemoArgs),
+    /// Run the Defender API emulator on its own, for testing a SIEM pipeline.
+    Emulate(crate::emulator::EmulateArgs),
+    /// Validate a config file and show the resolved endpoints.
+    CheckConfig(ConfigArg),
+    /// Show or change the stored state: checkpoints, outbox, dead letters.
+    State(StateArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ConfigArg {
+    /// Path of the TOML config file.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Run one complete poll cycle for every tenant, deliver everything, store the checkpoints and exit.
+    #[arg(long)]
+    pub once: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Seconds between polls.
+    #[arg(long, default_value_t = 5)]
+    pub interval_secs: u64,
+    /// Seconds between new detections added by the emulator.
+    #[arg(long, default_value_t = 3)]
+    pub add_every_secs: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct StateArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    #[command(subcommand)]
+    pub action: StateAction,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum StateAction {
+    /// Show checkpoints, outbox depth per sink, dedupe entries and dead letters.
+    Show,
+    /// Set a tenant's checkpoint, to replay from a time (UTC, ISO 8601).
+    SetCheckpoint {
+        #[arg(long)]
+        tenant: String,
+        /// For example 2026-12-01T00:00:00Z.
+        #[arg(long)]
+        time: String,
+    },
+    /// Delete a tenant's checkpoint: the next poll starts initial_lookback_secs back.
+    ResetCheckpoint {
+        #[arg(long)]
+        tenant: String,
+    },
+    /// List dead letters with their reasons.
+    DeadLetters,
+    /// Queue dead letters again for the sink that rejected them (all, or those given by --id).
+    Requeue {
+        #[arg(long = "id")]
+        ids: Vec<u64>,
+    },
+    /// Delete dead letters (all, or those given by --id).
+    Purge {
+        #[arg(long = "id")]
+        ids: Vec<u64>,
+    },
+}
+
+pub fn main(cli: Cli) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let log_format = cli.log_format;
+    match cli.command {
+        Command::Run(args) => runtime.block_on(run(args, log_format)),
+        Command::Demo(args) => runtime.block_on(demo(args, log_format)),
+        Command::Emulate(args) => {
+            init_logging(log_format.unwrap_or_default(), "info");
+            runtime.block_on(async {
+                let stop = shutdown_signal();
+                let result = crate::emulator::run_cli(args, wait_stop(stop)).await;
+                report(result.map_err(|e| e.to_string()))
+            })
+        }
+        Command::CheckConfig(args) => check_config(&args.config),
+        Command::State(args) => runtime.block_on(state(args)),
+    }
+}
+
+fn report(result: Result<(), String>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+fn load_config(path: &Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+pub fn init_logging(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// A channel that turns true on SIGTERM or SIGINT. A second signal exits at once.
+fn shutdown_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    let signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT]);
+    match signals {
+        Ok(mut signals) => {
+            std::thread::spawn(move || {
+                let mut seen = 0;
+                for signal in signals.forever() {
+                    seen += 1;
+                    if seen > 1 {
+                        eprintln!("second signal {signal}: exiting now; queued detections stay in the outbox");
+                        std::process::exit(EXIT_FAILURE as i32);
+                    }
+                    tracing::info!(signal, "shutdown requested");
+                    tx.send_replace(true);
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot install signal handlers"),
+    }
+    rx
+}
+
+async fn wait_stop(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+async fn run(args: RunArgs, log_format: Option<LogFormat>) -> ExitCode {
+    let config = match load_config(&args.config.config) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    init_logging(log_format.unwrap_or(config.service.log_format), &config.service.log_level);
+    let mode = if args.once { Mode::Once } else { Mode::Daemon };
+    report(run_config(&config, mode, shutdown_signal()).await)
+}
+
+/// Opens the store and runs the pipeline; shared by `run` and `demo`.
+pub async fn run_config(config: &Config, mode: Mode, stop: watch::Receiver<bool>) -> Result<(), String> {
+    if let Err(e) = config.resolve_tenants() {
+        return Err(e.to_string());
+    }
+    let store = Store::open(&config.state.dir).map_err(|e| e.to_string())?;
+    let store = Arc::new(store);
+    tracing::info!(
+        state = %config.state.dir.display(),
+        tenants = config.tenants.len(),
+        sinks = config.sinks.len(),
+        once = mode == Mode::Once,
+        version = env!("CARGO_PKG_VERSION"),
+        "mde-forwarder started"
+    );
+    let result = pipeline::run(config, store, mode, stop).await.map_err(|e| e.to_string());
+    tracing::info!("mde-forwarder stopped");
+    result
+}
+
+fn check_config(path: &Path) -> ExitCode {
+    let config = match load_config(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let tenants = match config.resolve_tenants() {
+        Ok(tenants) => tenants,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    println!("config {} is valid", path.display());
+    println!("state dir: {}", config.state.dir.display());
+    for tenant in &tenants {
+        println!("tenant {}: alerts {} ; token {}", tenant.name, tenant.alerts_url, tenant.token_url);
+    }
+    for sink in &config.sinks {
+        println!("sink {}: {}", sink.name(), describe_sink(sink));
+    }
+    ExitCode::SUCCESS
+}
+
+fn describe_sink(sink: &crate::config::SinkConfig) -> String {
+    use crate::config::SinkConfig;
+    match sink {
+        SinkConfig::Syslog(s) => format!("syslog {:?} to {} ({:?}, {:?} header)", s.protocol, s.address, s.format, s.header),
+        SinkConfig::File(f) => format!("file {} ({:?})", f.path.display(), f.format),
+        SinkConfig::Stdout(s) => format!("standard output ({:?})", s.format),
+    }
+}
+
+async fn state(args: StateArgs) -> ExitCode {
+    let config = match load_config(&args.config.config) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let store = match Store::open(&config.state.dir) {
+        Ok(store) => store,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    report(state_action(&config, &store, args.action))
+}
+
+fn state_action(config: &Config, store: &Store, action: StateAction) -> Result<(), String> {
+    let known_tenant = |name: &str| {
+        if config.tenants.iter().any(|t| t.name == name) {
+            Ok(())
+        } else {
+            Err(format!("no tenant named {name:?} in the config"))
+        }
+    };
+    match action {
+        StateAction::Show => show_state(config, store).map_err(|e| e.to_string()),
+        StateAction::SetCheckpoint { tenant, time } => {
+            known_tenant(&tenant)?;
+            let parsed = timefmt::parse(&time)
+                .ok_or_else(|| format!("invalid time {time:?}: write it like 2026-12-01T00:00:00Z"))?;
+            store.set_checkpoint(&tenant, Some(parsed)).map_err(|e| e.to_string())?;
+            println!("tenant {tenant}: checkpoint set to {}", timefmt::format_exact(parsed));
+            Ok(())
+        }
+        StateAction::ResetCheckpoint { tenant } => {
+            known_tenant(&tenant)?;
+            store.set_checkpoint(&tenant, None).map_err(|e| e.to_string())?;
+            println!("tenant {tenant}: checkpoint deleted; the next poll looks back initial_lookback_secs");
+            Ok(())
+        }
+        StateAction::DeadLetters => {
+            for letter in store.dead_letters().map_err(|e| e.to_string())? {
+                println!("{}\t{}\t{}\t{}\t{}", letter.id, letter.time, letter.sink, letter.tenant, letter.reason);
+            }
+            Ok(())
+        }
+        StateAction::Requeue { ids } => {
+            let count = store.requeue_dead_letters(&ids).map_err(|e| e.to_string())?;
+            println!("{count} dead letters queued again");
+            Ok(())
+        }
+        StateAction::Purge { ids } => {
+            let count = store.purge_dead_letters(&ids).map_err(|e| e.to_string())?;
+            println!("{count} dead letters deleted");
+            Ok(())
+        }
+    }
+}
+
+fn show_state(config: &Config, store: &Store) -> Result<(), crate::store::StoreError> {
+    println!("state: {}", store.path().display());
+    println!("checkpoints:");
+    let checkpoints = store.checkpoints()?;
+    for tenant in &config.tenants {
+        let value = checkpoints.iter().find(|(name, _)| *name == tenant.name).map(|(_, v)| v.as_str());
+        println!("  {}: {}", tenant.name, value.unwrap_or("none (first poll looks back initial_lookback_secs)"));
+    }
+    println!("outbox: {} bytes", store.outbox_bytes());
+    for sink in &config.sinks {
+        let (pending, oldest) = store.pending(sink.name())?;
+        let oldest = oldest.map(|seq| format!(", oldest sequence {seq}")).unwrap_or_default();
+        println!("  sink {}: {pending} pending{oldest}", sink.name());
+    }
+    println!("dedupe entries: {}", store.dedupe_len());
+    println!("dead letters: {}", store.dead_letters()?.len());
+    Ok(())
+}
+
+async fn demo(args: DemoArgs, log_format: Option<LogFormat>) -> ExitCode {
+    init_logging(log_format.unwrap_or_default(), "info");
+    let stop = shutdown_signal();
+    report(crate::demo::run(args.interval_secs, args.add_every_secs, stop).await)
+}

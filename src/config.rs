@@ -1,0 +1,668 @@
+//! Typed configuration: a TOML file plus `MDE_FORWARDER__*` environment
+//! overrides, deserialized with unknown keys rejected, then validated without
+//! any I/O beyond reading secret files.
+//!
+//! Environment overrides address keys by path with `__` between parts, for
+//! example `MDE_FORWARDER__POLL__INTERVAL_SECS=30`. Entries of `[[tenant]]` and
+//! `[[sink]]` are addressed by index or by name:
+//! `MDE_FORWARDER__TENANT__CONTOSO__CLIENT_SECRET=...` sets the secret of the
+//! tenant named `contoso` (names match case-insensitively, `_` matching `-`).
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::format::{Facility, Framing, HeaderFormat, PayloadFormat};
+
+pub const ENV_PREFIX: &str = "MDE_FORWARDER__";
+
+/// An invalid or unreadable configuration, with the key and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: config::ConfigError },
+    #[error("invalid config: {0}")]
+    Parse(config::ConfigError),
+    #[error("invalid config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), message: message.into() }
+}
+
+/// A secret value whose Debug and Display never show the text.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(text: impl Into<String>) -> Self {
+        Self(text.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub state: StateConfig,
+    #[serde(default)]
+    pub poll: PollConfig,
+    #[serde(default)]
+    pub service: ServiceConfig,
+    #[serde(rename = "tenant", default)]
+    pub tenants: Vec<TenantConfig>,
+    #[serde(rename = "sink", default)]
+    pub sinks: Vec<SinkConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    pub dir: PathBuf,
+    /// Upper bound on the outbox size; polling pauses when it is reached.
+    #[serde(default = "default_max_outbox_bytes")]
+    pub max_outbox_bytes: u64,
+    #[serde(default)]
+    pub on_outbox_full: OutboxFullPolicy,
+    /// How long a FullId is remembered for deduplication.
+    #[serde(default = "default_dedupe_retention_secs")]
+    pub dedupe_retention_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutboxFullPolicy {
+    /// Stop polling until the slowest sink catches up. Nothing is dropped.
+    #[default]
+    Pause,
+    /// Delete the oldest undelivered detections to make room (data loss).
+    DropOldest,
+}
+
+fn default_max_outbox_bytes() -> u64 {
+    512 * 1024 * 1024
+}
+fn default_dedupe_retention_secs() -> u64 {
+    7 * 24 * 3600
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PollConfig {
+    pub interval_secs: u64,
+    pub initial_lookback_secs: u64,
+    pub overlap_secs: u64,
+    /// 0 sends no `limit` parameter.
+    pub limit: u32,
+    /// Attempts per poll cycle for retryable errors (429, 5xx, network, malformed body).
+    pub retry_max_attempts: u32,
+    pub retry_initial_ms: u64,
+    pub retry_max_secs: u64,
+    pub connect_timeout_secs: u64,
+    /// Longest wait for the next bytes of a response.
+    pub request_timeout_secs: u64,
+    /// A response body larger than this is cut off and reported.
+    pub max_response_bytes: u64,
+}
+
+impl Default for PollConfig {
+    fn default() -> Self {
+        Self {
+            interval_secs: 60,
+            initial_lookback_secs: 7200,
+            overlap_secs: 300,
+            limit: 0,
+            retry_max_attempts: 5,
+            retry_initial_ms: 1000,
+            retry_max_secs: 60,
+            connect_timeout_secs: 10,
+            request_timeout_secs: 120,
+            max_response_bytes: 4 * 1024 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceConfig {
+    /// How long sinks may keep flushing after SIGTERM or SIGINT.
+    pub shutdown_grace_secs: u64,
+    pub log_format: LogFormat,
+    /// A tracing filter such as `info` or `mde_forwarder=debug`; `RUST_LOG` wins.
+    pub log_level: String,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        Self { shutdown_grace_secs: 10, log_format: LogFormat::Text, log_level: "info".into() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Region {
+    Eu,
+    Us,
+    Uk,
+    Gcc,
+    GccHigh,
+    Dod,
+}
+
+impl Region {
+    /// The API and login base URLs for this region.
+    pub fn endpoints(self) -> (&'static str, &'static str) {
+        const LOGIN: &str = "https://login.microsoftonline.com";
+        const LOGIN_US_GOV: &str = "https://login.microsoftonline.us";
+        match self {
+            Region::Eu => ("https://wdatp-alertexporter-eu.windows.com", LOGIN),
+            Region::Us => ("https://wdatp-alertexporter-us.windows.com", LOGIN),
+            Region::Uk => ("https://wdatp-alertexporter-uk.windows.com", LOGIN),
+            Region::Gcc => ("https://wdatp-alertexporter-us.gcc.securitycenter.windows.us", LOGIN),
+            Region::GccHigh | Region::Dod => {
+                ("https://wdatp-alertexporter-us.securitycenter.windows.us", LOGIN_US_GOV)
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenEndpoint {
+    /// `/oauth2/token` with `resource`.
+    #[default]
+    V1,
+    /// `/oauth2/v2.0/token` with `scope = {resource}/.default`.
+    V2,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    pub name: String,
+    pub tenant_id: String,
+    pub client_id: String,
+    #[serde(default)]
+    pub client_secret: Option<Secret>,
+    #[serde(default)]
+    pub client_secret_file: Option<PathBuf>,
+    #[serde(default)]
+    pub region: Option<Region>,
+    #[serde(default)]
+    pub api_url: Option<String>,
+    #[serde(default)]
+    pub login_url: Option<String>,
+    #[serde(default = "default_resource")]
+    pub resource: String,
+    #[serde(default)]
+    pub token_endpoint: TokenEndpoint,
+    /// Refresh the token this long before it expires.
+    #[serde(default = "default_token_refresh_margin_secs")]
+    pub token_refresh_margin_secs: u64,
+    /// `machinegroups` query parameters: only these device groups.
+    #[serde(default)]
+    pub machine_groups: Vec<String>,
+    #[serde(default)]
+    pub device_created_machine_tags: Option<String>,
+    #[serde(default)]
+    pub cloud_created_machine_tags: Option<String>,
+}
+
+fn default_resource() -> String {
+    "https://graph.windows.net".into()
+}
+fn default_token_refresh_margin_secs() -> u64 {
+    300
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum SinkConfig {
+    Syslog(SyslogSinkConfig),
+    File(FileSinkConfig),
+    Stdout(StdoutSinkConfig),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyslogSinkConfig {
+    pub name: String,
+    /// `host:port`.
+    pub address: String,
+    #[serde(default)]
+    pub protocol: Protocol,
+    #[serde(default = "default_syslog_format")]
+    pub format: PayloadFormat,
+    #[serde(default = "default_header")]
+    pub header: HeaderFormat,
+    /// TCP only; UDP sends one datagram per detection.
+    #[serde(default = "default_framing")]
+    pub framing: Framing,
+    #[serde(default = "default_facility")]
+    pub facility: Facility,
+    /// HOSTNAME in the syslog header; the machine's host name by default.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// UDP only: the largest datagram, header included.
+    #[serde(default = "default_max_datagram_bytes")]
+    pub max_datagram_bytes: usize,
+    #[serde(flatten)]
+    pub common: SinkCommon,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSinkConfig {
+    pub name: String,
+    pub path: PathBuf,
+    #[serde(default = "default_file_format")]
+    pub format: PayloadFormat,
+    #[serde(flatten)]
+    pub common: SinkCommon,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StdoutSinkConfig {
+    pub name: String,
+    #[serde(default = "default_syslog_format")]
+    pub format: PayloadFormat,
+    #[serde(flatten)]
+    pub common: SinkCommon,
+}
+
+/// Settings every sink has.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SinkCommon {
+    /// Detections per batch; a batch is acknowledged as one unit.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    #[serde(default = "default_sink_retry_initial_ms")]
+    pub retry_initial_ms: u64,
+    #[serde(default = "default_sink_retry_max_secs")]
+    pub retry_max_secs: u64,
+    #[serde(default = "default_connect_timeout_secs")]
+    pub connect_timeout_secs: u64,
+    #[serde(default = "default_write_timeout_secs")]
+    pub write_timeout_secs: u64,
+    #[serde(default = "default_cef_vendor")]
+    pub cef_vendor: String,
+    #[serde(default = "default_cef_product")]
+    pub cef_product: String,
+    #[serde(default = "default_cef_version")]
+    pub cef_version: String,
+}
+
+impl Default for SinkCommon {
+    fn default() -> Self {
+        Self {
+            batch_size: default_batch_size(),
+            retry_initial_ms: default_sink_retry_initial_ms(),
+            retry_max_secs: default_sink_retry_max_secs(),
+            connect_timeout_secs: default_connect_timeout_secs(),
+            write_timeout_secs: default_write_timeout_secs(),
+            cef_vendor: default_cef_vendor(),
+            cef_product: default_cef_product(),
+            cef_version: default_cef_version(),
+        }
+    }
+}
+
+fn default_syslog_format() -> PayloadFormat {
+    PayloadFormat::Cef
+}
+fn default_file_format() -> PayloadFormat {
+    PayloadFormat::Json
+}
+fn default_header() -> HeaderFormat {
+    HeaderFormat::Rfc5424
+}
+fn default_framing() -> Framing {
+    Framing::Newline
+}
+fn default_facility() -> Facility {
+    Facility::LOCAL0
+}
+fn default_max_datagram_bytes() -> usize {
+    2048
+}
+fn default_batch_size() -> usize {
+    500
+}
+fn default_sink_retry_initial_ms() -> u64 {
+    500
+}
+fn default_sink_retry_max_secs() -> u64 {
+    60
+}
+fn default_connect_timeout_secs() -> u64 {
+    10
+}
+fn default_write_timeout_secs() -> u64 {
+    30
+}
+fn default_cef_vendor() -> String {
+    "Microsoft".into()
+}
+fn default_cef_product() -> String {
+    "Microsoft Defender ATP".into()
+}
+fn default_cef_version() -> String {
+    "2.0".into()
+}
+
+impl SinkConfig {
+    pub fn name(&self) -> &str {
+        match self {
+            SinkConfig::Syslog(s) => &s.name,
+            SinkConfig::File(s) => &s.name,
+            SinkConfig::Stdout(s) => &s.name,
+        }
+    }
+
+    pub fn common(&self) -> &SinkCommon {
+        match self {
+            SinkConfig::Syslog(s) => &s.common,
+            SinkConfig::File(s) => &s.common,
+            SinkConfig::Stdout(s) => &s.common,
+        }
+    }
+}
+
+/// A tenant with its endpoints and secret resolved.
+#[derive(Debug, Clone)]
+pub struct ResolvedTenant {
+    pub name: String,
+    pub tenant_id: String,
+    pub client_id: String,
+    pub client_secret: Secret,
+    pub alerts_url: String,
+    pub token_url: String,
+    pub resource: String,
+    pub token_endpoint: TokenEndpoint,
+    pub token_refresh_margin_secs: u64,
+    pub machine_groups: Vec<String>,
+    pub device_created_machine_tags: Option<String>,
+    pub cloud_created_machine_tags: Option<String>,
+}
+
+impl Config {
+    /// Loads a config file and applies the environment overrides.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_with_env(path, &env)
+    }
+
+    pub fn load_with_env(path: &Path, env: &[(String, String)]) -> Result<Self, ConfigError> {
+        let file = config::File::from(path).format(config::FileFormat::Toml).required(true);
+        let base = config::Config::builder()
+            .add_source(file)
+            .build()
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let mut builder = config::Config::builder().add_source(base.clone());
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else { continue };
+            let key = override_key(&base, rest)?;
+            builder = builder.set_override(key, value.as_str()).map_err(ConfigError::Parse)?;
+        }
+        let merged = builder.build().map_err(ConfigError::Parse)?;
+        let config: Config = merged.try_deserialize().map_err(ConfigError::Parse)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what deserialization cannot: presence, uniqueness, ranges.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.tenants.is_empty() {
+            return Err(invalid("tenant", "no [[tenant]] is configured; add at least one"));
+        }
+        if self.sinks.is_empty() {
+            return Err(invalid("sink", "no [[sink]] is configured; add at least one"));
+        }
+        if self.poll.interval_secs == 0 {
+            return Err(invalid("poll.interval_secs", "must be at least 1"));
+        }
+        if self.poll.retry_max_attempts == 0 {
+            return Err(invalid("poll.retry_max_attempts", "must be at least 1"));
+        }
+        let window = self.poll.overlap_secs.max(self.poll.initial_lookback_secs);
+        if self.state.dedupe_retention_secs <= window {
+            return Err(invalid(
+                "state.dedupe_retention_secs",
+                format!(
+                    "{} is not longer than the query window ({window} s): detections re-read by the overlap would be forwarded twice; raise it",
+                    self.state.dedupe_retention_secs
+                ),
+            ));
+        }
+        let mut names = HashSet::new();
+        for (i, tenant) in self.tenants.iter().enumerate() {
+            let key = format!("tenant[{i}]");
+            check_name(&format!("{key}.name"), &tenant.name)?;
+            if !names.insert(tenant.name.clone()) {
+                return Err(invalid(format!("{key}.name"), format!("duplicate tenant name {:?}", tenant.name)));
+            }
+            for (field, value) in [("tenant_id", &tenant.tenant_id), ("client_id", &tenant.client_id)] {
+                if value.trim().is_empty() {
+                    return Err(invalid(format!("{key}.{field}"), "must not be empty"));
+                }
+            }
+            tenant.endpoints(&key)?;
+            match (&tenant.client_secret, &tenant.client_secret_file) {
+                (Some(_), Some(_)) => {
+                    return Err(invalid(
+                        format!("{key}.client_secret"),
+                        "set either client_secret or client_secret_file, not both",
+                    ))
+                }
+                (None, None) => {
+                    return Err(invalid(
+                        format!("{key}.client_secret"),
+                        "missing: set client_secret, client_secret_file, or the environment variable MDE_FORWARDER__TENANT__<NAME>__CLIENT_SECRET",
+                    ))
+                }
+                _ => {}
+            }
+        }
+        let mut names = HashSet::new();
+        for (i, sink) in self.sinks.iter().enumerate() {
+            let key = format!("sink[{i}]");
+            check_name(&format!("{key}.name"), sink.name())?;
+            if !names.insert(sink.name().to_string()) {
+                return Err(invalid(format!("{key}.name"), format!("duplicate sink name {:?}", sink.name())));
+            }
+            if sink.common().batch_size == 0 {
+                return Err(invalid(format!("{key}.batch_size"), "must be at least 1"));
+            }
+            if let SinkConfig::Syslog(s) = sink {
+                if s.address.parse::<std::net::SocketAddr>().is_err() && !s.address.contains(':') {
+                    return Err(invalid(
+                        format!("{key}.address"),
+                        format!("{:?} is not host:port, for example \"127.0.0.1:514\"", s.address),
+                    ));
+                }
+                if s.protocol == Protocol::Udp && s.max_datagram_bytes < 480 {
+                    return Err(invalid(format!("{key}.max_datagram_bytes"), "must be at least 480 (RFC 5426)"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolves every tenant's URLs and reads secret files.
+    pub fn resolve_tenants(&self) -> Result<Vec<ResolvedTenant>, ConfigError> {
+        self.tenants
+            .iter()
+            .enumerate()
+            .map(|(i, t)| t.resolve(&format!("tenant[{i}]")))
+            .collect()
+    }
+}
+
+impl TenantConfig {
+    /// Returns the `/api/alerts` URL and the token URL.
+    fn endpoints(&self, key: &str) -> Result<(String, String), ConfigError> {
+        let preset = self.region.map(Region::endpoints);
+        let api = match (&self.api_url, preset) {
+            (Some(url), _) => url.clone(),
+            (None, Some((api, _))) => api.to_string(),
+            (None, None) => {
+                return Err(invalid(
+                    format!("{key}.region"),
+                    "missing: set region (eu, us, uk, gcc, gcc-high, dod) or both api_url and login_url",
+                ))
+            }
+        };
+        let login = match (&self.login_url, preset) {
+            (Some(url), _) => url.clone(),
+            (None, Some((_, login))) => login.to_string(),
+            (None, None) => {
+                return Err(invalid(
+                    format!("{key}.login_url"),
+                    "missing: set region (eu, us, uk, gcc, gcc-high, dod) or login_url",
+                ))
+            }
+        };
+        let api = checked_base_url(&format!("{key}.api_url"), &api)?;
+        let api = api.strip_suffix("/api/alerts").unwrap_or(&api).trim_end_matches('/');
+        let login = checked_base_url(&format!("{key}.login_url"), &login)?;
+        let token_path = match self.token_endpoint {
+            TokenEndpoint::V1 => "oauth2/token",
+            TokenEndpoint::V2 => "oauth2/v2.0/token",
+        };
+        let tenant_id = self.tenant_id.trim();
+        Ok((format!("{api}/api/alerts"), format!("{login}/{tenant_id}/{token_path}")))
+    }
+
+    fn resolve(&self, key: &str) -> Result<ResolvedTenant, ConfigError> {
+        let (alerts_url, token_url) = self.endpoints(key)?;
+        let client_secret = match (&self.client_secret, &self.client_secret_file) {
+            (Some(secret), _) => secret.clone(),
+            (None, Some(path)) => read_secret_file(&format!("{key}.client_secret_file"), path)?,
+            (None, None) => return Err(invalid(format!("{key}.client_secret"), "missing")),
+        };
+        if client_secret.expose().is_empty() {
+            return Err(invalid(format!("{key}.client_secret"), "is empty"));
+        }
+        Ok(ResolvedTenant {
+            name: self.name.clone(),
+            tenant_id: self.tenant_id.trim().to_string(),
+            client_id: self.client_id.trim().to_string(),
+            client_secret,
+            alerts_url,
+            token_url,
+            resource: self.resource.clone(),
+            token_endpoint: self.token_endpoint,
+            token_refresh_margin_secs: self.token_refresh_margin_secs,
+            machine_groups: self.machine_groups.clone(),
+            device_created_machine_tags: self.device_created_machine_tags.clone(),
+            cloud_created_machine_tags: self.cloud_created_machine_tags.clone(),
+        })
+    }
+}
+
+/// Validates an http(s) URL and returns it without a trailing slash.
+fn checked_base_url(key: &str, text: &str) -> Result<String, ConfigError> {
+    let url = url::Url::parse(text.trim())
+        .map_err(|e| invalid(key, format!("{text:?} is not a URL ({e}); write it like https://host[:port]")))?;
+    if url.scheme() != "http" && url.scheme() != "https" {
+        return Err(invalid(key, format!("{text:?} must start with https:// (or http:// for a local test server)")));
+    }
+    if url.query().is_some() {
+        return Err(invalid(key, format!("{text:?} must not contain a query string")));
+    }
+    Ok(text.trim().trim_end_matches('/').to_string())
+}
+
+fn read_secret_file(key: &str, path: &Path) -> Result<Secret, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(key, format!("cannot read secret file {}: {e}", path.display())))?;
+    Ok(Secret::new(text.trim_end_matches(['\r', '\n'])))
+}
+
+fn check_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    if valid {
+        Ok(())
+    } else {
+        Err(invalid(key, format!("{name:?} must be 1 to 64 ASCII letters, digits, '-', '_' or '.'")))
+    }
+}
+
+/// Turns `TENANT__CONTOSO__CLIENT_SECRET` into `tenant[0].client_secret`.
+fn override_key(base: &config::Config, rest: &str) -> Result<String, ConfigError> {
+    let parts: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+    if parts.iter().any(String::is_empty) {
+        return Err(invalid(format!("{ENV_PREFIX}{rest}"), "empty part in environment variable name"));
+    }
+    let mut key = parts[0].clone();
+    let mut rest_parts = &parts[1..];
+    if (key == "tenant" || key == "sink") && !rest_parts.is_empty() {
+        let selector = &rest_parts[0];
+        let index = match selector.parse::<usize>() {
+            Ok(index) => index,
+            Err(_) => find_entry(base, &key, selector).ok_or_else(|| {
+                invalid(
+                    format!("{ENV_PREFIX}{rest}"),
+                    format!("no [[{key}]] named {selector:?}; use its name or its index from 0"),
+                )
+            })?,
+        };
+        key = format!("{key}[{index}]");
+        rest_parts = &rest_parts[1..];
+    }
+    for part in rest_parts {
+        key.push('.');
+        key.push_str(part);
+    }
+    Ok(key)
+}
+
+fn find_entry(base: &config::Config, array: &str, selector: &str) -> Option<usize> {
+    let normalize = |s: &str| s.to_ascii_lowercase().replace('-', "_");
+    let entries = base.get_array(array).ok()?;
+    entries.into_iter().position(|entry| {
+        entry
+            .into_table()
+            .ok()
+            .and_then(|table| table.get("name").cloned())
+            .and_then(|name| name.into_string().ok())
+            .is_some_and(|name| normalize(&name) == normalize(selector))
+    })
+}

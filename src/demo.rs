@@ -1,0 +1,74 @@
+//! The `demo` command: the emulator on 127.0.0.1 with the sample detections,
+//! and the forwarder writing them to standard output as CEF, until Ctrl-C.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::config::{
+    Config, OutboxFullPolicy, PollConfig, Secret, ServiceConfig, SinkCommon, SinkConfig, StateConfig,
+    StdoutSinkConfig, TenantConfig, TokenEndpoint,
+};
+use crate::emulator::{sample_detections, Emulator, EmulatorOptions, TenantSpec};
+use crate::format::PayloadFormat;
+use crate::pipeline::Mode;
+
+const TENANT_ID: &str = "00000000-0000-0000-0000-000000000000";
+const CLIENT_ID: &str = "mde-forwarder-demo";
+const CLIENT_SECRET: &str = "demo-secret";
+
+pub async fn run(interval_secs: u64, add_every_secs: u64, stop: watch::Receiver<bool>) -> Result<(), String> {
+    let emulator = Emulator::start(([127, 0, 0, 1], 0).into(), EmulatorOptions::default())
+        .await
+        .map_err(|e| format!("cannot start the emulator on 127.0.0.1: {e}"))?;
+    emulator.add_tenant(
+        TENANT_ID,
+        TenantSpec { client_id: CLIENT_ID.into(), client_secret: CLIENT_SECRET.into(), forbidden: false },
+    );
+    emulator.load_detections(TENANT_ID, sample_detections(), true);
+    if add_every_secs > 0 {
+        emulator.spawn_generator(TENANT_ID, Duration::from_secs(add_every_secs));
+    }
+    let state_dir = std::env::temp_dir().join(format!("mde-forwarder-demo-{}", std::process::id()));
+    tracing::info!(emulator = %emulator.url(), state = %state_dir.display(), "demo: forwarding the emulator's detections to standard output as CEF; Ctrl-C stops");
+    let config = demo_config(&emulator, state_dir.clone(), interval_secs);
+    let result = crate::cli::run_config(&config, Mode::Daemon, stop).await;
+    emulator.shutdown().await;
+    let _ = std::fs::remove_dir_all(&state_dir);
+    result
+}
+
+fn demo_config(emulator: &Emulator, dir: PathBuf, interval_secs: u64) -> Config {
+    Config {
+        state: StateConfig {
+            dir,
+            max_outbox_bytes: 64 * 1024 * 1024,
+            on_outbox_full: OutboxFullPolicy::Pause,
+            dedupe_retention_secs: 7 * 24 * 3600,
+        },
+        poll: PollConfig { interval_secs: interval_secs.max(1), initial_lookback_secs: 24 * 3600, ..PollConfig::default() },
+        service: ServiceConfig { shutdown_grace_secs: 2, ..ServiceConfig::default() },
+        tenants: vec![TenantConfig {
+            name: "demo".into(),
+            tenant_id: TENANT_ID.into(),
+            client_id: CLIENT_ID.into(),
+            client_secret: Some(Secret::new(CLIENT_SECRET)),
+            client_secret_file: None,
+            region: None,
+            api_url: Some(emulator.url()),
+            login_url: Some(emulator.url()),
+            resource: "https://graph.windows.net".into(),
+            token_endpoint: TokenEndpoint::V1,
+            token_refresh_margin_secs: 300,
+            machine_groups: Vec::new(),
+            device_created_machine_tags: None,
+            cloud_created_machine_tags: None,
+        }],
+        sinks: vec![SinkConfig::Stdout(StdoutSinkConfig {
+            name: "stdout".into(),
+            format: PayloadFormat::Cef,
+            common: SinkCommon::default(),
+        })],
+    }
+}

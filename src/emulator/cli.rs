@@ -1,0 +1,118 @@
+//! The `emulate` command: runs the emulator with one tenant until shutdown.
+
+use std::error::Error;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::{sample_detections, Emulator, EmulatorOptions, TenantSpec};
+
+/// Options of the `emulate` command.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EmulateArgs {
+    /// Address and port to listen on; port 0 picks a free port.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9000")]
+    pub listen: SocketAddr,
+
+    /// JSON file with an array of detections to serve in place of the
+    /// built-in samples.
+    #[arg(long, value_name = "FILE", conflicts_with = "generate")]
+    pub detections: Option<PathBuf>,
+
+    /// Serve the loaded detections with their original times. By default
+    /// their times move forward by whole seconds so the newest is now.
+    #[arg(long)]
+    pub keep_times: bool,
+
+    /// Tenant id that the token endpoint accepts, used in the token URL path.
+    #[arg(long, value_name = "ID", default_value = "00000000-0000-0000-0000-000000000000")]
+    pub tenant_id: String,
+
+    /// Client id (application id) that the token endpoint accepts.
+    #[arg(long, value_name = "ID", default_value = "mde-forwarder-demo")]
+    pub client_id: String,
+
+    /// Client secret that the token endpoint accepts.
+    #[arg(long, value_name = "SECRET", default_value = "demo-secret")]
+    pub client_secret: String,
+
+    /// Lifetime of issued access tokens, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 3599, value_parser = clap::value_parser!(u64).range(1..))]
+    pub token_lifetime_secs: u64,
+
+    /// Interval between new detections added while running, in seconds; 0 adds none.
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    pub add_every_secs: u64,
+
+    /// Number of synthetic detections from the last hour to serve in place
+    /// of the samples.
+    #[arg(long, value_name = "COUNT")]
+    pub generate: Option<usize>,
+
+    /// Approximate size of each synthetic detection, in bytes of JSON.
+    #[arg(long, value_name = "BYTES", default_value_t = 2048)]
+    pub detection_bytes: usize,
+}
+
+/// Runs the emulator with one tenant and prints its URL and credentials to
+/// stderr, until `shutdown` completes.
+pub async fn run_cli(
+    args: EmulateArgs,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Box<dyn Error + Send + Sync>> {
+    // Read the file before binding, so a bad file fails without side effects.
+    let detections = match &args.detections {
+        Some(path) => read_detections(path).await?,
+        None => sample_detections(),
+    };
+
+    let options = EmulatorOptions {
+        token_lifetime: Duration::from_secs(args.token_lifetime_secs),
+        ..EmulatorOptions::default()
+    };
+    let emulator = Emulator::start(args.listen, options)
+        .await
+        .map_err(|error| format!("failed to listen on {}: {error}", args.listen))?;
+    let tenant = args.tenant_id.as_str();
+    emulator.add_tenant(
+        tenant,
+        TenantSpec {
+            client_id: args.client_id.clone(),
+            client_secret: args.client_secret.clone(),
+            forbidden: false,
+        },
+    );
+    match args.generate {
+        Some(count) => emulator.generate(tenant, count, args.detection_bytes),
+        None => emulator.load_detections(tenant, detections, !args.keep_times),
+    }
+    emulator.spawn_generator(tenant, Duration::from_secs(args.add_every_secs));
+
+    let url = emulator.url();
+    // The credentials are the emulator's own test values, printed so the
+    // user can configure a client.
+    eprintln!(
+        "emulator listening on {url}: token URL {url}/{tenant}/oauth2/token, API URL {url}/api/alerts, \
+         client id {}, client secret {}, {} detections",
+        args.client_id,
+        args.client_secret,
+        emulator.detection_count(tenant),
+    );
+
+    shutdown.await;
+    emulator.shutdown().await;
+    Ok(())
+}
+
+async fn read_detections(path: &Path) -> Result<Vec<Value>, Box<dyn Error + Send + Sync>> {
+    let text = tokio::fs::read_to_string(path)
+        .await
+        .map_err(|error| format!("failed to read detections file {}: {error}", path.display()))?;
+    let detections: Vec<Value> = serde_json::from_str(&text).map_err(|error| {
+        format!("detections file {} is not a JSON array of detections: {error}", path.display())
+    })?;
+    Ok(detections)
+}

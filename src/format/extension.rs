@@ -1,0 +1,414 @@
+//! Key-value writing shared by CEF and LEEF: escaping, custom keys, key
+//! collisions, and shortening a message to a byte budget.
+//!
+//! Escaping is done while writing, so every `\` in written text starts a
+//! two-byte escape sequence. [`safe_cut`] relies on that to cut a message
+//! without splitting an escape or a UTF-8 sequence.
+
+use std::borrow::Cow;
+
+use crate::detection::Detection;
+
+/// Prefix given to a custom key that equals a key the mapping writes.
+pub const COLLISION_PREFIX: &str = "mde";
+
+/// The byte ranges of one written `key=value` pair, recorded only when a
+/// message may have to be shortened.
+#[derive(Clone, Copy, Debug)]
+pub struct Entry {
+    start: usize,
+    value_start: usize,
+    value_end: usize,
+    /// End of the entry, after a label pair such as ` cs1Label=ThreatName`.
+    end: usize,
+    /// Identifying entries are truncated last and never dropped for size
+    /// unless nothing else is left.
+    keep: bool,
+}
+
+impl Entry {
+    pub fn start(&self) -> usize {
+        self.start
+    }
+
+    fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    fn value_len(&self) -> usize {
+        self.value_end - self.value_start
+    }
+}
+
+/// The escaping rules of one format's values.
+#[derive(Clone, Copy, Debug)]
+pub enum ValueEscape {
+    /// `\` → `\\`, `=` → `\=`, CR → `\r`, LF → `\n`.
+    Cef,
+    /// `\` → `\\`, tab → `\t`, CR → `\r`, LF → `\n`.
+    Leef,
+}
+
+impl ValueEscape {
+    fn replacement(self, byte: u8) -> Option<&'static [u8]> {
+        match (self, byte) {
+            (_, b'\\') => Some(b"\\\\"),
+            (_, b'\r') => Some(b"\\r"),
+            (_, b'\n') => Some(b"\\n"),
+            (Self::Cef, b'=') => Some(b"\\="),
+            (Self::Leef, b'\t') => Some(b"\\t"),
+            _ => None,
+        }
+    }
+}
+
+/// Appends `text` with the value escapes of one format.
+pub fn escape_value(text: &str, escape: ValueEscape, out: &mut Vec<u8>) {
+    let bytes = text.as_bytes();
+    let mut run_start = 0;
+    for (i, &byte) in bytes.iter().enumerate() {
+        if let Some(replacement) = escape.replacement(byte) {
+            out.extend_from_slice(&bytes[run_start..i]);
+            out.extend_from_slice(replacement);
+            run_start = i + 1;
+        }
+    }
+    out.extend_from_slice(&bytes[run_start..]);
+}
+
+/// Appends a header field: `\` → `\\`, `|` → `\|`, and a line break (CR, LF
+/// or CRLF) becomes one space. With `tab_to_space` a tab becomes a space too.
+pub fn escape_header(text: &str, tab_to_space: bool, out: &mut Vec<u8>) {
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'|' => out.extend_from_slice(b"\\|"),
+            b'\r' => {
+                out.push(b' ');
+                if bytes.get(i + 1) == Some(&b'\n') {
+                    i += 1;
+                }
+            }
+            b'\n' => out.push(b' '),
+            b'\t' if tab_to_space => out.push(b' '),
+            other => out.push(other),
+        }
+        i += 1;
+    }
+}
+
+/// Returns whether `name` can be written as a key: plain ASCII letters and
+/// digits, at least one.
+pub fn is_plain_key(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+/// Writes `key=value` pairs with one separator between them and records
+/// their ranges when asked to.
+pub struct ExtensionWriter<'a> {
+    out: &'a mut Vec<u8>,
+    separator: u8,
+    escape: ValueEscape,
+    pairs: usize,
+    entries: Option<&'a mut Vec<Entry>>,
+    /// Custom keys left out because their names are not plain.
+    pub dropped_keys: u32,
+}
+
+impl<'a> ExtensionWriter<'a> {
+    pub fn new(
+        out: &'a mut Vec<u8>,
+        separator: u8,
+        escape: ValueEscape,
+        entries: Option<&'a mut Vec<Entry>>,
+    ) -> Self {
+        Self { out, separator, escape, pairs: 0, entries, dropped_keys: 0 }
+    }
+
+    /// Writes `key=` and the escaped `value`, then `labelKey=label` when a
+    /// label is given, as one entry.
+    pub fn text(&mut self, key: &str, value: &str, label: Option<(&str, &str)>, keep: bool) {
+        self.pair(key, label, keep, |out, escape| escape_value(value, escape, out));
+    }
+
+    /// Writes `key=` and a decimal number, then the label if given.
+    pub fn number(&mut self, key: &str, value: i64, label: Option<(&str, &str)>, keep: bool) {
+        self.pair(key, label, keep, |out, _| write_integer(value, out));
+    }
+
+    /// Writes a field that has no mapped key under its own name.
+    ///
+    /// A name that is not plain ASCII letters and digits is dropped and
+    /// counted. A name for which `is_reserved` is true gets [`COLLISION_PREFIX`]
+    /// in front, repeated until the key is neither reserved nor the name of
+    /// another field of `d`, so no two pairs of one event share a key.
+    pub fn custom(
+        &mut self,
+        d: &Detection,
+        name: &str,
+        value: &str,
+        is_reserved: fn(&str) -> bool,
+        keep: bool,
+    ) {
+        if !is_plain_key(name) {
+            self.dropped_keys += 1;
+            return;
+        }
+        let key = unique_custom_key(d, name, is_reserved);
+        self.text(&key, value, None, keep);
+    }
+
+    fn pair(
+        &mut self,
+        key: &str,
+        label: Option<(&str, &str)>,
+        keep: bool,
+        write_value: impl FnOnce(&mut Vec<u8>, ValueEscape),
+    ) {
+        if self.pairs > 0 {
+            self.out.push(self.separator);
+        }
+        self.pairs += 1;
+
+        let start = self.out.len();
+        self.out.extend_from_slice(key.as_bytes());
+        self.out.push(b'=');
+        let value_start = self.out.len();
+        write_value(self.out, self.escape);
+        let value_end = self.out.len();
+
+        if let Some((label_key, label)) = label {
+            self.out.push(self.separator);
+            self.out.extend_from_slice(label_key.as_bytes());
+            self.out.push(b'=');
+            escape_value(label, self.escape, self.out);
+        }
+
+        if let Some(entries) = self.entries.as_deref_mut() {
+            entries.push(Entry { start, value_start, value_end, end: self.out.len(), keep });
+        }
+    }
+}
+
+/// Appends `value` in decimal without allocating.
+pub fn write_integer(value: i64, out: &mut Vec<u8>) {
+    let mut digits = [0u8; 20];
+    let mut rest = value.unsigned_abs();
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    if value < 0 {
+        out.push(b'-');
+    }
+    out.extend_from_slice(&digits[start..]);
+}
+
+fn unique_custom_key<'n>(d: &Detection, name: &'n str, is_reserved: fn(&str) -> bool) -> Cow<'n, str> {
+    if !is_reserved(name) {
+        return Cow::Borrowed(name);
+    }
+    let mut key = format!("{COLLISION_PREFIX}{name}");
+    while is_reserved(&key) || d.fields().contains_key(&key) {
+        key.insert_str(0, COLLISION_PREFIX);
+    }
+    Cow::Owned(key)
+}
+
+/// Returns the largest length not above `max` at which `bytes` can be cut
+/// without splitting a UTF-8 sequence or a backslash escape.
+///
+/// `json` selects JSON string escapes, where `\uXXXX` is six bytes long;
+/// otherwise every escape is two bytes.
+pub fn safe_cut(bytes: &[u8], max: usize, json: bool) -> usize {
+    let mut i = 0;
+    while i < bytes.len() {
+        let token = match bytes[i] {
+            b'\\' if json && bytes.get(i + 1) == Some(&b'u') => 6,
+            b'\\' => 2,
+            byte => utf8_sequence_len(byte),
+        };
+        if i + token > max {
+            break;
+        }
+        i += token;
+    }
+    i.min(bytes.len())
+}
+
+fn utf8_sequence_len(first_byte: u8) -> usize {
+    match first_byte {
+        0xF0..=0xFF => 4,
+        0xE0..=0xEF => 3,
+        0xC0..=0xDF => 2,
+        _ => 1,
+    }
+}
+
+/// Rewrites the message that starts at `message_start` so that it is at most
+/// `budget` bytes long.
+///
+/// The message is the fixed part up to `extension_start` (syslog header and
+/// format header) followed by `entries` joined by `separator`. The steps:
+/// 1. drop optional entries, longest first, until the message fits;
+/// 2. truncate the value of the last kept entry at a safe boundary, and
+///    drop it and go on to the one before when even an empty value is too
+///    long (an entry is never written with an empty value);
+/// 3. when the fixed part alone is too long, cut it at a safe boundary.
+pub fn shorten(
+    out: &mut Vec<u8>,
+    message_start: usize,
+    extension_start: usize,
+    entries: &[Entry],
+    separator: u8,
+    budget: usize,
+) {
+    let fixed_len = extension_start - message_start;
+    let mut plan = Plan::new(entries, fixed_len);
+
+    plan.drop_optional_longest_first(entries, budget);
+    plan.truncate_kept_from_last(out, entries, budget);
+
+    let mut message = Vec::with_capacity(budget);
+    message.extend_from_slice(&out[message_start..extension_start]);
+    let mut first = true;
+    for (entry, action) in entries.iter().zip(&plan.actions) {
+        let value_len = match action {
+            Action::Drop => continue,
+            Action::Keep => entry.value_len(),
+            Action::Truncate(len) => *len,
+        };
+        if !first {
+            message.push(separator);
+        }
+        first = false;
+        message.extend_from_slice(&out[entry.start..entry.value_start + value_len]);
+        message.extend_from_slice(&out[entry.value_end..entry.end]);
+    }
+
+    if message.len() > budget {
+        // NOTE: only reached when the syslog and format headers alone exceed
+        // the budget. The cut message is no longer valid CEF or LEEF.
+        let cut = safe_cut(&message, budget, false);
+        message.truncate(cut);
+    }
+
+    out.truncate(message_start);
+    out.extend_from_slice(&message);
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Action {
+    Keep,
+    Drop,
+    /// Keep the first this many bytes of the escaped value.
+    Truncate(usize),
+}
+
+/// Which entries survive shortening, with the message length they give.
+struct Plan {
+    actions: Vec<Action>,
+    total: usize,
+    kept: usize,
+}
+
+impl Plan {
+    fn new(entries: &[Entry], fixed_len: usize) -> Self {
+        let entries_len: usize = entries.iter().map(Entry::len).sum();
+        let separators = entries.len().saturating_sub(1);
+        Self {
+            actions: vec![Action::Keep; entries.len()],
+            total: fixed_len + entries_len + separators,
+            kept: entries.len(),
+        }
+    }
+
+    fn drop_entry(&mut self, index: usize, entry: &Entry) {
+        self.actions[index] = Action::Drop;
+        // Each entry but the only one left brings one separator with it.
+        self.total -= entry.len() + usize::from(self.kept > 1);
+        self.kept -= 1;
+    }
+
+    fn drop_optional_longest_first(&mut self, entries: &[Entry], budget: usize) {
+        let mut optional: Vec<usize> = (0..entries.len()).filter(|&i| !entries[i].keep).collect();
+        optional.sort_by_key(|&i| std::cmp::Reverse(entries[i].len()));
+        for i in optional {
+            if self.total <= budget {
+                return;
+            }
+            self.drop_entry(i, &entries[i]);
+        }
+    }
+
+    fn truncate_kept_from_last(&mut self, out: &[u8], entries: &[Entry], budget: usize) {
+        for i in (0..entries.len()).rev() {
+            if self.total <= budget {
+                return;
+            }
+            if self.actions[i] == Action::Drop {
+                continue;
+            }
+            let entry = &entries[i];
+            let excess = self.total - budget;
+            let value = &out[entry.value_start..entry.value_end];
+            let cut = safe_cut(value, value.len().saturating_sub(excess), false);
+            if excess < value.len() && cut > 0 {
+                self.actions[i] = Action::Truncate(cut);
+                self.total -= value.len() - cut;
+                return;
+            }
+            self.drop_entry(i, entry);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn safe_cut_keeps_escape_pairs_whole() {
+        let escaped = br"a\=b\\c";
+        let boundaries: Vec<usize> = (0..=escaped.len()).map(|max| safe_cut(escaped, max, false)).collect();
+        assert_eq!(boundaries, vec![0, 1, 1, 3, 4, 4, 6, 7]);
+    }
+
+    #[test]
+    fn safe_cut_keeps_utf8_sequences_whole() {
+        let text = "a使b".as_bytes();
+        let boundaries: Vec<usize> = (0..=text.len()).map(|max| safe_cut(text, max, false)).collect();
+        assert_eq!(boundaries, vec![0, 1, 1, 1, 4, 5]);
+    }
+
+    #[test]
+    fn safe_cut_keeps_json_unicode_escapes_whole() {
+        let text = br"a\u0001b";
+        assert_eq!(safe_cut(text, 6, true), 1);
+        assert_eq!(safe_cut(text, 7, true), 7);
+    }
+
+    #[test]
+    fn escape_header_turns_each_line_break_into_one_space() {
+        let mut out = Vec::new();
+        escape_header("a\r\nb\rc\nd\n\ne|f\\g\th", false, &mut out);
+        assert_eq!(String::from_utf8_lossy(&out), "a b c d  e\\|f\\\\g\th");
+    }
+
+    #[test]
+    fn plain_key_rejects_empty_and_punctuation() {
+        assert!(is_plain_key("Abc123"));
+        assert!(!is_plain_key(""));
+        assert!(!is_plain_key("a b"));
+        assert!(!is_plain_key("a=b"));
+        assert!(!is_plain_key("a_b"));
+        assert!(!is_plain_key("名前"));
+    }
+}

@@ -1,0 +1,331 @@
+//! QRadar Log Event Extended Format (LEEF) 2.0 encoding of a detection.
+//!
+//! The header declares a tab as the attribute delimiter (`x09`). Fields that
+//! match a predefined LEEF attribute use its key, so QRadar normalizes them.
+//! Every other non-empty field is written under its own name, as in CEF.
+
+use chrono::{DateTime, Datelike, Timelike, Utc};
+use serde::Deserialize;
+
+use super::cef::numeric_severity;
+use super::extension::{self, Entry, ExtensionWriter, ValueEscape};
+use crate::detection::{value_text, Detection};
+use crate::timefmt;
+
+/// Separator between attributes, declared as `x09` in the header.
+pub(super) const SEPARATOR: u8 = b'\t';
+
+/// Java `SimpleDateFormat` pattern of `devTime`, one of the patterns IBM's
+/// LEEF guide suggests.
+const DEV_TIME_FORMAT: &str = "MMM dd yyyy HH:mm:ss.SSS z";
+
+/// IBM's LEEF guide limits the header's EventID to 255 characters.
+const MAX_EVENT_ID_CHARS: usize = 255;
+
+/// The vendor, product and version written in the LEEF header.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LeefOptions {
+    pub vendor: String,
+    pub product: String,
+    pub version: String,
+}
+
+impl Default for LeefOptions {
+    fn default() -> Self {
+        Self {
+            vendor: "Microsoft".to_owned(),
+            product: "Microsoft Defender ATP".to_owned(),
+            version: "2.0".to_owned(),
+        }
+    }
+}
+
+/// Detection fields written under a predefined LEEF key, or under their own
+/// name in a fixed place.
+fn is_mapped_field(name: &str) -> bool {
+    matches!(
+        name,
+        "IoaDefinitionId"
+            | "Category"
+            | "Severity"
+            | "AlertTime"
+            | "IpAddress"
+            | "UserName"
+            | "UserDomain"
+            | "ComputerDnsName"
+            | "MachineName"
+            | "Url"
+    )
+}
+
+/// Keys the mapping writes. A custom key equal to one of them gets the
+/// collision prefix.
+fn is_reserved_key(key: &str) -> bool {
+    matches!(
+        key,
+        "cat"
+            | "sev"
+            | "devTime"
+            | "devTimeFormat"
+            | "src"
+            | "usrName"
+            | "domain"
+            | "identHostName"
+            | "resource"
+            | "url"
+            | "Severity"
+    )
+}
+
+/// Unmapped fields that identify a detection, the last to go when a message
+/// is shortened.
+fn is_identifying_field(name: &str) -> bool {
+    matches!(name, "AlertId" | "FullId" | "LastProcessedTimeUtc")
+}
+
+/// Appends a LEEF 2.0 event for `d` (no syslog header, no line break);
+/// returns the number of custom keys dropped for names that are not plain
+/// ASCII letters and digits.
+pub fn encode_leef(d: &Detection, options: &LeefOptions, out: &mut Vec<u8>) -> u32 {
+    let prefix = header_prefix(options);
+    write_header(&prefix, d, out);
+    write_attributes(d, out, None)
+}
+
+/// Returns `LEEF:2.0|Vendor|Product|Version|` with header escapes applied.
+pub(super) fn header_prefix(options: &LeefOptions) -> Vec<u8> {
+    let mut prefix = b"LEEF:2.0|".to_vec();
+    for field in [&options.vendor, &options.product, &options.version] {
+        extension::escape_header(field, true, &mut prefix);
+        prefix.push(b'|');
+    }
+    prefix
+}
+
+/// Appends the header from `prefix` on: the EventID (`IoaDefinitionId`, else
+/// `ThreatName`, else `Category`, at most 255 characters) and the delimiter
+/// field `x09`.
+pub(super) fn write_header(prefix: &[u8], d: &Detection, out: &mut Vec<u8>) {
+    out.extend_from_slice(prefix);
+    let event_id = d
+        .text("IoaDefinitionId")
+        .or_else(|| d.text("ThreatName"))
+        .or_else(|| d.text("Category"));
+    let event_id = event_id.as_deref().unwrap_or("");
+    let end = event_id.char_indices().nth(MAX_EVENT_ID_CHARS).map_or(event_id.len(), |(i, _)| i);
+    extension::escape_header(&event_id[..end], true, out);
+    out.extend_from_slice(b"|x09|");
+}
+
+/// Appends the tab-separated attributes: predefined keys first, then every
+/// other non-empty field under its own name. When `entries` is given, each
+/// pair's range is recorded for shortening.
+pub(super) fn write_attributes(d: &Detection, out: &mut Vec<u8>, entries: Option<&mut Vec<Entry>>) -> u32 {
+    let mut writer = ExtensionWriter::new(out, SEPARATOR, ValueEscape::Leef, entries);
+
+    if let Some(category) = d.text("Category") {
+        writer.text("cat", &category, None, true);
+    }
+    writer.number("sev", i64::from(numeric_severity(d)), None, true);
+    write_dev_time(&mut writer, d);
+    if let Some(address) = d.text("IpAddress") {
+        if address.parse::<std::net::IpAddr>().is_ok() {
+            writer.text("src", &address, None, false);
+        } else {
+            writer.custom(d, "IpAddress", &address, is_reserved_key, false);
+        }
+    }
+    for (field, key, keep) in [
+        ("UserName", "usrName", false),
+        ("UserDomain", "domain", false),
+        ("ComputerDnsName", "identHostName", true),
+        ("MachineName", "resource", true),
+        ("Url", "url", false),
+        ("Severity", "Severity", true),
+    ] {
+        if let Some(text) = d.text(field) {
+            writer.text(key, &text, None, keep);
+        }
+    }
+
+    for (name, value) in d.fields() {
+        if is_mapped_field(name) {
+            continue;
+        }
+        if let Some(text) = value_text(value) {
+            writer.custom(d, name, &text, is_reserved_key, is_identifying_field(name));
+        }
+    }
+    writer.dropped_keys
+}
+
+/// Writes `devTime` and `devTimeFormat` from `AlertTime`, or `AlertTime`
+/// under its own name when it is not a valid timestamp.
+fn write_dev_time(writer: &mut ExtensionWriter<'_>, d: &Detection) {
+    let Some(text) = d.text("AlertTime") else { return };
+    match timefmt::parse(&text).and_then(format_dev_time) {
+        Some(dev_time) => writer.text("devTime", &dev_time, Some(("devTimeFormat", DEV_TIME_FORMAT)), true),
+        None => writer.custom(d, "AlertTime", &text, is_reserved_key, true),
+    }
+}
+
+/// Formats `t` as `MMM dd yyyy HH:mm:ss.SSS z` in GMT, milliseconds
+/// truncated. Returns `None` for years the pattern cannot hold.
+fn format_dev_time(t: DateTime<Utc>) -> Option<String> {
+    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    if !(0..=9999).contains(&t.year()) {
+        return None;
+    }
+    let month = MONTHS[t.month0() as usize];
+    // A leap second has nanoseconds of 1e9 or more; clamp it into the second.
+    let millis = (t.nanosecond() / 1_000_000).min(999);
+    Some(format!(
+        "{month} {:02} {:04} {:02}:{:02}:{:02}.{millis:03} GMT",
+        t.day(),
+        t.year(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn detection(json: &str) -> Detection {
+        Detection::from_json_text(json).unwrap()
+    }
+
+    fn leef(json: &str) -> String {
+        let mut out = Vec::new();
+        encode_leef(&detection(json), &LeefOptions::default(), &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    fn attributes(line: &str) -> Vec<&str> {
+        let body = line.splitn(7, '|').nth(6).unwrap();
+        body.split('\t').collect()
+    }
+
+    #[test]
+    fn header_declares_tab_delimiter() {
+        let line = leef(r#"{"IoaDefinitionId":"b20a","Category":"Malware"}"#);
+        assert!(line.starts_with("LEEF:2.0|Microsoft|Microsoft Defender ATP|2.0|b20a|x09|cat=Malware\t"), "{line}");
+    }
+
+    #[test]
+    fn event_id_falls_back_to_threat_name_then_category() {
+        assert!(leef(r#"{"ThreatName":"Emotet","Category":"Malware"}"#).contains("|2.0|Emotet|x09|"));
+        assert!(leef(r#"{"IoaDefinitionId":"","Category":"Malware"}"#).contains("|2.0|Malware|x09|"));
+    }
+
+    #[test]
+    fn event_id_is_cut_to_255_characters() {
+        let long = "使".repeat(300);
+        let line = leef(&format!(r#"{{"IoaDefinitionId":"{long}"}}"#));
+        let event_id = line.split('|').nth(4).unwrap();
+        assert_eq!(event_id.chars().count(), 255);
+    }
+
+    #[test]
+    fn header_escapes_pipe_backslash_and_breaks() {
+        let line = leef(r#"{"IoaDefinitionId":"a|b\\c\r\nd\te"}"#);
+        assert!(line.contains(r"|2.0|a\|b\\c d e|x09|"), "{line}");
+    }
+
+    #[test]
+    fn predefined_keys_carry_mapped_fields() {
+        let line = leef(
+            r#"{"Category":"Malware","Severity":"High","AlertTime":"2020-09-30T14:09:20.35743Z",
+                "IpAddress":"10.0.0.1","UserName":"alice","UserDomain":"CORP",
+                "ComputerDnsName":"pc1.corp","MachineName":"pc1","Url":"http://x/y?a=b"}"#,
+        );
+        assert_eq!(
+            attributes(&line),
+            vec![
+                "cat=Malware",
+                "sev=8",
+                "devTime=Sep 30 2020 14:09:20.357 GMT",
+                "devTimeFormat=MMM dd yyyy HH:mm:ss.SSS z",
+                "src=10.0.0.1",
+                "usrName=alice",
+                "domain=CORP",
+                "identHostName=pc1.corp",
+                "resource=pc1",
+                "url=http://x/y?a=b",
+                "Severity=High",
+            ]
+        );
+    }
+
+    #[test]
+    fn sev_follows_severity_table() {
+        for (severity, sev) in [
+            ("Informational", "sev=1"),
+            ("low", "sev=3"),
+            ("Medium", "sev=5"),
+            ("HIGH", "sev=8"),
+            ("Severe", "sev=5"),
+        ] {
+            let line = leef(&format!(r#"{{"Severity":"{severity}"}}"#));
+            assert!(attributes(&line).contains(&sev), "{severity}: {line}");
+        }
+        assert!(attributes(&leef("{}")).contains(&"sev=5"));
+    }
+
+    #[test]
+    fn values_never_contain_raw_tab_or_breaks() {
+        let line = leef(r#"{"Description":"a\tb\r\nc\\d=e|f","Other":"x\ty"}"#);
+        let attributes = attributes(&line);
+        assert!(attributes.contains(&r"Description=a\tb\r\nc\\d=e|f"), "{line}");
+        assert!(attributes.contains(&r"Other=x\ty"), "{line}");
+        assert!(!line.contains('\n'));
+        assert!(!line.contains('\r'));
+    }
+
+    #[test]
+    fn invalid_values_go_under_own_names() {
+        let line = leef(r#"{"IpAddress":"not-an-ip","AlertTime":"yesterday"}"#);
+        let attributes = attributes(&line);
+        assert!(attributes.contains(&"IpAddress=not-an-ip"), "{line}");
+        assert!(attributes.contains(&"AlertTime=yesterday"), "{line}");
+        assert!(!line.contains("src="));
+        assert!(!line.contains("devTime="));
+    }
+
+    #[test]
+    fn colliding_custom_key_gets_prefix() {
+        let line = leef(r#"{"Category":"Malware","cat":"fake","sev":"10","mdesev":"x"}"#);
+        let attributes = attributes(&line);
+        assert!(attributes.contains(&"cat=Malware"), "{line}");
+        assert!(attributes.contains(&"mdecat=fake"), "{line}");
+        assert!(attributes.contains(&"mdemdesev=10"), "{line}");
+        assert!(attributes.contains(&"mdesev=x"), "{line}");
+    }
+
+    #[test]
+    fn non_plain_names_are_dropped_and_counted() {
+        let mut out = Vec::new();
+        let d = detection(r#"{"bad key":"x","a=b":"y","ok":"z","empty name":""}"#);
+        let dropped = encode_leef(&d, &LeefOptions::default(), &mut out);
+        assert_eq!(dropped, 2);
+        assert!(String::from_utf8(out).unwrap().ends_with("sev=5\tok=z"));
+    }
+
+    #[test]
+    fn dev_time_truncates_to_milliseconds() {
+        let line = leef(r#"{"AlertTime":"2020-12-31T23:59:59.9999999Z"}"#);
+        assert!(attributes(&line).contains(&"devTime=Dec 31 2020 23:59:59.999 GMT"), "{line}");
+    }
+
+    #[test]
+    fn nested_and_numeric_fields_are_kept() {
+        let line = leef(r#"{"Extra":{"k":[1,"a\tb"]},"AlertPart":0,"Flag":true}"#);
+        let attributes = attributes(&line);
+        assert!(attributes.contains(&r#"Extra={"k":[1,"a\\tb"]}"#), "{line}");
+        assert!(attributes.contains(&"AlertPart=0"), "{line}");
+        assert!(attributes.contains(&"Flag=true"), "{line}");
+    }
+}

@@ -1,0 +1,290 @@
+//! Splits a JSON array arriving in chunks into its elements, so a response of
+//! any size is decoded with memory bounded by one element plus one chunk.
+//!
+//! The splitter only finds element boundaries (tracking strings, escapes and
+//! nesting); serde_json then parses each element on its own. Anything that is
+//! not one complete top-level array is reported with what arrived instead.
+
+/// What went wrong with the body, worded for an operator.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ArrayError {
+    #[error("expected a JSON array but the body starts with {0}")]
+    NotArray(String),
+    #[error("the body is empty")]
+    Empty,
+    #[error("the body ended inside the JSON array after {0} complete elements (truncated response)")]
+    Truncated(usize),
+    #[error("invalid JSON after element {index}: unexpected {found}")]
+    Syntax { index: usize, found: String },
+    #[error("unexpected data after the end of the JSON array: {0}")]
+    Trailing(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    BeforeArray,
+    /// After `[` or after `,`: an element (or `]` right after `[`) comes next.
+    BeforeElement { first: bool },
+    InElement,
+    AfterElement,
+    Done,
+}
+
+#[derive(Debug)]
+pub struct ArraySplitter {
+    buffer: Vec<u8>,
+    /// Bytes of `buffer` already scanned.
+    scanned: usize,
+    /// Start of the current element in `buffer`.
+    start: usize,
+    state: State,
+    depth: u32,
+    in_string: bool,
+    escaped: bool,
+    elements: usize,
+    seen_any: bool,
+}
+
+impl Default for ArraySplitter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ArraySplitter {
+    pub fn new() -> Self {
+        Self {
+            buffer: Vec::new(),
+            scanned: 0,
+            start: 0,
+            state: State::BeforeArray,
+            depth: 0,
+            in_string: false,
+            escaped: false,
+            elements: 0,
+            seen_any: false,
+        }
+    }
+
+    /// Number of complete elements found so far.
+    pub fn elements(&self) -> usize {
+        self.elements
+    }
+
+    /// Feeds one chunk and appends every element it completes to `out`.
+    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<Vec<u8>>) -> Result<(), ArrayError> {
+        if !chunk.is_empty() {
+            self.seen_any = true;
+        }
+        self.buffer.extend_from_slice(chunk);
+        while self.scanned < self.buffer.len() {
+            let byte = self.buffer[self.scanned];
+            let at = self.scanned;
+            self.scanned += 1;
+            self.step(byte, at, out)?;
+        }
+        self.compact();
+        Ok(())
+    }
+
+    /// Ends the body; fails unless exactly one complete array arrived.
+    pub fn finish(&self) -> Result<(), ArrayError> {
+        match self.state {
+            State::Done => Ok(()),
+            State::BeforeArray if !self.seen_any || self.buffer.iter().all(u8::is_ascii_whitespace) => {
+                Err(ArrayError::Empty)
+            }
+            State::BeforeArray => Err(ArrayError::NotArray(preview(&self.buffer))),
+            _ => Err(ArrayError::Truncated(self.elements)),
+        }
+    }
+
+    fn step(&mut self, byte: u8, at: usize, out: &mut Vec<Vec<u8>>) -> Result<(), ArrayError> {
+        match self.state {
+            State::BeforeArray => match byte {
+                b'[' => self.state = State::BeforeElement { first: true },
+                // A UTF-8 byte order mark before the array is tolerated.
+                0xEF | 0xBB | 0xBF if at < 3 => {}
+                b if b.is_ascii_whitespace() => {}
+                _ => return Err(ArrayError::NotArray(preview(&self.buffer[at..]))),
+            },
+            State::BeforeElement { first } => match byte {
+                b if b.is_ascii_whitespace() => {}
+                b']' if first => self.state = State::Done,
+                b']' | b',' => return Err(self.syntax(byte)),
+                _ => {
+                    self.start = at;
+                    self.state = State::InElement;
+                    self.depth = 0;
+                    self.in_string = false;
+                    self.escaped = false;
+                    self.scan_element_byte(byte, at, out)?;
+                }
+            },
+            State::InElement => self.scan_element_byte(byte, at, out)?,
+            State::AfterElement => match byte {
+                b if b.is_ascii_whitespace() => {}
+                b',' => self.state = State::BeforeElement { first: false },
+                b']' => self.state = State::Done,
+                _ => return Err(self.syntax(byte)),
+            },
+            State::Done => {
+                if !byte.is_ascii_whitespace() {
+                    return Err(ArrayError::Trailing(preview(&self.buffer[at..])));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn scan_element_byte(&mut self, byte: u8, at: usize, out: &mut Vec<Vec<u8>>) -> Result<(), ArrayError> {
+        if self.in_string {
+            if self.escaped {
+                self.escaped = false;
+            } else if byte == b'\\' {
+                self.escaped = true;
+            } else if byte == b'"' {
+                self.in_string = false;
+                self.end_if_top(at + 1, out);
+            }
+            return Ok(());
+        }
+        match byte {
+            b'"' => self.in_string = true,
+            b'{' | b'[' => self.depth += 1,
+            b'}' | b']' if self.depth > 0 => {
+                self.depth -= 1;
+                self.end_if_top(at + 1, out);
+            }
+            // A scalar at the top level ends at the separator that follows it.
+            b',' | b']' if self.depth == 0 => {
+                self.emit(at, out);
+                self.state = if byte == b',' { State::BeforeElement { first: false } } else { State::Done };
+            }
+            b'}' => return Err(self.syntax(byte)),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn end_if_top(&mut self, end: usize, out: &mut Vec<Vec<u8>>) {
+        if self.depth == 0 {
+            self.emit(end, out);
+            self.state = State::AfterElement;
+        }
+    }
+
+    fn emit(&mut self, end: usize, out: &mut Vec<Vec<u8>>) {
+        let element = self.buffer[self.start..end].trim_ascii_end().to_vec();
+        out.push(element);
+        self.elements += 1;
+        self.start = end;
+    }
+
+    /// Drops the bytes that belong to finished elements.
+    fn compact(&mut self) {
+        let keep_from = if self.state == State::InElement { self.start } else { self.scanned };
+        if keep_from > 0 {
+            self.buffer.drain(..keep_from);
+            self.scanned -= keep_from;
+            self.start = self.start.saturating_sub(keep_from);
+        }
+    }
+
+    fn syntax(&self, byte: u8) -> ArrayError {
+        ArrayError::Syntax { index: self.elements, found: format!("{:?}", byte as char) }
+    }
+}
+
+/// The first bytes of a body, printable, for error messages.
+pub fn preview(bytes: &[u8]) -> String {
+    const MAX: usize = 120;
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(MAX)]);
+    let cleaned: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let ellipsis = if bytes.len() > MAX { "..." } else { "" };
+    format!("{:?}{ellipsis}", cleaned.trim())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split_in_chunks(body: &str, chunk: usize) -> Result<Vec<String>, ArrayError> {
+        let mut splitter = ArraySplitter::new();
+        let mut out = Vec::new();
+        for piece in body.as_bytes().chunks(chunk.max(1)) {
+            splitter.push(piece, &mut out)?;
+        }
+        splitter.finish()?;
+        Ok(out.into_iter().map(|e| String::from_utf8(e).unwrap()).collect())
+    }
+
+    #[test]
+    fn splits_objects_at_every_chunk_size() {
+        let body = r#" [ {"a":"x,]}\"y","b":[1,{"c":2}]} , {"d":"使用者"} ,3, "s" , null ] "#;
+        for chunk in 1..body.len() + 1 {
+            let elements = split_in_chunks(body, chunk).unwrap();
+            assert_eq!(
+                elements,
+                vec![r#"{"a":"x,]}\"y","b":[1,{"c":2}]}"#, r#"{"d":"使用者"}"#, "3", r#""s""#, "null"],
+                "chunk size {chunk}"
+            );
+        }
+    }
+
+    #[test]
+    fn empty_array_has_no_elements() {
+        assert_eq!(split_in_chunks("[]", 1).unwrap().len(), 0);
+        assert_eq!(split_in_chunks(" [ \n ] \n", 3).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn empty_body_is_an_error() {
+        assert_eq!(split_in_chunks("", 4), Err(ArrayError::Empty));
+        assert_eq!(split_in_chunks("  \n", 4), Err(ArrayError::Empty));
+    }
+
+    #[test]
+    fn html_is_reported_with_its_start() {
+        let err = split_in_chunks("<html><body>502 Bad Gateway</body></html>", 7).unwrap_err();
+        assert!(err.to_string().contains("<html><body>502 Bad Gateway"), "{err}");
+    }
+
+    #[test]
+    fn object_is_not_an_array() {
+        let err = split_in_chunks(r#"{"value":[]}"#, 5).unwrap_err();
+        assert!(matches!(err, ArrayError::NotArray(_)), "{err}");
+    }
+
+    #[test]
+    fn truncated_body_counts_complete_elements() {
+        assert_eq!(split_in_chunks(r#"[{"a":1},{"b":"#, 3), Err(ArrayError::Truncated(1)));
+        assert_eq!(split_in_chunks(r#"[{"a":1},"#, 3), Err(ArrayError::Truncated(1)));
+        assert_eq!(split_in_chunks("[", 3), Err(ArrayError::Truncated(0)));
+    }
+
+    #[test]
+    fn trailing_garbage_is_an_error() {
+        let err = split_in_chunks("[1] [2]", 2).unwrap_err();
+        assert!(matches!(err, ArrayError::Trailing(_)), "{err}");
+    }
+
+    #[test]
+    fn misplaced_separators_are_errors() {
+        assert!(matches!(split_in_chunks("[,1]", 1), Err(ArrayError::Syntax { .. })));
+        assert!(matches!(split_in_chunks("[1,]", 1), Err(ArrayError::Syntax { .. })));
+        assert!(matches!(split_in_chunks(r#"[{"a":1}}]"#, 1), Err(ArrayError::Syntax { .. })));
+    }
+
+    #[test]
+    fn buffer_stays_small_across_many_elements() {
+        let mut splitter = ArraySplitter::new();
+        let mut out = Vec::new();
+        splitter.push(b"[", &mut out).unwrap();
+        for _ in 0..10_000 {
+            splitter.push(br#"{"FullId":"x"},"#, &mut out).unwrap();
+            out.clear();
+            assert!(splitter.buffer.len() < 64);
+        }
+    }
+}

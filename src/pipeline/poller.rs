@@ -1,0 +1,290 @@
+//! One tenant's poll loop: query the window, queue new detections, advance the
+//! checkpoint once the whole window is covered.
+//!
+//! Pages of a window are queued as they stream in (each batch in its own
+//! flushed transaction with its dedupe entries), and the checkpoint moves in
+//! a last transaction only after every page arrived. A crash in between leaves
+//! the checkpoint where it was, so the next cycle reads the window again and
+//! the dedupe set absorbs what was already queued.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::watch;
+
+use crate::config::{OutboxFullPolicy, PollConfig, StateConfig};
+use crate::retry::Backoff;
+use crate::source::{AlertsClient, Element, Query, SourceError};
+use crate::store::{Store, StoreError};
+
+/// Detections read from a response before they are queued together.
+const QUEUE_BATCH: usize = 1000;
+
+/// One tick of the API's clock (100 ns). Every window starts one tick before
+/// `checkpoint - overlap`, so detections stamped exactly at the checkpoint are
+/// read again whether the API treats `sinceTimeUtc` as inclusive or not.
+const TICK: chrono::Duration = chrono::Duration::nanoseconds(100);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CycleError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("tenant {tenant}: state store failed: {source}")]
+    Store { tenant: String, source: StoreError },
+    #[error("tenant {tenant}: {count} or more detections share LastProcessedTimeUtc {time}, more than [poll] limit = {count} can page through; raise limit or set it to 0")]
+    PagingStuck { tenant: String, count: u32, time: String },
+    #[error("tenant {tenant}: a full page of {count} detections had no readable LastProcessedTimeUtc, so older pages cannot be requested; set [poll] limit = 0")]
+    PagingUnreadable { tenant: String, count: u32 },
+}
+
+impl CycleError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            CycleError::Source(e) => e.is_retryable(),
+            CycleError::Store { .. } => true,
+            CycleError::PagingStuck { .. } | CycleError::PagingUnreadable { .. } => false,
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            CycleError::Source(e) => e.retry_after(),
+            _ => None,
+        }
+    }
+}
+
+/// What one cycle did.
+#[derive(Debug, Default, Clone)]
+pub struct CycleReport {
+    pub since: Option<DateTime<Utc>>,
+    pub fetched: usize,
+    pub queued: usize,
+    pub duplicates: usize,
+    pub invalid: usize,
+    pub pages: usize,
+    pub checkpoint: Option<DateTime<Utc>>,
+}
+
+pub struct Poller {
+    pub(crate) client: AlertsClient,
+    pub(crate) store: Arc<Store>,
+    pub(crate) poll: PollConfig,
+    pub(crate) state: StateConfig,
+    pub(crate) wake_sinks: Arc<watch::Sender<u64>>,
+}
+
+impl Poller {
+    fn name(&self) -> &str {
+        &self.client.tenant().name
+    }
+
+    fn store_error(&self, source: StoreError) -> CycleError {
+        CycleError::Store { tenant: self.name().to_string(), source }
+    }
+
+    /// The daemon loop: a cycle every interval until `stop` turns true.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let interval = Duration::from_secs(self.poll.interval_secs);
+        loop {
+            if !self.wait_for_outbox_room(&mut stop).await {
+                return;
+            }
+            let started = tokio::time::Instant::now();
+            let mut cycle_stop = stop.clone();
+            tokio::select! {
+                _ = self.run_with_retries(&mut cycle_stop) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let next = started + interval;
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    }
+
+    /// One cycle, retried with backoff while the error is retryable.
+    pub async fn run_with_retries(&self, stop: &mut watch::Receiver<bool>) -> Result<CycleReport, CycleError> {
+        let mut backoff = Backoff::new(
+            Duration::from_millis(self.poll.retry_initial_ms),
+            Duration::from_secs(self.poll.retry_max_secs),
+        );
+        let mut attempt = 1;
+        loop {
+            let started = std::time::Instant::now();
+            match self.run_cycle().await {
+                Ok(report) => {
+                    tracing::info!(
+                        tenant = %self.name(),
+                        since = %report.since.map(crate::timefmt::format_query).unwrap_or_default(),
+                        fetched = report.fetched,
+                        queued = report.queued,
+                        duplicates = report.duplicates,
+                        invalid = report.invalid,
+                        pages = report.pages,
+                        checkpoint = %report.checkpoint.map(crate::timefmt::format_exact).unwrap_or_default(),
+                        duration_ms = started.elapsed().as_millis() as u64,
+                        "poll complete"
+                    );
+                    return Ok(report);
+                }
+                Err(error) if error.is_retryable() && attempt < self.poll.retry_max_attempts => {
+                    let delay = backoff.next_delay(error.retry_after());
+                    tracing::warn!(
+                        tenant = %self.name(),
+                        attempt,
+                        retry_in_ms = delay.as_millis() as u64,
+                        error = %error,
+                        "poll failed; retrying"
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = stop.wait_for(|s| *s) => return Err(error),
+                    }
+                    attempt += 1;
+                }
+                Err(error) => {
+                    tracing::error!(tenant = %self.name(), attempt, error = %error, "poll failed; the checkpoint did not move, the next interval tries again");
+                    return Err(error);
+                }
+            }
+        }
+    }
+
+    /// Reads the whole window once and queues what is new.
+    pub async fn run_cycle(&self) -> Result<CycleReport, CycleError> {
+        let now = Utc::now();
+        let tenant = self.client.tenant();
+        let checkpoint = self.store.checkpoint(&tenant.name).map_err(|e| self.store_error(e))?;
+        let since = match checkpoint {
+            Some(c) => c - chrono::Duration::seconds(self.poll.overlap_secs as i64) - TICK,
+            None => now - chrono::Duration::seconds(self.poll.initial_lookback_secs as i64),
+        };
+        let mut query = Query {
+            since: Some(since),
+            until: None,
+            ago: None,
+            limit: self.poll.limit,
+            machine_groups: tenant.machine_groups.clone(),
+            device_created_machine_tags: tenant.device_created_machine_tags.clone(),
+            cloud_created_machine_tags: tenant.cloud_created_machine_tags.clone(),
+        };
+        let mut report = CycleReport { since: Some(since), ..CycleReport::default() };
+        let mut newest: Option<DateTime<Utc>> = None;
+        loop {
+            let page = self.read_page(&query, now, &mut report).await?;
+            report.pages += 1;
+            newest = newest.max(page.newest);
+            if self.poll.limit == 0 || (page.count as u64) < self.poll.limit as u64 {
+                break;
+            }
+            // A full page: the API returned the most recent `limit` detections,
+            // so older ones may be missing. Ask for the part before this page.
+            let Some(oldest) = page.oldest else {
+                return Err(CycleError::PagingUnreadable { tenant: tenant.name.clone(), count: self.poll.limit });
+            };
+            if query.until.is_some_and(|until| oldest >= until) {
+                return Err(CycleError::PagingStuck {
+                    tenant: tenant.name.clone(),
+                    count: self.poll.limit,
+                    time: crate::timefmt::format_query(oldest),
+                });
+            }
+            query.until = Some(oldest);
+        }
+        // A timestamp in the future (a skewed or hostile record) must not move
+        // the checkpoint past detections that have not happened yet.
+        let new_checkpoint = newest.map(|t| t.min(now));
+        self.store
+            .enqueue(&tenant.name, &[], new_checkpoint, now)
+            .await
+            .map_err(|e| self.store_error(e))?;
+        report.checkpoint = self.store.checkpoint(&tenant.name).map_err(|e| self.store_error(e))?;
+        Ok(report)
+    }
+
+    async fn read_page(&self, query: &Query, now: DateTime<Utc>, report: &mut CycleReport) -> Result<PageSummary, CycleError> {
+        let tenant = &self.client.tenant().name;
+        let mut page = self.client.open(query).await?;
+        let mut summary = PageSummary::default();
+        while let Some(elements) = page.next_batch(QUEUE_BATCH).await? {
+            let mut detections = Vec::with_capacity(elements.len());
+            for element in elements {
+                summary.count += 1;
+                match element {
+                    Element::Detection(d) => {
+                        if let Some(t) = d.last_processed() {
+                            summary.oldest = Some(summary.oldest.map_or(t, |o| o.min(t)));
+                            summary.newest = summary.newest.max(Some(t));
+                        }
+                        detections.push(d);
+                    }
+                    Element::Invalid { raw, reason } => {
+                        report.invalid += 1;
+                        tracing::warn!(tenant = %tenant, reason = %reason, "response element is not a detection; kept as a dead letter");
+                        let entry = crate::store::OutboxEntry { tenant: tenant.clone(), only_sink: None, raw };
+                        self.store
+                            .dead_letter("(source)", &entry, &format!("response element is not a detection: {reason}"))
+                            .map_err(|e| self.store_error(e))?;
+                    }
+                }
+            }
+            report.fetched += detections.len();
+            let outcome = self.store.enqueue(tenant, &detections, None, now).await.map_err(|e| self.store_error(e))?;
+            report.queued += outcome.queued;
+            report.duplicates += outcome.duplicates;
+            if outcome.queued > 0 {
+                self.wake_sinks.send_modify(|generation| *generation += 1);
+            }
+        }
+        Ok(summary)
+    }
+
+    /// Pauses polling while the outbox is over its limit. Returns false when
+    /// stopped while waiting.
+    async fn wait_for_outbox_room(&self, stop: &mut watch::Receiver<bool>) -> bool {
+        let limit = self.state.max_outbox_bytes;
+        let mut warned = false;
+        while self.store.outbox_bytes() >= limit {
+            if self.state.on_outbox_full == OutboxFullPolicy::DropOldest {
+                match self.store.drop_oldest(limit - limit / 10) {
+                    Ok(dropped) => tracing::error!(
+                        tenant = %self.name(),
+                        dropped,
+                        "outbox reached max_outbox_bytes; dropped the oldest undelivered detections (on_outbox_full = \"drop_oldest\")"
+                    ),
+                    Err(e) => tracing::error!(tenant = %self.name(), error = %e, "cannot drop from the full outbox"),
+                }
+                continue;
+            }
+            if !warned {
+                let slowest = self.store.cursors().ok().and_then(|c| c.first().map(|(name, _)| name.clone()));
+                tracing::warn!(
+                    tenant = %self.name(),
+                    outbox_bytes = self.store.outbox_bytes(),
+                    max_outbox_bytes = limit,
+                    sink = %slowest.unwrap_or_default(),
+                    "outbox is full; polling paused until this sink catches up"
+                );
+                warned = true;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = stop.wait_for(|s| *s) => return false,
+            }
+        }
+        if warned {
+            tracing::info!(tenant = %self.name(), "outbox has room again; polling resumes");
+        }
+        true
+    }
+}
+
+#[derive(Default)]
+struct PageSummary {
+    count: usize,
+    oldest: Option<DateTime<Utc>>,
+    newest: Option<DateTime<Utc>>,
+}

@@ -1,0 +1,337 @@
+//! The SIEM REST API client: builds `/api/alerts` queries, authenticates,
+//! classifies errors and streams the response array element by element.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use reqwest::header::{HeaderMap, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::StatusCode;
+
+use crate::auth::{AuthError, TokenSource};
+use crate::config::{ResolvedTenant, Secret};
+use crate::detection::Detection;
+use crate::json_stream::{preview, ArrayError, ArraySplitter};
+use crate::timefmt;
+
+/// One `/api/alerts` request. Empty fields send no parameter.
+#[derive(Debug, Clone, Default)]
+pub struct Query {
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    /// An ISO 8601 duration such as `PT4H`.
+    pub ago: Option<String>,
+    pub limit: u32,
+    pub machine_groups: Vec<String>,
+    pub device_created_machine_tags: Option<String>,
+    pub cloud_created_machine_tags: Option<String>,
+}
+
+impl Query {
+    fn pairs(&self) -> Vec<(&'static str, String)> {
+        let mut pairs = Vec::new();
+        if let Some(since) = self.since {
+            pairs.push(("sinceTimeUtc", timefmt::format_query(since)));
+        }
+        if let Some(until) = self.until {
+            pairs.push(("untilTimeUtc", timefmt::format_query(until)));
+        }
+        if let Some(ago) = &self.ago {
+            pairs.push(("ago", ago.clone()));
+        }
+        if self.limit > 0 {
+            pairs.push(("limit", self.limit.to_string()));
+        }
+        for group in &self.machine_groups {
+            pairs.push(("machinegroups", group.clone()));
+        }
+        if let Some(tag) = &self.device_created_machine_tags {
+            pairs.push(("DeviceCreatedMachineTags", tag.clone()));
+        }
+        if let Some(tag) = &self.cloud_created_machine_tags {
+            pairs.push(("CloudCreatedMachineTags", tag.clone()));
+        }
+        pairs
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("tenant {tenant}: the API answered 401 Unauthorized even with a fresh token ({body}); check that the app has the Defender SIEM API permission (Alert.Read.All on WindowsDefenderATP) and that resource is right")]
+    Unauthorized { tenant: String, body: String },
+    #[error("tenant {tenant}: the API answered 403 Forbidden ({body}); the app permission may not be granted (admin consent), SIEM integration may be off, or the tenant is not onboarded to Defender for Endpoint")]
+    Forbidden { tenant: String, body: String },
+    #[error("tenant {tenant}: the API is throttling requests (HTTP 429){}", retry_note(*retry_after))]
+    Throttled { tenant: String, retry_after: Option<Duration> },
+    #[error("tenant {tenant}: the API failed with HTTP {status}: {body}{}", retry_note(*retry_after))]
+    Server { tenant: String, status: u16, body: String, retry_after: Option<Duration> },
+    #[error("tenant {tenant}: the API rejected the request {url} with HTTP {status}: {body}")]
+    Rejected { tenant: String, status: u16, url: String, body: String },
+    #[error("tenant {tenant}: request to {url} failed: {source}")]
+    Network { tenant: String, url: String, source: reqwest::Error },
+    #[error("tenant {tenant}: malformed response (HTTP {status}, content-type {content_type}): {detail}; nothing from it moves the checkpoint")]
+    Malformed { tenant: String, status: u16, content_type: String, detail: ArrayError },
+    #[error("tenant {tenant}: response is larger than {limit} bytes ([poll] max_response_bytes); it was cut off")]
+    TooLarge { tenant: String, limit: u64 },
+}
+
+fn retry_note(retry_after: Option<Duration>) -> String {
+    retry_after.map(|d| format!(", Retry-After {} s", d.as_secs())).unwrap_or_default()
+}
+
+impl SourceError {
+    /// Whether trying again soon can help.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            SourceError::Auth(e) => e.is_retryable(),
+            SourceError::Throttled { .. }
+            | SourceError::Server { .. }
+            | SourceError::Network { .. }
+            | SourceError::Malformed { .. } => true,
+            SourceError::Unauthorized { .. }
+            | SourceError::Forbidden { .. }
+            | SourceError::Rejected { .. }
+            | SourceError::TooLarge { .. } => false,
+        }
+    }
+
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            SourceError::Auth(e) => e.retry_after(),
+            SourceError::Throttled { retry_after, .. } | SourceError::Server { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// The HTTP status for metrics, when there was one.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            SourceError::Unauthorized { .. } => Some(401),
+            SourceError::Forbidden { .. } => Some(403),
+            SourceError::Throttled { .. } => Some(429),
+            SourceError::Server { status, .. } | SourceError::Rejected { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// One element of a response: a detection, or something that is not one.
+#[derive(Debug)]
+pub enum Element {
+    Detection(Detection),
+    Invalid { raw: String, reason: String },
+}
+
+pub struct AlertsClient {
+    http: reqwest::Client,
+    tenant: Arc<ResolvedTenant>,
+    tokens: TokenSource,
+    max_response_bytes: u64,
+}
+
+impl AlertsClient {
+    pub fn new(http: reqwest::Client, tenant: Arc<ResolvedTenant>, max_response_bytes: u64) -> Self {
+        let tokens = TokenSource::new(http.clone(), tenant.clone());
+        Self { http, tenant, tokens, max_response_bytes }
+    }
+
+    pub fn tenant(&self) -> &ResolvedTenant {
+        &self.tenant
+    }
+
+    /// Sends a query and returns the response body as a stream of elements.
+    /// A 401 refreshes the token and retries once.
+    pub async fn open(&self, query: &Query) -> Result<Page, SourceError> {
+        let token = self.tokens.token().await?;
+        let response = self.send(query, &token).await?;
+        let response = if response.status() == StatusCode::UNAUTHORIZED {
+            tracing::info!(tenant = %self.tenant.name, "API answered 401; refreshing the token and retrying once");
+            self.tokens.invalidate(&token).await;
+            let token = self.tokens.token().await?;
+            self.send(query, &token).await?
+        } else {
+            response
+        };
+        self.check_status(response).await
+    }
+
+    async fn send(&self, query: &Query, token: &Secret) -> Result<reqwest::Response, SourceError> {
+        self.http
+            .get(&self.tenant.alerts_url)
+            .query(&query.pairs())
+            .bearer_auth(token.expose())
+            .header("Accept", "application/json")
+            .send()
+            .await
+            .map_err(|source| self.network(source))
+    }
+
+    fn network(&self, source: reqwest::Error) -> SourceError {
+        SourceError::Network {
+            tenant: self.tenant.name.clone(),
+            url: self.tenant.alerts_url.clone(),
+            source: source.without_url(),
+        }
+    }
+
+    async fn check_status(&self, response: reqwest::Response) -> Result<Page, SourceError> {
+        let status = response.status();
+        let tenant = self.tenant.name.clone();
+        if status.is_success() {
+            let content_type = header_text(response.headers(), CONTENT_TYPE.as_str());
+            return Ok(Page {
+                response,
+                splitter: ArraySplitter::new(),
+                ready: std::collections::VecDeque::new(),
+                finished: false,
+                received: 0,
+                limit: self.max_response_bytes,
+                tenant,
+                status: status.as_u16(),
+                content_type,
+            });
+        }
+        let retry_after = retry_after(response.headers());
+        let url = response.url().to_string();
+        let body = error_body(response).await;
+        Err(match status.as_u16() {
+            401 => SourceError::Unauthorized { tenant, body },
+            403 => SourceError::Forbidden { tenant, body },
+            429 => SourceError::Throttled { tenant, retry_after },
+            408 | 500..=599 => SourceError::Server { tenant, status: status.as_u16(), body, retry_after },
+            code => SourceError::Rejected { tenant, status: code, url, body },
+        })
+    }
+}
+
+/// A response body being read element by element.
+pub struct Page {
+    response: reqwest::Response,
+    splitter: ArraySplitter,
+    ready: std::collections::VecDeque<Vec<u8>>,
+    finished: bool,
+    received: u64,
+    limit: u64,
+    tenant: String,
+    status: u16,
+    content_type: String,
+}
+
+impl Page {
+    /// The next up to `max` elements, or `None` at the end of a complete array.
+    pub async fn next_batch(&mut self, max: usize) -> Result<Option<Vec<Element>>, SourceError> {
+        while self.ready.len() < max && !self.finished {
+            let chunk = self.response.chunk().await.map_err(|source| SourceError::Network {
+                tenant: self.tenant.clone(),
+                url: "response body".into(),
+                source: source.without_url(),
+            })?;
+            let mut out = Vec::new();
+            match chunk {
+                Some(bytes) => {
+                    self.received += bytes.len() as u64;
+                    if self.received > self.limit {
+                        return Err(SourceError::TooLarge { tenant: self.tenant.clone(), limit: self.limit });
+                    }
+                    self.splitter.push(&bytes, &mut out).map_err(|e| self.malformed(e))?;
+                }
+                None => {
+                    self.finished = true;
+                    self.splitter.finish().map_err(|e| self.malformed(e))?;
+                }
+            }
+            self.ready.extend(out);
+        }
+        if self.ready.is_empty() {
+            return Ok(None);
+        }
+        let take = self.ready.len().min(max);
+        Ok(Some(self.ready.drain(..take).map(to_element).collect()))
+    }
+
+    /// Elements found so far.
+    pub fn elements(&self) -> usize {
+        self.splitter.elements()
+    }
+
+    fn malformed(&self, detail: ArrayError) -> SourceError {
+        SourceError::Malformed {
+            tenant: self.tenant.clone(),
+            status: self.status,
+            content_type: if self.content_type.is_empty() { "(none)".into() } else { self.content_type.clone() },
+            detail,
+        }
+    }
+}
+
+fn to_element(bytes: Vec<u8>) -> Element {
+    let text = match String::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(e) => {
+            let raw = String::from_utf8_lossy(e.as_bytes()).into_owned();
+            return Element::Invalid { raw, reason: "not valid UTF-8".into() };
+        }
+    };
+    match Detection::from_json_text(&text) {
+        Ok(detection) => Element::Detection(detection),
+        Err(e) => Element::Invalid { raw: text, reason: e.to_string() },
+    }
+}
+
+fn header_text(headers: &HeaderMap, name: &str) -> String {
+    headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_string()
+}
+
+/// `Retry-After` as seconds or an HTTP date.
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let text = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = text.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let date = DateTime::parse_from_rfc2822(text).ok()?;
+    let wait = date.with_timezone(&Utc) - Utc::now();
+    Some(wait.to_std().unwrap_or(Duration::ZERO))
+}
+
+/// The start of an error body, on one line, for messages.
+async fn error_body(response: reqwest::Response) -> String {
+    match response.bytes().await {
+        Ok(bytes) if bytes.is_empty() => "empty body".into(),
+        Ok(bytes) => preview(&bytes),
+        Err(e) => format!("body unreadable: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::HeaderValue;
+
+    #[test]
+    fn query_pairs_use_api_names_and_repeat_machine_groups() {
+        let query = Query {
+            since: timefmt::parse("2026-01-01T00:00:00.1234567Z"),
+            limit: 20,
+            machine_groups: vec!["UK".into(), "France".into()],
+            ..Query::default()
+        };
+        let pairs = query.pairs();
+        assert_eq!(pairs[0], ("sinceTimeUtc", "2026-01-01T00:00:00.1234567Z".to_string()));
+        assert_eq!(pairs[1], ("limit", "20".to_string()));
+        assert_eq!(pairs[2], ("machinegroups", "UK".to_string()));
+        assert_eq!(pairs[3], ("machinegroups", "France".to_string()));
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        let mut headers = HeaderMap::new();
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("7"));
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(7)));
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
+        assert_eq!(retry_after(&headers), Some(Duration::ZERO));
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&headers), None);
+    }
+}

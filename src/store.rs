@@ -1,0 +1,667 @@
+//! The sled store: checkpoints, the dedupe set, the outbox, sink cursors and
+//! dead letters, in one database that a single process owns.
+//!
+//! # Layout (schema version 1)
+//! | tree | key | value |
+//! | --- | --- | --- |
+//! | `meta` | `schema_version` | u32 big-endian |
+//! | `checkpoints` | tenant name | RFC 3339 text with nanoseconds |
+//! | `dedupe` | tenant, 0x00, FullId | first-seen Unix seconds, u64 BE |
+//! | `dedupe_by_age` | first-seen u64 BE, tenant, 0x00, FullId | empty |
+//! | `outbox` | sequence number u64 BE | [`OutboxEntry`] bytes |
+//! | `cursors` | sink name | last acknowledged sequence number, u64 BE |
+//! | `dead_letters` | id u64 BE | JSON: sink, tenant, reason, time, detection |
+//!
+//! # Why the write order is crash-safe
+//! New detections, their dedupe entries and the checkpoint advance are written
+//! in one sled transaction and then flushed, so after a crash either all of
+//! them exist or none do. If none do, the next poll reads the same window
+//! again and nothing was lost. A sink's cursor is written only after the sink
+//! acknowledged the batch, and sled recovers a prefix of its log, so a cursor
+//! never survives a crash that lost the entries it points past. The only
+//! repeats after a crash are batches sent but not yet acknowledged.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use chrono::{DateTime, Utc};
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use sled::Tree;
+
+use crate::detection::Detection;
+use crate::timefmt;
+
+pub const SCHEMA_VERSION: u32 = 1;
+const LOCK_FILE: &str = "mde-forwarder.lock";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state directory {path} is in use by process {pid}, another mde-forwarder; stop it first or set a different [state] dir")]
+    Locked { path: PathBuf, pid: String },
+    #[error("cannot create state directory {path}: {source}; check that the parent exists and is writable by this user")]
+    CreateDir { path: PathBuf, source: std::io::Error },
+    #[error("cannot lock {path}: {source}")]
+    Lock { path: PathBuf, source: std::io::Error },
+    #[error("cannot open the database in {path}: {source}")]
+    Open { path: PathBuf, source: sled::Error },
+    #[error("the database in {path} has schema version {found}, but this mde-forwarder reads version {SCHEMA_VERSION}; use the release that wrote it, or move the directory away to start over")]
+    Schema { path: PathBuf, found: u32 },
+    #[error("database in {path} failed: {source}; check free space and permissions, the write is retried")]
+    Io { path: PathBuf, source: sled::Error },
+    #[error("corrupt {what} in {path}: {detail}")]
+    Corrupt { path: PathBuf, what: &'static str, detail: String },
+}
+
+/// One queued detection and who it is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEntry {
+    pub tenant: String,
+    /// Set when a dead letter was requeued for one sink only.
+    pub only_sink: Option<String>,
+    pub raw: String,
+}
+
+impl OutboxEntry {
+    fn encode(&self) -> Vec<u8> {
+        let target = self.only_sink.as_deref().unwrap_or("");
+        let mut out = Vec::with_capacity(5 + self.tenant.len() + target.len() + self.raw.len());
+        out.push(1);
+        out.extend_from_slice(&(self.tenant.len() as u16).to_be_bytes());
+        out.extend_from_slice(self.tenant.as_bytes());
+        out.extend_from_slice(&(target.len() as u16).to_be_bytes());
+        out.extend_from_slice(target.as_bytes());
+        out.extend_from_slice(self.raw.as_bytes());
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        let (&version, rest) = bytes.split_first()?;
+        if version != 1 {
+            return None;
+        }
+        let (tenant, rest) = take_string(rest)?;
+        let (target, rest) = take_string(rest)?;
+        let raw = std::str::from_utf8(rest).ok()?.to_string();
+        let only_sink = (!target.is_empty()).then_some(target);
+        Some(Self { tenant, only_sink, raw })
+    }
+}
+
+fn take_string(bytes: &[u8]) -> Option<(String, &[u8])> {
+    let len = u16::from_be_bytes([*bytes.first()?, *bytes.get(1)?]) as usize;
+    let text = bytes.get(2..2 + len)?;
+    Some((std::str::from_utf8(text).ok()?.to_string(), &bytes[2 + len..]))
+}
+
+/// What one [`Store::enqueue`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct EnqueueOutcome {
+    pub queued: usize,
+    pub duplicates: usize,
+}
+
+/// A detection a sink rejected for good, kept with the reason.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DeadLetter {
+    #[serde(skip)]
+    pub id: u64,
+    pub sink: String,
+    pub tenant: String,
+    pub reason: String,
+    pub time: String,
+    pub detection: String,
+}
+
+pub struct Store {
+    db: sled::Db,
+    dir: PathBuf,
+    checkpoints: Tree,
+    dedupe: Tree,
+    dedupe_by_age: Tree,
+    outbox: Tree,
+    cursors: Tree,
+    dead_letters: Tree,
+    outbox_bytes: AtomicU64,
+    _lock: File,
+}
+
+impl Store {
+    /// Opens (or creates, mode 0700) the state directory and takes its lock.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        create_private_dir(dir)?;
+        let lock = lock_dir(dir)?;
+        let db_path = dir.join("db");
+        let db = sled::Config::new()
+            .path(&db_path)
+            .open()
+            .map_err(|source| StoreError::Open { path: db_path.clone(), source })?;
+        let io = |source| StoreError::Io { path: db_path.clone(), source };
+        let meta = db.open_tree("meta").map_err(io)?;
+        check_schema(&meta, &db, &db_path)?;
+        let store = Self {
+            checkpoints: db.open_tree("checkpoints").map_err(io)?,
+            dedupe: db.open_tree("dedupe").map_err(io)?,
+            dedupe_by_age: db.open_tree("dedupe_by_age").map_err(io)?,
+            outbox: db.open_tree("outbox").map_err(io)?,
+            cursors: db.open_tree("cursors").map_err(io)?,
+            dead_letters: db.open_tree("dead_letters").map_err(io)?,
+            dir: db_path,
+            db,
+            outbox_bytes: AtomicU64::new(0),
+            _lock: lock,
+        };
+        let bytes = store.outbox.iter().values().filter_map(Result::ok).map(|v| v.len() as u64).sum();
+        store.outbox_bytes.store(bytes, Ordering::Relaxed);
+        Ok(store)
+    }
+
+    /// The database path, for messages.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    fn io(&self, source: sled::Error) -> StoreError {
+        StoreError::Io { path: self.dir.clone(), source }
+    }
+
+    pub fn checkpoint(&self, tenant: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let Some(bytes) = self.checkpoints.get(tenant).map_err(|e| self.io(e))? else {
+            return Ok(None);
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        timefmt::parse(&text).map(Some).ok_or_else(|| StoreError::Corrupt {
+            path: self.dir.clone(),
+            what: "checkpoint",
+            detail: format!("tenant {tenant}: {text:?}"),
+        })
+    }
+
+    /// Sets or clears a tenant's checkpoint (operator command), then flushes.
+    pub fn set_checkpoint(&self, tenant: &str, time: Option<DateTime<Utc>>) -> Result<(), StoreError> {
+        match time {
+            Some(t) => self.checkpoints.insert(tenant, timefmt::format_exact(t).as_bytes()),
+            None => self.checkpoints.remove(tenant),
+        }
+        .map_err(|e| self.io(e))?;
+        self.db.flush().map_err(|e| self.io(e))?;
+        Ok(())
+    }
+
+    /// All checkpoints, by tenant name.
+    pub fn checkpoints(&self) -> Result<Vec<(String, String)>, StoreError> {
+        self.checkpoints
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(|e| self.io(e))?;
+                Ok((String::from_utf8_lossy(&k).into_owned(), String::from_utf8_lossy(&v).into_owned()))
+            })
+            .collect()
+    }
+
+    /// Queues the detections not seen before, records them as seen and moves
+    /// the checkpoint forward to `checkpoint` (never back), in one transaction,
+    /// then flushes to disk.
+    pub async fn enqueue(
+        &self,
+        tenant: &str,
+        detections: &[Detection],
+        checkpoint: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Result<EnqueueOutcome, StoreError> {
+        let seen_at = (now.timestamp().max(0) as u64).to_be_bytes();
+        let keys: Vec<Vec<u8>> = detections.iter().map(|d| dedupe_key(tenant, d)).collect();
+        let trees = (&self.outbox, &self.dedupe, &self.dedupe_by_age, &self.checkpoints);
+        let result = trees.transaction(|(outbox, dedupe, by_age, checkpoints)| {
+            let mut outcome = EnqueueOutcome::default();
+            let mut added_bytes = 0u64;
+            for (detection, key) in detections.iter().zip(&keys) {
+                if dedupe.get(key)?.is_some() {
+                    outcome.duplicates += 1;
+                    continue;
+                }
+                let entry = OutboxEntry { tenant: tenant.to_string(), only_sink: None, raw: detection.raw().to_string() };
+                let bytes = entry.encode();
+                added_bytes += bytes.len() as u64;
+                let seq = outbox.generate_id()?;
+                outbox.insert(&seq.to_be_bytes(), bytes)?;
+                dedupe.insert(key.as_slice(), &seen_at)?;
+                let mut age_key = seen_at.to_vec();
+                age_key.extend_from_slice(key);
+                by_age.insert(age_key, &[])?;
+                outcome.queued += 1;
+            }
+            if let Some(new) = checkpoint {
+                let current = checkpoints.get(tenant)?.and_then(|b| timefmt::parse(&String::from_utf8_lossy(&b)));
+                if current.map_or(true, |c| new > c) {
+                    checkpoints.insert(tenant, timefmt::format_exact(new).as_bytes())?;
+                }
+            }
+            Ok::<_, ConflictableTransactionError<()>>((outcome, added_bytes))
+        });
+        let (outcome, added_bytes) = result.map_err(|e| match e {
+            TransactionError::Storage(source) => self.io(source),
+            TransactionError::Abort(()) => self.io(sled::Error::Unsupported("transaction aborted".into())),
+        })?;
+        self.outbox_bytes.fetch_add(added_bytes, Ordering::Relaxed);
+        self.db.flush_async().await.map_err(|e| self.io(e))?;
+        Ok(outcome)
+    }
+
+    /// Up to `max` entries after sequence number `after`.
+    pub fn read_after(&self, after: u64, max: usize) -> Result<Vec<(u64, OutboxEntry)>, StoreError> {
+        let start = after.saturating_add(1).to_be_bytes();
+        let mut batch = Vec::with_capacity(max.min(1024));
+        for item in self.outbox.range(start..).take(max) {
+            let (key, value) = item.map_err(|e| self.io(e))?;
+            let seq = seq_from(&key);
+            let entry = OutboxEntry::decode(&value).ok_or_else(|| StoreError::Corrupt {
+                path: self.dir.clone(),
+                what: "outbox entry",
+                detail: format!("sequence {seq}"),
+            })?;
+            batch.push((seq, entry));
+        }
+        Ok(batch)
+    }
+
+    /// The highest sequence number in the outbox, 0 when it is empty.
+    pub fn last_seq(&self) -> Result<u64, StoreError> {
+        Ok(self.outbox.last().map_err(|e| self.io(e))?.map_or(0, |(k, _)| seq_from(&k)))
+    }
+
+    pub fn outbox_bytes(&self) -> u64 {
+        self.outbox_bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn cursor(&self, sink: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self.cursors.get(sink).map_err(|e| self.io(e))?.map(|v| seq_from(&v)))
+    }
+
+    /// Records that `sink` acknowledged everything up to `seq`.
+    pub fn set_cursor(&self, sink: &str, seq: u64) -> Result<(), StoreError> {
+        self.cursors.insert(sink, &seq.to_be_bytes()).map_err(|e| self.io(e))?;
+        Ok(())
+    }
+
+    /// Makes the cursors match the configured sinks: a new sink starts at the
+    /// end of the outbox, and a removed sink's cursor is deleted so that what
+    /// only it held is released.
+    pub fn sync_cursors(&self, sinks: &[&str]) -> Result<Vec<String>, StoreError> {
+        let end = self.last_seq()?;
+        for sink in sinks {
+            if self.cursor(sink)?.is_none() {
+                self.set_cursor(sink, end)?;
+            }
+        }
+        let mut removed = Vec::new();
+        for key in self.cursors.iter().keys() {
+            let key = key.map_err(|e| self.io(e))?;
+            let name = String::from_utf8_lossy(&key).into_owned();
+            if !sinks.contains(&name.as_str()) {
+                self.cursors.remove(&key).map_err(|e| self.io(e))?;
+                removed.push(name);
+            }
+        }
+        self.release()?;
+        Ok(removed)
+    }
+
+    /// The configured sinks' cursors, lowest first.
+    pub fn cursors(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut all: Vec<(String, u64)> = self
+            .cursors
+            .iter()
+            .map(|item| item.map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), seq_from(&v))))
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.io(e))?;
+        all.sort_by_key(|(_, seq)| *seq);
+        Ok(all)
+    }
+
+    /// Deletes the outbox entries every sink has acknowledged.
+    pub fn release(&self) -> Result<usize, StoreError> {
+        let Some(min) = self.cursors()?.first().map(|(_, seq)| *seq) else {
+            return Ok(0);
+        };
+        self.remove_through(min)
+    }
+
+    fn remove_through(&self, last: u64) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        let mut batch = sled::Batch::default();
+        let mut freed = 0u64;
+        for item in self.outbox.range(..=last.to_be_bytes()) {
+            let (key, value) = item.map_err(|e| self.io(e))?;
+            freed += value.len() as u64;
+            batch.remove(key);
+            removed += 1;
+        }
+        if removed > 0 {
+            self.outbox.apply_batch(batch).map_err(|e| self.io(e))?;
+            self.outbox_bytes.fetch_sub(freed.min(self.outbox_bytes()), Ordering::Relaxed);
+        }
+        Ok(removed)
+    }
+
+    /// Deletes the oldest entries until the outbox is under `limit` bytes,
+    /// for the `drop_oldest` policy. Returns how many were dropped.
+    pub fn drop_oldest(&self, limit: u64) -> Result<usize, StoreError> {
+        let mut size = self.outbox_bytes();
+        let mut last = None;
+        for item in self.outbox.iter() {
+            if size < limit {
+                break;
+            }
+            let (key, value) = item.map_err(|e| self.io(e))?;
+            size = size.saturating_sub(value.len() as u64);
+            last = Some(seq_from(&key));
+        }
+        match last {
+            Some(seq) => self.remove_through(seq),
+            None => Ok(0),
+        }
+    }
+
+    /// Entries waiting for `sink` and the sequence number of its oldest one.
+    pub fn pending(&self, sink: &str) -> Result<(usize, Option<u64>), StoreError> {
+        let after = self.cursor(sink)?.unwrap_or(0);
+        let mut count = 0;
+        let mut oldest = None;
+        for key in self.outbox.range(after.saturating_add(1).to_be_bytes()..).keys() {
+            let key = key.map_err(|e| self.io(e))?;
+            oldest.get_or_insert(seq_from(&key));
+            count += 1;
+        }
+        Ok((count, oldest))
+    }
+
+    pub fn dedupe_len(&self) -> usize {
+        self.dedupe.len()
+    }
+
+    /// Forgets FullIds first seen before `before`; returns how many.
+    pub fn prune_dedupe(&self, before: DateTime<Utc>) -> Result<usize, StoreError> {
+        let end = (before.timestamp().max(0) as u64).to_be_bytes();
+        let mut removed = 0;
+        for key in self.dedupe_by_age.range(..end).keys() {
+            let key = key.map_err(|e| self.io(e))?;
+            self.dedupe.remove(&key[8..]).map_err(|e| self.io(e))?;
+            self.dedupe_by_age.remove(&key).map_err(|e| self.io(e))?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    /// Stores a detection a sink rejected for good.
+    pub fn dead_letter(&self, sink: &str, entry: &OutboxEntry, reason: &str) -> Result<(), StoreError> {
+        let letter = DeadLetter {
+            id: 0,
+            sink: sink.to_string(),
+            tenant: entry.tenant.clone(),
+            reason: reason.to_string(),
+            time: timefmt::format_exact(Utc::now()),
+            detection: entry.raw.clone(),
+        };
+        let id = self.db.generate_id().map_err(|e| self.io(e))?;
+        let bytes = serde_json::to_vec(&letter).map_err(|e| StoreError::Corrupt {
+            path: self.dir.clone(),
+            what: "dead letter",
+            detail: e.to_string(),
+        })?;
+        self.dead_letters.insert(id.to_be_bytes(), bytes).map_err(|e| self.io(e))?;
+        Ok(())
+    }
+
+    pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
+        let mut letters = Vec::new();
+        for item in self.dead_letters.iter() {
+            let (key, value) = item.map_err(|e| self.io(e))?;
+            let mut letter: DeadLetter = serde_json::from_slice(&value).map_err(|e| StoreError::Corrupt {
+                path: self.dir.clone(),
+                what: "dead letter",
+                detail: e.to_string(),
+            })?;
+            letter.id = seq_from(&key);
+            letters.push(letter);
+        }
+        Ok(letters)
+    }
+
+    /// Puts dead letters back into the outbox for the sink that rejected
+    /// them (all when `ids` is empty), then deletes them. Returns the count.
+    pub fn requeue_dead_letters(&self, ids: &[u64]) -> Result<usize, StoreError> {
+        let mut count = 0;
+        for letter in self.dead_letters()? {
+            if !ids.is_empty() && !ids.contains(&letter.id) {
+                continue;
+            }
+            let entry = OutboxEntry { tenant: letter.tenant, only_sink: Some(letter.sink), raw: letter.detection };
+            let bytes = entry.encode();
+            let seq = self.db.generate_id().map_err(|e| self.io(e))?;
+            self.outbox_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            self.outbox.insert(seq.to_be_bytes(), bytes).map_err(|e| self.io(e))?;
+            self.dead_letters.remove(letter.id.to_be_bytes()).map_err(|e| self.io(e))?;
+            count += 1;
+        }
+        self.db.flush().map_err(|e| self.io(e))?;
+        Ok(count)
+    }
+
+    /// Deletes dead letters (all when `ids` is empty). Returns the count.
+    pub fn purge_dead_letters(&self, ids: &[u64]) -> Result<usize, StoreError> {
+        let mut count = 0;
+        for letter in self.dead_letters()? {
+            if ids.is_empty() || ids.contains(&letter.id) {
+                self.dead_letters.remove(letter.id.to_be_bytes()).map_err(|e| self.io(e))?;
+                count += 1;
+            }
+        }
+        self.db.flush().map_err(|e| self.io(e))?;
+        Ok(count)
+    }
+
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await.map_err(|e| self.io(e))?;
+        Ok(())
+    }
+}
+
+/// The dedupe key: tenant, 0x00, FullId. A detection without a FullId is
+/// keyed by its whole text, so it is still forwarded once and only once.
+fn dedupe_key(tenant: &str, detection: &Detection) -> Vec<u8> {
+    let mut key = Vec::with_capacity(tenant.len() + 80);
+    key.extend_from_slice(tenant.as_bytes());
+    key.push(0);
+    match detection.full_id() {
+        Some(id) => key.extend_from_slice(id.as_bytes()),
+        None => {
+            key.extend_from_slice(b"raw:");
+            key.extend_from_slice(detection.raw().as_bytes());
+        }
+    }
+    key
+}
+
+fn seq_from(bytes: &[u8]) -> u64 {
+    let mut array = [0u8; 8];
+    let n = bytes.len().min(8);
+    array[..n].copy_from_slice(&bytes[..n]);
+    u64::from_be_bytes(array)
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
+    let err = |source| StoreError::CreateDir { path: dir.to_path_buf(), source };
+    if !dir.exists() {
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(err)?;
+    }
+    let mode = fs::metadata(dir).map_err(err)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// Takes an exclusive `flock` on the lock file and writes our pid into it.
+fn lock_dir(dir: &Path) -> Result<File, StoreError> {
+    let path = dir.join(LOCK_FILE);
+    let err = |source| StoreError::Lock { path: path.clone(), source };
+    let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(err)?;
+    // SAFETY: flock on a file descriptor we own; no memory is shared.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let source = std::io::Error::last_os_error();
+        if source.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            let pid = pid.trim();
+            return Err(StoreError::Locked {
+                path: dir.to_path_buf(),
+                pid: if pid.is_empty() { "unknown".into() } else { pid.to_string() },
+            });
+        }
+        return Err(err(source));
+    }
+    file.set_len(0).map_err(err)?;
+    file.rewind().map_err(err)?;
+    writeln!(file, "{}", std::process::id()).map_err(err)?;
+    file.sync_all().map_err(err)?;
+    Ok(file)
+}
+
+fn check_schema(meta: &Tree, db: &sled::Db, path: &Path) -> Result<(), StoreError> {
+    let io = |source| StoreError::Io { path: path.to_path_buf(), source };
+    match meta.get("schema_version").map_err(io)? {
+        Some(bytes) => {
+            let found = u32::from_be_bytes(bytes.as_ref().try_into().unwrap_or([0xff; 4]));
+            if found != SCHEMA_VERSION {
+                return Err(StoreError::Schema { path: path.to_path_buf(), found });
+            }
+        }
+        None => {
+            meta.insert("schema_version", &SCHEMA_VERSION.to_be_bytes()).map_err(io)?;
+            db.flush().map_err(io)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn detection(full_id: &str, time: &str) -> Detection {
+        Detection::from_json_text(&format!(r#"{{"FullId":"{full_id}","LastProcessedTimeUtc":"{time}"}}"#)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn enqueue_skips_seen_full_ids_and_moves_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let t1 = timefmt::parse("2026-01-01T00:00:00.1234567Z").unwrap();
+        let batch = [detection("a:1", "2026-01-01T00:00:00.1234567Z"), detection("a:2", "2026-01-01T00:00:00Z")];
+        let first = store.enqueue("t", &batch, Some(t1), Utc::now()).await.unwrap();
+        assert_eq!(first, EnqueueOutcome { queued: 2, duplicates: 0 });
+        let second = store.enqueue("t", &batch, Some(t1), Utc::now()).await.unwrap();
+        assert_eq!(second, EnqueueOutcome { queued: 0, duplicates: 2 });
+        assert_eq!(store.checkpoint("t").unwrap(), Some(t1));
+    }
+
+    #[tokio::test]
+    async fn checkpoint_never_moves_back_on_enqueue() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let late = timefmt::parse("2026-01-02T00:00:00Z").unwrap();
+        let early = timefmt::parse("2026-01-01T00:00:00Z").unwrap();
+        store.enqueue("t", &[], Some(late), Utc::now()).await.unwrap();
+        store.enqueue("t", &[], Some(early), Utc::now()).await.unwrap();
+        assert_eq!(store.checkpoint("t").unwrap(), Some(late));
+    }
+
+    #[tokio::test]
+    async fn entries_are_released_after_every_cursor_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.sync_cursors(&["a", "b"]).unwrap();
+        store.enqueue("t", &[detection("x:1", "2026-01-01T00:00:00Z")], None, Utc::now()).await.unwrap();
+        let batch = store.read_after(0, 10).unwrap();
+        assert_eq!(batch.len(), 1);
+        let seq = batch[0].0;
+        store.set_cursor("a", seq).unwrap();
+        assert_eq!(store.release().unwrap(), 0);
+        store.set_cursor("b", seq).unwrap();
+        assert_eq!(store.release().unwrap(), 1);
+        assert_eq!(store.outbox_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn new_sink_starts_at_end_and_removed_sink_releases() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.sync_cursors(&["a"]).unwrap();
+        store.enqueue("t", &[detection("x:1", "2026-01-01T00:00:00Z")], None, Utc::now()).await.unwrap();
+        store.sync_cursors(&["a", "b"]).unwrap();
+        assert_eq!(store.pending("b").unwrap().0, 0);
+        assert_eq!(store.pending("a").unwrap().0, 1);
+        store.sync_cursors(&["b"]).unwrap();
+        assert_eq!(store.read_after(0, 10).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn second_open_names_the_owner_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Store::open(dir.path()).unwrap();
+        let err = Store::open(dir.path()).err().unwrap();
+        assert!(err.to_string().contains(&std::process::id().to_string()), "{err}");
+    }
+
+    #[test]
+    fn unknown_schema_version_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path().join("db")).unwrap();
+            db.open_tree("meta").unwrap().insert("schema_version", &7u32.to_be_bytes()).unwrap();
+            db.flush().unwrap();
+        }
+        let err = Store::open(dir.path()).err().unwrap();
+        assert!(matches!(err, StoreError::Schema { found: 7, .. }), "{err}");
+    }
+
+    #[test]
+    fn state_dir_is_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let _store = Store::open(&state).unwrap();
+        let mode = fs::metadata(&state).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+    }
+
+    #[tokio::test]
+    async fn dead_letters_requeue_for_their_sink_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let entry = OutboxEntry { tenant: "t".into(), only_sink: None, raw: "{}".into() };
+        store.dead_letter("http", &entry, "HTTP 400: bad event").unwrap();
+        let letters = store.dead_letters().unwrap();
+        assert_eq!(letters.len(), 1);
+        assert_eq!(letters[0].reason, "HTTP 400: bad event");
+        assert_eq!(store.requeue_dead_letters(&[]).unwrap(), 1);
+        let batch = store.read_after(0, 10).unwrap();
+        assert_eq!(batch[0].1.only_sink.as_deref(), Some("http"));
+        assert!(store.dead_letters().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn prune_forgets_old_full_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let old = Utc::now() - chrono::Duration::days(30);
+        store.enqueue("t", &[detection("x:1", "2026-01-01T00:00:00Z")], None, old).await.unwrap();
+        store.enqueue("t", &[detection("x:2", "2026-01-01T00:00:00Z")], None, Utc::now()).await.unwrap();
+        assert_eq!(store.prune_dedupe(Utc::now() - chrono::Duration::days(7)).unwrap(), 1);
+        assert_eq!(store.dedupe_len(), 1);
+    }
+}
