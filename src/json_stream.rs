@@ -20,9 +20,14 @@ pub enum ArrayError {
     Trailing(String),
 }
 
+/// How much of a body error messages show.
+const PREVIEW_BYTES: usize = 120;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     BeforeArray,
+    /// The body is not an array; bytes are kept only to show its start.
+    NotArray,
     /// After `[` or after `,`: an element (or `]` right after `[`) comes next.
     BeforeElement { first: bool },
     InElement,
@@ -77,6 +82,9 @@ impl ArraySplitter {
             self.seen_any = true;
         }
         self.buffer.extend_from_slice(chunk);
+        if self.state == State::NotArray {
+            return self.not_array_preview();
+        }
         while self.scanned < self.buffer.len() {
             let byte = self.buffer[self.scanned];
             let at = self.scanned;
@@ -94,9 +102,19 @@ impl ArraySplitter {
             State::BeforeArray if !self.seen_any || self.buffer.iter().all(u8::is_ascii_whitespace) => {
                 Err(ArrayError::Empty)
             }
-            State::BeforeArray => Err(ArrayError::NotArray(preview(&self.buffer))),
+            State::BeforeArray | State::NotArray => Err(ArrayError::NotArray(preview(&self.buffer))),
             _ => Err(ArrayError::Truncated(self.elements)),
         }
+    }
+
+    /// Reports a body that is not an array once enough of it arrived to show
+    /// what it is; `finish` reports a shorter one.
+    fn not_array_preview(&mut self) -> Result<(), ArrayError> {
+        if self.buffer.len() >= PREVIEW_BYTES {
+            return Err(ArrayError::NotArray(preview(&self.buffer)));
+        }
+        self.scanned = self.buffer.len();
+        Ok(())
     }
 
     fn step(&mut self, byte: u8, at: usize, out: &mut Vec<Vec<u8>>) -> Result<(), ArrayError> {
@@ -106,8 +124,14 @@ impl ArraySplitter {
                 // A UTF-8 byte order mark before the array is tolerated.
                 0xEF | 0xBB | 0xBF if at < 3 => {}
                 b if b.is_ascii_whitespace() => {}
-                _ => return Err(ArrayError::NotArray(preview(&self.buffer[at..]))),
+                _ => {
+                    self.buffer.drain(..at);
+                    self.scanned = self.buffer.len();
+                    self.state = State::NotArray;
+                    return self.not_array_preview();
+                }
             },
+            State::NotArray => {}
             State::BeforeElement { first } => match byte {
                 b if b.is_ascii_whitespace() => {}
                 b']' if first => self.state = State::Done,
@@ -183,7 +207,11 @@ impl ArraySplitter {
 
     /// Drops the bytes that belong to finished elements.
     fn compact(&mut self) {
-        let keep_from = if self.state == State::InElement { self.start } else { self.scanned };
+        let keep_from = match self.state {
+            State::InElement => self.start,
+            State::NotArray => 0,
+            _ => self.scanned,
+        };
         if keep_from > 0 {
             self.buffer.drain(..keep_from);
             self.scanned -= keep_from;
@@ -198,7 +226,7 @@ impl ArraySplitter {
 
 /// The first bytes of a body, printable, for error messages.
 pub fn preview(bytes: &[u8]) -> String {
-    const MAX: usize = 120;
+    const MAX: usize = PREVIEW_BYTES;
     let text = String::from_utf8_lossy(&bytes[..bytes.len().min(MAX)]);
     let cleaned: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
     let ellipsis = if bytes.len() > MAX { "..." } else { "" };

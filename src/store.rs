@@ -226,7 +226,8 @@ impl Store {
                 let entry = OutboxEntry { tenant: tenant.to_string(), only_sink: None, raw: detection.raw().to_string() };
                 let bytes = entry.encode();
                 added_bytes += bytes.len() as u64;
-                let seq = outbox.generate_id()?;
+                // Sequence numbers start at 1: a cursor of 0 means nothing acknowledged.
+                let seq = outbox.generate_id()? + 1;
                 outbox.insert(&seq.to_be_bytes(), bytes)?;
                 dedupe.insert(key.as_slice(), &seen_at)?;
                 let mut age_key = seen_at.to_vec();
@@ -441,7 +442,7 @@ impl Store {
             }
             let entry = OutboxEntry { tenant: letter.tenant, only_sink: Some(letter.sink), raw: letter.detection };
             let bytes = entry.encode();
-            let seq = self.db.generate_id().map_err(|e| self.io(e))?;
+            let seq = self.db.generate_id().map_err(|e| self.io(e))? + 1;
             self.outbox_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
             self.outbox.insert(seq.to_be_bytes(), bytes).map_err(|e| self.io(e))?;
             self.dead_letters.remove(letter.id.to_be_bytes()).map_err(|e| self.io(e))?;

@@ -16,8 +16,13 @@ use super::server::{json_response, method_not_allowed, text_response, HttpRespon
 use super::state::{Shared, State};
 use super::{Fault, RecordedRequest};
 
-/// The page an intercepting proxy sends in place of the API's answer.
-const PROXY_ERROR_PAGE: &str = "<!DOCTYPE html>\n<html><head><title>502 Bad Gateway</title></head>\n<body><h1>Bad Gateway</h1>\n<p>The proxy server received an invalid response from an upstream server.</p>\n</body></html>\n";
+/// The page an intercepting proxy sends in place of the API's response.
+const PROXY_ERROR_PAGE: &str = concat!(
+    "<!DOCTYPE html>\n<html><head><title>502 Bad Gateway</title></head>\n",
+    "<body><h1>Bad Gateway</h1>\n",
+    "<p>The proxy server received an invalid response from an upstream server.</p>\n",
+    "</body></html>\n",
+);
 
 /// True for `/api/alerts` and `/api/alerts/`, ignoring case as ASP.NET routing does.
 pub(super) fn is_alerts_path(path: &str) -> bool {
@@ -41,17 +46,13 @@ pub(super) async fn handle(shared: &Arc<Shared>, parts: &Parts) -> HttpResponse 
 
     let fault = shared.lock().faults.pop_front();
     let response = match fault {
-        None => answer(shared, parts, &pairs),
+        None => respond_normally(shared, parts, &pairs),
         Some(Fault::Slow(delay)) => {
             tokio::time::sleep(delay).await;
-            answer(shared, parts, &pairs)
+            respond_normally(shared, parts, &pairs)
         }
-        Some(Fault::Truncated) => truncate(answer(shared, parts, &pairs)).await,
-        Some(Fault::Status {
-            status,
-            retry_after_secs,
-            body,
-        }) => status_response(status, retry_after_secs, body),
+        Some(Fault::Truncated) => truncate(respond_normally(shared, parts, &pairs)).await,
+        Some(Fault::Status { status, retry_after_secs, body }) => status_response(status, retry_after_secs, body),
         Some(Fault::EmptyOk) => json_response(StatusCode::OK, ""),
         Some(Fault::Html) => text_response(StatusCode::OK, "text/html; charset=utf-8", PROXY_ERROR_PAGE),
         Some(Fault::NotArray) => json_response(StatusCode::OK, r#"{"value":[]}"#),
@@ -60,6 +61,12 @@ pub(super) async fn handle(shared: &Arc<Shared>, parts: &Parts) -> HttpResponse 
 
     let mut state = shared.lock();
     let tenant_id = authenticate(&state, parts).ok().map(|caller| caller.tenant_id);
+    tracing::debug!(
+        tenant = tenant_id.as_deref().unwrap_or("-"),
+        status = response.status().as_u16(),
+        query = parts.uri.query().unwrap_or_default(),
+        "emulator served /api/alerts"
+    );
     state.record(RecordedRequest {
         path: parts.uri.path().to_string(),
         query: pairs,
@@ -69,8 +76,8 @@ pub(super) async fn handle(shared: &Arc<Shared>, parts: &Parts) -> HttpResponse 
     response
 }
 
-/// Handles a request without a fault.
-fn answer(shared: &Shared, parts: &Parts, pairs: &[(String, String)]) -> HttpResponse {
+/// Handles a request that no fault replaces.
+fn respond_normally(shared: &Shared, parts: &Parts, pairs: &[(String, String)]) -> HttpResponse {
     if parts.method != Method::GET {
         return method_not_allowed("GET");
     }
@@ -172,8 +179,8 @@ async fn truncate(response: HttpResponse) -> HttpResponse {
     HttpResponse::from_parts(parts, Full::new(cut))
 }
 
-/// Answers with an injected status. A body that looks like JSON is labelled
-/// as JSON, anything else as plain text.
+/// Builds the response of a `Status` fault. A body that looks like JSON is
+/// labelled as JSON, anything else as plain text.
 fn status_response(status: u16, retry_after_secs: Option<u64>, body: String) -> HttpResponse {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let trimmed = body.trim_start();

@@ -69,21 +69,15 @@ pub async fn run_cli(
         None => sample_detections(),
     };
 
-    let options = EmulatorOptions {
-        token_lifetime: Duration::from_secs(args.token_lifetime_secs),
-        ..EmulatorOptions::default()
-    };
+    let options =
+        EmulatorOptions { token_lifetime: Duration::from_secs(args.token_lifetime_secs), ..EmulatorOptions::default() };
     let emulator = Emulator::start(args.listen, options)
         .await
         .map_err(|error| format!("failed to listen on {}: {error}", args.listen))?;
     let tenant = args.tenant_id.as_str();
     emulator.add_tenant(
         tenant,
-        TenantSpec {
-            client_id: args.client_id.clone(),
-            client_secret: args.client_secret.clone(),
-            forbidden: false,
-        },
+        TenantSpec { client_id: args.client_id.clone(), client_secret: args.client_secret.clone(), forbidden: false },
     );
     match args.generate {
         Some(count) => emulator.generate(tenant, count, args.detection_bytes),
@@ -111,8 +105,7 @@ async fn read_detections(path: &Path) -> Result<Vec<Value>, Box<dyn Error + Send
     let text = tokio::fs::read_to_string(path)
         .await
         .map_err(|error| format!("failed to read detections file {}: {error}", path.display()))?;
-    let detections: Vec<Value> = serde_json::from_str(&text).map_err(|error| {
-        format!("detections file {} is not a JSON array of detections: {error}", path.display())
-    })?;
+    let detections: Vec<Value> = serde_json::from_str(&text)
+        .map_err(|error| format!("detections file {} is not a JSON array of detections: {error}", path.display()))?;
     Ok(detections)
 }

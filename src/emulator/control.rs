@@ -14,12 +14,20 @@ use super::{data, Fault};
 /// Upper bound on `count`, so a typo cannot exhaust memory.
 const MAX_COUNT: u64 = 100_000;
 
-pub(super) fn handle(shared: &Arc<Shared>, method: &Method, action: &str, query: Option<&str>, body: &[u8]) -> HttpResponse {
+pub(super) fn handle(
+    shared: &Arc<Shared>,
+    method: &Method,
+    action: &str,
+    query: Option<&str>,
+    body: &[u8],
+) -> HttpResponse {
     let expected = match action {
         "faults" | "detections" | "tokens/revoke" => Method::POST,
         "stats" => Method::GET,
         _ => {
-            let message = format!("unknown control endpoint /_emulator/{action}; use faults, detections, tokens/revoke or stats\n");
+            let message = format!(
+                "unknown control endpoint /_emulator/{action}; use faults, detections, tokens/revoke or stats\n"
+            );
             return text_response(StatusCode::NOT_FOUND, "text/plain; charset=utf-8", message);
         }
     };
@@ -64,7 +72,11 @@ fn queue_faults(shared: &Shared, body: &[u8]) -> Result<Value, String> {
 pub(super) fn parse_fault(request: &Map<String, Value>) -> Result<Fault, String> {
     let kind = match request.get("kind") {
         None if request.contains_key("status") => "status",
-        None => return Err("missing \"kind\": use status, empty, html, truncated, not_array, slow or unauthorized".to_string()),
+        None => {
+            return Err(
+                "missing \"kind\": use status, empty, html, truncated, not_array, slow or unauthorized".to_string()
+            )
+        }
         Some(Value::String(kind)) => kind.as_str(),
         Some(other) => return Err(format!("\"kind\" must be a string, got {other}")),
     };
@@ -80,11 +92,7 @@ pub(super) fn parse_fault(request: &Map<String, Value>) -> Result<Fault, String>
                 Some(Value::String(body)) => body.clone(),
                 Some(other) => other.to_string(),
             };
-            Ok(Fault::Status {
-                status,
-                retry_after_secs: optional_u64(request, "retry_after_secs")?,
-                body,
-            })
+            Ok(Fault::Status { status, retry_after_secs: optional_u64(request, "retry_after_secs")?, body })
         }
         "empty" => Ok(Fault::EmptyOk),
         "html" => Ok(Fault::Html),
@@ -96,7 +104,8 @@ pub(super) fn parse_fault(request: &Map<String, Value>) -> Result<Fault, String>
                 .get("secs")
                 .and_then(Value::as_f64)
                 .ok_or("a slow fault needs \"secs\", a number of seconds such as 3 or 0.5")?;
-            let delay = Duration::try_from_secs_f64(secs).map_err(|_| format!("\"secs\" must be a non-negative number of seconds, got {secs}"))?;
+            let delay = Duration::try_from_secs_f64(secs)
+                .map_err(|_| format!("\"secs\" must be a non-negative number of seconds, got {secs}"))?;
             Ok(Fault::Slow(delay))
         }
         other => Err(format!(
@@ -138,8 +147,8 @@ fn add_detections(shared: &Shared, query: Option<&str>, body: &[u8]) -> Result<V
     };
 
     if !body.iter().all(u8::is_ascii_whitespace) {
-        let detections: Vec<Value> =
-            serde_json::from_slice(body).map_err(|error| format!("the body must be a JSON array of detections: {error}"))?;
+        let detections: Vec<Value> = serde_json::from_slice(body)
+            .map_err(|error| format!("the body must be a JSON array of detections: {error}"))?;
         let stored: Vec<StoredDetection> = detections.iter().map(StoredDetection::new).collect();
         shared.lock().tenant_mut(&tenant).detections.extend(stored);
         return Ok(Value::Array(detections));
@@ -161,8 +170,10 @@ fn only_tenant(shared: &Shared) -> Result<String, String> {
 
 fn stats(shared: &Shared) -> Value {
     let state = shared.lock();
+    let mut sorted: Vec<_> = state.tenants.values().collect();
+    sorted.sort_by(|a, b| a.id.cmp(&b.id));
     let mut tenants = Map::new();
-    for tenant in state.tenants.values() {
+    for tenant in sorted {
         tenants.insert(tenant.id.clone(), json!({ "detections": tenant.detections.len() }));
     }
     json!({

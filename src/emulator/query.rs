@@ -32,7 +32,9 @@ pub(super) fn parse(pairs: &[(String, String)], now: DateTime<Utc>) -> Result<Al
     let ago = first(pairs, "ago")
         .map(|text| {
             parse_iso_duration(text).ok_or_else(|| {
-                format!("Invalid value '{text}' for parameter ago: expected an ISO 8601 duration such as PT10M or P1DT2H.")
+                format!(
+                    "Invalid value '{text}' for parameter ago: expected an ISO 8601 duration such as PT10M or P1DT2H."
+                )
             })
         })
         .transpose()?;
@@ -83,10 +85,9 @@ fn parse_time(name: &str, text: &str) -> Result<DateTime<Utc>, String> {
 fn parse_limit(text: &str) -> Result<usize, String> {
     match text.parse::<i32>() {
         Ok(limit) if limit >= 0 => Ok(limit as usize),
-        _ => Err(format!(
-            "Invalid value '{text}' for parameter limit: expected a whole number from 0 to {}.",
-            i32::MAX
-        )),
+        _ => {
+            Err(format!("Invalid value '{text}' for parameter limit: expected a whole number from 0 to {}.", i32::MAX))
+        }
     }
 }
 
@@ -179,10 +180,7 @@ impl AlertQuery {
 /// of the requested tags, ignoring case.
 fn tags_match(requested: &[String], list: &str) -> bool {
     requested.is_empty()
-        || list
-            .split(',')
-            .map(str::trim)
-            .any(|tag| requested.iter().any(|wanted| wanted.eq_ignore_ascii_case(tag)))
+        || list.split(',').map(str::trim).any(|tag| requested.iter().any(|wanted| wanted.eq_ignore_ascii_case(tag)))
 }
 
 #[cfg(test)]
@@ -211,7 +209,10 @@ mod tests {
 
     #[test]
     fn iso_duration_rejects_malformed_text() {
-        for text in ["", "P", "PT", "10M", "-PT10M", "PT10", "PTM", "P1H", "PT1D", "PT1S2M", "PT1M1M", "P1DT", "PT.5S", "PT1.2.3S", "PT1MX"] {
+        for text in [
+            "", "P", "PT", "10M", "-PT10M", "PT10", "PTM", "P1H", "PT1D", "PT1S2M", "PT1M1M", "P1DT", "PT.5S",
+            "PT1.2.3S", "PT1MX",
+        ] {
             assert_eq!(parse_iso_duration(text), None, "{text}");
         }
     }

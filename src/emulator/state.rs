@@ -70,13 +70,11 @@ impl State {
 
     /// Returns the tenant, creating one without credentials if it is new.
     pub(super) fn tenant_mut(&mut self, tenant_id: &str) -> &mut Tenant {
-        self.tenants
-            .entry(tenant_id.to_ascii_lowercase())
-            .or_insert_with(|| Tenant {
-                id: tenant_id.to_string(),
-                credentials: None,
-                detections: Vec::new(),
-            })
+        self.tenants.entry(tenant_id.to_ascii_lowercase()).or_insert_with(|| Tenant {
+            id: tenant_id.to_string(),
+            credentials: None,
+            detections: Vec::new(),
+        })
     }
 
     pub(super) fn record(&mut self, request: RecordedRequest) {
@@ -123,13 +121,8 @@ pub(super) struct StoredDetection {
 
 impl StoredDetection {
     pub(super) fn new(detection: &Value) -> Self {
-        let field = |name: &str| {
-            detection
-                .get(name)
-                .and_then(value_text)
-                .map(|text| text.into_owned())
-                .unwrap_or_default()
-        };
+        let field =
+            |name: &str| detection.get(name).and_then(value_text).map(|text| text.into_owned()).unwrap_or_default();
         let last_processed = timefmt::parse(&field("LastProcessedTimeUtc"));
         Self {
             json: detection.to_string(),
@@ -152,10 +145,7 @@ impl XorShift {
     /// emulators started at the same instant still differ.
     pub(super) fn seeded() -> Self {
         static STARTED: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
         let counter = STARTED.fetch_add(1, Ordering::Relaxed);
         let seed = nanos ^ u64::from(std::process::id()).rotate_left(32) ^ counter.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         Self::from_seed(seed)

@@ -20,11 +20,11 @@ use super::ExpiryFormat;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum TokenVersion {
-    /// `/oauth2/token`: requires `resource`, answers with `expires_on`,
-    /// `not_before` and `resource`.
+    /// `/oauth2/token`: requires `resource`, and the response includes
+    /// `expires_on`, `not_before` and `resource`.
     V1,
-    /// `/oauth2/v2.0/token`: requires `scope`, answers with the expiry
-    /// durations only, as Azure AD v2.0 does.
+    /// `/oauth2/v2.0/token`: requires `scope`, and the response includes
+    /// only the expiry durations, as Azure AD v2.0 does.
     V2,
 }
 
@@ -41,8 +41,14 @@ pub(super) fn handle(shared: &Arc<Shared>, tenant_id: &str, version: TokenVersio
     let mut state = shared.lock();
     state.token_requests += 1;
     match check_request(&state, tenant_id, version, &form) {
-        Ok(tenant_key) => issue_token(&mut state, tenant_key, version, &form),
-        Err(error) => aad_error(&mut state, error),
+        Ok(tenant_key) => {
+            tracing::debug!(tenant = tenant_id, "emulator issued a token");
+            issue_token(&mut state, tenant_key, version, &form)
+        }
+        Err(error) => {
+            tracing::debug!(tenant = tenant_id, code = error.code, "emulator rejected a token request");
+            aad_error(&mut state, error)
+        }
     }
 }
 
@@ -114,7 +120,8 @@ fn check_request(
             status: StatusCode::UNAUTHORIZED,
             error: "invalid_client",
             code: 7000218,
-            message: "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.".to_string(),
+            message: "The request body must contain the following parameter: 'client_assertion' or 'client_secret'."
+                .to_string(),
         });
     };
     if client_secret != credentials.client_secret {
@@ -137,20 +144,19 @@ fn check_request(
     Ok(tenant_id.to_ascii_lowercase())
 }
 
-fn issue_token(state: &mut State, tenant_key: String, version: TokenVersion, form: &HashMap<String, String>) -> HttpResponse {
+fn issue_token(
+    state: &mut State,
+    tenant_key: String,
+    version: TokenVersion,
+    form: &HashMap<String, String>,
+) -> HttpResponse {
     let now = Instant::now();
     let lifetime = state.options.token_lifetime;
     let format = state.options.expiry_format;
     state.purge_expired_tokens(now);
 
     let access_token = base64_url(&state.rng.bytes(TOKEN_BYTES));
-    state.tokens.insert(
-        access_token.clone(),
-        IssuedToken {
-            tenant_key,
-            expires_at: now + lifetime,
-        },
-    );
+    state.tokens.insert(access_token.clone(), IssuedToken { tenant_key, expires_at: now + lifetime });
 
     let lifetime_secs = lifetime.as_secs();
     let issued_at = Utc::now().timestamp();

@@ -10,8 +10,6 @@ use std::net::IpAddr;
 
 use serde::Deserialize;
 use serde_json::Value;
-#[cfg(test)]
-use serde_json::value::RawValue;
 
 use super::extension::{self, Entry, ExtensionWriter, ValueEscape};
 use crate::detection::{value_text, Detection};
@@ -30,7 +28,7 @@ pub struct CefOptions {
 }
 
 impl Default for CefOptions {
-    /// The values ArcSight's parser for this API expects.
+    /// Returns the values ArcSight's parser for this API expects.
     fn default() -> Self {
         Self {
             vendor: "Microsoft".to_owned(),
@@ -40,7 +38,7 @@ impl Default for CefOptions {
     }
 }
 
-/// How a field's value becomes the value of its key.
+/// Conversion of a field's value into the value of its key.
 #[derive(Clone, Copy, Debug)]
 enum Conversion {
     /// The field's text, escaped.
@@ -67,11 +65,23 @@ struct Mapping {
 }
 
 const fn row(field: &'static str, key: &'static str) -> Mapping {
-    Mapping { field, key, label: None, conversion: Conversion::Text, keep: false }
+    Mapping {
+        field,
+        key,
+        label: None,
+        conversion: Conversion::Text,
+        keep: false,
+    }
 }
 
 const fn labeled(field: &'static str, key: &'static str, label: &'static str) -> Mapping {
-    Mapping { field, key, label: Some(label), conversion: Conversion::Text, keep: false }
+    Mapping {
+        field,
+        key,
+        label: Some(label),
+        conversion: Conversion::Text,
+        keep: false,
+    }
 }
 
 const fn with(mut mapping: Mapping, conversion: Conversion) -> Mapping {
@@ -79,16 +89,16 @@ const fn with(mut mapping: Mapping, conversion: Conversion) -> Mapping {
     mapping
 }
 
-const fn kept(mut mapping: Mapping) -> Mapping {
+const fn identifying(mut mapping: Mapping) -> Mapping {
     mapping.keep = true;
     mapping
 }
 
 /// The extension in the order it is written.
 const MAPPINGS: &[Mapping] = &[
-    kept(row("Category", "cat")),
+    identifying(row("Category", "cat")),
     row("Source", "sourceServiceName"),
-    kept(row("MachineName", "shost")),
+    identifying(row("MachineName", "shost")),
     row("FileName", "fname"),
     row("FilePath", "filePath"),
     row("UserDomain", "sntdom"),
@@ -100,26 +110,36 @@ const MAPPINGS: &[Mapping] = &[
     labeled("Actor", "cs4", "cs4Label"),
     with(row("IpAddress", "src"), Conversion::Address),
     row("Url", "request"),
-    with(labeled("RemediationIsSuccess", "cn2", "cn2Label"), Conversion::Flag),
-    with(labeled("WasExecutingWhileDetected", "cn1", "cn1Label"), Conversion::Flag),
-    kept(row("AlertId", "externalId")),
+    with(
+        labeled("RemediationIsSuccess", "cn2", "cn2Label"),
+        Conversion::Flag,
+    ),
+    with(
+        labeled("WasExecutingWhileDetected", "cn1", "cn1Label"),
+        Conversion::Flag,
+    ),
+    identifying(row("AlertId", "externalId")),
     labeled("LinkToWDATP", "flexString1", "flexString1Label"),
-    kept(with(row("AlertTime", "rt"), Conversion::EpochMillis)),
+    identifying(with(row("AlertTime", "rt"), Conversion::EpochMillis)),
     row("MachineDomain", "sourceDnsDomain"),
     row("LogOnUsers", "suid"),
     labeled("CommandLine", "cs2", "cs2Label"),
-    kept(labeled("FullId", "cs3", "cs3Label")),
+    identifying(labeled("FullId", "cs3", "cs3Label")),
     with(labeled("ReportID", "cn3", "cn3Label"), Conversion::Integer),
     labeled("LinkToMTP", "flexString2", "flexString2Label"),
-    kept(with(
-        labeled("LastProcessedTimeUtc", "deviceCustomDate1", "deviceCustomDate1Label"),
+    identifying(with(
+        labeled(
+            "LastProcessedTimeUtc",
+            "deviceCustomDate1",
+            "deviceCustomDate1Label",
+        ),
         Conversion::EpochMillis,
     )),
-    kept(row("ComputerDnsName", "dvchost")),
+    identifying(row("ComputerDnsName", "dvchost")),
     row("DeviceID", "deviceExternalId"),
     row("Description", "msg"),
     row("RemediationAction", "act"),
-    kept(row("Severity", "Severity")),
+    identifying(row("Severity", "Severity")),
 ];
 
 /// Fields written in the header or the mapped extension, never as custom keys.
@@ -165,12 +185,15 @@ fn is_mapped_field(name: &str) -> bool {
 /// Keys the mapping writes, labels included. A custom key equal to one of
 /// them gets the collision prefix.
 fn is_reserved_key(key: &str) -> bool {
-    MAPPINGS.iter().any(|m| m.key == key || m.label == Some(key))
+    MAPPINGS
+        .iter()
+        .any(|m| m.key == key || m.label == Some(key))
 }
 
-/// Appends a CEF event for `d` (no syslog header, no line break); returns
-/// the number of custom keys dropped for names that are not plain ASCII
-/// letters and digits.
+/// Appends a CEF event for `d`, without syslog header or line break.
+///
+/// Returns the number of custom keys dropped because their names are not
+/// plain ASCII letters and digits.
 pub fn encode_cef(d: &Detection, options: &CefOptions, out: &mut Vec<u8>) -> u32 {
     let prefix = header_prefix(options);
     write_header(&prefix, d, out);
@@ -199,6 +222,7 @@ pub(super) fn write_header(prefix: &[u8], d: &Detection, out: &mut Vec<u8>) {
     out.push(b'|');
     extension::escape_header(d.text("AlertTitle").as_deref().unwrap_or(""), false, out);
     out.push(b'|');
+    // `io::Write` for `Vec<u8>` never returns an error.
     let _ = write!(out, "{}|", numeric_severity(d));
 }
 
@@ -222,7 +246,11 @@ pub(super) fn numeric_severity(d: &Detection) -> u8 {
 /// Appends the extension: mapped keys in table order, then every other
 /// non-empty field under its own name. When `entries` is given, each pair's
 /// range is recorded for shortening.
-pub(super) fn write_extension(d: &Detection, out: &mut Vec<u8>, entries: Option<&mut Vec<Entry>>) -> u32 {
+pub(super) fn write_extension(
+    d: &Detection,
+    out: &mut Vec<u8>,
+    entries: Option<&mut Vec<Entry>>,
+) -> u32 {
     let mut writer = ExtensionWriter::new(out, SEPARATOR, ValueEscape::Cef, entries);
 
     for mapping in MAPPINGS {
@@ -241,8 +269,12 @@ pub(super) fn write_extension(d: &Detection, out: &mut Vec<u8>, entries: Option<
 }
 
 fn write_mapped(writer: &mut ExtensionWriter<'_>, d: &Detection, mapping: &Mapping) {
-    let Some(value) = d.get(mapping.field) else { return };
-    let Some(text) = value_text(value) else { return };
+    let Some(value) = d.get(mapping.field) else {
+        return;
+    };
+    let Some(text) = value_text(value) else {
+        return;
+    };
     let label = mapping.label.map(|label| (label, mapping.field));
 
     let converted = match mapping.conversion {
@@ -287,10 +319,10 @@ fn integer(value: &Value) -> Option<i64> {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::value::RawValue;
 
     fn detection(json: &str) -> Detection {
         Detection::from_json_text(json).unwrap()
@@ -329,9 +361,9 @@ mod tests {
     fn pairs(extension: &str) -> Vec<(String, String)> {
         let mut result: Vec<(String, String)> = Vec::new();
         for word in extension.split(' ') {
-            let key_end = word.find('=').filter(|&end| {
-                end > 0 && word[..end].bytes().all(|b| b.is_ascii_alphanumeric())
-            });
+            let key_end = word
+                .find('=')
+                .filter(|&end| end > 0 && word[..end].bytes().all(|b| b.is_ascii_alphanumeric()));
             match (key_end, result.last_mut()) {
                 (Some(end), _) => result.push((word[..end].to_owned(), word[end + 1..].to_owned())),
                 (None, Some(last)) => {
@@ -407,7 +439,8 @@ mod tests {
             (r"C:\Users\使用者\文件", r"C:\\Users\\使用者\\文件"),
         ];
         for (title, expected) in cases {
-            let json = serde_json::json!({ "AlertTitle": title, "IoaDefinitionId": title }).to_string();
+            let json =
+                serde_json::json!({ "AlertTitle": title, "IoaDefinitionId": title }).to_string();
             let line = cef(&json);
             let (header, _) = split_cef(&line);
             assert_eq!(header[4], expected, "class id of {title:?}");
@@ -417,7 +450,11 @@ mod tests {
 
     #[test]
     fn header_options_are_escaped() {
-        let options = CefOptions { vendor: "A|B".into(), product: "C\\D".into(), version: "1\n2".into() };
+        let options = CefOptions {
+            vendor: "A|B".into(),
+            product: "C\\D".into(),
+            version: "1\n2".into(),
+        };
         let mut out = Vec::new();
         encode_cef(&detection("{}"), &options, &mut out);
         assert_eq!(String::from_utf8(out).unwrap(), r"CEF:0|A\|B|C\\D|1 2|||5|");
@@ -442,17 +479,34 @@ mod tests {
             let line = cef(&json);
             assert!(!line.contains(['\r', '\n']), "line break in {line:?}");
             let pairs = pairs(split_cef(&line).1);
-            assert_eq!(value_of(&pairs, "msg").as_deref(), Some(expected), "msg of {input:?}");
-            assert_eq!(value_of(&pairs, "Custom").as_deref(), Some(expected), "custom of {input:?}");
+            assert_eq!(
+                value_of(&pairs, "msg").as_deref(),
+                Some(expected),
+                "msg of {input:?}"
+            );
+            assert_eq!(
+                value_of(&pairs, "Custom").as_deref(),
+                Some(expected),
+                "custom of {input:?}"
+            );
         }
     }
 
     #[test]
-    fn class_id_falls_back_to_threat_name_then_category() {
+    fn class_id_fallback_order() {
         let cases = [
-            (r#"{"IoaDefinitionId":"ioa","ThreatName":"t","Category":"c"}"#, "ioa"),
-            (r#"{"IoaDefinitionId":"","ThreatName":"t","Category":"c"}"#, "t"),
-            (r#"{"IoaDefinitionId":null,"ThreatName":"","Category":"c"}"#, "c"),
+            (
+                r#"{"IoaDefinitionId":"ioa","ThreatName":"t","Category":"c"}"#,
+                "ioa",
+            ),
+            (
+                r#"{"IoaDefinitionId":"","ThreatName":"t","Category":"c"}"#,
+                "t",
+            ),
+            (
+                r#"{"IoaDefinitionId":null,"ThreatName":"","Category":"c"}"#,
+                "c",
+            ),
             (r#"{"Category":""}"#, ""),
         ];
         for (json, expected) in cases {
@@ -511,7 +565,10 @@ mod tests {
     #[test]
     fn nested_values_are_compact_json() {
         let pairs = extension_pairs(r#"{"Evidence":{ "k" : [1, "a=b"] },"List":[]}"#);
-        assert_eq!(value_of(&pairs, "Evidence").as_deref(), Some(r#"{"k":[1,"a\=b"]}"#));
+        assert_eq!(
+            value_of(&pairs, "Evidence").as_deref(),
+            Some(r#"{"k":[1,"a\=b"]}"#)
+        );
         assert_eq!(value_of(&pairs, "List").as_deref(), Some("[]"));
     }
 
@@ -525,10 +582,15 @@ mod tests {
     #[test]
     fn non_plain_field_names_are_dropped_and_counted() {
         let mut out = Vec::new();
-        let d = detection(r#"{"a b":"1","a=b":"2","a_b":"3","名前":"4","":"5","ok":"6","bad name":null}"#);
+        let d = detection(
+            r#"{"a b":"1","a=b":"2","a_b":"3","名前":"4","":"5","ok":"6","bad name":null}"#,
+        );
         let dropped = encode_cef(&d, &CefOptions::default(), &mut out);
         assert_eq!(dropped, 5);
-        assert_eq!(String::from_utf8(out).unwrap(), "CEF:0|Microsoft|Microsoft Defender ATP|2.0|||5|ok=6");
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "CEF:0|Microsoft|Microsoft Defender ATP|2.0|||5|ok=6"
+        );
     }
 
     #[test]
@@ -537,7 +599,17 @@ mod tests {
             r#"{"Description":"real","msg":"fake","cat":"c","cs1Label":"l","Severity":"Low","mdemsg":"m"}"#,
         );
         let keys: Vec<&str> = pairs.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(keys, vec!["msg", "Severity", "mdemdemsg", "mdecat", "mdecs1Label", "mdemsg"]);
+        assert_eq!(
+            keys,
+            vec![
+                "msg",
+                "Severity",
+                "mdemdemsg",
+                "mdecat",
+                "mdecs1Label",
+                "mdemsg"
+            ]
+        );
         assert_eq!(value_of(&pairs, "msg").as_deref(), Some("real"));
         assert_eq!(value_of(&pairs, "mdemdemsg").as_deref(), Some("fake"));
         assert_eq!(value_of(&pairs, "mdemsg").as_deref(), Some("m"));
@@ -563,13 +635,23 @@ mod tests {
             ("1", None, Some("1")),
         ];
         for (value, flag, own) in cases {
-            let json = format!(r#"{{"RemediationIsSuccess":{value},"WasExecutingWhileDetected":{value}}}"#);
+            let json = format!(
+                r#"{{"RemediationIsSuccess":{value},"WasExecutingWhileDetected":{value}}}"#
+            );
             let pairs = extension_pairs(&json);
             assert_eq!(value_of(&pairs, "cn2").as_deref(), flag, "cn2 of {value}");
             assert_eq!(value_of(&pairs, "cn1").as_deref(), flag, "cn1 of {value}");
             let label = flag.map(|_| "RemediationIsSuccess");
-            assert_eq!(value_of(&pairs, "cn2Label").as_deref(), label, "cn2Label of {value}");
-            assert_eq!(value_of(&pairs, "RemediationIsSuccess").as_deref(), own, "own name of {value}");
+            assert_eq!(
+                value_of(&pairs, "cn2Label").as_deref(),
+                label,
+                "cn2Label of {value}"
+            );
+            assert_eq!(
+                value_of(&pairs, "RemediationIsSuccess").as_deref(),
+                own,
+                "own name of {value}"
+            );
         }
     }
 
@@ -585,7 +667,11 @@ mod tests {
         for (address, src, own) in cases {
             let pairs = extension_pairs(&serde_json::json!({ "IpAddress": address }).to_string());
             assert_eq!(value_of(&pairs, "src").as_deref(), src, "src of {address}");
-            assert_eq!(value_of(&pairs, "IpAddress").as_deref(), own, "own name of {address}");
+            assert_eq!(
+                value_of(&pairs, "IpAddress").as_deref(),
+                own,
+                "own name of {address}"
+            );
         }
     }
 
@@ -595,8 +681,14 @@ mod tests {
             r#"{"AlertTime":"2020-09-30T14:11:44.0779765Z","LastProcessedTimeUtc":"2020-09-30T14:11:44.9999999Z"}"#,
         );
         assert_eq!(value_of(&pairs, "rt").as_deref(), Some("1601475104077"));
-        assert_eq!(value_of(&pairs, "deviceCustomDate1").as_deref(), Some("1601475104999"));
-        assert_eq!(value_of(&pairs, "deviceCustomDate1Label").as_deref(), Some("LastProcessedTimeUtc"));
+        assert_eq!(
+            value_of(&pairs, "deviceCustomDate1").as_deref(),
+            Some("1601475104999")
+        );
+        assert_eq!(
+            value_of(&pairs, "deviceCustomDate1Label").as_deref(),
+            Some("LastProcessedTimeUtc")
+        );
     }
 
     #[test]
@@ -604,7 +696,10 @@ mod tests {
         let pairs = extension_pairs(r#"{"AlertTime":"yesterday","LastProcessedTimeUtc":"later"}"#);
         assert_eq!(value_of(&pairs, "rt"), None);
         assert_eq!(value_of(&pairs, "AlertTime").as_deref(), Some("yesterday"));
-        assert_eq!(value_of(&pairs, "LastProcessedTimeUtc").as_deref(), Some("later"));
+        assert_eq!(
+            value_of(&pairs, "LastProcessedTimeUtc").as_deref(),
+            Some("later")
+        );
         assert_eq!(value_of(&pairs, "deviceCustomDate1Label"), None);
     }
 
@@ -621,7 +716,11 @@ mod tests {
         for (value, cn3, own) in cases {
             let pairs = extension_pairs(&format!(r#"{{"ReportID":{value}}}"#));
             assert_eq!(value_of(&pairs, "cn3").as_deref(), cn3, "cn3 of {value}");
-            assert_eq!(value_of(&pairs, "ReportID").as_deref(), own, "own name of {value}");
+            assert_eq!(
+                value_of(&pairs, "ReportID").as_deref(),
+                own,
+                "own name of {value}"
+            );
         }
     }
 
@@ -645,6 +744,8 @@ mod tests {
         let d = detection(r#"{"Description":"line one.\n\nline two."}"#);
         let mut out = Vec::new();
         encode_cef(&d, &CefOptions::default(), &mut out);
-        assert!(String::from_utf8(out).unwrap().ends_with(r"msg=line one.\n\nline two."));
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .ends_with(r"msg=line one.\n\nline two."));
     }
 }

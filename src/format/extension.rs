@@ -124,13 +124,22 @@ impl<'a> ExtensionWriter<'a> {
         escape: ValueEscape,
         entries: Option<&'a mut Vec<Entry>>,
     ) -> Self {
-        Self { out, separator, escape, pairs: 0, entries, dropped_keys: 0 }
+        Self {
+            out,
+            separator,
+            escape,
+            pairs: 0,
+            entries,
+            dropped_keys: 0,
+        }
     }
 
     /// Writes `key=` and the escaped `value`, then `labelKey=label` when a
     /// label is given, as one entry.
     pub fn text(&mut self, key: &str, value: &str, label: Option<(&str, &str)>, keep: bool) {
-        self.pair(key, label, keep, |out, escape| escape_value(value, escape, out));
+        self.pair(key, label, keep, |out, escape| {
+            escape_value(value, escape, out)
+        });
     }
 
     /// Writes `key=` and a decimal number, then the label if given.
@@ -160,7 +169,9 @@ impl<'a> ExtensionWriter<'a> {
         self.text(&key, value, None, keep);
     }
 
-    fn pair(
+    /// Writes `key=`, then calls `write_value`, which must apply the value
+    /// escapes itself, then the label if given.
+    pub fn pair(
         &mut self,
         key: &str,
         label: Option<(&str, &str)>,
@@ -187,7 +198,13 @@ impl<'a> ExtensionWriter<'a> {
         }
 
         if let Some(entries) = self.entries.as_deref_mut() {
-            entries.push(Entry { start, value_start, value_end, end: self.out.len(), keep });
+            entries.push(Entry {
+                start,
+                value_start,
+                value_end,
+                end: self.out.len(),
+                keep,
+            });
         }
     }
 }
@@ -211,7 +228,11 @@ pub fn write_integer(value: i64, out: &mut Vec<u8>) {
     out.extend_from_slice(&digits[start..]);
 }
 
-fn unique_custom_key<'n>(d: &Detection, name: &'n str, is_reserved: fn(&str) -> bool) -> Cow<'n, str> {
+fn unique_custom_key<'n>(
+    d: &Detection,
+    name: &'n str,
+    is_reserved: fn(&str) -> bool,
+) -> Cow<'n, str> {
     if !is_reserved(name) {
         return Cow::Borrowed(name);
     }
@@ -312,11 +333,11 @@ enum Action {
     Truncate(usize),
 }
 
-/// Which entries survive shortening, with the message length they give.
+/// The shortening decision for each entry, with the resulting message length.
 struct Plan {
     actions: Vec<Action>,
     total: usize,
-    kept: usize,
+    remaining: usize,
 }
 
 impl Plan {
@@ -326,15 +347,15 @@ impl Plan {
         Self {
             actions: vec![Action::Keep; entries.len()],
             total: fixed_len + entries_len + separators,
-            kept: entries.len(),
+            remaining: entries.len(),
         }
     }
 
     fn drop_entry(&mut self, index: usize, entry: &Entry) {
         self.actions[index] = Action::Drop;
         // Each entry but the only one left brings one separator with it.
-        self.total -= entry.len() + usize::from(self.kept > 1);
-        self.kept -= 1;
+        self.total -= entry.len() + usize::from(self.remaining > 1);
+        self.remaining -= 1;
     }
 
     fn drop_optional_longest_first(&mut self, entries: &[Entry], budget: usize) {
@@ -377,14 +398,18 @@ mod tests {
     #[test]
     fn safe_cut_keeps_escape_pairs_whole() {
         let escaped = br"a\=b\\c";
-        let boundaries: Vec<usize> = (0..=escaped.len()).map(|max| safe_cut(escaped, max, false)).collect();
+        let boundaries: Vec<usize> = (0..=escaped.len())
+            .map(|max| safe_cut(escaped, max, false))
+            .collect();
         assert_eq!(boundaries, vec![0, 1, 1, 3, 4, 4, 6, 7]);
     }
 
     #[test]
     fn safe_cut_keeps_utf8_sequences_whole() {
         let text = "a使b".as_bytes();
-        let boundaries: Vec<usize> = (0..=text.len()).map(|max| safe_cut(text, max, false)).collect();
+        let boundaries: Vec<usize> = (0..=text.len())
+            .map(|max| safe_cut(text, max, false))
+            .collect();
         assert_eq!(boundaries, vec![0, 1, 1, 1, 4, 5]);
     }
 
@@ -396,7 +421,7 @@ mod tests {
     }
 
     #[test]
-    fn escape_header_turns_each_line_break_into_one_space() {
+    fn escape_header_line_breaks_become_spaces() {
         let mut out = Vec::new();
         escape_header("a\r\nb\rc\nd\n\ne|f\\g\th", false, &mut out);
         assert_eq!(String::from_utf8_lossy(&out), "a b c d  e\\|f\\\\g\th");

@@ -90,8 +90,8 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawMembers<'a> {
 }
 
 /// Appends the detection's JSON so that the message starting at
-/// `message_start` is at most `budget` bytes, and stays valid JSON when the
-/// budget allows at least `{}`.
+/// `message_start` is at most `budget` bytes. The JSON stays valid, and is
+/// left out when the header leaves no room for `{}`.
 ///
 /// Unprotected members are dropped longest first. When the protected ones
 /// still do not fit, their string values are truncated, longest first, at
@@ -99,7 +99,14 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawMembers<'a> {
 /// members are dropped too.
 pub(super) fn write_within(d: &Detection, out: &mut Vec<u8>, message_start: usize, budget: usize) {
     let header_len = out.len() - message_start;
-    let json_budget = budget.saturating_sub(header_len);
+    if header_len + 2 > budget {
+        // NOTE: the header leaves no room for even `{}`, so the message is
+        // the header cut to the budget, without any JSON.
+        let cut = safe_cut(&out[message_start..], budget, false);
+        out.truncate(message_start + cut);
+        return;
+    }
+    let json_budget = budget - header_len;
 
     let mut members = members_of(d);
     let mut total = object_len(&members);
@@ -116,19 +123,12 @@ pub(super) fn write_within(d: &Detection, out: &mut Vec<u8>, message_start: usiz
         out.extend_from_slice(&member.text);
     }
     out.push(b'}');
-
-    if out.len() - message_start > budget {
-        // NOTE: only reached when the syslog header leaves no room for `{}`;
-        // the message then holds no valid JSON.
-        let cut = safe_cut(&out[message_start..], budget, false);
-        out.truncate(message_start + cut);
-    }
 }
 
 fn members_of(d: &Detection) -> Vec<Member> {
     let Ok(RawMembers(raw_members)) = serde_json::from_str::<RawMembers<'_>>(d.raw()) else {
-        // `Detection` only holds JSON objects, so this is not expected; an
-        // empty object still keeps the message valid.
+        // `Detection` accepts only JSON objects, so this branch is not
+        // expected to run. An empty object still keeps the message valid.
         return Vec::new();
     };
     raw_members
@@ -153,7 +153,12 @@ fn object_len(members: &[Member]) -> usize {
     2 + members.iter().map(|m| m.text.len()).sum::<usize>() + members.len().saturating_sub(1)
 }
 
-fn drop_longest(members: &mut Vec<Member>, total: &mut usize, budget: usize, may_drop: fn(&Member) -> bool) {
+fn drop_longest(
+    members: &mut Vec<Member>,
+    total: &mut usize,
+    budget: usize,
+    may_drop: fn(&Member) -> bool,
+) {
     while *total > budget {
         let longest = members
             .iter()
@@ -168,7 +173,9 @@ fn drop_longest(members: &mut Vec<Member>, total: &mut usize, budget: usize, may
 }
 
 fn truncate_protected_strings(members: &mut [Member], total: &mut usize, budget: usize) {
-    let mut order: Vec<usize> = (0..members.len()).filter(|&i| members[i].is_string).collect();
+    let mut order: Vec<usize> = (0..members.len())
+        .filter(|&i| members[i].is_string)
+        .collect();
     order.sort_by_key(|&i| std::cmp::Reverse(members[i].text.len()));
     for i in order {
         if *total <= budget {
@@ -180,7 +187,11 @@ fn truncate_protected_strings(members: &mut [Member], total: &mut usize, budget:
         let content_len = member.text.len() - 1 - content_start;
         let excess = *total - budget;
         let target = content_len.saturating_sub(excess);
-        let cut = safe_cut(&member.text[content_start..member.text.len() - 1], target, true);
+        let cut = safe_cut(
+            &member.text[content_start..member.text.len() - 1],
+            target,
+            true,
+        );
         member.text.truncate(content_start + cut);
         member.text.push(b'"');
         *total -= content_len - cut;
@@ -206,7 +217,10 @@ mod tests {
     #[test]
     fn pretty_input_is_compacted_to_one_line() {
         let raw = "{\r\n  \"A\": \"a b\\n\",\n  \"N\": 12345678901234567890123,\n  \"O\": { \"k\": [1, 2] }\n}";
-        assert_eq!(json(raw), r#"{"A":"a b\n","N":12345678901234567890123,"O":{"k":[1,2]}}"#);
+        assert_eq!(
+            json(raw),
+            r#"{"A":"a b\n","N":12345678901234567890123,"O":{"k":[1,2]}}"#
+        );
     }
 
     #[test]
@@ -236,9 +250,19 @@ mod tests {
             let mut out = Vec::new();
             write_within(&d, &mut out, 0, budget);
             assert!(out.len() <= budget, "budget {budget}: {} bytes", out.len());
-            if budget >= 2 {
+            if budget < 2 {
+                assert!(
+                    out.is_empty(),
+                    "budget {budget}: {}",
+                    String::from_utf8_lossy(&out)
+                );
+            } else {
                 let parsed: Result<serde_json::Value, _> = serde_json::from_slice(&out);
-                assert!(parsed.is_ok(), "budget {budget}: {}", String::from_utf8_lossy(&out));
+                assert!(
+                    parsed.is_ok(),
+                    "budget {budget}: {}",
+                    String::from_utf8_lossy(&out)
+                );
             }
         }
     }

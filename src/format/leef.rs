@@ -4,6 +4,8 @@
 //! match a predefined LEEF attribute use its key, so QRadar normalizes them.
 //! Every other non-empty field is written under its own name, as in CEF.
 
+use std::io::Write;
+
 use chrono::{DateTime, Datelike, Timelike, Utc};
 use serde::Deserialize;
 
@@ -84,9 +86,10 @@ fn is_identifying_field(name: &str) -> bool {
     matches!(name, "AlertId" | "FullId" | "LastProcessedTimeUtc")
 }
 
-/// Appends a LEEF 2.0 event for `d` (no syslog header, no line break);
-/// returns the number of custom keys dropped for names that are not plain
-/// ASCII letters and digits.
+/// Appends a LEEF 2.0 event for `d`, without syslog header or line break.
+///
+/// Returns the number of custom keys dropped because their names are not
+/// plain ASCII letters and digits.
 pub fn encode_leef(d: &Detection, options: &LeefOptions, out: &mut Vec<u8>) -> u32 {
     let prefix = header_prefix(options);
     write_header(&prefix, d, out);
@@ -113,7 +116,10 @@ pub(super) fn write_header(prefix: &[u8], d: &Detection, out: &mut Vec<u8>) {
         .or_else(|| d.text("ThreatName"))
         .or_else(|| d.text("Category"));
     let event_id = event_id.as_deref().unwrap_or("");
-    let end = event_id.char_indices().nth(MAX_EVENT_ID_CHARS).map_or(event_id.len(), |(i, _)| i);
+    let end = event_id
+        .char_indices()
+        .nth(MAX_EVENT_ID_CHARS)
+        .map_or(event_id.len(), |(i, _)| i);
     extension::escape_header(&event_id[..end], true, out);
     out.extend_from_slice(b"|x09|");
 }
@@ -121,7 +127,11 @@ pub(super) fn write_header(prefix: &[u8], d: &Detection, out: &mut Vec<u8>) {
 /// Appends the tab-separated attributes: predefined keys first, then every
 /// other non-empty field under its own name. When `entries` is given, each
 /// pair's range is recorded for shortening.
-pub(super) fn write_attributes(d: &Detection, out: &mut Vec<u8>, entries: Option<&mut Vec<Entry>>) -> u32 {
+pub(super) fn write_attributes(
+    d: &Detection,
+    out: &mut Vec<u8>,
+    entries: Option<&mut Vec<Entry>>,
+) -> u32 {
     let mut writer = ExtensionWriter::new(out, SEPARATOR, ValueEscape::Leef, entries);
 
     if let Some(category) = d.text("Category") {
@@ -163,31 +173,40 @@ pub(super) fn write_attributes(d: &Detection, out: &mut Vec<u8>, entries: Option
 /// Writes `devTime` and `devTimeFormat` from `AlertTime`, or `AlertTime`
 /// under its own name when it is not a valid timestamp.
 fn write_dev_time(writer: &mut ExtensionWriter<'_>, d: &Detection) {
-    let Some(text) = d.text("AlertTime") else { return };
-    match timefmt::parse(&text).and_then(format_dev_time) {
-        Some(dev_time) => writer.text("devTime", &dev_time, Some(("devTimeFormat", DEV_TIME_FORMAT)), true),
+    let Some(text) = d.text("AlertTime") else {
+        return;
+    };
+    // `yyyy` has room for four digits, so other years keep the original text.
+    match timefmt::parse(&text).filter(|t| (0..=9999).contains(&t.year())) {
+        Some(t) => writer.pair(
+            "devTime",
+            Some(("devTimeFormat", DEV_TIME_FORMAT)),
+            true,
+            |out, _| write_dev_time_value(t, out),
+        ),
         None => writer.custom(d, "AlertTime", &text, is_reserved_key, true),
     }
 }
 
-/// Formats `t` as `MMM dd yyyy HH:mm:ss.SSS z` in GMT, milliseconds
-/// truncated. Returns `None` for years the pattern cannot hold.
-fn format_dev_time(t: DateTime<Utc>) -> Option<String> {
-    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
-    if !(0..=9999).contains(&t.year()) {
-        return None;
-    }
+/// Appends `t` as `MMM dd yyyy HH:mm:ss.SSS z` in GMT, milliseconds
+/// truncated. The text needs no escaping.
+fn write_dev_time_value(t: DateTime<Utc>, out: &mut Vec<u8>) {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
     let month = MONTHS[t.month0() as usize];
     // A leap second has nanoseconds of 1e9 or more; clamp it into the second.
     let millis = (t.nanosecond() / 1_000_000).min(999);
-    Some(format!(
+    // `io::Write` for `Vec<u8>` never returns an error.
+    let _ = write!(
+        out,
         "{month} {:02} {:04} {:02}:{:02}:{:02}.{millis:03} GMT",
         t.day(),
         t.year(),
         t.hour(),
         t.minute(),
         t.second()
-    ))
+    );
 }
 
 #[cfg(test)]
@@ -212,13 +231,22 @@ mod tests {
     #[test]
     fn header_declares_tab_delimiter() {
         let line = leef(r#"{"IoaDefinitionId":"b20a","Category":"Malware"}"#);
-        assert!(line.starts_with("LEEF:2.0|Microsoft|Microsoft Defender ATP|2.0|b20a|x09|cat=Malware\t"), "{line}");
+        assert!(
+            line.starts_with(
+                "LEEF:2.0|Microsoft|Microsoft Defender ATP|2.0|b20a|x09|cat=Malware\t"
+            ),
+            "{line}"
+        );
     }
 
     #[test]
-    fn event_id_falls_back_to_threat_name_then_category() {
-        assert!(leef(r#"{"ThreatName":"Emotet","Category":"Malware"}"#).contains("|2.0|Emotet|x09|"));
-        assert!(leef(r#"{"IoaDefinitionId":"","Category":"Malware"}"#).contains("|2.0|Malware|x09|"));
+    fn event_id_fallback_order() {
+        assert!(
+            leef(r#"{"ThreatName":"Emotet","Category":"Malware"}"#).contains("|2.0|Emotet|x09|")
+        );
+        assert!(
+            leef(r#"{"IoaDefinitionId":"","Category":"Malware"}"#).contains("|2.0|Malware|x09|")
+        );
     }
 
     #[test]
@@ -279,7 +307,10 @@ mod tests {
     fn values_never_contain_raw_tab_or_breaks() {
         let line = leef(r#"{"Description":"a\tb\r\nc\\d=e|f","Other":"x\ty"}"#);
         let attributes = attributes(&line);
-        assert!(attributes.contains(&r"Description=a\tb\r\nc\\d=e|f"), "{line}");
+        assert!(
+            attributes.contains(&r"Description=a\tb\r\nc\\d=e|f"),
+            "{line}"
+        );
         assert!(attributes.contains(&r"Other=x\ty"), "{line}");
         assert!(!line.contains('\n'));
         assert!(!line.contains('\r'));
@@ -317,7 +348,16 @@ mod tests {
     #[test]
     fn dev_time_truncates_to_milliseconds() {
         let line = leef(r#"{"AlertTime":"2020-12-31T23:59:59.9999999Z"}"#);
-        assert!(attributes(&line).contains(&"devTime=Dec 31 2020 23:59:59.999 GMT"), "{line}");
+        assert!(
+            attributes(&line).contains(&"devTime=Dec 31 2020 23:59:59.999 GMT"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn dev_time_rejects_five_digit_year() {
+        let line = leef(r#"{"AlertTime":"+10000-01-01T00:00:00Z"}"#);
+        assert!(!line.contains("devTime="), "{line}");
     }
 
     #[test]

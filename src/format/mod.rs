@@ -8,7 +8,7 @@
 //!
 //! Invariant shared by all payloads: one detection is one line. Nothing a
 //! detection contains can add a CR or LF to the message, so a receiver that
-//! splits on line breaks sees exactly one event per detection.
+//! splits on line breaks gets exactly one event per detection.
 //!
 //! When a message must fit a UDP datagram (`max_message_bytes`), it is
 //! shortened by dropping the longest optional values first. The result never
@@ -55,7 +55,7 @@ pub enum HeaderFormat {
     None,
 }
 
-/// How messages are separated on the wire.
+/// The separation of messages on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Framing {
@@ -85,7 +85,7 @@ pub struct EncoderOptions {
     pub max_message_bytes: Option<usize>,
 }
 
-/// What [`Encoder::encode`] had to change to write a detection.
+/// The changes [`Encoder::encode`] made to write a detection.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EncodeOutcome {
     /// The message was shortened to fit `max_message_bytes`.
@@ -129,8 +129,8 @@ impl Encoder {
 
     /// Appends one complete wire message (header, payload and framing) for a
     /// detection. `now` is the syslog timestamp when `AlertTime` is missing
-    /// or invalid. The outcome tells whether the message was shortened to
-    /// fit `max_message_bytes`.
+    /// or invalid. The outcome reports whether the message was shortened to
+    /// fit `max_message_bytes`, and how many custom keys were dropped.
     pub fn encode(&self, d: &Detection, now: DateTime<Utc>, out: &mut Vec<u8>) -> EncodeOutcome {
         let message_start = out.len();
         self.header.write(d, now, out);
@@ -148,7 +148,10 @@ impl Encoder {
         }
 
         self.frame(out, message_start);
-        EncodeOutcome { shortened, dropped_keys }
+        EncodeOutcome {
+            shortened,
+            dropped_keys,
+        }
     }
 
     fn write_payload(
@@ -175,7 +178,13 @@ impl Encoder {
 
     /// Writes the payload again, this time keeping only what fits `budget`
     /// bytes counted from `message_start`.
-    fn write_shortened(&self, d: &Detection, out: &mut Vec<u8>, message_start: usize, budget: usize) {
+    fn write_shortened(
+        &self,
+        d: &Detection,
+        out: &mut Vec<u8>,
+        message_start: usize,
+        budget: usize,
+    ) {
         let separator = match self.payload {
             PayloadFormat::Cef => cef::SEPARATOR,
             PayloadFormat::Leef => leef::SEPARATOR,
@@ -189,7 +198,14 @@ impl Encoder {
         // The extension starts where the first entry does, or at the end
         // when the detection produced no pairs at all.
         let extension_start = entries.first().map_or(out.len(), |e| e.start());
-        extension::shorten(out, message_start, extension_start, &entries, separator, budget);
+        extension::shorten(
+            out,
+            message_start,
+            extension_start,
+            &entries,
+            separator,
+            budget,
+        );
     }
 
     fn frame(&self, out: &mut Vec<u8>, message_start: usize) {
@@ -199,9 +215,19 @@ impl Encoder {
                 let length = out.len() - message_start;
                 let mut prefix = [0u8; 24];
                 let prefix_len = write_decimal(&mut prefix, length);
-                out.splice(message_start..message_start, prefix[..prefix_len].iter().copied());
+                out.splice(
+                    message_start..message_start,
+                    prefix[..prefix_len].iter().copied(),
+                );
             }
             Framing::None => {}
+        }
+        if let Some(max) = self.max_message_bytes {
+            // A limit too small for even the framing of an empty message
+            // yields no message at all rather than an oversized one.
+            if out.len() - message_start > max {
+                out.truncate(message_start);
+            }
         }
     }
 }
@@ -239,3 +265,520 @@ fn write_decimal(buffer: &mut [u8; 24], n: usize) -> usize {
     digits + 1
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use serde_json::value::RawValue;
+
+    fn detection(json: &str) -> Detection {
+        Detection::from_json_text(json).unwrap()
+    }
+
+    fn options(payload: PayloadFormat, header: HeaderFormat, framing: Framing) -> EncoderOptions {
+        EncoderOptions {
+            payload,
+            header,
+            framing,
+            facility: Facility::LOCAL0,
+            hostname: "fwd1".to_owned(),
+            app_name: "mde-forwarder".to_owned(),
+            cef: CefOptions::default(),
+            leef: LeefOptions::default(),
+            max_message_bytes: None,
+        }
+    }
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2030, 1, 2, 3, 4, 5).unwrap()
+    }
+
+    fn encode(options: EncoderOptions, d: &Detection) -> (Vec<u8>, EncodeOutcome) {
+        let mut out = Vec::new();
+        let outcome = Encoder::new(options).encode(d, now(), &mut out);
+        (out, outcome)
+    }
+
+    fn sample_detections() -> Vec<Detection> {
+        let text = std::fs::read_to_string("tests/data/detections.json").unwrap();
+        let items: Vec<Box<RawValue>> = serde_json::from_str(&text).unwrap();
+        items
+            .iter()
+            .map(|item| Detection::from_raw(item).unwrap())
+            .collect()
+    }
+
+    /// Builds a detection with long optional values full of multibyte text
+    /// and characters that need escaping, plus every identifying field.
+    fn hostile_detection() -> Detection {
+        let long_path = r"C:\Users\使用者\文件\專案=|".repeat(12);
+        let json = serde_json::json!({
+            "AlertTime": "2020-09-30T14:09:20.9999999Z",
+            "AlertTitle": "Title | with \\ pipes\r\nand breaks",
+            "Category": "Malware",
+            "Severity": "High",
+            "AlertId": "da637370718981685665_16349121",
+            "FullId": "da637370718981685665_16349121:R4xEdgAvDb2LQl3BgHoA3NYqKmRSiIAG7dpxAJCYZhY=",
+            "LastProcessedTimeUtc": "2020-09-30T14:11:44.0779765Z",
+            "MachineName": "mymachine1",
+            "ComputerDnsName": "mymachine1.domain.com",
+            "CommandLine": format!("cmd.exe /c \"{long_path}\"\r\n\tnext"),
+            "FilePath": long_path,
+            "Description": "多行\n描述 = 值\\".repeat(20),
+            "Evidence": { "paths": ["a=b", "c\td", "使用者"] },
+            "Url": "http://example.net/?a=b&c=d",
+        });
+        detection(&json.to_string())
+    }
+
+    #[test]
+    fn newline_framing_appends_line_feed() {
+        let d = detection(r#"{"Severity":"High"}"#);
+        let (out, _) = encode(
+            options(PayloadFormat::Cef, HeaderFormat::None, Framing::Newline),
+            &d,
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "CEF:0|Microsoft|Microsoft Defender ATP|2.0|||8|Severity=High\n"
+        );
+    }
+
+    #[test]
+    fn no_framing_adds_nothing() {
+        let d = detection(r#"{"Severity":"High"}"#);
+        let (out, _) = encode(
+            options(PayloadFormat::Json, HeaderFormat::None, Framing::None),
+            &d,
+        );
+        assert_eq!(String::from_utf8(out).unwrap(), r#"{"Severity":"High"}"#);
+    }
+
+    #[test]
+    fn octet_counting_counts_bytes_not_characters() {
+        let d = detection(r#"{"UserName":"使用者"}"#);
+        let (out, _) = encode(
+            options(
+                PayloadFormat::Json,
+                HeaderFormat::None,
+                Framing::OctetCounting,
+            ),
+            &d,
+        );
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text, r#"24 {"UserName":"使用者"}"#);
+        let (length, message) = text.split_once(' ').unwrap();
+        assert_eq!(length.parse::<usize>().unwrap(), message.len());
+        assert_ne!(message.len(), message.chars().count());
+    }
+
+    #[test]
+    fn octet_counting_includes_syslog_header() {
+        let d = detection(r#"{"Severity":"Low","AlertTime":"2020-09-30T14:09:20Z"}"#);
+        let (out, _) = encode(
+            options(
+                PayloadFormat::Json,
+                HeaderFormat::Rfc5424,
+                Framing::OctetCounting,
+            ),
+            &d,
+        );
+        let text = String::from_utf8(out).unwrap();
+        let (length, message) = text.split_once(' ').unwrap();
+        assert_eq!(length.parse::<usize>().unwrap(), message.len());
+        assert!(
+            message.starts_with("<133>1 2020-09-30T14:09:20.000000Z fwd1 mde-forwarder - - - {"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn encode_appends_after_existing_bytes() {
+        let d = detection(r#"{"Severity":"High"}"#);
+        let encoder = Encoder::new(options(
+            PayloadFormat::Json,
+            HeaderFormat::None,
+            Framing::OctetCounting,
+        ));
+        let mut out = b"previous".to_vec();
+        encoder.encode(&d, now(), &mut out);
+        encoder.encode(&d, now(), &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"previous19 {"Severity":"High"}19 {"Severity":"High"}"#
+        );
+    }
+
+    #[test]
+    fn rfc5424_cef_message_is_complete() {
+        let d = detection(
+            r#"{"AlertTime":"2020-09-30T14:09:20.35743Z","AlertTitle":"T","Category":"Malware","Severity":"Medium"}"#,
+        );
+        let (out, outcome) = encode(
+            options(PayloadFormat::Cef, HeaderFormat::Rfc5424, Framing::Newline),
+            &d,
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "<132>1 2020-09-30T14:09:20.357430Z fwd1 mde-forwarder - - - \
+             CEF:0|Microsoft|Microsoft Defender ATP|2.0|Malware|T|5|cat=Malware rt=1601474960357 Severity=Medium\n"
+        );
+        assert_eq!(
+            outcome,
+            EncodeOutcome {
+                shortened: false,
+                dropped_keys: 0
+            }
+        );
+    }
+
+    #[test]
+    fn rfc3164_leef_message_is_complete() {
+        let d = detection(
+            r#"{"AlertTime":"2020-12-04T05:06:07Z","Category":"Malware","Severity":"Informational"}"#,
+        );
+        let (out, _) = encode(
+            options(PayloadFormat::Leef, HeaderFormat::Rfc3164, Framing::None),
+            &d,
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "<134>Dec  4 05:06:07 fwd1 mde-forwarder: LEEF:2.0|Microsoft|Microsoft Defender ATP|2.0|Malware|x09|\
+             cat=Malware\tsev=1\tdevTime=Dec 04 2020 05:06:07.000 GMT\tdevTimeFormat=MMM dd yyyy HH:mm:ss.SSS z\tSeverity=Informational"
+        );
+    }
+
+    #[test]
+    fn dropped_keys_are_reported() {
+        let d = detection(r#"{"bad key":"x","ok":"y"}"#);
+        let (_, outcome) = encode(
+            options(PayloadFormat::Cef, HeaderFormat::None, Framing::None),
+            &d,
+        );
+        assert_eq!(outcome.dropped_keys, 1);
+        assert!(!outcome.shortened);
+    }
+
+    #[test]
+    fn sample_detections_encode_to_one_line_each() {
+        for payload in [PayloadFormat::Cef, PayloadFormat::Leef, PayloadFormat::Json] {
+            let encoder = Encoder::new(options(payload, HeaderFormat::Rfc5424, Framing::Newline));
+            let mut out = Vec::new();
+            let detections = sample_detections();
+            for d in &detections {
+                encoder.encode(d, now(), &mut out);
+            }
+            let text = String::from_utf8(out).unwrap();
+            assert!(!text.contains('\r'), "{payload:?} wrote a CR");
+            assert_eq!(text.lines().count(), detections.len(), "{payload:?}");
+            assert!(text.ends_with('\n'), "{payload:?}");
+        }
+    }
+
+    #[test]
+    fn hostile_detection_is_one_line_in_every_format() {
+        let d = hostile_detection();
+        for payload in [PayloadFormat::Cef, PayloadFormat::Leef, PayloadFormat::Json] {
+            let (out, _) = encode(options(payload, HeaderFormat::Rfc5424, Framing::None), &d);
+            let text = String::from_utf8(out).unwrap();
+            assert!(!text.contains(['\r', '\n']), "{payload:?}: {text}");
+        }
+    }
+
+    #[test]
+    fn leef_values_contain_no_raw_tab() {
+        let d = hostile_detection();
+        let (out, _) = encode(
+            options(PayloadFormat::Leef, HeaderFormat::None, Framing::None),
+            &d,
+        );
+        let text = String::from_utf8(out).unwrap();
+        let attributes = text.splitn(7, '|').nth(6).unwrap();
+        for attribute in attributes.split('\t') {
+            let (key, _) = attribute.split_once('=').unwrap();
+            assert!(
+                key.bytes().all(|b| b.is_ascii_alphanumeric()),
+                "attribute {attribute:?} does not start with a key"
+            );
+        }
+    }
+
+    /// Returns the first backslash escape in `message` that is not one of
+    /// the escapes CEF, LEEF and the CEF header produce.
+    fn broken_escape(message: &[u8]) -> Option<usize> {
+        let mut i = 0;
+        while i < message.len() {
+            if message[i] == b'\\' {
+                if !matches!(
+                    message.get(i + 1),
+                    Some(b'\\' | b'=' | b'|' | b'r' | b'n' | b't')
+                ) {
+                    return Some(i);
+                }
+                i += 1;
+            }
+            i += 1;
+        }
+        None
+    }
+
+    /// Returns the position of the first unescaped `=` followed by a space
+    /// or the end of a CEF message: a key written with an empty value.
+    fn empty_value(message: &[u8]) -> Option<usize> {
+        let mut i = 0;
+        while i < message.len() {
+            match message[i] {
+                b'\\' => i += 1,
+                b'=' if matches!(message.get(i + 1), None | Some(b' ')) => return Some(i),
+                _ => {}
+            }
+            i += 1;
+        }
+        None
+    }
+
+    #[test]
+    fn udp_limit_is_never_exceeded() {
+        let d = hostile_detection();
+        for payload in [PayloadFormat::Cef, PayloadFormat::Leef, PayloadFormat::Json] {
+            for framing in [Framing::None, Framing::OctetCounting, Framing::Newline] {
+                let full_len = encode(options(payload, HeaderFormat::Rfc5424, framing), &d)
+                    .0
+                    .len();
+                for max in (0..full_len + 8).step_by(3) {
+                    let mut o = options(payload, HeaderFormat::Rfc5424, framing);
+                    o.max_message_bytes = Some(max);
+                    let (out, outcome) = encode(o, &d);
+                    let context = format!("{payload:?} {framing:?} max {max}");
+                    assert!(out.len() <= max, "{context}: {} bytes", out.len());
+                    assert!(std::str::from_utf8(&out).is_ok(), "{context}: split UTF-8");
+                    assert_eq!(
+                        outcome.shortened,
+                        full_len > max,
+                        "{context}: shortened flag"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn udp_shortening_never_splits_an_escape() {
+        let d = hostile_detection();
+        for payload in [PayloadFormat::Cef, PayloadFormat::Leef] {
+            let full_len = encode(options(payload, HeaderFormat::None, Framing::None), &d)
+                .0
+                .len();
+            for max in 0..full_len {
+                let mut o = options(payload, HeaderFormat::None, Framing::None);
+                o.max_message_bytes = Some(max);
+                let (out, _) = encode(o, &d);
+                assert_eq!(
+                    broken_escape(&out),
+                    None,
+                    "{payload:?} max {max}: {}",
+                    String::from_utf8_lossy(&out)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn udp_shortening_never_writes_empty_value() {
+        let d = hostile_detection();
+        let full_len = encode(
+            options(PayloadFormat::Cef, HeaderFormat::None, Framing::None),
+            &d,
+        )
+        .0
+        .len();
+        for max in 0..full_len {
+            let mut o = options(PayloadFormat::Cef, HeaderFormat::None, Framing::None);
+            o.max_message_bytes = Some(max);
+            let (out, _) = encode(o, &d);
+            assert_eq!(
+                empty_value(&out),
+                None,
+                "max {max}: {}",
+                String::from_utf8_lossy(&out)
+            );
+        }
+    }
+
+    #[test]
+    fn udp_shortening_keeps_identifying_cef_fields() {
+        let d = hostile_detection();
+        let mut o = options(PayloadFormat::Cef, HeaderFormat::Rfc5424, Framing::None);
+        o.max_message_bytes = Some(700);
+        let (out, outcome) = encode(o, &d);
+        let text = String::from_utf8(out).unwrap();
+        assert!(outcome.shortened);
+        for key in [
+            " externalId=",
+            " cs3=",
+            " rt=",
+            "|cat=",
+            " shost=",
+            " dvchost=",
+            " Severity=High",
+            " deviceCustomDate1=",
+        ] {
+            assert!(text.contains(key), "{key} missing: {text}");
+        }
+        assert!(
+            !text.contains(" cs2="),
+            "longest optional value kept: {text}"
+        );
+        assert!(
+            text.starts_with("<130>1 2020-09-30T14:09:20.999999Z fwd1 mde-forwarder - - - CEF:0|"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn udp_shortening_drops_longest_optional_first() {
+        let d = detection(&format!(
+            r#"{{"AlertId":"a","Long":"{}","Short":"{}"}}"#,
+            "x".repeat(200),
+            "y".repeat(100)
+        ));
+        let full_len = encode(
+            options(PayloadFormat::Cef, HeaderFormat::None, Framing::None),
+            &d,
+        )
+        .0
+        .len();
+        let mut o = options(PayloadFormat::Cef, HeaderFormat::None, Framing::None);
+        o.max_message_bytes = Some(full_len - 50);
+        let (out, _) = encode(o, &d);
+        let text = String::from_utf8(out).unwrap();
+        assert!(!text.contains("Long="), "{text}");
+        assert!(
+            text.contains(&format!("Short={}", "y".repeat(100))),
+            "{text}"
+        );
+        assert!(text.contains("externalId=a"), "{text}");
+    }
+
+    #[test]
+    fn udp_shortening_truncates_last_kept_value() {
+        let d = detection(&format!(
+            r#"{{"AlertId":"a","FullId":"{}"}}"#,
+            "使".repeat(100)
+        ));
+        let mut o = options(PayloadFormat::Cef, HeaderFormat::None, Framing::None);
+        o.max_message_bytes = Some(120);
+        let (out, _) = encode(o, &d);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.len() <= 120, "{} bytes", text.len());
+        assert!(text.contains("externalId=a cs3=使"), "{text}");
+        assert!(text.ends_with(" cs3Label=FullId"), "{text}");
+    }
+
+    #[test]
+    fn udp_shortening_keeps_identifying_leef_fields() {
+        let d = hostile_detection();
+        let mut o = options(PayloadFormat::Leef, HeaderFormat::Rfc5424, Framing::None);
+        o.max_message_bytes = Some(700);
+        let (out, outcome) = encode(o, &d);
+        let text = String::from_utf8(out).unwrap();
+        assert!(outcome.shortened);
+        for key in [
+            "|cat=",
+            "\tsev=8",
+            "\tdevTime=",
+            "\tidentHostName=",
+            "\tresource=",
+            "\tAlertId=",
+            "\tFullId=",
+        ] {
+            assert!(text.contains(key), "{key:?} missing: {text}");
+        }
+        assert!(
+            !text.contains("\tCommandLine="),
+            "longest optional value kept: {text}"
+        );
+    }
+
+    #[test]
+    fn udp_shortened_json_stays_valid() {
+        let d = hostile_detection();
+        let (full, _) = encode(
+            options(PayloadFormat::Json, HeaderFormat::Rfc5424, Framing::None),
+            &d,
+        );
+        let header_len = full.iter().position(|&b| b == b'{').unwrap();
+        for max in 0..full.len() {
+            let mut o = options(PayloadFormat::Json, HeaderFormat::Rfc5424, Framing::None);
+            o.max_message_bytes = Some(max);
+            let (out, _) = encode(o, &d);
+            let Some(start) = out.iter().position(|&b| b == b'{') else {
+                assert!(
+                    max < header_len + 2,
+                    "max {max}: no JSON in {}",
+                    String::from_utf8_lossy(&out)
+                );
+                continue;
+            };
+            let parsed: Result<serde_json::Value, _> = serde_json::from_slice(&out[start..]);
+            assert!(
+                parsed.is_ok(),
+                "max {max}: {}",
+                String::from_utf8_lossy(&out)
+            );
+        }
+    }
+
+    #[test]
+    fn udp_shortened_json_keeps_protected_fields() {
+        let d = hostile_detection();
+        let mut o = options(PayloadFormat::Json, HeaderFormat::None, Framing::None);
+        o.max_message_bytes = Some(400);
+        let (out, outcome) = encode(o, &d);
+        assert!(outcome.shortened);
+        let value: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        for field in ["FullId", "AlertId", "LastProcessedTimeUtc", "AlertTime"] {
+            assert_eq!(value.get(field), d.get(field), "{field}");
+        }
+        assert_eq!(value.get("CommandLine"), None);
+    }
+
+    #[test]
+    fn message_within_limit_is_unchanged() {
+        let d = hostile_detection();
+        let (full, _) = encode(
+            options(PayloadFormat::Cef, HeaderFormat::Rfc5424, Framing::None),
+            &d,
+        );
+        let mut o = options(PayloadFormat::Cef, HeaderFormat::Rfc5424, Framing::None);
+        o.max_message_bytes = Some(full.len());
+        let (out, outcome) = encode(o, &d);
+        assert_eq!(out, full);
+        assert!(!outcome.shortened);
+    }
+
+    #[test]
+    fn payload_formats_deserialize_lowercase() {
+        let formats: Vec<PayloadFormat> = serde_json::from_str(r#"["cef","leef","json"]"#).unwrap();
+        assert_eq!(
+            formats,
+            vec![PayloadFormat::Cef, PayloadFormat::Leef, PayloadFormat::Json]
+        );
+        let headers: Vec<HeaderFormat> =
+            serde_json::from_str(r#"["rfc5424","rfc3164","none"]"#).unwrap();
+        assert_eq!(
+            headers,
+            vec![
+                HeaderFormat::Rfc5424,
+                HeaderFormat::Rfc3164,
+                HeaderFormat::None
+            ]
+        );
+        let framings: Vec<Framing> =
+            serde_json::from_str(r#"["newline","octet-counting","none"]"#).unwrap();
+        assert_eq!(
+            framings,
+            vec![Framing::Newline, Framing::OctetCounting, Framing::None]
+        );
+    }
+}

@@ -18,9 +18,30 @@ const MAX_APP_NAME_LEN: usize = 48;
 const MAX_TAG_LEN: usize = 32;
 
 const FACILITY_NAMES: [&str; 24] = [
-    "kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron", "authpriv", "ftp",
-    "ntp", "security", "console", "solaris-cron", "local0", "local1", "local2", "local3", "local4",
-    "local5", "local6", "local7",
+    "kern",
+    "user",
+    "mail",
+    "daemon",
+    "auth",
+    "syslog",
+    "lpr",
+    "news",
+    "uucp",
+    "cron",
+    "authpriv",
+    "ftp",
+    "ntp",
+    "security",
+    "console",
+    "solaris-cron",
+    "local0",
+    "local1",
+    "local2",
+    "local3",
+    "local4",
+    "local5",
+    "local6",
+    "local7",
 ];
 
 /// A syslog facility code, 0 to 23.
@@ -155,7 +176,12 @@ pub(super) struct SyslogHeader {
 }
 
 impl SyslogHeader {
-    pub(super) fn new(format: HeaderFormat, facility: Facility, hostname: &str, app_name: &str) -> Self {
+    pub(super) fn new(
+        format: HeaderFormat,
+        facility: Facility,
+        hostname: &str,
+        app_name: &str,
+    ) -> Self {
         Self {
             format,
             facility,
@@ -172,7 +198,10 @@ impl SyslogHeader {
             return;
         }
         let priority = self.facility.code() * 8 + syslog_severity(d);
-        let time = d.alert_time().filter(|t| (0..=9999).contains(&t.year())).unwrap_or(now);
+        let time = d
+            .alert_time()
+            .filter(|t| (0..=9999).contains(&t.year()))
+            .unwrap_or(now);
 
         out.push(b'<');
         push_decimal(out, u32::from(priority), 1);
@@ -242,8 +271,10 @@ fn write_rfc5424_time(t: DateTime<Utc>, out: &mut Vec<u8>) {
 
 /// Appends `Mmm dd hh:mm:ss` with the day padded by a space (`Dec  4`).
 fn write_rfc3164_time(t: DateTime<Utc>, out: &mut Vec<u8>) {
-    const MONTHS: [&[u8]; 12] =
-        [b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec"];
+    const MONTHS: [&[u8]; 12] = [
+        b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov",
+        b"Dec",
+    ];
     out.extend_from_slice(MONTHS[t.month0() as usize]);
     out.push(b' ');
     if t.day() < 10 {
@@ -291,39 +322,65 @@ mod tests {
 
     #[test]
     fn rfc5424_header_uses_alert_time() {
-        let text = header(HeaderFormat::Rfc5424, r#"{"Severity":"High","AlertTime":"2020-09-30T14:09:20.35743Z"}"#);
-        assert_eq!(text, "<130>1 2020-09-30T14:09:20.357430Z host1 mde-forwarder - - - ");
+        let text = header(
+            HeaderFormat::Rfc5424,
+            r#"{"Severity":"High","AlertTime":"2020-09-30T14:09:20.35743Z"}"#,
+        );
+        assert_eq!(
+            text,
+            "<130>1 2020-09-30T14:09:20.357430Z host1 mde-forwarder - - - "
+        );
     }
 
     #[test]
     fn rfc5424_time_truncates_to_microseconds() {
-        let text = header(HeaderFormat::Rfc5424, r#"{"AlertTime":"2020-12-31T23:59:59.9999999Z"}"#);
+        let text = header(
+            HeaderFormat::Rfc5424,
+            r#"{"AlertTime":"2020-12-31T23:59:59.9999999Z"}"#,
+        );
         assert!(text.contains(" 2020-12-31T23:59:59.999999Z "), "{text}");
     }
 
     #[test]
     fn rfc5424_time_converts_offset_to_utc() {
-        let text = header(HeaderFormat::Rfc5424, r#"{"AlertTime":"2020-09-30T16:00:00.5+02:00"}"#);
+        let text = header(
+            HeaderFormat::Rfc5424,
+            r#"{"AlertTime":"2020-09-30T16:00:00.5+02:00"}"#,
+        );
         assert!(text.contains(" 2020-09-30T14:00:00.500000Z "), "{text}");
     }
 
     #[test]
     fn missing_or_invalid_alert_time_uses_now() {
-        for json in [r#"{}"#, r#"{"AlertTime":null}"#, r#"{"AlertTime":"soon"}"#, r#"{"AlertTime":12}"#] {
+        for json in [
+            r#"{}"#,
+            r#"{"AlertTime":null}"#,
+            r#"{"AlertTime":"soon"}"#,
+            r#"{"AlertTime":12}"#,
+        ] {
             let text = header(HeaderFormat::Rfc5424, json);
-            assert!(text.contains(" 2030-01-02T03:04:05.000000Z "), "{json}: {text}");
+            assert!(
+                text.contains(" 2030-01-02T03:04:05.000000Z "),
+                "{json}: {text}"
+            );
         }
     }
 
     #[test]
     fn rfc3164_header_pads_day_with_space() {
-        let text = header(HeaderFormat::Rfc3164, r#"{"Severity":"Low","AlertTime":"2020-12-04T05:06:07.9Z"}"#);
+        let text = header(
+            HeaderFormat::Rfc3164,
+            r#"{"Severity":"Low","AlertTime":"2020-12-04T05:06:07.9Z"}"#,
+        );
         assert_eq!(text, "<133>Dec  4 05:06:07 host1 mde-forwarder: ");
     }
 
     #[test]
     fn rfc3164_header_keeps_two_digit_day() {
-        let text = header(HeaderFormat::Rfc3164, r#"{"AlertTime":"2020-09-30T14:09:20Z"}"#);
+        let text = header(
+            HeaderFormat::Rfc3164,
+            r#"{"AlertTime":"2020-09-30T14:09:20Z"}"#,
+        );
         assert_eq!(text, "<132>Sep 30 14:09:20 host1 mde-forwarder: ");
     }
 
@@ -414,7 +471,11 @@ mod tests {
     fn priority_combines_facility_and_severity() {
         let header = SyslogHeader::new(HeaderFormat::Rfc5424, Facility::new(23).unwrap(), "h", "a");
         let mut out = Vec::new();
-        header.write(&detection(r#"{"Severity":"Informational"}"#), Utc::now(), &mut out);
+        header.write(
+            &detection(r#"{"Severity":"Informational"}"#),
+            Utc::now(),
+            &mut out,
+        );
         assert!(out.starts_with(b"<190>1 "));
     }
 }

@@ -1,0 +1,259 @@
+//! Test harness: the emulator in-process, real TCP receivers on 127.0.0.1,
+//! and the `mde-forwarder` binary run as a user would run it.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mde_forwarder::emulator::{sample_detections, Emulator, EmulatorOptions, TenantSpec};
+use serde_json::Value;
+use tokio::io::AsyncBufReadExt;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+pub const TENANT_ID: &str = "11111111-2222-3333-4444-555555555555";
+pub const CLIENT_ID: &str = "test-client";
+pub const CLIENT_SECRET: &str = "Sup3r-S3cret-Value-For-Tests";
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_mde-forwarder")
+}
+
+pub fn tenant_spec() -> TenantSpec {
+    TenantSpec { client_id: CLIENT_ID.into(), client_secret: CLIENT_SECRET.into(), forbidden: false }
+}
+
+/// An emulator with one tenant loaded with the samples, shifted to now.
+pub async fn emulator_with_samples(options: EmulatorOptions) -> Emulator {
+    let emulator = Emulator::start("127.0.0.1:0".parse().unwrap(), options).await.unwrap();
+    emulator.add_tenant(TENANT_ID, tenant_spec());
+    emulator.load_detections(TENANT_ID, sample_detections(), true);
+    emulator
+}
+
+/// The `[[tenant]]` table for a tenant of `emulator`.
+pub fn tenant_toml(name: &str, tenant_id: &str, emulator: &Emulator) -> String {
+    format!(
+        r#"
+[[tenant]]
+name = "{name}"
+tenant_id = "{tenant_id}"
+client_id = "{CLIENT_ID}"
+client_secret = "{CLIENT_SECRET}"
+api_url = "{url}"
+login_url = "{url}"
+"#,
+        url = emulator.url()
+    )
+}
+
+/// Writes a config file with fast retries and returns its path.
+/// `poll_extra` holds `[poll]` lines that replace the test defaults.
+pub fn write_config(dir: &Path, poll_extra: &str, tenants: &str, sinks: &str) -> PathBuf {
+    let state = dir.join("state");
+    let defaults = [
+        "interval_secs = 1",
+        "initial_lookback_secs = 86400",
+        "overlap_secs = 300",
+        "retry_initial_ms = 50",
+        "retry_max_secs = 1",
+        "retry_max_attempts = 3",
+    ];
+    let overridden = |line: &&str| {
+        let key = line.split('=').next().unwrap_or("").trim();
+        poll_extra.lines().any(|l| l.split('=').next().unwrap_or("").trim() == key)
+    };
+    let poll: Vec<&str> = defaults.iter().filter(|l| !overridden(l)).copied().collect();
+    let poll = poll.join("\n");
+    let text = format!(
+        r#"
+[state]
+dir = "{state}"
+
+[poll]
+{poll}
+{poll_extra}
+
+[service]
+shutdown_grace_secs = 5
+{tenants}
+{sinks}
+"#,
+        state = state.display()
+    );
+    let path = dir.join("config.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+pub fn tcp_sink_toml(name: &str, addr: SocketAddr) -> String {
+    format!(
+        r#"
+[[sink]]
+name = "{name}"
+type = "syslog"
+address = "{addr}"
+protocol = "tcp"
+format = "cef"
+retry_initial_ms = 50
+retry_max_secs = 1
+"#
+    )
+}
+
+pub fn file_sink_toml(name: &str, path: &Path) -> String {
+    format!(
+        r#"
+[[sink]]
+name = "{name}"
+type = "file"
+path = "{}"
+format = "json"
+"#,
+        path.display()
+    )
+}
+
+/// Runs `mde-forwarder ARGS` to completion.
+pub async fn run_cli(args: &[&str]) -> Output {
+    run_cli_env(args, &[]).await
+}
+
+pub async fn run_cli_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    tokio::process::Command::new(binary())
+        .args(args)
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "info")
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .await
+        .unwrap()
+}
+
+pub async fn run_once(config: &Path) -> Output {
+    run_cli(&["run", "--once", "--config", config.to_str().unwrap()]).await
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+pub fn assert_success(output: &Output) {
+    assert!(output.status.success(), "exit {:?}\nstderr:\n{}", output.status, stderr(output));
+}
+
+/// A TCP syslog receiver that keeps every newline-terminated line.
+pub struct LineReceiver {
+    pub addr: SocketAddr,
+    pub lines: Arc<Mutex<Vec<String>>>,
+    task: JoinHandle<()>,
+    connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl LineReceiver {
+    pub async fn start() -> Self {
+        Self::bind("127.0.0.1:0".parse().unwrap(), Arc::new(Mutex::new(Vec::new()))).await
+    }
+
+    /// Listens on `addr`, appending to `lines` (which may hold earlier lines).
+    pub async fn bind(addr: SocketAddr, lines: Arc<Mutex<Vec<String>>>) -> Self {
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sink = lines.clone();
+        let connections = Arc::new(Mutex::new(Vec::new()));
+        let tasks = connections.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { return };
+                let sink = sink.clone();
+                let handle = tokio::spawn(async move {
+                    let mut reader = tokio::io::BufReader::new(stream).lines();
+                    while let Ok(Some(line)) = reader.next_line().await {
+                        sink.lock().unwrap().push(line);
+                    }
+                });
+                tasks.lock().unwrap().push(handle);
+            }
+        });
+        Self { addr, lines, task, connections }
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Stops listening and closes every open connection, as a receiver
+    /// that goes down would. Returns the address and the lines so far.
+    pub async fn stop(self) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+        self.task.abort();
+        let _ = self.task.await;
+        let handles: Vec<_> = self.connections.lock().unwrap().drain(..).collect();
+        for handle in handles {
+            handle.abort();
+            let _ = handle.await;
+        }
+        (self.addr, self.lines)
+    }
+
+    pub async fn wait_for(&self, count: usize, limit: Duration) -> Vec<String> {
+        wait_until(limit, || self.lines.lock().unwrap().len() >= count).await;
+        self.lines()
+    }
+}
+
+pub async fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    done()
+}
+
+/// The FullId in a CEF line (`cs3=...`), with CEF escaping undone.
+pub fn cef_full_id(line: &str) -> Option<String> {
+    let start = line.find(" cs3=").or_else(|| line.find("|cs3="))? + 5;
+    let rest = &line[start..];
+    let end = rest.find(" cs3Label=").unwrap_or(rest.len());
+    Some(rest[..end].replace("\\=", "=").replace("\\\\", "\\"))
+}
+
+/// FullIds of the CEF lines, counted.
+pub fn count_full_ids(lines: &[String]) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for line in lines {
+        let id = cef_full_id(line).unwrap_or_else(|| panic!("no FullId in {line}"));
+        *counts.entry(id).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// JSON Lines of a file sink.
+pub fn read_json_lines(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l}: {e}"))).collect()
+}
+
+pub fn full_ids(values: &[Value]) -> Vec<String> {
+    values.iter().map(|v| v["FullId"].as_str().unwrap_or_default().to_string()).collect()
+}
+
+/// The FullIds of the samples, as the emulator serves them.
+/// A LastProcessedTimeUtc of now, as the API writes it.
+pub fn now_text() -> String {
+    mde_forwarder::timefmt::format_query(chrono::Utc::now())
+}
+
+pub fn sample_full_ids() -> Vec<String> {
+    full_ids(&sample_detections())
+}
