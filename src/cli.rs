@@ -87,6 +87,9 @@ pub enum StateAction {
         /// For example 2026-12-01T00:00:00Z.
         #[arg(long)]
         time: String,
+        /// Also forget which detections of this tenant were already forwarded, so the replay sends them again.
+        #[arg(long)]
+        resend: bool,
     },
     /// Delete a tenant's checkpoint: the next poll starts initial_lookback_secs back.
     ResetCheckpoint {
@@ -153,7 +156,9 @@ pub fn init_logging(format: LogFormat, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour codes only on a terminal: journald and log files get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
@@ -275,12 +280,16 @@ fn state_action(config: &Config, store: &Store, action: StateAction) -> Result<(
     };
     match action {
         StateAction::Show => show_state(config, store).map_err(|e| e.to_string()),
-        StateAction::SetCheckpoint { tenant, time } => {
+        StateAction::SetCheckpoint { tenant, time, resend } => {
             known_tenant(&tenant)?;
             let parsed = timefmt::parse(&time)
                 .ok_or_else(|| format!("invalid time {time:?}: write it like 2026-12-01T00:00:00Z"))?;
             store.set_checkpoint(&tenant, Some(parsed)).map_err(|e| e.to_string())?;
             println!("tenant {tenant}: checkpoint set to {}", timefmt::format_exact(parsed));
+            if resend {
+                let forgotten = store.forget_seen(&tenant).map_err(|e| e.to_string())?;
+                println!("tenant {tenant}: forgot {forgotten} forwarded detections; the replay sends them again");
+            }
             Ok(())
         }
         StateAction::ResetCheckpoint { tenant } => {

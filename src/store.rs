@@ -288,6 +288,37 @@ impl Store {
         Ok(())
     }
 
+    /// Records that `sink` acknowledged everything up to `seq`, deletes what
+    /// every sink has acknowledged, and flushes, so that after a crash only
+    /// the batch in flight is sent again.
+    pub async fn ack(&self, sink: &str, seq: u64) -> Result<usize, StoreError> {
+        self.set_cursor(sink, seq)?;
+        let released = self.release()?;
+        self.flush().await?;
+        Ok(released)
+    }
+
+    /// Forgets every FullId seen for `tenant`, so a replay from an earlier
+    /// checkpoint forwards those detections again. Returns how many.
+    pub fn forget_seen(&self, tenant: &str) -> Result<usize, StoreError> {
+        let mut prefix = tenant.as_bytes().to_vec();
+        prefix.push(0);
+        let mut removed = 0;
+        for key in self.dedupe.scan_prefix(&prefix).keys() {
+            let key = key.map_err(|e| self.io(e))?;
+            self.dedupe.remove(&key).map_err(|e| self.io(e))?;
+            removed += 1;
+        }
+        for key in self.dedupe_by_age.iter().keys() {
+            let key = key.map_err(|e| self.io(e))?;
+            if key.len() > 8 && key[8..].starts_with(&prefix) {
+                self.dedupe_by_age.remove(&key).map_err(|e| self.io(e))?;
+            }
+        }
+        self.db.flush().map_err(|e| self.io(e))?;
+        Ok(removed)
+    }
+
     /// Makes the cursors match the configured sinks: a new sink starts at the
     /// end of the outbox, and a removed sink's cursor is deleted so that what
     /// only it held is released.

@@ -85,8 +85,7 @@ impl SinkWorker {
                     return Err(WorkerError::Stopped { sink: self.name.clone(), pending });
                 }
             }
-            let acked = self.store.set_cursor(&self.name, last_seq).and_then(|_| self.store.release());
-            if let Err(source) = acked {
+            if let Err(source) = self.store.ack(&self.name, last_seq).await {
                 // The batch is delivered but the cursor may not be stored: it
                 // may be sent again after a restart, never lost.
                 tracing::error!(sink = %self.name, error = %source, "cannot store the sink cursor");

@@ -156,6 +156,7 @@ pub struct LineReceiver {
     pub lines: Arc<Mutex<Vec<String>>>,
     task: JoinHandle<()>,
     connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl LineReceiver {
@@ -170,34 +171,47 @@ impl LineReceiver {
         let sink = lines.clone();
         let connections = Arc::new(Mutex::new(Vec::new()));
         let tasks = connections.clone();
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { return };
                 let sink = sink.clone();
+                let mut stop = stop_rx.clone();
                 let handle = tokio::spawn(async move {
                     let mut reader = tokio::io::BufReader::new(stream).lines();
-                    while let Ok(Some(line)) = reader.next_line().await {
+                    loop {
+                        tokio::select! {
+                            line = reader.next_line() => match line {
+                                Ok(Some(line)) => sink.lock().unwrap().push(line),
+                                _ => return,
+                            },
+                            _ = stop.changed() => break,
+                        }
+                    }
+                    // Going down: process what is already buffered, then close.
+                    while let Ok(Ok(Some(line))) = tokio::time::timeout(Duration::from_millis(200), reader.next_line()).await {
                         sink.lock().unwrap().push(line);
                     }
                 });
                 tasks.lock().unwrap().push(handle);
             }
         });
-        Self { addr, lines, task, connections }
+        Self { addr, lines, task, connections, stop: stop_tx }
     }
 
     pub fn lines(&self) -> Vec<String> {
         self.lines.lock().unwrap().clone()
     }
 
-    /// Stops listening and closes every open connection, as a receiver
-    /// that goes down would. Returns the address and the lines so far.
+    /// Stops listening and closes every open connection after processing
+    /// what was already received, as a receiver that shuts down would.
+    /// Returns the address and the lines so far.
     pub async fn stop(self) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
         self.task.abort();
         let _ = self.task.await;
+        self.stop.send_replace(true);
         let handles: Vec<_> = self.connections.lock().unwrap().drain(..).collect();
         for handle in handles {
-            handle.abort();
             let _ = handle.await;
         }
         (self.addr, self.lines)
@@ -256,4 +270,57 @@ pub fn now_text() -> String {
 
 pub fn sample_full_ids() -> Vec<String> {
     full_ids(&sample_detections())
+}
+
+/// Every FullId the emulator holds for `tenant_id`, read through its API.
+pub async fn all_full_ids(emulator: &Emulator, tenant_id: &str) -> Vec<String> {
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let token: Value = http
+        .post(format!("{}/{tenant_id}/oauth2/token", emulator.url()))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", CLIENT_ID),
+            ("client_secret", CLIENT_SECRET),
+            ("resource", "https://graph.windows.net"),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .map(|b| serde_json::from_slice(&b).unwrap())
+        .unwrap();
+    let detections: Vec<Value> = http
+        .get(format!("{}/api/alerts", emulator.url()))
+        .query(&[("sinceTimeUtc", "2000-01-01T00:00:00Z")])
+        .bearer_auth(token["access_token"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .map(|b| serde_json::from_slice(&b).unwrap())
+        .unwrap();
+    full_ids(&detections)
+}
+
+/// A small xorshift generator, seeded from the clock and printed so a failing
+/// run can be repeated with `MDE_TEST_SEED`.
+pub struct TestRng(u64);
+
+impl TestRng {
+    pub fn from_env_or_clock() -> Self {
+        let seed = std::env::var("MDE_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1
+        });
+        eprintln!("MDE_TEST_SEED={seed}");
+        Self(seed)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
 }

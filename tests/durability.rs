@@ -1,0 +1,324 @@
+//! Crash, outage and full-disk safety of the outbox, with the real binary.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use mde_forwarder::emulator::{Emulator, EmulatorOptions};
+use tokio::process::{Child, Command};
+
+fn spawn_daemon(config: &Path, log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    Command::new(binary())
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+async fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    let pid = child.id().unwrap() as i32;
+    // SAFETY: sends SIGTERM to our own child process.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    tokio::time::timeout(Duration::from_secs(20), child.wait()).await.expect("daemon did not stop on SIGTERM").unwrap()
+}
+
+fn tcp_sink_with_batch(name: &str, addr: std::net::SocketAddr, batch: usize) -> String {
+    tcp_sink_toml(name, addr) + &format!("batch_size = {batch}\n")
+}
+
+fn duplicates(counts: &HashMap<String, usize>) -> usize {
+    counts.values().map(|n| n - 1).sum()
+}
+
+/// 30 SIGKILLs at random moments while 5,000 detections (and more arriving)
+/// flow: every FullId arrives, and repeats stay within one batch per kill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_under_load_loses_nothing() {
+    const KILLS: usize = 30;
+    const BATCH: usize = 100;
+    let emulator = Emulator::start("127.0.0.1:0".parse().unwrap(), EmulatorOptions::default()).await.unwrap();
+    emulator.add_tenant(TENANT_ID, tenant_spec());
+    emulator.generate(TENANT_ID, 5000, 2048);
+    let receiver = LineReceiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("archive.jsonl");
+    let sinks = tcp_sink_with_batch("siem", receiver.addr, BATCH) + &file_sink_toml("archive", &archive) + &format!("batch_size = {BATCH}\n");
+    let config = write_config(dir.path(), "limit = 1000", &tenant_toml("contoso", TENANT_ID, &emulator), &sinks);
+    let log = dir.path().join("daemon.log");
+    let mut rng = TestRng::from_env_or_clock();
+
+    for _ in 0..KILLS {
+        let mut child = spawn_daemon(&config, &log);
+        tokio::time::sleep(Duration::from_millis(50 + rng.below(700))).await;
+        for _ in 0..5 {
+            emulator.new_detection(TENANT_ID);
+        }
+        child.start_kill().unwrap();
+        child.wait().await.unwrap();
+    }
+    let expected: HashSet<String> = all_full_ids(&emulator, TENANT_ID).await.into_iter().collect();
+    assert_eq!(expected.len(), 5000 + 5 * KILLS);
+
+    let mut child = spawn_daemon(&config, &log);
+    let delivered = wait_until(Duration::from_secs(120), || {
+        let ids: HashSet<String> = receiver.lines().iter().filter_map(|l| cef_full_id(l)).collect();
+        expected.is_subset(&ids)
+    })
+    .await;
+    let archive_complete = wait_until(Duration::from_secs(30), || {
+        let ids: HashSet<String> = full_ids(&read_json_lines(&archive)).into_iter().collect();
+        expected.is_subset(&ids)
+    })
+    .await;
+    assert!(terminate(&mut child).await.success());
+
+    let counts = count_full_ids(&receiver.lines());
+    let missing = expected.iter().filter(|id| !counts.contains_key(*id)).count();
+    assert!(delivered, "{missing} detections never reached the TCP receiver");
+    assert!(archive_complete, "the file sink is missing detections");
+    let tcp_repeats = duplicates(&counts);
+    let mut file_counts = HashMap::new();
+    for id in full_ids(&read_json_lines(&archive)) {
+        *file_counts.entry(id).or_insert(0) += 1;
+    }
+    let file_repeats = duplicates(&file_counts);
+    eprintln!("kills={KILLS} detections={} tcp_repeats={tcp_repeats} file_repeats={file_repeats}", expected.len());
+    assert!(tcp_repeats <= KILLS * BATCH, "{tcp_repeats} repeats over TCP");
+    assert!(file_repeats <= KILLS * BATCH, "{file_repeats} repeats in the file");
+}
+
+/// A receiver down while detections keep arriving gets all of them, in
+/// order and once each, when it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receiver_outage_delivers_everything_in_order_once() {
+    let outage = Duration::from_secs(std::env::var("MDE_TEST_OUTAGE_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(5));
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let receiver = LineReceiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &tcp_sink_with_batch("siem", receiver.addr, 20));
+    let log = dir.path().join("daemon.log");
+    let mut child = spawn_daemon(&config, &log);
+    receiver.wait_for(46, Duration::from_secs(10)).await;
+
+    let (addr, lines) = receiver.stop().await;
+    let until = tokio::time::Instant::now() + outage;
+    while tokio::time::Instant::now() < until {
+        emulator.new_detection(TENANT_ID);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let receiver = LineReceiver::bind(addr, lines).await;
+    let expected = all_full_ids(&emulator, TENANT_ID).await;
+    let lines = receiver.wait_for(expected.len(), Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(terminate(&mut child).await.success());
+
+    let lines = receiver.lines().len().max(lines.len());
+    let all = receiver.lines();
+    let counts = count_full_ids(&all);
+    assert_eq!(counts.len(), expected.len(), "missing detections");
+    assert_eq!(lines, expected.len(), "duplicates: {}", duplicates(&counts));
+    let times: Vec<u64> = all.iter().map(|l| cef_number(l, "deviceCustomDate1")).collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "out of order");
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(log_text.contains("delivery failed; retrying"), "the outage was not noticed");
+}
+
+fn cef_number(line: &str, key: &str) -> u64 {
+    let start = line.find(&format!(" {key}=")).unwrap() + key.len() + 2;
+    line[start..].split(' ').next().unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_sink_blocks_neither_polling_nor_other_sinks() {
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let archive = dir.path().join("archive.jsonl");
+    let sinks = tcp_sink_toml("siem", closed) + &file_sink_toml("archive", &archive);
+    let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &sinks);
+    let mut child = spawn_daemon(&config, &dir.path().join("daemon.log"));
+
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        emulator.new_detection(TENANT_ID);
+    }
+    let complete = wait_until(Duration::from_secs(10), || read_json_lines(&archive).len() == 49).await;
+    assert!(terminate(&mut child).await.success());
+
+    assert!(complete, "file sink got {} of 49", read_json_lines(&archive).len());
+    let state = run_cli(&["state", "--config", config.to_str().unwrap(), "show"]).await;
+    assert!(stdout(&state).contains("sink siem: 49 pending"), "{}", stdout(&state));
+    assert!(stdout(&state).contains("sink archive: 0 pending"), "{}", stdout(&state));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_outbox_pauses_polling_and_names_the_sink() {
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let mut config_text = tenant_toml("contoso", TENANT_ID, &emulator);
+    config_text.push('\n');
+    let config = write_config(dir.path(), "", &config_text, &tcp_sink_toml("siem", closed));
+    let text = std::fs::read_to_string(&config).unwrap().replace("[state]\n", "[state]\nmax_outbox_bytes = 20000\n");
+    std::fs::write(&config, text).unwrap();
+    let log = dir.path().join("daemon.log");
+    let mut child = spawn_daemon(&config, &log);
+
+    for _ in 0..4 {
+        emulator.new_detection(TENANT_ID);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    let paused_requests = emulator.requests().len();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(emulator.requests().len(), paused_requests, "polling went on with a full outbox");
+    let receiver = LineReceiver::bind(closed, Default::default()).await;
+    let all = receiver.wait_for(50, Duration::from_secs(20)).await;
+    assert!(terminate(&mut child).await.success());
+
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(log_text.contains("outbox is full; polling paused"), "{log_text}");
+    assert!(log_text.contains("sink=siem") || log_text.contains("sink: siem"), "the warning must name the sink: {log_text}");
+    assert_eq!(count_full_ids(&all).len(), 50, "nothing is dropped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_flushes_sinks_and_exits_zero() {
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let receiver = LineReceiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &tcp_sink_toml("siem", receiver.addr));
+    let mut child = spawn_daemon(&config, &dir.path().join("daemon.log"));
+    receiver.wait_for(46, Duration::from_secs(10)).await;
+
+    let status = terminate(&mut child).await;
+
+    assert!(status.success(), "{status:?}");
+    let state = run_cli(&["state", "--config", config.to_str().unwrap(), "show"]).await;
+    assert!(stdout(&state).contains("sink siem: 0 pending"), "{}", stdout(&state));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_command_refuses_while_daemon_runs() {
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let receiver = LineReceiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &tcp_sink_toml("siem", receiver.addr));
+    let mut child = spawn_daemon(&config, &dir.path().join("daemon.log"));
+    receiver.wait_for(46, Duration::from_secs(10)).await;
+
+    let state = run_cli(&["state", "--config", config.to_str().unwrap(), "show"]).await;
+    let second = run_once(&config).await;
+    let pid = child.id().unwrap();
+    assert!(terminate(&mut child).await.success());
+
+    assert_eq!(state.status.code(), Some(1));
+    assert!(stderr(&state).contains(&format!("in use by process {pid}")), "{}", stderr(&state));
+    assert!(stderr(&second).contains(&format!("in use by process {pid}")), "{}", stderr(&second));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_command_replays_from_a_checkpoint() {
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let receiver = LineReceiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &tcp_sink_toml("siem", receiver.addr));
+    let cfg = config.to_str().unwrap();
+    assert_success(&run_once(&config).await);
+    receiver.wait_for(46, Duration::from_secs(5)).await;
+
+    let show = run_cli(&["state", "--config", cfg, "show"]).await;
+    assert!(stdout(&show).contains("dedupe entries: 46"), "{}", stdout(&show));
+    let since = mde_forwarder::timefmt::format_query(chrono::Utc::now() - chrono::Duration::days(2));
+    let set = run_cli(&["state", "--config", cfg, "set-checkpoint", "--tenant", "contoso", "--time", &since, "--resend"]).await;
+    assert_success(&set);
+    assert_success(&run_once(&config).await);
+
+    let lines = receiver.wait_for(92, Duration::from_secs(5)).await;
+    assert_eq!(lines.len(), 92, "the replay sends every detection again");
+    let unknown = run_cli(&["state", "--config", cfg, "reset-checkpoint", "--tenant", "nobody"]).await;
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(stderr(&unknown).contains("no tenant named \"nobody\""));
+}
+
+/// Mounts a tmpfs of `size` at `path`; tests that need it run as root (as CI does).
+fn mount_tmpfs(path: &Path, options: &str) -> bool {
+    std::fs::create_dir_all(path).unwrap();
+    let status = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", options, "tmpfs"]).arg(path).status();
+    status.is_ok_and(|s| s.success())
+}
+
+struct Unmount<'a>(&'a Path);
+
+impl Drop for Unmount<'_> {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(self.0).status();
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// With the state on a full file system the checkpoint does not move, the
+/// error names the path, and everything is delivered once space is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_disk_never_moves_the_checkpoint() {
+    assert!(is_root(), "this test mounts a small tmpfs and must run as root, as CI does");
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let receiver = LineReceiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mount = dir.path().join("small");
+    assert!(mount_tmpfs(&mount, "size=4m"), "mount -t tmpfs failed");
+    let _unmount = Unmount(&mount);
+    let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &tcp_sink_toml("siem", receiver.addr));
+    let text = std::fs::read_to_string(&config).unwrap();
+    let state_dir = mount.join("state");
+    let text = text.replace(&format!("dir = \"{}\"", dir.path().join("state").display()), &format!("dir = \"{}\"", state_dir.display()));
+    std::fs::write(&config, text).unwrap();
+    // Open the store once so the database exists, then fill the disk.
+    let show = run_cli(&["state", "--config", config.to_str().unwrap(), "show"]).await;
+    assert_success(&show);
+    let filler = mount.join("filler");
+    let _ = std::process::Command::new("dd").args(["if=/dev/zero", "bs=64k"]).arg(format!("of={}", filler.display())).stderr(Stdio::null()).status();
+
+    let failed = run_once(&config).await;
+    assert_eq!(failed.status.code(), Some(1));
+    assert!(stderr(&failed).contains(&state_dir.display().to_string()), "{}", stderr(&failed));
+    std::fs::remove_file(&filler).unwrap();
+    let show = run_cli(&["state", "--config", config.to_str().unwrap(), "show"]).await;
+    assert!(stdout(&show).contains("contoso: none"), "the checkpoint moved: {}", stdout(&show));
+
+    assert_success(&run_once(&config).await);
+    let lines = receiver.wait_for(46, Duration::from_secs(5)).await;
+    assert_eq!(count_full_ids(&lines).len(), 46);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_state_is_a_clear_error() {
+    assert!(is_root(), "this test mounts a read-only tmpfs and must run as root, as CI does");
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mount = dir.path().join("ro");
+    assert!(mount_tmpfs(&mount, "size=1m,ro"), "mount -t tmpfs failed");
+    let _unmount = Unmount(&mount);
+    let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &file_sink_toml("a", &dir.path().join("a.jsonl")));
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text.replace(&format!("dir = \"{}\"", dir.path().join("state").display()), &format!("dir = \"{}\"", mount.join("state").display()));
+    std::fs::write(&config, text).unwrap();
+
+    let output = run_once(&config).await;
+
+    assert_eq!(output.status.code(), Some(1));
+    let err = stderr(&output);
+    assert!(err.contains(&mount.join("state").display().to_string()), "{err}");
+    assert!(err.contains("Read-only file system"), "{err}");
+}
