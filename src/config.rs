@@ -23,10 +23,24 @@ pub const ENV_PREFIX: &str = "MDE_FORWARDER__";
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
     Read { path: PathBuf, source: config::ConfigError },
-    #[error("invalid config: {0}")]
+    #[error("invalid config: {}", tidy_path(&.0.to_string()))]
     Parse(config::ConfigError),
     #[error("invalid config key `{key}`: {message}")]
     Invalid { key: String, message: String },
+}
+
+/// Puts the dot the `config` crate leaves out after an index in key paths
+/// (`tenant[0]region` becomes `tenant[0].region`).
+fn tidy_path(message: &str) -> String {
+    let mut out = String::with_capacity(message.len() + 4);
+    let mut chars = message.chars().peekable();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c == ']' && chars.peek().is_some_and(|n| n.is_ascii_alphanumeric() || *n == '_') {
+            out.push('.');
+        }
+    }
+    out
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -165,7 +179,7 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[serde(try_from = "String")]
 pub enum Region {
     Eu,
     Us,
@@ -173,6 +187,22 @@ pub enum Region {
     Gcc,
     GccHigh,
     Dod,
+}
+
+impl TryFrom<String> for Region {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "eu" => Ok(Region::Eu),
+            "us" => Ok(Region::Us),
+            "uk" => Ok(Region::Uk),
+            "gcc" => Ok(Region::Gcc),
+            "gcc-high" => Ok(Region::GccHigh),
+            "dod" => Ok(Region::Dod),
+            _ => Err(format!("invalid region {text:?}: use eu, us, uk, gcc, gcc-high or dod, or set api_url and login_url")),
+        }
+    }
 }
 
 impl Region {

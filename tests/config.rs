@@ -1,0 +1,141 @@
+//! Config loading: unknown keys, environment overrides, validation messages.
+
+use std::path::PathBuf;
+
+use mde_forwarder::config::Config;
+
+const BASE: &str = r#"
+[state]
+dir = "/tmp/mde-forwarder-test-state"
+
+[[tenant]]
+name = "contoso-eu"
+tenant_id = "tid"
+client_id = "cid"
+client_secret = "from-file"
+region = "eu"
+
+[[sink]]
+name = "siem"
+type = "syslog"
+address = "127.0.0.1:514"
+"#;
+
+fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
+}
+
+fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, String> {
+    let (_dir, path) = write(text);
+    let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    Config::load_with_env(&path, &env).map_err(|e| e.to_string())
+}
+
+#[test]
+fn base_config_loads_with_defaults() {
+    let config = load(BASE, &[]).unwrap();
+    assert_eq!(config.poll.interval_secs, 60);
+    assert_eq!(config.poll.overlap_secs, 300);
+    assert_eq!(config.poll.limit, 0);
+    let tenants = config.resolve_tenants().unwrap();
+    assert_eq!(tenants[0].alerts_url, "https://wdatp-alertexporter-eu.windows.com/api/alerts");
+    assert_eq!(tenants[0].token_url, "https://login.microsoftonline.com/tid/oauth2/token");
+}
+
+#[test]
+fn unknown_keys_are_named() {
+    let cases = [
+        (BASE.replace("[state]", "[state]\nmax_outbox = 1"), "max_outbox"),
+        (BASE.to_string() + "\n[poll]\nintervl_secs = 5\n", "intervl_secs"),
+        (BASE.replace("region = \"eu\"", "region = \"eu\"\nsecret = \"x\""), "secret"),
+        (BASE.replace("type = \"syslog\"", "type = \"syslog\"\nprotocl = \"udp\""), "protocl"),
+        (BASE.to_string() + "\n[servce]\nx = 1\n", "servce"),
+    ];
+    for (text, key) in cases {
+        let err = load(&text, &[]).unwrap_err();
+        assert!(err.contains(&format!("unknown field `{key}`")), "{key}: {err}");
+    }
+}
+
+#[test]
+fn environment_overrides_any_key() {
+    let env = [
+        ("MDE_FORWARDER__POLL__INTERVAL_SECS", "15"),
+        ("MDE_FORWARDER__TENANT__CONTOSO_EU__CLIENT_SECRET", "from-env"),
+        ("MDE_FORWARDER__SINK__0__ADDRESS", "127.0.0.1:6514"),
+        ("UNRELATED", "x"),
+    ];
+    let config = load(BASE, &env).unwrap();
+    assert_eq!(config.poll.interval_secs, 15);
+    assert_eq!(config.tenants[0].client_secret.as_ref().unwrap().expose(), "from-env");
+    match &config.sinks[0] {
+        mde_forwarder::config::SinkConfig::Syslog(s) => assert_eq!(s.address, "127.0.0.1:6514"),
+        other => panic!("unexpected sink {other:?}"),
+    }
+}
+
+#[test]
+fn environment_override_of_unknown_entry_is_an_error() {
+    let err = load(BASE, &[("MDE_FORWARDER__TENANT__FABRIKAM__CLIENT_SECRET", "x")]).unwrap_err();
+    assert!(err.contains("no [[tenant]] named \"fabrikam\""), "{err}");
+    let err = load(BASE, &[("MDE_FORWARDER__POLL__INTERVL_SECS", "5")]).unwrap_err();
+    assert!(err.contains("intervl_secs"), "{err}");
+}
+
+#[test]
+fn invalid_values_name_key_and_fix() {
+    let cases = [
+        (BASE.replace("region = \"eu\"", "region = \"mars\""), "tenant[0].region"),
+        (BASE.replace("client_secret = \"from-file\"", ""), "tenant[0].client_secret"),
+        (BASE.replace("region = \"eu\"", "api_url = \"ftp://x\"\nlogin_url = \"https://l\""), "tenant[0].api_url"),
+        (BASE.replace("address = \"127.0.0.1:514\"", "address = \"localhost\""), "sink[0].address"),
+        (BASE.replace("name = \"siem\"", "name = \"bad name\""), "sink[0].name"),
+        (BASE.to_string() + "\n[poll]\ninterval_secs = 0\n", "poll.interval_secs"),
+        (BASE.replace("[state]", "[state]\ndedupe_retention_secs = 60"), "state.dedupe_retention_secs"),
+    ];
+    for (text, key) in cases {
+        let result = load(&text, &[]).and_then(|c| c.resolve_tenants().map(|_| ()).map_err(|e| e.to_string()));
+        let err = result.unwrap_err();
+        assert!(err.contains(key), "{key}: {err}");
+    }
+}
+
+#[test]
+fn duplicate_names_are_rejected() {
+    let text = BASE.to_string() + "\n[[sink]]\nname = \"siem\"\ntype = \"stdout\"\n";
+    let err = load(&text, &[]).unwrap_err();
+    assert!(err.contains("duplicate sink name \"siem\""), "{err}");
+}
+
+#[test]
+fn secret_file_is_read_and_trimmed_and_never_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "s3cr3t-from-file\n").unwrap();
+    let text = BASE.replace("client_secret = \"from-file\"", &format!("client_secret_file = \"{}\"", secret.display()));
+    let config = load(&text, &[]).unwrap();
+    let tenants = config.resolve_tenants().unwrap();
+    assert_eq!(tenants[0].client_secret.expose(), "s3cr3t-from-file");
+    assert!(!format!("{tenants:?}").contains("s3cr3t"));
+}
+
+#[test]
+fn api_url_yields_exactly_one_alerts_path() {
+    for api_url in ["http://127.0.0.1:9000", "http://127.0.0.1:9000/", "http://127.0.0.1:9000/api/alerts", "http://127.0.0.1:9000/api/alerts/"] {
+        let text = BASE.replace("region = \"eu\"", &format!("api_url = \"{api_url}\"\nlogin_url = \"http://127.0.0.1:9000/\""));
+        let tenants = load(&text, &[]).unwrap().resolve_tenants().unwrap();
+        assert_eq!(tenants[0].alerts_url, "http://127.0.0.1:9000/api/alerts", "{api_url}");
+        assert_eq!(tenants[0].token_url, "http://127.0.0.1:9000/tid/oauth2/token", "{api_url}");
+    }
+}
+
+#[test]
+fn example_config_is_valid() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/mde-forwarder.example.toml");
+    let config = Config::load_with_env(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!config.tenants.is_empty());
+    assert!(!config.sinks.is_empty());
+}
