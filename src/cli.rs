@@ -208,7 +208,7 @@ pub async fn run_config(config: &Config, mode: Mode, stop: watch::Receiver<bool>
     if let Err(e) = config.resolve_tenants() {
         return Err(e.to_string());
     }
-    let store = Store::open(&config.state.dir).map_err(|e| e.to_string())?;
+    let store = Store::open_with(&config.state.dir, config.store_options()).map_err(|e| e.to_string())?;
     let store = Arc::new(store);
     tracing::info!(
         state = %config.state.dir.display(),
@@ -260,7 +260,7 @@ async fn state(args: StateArgs) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    let store = match Store::open(&config.state.dir) {
+    let store = match Store::open_with(&config.state.dir, config.store_options()) {
         Ok(store) => store,
         Err(e) => {
             eprintln!("error: {e}");

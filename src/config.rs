@@ -553,6 +553,13 @@ impl Config {
         Ok(())
     }
 
+    pub fn store_options(&self) -> crate::store::StoreOptions {
+        crate::store::StoreOptions {
+            dedupe_retention_secs: self.state.dedupe_retention_secs,
+            ..crate::store::StoreOptions::default()
+        }
+    }
+
     /// Resolves every tenant's URLs and reads secret files.
     pub fn resolve_tenants(&self) -> Result<Vec<ResolvedTenant>, ConfigError> {
         self.tenants

@@ -8,18 +8,26 @@
 //! a null, a nested object) instead of failing the whole batch.
 
 use std::borrow::Cow;
+use std::sync::OnceLock;
 
 use chrono::{DateTime, Utc};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::timefmt;
 
 /// One detection as received.
+///
+/// Construction reads only `FullId` and `LastProcessedTimeUtc` (and checks
+/// that the text is one valid JSON object); the full field map is parsed on
+/// first use, so sinks that forward the raw JSON never pay for it.
 #[derive(Debug, Clone)]
 pub struct Detection {
     raw: Box<str>,
-    fields: Map<String, Value>,
+    full_id: Option<Box<str>>,
+    last_processed: Option<Box<str>>,
+    fields: OnceLock<Map<String, Value>>,
 }
 
 /// Why one element of a response cannot be handled as a detection.
@@ -31,6 +39,15 @@ pub enum DetectionError {
     Invalid(#[from] serde_json::Error),
 }
 
+/// The two fields the poller needs; every other field is skipped unparsed.
+#[derive(Deserialize)]
+struct Keys {
+    #[serde(rename = "FullId", default)]
+    full_id: Option<Value>,
+    #[serde(rename = "LastProcessedTimeUtc", default)]
+    last_processed: Option<Value>,
+}
+
 impl Detection {
     /// Parses one array element of an API response.
     pub fn from_raw(raw: &RawValue) -> Result<Self, DetectionError> {
@@ -39,11 +56,27 @@ impl Detection {
 
     /// Parses a detection from its JSON text (for example an outbox entry).
     pub fn from_json_text(text: &str) -> Result<Self, DetectionError> {
-        let value: Value = serde_json::from_str(text)?;
-        match value {
-            Value::Object(fields) => Ok(Self { raw: text.into(), fields }),
-            other => Err(DetectionError::NotAnObject(json_type_name(&other))),
+        // serde would also accept a JSON array for a struct, so check the shape first.
+        if !text.trim_start().starts_with('{') {
+            let value: Value = serde_json::from_str(text)?;
+            return Err(DetectionError::NotAnObject(json_type_name(&value)));
         }
+        let keys: Keys = match serde_json::from_str(text) {
+            Ok(keys) => keys,
+            Err(error) => {
+                return Err(match serde_json::from_str::<Value>(text) {
+                    Ok(Value::Object(_)) | Err(_) => DetectionError::Invalid(error),
+                    Ok(other) => DetectionError::NotAnObject(json_type_name(&other)),
+                })
+            }
+        };
+        let as_text = |v: Option<Value>| v.as_ref().and_then(value_text).map(|t| Box::from(t.as_ref()));
+        Ok(Self {
+            raw: text.into(),
+            full_id: as_text(keys.full_id),
+            last_processed: as_text(keys.last_processed),
+            fields: OnceLock::new(),
+        })
     }
 
     /// The JSON text exactly as the API sent it.
@@ -51,30 +84,31 @@ impl Detection {
         &self.raw
     }
 
+    /// Every field, parsed on first use.
     pub fn fields(&self) -> &Map<String, Value> {
-        &self.fields
+        self.fields.get_or_init(|| serde_json::from_str(&self.raw).unwrap_or_default())
     }
 
     pub fn get(&self, name: &str) -> Option<&Value> {
-        self.fields.get(name)
+        self.fields().get(name)
     }
 
     /// Returns a field as text, or `None` when it is missing, null or an empty
     /// string. Numbers and booleans give their JSON text and nested values
     /// their compact JSON, so no non-empty value is lost.
     pub fn text(&self, name: &str) -> Option<Cow<'_, str>> {
-        self.fields.get(name).and_then(value_text)
+        self.fields().get(name).and_then(value_text)
     }
 
     /// The deduplication key: `FullId`, unique per detection (two detections
     /// of one alert share `AlertId` but not `FullId`).
     pub fn full_id(&self) -> Option<Cow<'_, str>> {
-        self.text("FullId")
+        self.full_id.as_deref().map(Cow::Borrowed)
     }
 
     /// `LastProcessedTimeUtc`, the field the API filters `sinceTimeUtc` on.
     pub fn last_processed(&self) -> Option<DateTime<Utc>> {
-        self.text("LastProcessedTimeUtc").and_then(|t| timefmt::parse(&t))
+        self.last_processed.as_deref().and_then(timefmt::parse)
     }
 
     pub fn alert_time(&self) -> Option<DateTime<Utc>> {
@@ -129,6 +163,12 @@ mod tests {
         assert_eq!(d.text("D").as_deref(), Some(r#"{"x":1}"#));
         assert_eq!(d.text("E").as_deref(), Some("é|="));
         assert_eq!(d.text("Missing"), None);
+    }
+
+    #[test]
+    fn invalid_json_object_is_rejected() {
+        let err = Detection::from_json_text(r#"{"FullId" "x"}"#).unwrap_err();
+        assert!(matches!(err, DetectionError::Invalid(_)), "{err}");
     }
 
     #[test]

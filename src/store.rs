@@ -6,11 +6,22 @@
 //! | --- | --- | --- |
 //! | `meta` | `schema_version` | u32 big-endian |
 //! | `checkpoints` | tenant name | RFC 3339 text with nanoseconds |
-//! | `dedupe` | tenant, 0x00, FullId | first-seen Unix seconds, u64 BE |
-//! | `dedupe_by_age` | first-seen u64 BE, tenant, 0x00, FullId | empty |
-//! | `outbox` | sequence number u64 BE | [`OutboxEntry`] bytes |
-//! | `cursors` | sink name | last acknowledged sequence number, u64 BE |
+//! | `dedupe.<period>.<generation>` | tenant, 0x00, FullId | empty |
+//! | `outbox` | sequence number u64 BE | one queued batch: tenant, target sink, detections |
+//! | `cursors` | sink name | last acknowledged position, u64 BE |
 //! | `dead_letters` | id u64 BE | JSON: sink, tenant, reason, time, detection |
+//!
+//! The outbox holds one entry per queued batch (up to [`MAX_BATCH_ITEMS`]
+//! detections), not one per detection: sled copies a tree node on every
+//! insert, so thousands of small inserts of 2 KB values would dominate the
+//! run time. A detection's **position** is `sequence << 16 | index in batch`;
+//! a sink's cursor is the position of the last detection it acknowledged, and
+//! 0 means none (sequence numbers start at 1).
+//!
+//! Dedupe entries live in generation trees of half the retention period each.
+//! A FullId is looked up in the current and the previous generation and
+//! written to the current one, so it is remembered for at least half and at
+//! most the whole retention; pruning drops whole trees.
 //!
 //! # Why the write order is crash-safe
 //! New detections, their dedupe entries and the checkpoint advance are written
@@ -21,6 +32,7 @@
 //! never survives a crash that lost the entries it points past. The only
 //! repeats after a crash are batches sent but not yet acknowledged.
 
+use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::os::fd::AsRawFd;
@@ -30,13 +42,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use chrono::{DateTime, Utc};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
-use sled::Tree;
+use sled::{IVec, Tree};
 
 use crate::detection::Detection;
 use crate::timefmt;
 
 pub const SCHEMA_VERSION: u32 = 1;
 const LOCK_FILE: &str = "mde-forwarder.lock";
+/// Detections per outbox entry; positions reserve 16 bits for the index.
+pub const MAX_BATCH_ITEMS: usize = 4096;
+const INDEX_BITS: u32 = 16;
+const DEDUPE_PREFIX: &str = "dedupe.";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -65,29 +81,54 @@ pub struct OutboxEntry {
     pub raw: String,
 }
 
-impl OutboxEntry {
-    fn encode(&self) -> Vec<u8> {
-        let target = self.only_sink.as_deref().unwrap_or("");
-        let mut out = Vec::with_capacity(5 + self.tenant.len() + target.len() + self.raw.len());
-        out.push(1);
-        out.extend_from_slice(&(self.tenant.len() as u16).to_be_bytes());
-        out.extend_from_slice(self.tenant.as_bytes());
-        out.extend_from_slice(&(target.len() as u16).to_be_bytes());
-        out.extend_from_slice(target.as_bytes());
-        out.extend_from_slice(self.raw.as_bytes());
-        out
+/// Builds an outbox value: version 2, tenant, target sink, count, then each
+/// detection's length and bytes.
+fn encode_batch<'a>(tenant: &str, only_sink: Option<&str>, raws: impl ExactSizeIterator<Item = &'a str>) -> Vec<u8> {
+    let target = only_sink.unwrap_or("");
+    let mut out = Vec::with_capacity(16 + tenant.len() + target.len() + raws.len() * 2048);
+    out.push(2);
+    out.extend_from_slice(&(tenant.len() as u16).to_be_bytes());
+    out.extend_from_slice(tenant.as_bytes());
+    out.extend_from_slice(&(target.len() as u16).to_be_bytes());
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(&(raws.len() as u32).to_be_bytes());
+    for raw in raws {
+        out.extend_from_slice(&(raw.len() as u32).to_be_bytes());
+        out.extend_from_slice(raw.as_bytes());
     }
+    out
+}
 
-    fn decode(bytes: &[u8]) -> Option<Self> {
+/// A decoded outbox value; detections are sliced out on demand.
+struct BatchView<'a> {
+    tenant: String,
+    only_sink: Option<String>,
+    count: usize,
+    items: &'a [u8],
+}
+
+impl<'a> BatchView<'a> {
+    fn decode(bytes: &'a [u8]) -> Option<Self> {
         let (&version, rest) = bytes.split_first()?;
-        if version != 1 {
+        if version != 2 {
             return None;
         }
         let (tenant, rest) = take_string(rest)?;
         let (target, rest) = take_string(rest)?;
-        let raw = std::str::from_utf8(rest).ok()?.to_string();
+        let count = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
         let only_sink = (!target.is_empty()).then_some(target);
-        Some(Self { tenant, only_sink, raw })
+        Some(Self { tenant, only_sink, count, items: &rest[4..] })
+    }
+
+    /// The detections' texts in order.
+    fn raws(&self) -> impl Iterator<Item = Option<&'a str>> + 'a {
+        let mut rest = self.items;
+        (0..self.count).map(move |_| {
+            let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+            let text = std::str::from_utf8(rest.get(4..4 + len)?).ok()?;
+            rest = &rest[4 + len..];
+            Some(text)
+        })
     }
 }
 
@@ -95,6 +136,14 @@ fn take_string(bytes: &[u8]) -> Option<(String, &[u8])> {
     let len = u16::from_be_bytes([*bytes.first()?, *bytes.get(1)?]) as usize;
     let text = bytes.get(2..2 + len)?;
     Some((std::str::from_utf8(text).ok()?.to_string(), &bytes[2 + len..]))
+}
+
+fn position(seq: u64, index: usize) -> u64 {
+    (seq << INDEX_BITS) | index as u64
+}
+
+fn split_position(position: u64) -> (u64, usize) {
+    (position >> INDEX_BITS, (position & ((1 << INDEX_BITS) - 1)) as usize)
 }
 
 /// What one [`Store::enqueue`] did.
@@ -116,27 +165,47 @@ pub struct DeadLetter {
     pub detection: String,
 }
 
+/// Settings fixed when the store opens.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreOptions {
+    /// How long a FullId is remembered, in seconds.
+    pub dedupe_retention_secs: u64,
+    /// sled's page cache, in bytes.
+    pub cache_bytes: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self { dedupe_retention_secs: 7 * 24 * 3600, cache_bytes: 16 * 1024 * 1024 }
+    }
+}
+
 pub struct Store {
     db: sled::Db,
     dir: PathBuf,
     checkpoints: Tree,
-    dedupe: Tree,
-    dedupe_by_age: Tree,
     outbox: Tree,
     cursors: Tree,
     dead_letters: Tree,
     outbox_bytes: AtomicU64,
+    /// Length of one dedupe generation, in seconds (half the retention).
+    dedupe_period: u64,
     _lock: File,
 }
 
 impl Store {
     /// Opens (or creates, mode 0700) the state directory and takes its lock.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(dir, StoreOptions::default())
+    }
+
+    pub fn open_with(dir: &Path, options: StoreOptions) -> Result<Self, StoreError> {
         create_private_dir(dir)?;
         let lock = lock_dir(dir)?;
         let db_path = dir.join("db");
         let db = sled::Config::new()
             .path(&db_path)
+            .cache_capacity(options.cache_bytes)
             .open()
             .map_err(|source| StoreError::Open { path: db_path.clone(), source })?;
         let io = |source| StoreError::Io { path: db_path.clone(), source };
@@ -144,14 +213,13 @@ impl Store {
         check_schema(&meta, &db, &db_path)?;
         let store = Self {
             checkpoints: db.open_tree("checkpoints").map_err(io)?,
-            dedupe: db.open_tree("dedupe").map_err(io)?,
-            dedupe_by_age: db.open_tree("dedupe_by_age").map_err(io)?,
             outbox: db.open_tree("outbox").map_err(io)?,
             cursors: db.open_tree("cursors").map_err(io)?,
             dead_letters: db.open_tree("dead_letters").map_err(io)?,
             dir: db_path,
             db,
             outbox_bytes: AtomicU64::new(0),
+            dedupe_period: (options.dedupe_retention_secs / 2).max(1),
             _lock: lock,
         };
         let bytes = store.outbox.iter().values().filter_map(Result::ok).map(|v| v.len() as u64).sum();
@@ -168,16 +236,18 @@ impl Store {
         StoreError::Io { path: self.dir.clone(), source }
     }
 
+    fn corrupt(&self, what: &'static str, detail: String) -> StoreError {
+        StoreError::Corrupt { path: self.dir.clone(), what, detail }
+    }
+
     pub fn checkpoint(&self, tenant: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
         let Some(bytes) = self.checkpoints.get(tenant).map_err(|e| self.io(e))? else {
             return Ok(None);
         };
         let text = String::from_utf8_lossy(&bytes);
-        timefmt::parse(&text).map(Some).ok_or_else(|| StoreError::Corrupt {
-            path: self.dir.clone(),
-            what: "checkpoint",
-            detail: format!("tenant {tenant}: {text:?}"),
-        })
+        timefmt::parse(&text)
+            .map(Some)
+            .ok_or_else(|| self.corrupt("checkpoint", format!("tenant {tenant}: {text:?}")))
     }
 
     /// Sets or clears a tenant's checkpoint (operator command), then flushes.
@@ -202,6 +272,15 @@ impl Store {
             .collect()
     }
 
+    /// The current and previous dedupe generation trees for time `now`.
+    fn dedupe_trees(&self, now: DateTime<Utc>) -> Result<(Tree, Tree), StoreError> {
+        let generation = now.timestamp().max(0) as u64 / self.dedupe_period;
+        let name = |g: u64| format!("{DEDUPE_PREFIX}{}.{g}", self.dedupe_period);
+        let current = self.db.open_tree(name(generation)).map_err(|e| self.io(e))?;
+        let previous = self.db.open_tree(name(generation.saturating_sub(1))).map_err(|e| self.io(e))?;
+        Ok((current, previous))
+    }
+
     /// Queues the detections not seen before, records them as seen and moves
     /// the checkpoint forward to `checkpoint` (never back), in one transaction,
     /// then flushes to disk.
@@ -212,28 +291,53 @@ impl Store {
         checkpoint: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
     ) -> Result<EnqueueOutcome, StoreError> {
-        let seen_at = (now.timestamp().max(0) as u64).to_be_bytes();
+        let mut outcome = EnqueueOutcome::default();
+        let mut added_bytes = 0u64;
+        for chunk in detections.chunks(MAX_BATCH_ITEMS).chain(detections.is_empty().then_some(&[][..])) {
+            let last_chunk = chunk.as_ptr_range().end == detections.as_ptr_range().end;
+            let (chunk_outcome, bytes) = self.enqueue_chunk(tenant, chunk, checkpoint.filter(|_| last_chunk), now)?;
+            outcome.queued += chunk_outcome.queued;
+            outcome.duplicates += chunk_outcome.duplicates;
+            added_bytes += bytes;
+        }
+        self.outbox_bytes.fetch_add(added_bytes, Ordering::Relaxed);
+        self.db.flush_async().await.map_err(|e| self.io(e))?;
+        Ok(outcome)
+    }
+
+    fn enqueue_chunk(
+        &self,
+        tenant: &str,
+        detections: &[Detection],
+        checkpoint: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Result<(EnqueueOutcome, u64), StoreError> {
         let keys: Vec<Vec<u8>> = detections.iter().map(|d| dedupe_key(tenant, d)).collect();
-        let trees = (&self.outbox, &self.dedupe, &self.dedupe_by_age, &self.checkpoints);
-        let result = trees.transaction(|(outbox, dedupe, by_age, checkpoints)| {
+        let (current, previous) = self.dedupe_trees(now)?;
+        let trees = (&self.outbox, &current, &previous, &self.checkpoints);
+        let result = trees.transaction(|(outbox, current, previous, checkpoints)| {
             let mut outcome = EnqueueOutcome::default();
-            let mut added_bytes = 0u64;
+            let mut fresh = Vec::with_capacity(detections.len());
+            let mut seen_in_batch = HashSet::new();
             for (detection, key) in detections.iter().zip(&keys) {
-                if dedupe.get(key)?.is_some() {
+                let seen = !seen_in_batch.insert(key.as_slice())
+                    || current.get(key)?.is_some()
+                    || previous.get(key)?.is_some();
+                if seen {
                     outcome.duplicates += 1;
                     continue;
                 }
-                let entry = OutboxEntry { tenant: tenant.to_string(), only_sink: None, raw: detection.raw().to_string() };
-                let bytes = entry.encode();
-                added_bytes += bytes.len() as u64;
-                // Sequence numbers start at 1: a cursor of 0 means nothing acknowledged.
+                current.insert(key.as_slice(), &[])?;
+                fresh.push(detection.raw());
+            }
+            let mut bytes = 0u64;
+            if !fresh.is_empty() {
+                let value = encode_batch(tenant, None, fresh.iter().copied());
+                bytes = value.len() as u64;
+                // Sequence numbers start at 1: position 0 means nothing acknowledged.
                 let seq = outbox.generate_id()? + 1;
-                outbox.insert(&seq.to_be_bytes(), bytes)?;
-                dedupe.insert(key.as_slice(), &seen_at)?;
-                let mut age_key = seen_at.to_vec();
-                age_key.extend_from_slice(key);
-                by_age.insert(age_key, &[])?;
-                outcome.queued += 1;
+                outbox.insert(&seq.to_be_bytes(), value)?;
+                outcome.queued = fresh.len();
             }
             if let Some(new) = checkpoint {
                 let current = checkpoints.get(tenant)?.and_then(|b| timefmt::parse(&String::from_utf8_lossy(&b)));
@@ -241,37 +345,43 @@ impl Store {
                     checkpoints.insert(tenant, timefmt::format_exact(new).as_bytes())?;
                 }
             }
-            Ok::<_, ConflictableTransactionError<()>>((outcome, added_bytes))
+            Ok::<_, ConflictableTransactionError<()>>((outcome, bytes))
         });
-        let (outcome, added_bytes) = result.map_err(|e| match e {
+        result.map_err(|e| match e {
             TransactionError::Storage(source) => self.io(source),
             TransactionError::Abort(()) => self.io(sled::Error::Unsupported("transaction aborted".into())),
-        })?;
-        self.outbox_bytes.fetch_add(added_bytes, Ordering::Relaxed);
-        self.db.flush_async().await.map_err(|e| self.io(e))?;
-        Ok(outcome)
+        })
     }
 
-    /// Up to `max` entries after sequence number `after`.
+    /// Up to `max` detections after position `after`, with their positions.
     pub fn read_after(&self, after: u64, max: usize) -> Result<Vec<(u64, OutboxEntry)>, StoreError> {
-        let start = after.saturating_add(1).to_be_bytes();
+        let (first_seq, first_index) = split_position(after);
         let mut batch = Vec::with_capacity(max.min(1024));
-        for item in self.outbox.range(start..).take(max) {
+        for item in self.outbox.range(first_seq.to_be_bytes()..) {
             let (key, value) = item.map_err(|e| self.io(e))?;
             let seq = seq_from(&key);
-            let entry = OutboxEntry::decode(&value).ok_or_else(|| StoreError::Corrupt {
-                path: self.dir.clone(),
-                what: "outbox entry",
-                detail: format!("sequence {seq}"),
-            })?;
-            batch.push((seq, entry));
+            let view = BatchView::decode(&value).ok_or_else(|| self.corrupt("outbox entry", format!("sequence {seq}")))?;
+            let skip = if seq == first_seq { first_index + 1 } else { 0 };
+            for (index, raw) in view.raws().enumerate().skip(skip) {
+                let raw = raw.ok_or_else(|| self.corrupt("outbox entry", format!("sequence {seq} item {index}")))?;
+                let entry = OutboxEntry { tenant: view.tenant.clone(), only_sink: view.only_sink.clone(), raw: raw.to_string() };
+                batch.push((position(seq, index), entry));
+                if batch.len() >= max {
+                    return Ok(batch);
+                }
+            }
         }
         Ok(batch)
     }
 
-    /// The highest sequence number in the outbox, 0 when it is empty.
+    /// The position of the last detection in the outbox, 0 when it is empty.
     pub fn last_seq(&self) -> Result<u64, StoreError> {
-        Ok(self.outbox.last().map_err(|e| self.io(e))?.map_or(0, |(k, _)| seq_from(&k)))
+        let Some((key, value)) = self.outbox.last().map_err(|e| self.io(e))? else {
+            return Ok(0);
+        };
+        let seq = seq_from(&key);
+        let count = BatchView::decode(&value).map_or(1, |v| v.count.max(1));
+        Ok(position(seq, count - 1))
     }
 
     pub fn outbox_bytes(&self) -> u64 {
@@ -282,12 +392,11 @@ impl Store {
         Ok(self.cursors.get(sink).map_err(|e| self.io(e))?.map(|v| seq_from(&v)))
     }
 
-    /// Records that `sink` acknowledged everything up to `seq`.
+    /// Records that `sink` acknowledged everything up to position `seq`.
     pub fn set_cursor(&self, sink: &str, seq: u64) -> Result<(), StoreError> {
         self.cursors.insert(sink, &seq.to_be_bytes()).map_err(|e| self.io(e))?;
         Ok(())
     }
-
     /// Records that `sink` acknowledged everything up to `seq`, deletes what
     /// every sink has acknowledged, and flushes, so that after a crash only
     /// the batch in flight is sent again.
@@ -296,27 +405,6 @@ impl Store {
         let released = self.release()?;
         self.flush().await?;
         Ok(released)
-    }
-
-    /// Forgets every FullId seen for `tenant`, so a replay from an earlier
-    /// checkpoint forwards those detections again. Returns how many.
-    pub fn forget_seen(&self, tenant: &str) -> Result<usize, StoreError> {
-        let mut prefix = tenant.as_bytes().to_vec();
-        prefix.push(0);
-        let mut removed = 0;
-        for key in self.dedupe.scan_prefix(&prefix).keys() {
-            let key = key.map_err(|e| self.io(e))?;
-            self.dedupe.remove(&key).map_err(|e| self.io(e))?;
-            removed += 1;
-        }
-        for key in self.dedupe_by_age.iter().keys() {
-            let key = key.map_err(|e| self.io(e))?;
-            if key.len() > 8 && key[8..].starts_with(&prefix) {
-                self.dedupe_by_age.remove(&key).map_err(|e| self.io(e))?;
-            }
-        }
-        self.db.flush().map_err(|e| self.io(e))?;
-        Ok(removed)
     }
 
     /// Makes the cursors match the configured sinks: a new sink starts at the
@@ -359,19 +447,23 @@ impl Store {
         let Some(min) = self.cursors()?.first().map(|(_, seq)| *seq) else {
             return Ok(0);
         };
-        self.remove_through(min)
+        let (min_seq, min_index) = split_position(min);
+        let mut removed = 0;
+        let mut freed = 0u64;
+        let mut batch = sled::Batch::default();
+        for item in self.outbox.range(..=min_seq.to_be_bytes()) {
+            let (key, value) = item.map_err(|e| self.io(e))?;
+            let done = seq_from(&key) < min_seq || BatchView::decode(&value).is_some_and(|v| v.count <= min_index + 1);
+            if done {
+                freed += value.len() as u64;
+                batch.remove(key);
+                removed += 1;
+            }
+        }
+        self.apply_removal(batch, removed, freed)
     }
 
-    fn remove_through(&self, last: u64) -> Result<usize, StoreError> {
-        let mut removed = 0;
-        let mut batch = sled::Batch::default();
-        let mut freed = 0u64;
-        for item in self.outbox.range(..=last.to_be_bytes()) {
-            let (key, value) = item.map_err(|e| self.io(e))?;
-            freed += value.len() as u64;
-            batch.remove(key);
-            removed += 1;
-        }
+    fn apply_removal(&self, batch: sled::Batch, removed: usize, freed: u64) -> Result<usize, StoreError> {
         if removed > 0 {
             self.outbox.apply_batch(batch).map_err(|e| self.io(e))?;
             self.outbox_bytes.fetch_sub(freed.min(self.outbox_bytes()), Ordering::Relaxed);
@@ -380,51 +472,90 @@ impl Store {
     }
 
     /// Deletes the oldest entries until the outbox is under `limit` bytes,
-    /// for the `drop_oldest` policy. Returns how many were dropped.
+    /// for the `drop_oldest` policy. Returns how many detections were dropped.
     pub fn drop_oldest(&self, limit: u64) -> Result<usize, StoreError> {
         let mut size = self.outbox_bytes();
-        let mut last = None;
+        let mut dropped = 0;
+        let mut removed = 0;
+        let mut freed = 0;
+        let mut batch = sled::Batch::default();
         for item in self.outbox.iter() {
             if size < limit {
                 break;
             }
             let (key, value) = item.map_err(|e| self.io(e))?;
             size = size.saturating_sub(value.len() as u64);
-            last = Some(seq_from(&key));
+            freed += value.len() as u64;
+            dropped += BatchView::decode(&value).map_or(0, |v| v.count);
+            batch.remove(key);
+            removed += 1;
         }
-        match last {
-            Some(seq) => self.remove_through(seq),
-            None => Ok(0),
-        }
+        self.apply_removal(batch, removed, freed)?;
+        Ok(dropped)
     }
 
-    /// Entries waiting for `sink` and the sequence number of its oldest one.
+    /// Detections waiting for `sink` and the position of its oldest one.
     pub fn pending(&self, sink: &str) -> Result<(usize, Option<u64>), StoreError> {
-        let after = self.cursor(sink)?.unwrap_or(0);
+        let (first_seq, first_index) = split_position(self.cursor(sink)?.unwrap_or(0));
         let mut count = 0;
         let mut oldest = None;
-        for key in self.outbox.range(after.saturating_add(1).to_be_bytes()..).keys() {
-            let key = key.map_err(|e| self.io(e))?;
-            oldest.get_or_insert(seq_from(&key));
-            count += 1;
+        for item in self.outbox.range(first_seq.to_be_bytes()..) {
+            let (key, value) = item.map_err(|e| self.io(e))?;
+            let seq = seq_from(&key);
+            let total = BatchView::decode(&value).map_or(0, |v| v.count);
+            let skip = if seq == first_seq { first_index + 1 } else { 0 };
+            if total > skip {
+                oldest.get_or_insert(position(seq, skip));
+                count += total - skip;
+            }
         }
         Ok((count, oldest))
     }
 
-    pub fn dedupe_len(&self) -> usize {
-        self.dedupe.len()
+    /// Names of the dedupe generation trees in the database.
+    fn dedupe_tree_names(&self) -> Vec<IVec> {
+        self.db.tree_names().into_iter().filter(|n| n.starts_with(DEDUPE_PREFIX.as_bytes())).collect()
     }
 
-    /// Forgets FullIds first seen before `before`; returns how many.
-    pub fn prune_dedupe(&self, before: DateTime<Utc>) -> Result<usize, StoreError> {
-        let end = (before.timestamp().max(0) as u64).to_be_bytes();
-        let mut removed = 0;
-        for key in self.dedupe_by_age.range(..end).keys() {
-            let key = key.map_err(|e| self.io(e))?;
-            self.dedupe.remove(&key[8..]).map_err(|e| self.io(e))?;
-            self.dedupe_by_age.remove(&key).map_err(|e| self.io(e))?;
-            removed += 1;
+    /// FullIds remembered in the live generations.
+    pub fn dedupe_len(&self) -> usize {
+        match self.dedupe_trees(Utc::now()) {
+            Ok((current, previous)) => current.len() + previous.len(),
+            Err(_) => 0,
         }
+    }
+
+    /// Drops dedupe generations older than the previous one; returns how
+    /// many FullIds were forgotten.
+    pub fn prune_dedupe(&self, now: DateTime<Utc>) -> Result<usize, StoreError> {
+        let (current, previous) = self.dedupe_trees(now)?;
+        let live = [current.name(), previous.name()];
+        let mut forgotten = 0;
+        for name in self.dedupe_tree_names() {
+            if live.contains(&name) {
+                continue;
+            }
+            forgotten += self.db.open_tree(&name).map(|t| t.len()).unwrap_or(0);
+            self.db.drop_tree(&name).map_err(|e| self.io(e))?;
+        }
+        Ok(forgotten)
+    }
+
+    /// Forgets every FullId seen for `tenant`, so a replay from an earlier
+    /// checkpoint forwards those detections again. Returns how many.
+    pub fn forget_seen(&self, tenant: &str) -> Result<usize, StoreError> {
+        let mut prefix = tenant.as_bytes().to_vec();
+        prefix.push(0);
+        let mut removed = 0;
+        for name in self.dedupe_tree_names() {
+            let tree = self.db.open_tree(&name).map_err(|e| self.io(e))?;
+            for key in tree.scan_prefix(&prefix).keys() {
+                let key = key.map_err(|e| self.io(e))?;
+                tree.remove(&key).map_err(|e| self.io(e))?;
+                removed += 1;
+            }
+        }
+        self.db.flush().map_err(|e| self.io(e))?;
         Ok(removed)
     }
 
@@ -471,8 +602,7 @@ impl Store {
             if !ids.is_empty() && !ids.contains(&letter.id) {
                 continue;
             }
-            let entry = OutboxEntry { tenant: letter.tenant, only_sink: Some(letter.sink), raw: letter.detection };
-            let bytes = entry.encode();
+            let bytes = encode_batch(&letter.tenant, Some(&letter.sink), std::iter::once(letter.detection.as_str()));
             let seq = self.db.generate_id().map_err(|e| self.io(e))? + 1;
             self.outbox_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
             self.outbox.insert(seq.to_be_bytes(), bytes).map_err(|e| self.io(e))?;
@@ -687,13 +817,40 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn prune_forgets_old_full_ids() {
+    async fn prune_forgets_full_ids_after_two_generations() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = StoreOptions { dedupe_retention_secs: 7 * 24 * 3600, ..StoreOptions::default() };
+        let store = Store::open_with(dir.path(), options).unwrap();
+        let start = Utc::now();
+        let old = [detection("x:1", "2026-01-01T00:00:00Z")];
+        store.enqueue("t", &old, None, start).await.unwrap();
+        let half_later = start + chrono::Duration::days(4);
+        assert_eq!(store.prune_dedupe(half_later).unwrap(), 0);
+        let again = store.enqueue("t", &old, None, half_later).await.unwrap();
+        assert_eq!(again.duplicates, 1, "still remembered after half the retention");
+        let much_later = start + chrono::Duration::days(15);
+        assert_eq!(store.prune_dedupe(much_later).unwrap(), 1);
+        let after = store.enqueue("t", &old, None, much_later).await.unwrap();
+        assert_eq!(after.queued, 1, "forgotten after the retention");
+    }
+
+    #[tokio::test]
+    async fn positions_cover_every_detection_of_a_batch() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let old = Utc::now() - chrono::Duration::days(30);
-        store.enqueue("t", &[detection("x:1", "2026-01-01T00:00:00Z")], None, old).await.unwrap();
-        store.enqueue("t", &[detection("x:2", "2026-01-01T00:00:00Z")], None, Utc::now()).await.unwrap();
-        assert_eq!(store.prune_dedupe(Utc::now() - chrono::Duration::days(7)).unwrap(), 1);
-        assert_eq!(store.dedupe_len(), 1);
+        store.sync_cursors(&["a"]).unwrap();
+        let many: Vec<Detection> = (0..10).map(|i| detection(&format!("x:{i}"), "2026-01-01T00:00:00Z")).collect();
+        store.enqueue("t", &many[..6], None, Utc::now()).await.unwrap();
+        store.enqueue("t", &many[6..], None, Utc::now()).await.unwrap();
+        let first = store.read_after(0, 4).unwrap();
+        assert_eq!(first.len(), 4);
+        store.ack("a", first[3].0).await.unwrap();
+        assert_eq!(store.pending("a").unwrap().0, 6);
+        let rest = store.read_after(first[3].0, 100).unwrap();
+        let ids: Vec<String> = rest.iter().map(|(_, e)| e.raw.clone()).collect();
+        assert_eq!(ids.len(), 6);
+        assert!(ids[0].contains("x:4") && ids[5].contains("x:9"), "{ids:?}");
+        store.ack("a", rest[5].0).await.unwrap();
+        assert_eq!(store.outbox_bytes(), 0, "both batches released");
     }
 }

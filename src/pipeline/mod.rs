@@ -179,7 +179,7 @@ pub async fn run(config: &Config, store: Arc<Store>, mode: Mode, stop: watch::Re
             }
         }
     }
-    let maintenance = tokio::spawn(maintain(store.clone(), config.state.dedupe_retention_secs, stop.clone()));
+    let maintenance = tokio::spawn(maintain(store.clone(), stop.clone()));
 
     let mut failures = Vec::new();
     while let Some(result) = pollers.join_next().await {
@@ -238,10 +238,9 @@ pub async fn run(config: &Config, store: Arc<Store>, mode: Mode, stop: watch::Re
 }
 
 /// Forgets old FullIds now and every ten minutes.
-async fn maintain(store: Arc<Store>, retention_secs: u64, mut stop: watch::Receiver<bool>) {
+async fn maintain(store: Arc<Store>, mut stop: watch::Receiver<bool>) {
     loop {
-        let cutoff = chrono::Utc::now() - chrono::Duration::seconds(retention_secs as i64);
-        match store.prune_dedupe(cutoff) {
+        match store.prune_dedupe(chrono::Utc::now()) {
             Ok(0) => {}
             Ok(removed) => tracing::debug!(removed, "dedupe entries pruned"),
             Err(e) => tracing::warn!(error = %e, "cannot prune the dedupe set"),

@@ -58,6 +58,10 @@ impl SinkWorker {
         let mut batch = Batch::default();
         let mut store_backoff = Backoff::new(self.retry_initial, self.retry_max);
         loop {
+            // Read the mode before the outbox: Drain is set only after the
+            // pollers stopped queuing, so an empty read after seeing Drain
+            // really means there is nothing left.
+            let mode = self.current_mode();
             let entries = match self.next_entries() {
                 Ok(entries) => entries,
                 Err(source) => {
@@ -73,7 +77,7 @@ impl SinkWorker {
                 }
             };
             let Some((last_seq, _)) = entries.last().map(|(seq, e)| (*seq, e)) else {
-                if self.current_mode() != WorkerMode::Run || self.wait_for_work().await {
+                if mode != WorkerMode::Run || self.wait_for_work().await {
                     return Ok(());
                 }
                 continue;
@@ -106,11 +110,12 @@ impl SinkWorker {
         self.store.read_after(cursor, self.batch_size)
     }
 
-    /// Waits for new entries or a mode change; true when the worker should exit.
+    /// Waits for new entries or a mode change; true when the worker should
+    /// exit at once. After a change to Drain the caller reads the outbox again.
     async fn wait_for_work(&mut self) -> bool {
         tokio::select! {
             changed = self.wake.changed() => changed.is_err(),
-            changed = self.mode.changed() => changed.is_err() || *self.mode.borrow() != WorkerMode::Run,
+            changed = self.mode.changed() => changed.is_err() || *self.mode.borrow() == WorkerMode::Stop,
         }
     }
 
