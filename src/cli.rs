@@ -21,7 +21,12 @@ pub const EXIT_FAILURE: u8 = 1;
 pub const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser, Debug)]
-#[command(name = "mde-forwarder", version, about = "Forwards Microsoft Defender for Endpoint detections from the SIEM REST API to syslog, file and HTTP sinks")]
+#[command(
+    name = "mde-forwarder",
+    version,
+    about = "Forwards Microsoft Defender for Endpoint detections from the SIEM REST API to syslog, file and HTTP sinks",
+    after_help = "Exit codes: 0 success; 1 a run, probe or health check failed (reason on stderr); 2 invalid arguments; 64 invalid config."
+)]
 pub struct Cli {
     /// Log format on standard error: text or json (one JSON object per line); overrides [service] log_format.
     #[arg(long, global = true, value_enum)]

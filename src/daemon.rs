@@ -3,8 +3,8 @@
 //! `/health` and `/metrics` listener.
 //!
 //! Start-up order: the config is loaded and validated by the caller, then
-//! the state store is opened and the listener bound; only then is systemd
-//! told READY=1, so a unit that is "active" has its state open.
+//! the state store is opened and the listener bound. Only then does systemd
+//! get READY=1, so a unit that is "active" has its state open.
 //!
 //! Signals: SIGTERM and SIGINT start the graceful shutdown (a second one
 //! exits at once); SIGHUP reloads the config file. A reloaded config that is

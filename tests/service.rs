@@ -72,7 +72,7 @@ impl Daemon {
     }
 }
 
-/// A free port on 127.0.0.1. Another process could take it before the
+/// Returns a free port on 127.0.0.1. Another process could take it before the
 /// daemon binds it, which would fail the test loudly, not silently.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -186,7 +186,9 @@ async fn sighup_adds_sink_that_gets_new_detections() {
     let added = emulator.new_detection(TENANT_ID)["FullId"].as_str().unwrap().to_string();
 
     assert!(wait_until(WAIT, || !read_json_lines(&archive).is_empty()).await, "{}", daemon.log());
-    assert_eq!(full_ids(&read_json_lines(&archive)), [added.clone()], "the new sink starts at the end of the outbox");
+    let archived = full_ids(&read_json_lines(&archive));
+    assert_eq!(archived.len(), 1, "the new sink starts at the end of the outbox: {archived:?}");
+    assert_eq!(archived[0], added);
     let lines = receiver.wait_for(47, WAIT).await;
     assert_eq!(cef_full_id(&lines[46]).as_deref(), Some(added.as_str()));
     let counts = count_full_ids(&receiver.lines());
@@ -347,7 +349,7 @@ async fn json_log_lines_parse() {
     assert_eq!(poll["level"], "INFO");
 }
 
-/// Runs error paths (a wrong client secret answered with an AADSTS error,
+/// Runs error paths (a wrong client secret rejected with an AADSTS error,
 /// 401s, a dead sink) in text and JSON logs at debug level and checks that
 /// neither secret nor any issued access token appears in the output.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

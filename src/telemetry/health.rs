@@ -33,7 +33,7 @@ pub struct Tenants {
     states: Mutex<BTreeMap<String, TenantState>>,
 }
 
-/// What `/health` returns.
+/// The outcome and JSON body of `/health`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HealthReport {
     pub healthy: bool,
@@ -121,7 +121,7 @@ impl Tenants {
         HealthReport { healthy, body: json!({ "status": status, "tenants": tenants }) }
     }
 
-    /// The systemd STATUS text: the last poll result per tenant.
+    /// Builds the systemd STATUS text: the last poll result per tenant.
     pub fn status_line(&self) -> String {
         let states = self.lock();
         let parts: Vec<String> = states

@@ -63,7 +63,7 @@ impl Registry {
         }
     }
 
-    /// The current value of one series, if it exists.
+    /// Returns the current value of one series, if it exists.
     pub fn value(&self, metric: &Metric, labels: &[(&'static str, &str)]) -> Option<f64> {
         let key = owned_labels(labels);
         let families = self.lock();

@@ -58,7 +58,7 @@ pub struct Telemetry {
     sinks: Mutex<Vec<String>>,
 }
 
-/// The process-wide telemetry state.
+/// Returns the process-wide telemetry state, created on first use.
 pub fn global() -> &'static Telemetry {
     static GLOBAL: OnceLock<Telemetry> = OnceLock::new();
     GLOBAL.get_or_init(|| {
@@ -73,8 +73,8 @@ pub fn global() -> &'static Telemetry {
     })
 }
 
-/// The longest a single step of a poll cycle may take: one request bounded
-/// by the HTTP client's timeouts, plus slack.
+/// Returns the maximum time a single step of a poll cycle may take: one
+/// request bounded by the HTTP client's timeouts, plus slack.
 pub fn poll_step_budget(config: &crate::config::PollConfig) -> Duration {
     Duration::from_secs(config.connect_timeout_secs + config.request_timeout_secs) + PROGRESS_SLACK
 }
@@ -175,7 +175,7 @@ fn oldest_age(store: &Store, seq: u64, now: chrono::DateTime<Utc>) -> Option<f64
     Some(((now - time).num_milliseconds() as f64 / 1000.0).max(0.0))
 }
 
-/// The `status` label of an API error: the HTTP status, or the kind of
+/// Returns the `status` label of an API error: the HTTP status, or the kind of
 /// failure when there was no HTTP response from the API.
 fn error_label(error: &CycleError) -> String {
     match error {

@@ -70,7 +70,7 @@ fn send_to(socket: &UnixDatagram, target: &Target, message: &[u8]) -> io::Result
     }
 }
 
-/// The watchdog timeout from `WATCHDOG_USEC`, when it is set for this process
+/// Returns the watchdog timeout from `WATCHDOG_USEC`, when it is set for this process
 /// (`WATCHDOG_PID` unset or equal to our process id).
 pub fn watchdog_timeout() -> Option<Duration> {
     let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.trim().parse().ok()?;

@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 
 use crate::store::Store;
 
-/// Longest a client may take to send its request headers.
+/// Maximum time a client may take to send its request headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 type HttpResponse = Response<Full<Bytes>>;
@@ -93,8 +93,8 @@ fn response(status: StatusCode, content_type: &'static str, body: impl Into<Byte
     reply
 }
 
-/// Sends `GET url` and prints the body. Ok when the answer is 200, for
-/// container health checks that have no curl.
+/// Sends `GET url` and returns the body, or an error unless the status is
+/// 200. Used by container health checks in images without curl.
 pub async fn check_health(url: &str, timeout: Duration) -> Result<String, String> {
     let client = reqwest::Client::builder()
         .timeout(timeout)
