@@ -94,7 +94,9 @@ impl TokenSource {
                 return Ok(token.value.clone());
             }
         }
-        let fresh = self.fetch().await?;
+        let fresh = self.fetch().await;
+        crate::telemetry::global().token_fetched(&self.tenant.name, fresh.is_ok());
+        let fresh = fresh?;
         let value = fresh.value.clone();
         *cached = Some(fresh);
         Ok(value)

@@ -1,7 +1,9 @@
-//! The commands behind `mde-forwarder`: run, demo, emulate, check-config, state.
+//! The commands behind `mde-forwarder`: run, demo, emulate, check-config,
+//! state, health.
 //!
-//! Exit codes: 0 success; 1 a run failed (the reason is on stderr);
-//! 2 invalid command-line arguments; 64 invalid configuration.
+//! Exit codes: 0 success; 1 a run failed, a probe failed or the health check
+//! failed (the reason is on stderr); 2 invalid command-line arguments;
+//! 64 invalid configuration.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -19,9 +21,14 @@ pub const EXIT_FAILURE: u8 = 1;
 pub const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser, Debug)]
-#[command(name = "mde-forwarder", version, about = "Forwards Microsoft Defender for Endpoint detections from the SIEM REST API to syslog, file and HTTP sinks")]
+#[command(
+    name = "mde-forwarder",
+    version,
+    about = "Forwards Microsoft Defender for Endpoint detections from the SIEM REST API to syslog, file and HTTP sinks",
+    after_help = "Exit codes: 0 success; 1 a run, probe or health check failed (reason on stderr); 2 invalid arguments; 64 invalid config."
+)]
 pub struct Cli {
-    /// Log format on stderr; overrides [service] log_format.
+    /// Log format on standard error: text or json (one JSON object per line); overrides [service] log_format.
     #[arg(long, global = true, value_enum)]
     pub log_format: Option<LogFormat>,
     #[command(subcommand)]
@@ -36,10 +43,31 @@ pub enum Command {
     Demo(DemoArgs),
     /// Run the Defender API emulator on its own, for testing a SIEM pipeline.
     Emulate(crate::emulator::EmulateArgs),
-    /// Validate a config file and show the resolved endpoints.
-    CheckConfig(ConfigArg),
+    /// Validate a config file and show the resolved endpoints; exit 0 valid, 1 a probe failed, 64 invalid.
+    CheckConfig(CheckConfigArgs),
     /// Show or change the stored state: checkpoints, outbox, dead letters.
     State(StateArgs),
+    /// GET the health endpoint of a running forwarder; exit 0 on HTTP 200, else 1. For container health checks.
+    Health(HealthArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CheckConfigArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Also get a token from each tenant and connect to each sink (TCP connect, file open; UDP is only resolved).
+    #[arg(long)]
+    pub probe: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct HealthArgs {
+    /// URL of the forwarder's health endpoint ([service] listen plus /health).
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:9898/health")]
+    pub url: String,
+    /// Seconds to wait for the whole response.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5)]
+    pub timeout_secs: u64,
 }
 
 #[derive(Args, Debug)]
@@ -53,7 +81,7 @@ pub struct ConfigArg {
 pub struct RunArgs {
     #[command(flatten)]
     pub config: ConfigArg,
-    /// Run one complete poll cycle for every tenant, deliver everything, store the checkpoints and exit.
+    /// Run one complete poll cycle for every tenant, deliver everything, store the checkpoints and exit (without it: run until SIGTERM or SIGINT; SIGHUP reloads the config).
     #[arg(long)]
     pub once: bool,
 }
@@ -61,10 +89,10 @@ pub struct RunArgs {
 #[derive(Args, Debug)]
 pub struct DemoArgs {
     /// Seconds between polls.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, value_name = "SECONDS", default_value_t = 5)]
     pub interval_secs: u64,
-    /// Seconds between new detections added by the emulator.
-    #[arg(long, default_value_t = 3)]
+    /// Seconds between new detections added by the emulator; 0 adds none.
+    #[arg(long, value_name = "SECONDS", default_value_t = 3)]
     pub add_every_secs: u64,
 }
 
@@ -82,9 +110,10 @@ pub enum StateAction {
     Show,
     /// Set a tenant's checkpoint, to replay from a time (UTC, ISO 8601).
     SetCheckpoint {
+        /// Tenant name, as in [[tenant]] name.
         #[arg(long)]
         tenant: String,
-        /// For example 2026-12-01T00:00:00Z.
+        /// UTC time in ISO 8601, for example 2026-12-01T00:00:00Z.
         #[arg(long)]
         time: String,
         /// Also forget which detections of this tenant were already forwarded, so the replay sends them again.
@@ -93,6 +122,7 @@ pub enum StateAction {
     },
     /// Delete a tenant's checkpoint: the next poll starts initial_lookback_secs back.
     ResetCheckpoint {
+        /// Tenant name, as in [[tenant]] name.
         #[arg(long)]
         tenant: String,
     },
@@ -100,11 +130,13 @@ pub enum StateAction {
     DeadLetters,
     /// Queue dead letters again for the sink that rejected them (all, or those given by --id).
     Requeue {
+        /// Dead letter id from `state dead-letters`; repeat for several.
         #[arg(long = "id")]
         ids: Vec<u64>,
     },
     /// Delete dead letters (all, or those given by --id).
     Purge {
+        /// Dead letter id from `state dead-letters`; repeat for several.
         #[arg(long = "id")]
         ids: Vec<u64>,
     },
@@ -130,8 +162,21 @@ pub fn main(cli: Cli) -> ExitCode {
                 report(result.map_err(|e| e.to_string()))
             })
         }
-        Command::CheckConfig(args) => check_config(&args.config),
+        Command::CheckConfig(args) => runtime.block_on(check_config(&args.config.config, args.probe)),
         Command::State(args) => runtime.block_on(state(args)),
+        Command::Health(args) => {
+            let timeout = std::time::Duration::from_secs(args.timeout_secs);
+            match runtime.block_on(crate::telemetry::server::check_health(&args.url, timeout)) {
+                Ok(body) => {
+                    print!("{body}");
+                    ExitCode::SUCCESS
+                }
+                Err(message) => {
+                    eprintln!("error: {message}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
     }
 }
 
@@ -156,9 +201,9 @@ pub fn init_logging(format: LogFormat, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colour codes only on a terminal: journald and log files get plain text.
+    // Colours only on a terminal: journald and log files get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
@@ -199,8 +244,11 @@ async fn run(args: RunArgs, log_format: Option<LogFormat>) -> ExitCode {
         Err(code) => return code,
     };
     init_logging(log_format.unwrap_or(config.service.log_format), &config.service.log_level);
-    let mode = if args.once { Mode::Once } else { Mode::Daemon };
-    report(run_config(&config, mode, shutdown_signal()).await)
+    if args.once {
+        report(run_config(&config, Mode::Once, shutdown_signal()).await)
+    } else {
+        report(crate::daemon::run(config, args.config.config).await)
+    }
 }
 
 /// Opens the store and runs the pipeline; shared by `run` and `demo`.
@@ -223,7 +271,7 @@ pub async fn run_config(config: &Config, mode: Mode, stop: watch::Receiver<bool>
     result
 }
 
-fn check_config(path: &Path) -> ExitCode {
+async fn check_config(path: &Path, probe: bool) -> ExitCode {
     let config = match load_config(path) {
         Ok(config) => config,
         Err(code) => return code,
@@ -243,7 +291,19 @@ fn check_config(path: &Path) -> ExitCode {
     for sink in &config.sinks {
         println!("sink {}: {}", sink.name(), describe_sink(sink));
     }
-    ExitCode::SUCCESS
+    if let Some(listen) = config.service.listen {
+        println!("health and metrics: http://{listen}/health and http://{listen}/metrics");
+    }
+    if !probe {
+        return ExitCode::SUCCESS;
+    }
+    let failed = crate::probe::run(&config, tenants).await;
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("error: {failed} probe(s) failed");
+        ExitCode::from(EXIT_FAILURE)
+    }
 }
 
 fn describe_sink(sink: &crate::config::SinkConfig) -> String {

@@ -162,11 +162,14 @@ pub struct ServiceConfig {
     pub log_format: LogFormat,
     /// A tracing filter such as `info` or `mde_forwarder=debug`; `RUST_LOG` wins.
     pub log_level: String,
+    /// Address of the `/health` and `/metrics` listener, such as
+    /// `127.0.0.1:9898`; no listener when unset.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for ServiceConfig {
     fn default() -> Self {
-        Self { shutdown_grace_secs: 10, log_format: LogFormat::Text, log_level: "info".into() }
+        Self { shutdown_grace_secs: 10, log_format: LogFormat::Text, log_level: "info".into(), listen: None }
     }
 }
 

@@ -13,5 +13,8 @@ pub mod source;
 pub mod store;
 pub mod pipeline;
 pub mod cli;
+pub mod daemon;
+pub mod probe;
+pub mod telemetry;
 pub mod demo;
 pub mod emulator;

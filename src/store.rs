@@ -579,6 +579,10 @@ impl Store {
         Ok(())
     }
 
+    pub fn dead_letter_count(&self) -> usize {
+        self.dead_letters.len()
+    }
+
     pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
         let mut letters = Vec::new();
         for item in self.dead_letters.iter() {

@@ -288,6 +288,12 @@ impl Emulator {
         self.inner.shared.lock().token_requests
     }
 
+    /// The access tokens issued and not yet expired or revoked, so that tests
+    /// can check that none of them leaks into logs.
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.inner.shared.lock().tokens.keys().cloned().collect()
+    }
+
     pub fn detection_count(&self, tenant_id: &str) -> usize {
         let state = self.inner.shared.lock();
         state.tenant(tenant_id).map_or(0, |tenant| tenant.detections.len())

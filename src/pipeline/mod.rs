@@ -7,8 +7,12 @@
 //! 2. Workers get [`WorkerMode::Drain`]: they deliver what is queued and exit.
 //! 3. After the grace period, workers get [`WorkerMode::Stop`]: an
 //!    unacknowledged batch stays in the outbox for the next start.
+//!
+//! A config reload (see [`run_reloadable`]) runs the same three steps, then
+//! starts pollers and workers for the new config on the same open store.
 
 mod poller;
+mod reload;
 mod worker;
 
 use std::sync::Arc;
@@ -24,6 +28,7 @@ use crate::source::AlertsClient;
 use crate::store::{Store, StoreError};
 
 pub use poller::{CycleError, CycleReport, Poller};
+pub use reload::{run_reloadable, Reload};
 pub use worker::{SinkWorker, WorkerError, WorkerMode};
 
 /// Attempts per batch for a sink in `--once` mode before the run fails.
@@ -123,12 +128,45 @@ pub fn local_hostname() -> String {
 /// Runs the pipeline until `stop` (daemon) or until one cycle per tenant is
 /// delivered (`--once`).
 pub async fn run(config: &Config, store: Arc<Store>, mode: Mode, stop: watch::Receiver<bool>) -> Result<(), PipelineError> {
+    let mut running = start(config, &store, mode, stop)?;
+    let mut failures = running.join_pollers().await;
+    let sink_failures = running.finish_workers(mode, Duration::from_secs(config.service.shutdown_grace_secs)).await;
+    if let Err(e) = store.flush().await {
+        failures.push(e.to_string());
+    }
+    match mode {
+        Mode::Once => failures.extend(sink_failures),
+        Mode::Daemon => {
+            for failure in sink_failures {
+                tracing::warn!("{failure}");
+            }
+        }
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(PipelineError::Failed(failures))
+    }
+}
+
+/// The tasks of one config: a poller per tenant, a worker per sink, and the
+/// dedupe maintenance. A reload stops them and starts new ones.
+struct Running {
+    pollers: JoinSet<Result<(), CycleError>>,
+    workers: JoinSet<Result<(), WorkerError>>,
+    mode_tx: watch::Sender<WorkerMode>,
+    maintenance: tokio::task::JoinHandle<()>,
+}
+
+/// Spawns the tasks for `config`. Pollers return when `stop` turns true.
+fn start(config: &Config, store: &Arc<Store>, mode: Mode, stop: watch::Receiver<bool>) -> Result<Running, PipelineError> {
     let tenants = config.resolve_tenants()?;
     let http = http_client(config)?;
     let sink_names: Vec<&str> = config.sinks.iter().map(|s| s.name()).collect();
     for removed in store.sync_cursors(&sink_names)? {
         tracing::info!(sink = %removed, "sink no longer configured; released what only it held");
     }
+    crate::telemetry::global().configure(config);
     let (wake_tx, wake_rx) = watch::channel(0u64);
     let wake_tx = Arc::new(wake_tx);
     let (mode_tx, mode_rx) = watch::channel(if mode == Mode::Once { WorkerMode::Drain } else { WorkerMode::Run });
@@ -179,61 +217,56 @@ pub async fn run(config: &Config, store: Arc<Store>, mode: Mode, stop: watch::Re
             }
         }
     }
-    let maintenance = tokio::spawn(maintain(store.clone(), stop.clone()));
+    let maintenance = tokio::spawn(maintain(store.clone(), stop));
+    Ok(Running { pollers, workers, mode_tx, maintenance })
+}
 
-    let mut failures = Vec::new();
-    while let Some(result) = pollers.join_next().await {
-        match result {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => failures.push(e.to_string()),
-            Err(e) => failures.push(format!("poller task failed: {e}")),
-        }
-    }
-    maintenance.abort();
-
-    // Pollers are done: in daemon mode because `stop` turned true.
-    mode_tx.send_replace(WorkerMode::Drain);
-    let drain = async {
-        let mut errors = Vec::new();
-        while let Some(result) = workers.join_next().await {
+impl Running {
+    /// Waits for every poller: in daemon mode they return once `stop` turned
+    /// true. Returns the failures.
+    async fn join_pollers(&mut self) -> Vec<String> {
+        let mut failures = Vec::new();
+        while let Some(result) = self.pollers.join_next().await {
             match result {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => errors.push(e.to_string()),
-                Err(e) => errors.push(format!("sink task failed: {e}")),
+                Ok(Err(e)) => failures.push(e.to_string()),
+                Err(e) => failures.push(format!("poller task failed: {e}")),
             }
         }
-        errors
-    };
-    let sink_failures = match mode {
-        Mode::Once => drain.await,
-        Mode::Daemon => {
-            let grace = Duration::from_secs(config.service.shutdown_grace_secs);
-            tokio::pin!(drain);
-            match tokio::time::timeout(grace, &mut drain).await {
-                Ok(errors) => errors,
-                Err(_) => {
-                    tracing::warn!(grace_secs = grace.as_secs(), "shutdown grace period over; undelivered detections stay queued");
-                    mode_tx.send_replace(WorkerMode::Stop);
-                    drain.await
+        self.maintenance.abort();
+        failures
+    }
+
+    /// Lets the workers deliver what is queued, within `grace` in daemon
+    /// mode, then stops them. Returns the sink failures.
+    async fn finish_workers(mut self, mode: Mode, grace: Duration) -> Vec<String> {
+        self.mode_tx.send_replace(WorkerMode::Drain);
+        let workers = &mut self.workers;
+        let drain = async {
+            let mut errors = Vec::new();
+            while let Some(result) = workers.join_next().await {
+                match result {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => errors.push(e.to_string()),
+                    Err(e) => errors.push(format!("sink task failed: {e}")),
+                }
+            }
+            errors
+        };
+        match mode {
+            Mode::Once => drain.await,
+            Mode::Daemon => {
+                tokio::pin!(drain);
+                match tokio::time::timeout(grace, &mut drain).await {
+                    Ok(errors) => errors,
+                    Err(_) => {
+                        tracing::warn!(grace_secs = grace.as_secs(), "shutdown grace period over; undelivered detections stay queued");
+                        self.mode_tx.send_replace(WorkerMode::Stop);
+                        drain.await
+                    }
                 }
             }
         }
-    };
-    if let Err(e) = store.flush().await {
-        failures.push(e.to_string());
-    }
-    match mode {
-        Mode::Once => failures.extend(sink_failures),
-        Mode::Daemon => {
-            for failure in sink_failures {
-                tracing::warn!("{failure}");
-            }
-        }
-    }
-    if failures.is_empty() {
-        Ok(())
-    } else {
-        Err(PipelineError::Failed(failures))
     }
 }
 

@@ -92,17 +92,25 @@ impl Poller {
                 return;
             }
             let started = tokio::time::Instant::now();
+            self.beat(Duration::ZERO);
             let mut cycle_stop = stop.clone();
             tokio::select! {
                 _ = self.run_with_retries(&mut cycle_stop) => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
             let next = started + interval;
+            self.beat(next.saturating_duration_since(tokio::time::Instant::now()));
             tokio::select! {
                 _ = tokio::time::sleep_until(next) => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
         }
+    }
+
+    /// Tells the watchdog this poller is alive and its next step ends within
+    /// `wait` plus one request's time.
+    fn beat(&self, wait: Duration) {
+        crate::telemetry::global().beat(self.name(), wait + crate::telemetry::poll_step_budget(&self.poll));
     }
 
     /// One cycle, retried with backoff while the error is retryable.
@@ -116,6 +124,7 @@ impl Poller {
             let started = std::time::Instant::now();
             match self.run_cycle().await {
                 Ok(report) => {
+                    crate::telemetry::global().poll_succeeded(self.name(), &report, started.elapsed());
                     tracing::info!(
                         tenant = %self.name(),
                         since = %report.since.map(crate::timefmt::format_query).unwrap_or_default(),
@@ -131,14 +140,19 @@ impl Poller {
                     return Ok(report);
                 }
                 Err(error) if error.is_retryable() && attempt < self.poll.retry_max_attempts => {
+                    crate::telemetry::global().poll_attempt_failed(self.name(), &error);
                     let delay = backoff.next_delay(error.retry_after());
-                    tracing::warn!(
-                        tenant = %self.name(),
-                        attempt,
-                        retry_in_ms = delay.as_millis() as u64,
-                        error = %error,
-                        "poll failed; retrying"
-                    );
+                    if let Some(suppressed) = crate::telemetry::should_log(&format!("poll retry {}: {error}", self.name())) {
+                        tracing::warn!(
+                            tenant = %self.name(),
+                            attempt,
+                            retry_in_ms = delay.as_millis() as u64,
+                            error = %error,
+                            suppressed,
+                            "poll failed; retrying"
+                        );
+                    }
+                    self.beat(delay);
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = stop.wait_for(|s| *s) => return Err(error),
@@ -146,7 +160,12 @@ impl Poller {
                     attempt += 1;
                 }
                 Err(error) => {
-                    tracing::error!(tenant = %self.name(), attempt, error = %error, "poll failed; the checkpoint did not move, the next interval tries again");
+                    let telemetry = crate::telemetry::global();
+                    telemetry.poll_attempt_failed(self.name(), &error);
+                    telemetry.poll_failed(self.name(), &error);
+                    if let Some(suppressed) = crate::telemetry::should_log(&format!("poll failed {}: {error}", self.name())) {
+                        tracing::error!(tenant = %self.name(), attempt, error = %error, suppressed, "poll failed; the checkpoint did not move, the next interval tries again");
+                    }
                     return Err(error);
                 }
             }
@@ -210,6 +229,7 @@ impl Poller {
         let mut page = self.client.open(query).await?;
         let mut summary = PageSummary::default();
         while let Some(elements) = page.next_batch(QUEUE_BATCH).await? {
+            self.beat(Duration::ZERO);
             let mut detections = Vec::with_capacity(elements.len());
             for element in elements {
                 summary.count += 1;
@@ -270,6 +290,7 @@ impl Poller {
                 );
                 warned = true;
             }
+            self.beat(Duration::from_millis(500));
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 _ = stop.wait_for(|s| *s) => return false,

@@ -66,7 +66,9 @@ impl SinkWorker {
                 Ok(entries) => entries,
                 Err(source) => {
                     let delay = store_backoff.next_delay(None);
-                    tracing::error!(sink = %self.name, error = %source, "cannot read the outbox; retrying");
+                    if let Some(suppressed) = crate::telemetry::should_log(&format!("outbox read {}: {source}", self.name)) {
+                        tracing::error!(sink = %self.name, error = %source, suppressed, "cannot read the outbox; retrying");
+                    }
                     if self.max_attempts.is_some() {
                         return Err(WorkerError::Store { sink: self.name.clone(), source });
                     }
@@ -92,7 +94,9 @@ impl SinkWorker {
             if let Err(source) = self.store.ack(&self.name, last_seq).await {
                 // The batch is delivered but the cursor may not be stored: it
                 // may be sent again after a restart, never lost.
-                tracing::error!(sink = %self.name, error = %source, "cannot store the sink cursor");
+                if let Some(suppressed) = crate::telemetry::should_log(&format!("cursor {}: {source}", self.name)) {
+                    tracing::error!(sink = %self.name, error = %source, suppressed, "cannot store the sink cursor");
+                }
                 if self.max_attempts.is_some() {
                     return Err(WorkerError::Store { sink: self.name.clone(), source });
                 }
@@ -163,24 +167,29 @@ impl SinkWorker {
             }
             match self.transport.send(batch).await {
                 Ok(()) => {
+                    crate::telemetry::global().metrics.add(&crate::telemetry::FORWARDED, &[("sink", &self.name)], batch.ends.len() as f64);
                     if attempt > 1 {
                         tracing::info!(sink = %self.name, attempt, "delivery recovered");
                     }
                     return Ok(Delivery::Done);
                 }
                 Err(source) => {
+                    crate::telemetry::global().metrics.add(&crate::telemetry::SINK_ERRORS, &[("sink", &self.name)], 1.0);
                     if self.max_attempts.is_some_and(|max| attempt >= max) {
                         return Err(WorkerError::Send { sink: self.name.clone(), source });
                     }
                     let delay = backoff.next_delay(None);
-                    tracing::warn!(
-                        sink = %self.name,
-                        attempt,
-                        retry_in_ms = delay.as_millis() as u64,
-                        events = batch.ends.len(),
-                        error = %source,
-                        "delivery failed; retrying"
-                    );
+                    if let Some(suppressed) = crate::telemetry::should_log(&format!("delivery {}: {source}", self.name)) {
+                        tracing::warn!(
+                            sink = %self.name,
+                            attempt,
+                            retry_in_ms = delay.as_millis() as u64,
+                            events = batch.ends.len(),
+                            error = %source,
+                            suppressed,
+                            "delivery failed; retrying"
+                        );
+                    }
                     if self.sleep_or_stop(delay).await {
                         return Ok(Delivery::Stopped);
                     }
