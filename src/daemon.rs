@@ -32,7 +32,7 @@ pub async fn run(config: Config, path: PathBuf) -> Result<(), String> {
     install_signal_handlers(stop_tx, hangup_tx);
 
     config.resolve_tenants().map_err(|e| e.to_string())?;
-    let store = Arc::new(Store::open(&config.state.dir).map_err(|e| e.to_string())?);
+    let store = Arc::new(Store::open_with(&config.state.dir, config.store_options()).map_err(|e| e.to_string())?);
     let listener = match config.service.listen {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
