@@ -151,10 +151,12 @@ impl HecTransport {
             if acks.acks.get(&ack_id.to_string()).copied().unwrap_or(false) {
                 return Ok(SendOutcome::Delivered);
             }
-            if Instant::now() + pause > deadline {
+            let now = Instant::now();
+            if now >= deadline {
                 return Err(SinkError::AckTimeout { url: self.ack_url.clone(), ack_id, secs: limit.as_secs() });
             }
-            tokio::time::sleep(pause).await;
+            // The last poll happens at the deadline, not a pause before it.
+            tokio::time::sleep(pause.min(deadline - now)).await;
             pause = (pause * 2).min(ACK_POLL_MAX);
         }
     }

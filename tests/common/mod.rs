@@ -2,6 +2,8 @@
 //! and the `mde-forwarder` binary run as a user would run it.
 #![allow(dead_code)]
 
+pub mod http_server;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -256,4 +258,21 @@ pub fn now_text() -> String {
 
 pub fn sample_full_ids() -> Vec<String> {
     full_ids(&sample_detections())
+}
+
+/// Dead letters in a run's state directory (the binary must have exited).
+pub fn dead_letters(dir: &Path) -> Vec<mde_forwarder::store::DeadLetter> {
+    let store = mde_forwarder::store::Store::open(&dir.join("state")).unwrap();
+    store.dead_letters().unwrap()
+}
+
+/// Entries still queued for `sink` in a run's state directory.
+pub fn pending(dir: &Path, sink: &str) -> usize {
+    let store = mde_forwarder::store::Store::open(&dir.join("state")).unwrap();
+    store.pending(sink).unwrap().0
+}
+
+/// FullId of a detection JSON value.
+pub fn full_id_of(value: &Value) -> String {
+    value["FullId"].as_str().unwrap_or_default().to_string()
 }
