@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod http_server;
+pub mod rsyslog;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
