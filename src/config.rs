@@ -272,7 +272,7 @@ pub struct SyslogSinkConfig {
     pub format: PayloadFormat,
     #[serde(default = "default_header")]
     pub header: HeaderFormat,
-    /// TCP only; UDP sends one datagram per detection.
+    /// TCP and TLS only; UDP sends one datagram per detection.
     #[serde(default = "default_framing")]
     pub framing: Framing,
     #[serde(default = "default_facility")]
@@ -302,8 +302,9 @@ pub struct SyslogSinkConfig {
 /// Server certificate checks shared by the TLS syslog, HTTP and HEC sinks.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct TlsConfig {
-    /// PEM bundle of the CAs trusted for the receiver's certificate; the
-    /// Mozilla root set (HTTP) or nothing (syslog) when absent.
+    /// PEM bundle of the CAs trusted for the receiver's certificate. HTTP and
+    /// HEC sinks use the Mozilla root set without it. Syslog TLS requires it
+    /// unless `tls_insecure_skip_verify` is set.
     #[serde(default)]
     pub tls_ca_file: Option<PathBuf>,
     /// Accept any server certificate. For tests only: it allows interception.
@@ -311,7 +312,7 @@ pub struct TlsConfig {
     pub tls_insecure_skip_verify: bool,
 }
 
-/// How an HTTP sink writes a batch into one request body.
+/// The layout of a batch in one HTTP request body.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BodyFormat {
@@ -664,7 +665,7 @@ impl SyslogSinkConfig {
         }
     }
 
-    /// The name checked against the receiver's certificate.
+    /// Returns the name checked against the receiver's certificate.
     pub fn server_name(&self) -> String {
         if let Some(name) = &self.tls_server_name {
             return name.clone();
@@ -739,7 +740,7 @@ impl SplunkHecSinkConfig {
 }
 
 impl HttpSinkConfig {
-    /// The request headers with values read from files and the environment.
+    /// Collects the request headers, reading values from files and the environment.
     pub fn resolve_headers(&self, key: &str) -> Result<Vec<(String, Secret)>, ConfigError> {
         let mut headers: Vec<(String, Secret)> = self.headers.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
         for (name, path) in &self.headers_from_files {

@@ -5,7 +5,7 @@
 //! carries an `ackId` and the batch counts as delivered only once
 //! `/services/collector/ack` reports it indexed; a timeout sends the batch again.
 //!
-//! HEC answers a bad event with HTTP 400, code 6 and `invalid-event-number`:
+//! HEC rejects a bad event with HTTP 400, code 6 and `invalid-event-number`:
 //! the events before it were accepted, that one is rejected for good, and the
 //! rest must be sent again. An invalid token (401, 403) is retried, because
 //! the events are not at fault.
@@ -170,7 +170,7 @@ impl HecTransport {
     }
 }
 
-/// A random channel identifier in UUID form, new for each start of a sink.
+/// Returns a random channel identifier in UUID form, new for each start of a sink.
 fn new_channel() -> String {
     // RandomState is seeded from the OS random source once per process and
     // varied per instance, which is enough for a channel name.

@@ -20,9 +20,9 @@ pub struct ClientIdentity<'a> {
 
 /// Builds the TLS client settings of the sink at config position `key`.
 pub fn client_config(key: &str, tls: &TlsConfig, identity: Option<ClientIdentity<'_>>) -> Result<Arc<ClientConfig>, ConfigError> {
-    // rustls 0.23.48 deprecates the ring provider only to point at aws-lc-rs
-    // for post-quantum key exchange; this build keeps ring so that no C
-    // toolchain for aws-lc is needed, as reqwest already does here.
+    // rustls 0.23.48 marks the ring provider deprecated because it has no
+    // post-quantum key exchange. This build keeps ring, which reqwest here
+    // already uses, so that aws-lc and its C toolchain are not needed.
     #[allow(deprecated)]
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
