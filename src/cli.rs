@@ -283,6 +283,13 @@ async fn check_config(path: &Path, probe: bool) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    for (i, sink) in config.sinks.iter().enumerate() {
+        // Reads the TLS, token and header files, which validation alone does not.
+        if let Err(e) = crate::pipeline::build_sink(&format!("sink[{i}]"), sink) {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    }
     println!("config {} is valid", path.display());
     println!("state dir: {}", config.state.dir.display());
     for tenant in &tenants {
@@ -312,6 +319,8 @@ fn describe_sink(sink: &crate::config::SinkConfig) -> String {
         SinkConfig::Syslog(s) => format!("syslog {:?} to {} ({:?}, {:?} header)", s.protocol, s.address, s.format, s.header),
         SinkConfig::File(f) => format!("file {} ({:?})", f.path.display(), f.format),
         SinkConfig::Stdout(s) => format!("standard output ({:?})", s.format),
+        SinkConfig::Http(h) => format!("HTTP POST to {} ({:?}, gzip {})", h.url, h.body_format, h.gzip),
+        SinkConfig::SplunkHec(h) => format!("Splunk HEC at {} (ack {})", h.url, h.ack),
     }
 }
 

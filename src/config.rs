@@ -8,7 +8,7 @@
 //! `MDE_FORWARDER__TENANT__CONTOSO__CLIENT_SECRET=...` sets the secret of the
 //! tenant named `contoso` (names match case-insensitively, `_` matching `-`).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -280,14 +280,17 @@ pub enum Protocol {
     #[default]
     Tcp,
     Udp,
+    Tls,
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum SinkConfig {
     Syslog(SyslogSinkConfig),
     File(FileSinkConfig),
     Stdout(StdoutSinkConfig),
+    Http(HttpSinkConfig),
+    SplunkHec(SplunkHecSinkConfig),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -302,7 +305,7 @@ pub struct SyslogSinkConfig {
     pub format: PayloadFormat,
     #[serde(default = "default_header")]
     pub header: HeaderFormat,
-    /// TCP only; UDP sends one datagram per detection.
+    /// TCP and TLS only; UDP sends one datagram per detection.
     #[serde(default = "default_framing")]
     pub framing: Framing,
     #[serde(default = "default_facility")]
@@ -314,7 +317,135 @@ pub struct SyslogSinkConfig {
     #[serde(default = "default_max_datagram_bytes")]
     pub max_datagram_bytes: usize,
     #[serde(flatten)]
+    pub tls: TlsConfig,
+    /// Name checked against the receiver's certificate; the host part of
+    /// `address` by default.
+    #[serde(default)]
+    pub tls_server_name: Option<String>,
+    /// PEM certificate chain presented to the receiver (mutual TLS).
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file`.
+    #[serde(default)]
+    pub tls_key_file: Option<PathBuf>,
+    #[serde(flatten)]
     pub common: SinkCommon,
+}
+
+/// Server certificate checks shared by the TLS syslog, HTTP and HEC sinks.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct TlsConfig {
+    /// PEM bundle of the CAs trusted for the receiver's certificate. HTTP and
+    /// HEC sinks use the Mozilla root set without it. Syslog TLS requires it
+    /// unless `tls_insecure_skip_verify` is set.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// Accept any server certificate. For tests only: it allows interception.
+    #[serde(default)]
+    pub tls_insecure_skip_verify: bool,
+}
+
+/// The layout of a batch in one HTTP request body.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BodyFormat {
+    /// `[detection,detection,...]`.
+    #[default]
+    JsonArray,
+    /// One detection per line, each line ending in `\n`.
+    Ndjson,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSinkConfig {
+    pub name: String,
+    /// The URL every batch is POSTed to.
+    pub url: String,
+    #[serde(default)]
+    pub body_format: BodyFormat,
+    /// Compress request bodies (`Content-Encoding: gzip`).
+    #[serde(default)]
+    pub gzip: bool,
+    /// Extra request headers with literal values.
+    #[serde(default)]
+    pub headers: BTreeMap<String, Secret>,
+    /// Extra request headers whose values are read from files at start.
+    #[serde(default)]
+    pub headers_from_files: BTreeMap<String, PathBuf>,
+    /// Extra request headers whose values are read from environment variables at start.
+    #[serde(default)]
+    pub headers_from_env: BTreeMap<String, String>,
+    /// Upper bound on one request body before compression; a single larger
+    /// detection is still sent alone.
+    #[serde(default = "default_max_batch_bytes")]
+    pub max_batch_bytes: usize,
+    /// Longest wait for a whole request and its response.
+    #[serde(default = "default_http_timeout_secs")]
+    pub timeout_secs: u64,
+    #[serde(flatten)]
+    pub tls: TlsConfig,
+    #[serde(flatten)]
+    pub common: SinkCommon,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SplunkHecSinkConfig {
+    pub name: String,
+    /// Base URL of the HTTP Event Collector, such as `https://splunk:8088`.
+    pub url: String,
+    #[serde(default)]
+    pub token: Option<Secret>,
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Name of an environment variable that contains the token.
+    #[serde(default)]
+    pub token_env: Option<String>,
+    #[serde(default = "default_hec_source")]
+    pub source: String,
+    #[serde(default = "default_hec_sourcetype")]
+    pub sourcetype: String,
+    #[serde(default)]
+    pub index: Option<String>,
+    /// Wait for indexer acknowledgement before a batch counts as delivered.
+    #[serde(default)]
+    pub ack: bool,
+    /// How long to poll for an acknowledgement before sending the batch again.
+    #[serde(default = "default_ack_timeout_secs")]
+    pub ack_timeout_secs: u64,
+    #[serde(default = "default_max_batch_bytes")]
+    pub max_batch_bytes: usize,
+    #[serde(default = "default_http_timeout_secs")]
+    pub timeout_secs: u64,
+    #[serde(flatten)]
+    pub tls: TlsConfig,
+    #[serde(flatten)]
+    pub common: SinkCommon,
+}
+
+/// The detection severities in increasing order, for `min_severity`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SeverityLevel {
+    #[default]
+    Informational,
+    Low,
+    Medium,
+    High,
+}
+
+impl SeverityLevel {
+    /// Reads the API's `Severity` text; anything unknown counts as medium,
+    /// as in the CEF severity mapping.
+    pub fn from_api(text: Option<&str>) -> Self {
+        match text.map(str::to_ascii_lowercase).as_deref() {
+            Some("informational") => SeverityLevel::Informational,
+            Some("low") => SeverityLevel::Low,
+            Some("high") => SeverityLevel::High,
+            _ => SeverityLevel::Medium,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -358,6 +489,18 @@ pub struct SinkCommon {
     pub cef_product: String,
     #[serde(default = "default_cef_version")]
     pub cef_version: String,
+    /// Detections below this severity are skipped.
+    #[serde(default)]
+    pub min_severity: SeverityLevel,
+    /// Only these categories (case-insensitive); empty means all.
+    #[serde(default)]
+    pub include_categories: Vec<String>,
+    /// Never these categories (case-insensitive).
+    #[serde(default)]
+    pub exclude_categories: Vec<String>,
+    /// Only detections of these `[[tenant]]` names; empty means all.
+    #[serde(default)]
+    pub tenants: Vec<String>,
 }
 
 impl Default for SinkCommon {
@@ -371,6 +514,10 @@ impl Default for SinkCommon {
             cef_vendor: default_cef_vendor(),
             cef_product: default_cef_product(),
             cef_version: default_cef_version(),
+            min_severity: SeverityLevel::default(),
+            include_categories: Vec::new(),
+            exclude_categories: Vec::new(),
+            tenants: Vec::new(),
         }
     }
 }
@@ -392,6 +539,21 @@ fn default_facility() -> Facility {
 }
 fn default_max_datagram_bytes() -> usize {
     2048
+}
+fn default_max_batch_bytes() -> usize {
+    1024 * 1024
+}
+fn default_http_timeout_secs() -> u64 {
+    30
+}
+fn default_ack_timeout_secs() -> u64 {
+    60
+}
+fn default_hec_source() -> String {
+    "mde-forwarder".into()
+}
+fn default_hec_sourcetype() -> String {
+    "wdatp:alerts".into()
 }
 fn default_batch_size() -> usize {
     500
@@ -424,6 +586,8 @@ impl SinkConfig {
             SinkConfig::Syslog(s) => &s.name,
             SinkConfig::File(s) => &s.name,
             SinkConfig::Stdout(s) => &s.name,
+            SinkConfig::Http(s) => &s.name,
+            SinkConfig::SplunkHec(s) => &s.name,
         }
     }
 
@@ -432,8 +596,217 @@ impl SinkConfig {
             SinkConfig::Syslog(s) => &s.common,
             SinkConfig::File(s) => &s.common,
             SinkConfig::Stdout(s) => &s.common,
+            SinkConfig::Http(s) => &s.common,
+            SinkConfig::SplunkHec(s) => &s.common,
         }
     }
+}
+
+impl SinkConfig {
+    /// Checks one sink's keys; `key` is its position, such as `sink[2]`.
+    fn validate(&self, key: &str, tenants: &[TenantConfig]) -> Result<(), ConfigError> {
+        self.common().validate(key, tenants)?;
+        match self {
+            SinkConfig::Syslog(s) => s.validate(key),
+            SinkConfig::Http(h) => h.validate(key),
+            SinkConfig::SplunkHec(h) => h.validate(key),
+            SinkConfig::File(_) | SinkConfig::Stdout(_) => Ok(()),
+        }
+    }
+}
+
+impl SinkCommon {
+    fn validate(&self, key: &str, tenants: &[TenantConfig]) -> Result<(), ConfigError> {
+        if self.batch_size == 0 {
+            return Err(invalid(format!("{key}.batch_size"), "must be at least 1"));
+        }
+        for name in &self.tenants {
+            if !tenants.iter().any(|t| &t.name == name) {
+                let known: Vec<&str> = tenants.iter().map(|t| t.name.as_str()).collect();
+                return Err(invalid(
+                    format!("{key}.tenants"),
+                    format!("no [[tenant]] is named {name:?}; use one of {known:?}"),
+                ));
+            }
+        }
+        for (field, list) in [("include_categories", &self.include_categories), ("exclude_categories", &self.exclude_categories)] {
+            if list.iter().any(|c| c.trim().is_empty()) {
+                return Err(invalid(format!("{key}.{field}"), "contains an empty category name; remove it"));
+            }
+        }
+        Ok(())
+    }
+
+    /// True when a detection of `tenant` with this severity and category
+    /// goes to the sink.
+    pub fn routes(&self, tenant: &str, severity: Option<&str>, category: Option<&str>) -> bool {
+        if !self.tenants.is_empty() && !self.tenants.iter().any(|t| t == tenant) {
+            return false;
+        }
+        if SeverityLevel::from_api(severity) < self.min_severity {
+            return false;
+        }
+        let category = category.unwrap_or("");
+        let listed = |list: &[String]| list.iter().any(|c| c.trim().eq_ignore_ascii_case(category));
+        if !self.include_categories.is_empty() && !listed(&self.include_categories) {
+            return false;
+        }
+        !listed(&self.exclude_categories)
+    }
+}
+
+impl SyslogSinkConfig {
+    fn validate(&self, key: &str) -> Result<(), ConfigError> {
+        if self.address.parse::<std::net::SocketAddr>().is_err() && !self.address.contains(':') {
+            return Err(invalid(
+                format!("{key}.address"),
+                format!("{:?} is not host:port, for example \"127.0.0.1:514\"", self.address),
+            ));
+        }
+        if self.protocol == Protocol::Udp && self.max_datagram_bytes < 480 {
+            return Err(invalid(format!("{key}.max_datagram_bytes"), "must be at least 480 (RFC 5426)"));
+        }
+        if self.protocol != Protocol::Tls {
+            let tls_keys = [
+                ("tls_ca_file", self.tls.tls_ca_file.is_some()),
+                ("tls_cert_file", self.tls_cert_file.is_some()),
+                ("tls_key_file", self.tls_key_file.is_some()),
+                ("tls_server_name", self.tls_server_name.is_some()),
+                ("tls_insecure_skip_verify", self.tls.tls_insecure_skip_verify),
+            ];
+            if let Some((field, _)) = tls_keys.iter().find(|(_, set)| *set) {
+                return Err(invalid(format!("{key}.{field}"), "applies only to protocol = \"tls\"; set the protocol or remove the key"));
+            }
+            return Ok(());
+        }
+        if self.tls.tls_ca_file.is_none() && !self.tls.tls_insecure_skip_verify {
+            return Err(invalid(
+                format!("{key}.tls_ca_file"),
+                "missing: set it to the PEM file of the CA that signed the receiver's certificate",
+            ));
+        }
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(_), None) => Err(invalid(format!("{key}.tls_key_file"), "missing: tls_cert_file needs the key of that certificate")),
+            (None, Some(_)) => Err(invalid(format!("{key}.tls_cert_file"), "missing: tls_key_file needs its certificate")),
+            _ => match &self.tls_server_name {
+                Some(name) if rustls_pki_types::ServerName::try_from(name.as_str()).is_err() => Err(invalid(
+                    format!("{key}.tls_server_name"),
+                    format!("{name:?} is not a DNS name or IP address"),
+                )),
+                _ => Ok(()),
+            },
+        }
+    }
+
+    /// Returns the name checked against the receiver's certificate.
+    pub fn server_name(&self) -> String {
+        if let Some(name) = &self.tls_server_name {
+            return name.clone();
+        }
+        let host = match self.address.rsplit_once(':') {
+            Some((host, _)) => host,
+            None => self.address.as_str(),
+        };
+        host.trim_start_matches('[').trim_end_matches(']').to_string()
+    }
+}
+
+impl HttpSinkConfig {
+    fn validate(&self, key: &str) -> Result<(), ConfigError> {
+        checked_sink_url(&format!("{key}.url"), &self.url)?;
+        check_http_limits(key, self.max_batch_bytes, self.timeout_secs)?;
+        let mut seen = HashSet::new();
+        let names = self
+            .headers
+            .keys()
+            .map(|n| ("headers", n))
+            .chain(self.headers_from_files.keys().map(|n| ("headers_from_files", n)))
+            .chain(self.headers_from_env.keys().map(|n| ("headers_from_env", n)));
+        for (field, name) in names {
+            if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                return Err(invalid(format!("{key}.{field}"), format!("{name:?} is not a valid HTTP header name")));
+            }
+            if !seen.insert(name.to_ascii_lowercase()) {
+                return Err(invalid(format!("{key}.{field}"), format!("header {name:?} is set more than once; keep one")));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl SplunkHecSinkConfig {
+    fn validate(&self, key: &str) -> Result<(), ConfigError> {
+        checked_base_url(&format!("{key}.url"), &self.url)?;
+        check_http_limits(key, self.max_batch_bytes, self.timeout_secs)?;
+        let sources = [self.token.is_some(), self.token_file.is_some(), self.token_env.is_some()];
+        match sources.iter().filter(|set| **set).count() {
+            0 => return Err(invalid(format!("{key}.token"), "missing: set token, token_file or token_env")),
+            1 => {}
+            _ => return Err(invalid(format!("{key}.token"), "set only one of token, token_file and token_env")),
+        }
+        if self.ack && self.ack_timeout_secs == 0 {
+            return Err(invalid(format!("{key}.ack_timeout_secs"), "must be at least 1"));
+        }
+        for (field, value) in [("source", &self.source), ("sourcetype", &self.sourcetype)] {
+            if value.trim().is_empty() {
+                return Err(invalid(format!("{key}.{field}"), "must not be empty; remove the key for the default"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the token from where the config points; fails when it is empty.
+    pub fn resolve_token(&self, key: &str) -> Result<Secret, ConfigError> {
+        let token = match (&self.token, &self.token_file, &self.token_env) {
+            (Some(token), _, _) => token.clone(),
+            (None, Some(path), _) => read_secret_file(&format!("{key}.token_file"), path)?,
+            (None, None, Some(var)) => Secret::new(std::env::var(var).map_err(|_| {
+                invalid(format!("{key}.token_env"), format!("environment variable {var} is not set"))
+            })?),
+            (None, None, None) => return Err(invalid(format!("{key}.token"), "missing")),
+        };
+        if token.expose().trim().is_empty() {
+            return Err(invalid(format!("{key}.token"), "is empty"));
+        }
+        Ok(token)
+    }
+}
+
+impl HttpSinkConfig {
+    /// Collects the request headers, reading values from files and the environment.
+    pub fn resolve_headers(&self, key: &str) -> Result<Vec<(String, Secret)>, ConfigError> {
+        let mut headers: Vec<(String, Secret)> = self.headers.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+        for (name, path) in &self.headers_from_files {
+            headers.push((name.clone(), read_secret_file(&format!("{key}.headers_from_files.{name}"), path)?));
+        }
+        for (name, var) in &self.headers_from_env {
+            let value = std::env::var(var).map_err(|_| {
+                invalid(format!("{key}.headers_from_env.{name}"), format!("environment variable {var} is not set"))
+            })?;
+            headers.push((name.clone(), Secret::new(value)));
+        }
+        Ok(headers)
+    }
+}
+
+fn check_http_limits(key: &str, max_batch_bytes: usize, timeout_secs: u64) -> Result<(), ConfigError> {
+    if max_batch_bytes < 1024 {
+        return Err(invalid(format!("{key}.max_batch_bytes"), "must be at least 1024"));
+    }
+    if timeout_secs == 0 {
+        return Err(invalid(format!("{key}.timeout_secs"), "must be at least 1"));
+    }
+    Ok(())
+}
+
+/// Validates the URL of an HTTP sink, where a query string is allowed.
+fn checked_sink_url(key: &str, text: &str) -> Result<(), ConfigError> {
+    let url = url::Url::parse(text.trim())
+        .map_err(|e| invalid(key, format!("{text:?} is not a URL ({e}); write it like https://host[:port]/path")))?;
+    if url.scheme() != "http" && url.scheme() != "https" {
+        return Err(invalid(key, format!("{text:?} must start with https:// (or http:// for a local test server)")));
+    }
+    Ok(())
 }
 
 /// A tenant with its endpoints and secret resolved.
@@ -538,20 +911,7 @@ impl Config {
             if !names.insert(sink.name().to_string()) {
                 return Err(invalid(format!("{key}.name"), format!("duplicate sink name {:?}", sink.name())));
             }
-            if sink.common().batch_size == 0 {
-                return Err(invalid(format!("{key}.batch_size"), "must be at least 1"));
-            }
-            if let SinkConfig::Syslog(s) = sink {
-                if s.address.parse::<std::net::SocketAddr>().is_err() && !s.address.contains(':') {
-                    return Err(invalid(
-                        format!("{key}.address"),
-                        format!("{:?} is not host:port, for example \"127.0.0.1:514\"", s.address),
-                    ));
-                }
-                if s.protocol == Protocol::Udp && s.max_datagram_bytes < 480 {
-                    return Err(invalid(format!("{key}.max_datagram_bytes"), "must be at least 480 (RFC 5426)"));
-                }
-            }
+            sink.validate(&key, &self.tenants)?;
         }
         Ok(())
     }
@@ -705,4 +1065,156 @@ fn find_entry(base: &config::Config, array: &str, selector: &str) -> Option<usiz
             .and_then(|name| name.into_string().ok())
             .is_some_and(|name| normalize(&name) == normalize(selector))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[state]
+dir = "/tmp/mde-forwarder-config-test"
+
+[[tenant]]
+name = "contoso"
+tenant_id = "t"
+client_id = "c"
+client_secret = "s"
+region = "eu"
+
+[[tenant]]
+name = "fabrikam"
+tenant_id = "t2"
+client_id = "c2"
+client_secret = "s2"
+region = "us"
+"#;
+
+    fn load(sink: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, format!("{BASE}\n[[sink]]\n{sink}")).unwrap();
+        Config::load_with_env(&path, &[])
+    }
+
+    fn error_text(sink: &str) -> String {
+        load(sink).expect_err("config should be rejected").to_string()
+    }
+
+    const SINKS: [&str; 5] = [
+        "name = \"s\"\ntype = \"syslog\"\naddress = \"127.0.0.1:514\"\n",
+        "name = \"s\"\ntype = \"file\"\npath = \"/tmp/x\"\n",
+        "name = \"s\"\ntype = \"stdout\"\n",
+        "name = \"s\"\ntype = \"http\"\nurl = \"https://siem.example/ingest\"\n",
+        "name = \"s\"\ntype = \"splunk_hec\"\nurl = \"https://splunk.example:8088\"\ntoken = \"t\"\n",
+    ];
+
+    #[test]
+    fn every_sink_type_accepts_its_minimal_form() {
+        for sink in SINKS {
+            if let Err(e) = load(sink) {
+                panic!("{sink}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_key_rejected_on_every_sink_type() {
+        for sink in SINKS {
+            let text = error_text(&format!("{sink}bogus_key = 1\n"));
+            assert!(text.contains("bogus_key"), "{sink}: {text}");
+        }
+    }
+
+    #[test]
+    fn misspelled_common_key_rejected() {
+        let text = error_text(&format!("{}min_severty = \"high\"\n", SINKS[0]));
+        assert!(text.contains("min_severty"), "{text}");
+    }
+
+    #[test]
+    fn routing_keys_parse() {
+        let config = load(&format!(
+            "{}min_severity = \"medium\"\ninclude_categories = [\"Malware\"]\nexclude_categories = [\"exploit\"]\ntenants = [\"fabrikam\"]\n",
+            SINKS[3]
+        ))
+        .unwrap();
+        let common = config.sinks[0].common();
+        assert_eq!(common.min_severity, SeverityLevel::Medium);
+        assert_eq!(common.tenants, vec!["fabrikam".to_string()]);
+    }
+
+    #[test]
+    fn unknown_tenant_in_sink_rejected() {
+        let text = error_text(&format!("{}tenants = [\"contoso\", \"northwind\"]\n", SINKS[0]));
+        assert!(text.contains("sink[0].tenants"), "{text}");
+        assert!(text.contains("\"northwind\""), "{text}");
+    }
+
+    #[test]
+    fn invalid_min_severity_rejected() {
+        let text = error_text(&format!("{}min_severity = \"critical\"\n", SINKS[0]));
+        assert!(text.contains("critical"), "{text}");
+    }
+
+    #[test]
+    fn tls_keys_need_tls_protocol() {
+        let text = error_text(&format!("{}tls_ca_file = \"/ca.pem\"\n", SINKS[0]));
+        assert!(text.contains("sink[0].tls_ca_file"), "{text}");
+        assert!(text.contains("protocol = \"tls\""), "{text}");
+    }
+
+    #[test]
+    fn tls_needs_ca_file_or_skip_verify() {
+        let text = error_text(&format!("{}protocol = \"tls\"\n", SINKS[0]));
+        assert!(text.contains("sink[0].tls_ca_file"), "{text}");
+        let config = load(&format!("{}protocol = \"tls\"\ntls_insecure_skip_verify = true\n", SINKS[0]));
+        assert!(config.is_ok(), "{config:?}");
+    }
+
+    #[test]
+    fn tls_cert_needs_key() {
+        let text = error_text(&format!("{}protocol = \"tls\"\ntls_ca_file = \"/ca.pem\"\ntls_cert_file = \"/c.pem\"\n", SINKS[0]));
+        assert!(text.contains("sink[0].tls_key_file"), "{text}");
+    }
+
+    #[test]
+    fn hec_token_sources_exclusive() {
+        let text = error_text("name = \"s\"\ntype = \"splunk_hec\"\nurl = \"https://splunk.example:8088\"\n");
+        assert!(text.contains("sink[0].token"), "{text}");
+        let text = error_text(&format!("{}token_env = \"HEC_TOKEN\"\n", SINKS[4]));
+        assert!(text.contains("only one"), "{text}");
+    }
+
+    #[test]
+    fn http_header_name_checked() {
+        let text = error_text(&format!("{}headers = {{ \"Bad Header\" = \"x\" }}\n", SINKS[3]));
+        assert!(text.contains("sink[0].headers"), "{text}");
+        assert!(text.contains("Bad Header"), "{text}");
+    }
+
+    #[test]
+    fn http_header_secret_not_in_debug() {
+        let config = load(&format!("{}headers = {{ \"Authorization\" = \"Bearer hunter2\" }}\n", SINKS[3])).unwrap();
+        let debug = format!("{:?}", config.sinks[0]);
+        assert!(!debug.contains("hunter2"), "{debug}");
+    }
+
+    #[test]
+    fn routing_filters() {
+        let mut common = SinkCommon { min_severity: SeverityLevel::Medium, ..SinkCommon::default() };
+        assert!(common.routes("contoso", Some("High"), Some("Malware")));
+        assert!(common.routes("contoso", Some("medium"), None));
+        assert!(!common.routes("contoso", Some("Low"), Some("Malware")));
+        assert!(common.routes("contoso", Some("Unexpected"), None), "unknown severity counts as medium");
+        common.include_categories = vec!["malware".into()];
+        assert!(common.routes("contoso", Some("High"), Some("Malware")));
+        assert!(!common.routes("contoso", Some("High"), Some("Exploit")));
+        common.include_categories.clear();
+        common.exclude_categories = vec!["EXPLOIT".into()];
+        assert!(!common.routes("contoso", Some("High"), Some("Exploit")));
+        common.tenants = vec!["fabrikam".into()];
+        assert!(!common.routes("contoso", Some("High"), Some("Malware")));
+        assert!(common.routes("fabrikam", Some("High"), Some("Malware")));
+    }
 }

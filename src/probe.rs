@@ -44,12 +44,9 @@ pub async fn run(config: &Config, tenants: Vec<ResolvedTenant>) -> usize {
 async fn probe_sink(sink: &SinkConfig) -> Result<String, String> {
     let connect_timeout = Duration::from_secs(sink.common().connect_timeout_secs);
     match sink {
-        SinkConfig::Syslog(s) if s.protocol == Protocol::Tcp => {
-            tokio::time::timeout(connect_timeout, tokio::net::TcpStream::connect(&s.address))
-                .await
-                .map_err(|_| format!("connect to {} timed out after {} s", s.address, connect_timeout.as_secs()))?
-                .map_err(|e| format!("connect to {} failed: {e}", s.address))?;
-            Ok(format!("connected to {}", s.address))
+        SinkConfig::Syslog(s) if s.protocol != Protocol::Udp => {
+            connect_tcp(&s.address, connect_timeout).await?;
+            Ok(format!("TCP connection to {} opened (a TLS handshake is not part of the probe)", s.address))
         }
         SinkConfig::Syslog(s) => {
             // UDP has no handshake: resolving the address is all that can be checked.
@@ -75,5 +72,25 @@ async fn probe_sink(sink: &SinkConfig) -> Result<String, String> {
             Ok(format!("{} is writable", f.path.display()))
         }
         SinkConfig::Stdout(_) => Ok("standard output".into()),
+        SinkConfig::Http(h) => probe_url(&h.url, connect_timeout).await,
+        SinkConfig::SplunkHec(h) => probe_url(&h.url, connect_timeout).await,
     }
+}
+
+async fn connect_tcp(address: &str, limit: Duration) -> Result<(), String> {
+    tokio::time::timeout(limit, tokio::net::TcpStream::connect(address))
+        .await
+        .map_err(|_| format!("connect to {address} timed out after {} s", limit.as_secs()))?
+        .map_err(|e| format!("connect to {address} failed: {e}"))?;
+    Ok(())
+}
+
+/// Opens a TCP connection to the host and port of an HTTP(S) URL.
+async fn probe_url(url: &str, limit: Duration) -> Result<String, String> {
+    let parsed = url::Url::parse(url).map_err(|e| format!("invalid URL {url}: {e}"))?;
+    let host = parsed.host_str().ok_or_else(|| format!("URL {url} has no host"))?;
+    let port = parsed.port_or_known_default().ok_or_else(|| format!("URL {url} has no port"))?;
+    let address = format!("{host}:{port}");
+    connect_tcp(&address, limit).await?;
+    Ok(format!("TCP connection to {address} opened (no request is sent)"))
 }

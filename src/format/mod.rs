@@ -17,6 +17,7 @@
 
 mod cef;
 mod extension;
+mod hec;
 mod json;
 mod leef;
 mod syslog;
@@ -27,6 +28,7 @@ use serde::Deserialize;
 use crate::detection::Detection;
 
 pub use cef::{encode_cef, CefOptions};
+pub use hec::{encode_hec_event, HecOptions};
 pub use json::encode_json;
 pub use leef::{encode_leef, LeefOptions};
 pub use syslog::{syslog_severity, Facility, FacilityError};

@@ -21,15 +21,19 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::config::{Config, ConfigError, SinkConfig};
-use crate::format::{CefOptions, Encoder, EncoderOptions, Framing, HeaderFormat, LeefOptions};
-use crate::sink::{FileTransport, TcpTransport, Transport, UdpTransport};
+use crate::config::{Config, ConfigError, Protocol, SinkConfig, SyslogSinkConfig};
+use crate::format::{CefOptions, Encoder, EncoderOptions, Framing, HecOptions, HeaderFormat, LeefOptions, PayloadFormat};
+use crate::sink::tls::{client_config, ClientIdentity};
+use crate::sink::{
+    FileTransport, HecSettings, HecTransport, HttpSettings, HttpTransport, StreamTransport, TlsSettings, Transport,
+    UdpTransport,
+};
 use crate::source::AlertsClient;
 use crate::store::{Store, StoreError};
 
 pub use poller::{CycleError, CycleReport, Poller};
 pub use reload::{run_reloadable, Reload};
-pub use worker::{SinkWorker, WorkerError, WorkerMode};
+pub use worker::{EventEncoder, SinkWorker, WorkerError, WorkerMode};
 
 /// Attempts per batch for a sink in `--once` mode before the run fails.
 const ONCE_SINK_ATTEMPTS: u32 = 5;
@@ -61,8 +65,10 @@ pub fn http_client(config: &Config) -> Result<reqwest::Client, PipelineError> {
         .map_err(PipelineError::Http)
 }
 
-/// Builds a sink's transport and encoder from its config.
-pub fn build_sink(sink: &SinkConfig) -> (Transport, Encoder) {
+/// Builds a sink's transport and encoder from its config. `key` is the
+/// sink's config position, such as `sink[0]`, for errors. Reads TLS and
+/// secret files, so a missing file fails here, before anything is sent.
+pub fn build_sink(key: &str, sink: &SinkConfig) -> Result<(Transport, EventEncoder), ConfigError> {
     let common = sink.common();
     let cef = CefOptions {
         vendor: common.cef_vendor.clone(),
@@ -76,20 +82,22 @@ pub fn build_sink(sink: &SinkConfig) -> (Transport, Encoder) {
     };
     let connect = Duration::from_secs(common.connect_timeout_secs);
     let write = Duration::from_secs(common.write_timeout_secs);
-    let plain = |payload| EncoderOptions {
-        payload,
-        header: HeaderFormat::None,
-        framing: Framing::Newline,
-        facility: crate::format::Facility::LOCAL0,
-        hostname: String::new(),
-        app_name: "mde-forwarder".into(),
-        cef: cef.clone(),
-        leef: leef.clone(),
-        max_message_bytes: None,
+    let plain = |payload, framing| {
+        EventEncoder::Wire(Encoder::new(EncoderOptions {
+            payload,
+            header: HeaderFormat::None,
+            framing,
+            facility: crate::format::Facility::LOCAL0,
+            hostname: String::new(),
+            app_name: "mde-forwarder".into(),
+            cef: cef.clone(),
+            leef: leef.clone(),
+            max_message_bytes: None,
+        }))
     };
-    match sink {
+    let built = match sink {
         SinkConfig::Syslog(s) => {
-            let udp = s.protocol == crate::config::Protocol::Udp;
+            let udp = s.protocol == Protocol::Udp;
             let options = EncoderOptions {
                 payload: s.format,
                 header: s.header,
@@ -101,15 +109,65 @@ pub fn build_sink(sink: &SinkConfig) -> (Transport, Encoder) {
                 leef,
                 max_message_bytes: udp.then_some(s.max_datagram_bytes),
             };
-            let transport = if udp {
-                Transport::Udp(UdpTransport::new(s.address.clone()))
-            } else {
-                Transport::Tcp(TcpTransport::new(s.address.clone(), connect, write))
+            let transport = match s.protocol {
+                Protocol::Udp => Transport::Udp(UdpTransport::new(s.address.clone())),
+                Protocol::Tcp => Transport::Stream(StreamTransport::new(s.address.clone(), None, connect, write)),
+                Protocol::Tls => {
+                    let tls = syslog_tls(key, s)?;
+                    Transport::Stream(StreamTransport::new(s.address.clone(), Some(tls), connect, write))
+                }
             };
-            (transport, Encoder::new(options))
+            (transport, EventEncoder::Wire(Encoder::new(options)))
         }
-        SinkConfig::File(f) => (Transport::File(FileTransport::new(f.path.clone())), Encoder::new(plain(f.format))),
-        SinkConfig::Stdout(s) => (Transport::Stdout, Encoder::new(plain(s.format))),
+        SinkConfig::File(f) => (Transport::File(FileTransport::new(f.path.clone())), plain(f.format, Framing::Newline)),
+        SinkConfig::Stdout(s) => (Transport::Stdout, plain(s.format, Framing::Newline)),
+        SinkConfig::Http(h) => {
+            warn_if_insecure(sink.name(), h.tls.tls_insecure_skip_verify);
+            let client = crate::sink::build_http_client(key, &h.tls, Duration::from_secs(h.timeout_secs), connect)?;
+            let settings = HttpSettings {
+                url: h.url.trim().to_string(),
+                body_format: h.body_format,
+                gzip: h.gzip,
+                headers: h.resolve_headers(key)?,
+                max_batch_bytes: h.max_batch_bytes,
+            };
+            (Transport::Http(HttpTransport::new(key, settings, client)?), plain(PayloadFormat::Json, Framing::None))
+        }
+        SinkConfig::SplunkHec(h) => {
+            warn_if_insecure(sink.name(), h.tls.tls_insecure_skip_verify);
+            let client = crate::sink::build_http_client(key, &h.tls, Duration::from_secs(h.timeout_secs), connect)?;
+            let settings = HecSettings {
+                url: h.url.trim().trim_end_matches('/').to_string(),
+                token: h.resolve_token(key)?,
+                ack: h.ack,
+                ack_timeout: Duration::from_secs(h.ack_timeout_secs),
+                max_batch_bytes: h.max_batch_bytes,
+            };
+            let options = HecOptions { source: h.source.clone(), sourcetype: h.sourcetype.clone(), index: h.index.clone() };
+            (Transport::Hec(HecTransport::new(key, settings, client)?), EventEncoder::Hec(options))
+        }
+    };
+    Ok(built)
+}
+
+fn syslog_tls(key: &str, s: &SyslogSinkConfig) -> Result<TlsSettings, ConfigError> {
+    warn_if_insecure(&s.name, s.tls.tls_insecure_skip_verify);
+    let identity = match (&s.tls_cert_file, &s.tls_key_file) {
+        (Some(cert_file), Some(key_file)) => Some(ClientIdentity { cert_file, key_file }),
+        _ => None,
+    };
+    let config = client_config(key, &s.tls, identity)?;
+    let name = s.server_name();
+    let server_name = rustls_pki_types::ServerName::try_from(name.clone()).map_err(|_| ConfigError::Invalid {
+        key: format!("{key}.tls_server_name"),
+        message: format!("{name:?} is not a DNS name or IP address; set tls_server_name to the name in the receiver's certificate"),
+    })?;
+    Ok(TlsSettings::new(config, server_name))
+}
+
+fn warn_if_insecure(sink: &str, insecure: bool) {
+    if insecure {
+        tracing::warn!(sink = %sink, "tls_insecure_skip_verify is set: the receiver's certificate is not checked, so anyone on the path can read and change what this sink sends");
     }
 }
 
@@ -175,15 +233,21 @@ fn start(config: &Config, store: &Arc<Store>, mode: Mode, stop: watch::Receiver<
         mode_tx.send_replace(WorkerMode::Run);
     }
 
+    let mut built = Vec::with_capacity(config.sinks.len());
+    for (i, sink) in config.sinks.iter().enumerate() {
+        built.push(build_sink(&format!("sink[{i}]"), sink)?);
+    }
+
     let mut workers = JoinSet::new();
-    for sink in &config.sinks {
-        let (transport, encoder) = build_sink(sink);
+    for (sink, (transport, encoder)) in config.sinks.iter().zip(built) {
         let common = sink.common();
         let worker = SinkWorker {
             name: sink.name().to_string(),
             store: store.clone(),
             transport,
             encoder,
+            routing: common.clone(),
+            shortened: 0,
             batch_size: common.batch_size,
             retry_initial: Duration::from_millis(common.retry_initial_ms),
             retry_max: Duration::from_secs(common.retry_max_secs),

@@ -1,5 +1,11 @@
-//! One sink's delivery loop: read the outbox after the sink's cursor, encode,
-//! send, and move the cursor only once the transport acknowledged the batch.
+//! One sink's delivery loop: read the outbox after the sink's cursor, route,
+//! encode, send, and move the cursor only over entries that are settled.
+//!
+//! An entry is settled when the transport acknowledged it, when it was
+//! dead-lettered (it cannot be encoded, or the receiver rejected it for
+//! good), or when the sink's routing filters it out. A receiver may settle
+//! only a prefix of a batch; the cursor then stops before the first unsettled
+//! entry, and the next read starts there.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,9 +14,10 @@ use chrono::Utc;
 use tokio::sync::watch;
 
 use crate::detection::Detection;
-use crate::format::Encoder;
+use crate::config::SinkCommon;
+use crate::format::{encode_hec_event, EncodeOutcome, Encoder, HecOptions};
 use crate::retry::Backoff;
-use crate::sink::{Batch, SinkError, Transport};
+use crate::sink::{Batch, SendOutcome, SinkError, Transport};
 use crate::store::{OutboxEntry, Store, StoreError};
 
 /// What the pipeline asks of a worker. Workers see only the latest value.
@@ -34,11 +41,46 @@ pub enum WorkerError {
     Stopped { sink: String, pending: usize },
 }
 
+/// Turns one detection into one message of a sink.
+#[derive(Clone, Debug)]
+pub enum EventEncoder {
+    /// Syslog, file and stdout messages, and the JSON items of HTTP bodies.
+    Wire(Encoder),
+    /// Splunk HEC event objects.
+    Hec(HecOptions),
+}
+
+impl EventEncoder {
+    fn encode(&self, d: &Detection, now: chrono::DateTime<Utc>, out: &mut Vec<u8>) -> EncodeOutcome {
+        match self {
+            EventEncoder::Wire(encoder) => encoder.encode(d, now, out),
+            EventEncoder::Hec(options) => {
+                encode_hec_event(d, options, now, out);
+                EncodeOutcome::default()
+            }
+        }
+    }
+}
+
+/// A batch and where its messages came from in the outbox read.
+#[derive(Default)]
+struct Prepared {
+    /// Entries of the read handled by this batch: sent, filtered out or
+    /// dead-lettered. Entries after them are read again next time.
+    consumed: usize,
+    /// For each message, the index of its entry in the read.
+    message_entries: Vec<usize>,
+}
+
 pub struct SinkWorker {
     pub(crate) name: String,
     pub(crate) store: Arc<Store>,
     pub(crate) transport: Transport,
-    pub(crate) encoder: Encoder,
+    pub(crate) encoder: EventEncoder,
+    /// Routing: tenants, severity and categories this sink takes.
+    pub(crate) routing: SinkCommon,
+    /// Messages shortened to fit `max_datagram_bytes` since start.
+    pub(crate) shortened: u64,
     pub(crate) batch_size: usize,
     pub(crate) retry_initial: Duration,
     pub(crate) retry_max: Duration,
@@ -49,7 +91,7 @@ pub struct SinkWorker {
 }
 
 enum Delivery {
-    Done,
+    Done(SendOutcome),
     Stopped,
 }
 
@@ -78,20 +120,30 @@ impl SinkWorker {
                     continue;
                 }
             };
-            let Some((last_seq, _)) = entries.last().map(|(seq, e)| (*seq, e)) else {
+            if entries.is_empty() {
                 if mode != WorkerMode::Run || self.wait_for_work().await {
                     return Ok(());
                 }
                 continue;
-            };
-            self.encode(&entries, &mut batch);
-            if !batch.is_empty() {
-                if let Delivery::Stopped = self.deliver(&batch).await? {
-                    let pending = self.store.pending(&self.name).map(|(n, _)| n).unwrap_or(0);
-                    return Err(WorkerError::Stopped { sink: self.name.clone(), pending });
-                }
             }
-            if let Err(source) = self.store.ack(&self.name, last_seq).await {
+            let prepared = self.prepare(&entries, &mut batch);
+            let outcome = if batch.is_empty() {
+                SendOutcome::Delivered
+            } else {
+                match self.deliver(&batch).await? {
+                    Delivery::Done(outcome) => outcome,
+                    Delivery::Stopped => {
+                        let pending = self.store.pending(&self.name).map(|(n, _)| n).unwrap_or(0);
+                        return Err(WorkerError::Stopped { sink: self.name.clone(), pending });
+                    }
+                }
+            };
+            let acked = match self.settle(&entries, &prepared, outcome) {
+                Ok(Some(position)) => self.store.ack(&self.name, position).await.map(|_| ()),
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            };
+            if let Err(source) = acked {
                 // The batch is delivered but the cursor may not be stored: it
                 // may be sent again after a restart, never lost.
                 if let Some(suppressed) = crate::telemetry::should_log(&format!("cursor {}: {source}", self.name)) {
@@ -100,6 +152,10 @@ impl SinkWorker {
                 if self.max_attempts.is_some() {
                     return Err(WorkerError::Store { sink: self.name.clone(), source });
                 }
+                if self.sleep_or_stop(store_backoff.next_delay(None)).await {
+                    return Ok(());
+                }
+                continue;
             }
             store_backoff.reset();
         }
@@ -132,28 +188,87 @@ impl SinkWorker {
         }
     }
 
-    fn encode(&mut self, entries: &[(u64, OutboxEntry)], batch: &mut Batch) {
+    /// Routes and encodes entries into `batch` until it is full, dead-lettering
+    /// the entries that cannot be encoded.
+    fn prepare(&mut self, entries: &[(u64, OutboxEntry)], batch: &mut Batch) -> Prepared {
         batch.clear();
         let now = Utc::now();
-        for (_, entry) in entries {
+        let max_bytes = self.transport.max_batch_bytes();
+        let mut prepared = Prepared::default();
+        for (index, (_, entry)) in entries.iter().enumerate() {
             if entry.only_sink.as_deref().is_some_and(|only| only != self.name) {
+                prepared.consumed = index + 1;
                 continue;
             }
-            match Detection::from_json_text(&entry.raw) {
-                Ok(detection) => {
-                    let outcome = self.encoder.encode(&detection, now, &mut batch.bytes);
-                    batch.end_message();
-                    if outcome.shortened {
-                        tracing::debug!(sink = %self.name, full_id = %detection.full_id().unwrap_or_default(), "event shortened to fit the maximum message size");
-                    }
-                }
+            let detection = match Detection::from_json_text(&entry.raw) {
+                Ok(detection) => detection,
                 Err(error) => {
                     let reason = format!("cannot encode: {error}");
                     tracing::warn!(sink = %self.name, tenant = %entry.tenant, reason = %reason, "detection moved to dead letters");
                     if let Err(e) = self.store.dead_letter(&self.name, entry, &reason) {
                         tracing::error!(sink = %self.name, error = %e, "cannot store a dead letter");
                     }
+                    prepared.consumed = index + 1;
+                    continue;
                 }
+            };
+            let severity = detection.text("Severity");
+            let category = detection.text("Category");
+            if !self.routing.routes(&entry.tenant, severity.as_deref(), category.as_deref()) {
+                prepared.consumed = index + 1;
+                continue;
+            }
+            let outcome = self.encoder.encode(&detection, now, &mut batch.bytes);
+            batch.end_message();
+            // A full batch ends before the message that overflows it, unless
+            // that message is the first: it is then sent alone.
+            if max_bytes.is_some_and(|max| batch.bytes.len() > max) && batch.len() > 1 {
+                batch.pop_message();
+                break;
+            }
+            if outcome.shortened {
+                self.shortened += 1;
+                tracing::debug!(
+                    sink = %self.name,
+                    full_id = %detection.full_id().unwrap_or_default(),
+                    shortened_total = self.shortened,
+                    "event shortened to fit the maximum message size"
+                );
+            }
+            prepared.message_entries.push(index);
+            prepared.consumed = index + 1;
+        }
+        prepared
+    }
+
+    /// Dead-letters what the receiver rejected and returns the sequence
+    /// number the cursor may move to, if any.
+    fn settle(&self, entries: &[(u64, OutboxEntry)], prepared: &Prepared, outcome: SendOutcome) -> Result<Option<u64>, StoreError> {
+        let seq_before = |consumed: usize| consumed.checked_sub(1).map(|i| entries[i].0);
+        match outcome {
+            SendOutcome::Delivered => Ok(seq_before(prepared.consumed)),
+            SendOutcome::AllRejected { reason } => {
+                tracing::warn!(sink = %self.name, events = prepared.message_entries.len(), reason = %reason, "receiver rejected the batch; its detections moved to dead letters");
+                for &index in &prepared.message_entries {
+                    self.store.dead_letter(&self.name, &entries[index].1, &reason)?;
+                }
+                Ok(seq_before(prepared.consumed))
+            }
+            SendOutcome::Rejected { delivered, reason } => {
+                let Some(&rejected) = prepared.message_entries.get(delivered) else {
+                    tracing::warn!(sink = %self.name, delivered, reason = %reason, "receiver rejected a message the batch does not have; counting the batch as delivered");
+                    return Ok(seq_before(prepared.consumed));
+                };
+                let entry = &entries[rejected].1;
+                tracing::warn!(sink = %self.name, tenant = %entry.tenant, delivered, reason = %reason, "receiver rejected one detection; it moved to dead letters and the rest of the batch is sent again");
+                self.store.dead_letter(&self.name, entry, &reason)?;
+                // Entries up to the next message were filtered out or
+                // dead-lettered already, so the cursor may pass them too.
+                let through = match prepared.message_entries.get(delivered + 1) {
+                    Some(&next) => next,
+                    None => prepared.consumed,
+                };
+                Ok(seq_before(through))
             }
         }
     }
@@ -166,27 +281,40 @@ impl SinkWorker {
                 return Ok(Delivery::Stopped);
             }
             match self.transport.send(batch).await {
-                Ok(()) => {
-                    crate::telemetry::global().metrics.add(&crate::telemetry::FORWARDED, &[("sink", &self.name)], batch.ends.len() as f64);
+                Ok(outcome) => {
+                    crate::telemetry::global().metrics.add(&crate::telemetry::FORWARDED, &[("sink", &self.name)], batch.len() as f64);
                     if attempt > 1 {
                         tracing::info!(sink = %self.name, attempt, "delivery recovered");
                     }
-                    return Ok(Delivery::Done);
+                    return Ok(Delivery::Done(outcome));
                 }
                 Err(source) => {
                     crate::telemetry::global().metrics.add(&crate::telemetry::SINK_ERRORS, &[("sink", &self.name)], 1.0);
                     if self.max_attempts.is_some_and(|max| attempt >= max) {
                         return Err(WorkerError::Send { sink: self.name.clone(), source });
                     }
-                    let delay = backoff.next_delay(None);
-                    if let Some(suppressed) = crate::telemetry::should_log(&format!("delivery {}: {source}", self.name)) {
+                    let delay = backoff.next_delay(source.retry_after());
+                    let suppressed = crate::telemetry::should_log(&format!("delivery {}: {source}", self.name));
+                    if suppressed.is_none() {
+                        // Logged recently: the repeat is counted, not printed.
+                    } else if source.needs_operator() {
+                        tracing::error!(
+                            sink = %self.name,
+                            attempt,
+                            retry_in_ms = delay.as_millis() as u64,
+                            events = batch.len(),
+                            error = %source,
+                            suppressed = suppressed.unwrap_or(0),
+                            "delivery failed and needs a config change; retrying"
+                        );
+                    } else {
                         tracing::warn!(
                             sink = %self.name,
                             attempt,
                             retry_in_ms = delay.as_millis() as u64,
-                            events = batch.ends.len(),
+                            events = batch.len(),
                             error = %source,
-                            suppressed,
+                            suppressed = suppressed.unwrap_or(0),
                             "delivery failed; retrying"
                         );
                     }

@@ -2,6 +2,9 @@
 //! and the `mde-forwarder` binary run as a user would run it.
 #![allow(dead_code)]
 
+pub mod http_server;
+pub mod rsyslog;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -323,4 +326,21 @@ impl TestRng {
         self.0 ^= self.0 << 17;
         self.0 % n
     }
+}
+
+/// Dead letters in a run's state directory (the binary must have exited).
+pub fn dead_letters(dir: &Path) -> Vec<mde_forwarder::store::DeadLetter> {
+    let store = mde_forwarder::store::Store::open(&dir.join("state")).unwrap();
+    store.dead_letters().unwrap()
+}
+
+/// Entries still queued for `sink` in a run's state directory.
+pub fn pending(dir: &Path, sink: &str) -> usize {
+    let store = mde_forwarder::store::Store::open(&dir.join("state")).unwrap();
+    store.pending(sink).unwrap().0
+}
+
+/// FullId of a detection JSON value.
+pub fn full_id_of(value: &Value) -> String {
+    value["FullId"].as_str().unwrap_or_default().to_string()
 }

@@ -1,0 +1,199 @@
+//! Splunk HTTP Event Collector: a batch is one POST of concatenated event
+//! objects to `/services/collector/event`.
+//!
+//! Without `ack`, HTTP 200 acknowledges the batch. With `ack`, the response
+//! carries an `ackId` and the batch counts as delivered only once
+//! `/services/collector/ack` reports it indexed; a timeout sends the batch again.
+//!
+//! HEC rejects a bad event with HTTP 400, code 6 and `invalid-event-number`:
+//! the events before it were accepted, that one is rejected for good, and the
+//! rest must be sent again. An invalid token (401, 403) is retried, because
+//! the events are not at fault.
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::time::Duration;
+
+use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use reqwest::StatusCode;
+use serde::Deserialize;
+use tokio::time::Instant;
+
+use super::http::{is_retryable, Reply};
+use super::{body_excerpt, Batch, SendOutcome, SinkError};
+use crate::config::{ConfigError, Secret};
+
+/// HEC status code for "Invalid data format".
+const CODE_INVALID_DATA_FORMAT: u64 = 6;
+
+/// First and longest wait between two acknowledgement polls.
+const ACK_POLL_FIRST: Duration = Duration::from_millis(100);
+const ACK_POLL_MAX: Duration = Duration::from_secs(2);
+
+/// Everything a HEC sink needs, resolved from its config.
+pub struct HecSettings {
+    /// Base URL without a trailing slash.
+    pub url: String,
+    pub token: Secret,
+    pub ack: bool,
+    pub ack_timeout: Duration,
+    pub max_batch_bytes: usize,
+}
+
+pub struct HecTransport {
+    client: reqwest::Client,
+    event_url: String,
+    ack_url: String,
+    headers: HeaderMap,
+    ack_timeout: Option<Duration>,
+    max_batch_bytes: usize,
+}
+
+/// The fields of a HEC response this sink reads.
+#[derive(Debug, Default, Deserialize)]
+struct HecResponse {
+    #[serde(default)]
+    code: Option<u64>,
+    #[serde(default, rename = "invalid-event-number")]
+    invalid_event_number: Option<u64>,
+    #[serde(default, rename = "ackId")]
+    ack_id: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct AckResponse {
+    acks: std::collections::HashMap<String, bool>,
+}
+
+impl HecTransport {
+    /// `key` is the sink's config position, for errors.
+    pub fn new(key: &str, settings: HecSettings, client: reqwest::Client) -> Result<Self, ConfigError> {
+        let mut headers = HeaderMap::new();
+        let mut authorization = HeaderValue::from_str(&format!("Splunk {}", settings.token.expose())).map_err(|_| {
+            ConfigError::Invalid { key: format!("{key}.token"), message: "contains characters not allowed in HTTP headers".into() }
+        })?;
+        authorization.set_sensitive(true);
+        headers.insert(AUTHORIZATION, authorization);
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if settings.ack {
+            let channel = HeaderValue::from_str(&new_channel()).map_err(|_| ConfigError::Invalid {
+                key: format!("{key}.ack"),
+                message: "cannot build the request channel header".into(),
+            })?;
+            headers.insert("x-splunk-request-channel", channel);
+        }
+        Ok(Self {
+            client,
+            event_url: format!("{}/services/collector/event", settings.url),
+            ack_url: format!("{}/services/collector/ack", settings.url),
+            headers,
+            ack_timeout: settings.ack.then_some(settings.ack_timeout),
+            max_batch_bytes: settings.max_batch_bytes,
+        })
+    }
+
+    pub fn max_batch_bytes(&self) -> usize {
+        self.max_batch_bytes
+    }
+
+    pub async fn send(&mut self, batch: &Batch) -> Result<SendOutcome, SinkError> {
+        let reply = self.post(&self.event_url, batch.bytes.clone()).await?;
+        let parsed: HecResponse = serde_json::from_slice(&reply.body).unwrap_or_default();
+        match reply.status {
+            status if status.is_success() => match self.ack_timeout {
+                None => Ok(SendOutcome::Delivered),
+                Some(limit) => {
+                    let ack_id = parsed.ack_id.ok_or_else(|| self.bad_response(&reply, "no ackId although ack = true"))?;
+                    self.wait_for_ack(ack_id, limit).await
+                }
+            },
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(SinkError::InvalidToken {
+                url: self.event_url.clone(),
+                status: reply.status.as_u16(),
+                body: body_excerpt(&reply.body, super::http::REASON_BODY_BYTES),
+            }),
+            status if is_retryable(status) => Err(reply.into_error(&self.event_url)),
+            StatusCode::BAD_REQUEST if parsed.code == Some(CODE_INVALID_DATA_FORMAT) => {
+                let reason = reply.reason();
+                match parsed.invalid_event_number.and_then(|n| usize::try_from(n).ok()) {
+                    Some(index) if index < batch.len() => Ok(SendOutcome::Rejected { delivered: index, reason }),
+                    _ => Ok(SendOutcome::AllRejected { reason }),
+                }
+            }
+            _ => Ok(SendOutcome::AllRejected { reason: reply.reason() }),
+        }
+    }
+
+    async fn post(&self, url: &str, body: Vec<u8>) -> Result<Reply, SinkError> {
+        let response = self
+            .client
+            .post(url)
+            .headers(self.headers.clone())
+            .body(body)
+            .send()
+            .await
+            .map_err(|source| SinkError::Http { url: url.to_string(), source })?;
+        Reply::read(response, url).await
+    }
+
+    /// Polls the acknowledgement endpoint until `ack_id` is indexed.
+    async fn wait_for_ack(&self, ack_id: u64, limit: Duration) -> Result<SendOutcome, SinkError> {
+        let deadline = Instant::now() + limit;
+        let query = format!("{{\"acks\":[{ack_id}]}}").into_bytes();
+        let mut pause = ACK_POLL_FIRST;
+        loop {
+            let reply = self.post(&self.ack_url, query.clone()).await?;
+            if !reply.status.is_success() {
+                return Err(reply.into_error(&self.ack_url));
+            }
+            let acks: AckResponse = serde_json::from_slice(&reply.body)
+                .map_err(|_| self.bad_response(&reply, "acknowledgement response without \"acks\""))?;
+            if acks.acks.get(&ack_id.to_string()).copied().unwrap_or(false) {
+                return Ok(SendOutcome::Delivered);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(SinkError::AckTimeout { url: self.ack_url.clone(), ack_id, secs: limit.as_secs() });
+            }
+            // The last poll happens at the deadline, not a pause before it.
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(ACK_POLL_MAX);
+        }
+    }
+
+    fn bad_response(&self, reply: &Reply, what: &str) -> SinkError {
+        SinkError::BadResponse {
+            url: self.event_url.clone(),
+            status: reply.status.as_u16(),
+            body: format!("{what}: {}", body_excerpt(&reply.body, super::http::REASON_BODY_BYTES)),
+        }
+    }
+}
+
+/// Returns a random channel identifier in UUID form, new for each start of a sink.
+fn new_channel() -> String {
+    // RandomState is seeded from the OS random source once per process and
+    // varied per instance, which is enough for a channel name.
+    let word = || {
+        let mut hasher = RandomState::new().build_hasher();
+        hasher.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+        hasher.finish()
+    };
+    let bits = (u128::from(word()) << 64) | u128::from(word());
+    let hex = format!("{bits:032x}");
+    format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_is_uuid_shaped_and_varies() {
+        let a = new_channel();
+        let b = new_channel();
+        assert_eq!(a.len(), 36);
+        assert_eq!(a.matches('-').count(), 4);
+        assert_ne!(a, b);
+    }
+}

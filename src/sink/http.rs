@@ -1,0 +1,236 @@
+//! Generic HTTP sink: each batch is one POST of a JSON array or NDJSON body.
+//!
+//! 2xx acknowledges the batch. 408, 429, 5xx and network errors are retried
+//! (honouring `Retry-After`). Any other status means the receiver will never
+//! take this batch, so every event of it is rejected with the status and
+//! the start of the response body as the reason.
+
+use std::io::Write;
+use std::time::Duration;
+
+use flate2::write::GzEncoder;
+use flate2::Compression;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::StatusCode;
+
+use super::{body_excerpt, Batch, SendOutcome, SinkError};
+use crate::config::{BodyFormat, ConfigError, Secret, TlsConfig};
+
+/// The part of a response body kept in errors and dead-letter reasons.
+pub(super) const REASON_BODY_BYTES: usize = 1024;
+
+/// The most of a response body read; receivers answer in a few hundred bytes.
+const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+
+/// Everything an HTTP sink needs, resolved from its config.
+pub struct HttpSettings {
+    pub url: String,
+    pub body_format: BodyFormat,
+    pub gzip: bool,
+    pub headers: Vec<(String, Secret)>,
+    pub max_batch_bytes: usize,
+}
+
+pub struct HttpTransport {
+    client: reqwest::Client,
+    url: String,
+    body_format: BodyFormat,
+    gzip: bool,
+    headers: HeaderMap,
+    max_batch_bytes: usize,
+}
+
+impl HttpTransport {
+    /// `key` is the sink's config position, for errors.
+    pub fn new(key: &str, settings: HttpSettings, client: reqwest::Client) -> Result<Self, ConfigError> {
+        let headers = header_map(key, &settings.headers)?;
+        Ok(Self {
+            client,
+            url: settings.url,
+            body_format: settings.body_format,
+            gzip: settings.gzip,
+            headers,
+            max_batch_bytes: settings.max_batch_bytes,
+        })
+    }
+
+    pub fn max_batch_bytes(&self) -> usize {
+        self.max_batch_bytes
+    }
+
+    pub async fn send(&mut self, batch: &Batch) -> Result<SendOutcome, SinkError> {
+        let (body, content_type) = match self.body_format {
+            BodyFormat::JsonArray => (json_array(batch), "application/json"),
+            BodyFormat::Ndjson => (ndjson(batch), "application/x-ndjson"),
+        };
+        let mut request = self.client.post(&self.url).headers(self.headers.clone()).header(CONTENT_TYPE, content_type);
+        if self.gzip {
+            request = request.header(CONTENT_ENCODING, "gzip").body(gzip(&body));
+        } else {
+            request = request.body(body);
+        }
+        let response = request.send().await.map_err(|source| SinkError::Http { url: self.url.clone(), source })?;
+        let reply = Reply::read(response, &self.url).await?;
+        if reply.status.is_success() {
+            return Ok(SendOutcome::Delivered);
+        }
+        if is_retryable(reply.status) {
+            return Err(reply.into_error(&self.url));
+        }
+        Ok(SendOutcome::AllRejected { reason: reply.reason() })
+    }
+}
+
+/// A response read to the end (up to [`MAX_RESPONSE_BYTES`]).
+pub(super) struct Reply {
+    pub status: StatusCode,
+    pub retry_after: Option<Duration>,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub async fn read(mut response: reqwest::Response, url: &str) -> Result<Self, SinkError> {
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let mut body = Vec::new();
+        while body.len() < MAX_RESPONSE_BYTES {
+            match response.chunk().await {
+                Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+                Ok(None) => break,
+                Err(source) => return Err(SinkError::Http { url: url.to_string(), source }),
+            }
+        }
+        Ok(Self { status, retry_after, body })
+    }
+
+    /// The status and the start of the body, as a dead-letter reason.
+    pub fn reason(&self) -> String {
+        format!("HTTP {}: {}", self.status.as_u16(), body_excerpt(&self.body, REASON_BODY_BYTES))
+    }
+
+    pub fn into_error(self, url: &str) -> SinkError {
+        SinkError::HttpStatus {
+            url: url.to_string(),
+            status: self.status.as_u16(),
+            body: body_excerpt(&self.body, REASON_BODY_BYTES),
+            retry_after: self.retry_after,
+        }
+    }
+}
+
+/// 408, 429 and 5xx may succeed later; other errors will not.
+pub(super) fn is_retryable(status: StatusCode) -> bool {
+    status == StatusCode::REQUEST_TIMEOUT || status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
+}
+
+/// Builds the client of an HTTP or HEC sink with its TLS settings.
+pub fn build_client(key: &str, tls: &TlsConfig, timeout: Duration, connect_timeout: Duration) -> Result<reqwest::Client, ConfigError> {
+    let mut builder = reqwest::Client::builder()
+        .user_agent(concat!("mde-forwarder/", env!("CARGO_PKG_VERSION")))
+        .timeout(timeout)
+        .connect_timeout(connect_timeout);
+    if tls.tls_ca_file.is_some() || tls.tls_insecure_skip_verify {
+        let mut config = (*super::tls::client_config(key, tls, None)?).clone();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        builder = builder.use_preconfigured_tls(config);
+    }
+    builder.build().map_err(|e| ConfigError::Invalid {
+        key: key.to_string(),
+        message: format!("cannot build the HTTP client: {e}"),
+    })
+}
+
+fn header_map(key: &str, headers: &[(String, Secret)]) -> Result<HeaderMap, ConfigError> {
+    let mut map = HeaderMap::new();
+    for (name, value) in headers {
+        let header_name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| ConfigError::Invalid {
+            key: format!("{key}.headers"),
+            message: format!("{name:?} is not a valid HTTP header name"),
+        })?;
+        // The error names the header only: its value may be a credential.
+        let mut header_value = HeaderValue::from_str(value.expose()).map_err(|_| ConfigError::Invalid {
+            key: format!("{key}.headers"),
+            message: format!("the value of header {name:?} contains characters not allowed in HTTP headers"),
+        })?;
+        header_value.set_sensitive(true);
+        map.insert(header_name, header_value);
+    }
+    Ok(map)
+}
+
+fn json_array(batch: &Batch) -> Vec<u8> {
+    let mut body = Vec::with_capacity(batch.bytes.len() + batch.len() + 2);
+    body.push(b'[');
+    for (i, message) in batch.messages().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(message);
+    }
+    body.push(b']');
+    body
+}
+
+fn ndjson(batch: &Batch) -> Vec<u8> {
+    let mut body = Vec::with_capacity(batch.bytes.len() + batch.len());
+    for message in batch.messages() {
+        body.extend_from_slice(message);
+        body.push(b'\n');
+    }
+    body
+}
+
+fn gzip(body: &[u8]) -> Vec<u8> {
+    let mut encoder = GzEncoder::new(Vec::with_capacity(body.len() / 4), Compression::default());
+    // Writing into a Vec cannot fail, so neither can these calls.
+    let _ = encoder.write_all(body);
+    encoder.finish().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(messages: &[&str]) -> Batch {
+        let mut batch = Batch::default();
+        for message in messages {
+            batch.bytes.extend_from_slice(message.as_bytes());
+            batch.end_message();
+        }
+        batch
+    }
+
+    #[test]
+    fn json_array_joins_messages() {
+        assert_eq!(json_array(&batch(&[r#"{"a":1}"#, r#"{"b":2}"#])), br#"[{"a":1},{"b":2}]"#.to_vec());
+    }
+
+    #[test]
+    fn ndjson_ends_every_line() {
+        assert_eq!(ndjson(&batch(&[r#"{"a":1}"#, r#"{"b":2}"#])), b"{\"a\":1}\n{\"b\":2}\n".to_vec());
+    }
+
+    #[test]
+    fn gzip_round_trips() {
+        use std::io::Read;
+        let compressed = gzip(b"hello hello hello");
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(&compressed[..]).read_to_string(&mut text).unwrap();
+        assert_eq!(text, "hello hello hello");
+    }
+
+    #[test]
+    fn retryable_statuses() {
+        for code in [408, 429, 500, 502, 503] {
+            assert!(is_retryable(StatusCode::from_u16(code).unwrap()), "{code}");
+        }
+        for code in [400, 401, 403, 404, 413] {
+            assert!(!is_retryable(StatusCode::from_u16(code).unwrap()), "{code}");
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! Transports: they move already-encoded bytes and know nothing of formats.
+//!
+//! A batch is a buffer of framed messages plus the end offset of each message.
+//! `send` returns only when the batch is acknowledged in the transport's own
+//! terms: TCP or TLS bytes written and acknowledged by the peer's TCP stack, a
+//! file written and fsync'ed, stdout flushed, UDP datagrams handed to the
+//! kernel, an HTTP 2xx, or a Splunk indexer acknowledgement when enabled.
+//!
+//! An `Err` means "send the whole batch again". A receiver that rejects
+//! messages for good (their content, not the connection, is at fault) is
+//! reported as a [`SendOutcome`] instead, so the worker can dead-letter them.
+
+mod hec;
+mod http;
+mod stream;
+pub mod tls;
+
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::UdpSocket;
+
+pub use hec::{HecSettings, HecTransport};
+pub use http::{HttpSettings, HttpTransport};
+pub use http::build_client as build_http_client;
+pub use stream::{StreamTransport, TlsSettings};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("connect to {address} failed: {source}")]
+    Connect { address: String, source: io::Error },
+    #[error("connect to {address} timed out after {secs} s")]
+    ConnectTimeout { address: String, secs: u64 },
+    #[error("send to {address} failed: {source}")]
+    Send { address: String, source: io::Error },
+    #[error("send to {address} timed out after {secs} s (the receiver is not reading)")]
+    SendTimeout { address: String, secs: u64 },
+    #[error("{address} closed the connection before acknowledging the batch; it is sent again")]
+    PeerClosed { address: String },
+    #[error("write to {path} failed: {source}")]
+    File { path: PathBuf, source: io::Error },
+    #[error("write to standard output failed: {0}")]
+    Stdout(io::Error),
+    #[error("TLS handshake with {address} failed: {source}")]
+    Tls { address: String, source: io::Error },
+    #[error("request to {url} failed: {source}")]
+    Http { url: String, source: reqwest::Error },
+    #[error("{url} returned HTTP {status}: {body}")]
+    HttpStatus { url: String, status: u16, body: String, retry_after: Option<Duration> },
+    #[error("Splunk HEC at {url} rejected the token (HTTP {status}: {body}); check the sink's token, token_file or token_env")]
+    InvalidToken { url: String, status: u16, body: String },
+    #[error("Splunk HEC at {url} returned an unreadable response (HTTP {status}): {body}")]
+    BadResponse { url: String, status: u16, body: String },
+    #[error("Splunk HEC at {url} did not acknowledge ackId {ack_id} within {secs} s; the batch is sent again")]
+    AckTimeout { url: String, ack_id: u64, secs: u64 },
+}
+
+impl SinkError {
+    /// The wait the receiver asked for (`Retry-After`), if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            SinkError::HttpStatus { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// True when retrying cannot help until an operator changes something.
+    pub fn needs_operator(&self) -> bool {
+        matches!(self, SinkError::InvalidToken { .. })
+    }
+}
+
+/// The result of a send that reached the receiver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendOutcome {
+    /// Every message is acknowledged.
+    Delivered,
+    /// Messages `0..delivered` are acknowledged, message `delivered` is
+    /// rejected for good with `reason`, and the ones after it must be sent again.
+    Rejected { delivered: usize, reason: String },
+    /// Every message of the batch is rejected for good with `reason`.
+    AllRejected { reason: String },
+}
+
+/// A batch of framed messages: `bytes` holds them back to back and `ends[i]`
+/// is the offset just past message `i`.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub bytes: Vec<u8>,
+    pub ends: Vec<usize>,
+}
+
+impl Batch {
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.ends.clear();
+    }
+
+    /// Marks the end of the message just appended to `bytes`.
+    pub fn end_message(&mut self) {
+        self.ends.push(self.bytes.len());
+    }
+
+    pub fn messages(&self) -> impl Iterator<Item = &[u8]> {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts.zip(self.ends.iter().copied()).map(|(start, end)| &self.bytes[start..end])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// Removes the last message.
+    pub fn pop_message(&mut self) {
+        self.ends.pop();
+        self.bytes.truncate(self.ends.last().copied().unwrap_or(0));
+    }
+}
+
+pub enum Transport {
+    Stream(StreamTransport),
+    Udp(UdpTransport),
+    File(FileTransport),
+    Stdout,
+    Http(HttpTransport),
+    Hec(HecTransport),
+}
+
+impl Transport {
+    pub async fn send(&mut self, batch: &Batch) -> Result<SendOutcome, SinkError> {
+        match self {
+            Transport::Stream(t) => t.send(batch).await.map(|()| SendOutcome::Delivered),
+            Transport::Udp(t) => t.send(batch).await.map(|()| SendOutcome::Delivered),
+            Transport::File(t) => t.send(batch).await.map(|()| SendOutcome::Delivered),
+            Transport::Stdout => {
+                let mut out = tokio::io::stdout();
+                out.write_all(&batch.bytes).await.map_err(SinkError::Stdout)?;
+                out.flush().await.map_err(SinkError::Stdout)?;
+                Ok(SendOutcome::Delivered)
+            }
+            Transport::Http(t) => t.send(batch).await,
+            Transport::Hec(t) => t.send(batch).await,
+        }
+    }
+
+    /// The largest batch in bytes the transport sends in one request, if limited.
+    pub fn max_batch_bytes(&self) -> Option<usize> {
+        match self {
+            Transport::Http(t) => Some(t.max_batch_bytes()),
+            Transport::Hec(t) => Some(t.max_batch_bytes()),
+            _ => None,
+        }
+    }
+}
+
+/// Returns at most the first `max` bytes of a response body as text, for
+/// error messages and dead-letter reasons.
+fn body_excerpt(body: &[u8], max: usize) -> String {
+    let mut end = body.len().min(max);
+    while end > 0 && std::str::from_utf8(&body[..end]).is_err() {
+        end -= 1;
+    }
+    let text = String::from_utf8_lossy(&body[..end]).trim().to_string();
+    if end < body.len() {
+        format!("{text}... ({} bytes in all)", body.len())
+    } else {
+        text
+    }
+}
+
+pub struct UdpTransport {
+    address: String,
+    socket: Option<UdpSocket>,
+}
+
+impl UdpTransport {
+    pub fn new(address: String) -> Self {
+        Self { address, socket: None }
+    }
+
+    async fn send(&mut self, batch: &Batch) -> Result<(), SinkError> {
+        let address = self.address.clone();
+        if self.socket.is_none() {
+            let target = tokio::net::lookup_host(&address)
+                .await
+                .map_err(|source| SinkError::Connect { address: address.clone(), source })?
+                .next()
+                .ok_or_else(|| SinkError::Connect {
+                    address: address.clone(),
+                    source: io::Error::new(io::ErrorKind::NotFound, "no address found"),
+                })?;
+            let bind = if target.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+            let socket = UdpSocket::bind(bind).await.map_err(|source| SinkError::Connect { address: address.clone(), source })?;
+            socket.connect(target).await.map_err(|source| SinkError::Connect { address: address.clone(), source })?;
+            self.socket = Some(socket);
+        }
+        let Some(socket) = &self.socket else { return Ok(()) };
+        for message in batch.messages() {
+            if let Err(source) = socket.send(message).await {
+                self.socket = None;
+                return Err(SinkError::Send { address, source });
+            }
+        }
+        Ok(())
+    }
+}
+
+pub struct FileTransport {
+    path: PathBuf,
+    file: Option<tokio::fs::File>,
+}
+
+impl FileTransport {
+    pub fn new(path: PathBuf) -> Self {
+        Self { path, file: None }
+    }
+
+    async fn send(&mut self, batch: &Batch) -> Result<(), SinkError> {
+        let path = self.path.clone();
+        let err = |source| SinkError::File { path: path.clone(), source };
+        if self.file.is_none() {
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                tokio::fs::create_dir_all(parent).await.map_err(err)?;
+            }
+            let file = tokio::fs::OpenOptions::new().create(true).append(true).mode(0o640).open(&path).await.map_err(err)?;
+            self.file = Some(file);
+        }
+        let Some(file) = self.file.as_mut() else { return Ok(()) };
+        let result = async {
+            file.write_all(&batch.bytes).await?;
+            file.flush().await?;
+            file.sync_data().await
+        }
+        .await;
+        if let Err(source) = result {
+            // Reopen next time: the file may have been rotated or the disk freed.
+            self.file = None;
+            return Err(err(source));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,251 @@
+//! Syslog over TCP or TLS: one long-lived connection, reopened on failure.
+//!
+//! Syslog has no application acknowledgement, so a batch counts as delivered
+//! when the receiver's TCP stack acknowledged every byte of it and did not
+//! reset the connection right after. With TLS the writer is flushed first,
+//! then the same checks run on the socket under it.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{timeout, Instant};
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use super::{Batch, SinkError};
+
+/// What TLS needs to open a session: settings and the name to verify.
+pub struct TlsSettings {
+    pub connector: TlsConnector,
+    pub server_name: ServerName<'static>,
+}
+
+impl TlsSettings {
+    pub fn new(config: Arc<rustls::ClientConfig>, server_name: ServerName<'static>) -> Self {
+        Self { connector: TlsConnector::from(config), server_name }
+    }
+}
+
+enum Connection {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Connection {
+    fn socket(&self) -> &TcpStream {
+        match self {
+            Connection::Plain(stream) => stream,
+            Connection::Tls(stream) => stream.get_ref().0,
+        }
+    }
+
+    async fn write_and_flush(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match self {
+            Connection::Plain(stream) => {
+                stream.write_all(bytes).await?;
+                stream.flush().await
+            }
+            Connection::Tls(stream) => {
+                stream.write_all(bytes).await?;
+                stream.flush().await
+            }
+        }
+    }
+
+    /// Reads (and discards) whatever the peer sent; true when it closed or reset.
+    async fn peer_closed(&mut self) -> bool {
+        match self {
+            Connection::Plain(stream) => peer_closed(stream),
+            Connection::Tls(stream) => tls_peer_closed(stream).await,
+        }
+    }
+
+    /// True only for a reset: a plain close (FIN) after reading is not a loss.
+    fn peer_reset(&self) -> bool {
+        match self {
+            Connection::Plain(stream) => peer_reset(stream),
+            // Reading the socket here would take bytes away from the TLS
+            // layer, so the reset is read from the socket's pending error.
+            Connection::Tls(stream) => socket_error(stream.get_ref().0).is_some(),
+        }
+    }
+}
+
+pub struct StreamTransport {
+    address: String,
+    tls: Option<TlsSettings>,
+    stream: Option<Connection>,
+    connect_timeout: Duration,
+    write_timeout: Duration,
+}
+
+impl StreamTransport {
+    /// A plain TCP transport when `tls` is `None`.
+    pub fn new(address: String, tls: Option<TlsSettings>, connect_timeout: Duration, write_timeout: Duration) -> Self {
+        Self { address, tls, stream: None, connect_timeout, write_timeout }
+    }
+
+    async fn connect(&mut self) -> Result<&mut Connection, SinkError> {
+        if let Some(stream) = &mut self.stream {
+            // Plain TCP has no application acknowledgement: a write into a
+            // connection the peer already closed succeeds locally and is lost,
+            // so a close that already arrived is detected before writing.
+            if stream.peer_closed().await {
+                tracing::info!(address = %self.address, "receiver closed the connection; reconnecting");
+                self.stream = None;
+            }
+        }
+        if self.stream.is_none() {
+            let address = self.address.clone();
+            let secs = self.connect_timeout.as_secs();
+            let connection = timeout(self.connect_timeout, self.open())
+                .await
+                .map_err(|_| SinkError::ConnectTimeout { address: address.clone(), secs })??;
+            tracing::info!(address = %address, tls = self.tls.is_some(), "connected");
+            self.stream = Some(connection);
+        }
+        self.stream.as_mut().ok_or_else(|| SinkError::PeerClosed { address: self.address.clone() })
+    }
+
+    async fn open(&self) -> Result<Connection, SinkError> {
+        let address = self.address.clone();
+        let stream = TcpStream::connect(&address)
+            .await
+            .map_err(|source| SinkError::Connect { address: address.clone(), source })?;
+        let _ = stream.set_nodelay(true);
+        set_keepalive(&stream);
+        let Some(tls) = &self.tls else {
+            return Ok(Connection::Plain(stream));
+        };
+        let session = tls
+            .connector
+            .connect(tls.server_name.clone(), stream)
+            .await
+            .map_err(|source| SinkError::Tls { address, source })?;
+        Ok(Connection::Tls(Box::new(session)))
+    }
+
+    pub async fn send(&mut self, batch: &Batch) -> Result<(), SinkError> {
+        let result = self.try_send(batch).await;
+        if result.is_err() {
+            self.stream = None;
+        }
+        result
+    }
+
+    async fn try_send(&mut self, batch: &Batch) -> Result<(), SinkError> {
+        let address = self.address.clone();
+        let write_timeout = self.write_timeout;
+        let stream = self.connect().await?;
+        let deadline = Instant::now() + write_timeout;
+        let timed_out = || SinkError::SendTimeout { address: address.clone(), secs: write_timeout.as_secs() };
+        timeout(write_timeout, stream.write_and_flush(&batch.bytes))
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(|source| SinkError::Send { address: address.clone(), source })?;
+        // Wait until the peer's TCP stack has acknowledged every byte, so a
+        // batch still in our send queue is never counted as delivered.
+        while unacknowledged_bytes(stream.socket()) > 0 {
+            if Instant::now() >= deadline {
+                return Err(timed_out());
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // A reset right after the data was acknowledged means the receiver
+        // closed without reading it; send the batch again.
+        if stream.peer_reset() {
+            return Err(SinkError::PeerClosed { address });
+        }
+        Ok(())
+    }
+}
+
+/// Reads (and discards) whatever the peer sent; true when it closed or reset.
+fn peer_closed(stream: &TcpStream) -> bool {
+    let mut buf = [0u8; 512];
+    loop {
+        match stream.try_read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Reads through TLS whatever has arrived, so session tickets and alerts
+/// are processed; true when the peer closed (close_notify or FIN) or reset.
+async fn tls_peer_closed(stream: &mut TlsStream<TcpStream>) -> bool {
+    let mut buf = [0u8; 512];
+    loop {
+        // `timeout` polls the read once before it looks at the zero
+        // deadline, so this never waits for data that has not arrived.
+        match timeout(Duration::ZERO, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) => return true,
+            Ok(Ok(_)) => continue,
+            Ok(Err(_)) => return true,
+        }
+    }
+}
+
+/// True only for a reset: a plain close (FIN) after reading is not a loss.
+fn peer_reset(stream: &TcpStream) -> bool {
+    let mut buf = [0u8; 512];
+    loop {
+        match stream.try_read(&mut buf) {
+            Ok(0) => return false,
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+/// The socket's pending error (`SO_ERROR`), such as `ECONNRESET` after a reset.
+fn socket_error(stream: &TcpStream) -> Option<i32> {
+    let mut error: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `error`; the fd is owned by `stream`.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            &mut error as *mut libc::c_int as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    (rc == 0 && error != 0).then_some(error)
+}
+
+/// Bytes in the socket's send queue not yet acknowledged by the peer (Linux `SIOCOUTQ`).
+fn unacknowledged_bytes(stream: &TcpStream) -> i32 {
+    let mut pending: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ writes one c_int through the pointer we pass; the fd is owned by `stream`.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut pending as *mut libc::c_int) };
+    if rc == 0 {
+        pending
+    } else {
+        0
+    }
+}
+
+fn set_keepalive(stream: &TcpStream) {
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt reads one c_int of the given size; the fd is owned by `stream`.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_KEEPALIVE,
+            &on as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}

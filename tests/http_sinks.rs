@@ -1,0 +1,368 @@
+//! The HTTP and Splunk HEC sinks end to end: the binary against the
+//! emulator, sending to an in-process HTTP server that answers as a
+//! collector or as HEC does.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::http_server::{hec_events, Answer, HttpReceiver};
+use common::*;
+use mde_forwarder::emulator::{sample_detections, EmulatorOptions};
+use serde_json::Value;
+
+const HEC_TOKEN: &str = "11111111-hec-token-secret-2222";
+const EVENT_PATH: &str = "/services/collector/event";
+const ACK_PATH: &str = "/services/collector/ack";
+
+fn hec_sink_toml(url: &str, extra: &str) -> String {
+    format!(
+        r#"
+[[sink]]
+name = "splunk"
+type = "splunk_hec"
+url = "{url}"
+token = "{HEC_TOKEN}"
+retry_initial_ms = 50
+retry_max_secs = 1
+{extra}
+"#
+    )
+}
+
+fn http_sink_toml(url: &str, extra: &str) -> String {
+    format!(
+        r#"
+[[sink]]
+name = "collector"
+type = "http"
+url = "{url}/ingest"
+retry_initial_ms = 50
+retry_max_secs = 1
+{extra}
+"#
+    )
+}
+
+fn hec_ok() -> Answer {
+    Answer::new(200, r#"{"text":"Success","code":0}"#)
+}
+
+/// FullIds of every event HEC accepted, with how often each was accepted.
+fn accepted_hec_ids(receiver: &HttpReceiver, accepted: impl Fn(usize) -> bool) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for request in receiver.requests_to(EVENT_PATH) {
+        if accepted(request.index) {
+            for event in hec_events(&request.body) {
+                *counts.entry(full_id_of(&event["event"])).or_insert(0) += 1;
+            }
+        }
+    }
+    counts
+}
+
+async fn run_with(sinks: &str) -> (tempfile::TempDir, std::process::Output) {
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), sinks);
+    let output = run_once(&config).await;
+    (dir, output)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hec_sends_events_with_metadata() {
+    let receiver = HttpReceiver::start(|_| hec_ok()).await;
+    let (_dir, output) = run_with(&hec_sink_toml(&receiver.url(), "index = \"defender\"")).await;
+    assert_success(&output);
+
+    let requests = receiver.requests_to(EVENT_PATH);
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0].header("authorization"), Some(format!("Splunk {HEC_TOKEN}").as_str()));
+    assert!(requests[0].header("x-splunk-request-channel").is_none());
+    let events = hec_events(&requests[0].body);
+    assert_eq!(events.len(), 46);
+    let samples: HashMap<String, Value> = sample_detections().into_iter().map(|d| (full_id_of(&d), d)).collect();
+    for event in &events {
+        let detection = &event["event"];
+        let sample = &samples[&full_id_of(detection)];
+        assert_eq!(event["source"], "mde-forwarder");
+        assert_eq!(event["sourcetype"], "wdatp:alerts");
+        assert_eq!(event["index"], "defender");
+        assert_eq!(event["host"], sample["ComputerDnsName"]);
+        let alert_time = chrono::DateTime::parse_from_rfc3339(detection["AlertTime"].as_str().unwrap()).unwrap();
+        let time = event["time"].as_f64().unwrap();
+        assert!((time - alert_time.timestamp_micros() as f64 / 1e6).abs() < 1e-3, "time {time} vs {alert_time}");
+        for (key, value) in sample.as_object().unwrap() {
+            if key != "AlertTime" && key != "LastProcessedTimeUtc" && key != "FirstEventTime" && key != "LastEventTime" {
+                assert_eq!(&detection[key], value, "field {key}");
+            }
+        }
+    }
+    assert!(!stderr(&output).contains(HEC_TOKEN), "token logged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hec_partial_rejection_dead_letters_one_event() {
+    let receiver = HttpReceiver::start(|request| {
+        if request.index == 0 {
+            Answer::new(400, r#"{"text":"Invalid data format","code":6,"invalid-event-number":5}"#)
+        } else {
+            hec_ok()
+        }
+    })
+    .await;
+    let (dir, output) = run_with(&hec_sink_toml(&receiver.url(), "")).await;
+    assert_success(&output);
+
+    let requests = receiver.requests_to(EVENT_PATH);
+    assert_eq!(requests.len(), 2);
+    let first = hec_events(&requests[0].body);
+    let second = hec_events(&requests[1].body);
+    assert_eq!(first.len(), 46);
+    assert_eq!(second.len(), 40, "only the events after the rejected one are sent again");
+    let rejected = full_id_of(&first[5]["event"]);
+    let mut delivered: Vec<String> = first[..5].iter().chain(&second).map(|e| full_id_of(&e["event"])).collect();
+    delivered.sort();
+    delivered.dedup();
+    assert_eq!(delivered.len(), 45);
+    assert!(!delivered.contains(&rejected));
+
+    let letters = dead_letters(dir.path());
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].sink, "splunk");
+    let letter: Value = serde_json::from_str(&letters[0].detection).unwrap();
+    assert_eq!(full_id_of(&letter), rejected);
+    assert!(letters[0].reason.contains("HTTP 400"), "{}", letters[0].reason);
+    assert!(letters[0].reason.contains("Invalid data format"), "{}", letters[0].reason);
+    assert_eq!(pending(dir.path(), "splunk"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hec_server_busy_is_retried() {
+    let receiver = HttpReceiver::start(|request| {
+        if request.index < 2 {
+            Answer::new(503, r#"{"text":"Server is busy","code":9}"#)
+        } else {
+            hec_ok()
+        }
+    })
+    .await;
+    let (dir, output) = run_with(&hec_sink_toml(&receiver.url(), "")).await;
+    assert_success(&output);
+
+    assert_eq!(receiver.requests_to(EVENT_PATH).len(), 3);
+    let accepted = accepted_hec_ids(&receiver, |index| index == 2);
+    assert_eq!(accepted.len(), 46);
+    assert!(dead_letters(dir.path()).is_empty());
+    assert!(stderr(&output).contains("503"), "{}", stderr(&output));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hec_invalid_token_retried_with_error() {
+    let receiver = HttpReceiver::start(|request| {
+        if request.index < 2 {
+            Answer::new(403, r#"{"text":"Invalid token","code":4}"#)
+        } else {
+            hec_ok()
+        }
+    })
+    .await;
+    let (dir, output) = run_with(&hec_sink_toml(&receiver.url(), "")).await;
+    assert_success(&output);
+
+    let log = stderr(&output);
+    let error_lines: Vec<&str> = log.lines().filter(|l| l.contains("ERROR") && l.contains("splunk")).collect();
+    assert_eq!(error_lines.len(), 2, "{log}");
+    assert!(error_lines[0].contains("check the sink's token"), "{log}");
+    assert!(!log.contains(HEC_TOKEN), "token logged");
+    assert!(dead_letters(dir.path()).is_empty(), "an invalid token is not the events' fault");
+    assert_eq!(accepted_hec_ids(&receiver, |index| index == 2).len(), 46);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hec_ack_polls_until_indexed() {
+    let polls = Arc::new(AtomicUsize::new(0));
+    let seen = polls.clone();
+    let receiver = HttpReceiver::start(move |request| match request.path.as_str() {
+        EVENT_PATH => Answer::new(200, r#"{"text":"Success","code":0,"ackId":7}"#),
+        ACK_PATH => {
+            let done = seen.fetch_add(1, Ordering::SeqCst) >= 2;
+            Answer::new(200, format!(r#"{{"acks":{{"7":{done}}}}}"#))
+        }
+        _ => Answer::new(404, ""),
+    })
+    .await;
+    let (_dir, output) = run_with(&hec_sink_toml(&receiver.url(), "ack = true\nack_timeout_secs = 10")).await;
+    assert_success(&output);
+
+    let events = receiver.requests_to(EVENT_PATH);
+    let acks = receiver.requests_to(ACK_PATH);
+    assert_eq!(events.len(), 1);
+    assert_eq!(acks.len(), 3);
+    let channel = events[0].header("x-splunk-request-channel").expect("channel header").to_string();
+    assert_eq!(channel.len(), 36);
+    for ack in &acks {
+        assert_eq!(ack.header("x-splunk-request-channel"), Some(channel.as_str()));
+        assert_eq!(ack.header("authorization"), Some(format!("Splunk {HEC_TOKEN}").as_str()));
+        assert_eq!(serde_json::from_slice::<Value>(&ack.body).unwrap(), serde_json::json!({"acks": [7]}));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hec_ack_timeout_resends_batch() {
+    let receiver = HttpReceiver::start(|request| {
+        let event_posts_before = request.index;
+        match request.path.as_str() {
+            // The first batch gets ackId 1, which is never indexed; the
+            // batch sent again gets ackId 2, which is.
+            EVENT_PATH if event_posts_before == 0 => Answer::new(200, r#"{"text":"Success","code":0,"ackId":1}"#),
+            EVENT_PATH => Answer::new(200, r#"{"text":"Success","code":0,"ackId":2}"#),
+            ACK_PATH if request.text().contains("[1]") => Answer::new(200, r#"{"acks":{"1":false}}"#),
+            ACK_PATH => Answer::new(200, r#"{"acks":{"2":true}}"#),
+            _ => Answer::new(404, ""),
+        }
+    })
+    .await;
+    let started = Instant::now();
+    let (_dir, output) = run_with(&hec_sink_toml(&receiver.url(), "ack = true\nack_timeout_secs = 1")).await;
+    assert_success(&output);
+
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    let events = receiver.requests_to(EVENT_PATH);
+    assert_eq!(events.len(), 2, "the unacknowledged batch is sent again");
+    assert_eq!(hec_events(&events[1].body).len(), 46);
+    assert!(stderr(&output).contains("did not acknowledge ackId 1"), "{}", stderr(&output));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_json_array_with_headers_and_gzip() {
+    let receiver = HttpReceiver::start(|_| Answer::new(200, "ok")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("api-key");
+    std::fs::write(&key_file, "from-file-secret\n").unwrap();
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let extra = format!(
+        "gzip = true\nheaders = {{ \"X-Literal\" = \"literal-value\" }}\nheaders_from_files = {{ \"Authorization\" = \"{}\" }}\nheaders_from_env = {{ \"X-From-Env\" = \"MDE_TEST_HEADER\" }}",
+        key_file.display()
+    );
+    let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &http_sink_toml(&receiver.url(), &extra));
+    let output = run_cli_env(&["run", "--once", "--config", config.to_str().unwrap()], &[("MDE_TEST_HEADER", "env-secret")]).await;
+    assert_success(&output);
+
+    let requests = receiver.requests_to("/ingest");
+    assert_eq!(requests.len(), 1);
+    let request = &requests[0];
+    assert!(request.gzipped);
+    assert_eq!(request.header("content-type"), Some("application/json"));
+    assert_eq!(request.header("x-literal"), Some("literal-value"));
+    assert_eq!(request.header("authorization"), Some("from-file-secret"));
+    assert_eq!(request.header("x-from-env"), Some("env-secret"));
+    let body: Vec<Value> = serde_json::from_slice(&request.body).unwrap();
+    let mut ids = full_ids(&body);
+    ids.sort();
+    let mut expected = sample_full_ids();
+    expected.sort();
+    assert_eq!(ids, expected);
+    let log = stderr(&output);
+    for secret in ["literal-value", "from-file-secret", "env-secret"] {
+        assert!(!log.contains(secret), "{secret} logged");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_ndjson_body() {
+    let receiver = HttpReceiver::start(|_| Answer::new(204, "")).await;
+    let (_dir, output) = run_with(&http_sink_toml(&receiver.url(), "body_format = \"ndjson\"")).await;
+    assert_success(&output);
+
+    let requests = receiver.requests_to("/ingest");
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0].header("content-type"), Some("application/x-ndjson"));
+    assert!(!requests[0].gzipped);
+    let text = requests[0].text();
+    assert!(text.ends_with('\n'));
+    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 46);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_client_error_dead_letters_batch() {
+    let long_body = format!("schema mismatch: {}", "x".repeat(5000));
+    let answer_body = long_body.clone();
+    let receiver = HttpReceiver::start(move |_| Answer::new(400, answer_body.clone())).await;
+    let (dir, output) = run_with(&http_sink_toml(&receiver.url(), "")).await;
+    assert_success(&output);
+
+    assert_eq!(receiver.requests_to("/ingest").len(), 1, "a 400 is not retried");
+    let letters = dead_letters(dir.path());
+    assert_eq!(letters.len(), 46);
+    for letter in &letters {
+        assert_eq!(letter.sink, "collector");
+        assert!(letter.reason.starts_with("HTTP 400: schema mismatch: xxx"), "{}", letter.reason);
+        assert!(letter.reason.len() < 1100, "reason is {} bytes", letter.reason.len());
+    }
+    assert_eq!(pending(dir.path(), "collector"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_throttling_honours_retry_after() {
+    let receiver = HttpReceiver::start(|request| {
+        if request.index == 0 {
+            Answer::new(429, "slow down").with_header("retry-after", "2")
+        } else {
+            Answer::new(200, "ok")
+        }
+    })
+    .await;
+    let started = Instant::now();
+    let (dir, output) = run_with(&http_sink_toml(&receiver.url(), "")).await;
+    assert_success(&output);
+
+    assert!(started.elapsed() >= Duration::from_secs(2), "retried before Retry-After");
+    let requests = receiver.requests_to("/ingest");
+    assert_eq!(requests.len(), 2);
+    assert!(dead_letters(dir.path()).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_server_error_then_success() {
+    let receiver = HttpReceiver::start(|request| {
+        if request.index == 0 {
+            Answer::new(500, "internal error")
+        } else {
+            Answer::new(200, "ok")
+        }
+    })
+    .await;
+    let (dir, output) = run_with(&http_sink_toml(&receiver.url(), "")).await;
+    assert_success(&output);
+
+    let requests = receiver.requests_to("/ingest");
+    assert_eq!(requests.len(), 2);
+    assert_eq!(requests[0].body, requests[1].body, "the same batch is sent again");
+    assert!(dead_letters(dir.path()).is_empty());
+    assert!(stderr(&output).contains("HTTP 500"), "{}", stderr(&output));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_batches_stay_under_max_batch_bytes() {
+    let receiver = HttpReceiver::start(|_| Answer::new(200, "ok")).await;
+    let (_dir, output) = run_with(&http_sink_toml(&receiver.url(), "max_batch_bytes = 4096")).await;
+    assert_success(&output);
+
+    let requests = receiver.requests_to("/ingest");
+    assert!(requests.len() > 5, "{} requests", requests.len());
+    let mut ids = Vec::new();
+    for request in &requests {
+        let body: Vec<Value> = serde_json::from_slice(&request.body).unwrap();
+        assert!(request.body.len() <= 4096 + 2 || body.len() == 1, "{} bytes for {} detections", request.body.len(), body.len());
+        ids.extend(full_ids(&body));
+    }
+    ids.sort();
+    let mut expected = sample_full_ids();
+    expected.sort();
+    assert_eq!(ids, expected, "every detection once");
+}
