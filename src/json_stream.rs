@@ -86,6 +86,16 @@ impl ArraySplitter {
             return self.not_array_preview();
         }
         while self.scanned < self.buffer.len() {
+            if self.state == State::InElement && self.in_string && !self.escaped {
+                // Inside a string only `"` and `\` matter: jump to the next one.
+                match memchr::memchr2(b'"', b'\\', &self.buffer[self.scanned..]) {
+                    Some(offset) => self.scanned += offset,
+                    None => {
+                        self.scanned = self.buffer.len();
+                        break;
+                    }
+                }
+            }
             let byte = self.buffer[self.scanned];
             let at = self.scanned;
             self.scanned += 1;
