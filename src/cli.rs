@@ -194,6 +194,7 @@ async fn run(args: RunArgs, log_format: Option<LogFormat>) -> ExitCode {
         Err(code) => return code,
     };
     init_logging(log_format.unwrap_or(config.service.log_format), &config.service.log_level);
+    warn_inline_secret(&args.config.config);
     let mode = if args.once { Mode::Once } else { Mode::Daemon };
     report(run_config(&config, mode, shutdown_signal()).await)
 }
@@ -218,11 +219,25 @@ pub async fn run_config(config: &Config, mode: Mode, stop: watch::Receiver<bool>
     result
 }
 
+/// Logs a WARN when the config file holds a secret that others may read.
+fn warn_inline_secret(path: &Path) {
+    if let Some(warning) = crate::config::inline_secret_warning(path) {
+        tracing::warn!(config = %path.display(), "{warning}");
+    }
+}
+
 fn check_config(path: &Path) -> ExitCode {
     let config = match load_config(path) {
         Ok(config) => config,
         Err(code) => return code,
     };
+    if let Some(warning) = crate::config::inline_secret_warning(path) {
+        eprintln!("warning: {warning}");
+    }
+    if let Err(e) = pipeline::http_client(&config) {
+        eprintln!("error: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let tenants = match config.resolve_tenants() {
         Ok(tenants) => tenants,
         Err(e) => {
@@ -233,7 +248,11 @@ fn check_config(path: &Path) -> ExitCode {
     println!("config {} is valid", path.display());
     println!("state dir: {}", config.state.dir.display());
     for tenant in &tenants {
-        println!("tenant {}: alerts {} ; token {}", tenant.name, tenant.alerts_url, tenant.token_url);
+        let credential = match &tenant.credential {
+            crate::config::ClientCredential::Secret(_) => "client secret".to_string(),
+            crate::config::ClientCredential::Certificate(c) => format!("certificate x5t {}", c.x5t()),
+        };
+        println!("tenant {}: alerts {} ; token {} ; {credential}", tenant.name, tenant.alerts_url, tenant.token_url);
     }
     for sink in &config.sinks {
         println!("sink {}: {}", sink.name(), describe_sink(sink));

@@ -32,9 +32,9 @@ pub enum CycleError {
     Source(#[from] SourceError),
     #[error("tenant {tenant}: state store failed: {source}")]
     Store { tenant: String, source: StoreError },
-    #[error("tenant {tenant}: {count} or more detections share LastProcessedTimeUtc {time}, more than [poll] limit = {count} can page through; raise limit or set it to 0")]
+    #[error("tenant {tenant}: {count} or more detections share LastProcessedTimeUtc {time}, more than limit = {count} (the tenant's or [poll]) can page through; raise limit or set it to 0")]
     PagingStuck { tenant: String, count: u32, time: String },
-    #[error("tenant {tenant}: a full page of {count} detections had no readable LastProcessedTimeUtc, so older pages cannot be requested; set [poll] limit = 0")]
+    #[error("tenant {tenant}: a full page of {count} detections had no readable LastProcessedTimeUtc, so older pages cannot be requested; set limit = 0 (the tenant's or [poll])")]
     PagingUnreadable { tenant: String, count: u32 },
 }
 
@@ -162,11 +162,12 @@ impl Poller {
             Some(c) => c - chrono::Duration::seconds(self.poll.overlap_secs as i64) - TICK,
             None => now - chrono::Duration::seconds(self.poll.initial_lookback_secs as i64),
         };
+        let limit = tenant.limit.unwrap_or(self.poll.limit);
         let mut query = Query {
             since: Some(since),
             until: None,
             ago: None,
-            limit: self.poll.limit,
+            limit,
             machine_groups: tenant.machine_groups.clone(),
             device_created_machine_tags: tenant.device_created_machine_tags.clone(),
             cloud_created_machine_tags: tenant.cloud_created_machine_tags.clone(),
@@ -177,18 +178,18 @@ impl Poller {
             let page = self.read_page(&query, now, &mut report).await?;
             report.pages += 1;
             newest = newest.max(page.newest);
-            if self.poll.limit == 0 || (page.count as u64) < self.poll.limit as u64 {
+            if limit == 0 || (page.count as u64) < limit as u64 {
                 break;
             }
             // A full page: the API returned the most recent `limit` detections,
             // so older ones may be missing. Ask for the part before this page.
             let Some(oldest) = page.oldest else {
-                return Err(CycleError::PagingUnreadable { tenant: tenant.name.clone(), count: self.poll.limit });
+                return Err(CycleError::PagingUnreadable { tenant: tenant.name.clone(), count: limit });
             };
             if query.until.is_some_and(|until| oldest >= until) {
                 return Err(CycleError::PagingStuck {
                     tenant: tenant.name.clone(),
-                    count: self.poll.limit,
+                    count: limit,
                     time: crate::timefmt::format_query(oldest),
                 });
             }
