@@ -47,6 +47,16 @@ impl CycleError {
         }
     }
 
+    /// Whether Azure AD or the API rejected the credentials themselves, which
+    /// only an operator can fix.
+    pub fn is_credential_rejection(&self) -> bool {
+        matches!(
+            self,
+            CycleError::Source(SourceError::Auth(crate::auth::AuthError::Rejected { .. }))
+                | CycleError::Source(SourceError::Unauthorized { .. })
+        )
+    }
+
     fn retry_after(&self) -> Option<Duration> {
         match self {
             CycleError::Source(e) => e.retry_after(),
@@ -85,19 +95,41 @@ impl Poller {
     }
 
     /// The daemon loop: a cycle every interval until `stop` turns true.
+    ///
+    /// Rejected credentials do not fix themselves, so each rejection in a row
+    /// doubles the wait (see [`rejection_delay`]); a successful cycle resets it.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let interval = Duration::from_secs(self.poll.interval_secs);
+        let mut rejections = 0u32;
         loop {
             if !self.wait_for_outbox_room(&mut stop).await {
                 return;
             }
             let started = tokio::time::Instant::now();
             let mut cycle_stop = stop.clone();
-            tokio::select! {
-                _ = self.run_with_retries(&mut cycle_stop) => {}
+            let result = tokio::select! {
+                result = self.run_with_retries(&mut cycle_stop) => result,
                 _ = stop.wait_for(|s| *s) => return,
-            }
-            let next = started + interval;
+            };
+            let wait = match result {
+                Ok(_) => {
+                    rejections = 0;
+                    interval
+                }
+                Err(error) if error.is_credential_rejection() => {
+                    rejections = rejections.saturating_add(1);
+                    let wait = rejection_delay(interval, rejections);
+                    tracing::warn!(
+                        tenant = %self.name(),
+                        rejections,
+                        next_attempt_secs = wait.as_secs(),
+                        "credentials rejected {rejections} time(s) in a row; waiting longer before the next attempt. Check tenant_id, client_id and that the secret or certificate is the one in the app registration and has not expired"
+                    );
+                    wait
+                }
+                Err(_) => interval,
+            };
+            let next = started + wait;
             tokio::select! {
                 _ = tokio::time::sleep_until(next) => {}
                 _ = stop.wait_for(|s| *s) => return,
@@ -283,9 +315,40 @@ impl Poller {
     }
 }
 
+/// Longest wait between attempts while credentials keep being rejected.
+const MAX_REJECTION_DELAY: Duration = Duration::from_secs(3600);
+
+/// The wait after the `rejections`-th credential rejection in a row: twice
+/// the poll interval, doubling each time up to one hour, and never less
+/// than the interval itself.
+pub fn rejection_delay(interval: Duration, rejections: u32) -> Duration {
+    let factor = 1u32.checked_shl(rejections.min(31)).unwrap_or(u32::MAX);
+    interval.saturating_mul(factor).min(MAX_REJECTION_DELAY).max(interval)
+}
+
 #[derive(Default)]
 struct PageSummary {
     count: usize,
     oldest: Option<DateTime<Utc>>,
     newest: Option<DateTime<Utc>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejection_delay_doubles_up_to_an_hour() {
+        let minute = Duration::from_secs(60);
+        let cases = [(1, 120), (2, 240), (3, 480), (5, 1920), (6, 3600), (40, 3600)];
+        for (rejections, secs) in cases {
+            assert_eq!(rejection_delay(minute, rejections), Duration::from_secs(secs), "{rejections}");
+        }
+    }
+
+    #[test]
+    fn rejection_delay_never_shortens_a_long_interval() {
+        let two_hours = Duration::from_secs(7200);
+        assert_eq!(rejection_delay(two_hours, 3), two_hours);
+    }
 }
