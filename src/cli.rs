@@ -243,7 +243,7 @@ async fn pull(args: PullArgs, log_format: Option<LogFormat>) -> ExitCode {
     report(pull_to_output(&config, &args, window).await)
 }
 
-/// The window of a pull from `--since`/`--until` or `--ago`.
+/// Computes the window of a pull from `--since`/`--until` or `--ago`.
 fn pull_window(args: &PullArgs, now: chrono::DateTime<chrono::Utc>) -> Result<crate::pull::PullWindow, String> {
     let parse_time = |flag: &str, text: &str| {
         timefmt::parse(text).ok_or_else(|| format!("invalid {flag} {text:?}: write it like 2026-12-01T00:00:00Z"))
@@ -321,7 +321,7 @@ pub async fn run_config(config: &Config, mode: Mode, stop: watch::Receiver<bool>
     result
 }
 
-/// Logs a WARN when the config file holds a secret that others may read.
+/// Logs a WARN when the config file contains a secret that others may read.
 fn warn_inline_secret(path: &Path) {
     if let Some(warning) = crate::config::inline_secret_warning(path) {
         tracing::warn!(config = %path.display(), "{warning}");

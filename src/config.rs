@@ -230,7 +230,7 @@ pub struct TenantConfig {
     /// A file whose content is the secret; one trailing line break is ignored.
     #[serde(default)]
     pub client_secret_file: Option<PathBuf>,
-    /// The name of an environment variable that holds the secret.
+    /// The name of an environment variable that contains the secret.
     #[serde(default)]
     pub client_secret_env: Option<String>,
     /// The name of a systemd credential (`LoadCredential=`), read from
@@ -437,7 +437,7 @@ impl SinkConfig {
     }
 }
 
-/// How the app proves its identity to Azure AD.
+/// The credential the app proves its identity to Azure AD with.
 #[derive(Debug, Clone)]
 pub enum ClientCredential {
     Secret(Secret),
@@ -464,7 +464,7 @@ pub struct ResolvedTenant {
 }
 
 impl ResolvedTenant {
-    /// The secret text, for redacting it from messages; `None` with a certificate.
+    /// Returns the secret, for redacting it from messages, or `None` with a certificate.
     pub fn secret(&self) -> Option<&Secret> {
         match &self.credential {
             ClientCredential::Secret(secret) => Some(secret),
@@ -581,7 +581,7 @@ impl Config {
     }
 }
 
-/// Where a tenant's credential comes from; exactly one per tenant.
+/// The source of a tenant's credential, exactly one per tenant.
 enum CredentialSource<'a> {
     Inline(&'a Secret),
     File(&'a Path),
@@ -775,7 +775,7 @@ fn checked_base_url(key: &str, text: &str) -> Result<String, ConfigError> {
     Ok(text.trim().trim_end_matches('/').to_string())
 }
 
-/// Returns a warning when the config file at `path` holds an inline
+/// Returns a warning when the config file at `path` contains an inline
 /// `client_secret` and users other than its owner may read it.
 pub fn inline_secret_warning(path: &Path) -> Option<String> {
     use std::os::unix::fs::PermissionsExt;

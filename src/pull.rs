@@ -43,7 +43,7 @@ pub struct PullWindow {
     pub limit: u32,
 }
 
-/// What a pull wrote.
+/// Counts of what a pull wrote.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct PullReport {
     pub written: usize,

@@ -21,7 +21,7 @@ fn data(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
 }
 
-/// A `[[tenant]]` whose credential and URLs are given as TOML lines.
+/// Builds a `[[tenant]]` whose credential and URLs are given as TOML lines.
 fn tenant_with(name: &str, lines: &str) -> String {
     format!("\n[[tenant]]\nname = \"{name}\"\ntenant_id = \"{TENANT_ID}\"\nclient_id = \"{CLIENT_ID}\"\n{lines}\n")
 }
@@ -42,7 +42,7 @@ fn certificate_lines() -> String {
     )
 }
 
-/// An address on 127.0.0.1 where nothing listens.
+/// Returns an address on 127.0.0.1 where nothing listens.
 fn closed_addr() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
@@ -181,7 +181,7 @@ async fn wrong_secret_logs_one_aadsts_line_without_secret() {
     assert!(line.contains("Check client_secret"), "{line}");
 }
 
-/// A token endpoint that echoes the secret in a multi-line description,
+/// Starts a token endpoint that echoes the secret in a multi-line description,
 /// which Azure AD does not do but a proxy or gateway might.
 async fn echoing_token_endpoint(secret: &'static str) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -448,7 +448,7 @@ impl TestProxy {
     }
 }
 
-/// A TLS front on 127.0.0.1 with the test server certificate, passing
+/// Starts a TLS front on 127.0.0.1 with the test server certificate, passing
 /// plain HTTP on to `upstream`.
 async fn tls_front(upstream: SocketAddr) -> SocketAddr {
     use tokio_rustls::rustls;

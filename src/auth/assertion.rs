@@ -1,9 +1,9 @@
 //! Certificate credentials: a client assertion JWT signed with the app
 //! registration's certificate key, sent in place of a client secret.
 //!
-//! The JWT follows Azure AD's rules for certificate credentials: header
-//! `{"alg":"RS256","typ":"JWT","x5t":...}` where `x5t` is the base64url SHA-1
-//! thumbprint of the certificate's DER bytes, and claims `aud` (the token
+//! The JWT follows Azure AD's rules for certificate credentials. Its header is
+//! `{"alg":"RS256","typ":"JWT","x5t":...}`, where `x5t` is the base64url SHA-1
+//! thumbprint of the certificate's DER bytes. Its claims are `aud` (the token
 //! URL), `iss` and `sub` (both the client id), a random `jti`, `nbf` and `iat`
 //! (now) and `exp` (now + 10 minutes).
 
@@ -79,7 +79,7 @@ impl ClientCertificate {
         Ok(Self { key, thumbprint: thumbprint(cert.as_ref()), random: SystemRandom::new() })
     }
 
-    /// The `x5t` header value: base64url of the certificate's SHA-1 thumbprint.
+    /// Returns the `x5t` header value, the base64url SHA-1 thumbprint of the certificate.
     pub fn x5t(&self) -> &str {
         &self.thumbprint
     }
@@ -112,7 +112,7 @@ impl ClientCertificate {
     }
 }
 
-/// Which of the two PEM inputs is unusable, and why.
+/// The PEM input that is unusable, with the reason.
 #[derive(Debug)]
 pub enum PemProblem {
     Certificate(String),
@@ -168,7 +168,7 @@ pub fn rsa_public_key(cert_der: &[u8]) -> Option<&[u8]> {
     }
 }
 
-/// Reads one element with tag `tag`; returns its content and what follows.
+/// Reads one element with tag `tag` and returns its content and what follows.
 fn der_element(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
     if *input.first()? != tag {
         return None;
@@ -176,7 +176,7 @@ fn der_element(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
     der_any(input)
 }
 
-/// Reads one element of any single-byte tag; returns its content and what follows.
+/// Reads one element of any single-byte tag and returns its content and what follows.
 fn der_any(input: &[u8]) -> Option<(&[u8], &[u8])> {
     let first_length = *input.get(1)?;
     let (length, header) = if first_length < 0x80 {

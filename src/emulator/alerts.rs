@@ -112,7 +112,7 @@ async fn gzip(response: HttpResponse) -> HttpResponse {
             parts.headers.remove(hyper::header::CONTENT_LENGTH);
             HttpResponse::from_parts(parts, Full::new(compressed.into()))
         }
-        // Writing to a Vec cannot fail; the plain body is still correct.
+        // Only an allocation failure could fail the write, and then the plain body is still correct.
         Err(_) => HttpResponse::from_parts(parts, Full::new(bytes)),
     }
 }

@@ -1,7 +1,7 @@
-//! Checks a client assertion (certificate credential) as Azure AD does:
-//! the certificate named by `x5t` must be registered for the tenant, the
-//! RS256 signature must verify with its public key, and the claims must name
-//! the client, the token URL and a time range that includes now.
+//! Checks a client assertion (certificate credential) as Azure AD does.
+//! The certificate named by `x5t` must be registered for the tenant, and the
+//! RS256 signature must verify with its public key. The claims must name the
+//! client, the token URL and a time range that includes now.
 
 use std::collections::HashSet;
 
@@ -24,7 +24,7 @@ const CLOCK_SKEW_SECS: i64 = 300;
 /// A rejection: HTTP status, OAuth `error`, AADSTS code and message.
 pub(super) type Rejection = (StatusCode, &'static str, u32, String);
 
-/// What the check needs to know about the request and the tenant.
+/// The request fields and tenant certificates a check needs.
 pub(super) struct AssertionCheck<'a> {
     pub assertion_type: &'a str,
     pub assertion: Option<&'a str>,

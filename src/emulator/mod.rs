@@ -223,7 +223,7 @@ impl Emulator {
     }
 
     /// Registers a PEM certificate for the tenant's app, so client assertions
-    /// signed with its key are accepted. Fails when `pem` holds no certificate.
+    /// signed with its key are accepted. Fails when `pem` contains no certificate.
     pub fn add_client_certificate(&self, tenant_id: &str, pem: &[u8]) -> Result<(), String> {
         use rustls_pki_types::pem::PemObject;
         let der = rustls_pki_types::CertificateDer::from_pem_slice(pem)

@@ -127,8 +127,8 @@ async fn route(shared: &Arc<Shared>, request: Request<Incoming>) -> HttpResponse
     text_response(StatusCode::NOT_FOUND, "text/plain; charset=utf-8", format!("no emulated endpoint at {path}\n"))
 }
 
-/// The token URL as the client sees it, with http and https, for the `aud`
-/// claim of a client assertion. The emulator serves plain HTTP, but a client
+/// Returns the token URL as the client sees it, with http and https, for
+/// the `aud` claim of a client assertion. The emulator serves plain HTTP, but a client
 /// may reach it through a TLS front or a proxy.
 fn token_audiences(parts: &hyper::http::request::Parts, path: &str) -> Vec<String> {
     let host = parts

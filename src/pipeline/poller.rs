@@ -47,8 +47,8 @@ impl CycleError {
         }
     }
 
-    /// Whether Azure AD or the API rejected the credentials themselves, which
-    /// only an operator can fix.
+    /// Returns whether Azure AD or the API rejected the credentials
+    /// themselves, which only an operator can fix.
     pub fn is_credential_rejection(&self) -> bool {
         matches!(
             self,
@@ -315,12 +315,12 @@ impl Poller {
     }
 }
 
-/// Longest wait between attempts while credentials keep being rejected.
+/// Maximum wait between attempts while credentials keep being rejected.
 const MAX_REJECTION_DELAY: Duration = Duration::from_secs(3600);
 
-/// The wait after the `rejections`-th credential rejection in a row: twice
-/// the poll interval, doubling each time up to one hour, and never less
-/// than the interval itself.
+/// Returns the wait after the `rejections`-th credential rejection in a row.
+/// It starts at twice the poll interval and doubles up to one hour, but is
+/// never less than the interval itself.
 pub fn rejection_delay(interval: Duration, rejections: u32) -> Duration {
     let factor = 1u32.checked_shl(rejections.min(31)).unwrap_or(u32::MAX);
     interval.saturating_mul(factor).min(MAX_REJECTION_DELAY).max(interval)
