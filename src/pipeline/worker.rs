@@ -108,10 +108,14 @@ impl SinkWorker {
     }
 
     /// Waits for new entries or a mode change; true when the worker should exit.
+    ///
+    /// A switch to `Drain` returns false, so the caller reads the outbox once
+    /// more: entries queued just before the switch arrive together with it,
+    /// and `select!` may see the mode change first.
     async fn wait_for_work(&mut self) -> bool {
         tokio::select! {
             changed = self.wake.changed() => changed.is_err(),
-            changed = self.mode.changed() => changed.is_err() || *self.mode.borrow() != WorkerMode::Run,
+            changed = self.mode.changed() => changed.is_err() || *self.mode.borrow() == WorkerMode::Stop,
         }
     }
 
