@@ -12,7 +12,11 @@ use serde_json::Value;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use crate::config::{ResolvedTenant, Secret, TokenEndpoint};
+use crate::config::{ClientCredential, ResolvedTenant, Secret, TokenEndpoint};
+
+mod assertion;
+
+pub use assertion::{rsa_public_key, thumbprint, ClientCertificate, ASSERTION_TYPE};
 
 /// Lifetime assumed when the token response gives neither `expires_in` nor
 /// `expires_on`; a 401 from the API still forces an early refresh.
@@ -29,6 +33,8 @@ pub enum AuthError {
     Network { tenant: String, url: String, source: reqwest::Error },
     #[error("token response for tenant {tenant} is invalid: {detail}")]
     Malformed { tenant: String, detail: String },
+    #[error("tenant {tenant}: cannot build the client assertion: {source}")]
+    Assertion { tenant: String, source: assertion::AssertionError },
 }
 
 impl AuthError {
@@ -115,8 +121,18 @@ impl TokenSource {
         let mut form = vec![
             ("grant_type", "client_credentials".to_string()),
             ("client_id", tenant.client_id.clone()),
-            ("client_secret", tenant.client_secret.expose().to_string()),
         ];
+        match &tenant.credential {
+            ClientCredential::Secret(secret) => form.push(("client_secret", secret.expose().to_string())),
+            ClientCredential::Certificate(certificate) => {
+                let now = chrono::Utc::now().timestamp();
+                let jwt = certificate
+                    .assertion(&tenant.client_id, &tenant.token_url, now)
+                    .map_err(|source| AuthError::Assertion { tenant: tenant.name.clone(), source })?;
+                form.push(("client_assertion_type", ASSERTION_TYPE.to_string()));
+                form.push(("client_assertion", jwt));
+            }
+        }
         match tenant.token_endpoint {
             TokenEndpoint::V1 => form.push(("resource", tenant.resource.clone())),
             TokenEndpoint::V2 => {
@@ -152,12 +168,14 @@ impl TokenSource {
 
     fn classify_failure(&self, status: u16, body: &[u8], retry_after: Option<Duration>) -> AuthError {
         let aad: AadError = serde_json::from_slice(body).unwrap_or_default();
-        let summary = summarize_aad(&aad, body, self.tenant.client_secret.expose());
+        let secret = self.tenant.secret().map(Secret::expose).unwrap_or("");
+        let summary = summarize_aad(&aad, body, secret);
         let tenant = self.tenant.name.clone();
         if status == 429 || status >= 500 || status == 408 {
             return AuthError::Unavailable { tenant, status, summary, retry_after };
         }
         let hint = match aad.error.as_deref() {
+            Some("invalid_client") if self.tenant.secret().is_none() => "Check that client_certificate_file is uploaded to the app registration (Certificates & secrets) and not expired, and that the clocks are right",
             Some("invalid_client") => "Check client_secret: it may be wrong or expired; create a new secret in the app registration",
             Some("unauthorized_client") => "Check client_id and that the app registration exists in this tenant",
             Some("invalid_request") if summary.contains("90002") => "Check tenant_id: Azure AD does not know this tenant",

@@ -1,5 +1,5 @@
-//! The commands behind `mde-forwarder`: run, demo, emulate, check-config,
-//! state, health.
+//! The commands behind `mde-forwarder`: run, pull, demo, emulate,
+//! check-config, state, health.
 //!
 //! Exit codes: 0 success; 1 a run failed, a probe failed or the health check
 //! failed (the reason is on stderr); 2 invalid command-line arguments;
@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 use tokio::sync::watch;
 
 use crate::config::{Config, LogFormat};
@@ -39,6 +39,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the forwarder with a config file.
     Run(RunArgs),
+    /// Write one tenant's detections of a time window to JSON Lines, without touching the state (works while the daemon runs).
+    Pull(PullArgs),
     /// Start the built-in API emulator with sample detections and forward them to standard output as CEF.
     Demo(DemoArgs),
     /// Run the Defender API emulator on its own, for testing a SIEM pipeline.
@@ -84,6 +86,28 @@ pub struct RunArgs {
     /// Run one complete poll cycle for every tenant, deliver everything, store the checkpoints and exit (without it: run until SIGTERM or SIGINT; SIGHUP reloads the config).
     #[arg(long)]
     pub once: bool,
+}
+
+#[derive(Args, Debug)]
+#[command(group(ArgGroup::new("start").required(true).args(["since", "ago"])))]
+pub struct PullArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Name of the [[tenant]] to pull.
+    #[arg(long)]
+    pub tenant: String,
+    /// Start of the window on LastProcessedTimeUtc (UTC, ISO 8601), for example 2026-12-01T00:00:00Z.
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<String>,
+    /// End of the window (UTC, ISO 8601); now by default.
+    #[arg(long, value_name = "TIME", requires = "since", conflicts_with = "ago")]
+    pub until: Option<String>,
+    /// The window ending now, as an ISO 8601 duration such as PT4H or P1D.
+    #[arg(long, value_name = "DURATION")]
+    pub ago: Option<String>,
+    /// File to write; standard output by default. An existing file is replaced.
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub output: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -153,6 +177,7 @@ pub fn main(cli: Cli) -> ExitCode {
     let log_format = cli.log_format;
     match cli.command {
         Command::Run(args) => runtime.block_on(run(args, log_format)),
+        Command::Pull(args) => runtime.block_on(pull(args, log_format)),
         Command::Demo(args) => runtime.block_on(demo(args, log_format)),
         Command::Emulate(args) => {
             init_logging(log_format.unwrap_or_default(), "info");
@@ -244,11 +269,87 @@ async fn run(args: RunArgs, log_format: Option<LogFormat>) -> ExitCode {
         Err(code) => return code,
     };
     init_logging(log_format.unwrap_or(config.service.log_format), &config.service.log_level);
+    warn_inline_secret(&args.config.config);
     if args.once {
         report(run_config(&config, Mode::Once, shutdown_signal()).await)
     } else {
         report(crate::daemon::run(config, args.config.config).await)
     }
+}
+
+async fn pull(args: PullArgs, log_format: Option<LogFormat>) -> ExitCode {
+    let config = match load_config(&args.config.config) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    init_logging(log_format.unwrap_or(config.service.log_format), &config.service.log_level);
+    warn_inline_secret(&args.config.config);
+    let window = match pull_window(&args, chrono::Utc::now()) {
+        Ok(window) => window,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    report(pull_to_output(&config, &args, window).await)
+}
+
+/// Computes the window of a pull from `--since`/`--until` or `--ago`.
+fn pull_window(args: &PullArgs, now: chrono::DateTime<chrono::Utc>) -> Result<crate::pull::PullWindow, String> {
+    let parse_time = |flag: &str, text: &str| {
+        timefmt::parse(text).ok_or_else(|| format!("invalid {flag} {text:?}: write it like 2026-12-01T00:00:00Z"))
+    };
+    let (since, until) = match (&args.since, &args.ago) {
+        (Some(since), _) => (parse_time("--since", since)?, args.until.as_deref().map(|u| parse_time("--until", u)).transpose()?),
+        (None, Some(ago)) => {
+            let duration = timefmt::parse_iso_duration(ago)
+                .ok_or_else(|| format!("invalid --ago {ago:?}: write an ISO 8601 duration like PT4H or P1D"))?;
+            (now - duration, None)
+        }
+        (None, None) => return Err("set --since or --ago".into()),
+    };
+    if until.is_some_and(|until| until < since) {
+        return Err("--until is before --since".into());
+    }
+    Ok(crate::pull::PullWindow { since, until, limit: 0 })
+}
+
+async fn pull_to_output(config: &Config, args: &PullArgs, mut window: crate::pull::PullWindow) -> Result<(), String> {
+    let tenant = config
+        .resolve_tenants()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .find(|t| t.name == args.tenant)
+        .ok_or_else(|| format!("no tenant named {:?} in the config", args.tenant))?;
+    window.limit = tenant.limit.unwrap_or(config.poll.limit);
+    let http = pipeline::http_client(config).map_err(|e| e.to_string())?;
+    let name = tenant.name.clone();
+    let max_bytes = config.poll.max_response_bytes;
+    let result = match &args.output {
+        Some(path) => {
+            let file = tokio::fs::File::create(path)
+                .await
+                .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+            let mut out = tokio::io::BufWriter::new(file);
+            crate::pull::pull(http, tenant, max_bytes, &window, &mut out).await
+        }
+        None => {
+            let mut out = tokio::io::BufWriter::new(tokio::io::stdout());
+            crate::pull::pull(http, tenant, max_bytes, &window, &mut out).await
+        }
+    };
+    let pulled = result.map_err(|e| e.to_string())?;
+    tracing::info!(
+        tenant = %name,
+        since = %timefmt::format_query(window.since),
+        until = %window.until.map(timefmt::format_query).unwrap_or_else(|| "now".into()),
+        written = pulled.written,
+        repeated = pulled.repeated,
+        invalid = pulled.invalid,
+        pages = pulled.pages,
+        "pull complete"
+    );
+    Ok(())
 }
 
 /// Opens the store and runs the pipeline; shared by `run` and `demo`.
@@ -271,11 +372,25 @@ pub async fn run_config(config: &Config, mode: Mode, stop: watch::Receiver<bool>
     result
 }
 
+/// Logs a WARN when the config file contains a secret that others may read.
+fn warn_inline_secret(path: &Path) {
+    if let Some(warning) = crate::config::inline_secret_warning(path) {
+        tracing::warn!(config = %path.display(), "{warning}");
+    }
+}
+
 async fn check_config(path: &Path, probe: bool) -> ExitCode {
     let config = match load_config(path) {
         Ok(config) => config,
         Err(code) => return code,
     };
+    if let Some(warning) = crate::config::inline_secret_warning(path) {
+        eprintln!("warning: {warning}");
+    }
+    if let Err(e) = pipeline::http_client(&config) {
+        eprintln!("error: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let tenants = match config.resolve_tenants() {
         Ok(tenants) => tenants,
         Err(e) => {
@@ -293,7 +408,11 @@ async fn check_config(path: &Path, probe: bool) -> ExitCode {
     println!("config {} is valid", path.display());
     println!("state dir: {}", config.state.dir.display());
     for tenant in &tenants {
-        println!("tenant {}: alerts {} ; token {}", tenant.name, tenant.alerts_url, tenant.token_url);
+        let credential = match &tenant.credential {
+            crate::config::ClientCredential::Secret(_) => "client secret".to_string(),
+            crate::config::ClientCredential::Certificate(c) => format!("certificate x5t {}", c.x5t()),
+        };
+        println!("tenant {}: alerts {} ; token {} ; {credential}", tenant.name, tenant.alerts_url, tenant.token_url);
     }
     for sink in &config.sinks {
         println!("sink {}: {}", sink.name(), describe_sink(sink));

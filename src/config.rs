@@ -9,11 +9,14 @@
 //! tenant named `contoso` (names match case-insensitively, `_` matching `-`).
 
 use std::collections::{BTreeMap, HashSet};
+use std::ffi::OsString;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
 
+use crate::auth::ClientCertificate;
 use crate::format::{Facility, Framing, HeaderFormat, PayloadFormat};
 
 pub const ENV_PREFIX: &str = "MDE_FORWARDER__";
@@ -133,8 +136,19 @@ pub struct PollConfig {
     pub connect_timeout_secs: u64,
     /// Longest wait for the next bytes of a response.
     pub request_timeout_secs: u64,
-    /// A response body larger than this is cut off and reported.
+    /// A response body larger than this is cut off and reported. Counts
+    /// decoded bytes, so a small gzip body cannot expand past it.
     pub max_response_bytes: u64,
+    /// HTTP proxy for every request to Azure AD and the API, such as
+    /// `http://proxy.example:3128` (user and password may be in the URL).
+    /// Unset: the `HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY` and `NO_PROXY`
+    /// environment variables apply.
+    pub proxy_url: Option<Secret>,
+    /// Hosts that bypass `proxy_url`, comma-separated, in `NO_PROXY` syntax.
+    pub no_proxy: Option<String>,
+    /// PEM file of CA certificates trusted in addition to the built-in roots,
+    /// for a TLS-inspecting proxy.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for PollConfig {
@@ -150,6 +164,9 @@ impl Default for PollConfig {
             connect_timeout_secs: 10,
             request_timeout_secs: 120,
             max_response_bytes: 4 * 1024 * 1024 * 1024,
+            proxy_url: None,
+            no_proxy: None,
+            ca_file: None,
         }
     }
 }
@@ -243,8 +260,22 @@ pub struct TenantConfig {
     pub client_id: String,
     #[serde(default)]
     pub client_secret: Option<Secret>,
+    /// A file whose content is the secret; one trailing line break is ignored.
     #[serde(default)]
     pub client_secret_file: Option<PathBuf>,
+    /// The name of an environment variable that contains the secret.
+    #[serde(default)]
+    pub client_secret_env: Option<String>,
+    /// The name of a systemd credential (`LoadCredential=`), read from
+    /// `$CREDENTIALS_DIRECTORY/{name}`.
+    #[serde(default)]
+    pub client_secret_credential: Option<String>,
+    /// PEM certificate registered with the app, for certificate credentials.
+    #[serde(default)]
+    pub client_certificate_file: Option<PathBuf>,
+    /// PEM PKCS#8 RSA private key of `client_certificate_file`.
+    #[serde(default)]
+    pub client_certificate_key_file: Option<PathBuf>,
     #[serde(default)]
     pub region: Option<Region>,
     #[serde(default)]
@@ -265,6 +296,9 @@ pub struct TenantConfig {
     pub device_created_machine_tags: Option<String>,
     #[serde(default)]
     pub cloud_created_machine_tags: Option<String>,
+    /// `limit` for this tenant; overrides `[poll] limit`.
+    #[serde(default)]
+    pub limit: Option<u32>,
 }
 
 fn default_resource() -> String {
@@ -809,13 +843,20 @@ fn checked_sink_url(key: &str, text: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// A tenant with its endpoints and secret resolved.
+/// The credential the app proves its identity to Azure AD with.
+#[derive(Debug, Clone)]
+pub enum ClientCredential {
+    Secret(Secret),
+    Certificate(Arc<ClientCertificate>),
+}
+
+/// A tenant with its endpoints and credential resolved.
 #[derive(Debug, Clone)]
 pub struct ResolvedTenant {
     pub name: String,
     pub tenant_id: String,
     pub client_id: String,
-    pub client_secret: Secret,
+    pub credential: ClientCredential,
     pub alerts_url: String,
     pub token_url: String,
     pub resource: String,
@@ -824,6 +865,18 @@ pub struct ResolvedTenant {
     pub machine_groups: Vec<String>,
     pub device_created_machine_tags: Option<String>,
     pub cloud_created_machine_tags: Option<String>,
+    /// The tenant's `limit`, or `None` to use `[poll] limit`.
+    pub limit: Option<u32>,
+}
+
+impl ResolvedTenant {
+    /// Returns the secret, for redacting it from messages, or `None` with a certificate.
+    pub fn secret(&self) -> Option<&Secret> {
+        match &self.credential {
+            ClientCredential::Secret(secret) => Some(secret),
+            ClientCredential::Certificate(_) => None,
+        }
+    }
 }
 
 impl Config {
@@ -888,21 +941,10 @@ impl Config {
                 }
             }
             tenant.endpoints(&key)?;
-            match (&tenant.client_secret, &tenant.client_secret_file) {
-                (Some(_), Some(_)) => {
-                    return Err(invalid(
-                        format!("{key}.client_secret"),
-                        "set either client_secret or client_secret_file, not both",
-                    ))
-                }
-                (None, None) => {
-                    return Err(invalid(
-                        format!("{key}.client_secret"),
-                        "missing: set client_secret, client_secret_file, or the environment variable MDE_FORWARDER__TENANT__<NAME>__CLIENT_SECRET",
-                    ))
-                }
-                _ => {}
-            }
+            tenant.credential_source(&key)?;
+        }
+        if let Some(proxy) = &self.poll.proxy_url {
+            check_proxy_url(proxy)?;
         }
         let mut names = HashSet::new();
         for (i, sink) in self.sinks.iter().enumerate() {
@@ -923,17 +965,120 @@ impl Config {
         }
     }
 
-    /// Resolves every tenant's URLs and reads secret files.
+    /// Resolves every tenant's URLs and reads its credential from a file,
+    /// the environment or a systemd credential.
     pub fn resolve_tenants(&self) -> Result<Vec<ResolvedTenant>, ConfigError> {
+        self.resolve_tenants_with(&|name| std::env::var_os(name))
+    }
+
+    /// [`Config::resolve_tenants`] with `env` in place of the process environment.
+    pub fn resolve_tenants_with(&self, env: &dyn Fn(&str) -> Option<OsString>) -> Result<Vec<ResolvedTenant>, ConfigError> {
         self.tenants
             .iter()
             .enumerate()
-            .map(|(i, t)| t.resolve(&format!("tenant[{i}]")))
+            .map(|(i, t)| t.resolve(&format!("tenant[{i}]"), env))
             .collect()
     }
 }
 
+/// The source of a tenant's credential, exactly one per tenant.
+enum CredentialSource<'a> {
+    Inline(&'a Secret),
+    File(&'a Path),
+    Env(&'a str),
+    SystemdCredential(&'a str),
+    Certificate { cert: &'a Path, key: &'a Path },
+}
+
 impl TenantConfig {
+    /// Checks that exactly one credential source is set and returns it.
+    fn credential_source(&self, key: &str) -> Result<CredentialSource<'_>, ConfigError> {
+        let mut sources = Vec::new();
+        if let Some(secret) = &self.client_secret {
+            sources.push(("client_secret", CredentialSource::Inline(secret)));
+        }
+        if let Some(path) = &self.client_secret_file {
+            sources.push(("client_secret_file", CredentialSource::File(path)));
+        }
+        if let Some(name) = &self.client_secret_env {
+            sources.push(("client_secret_env", CredentialSource::Env(name)));
+        }
+        if let Some(name) = &self.client_secret_credential {
+            sources.push(("client_secret_credential", CredentialSource::SystemdCredential(name)));
+        }
+        match (&self.client_certificate_file, &self.client_certificate_key_file) {
+            (Some(cert), Some(key_file)) => {
+                sources.push(("client_certificate_file", CredentialSource::Certificate { cert, key: key_file }))
+            }
+            (Some(_), None) => {
+                return Err(invalid(
+                    format!("{key}.client_certificate_key_file"),
+                    "missing: client_certificate_file needs the PEM file of its private key",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    format!("{key}.client_certificate_file"),
+                    "missing: client_certificate_key_file needs the PEM file of its certificate",
+                ))
+            }
+            (None, None) => {}
+        }
+        if sources.len() > 1 {
+            let names: Vec<&str> = sources.iter().map(|(name, _)| *name).collect();
+            return Err(invalid(
+                format!("{key}.{}", names[1]),
+                format!("set only one credential, found {}", names.join(" and ")),
+            ));
+        }
+        match sources.pop() {
+            Some((_, source)) => Ok(source),
+            None => Err(invalid(
+                format!("{key}.client_secret"),
+                "missing: set one of client_secret_file, client_secret_env, client_secret_credential, client_certificate_file (with client_certificate_key_file), client_secret, or the environment variable MDE_FORWARDER__TENANT__<NAME>__CLIENT_SECRET",
+            )),
+        }
+    }
+
+    fn resolve_credential(&self, key: &str, env: &dyn Fn(&str) -> Option<OsString>) -> Result<ClientCredential, ConfigError> {
+        let secret = match self.credential_source(key)? {
+            CredentialSource::Inline(secret) => secret.clone(),
+            CredentialSource::File(path) => read_secret_file(&format!("{key}.client_secret_file"), path)?,
+            CredentialSource::Env(name) => {
+                let field = format!("{key}.client_secret_env");
+                let value = env(name).ok_or_else(|| {
+                    invalid(&field, format!("the environment variable {name} is not set"))
+                })?;
+                let text = value
+                    .into_string()
+                    .map_err(|_| invalid(&field, format!("the environment variable {name} is not valid UTF-8")))?;
+                Secret::new(text)
+            }
+            CredentialSource::SystemdCredential(name) => {
+                let field = format!("{key}.client_secret_credential");
+                if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+                    return Err(invalid(&field, format!("{name:?} is not a credential name")));
+                }
+                let directory = env("CREDENTIALS_DIRECTORY").filter(|d| !d.is_empty()).ok_or_else(|| {
+                    invalid(
+                        &field,
+                        format!("CREDENTIALS_DIRECTORY is not set: run under systemd with LoadCredential={name}:/path/to/secret (or SetCredentialEncrypted=), or use client_secret_file"),
+                    )
+                })?;
+                read_secret_file(&field, &PathBuf::from(directory).join(name))?
+            }
+            CredentialSource::Certificate { cert, key: key_file } => {
+                let certificate = ClientCertificate::load(cert, key_file)
+                    .map_err(|message| invalid(format!("{key}.client_certificate_file"), message))?;
+                return Ok(ClientCredential::Certificate(Arc::new(certificate)));
+            }
+        };
+        if secret.expose().is_empty() {
+            return Err(invalid(format!("{key}.client_secret"), "is empty"));
+        }
+        Ok(ClientCredential::Secret(secret))
+    }
+
     /// Returns the `/api/alerts` URL and the token URL.
     fn endpoints(&self, key: &str) -> Result<(String, String), ConfigError> {
         let preset = self.region.map(Region::endpoints);
@@ -958,7 +1103,7 @@ impl TenantConfig {
             }
         };
         let api = checked_base_url(&format!("{key}.api_url"), &api)?;
-        let api = api.strip_suffix("/api/alerts").unwrap_or(&api).trim_end_matches('/');
+        let api = api_base(&api);
         let login = checked_base_url(&format!("{key}.login_url"), &login)?;
         let token_path = match self.token_endpoint {
             TokenEndpoint::V1 => "oauth2/token",
@@ -968,21 +1113,14 @@ impl TenantConfig {
         Ok((format!("{api}/api/alerts"), format!("{login}/{tenant_id}/{token_path}")))
     }
 
-    fn resolve(&self, key: &str) -> Result<ResolvedTenant, ConfigError> {
+    fn resolve(&self, key: &str, env: &dyn Fn(&str) -> Option<OsString>) -> Result<ResolvedTenant, ConfigError> {
         let (alerts_url, token_url) = self.endpoints(key)?;
-        let client_secret = match (&self.client_secret, &self.client_secret_file) {
-            (Some(secret), _) => secret.clone(),
-            (None, Some(path)) => read_secret_file(&format!("{key}.client_secret_file"), path)?,
-            (None, None) => return Err(invalid(format!("{key}.client_secret"), "missing")),
-        };
-        if client_secret.expose().is_empty() {
-            return Err(invalid(format!("{key}.client_secret"), "is empty"));
-        }
+        let credential = self.resolve_credential(key, env)?;
         Ok(ResolvedTenant {
             name: self.name.clone(),
             tenant_id: self.tenant_id.trim().to_string(),
             client_id: self.client_id.trim().to_string(),
-            client_secret,
+            credential,
             alerts_url,
             token_url,
             resource: self.resource.clone(),
@@ -991,8 +1129,37 @@ impl TenantConfig {
             machine_groups: self.machine_groups.clone(),
             device_created_machine_tags: self.device_created_machine_tags.clone(),
             cloud_created_machine_tags: self.cloud_created_machine_tags.clone(),
+            limit: self.limit,
         })
     }
+}
+
+/// Strips what users paste after the base URL: trailing slashes and a
+/// trailing `/api/alerts` or `/api` in any case, so exactly one
+/// `/api/alerts` follows.
+fn api_base(url: &str) -> &str {
+    let mut base = url.trim_end_matches('/');
+    for suffix in ["/api/alerts", "/api"] {
+        let cut = base.len().saturating_sub(suffix.len());
+        if base.is_char_boundary(cut) && base[cut..].eq_ignore_ascii_case(suffix) {
+            base = base[..cut].trim_end_matches('/');
+        }
+    }
+    base
+}
+
+/// Checks `[poll] proxy_url` without echoing it, since it may hold a password.
+fn check_proxy_url(proxy: &Secret) -> Result<(), ConfigError> {
+    let key = "poll.proxy_url";
+    let url = url::Url::parse(proxy.expose().trim())
+        .map_err(|e| invalid(key, format!("is not a URL ({e}); write it like http://proxy.example:3128")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(invalid(key, format!("has scheme {:?}; use http:// or https://", url.scheme())));
+    }
+    if url.host_str().map_or(true, str::is_empty) {
+        return Err(invalid(key, "has no host"));
+    }
+    Ok(())
 }
 
 /// Validates an http(s) URL and returns it without a trailing slash.
@@ -1002,10 +1169,36 @@ fn checked_base_url(key: &str, text: &str) -> Result<String, ConfigError> {
     if url.scheme() != "http" && url.scheme() != "https" {
         return Err(invalid(key, format!("{text:?} must start with https:// (or http:// for a local test server)")));
     }
-    if url.query().is_some() {
-        return Err(invalid(key, format!("{text:?} must not contain a query string")));
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(invalid(key, format!("{text:?} must not contain a query string or fragment")));
     }
     Ok(text.trim().trim_end_matches('/').to_string())
+}
+
+/// Returns a warning when the config file at `path` contains an inline
+/// `client_secret` and users other than its owner may read it.
+pub fn inline_secret_warning(path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+
+    let mode = std::fs::metadata(path).ok()?.permissions().mode();
+    if mode & 0o077 == 0 {
+        return None;
+    }
+    let file = config::File::from(path).format(config::FileFormat::Toml).required(true);
+    let parsed = config::Config::builder().add_source(file).build().ok()?;
+    let tenants = parsed.get_array("tenant").ok()?;
+    let inline = tenants
+        .into_iter()
+        .filter_map(|entry| entry.into_table().ok())
+        .any(|table| table.contains_key("client_secret"));
+    inline.then(|| {
+        format!(
+            "config file {} contains a client_secret and is readable by group or others (mode {:o}); run `chmod 600 {}` or move the secret to client_secret_file or client_secret_credential",
+            path.display(),
+            mode & 0o777,
+            path.display()
+        )
+    })
 }
 
 fn read_secret_file(key: &str, path: &Path) -> Result<Secret, ConfigError> {
@@ -1068,7 +1261,10 @@ fn find_entry(base: &config::Config, array: &str, selector: &str) -> Option<usiz
 }
 
 #[cfg(test)]
-mod tests {
+mod tests;
+
+#[cfg(test)]
+mod sink_tests {
     use super::*;
 
     const BASE: &str = r#"

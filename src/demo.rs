@@ -55,6 +55,10 @@ fn demo_config(emulator: &Emulator, dir: PathBuf, interval_secs: u64) -> Config 
             client_id: CLIENT_ID.into(),
             client_secret: Some(Secret::new(CLIENT_SECRET)),
             client_secret_file: None,
+            client_secret_env: None,
+            client_secret_credential: None,
+            client_certificate_file: None,
+            client_certificate_key_file: None,
             region: None,
             api_url: Some(emulator.url()),
             login_url: Some(emulator.url()),
@@ -64,6 +68,7 @@ fn demo_config(emulator: &Emulator, dir: PathBuf, interval_secs: u64) -> Config 
             machine_groups: Vec::new(),
             device_created_machine_tags: None,
             cloud_created_machine_tags: None,
+            limit: None,
         }],
         sinks: vec![SinkConfig::Stdout(StdoutSinkConfig {
             name: "stdout".into(),

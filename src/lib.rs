@@ -12,6 +12,7 @@ pub mod sink;
 pub mod source;
 pub mod store;
 pub mod pipeline;
+pub mod pull;
 pub mod cli;
 pub mod daemon;
 pub mod probe;

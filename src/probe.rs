@@ -46,7 +46,11 @@ async fn probe_sink(sink: &SinkConfig) -> Result<String, String> {
     match sink {
         SinkConfig::Syslog(s) if s.protocol != Protocol::Udp => {
             connect_tcp(&s.address, connect_timeout).await?;
-            Ok(format!("TCP connection to {} opened (a TLS handshake is not part of the probe)", s.address))
+            if s.protocol == Protocol::Tls {
+                Ok(format!("connected to {} (TCP only; the TLS handshake is not part of the probe)", s.address))
+            } else {
+                Ok(format!("connected to {}", s.address))
+            }
         }
         SinkConfig::Syslog(s) => {
             // UDP has no handshake: resolving the address is all that can be checked.

@@ -325,6 +325,31 @@ mod tests {
     }
 
     #[test]
+    fn query_encodes_spaces_and_non_ascii() {
+        let query = Query {
+            limit: 5,
+            machine_groups: vec!["UK Servers".into(), "Zürich&Genève=1".into()],
+            device_created_machine_tags: Some("vip +tag".into()),
+            cloud_created_machine_tags: Some("財務".into()),
+            ..Query::default()
+        };
+        let request = reqwest::Client::new()
+            .get("http://127.0.0.1:9/api/alerts")
+            .query(&query.pairs())
+            .build()
+            .unwrap();
+        assert_eq!(
+            request.url().query(),
+            Some("limit=5&machinegroups=UK+Servers&machinegroups=Z%C3%BCrich%26Gen%C3%A8ve%3D1&DeviceCreatedMachineTags=vip+%2Btag&CloudCreatedMachineTags=%E8%B2%A1%E5%8B%99")
+        );
+    }
+
+    #[test]
+    fn empty_query_sends_no_parameters() {
+        assert!(Query::default().pairs().is_empty());
+    }
+
+    #[test]
     fn retry_after_reads_seconds_and_dates() {
         let mut headers = HeaderMap::new();
         headers.insert(RETRY_AFTER, HeaderValue::from_static("7"));

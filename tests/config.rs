@@ -118,7 +118,10 @@ fn secret_file_is_read_and_trimmed_and_never_printed() {
     let text = BASE.replace("client_secret = \"from-file\"", &format!("client_secret_file = \"{}\"", secret.display()));
     let config = load(&text, &[]).unwrap();
     let tenants = config.resolve_tenants().unwrap();
-    assert_eq!(tenants[0].client_secret.expose(), "s3cr3t-from-file");
+    match &tenants[0].credential {
+        mde_forwarder::config::ClientCredential::Secret(secret) => assert_eq!(secret.expose(), "s3cr3t-from-file"),
+        other => panic!("expected a secret, got {other:?}"),
+    }
     assert!(!format!("{tenants:?}").contains("s3cr3t"));
 }
 

@@ -175,7 +175,8 @@ async fn hec_invalid_token_retried_with_error() {
 
     let log = stderr(&output);
     let error_lines: Vec<&str> = log.lines().filter(|l| l.contains("ERROR") && l.contains("splunk")).collect();
-    assert_eq!(error_lines.len(), 2, "{log}");
+    // The second identical error falls inside the repeat window and is only counted.
+    assert_eq!(error_lines.len(), 1, "{log}");
     assert!(error_lines[0].contains("check the sink's token"), "{log}");
     assert!(!log.contains(HEC_TOKEN), "token logged");
     assert!(dead_letters(dir.path()).is_empty(), "an invalid token is not the events' fault");

@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use http_body_util::{BodyExt, Full};
-use hyper::header::{HeaderValue, AUTHORIZATION, RETRY_AFTER, WWW_AUTHENTICATE};
+use hyper::header::{
+    HeaderValue, ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, RETRY_AFTER, USER_AGENT, WWW_AUTHENTICATE,
+};
 use hyper::http::request::Parts;
 use hyper::{Method, StatusCode};
 use serde_json::json;
@@ -59,6 +61,10 @@ pub(super) async fn handle(shared: &Arc<Shared>, parts: &Parts) -> HttpResponse 
         Some(Fault::Unauthorized) => unauthorized("Authorization has been denied for this request."),
     };
 
+    let response = if accepts_gzip(parts) { gzip(response).await } else { response };
+    let gzip = response.headers().contains_key(CONTENT_ENCODING);
+    let user_agent = parts.headers.get(USER_AGENT).and_then(|v| v.to_str().ok()).map(str::to_string);
+
     let mut state = shared.lock();
     let tenant_id = authenticate(&state, parts).ok().map(|caller| caller.tenant_id);
     tracing::debug!(
@@ -72,8 +78,43 @@ pub(super) async fn handle(shared: &Arc<Shared>, parts: &Parts) -> HttpResponse 
         query: pairs,
         status: response.status().as_u16(),
         tenant_id,
+        user_agent,
+        gzip,
     });
     response
+}
+
+/// True when `Accept-Encoding` lists gzip with a non-zero weight.
+fn accepts_gzip(parts: &Parts) -> bool {
+    parts.headers.get_all(ACCEPT_ENCODING).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(|item| {
+        let mut fields = item.split(';').map(str::trim);
+        let coding = fields.next().unwrap_or_default();
+        let refused = fields.any(|p| p.replace(' ', "").eq_ignore_ascii_case("q=0"));
+        coding.eq_ignore_ascii_case("gzip") && !refused
+    })
+}
+
+/// Compresses a successful response's body with gzip.
+async fn gzip(response: HttpResponse) -> HttpResponse {
+    if response.status() != StatusCode::OK {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let bytes = match body.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(never) => match never {},
+    };
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let compressed = std::io::Write::write_all(&mut encoder, &bytes).and_then(|()| encoder.finish());
+    match compressed {
+        Ok(compressed) => {
+            parts.headers.insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+            parts.headers.remove(hyper::header::CONTENT_LENGTH);
+            HttpResponse::from_parts(parts, Full::new(compressed.into()))
+        }
+        // Only an allocation failure could fail the write, and then the plain body is still correct.
+        Err(_) => HttpResponse::from_parts(parts, Full::new(bytes)),
+    }
 }
 
 /// Handles a request that no fault replaces.

@@ -6,12 +6,15 @@
 //!
 //! - `POST /{tenant}/oauth2/token` (Azure AD v1, form field `resource`) and
 //!   `POST /{tenant}/oauth2/v2.0/token` (v2, form field `scope`) issue opaque
-//!   bearer tokens for the client credentials grant. Errors carry Azure AD's
-//!   JSON error body with an `AADSTS` code.
+//!   bearer tokens for the client credentials grant, with a client secret or
+//!   a certificate's client assertion (see [`Emulator::add_client_certificate`]).
+//!   Errors carry Azure AD's JSON error body with an `AADSTS` code.
 //! - `GET /api/alerts` returns the token's tenant's detections as a JSON
 //!   array, filtered by `sinceTimeUtc`, `untilTimeUtc`, `ago`, `limit`,
 //!   `machinegroups`, `DeviceCreatedMachineTags` and
-//!   `CloudCreatedMachineTags`, with the documented defaults.
+//!   `CloudCreatedMachineTags`, with the documented defaults. A successful
+//!   response is gzip-compressed when the request sends
+//!   `Accept-Encoding: gzip`.
 //! - `/_emulator/...` is a control API for clients in another process.
 //!
 //! Injected faults ([`Fault`]) wait in a FIFO queue, and each `/api/alerts`
@@ -47,6 +50,7 @@
 //!   "token_requests": N, "faults_queued": N}`.
 
 mod alerts;
+mod assertion;
 mod cli;
 mod control;
 mod data;
@@ -150,6 +154,9 @@ pub struct RecordedRequest {
     pub status: u16,
     /// The tenant of a valid bearer token, else `None`.
     pub tenant_id: Option<String>,
+    pub user_agent: Option<String>,
+    /// The response body was gzip-compressed, because the request accepted gzip.
+    pub gzip: bool,
 }
 
 /// A running emulator. Clones share the same server; the server stops on
@@ -213,6 +220,17 @@ impl Emulator {
     pub fn add_tenant(&self, tenant_id: &str, spec: TenantSpec) {
         let mut state = self.inner.shared.lock();
         state.tenant_mut(tenant_id).credentials = Some(spec);
+    }
+
+    /// Registers a PEM certificate for the tenant's app, so client assertions
+    /// signed with its key are accepted. Fails when `pem` contains no certificate.
+    pub fn add_client_certificate(&self, tenant_id: &str, pem: &[u8]) -> Result<(), String> {
+        use rustls_pki_types::pem::PemObject;
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(pem)
+            .map_err(|e| format!("no PEM certificate found: {e}"))?;
+        let mut state = self.inner.shared.lock();
+        state.tenant_mut(tenant_id).certificates.push(der.as_ref().to_vec());
+        Ok(())
     }
 
     /// Appends detections to a tenant. With `shift_to_now`, their `AlertTime`

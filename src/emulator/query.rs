@@ -7,7 +7,7 @@
 use chrono::{DateTime, TimeDelta, Utc};
 
 use super::state::StoredDetection;
-use crate::timefmt;
+use crate::timefmt::{self, parse_iso_duration};
 
 /// The window when the request gives no time parameter, as the API documents.
 const DEFAULT_WINDOW: TimeDelta = TimeDelta::hours(2);
@@ -89,74 +89,6 @@ fn parse_limit(text: &str) -> Result<usize, String> {
             Err(format!("Invalid value '{text}' for parameter limit: expected a whole number from 0 to {}.", i32::MAX))
         }
     }
-}
-
-/// Parses an ISO 8601 duration such as `PT10M`, `P1D` or `P1DT2H30M5.5S`.
-///
-/// Years count as 365 days and months as 30 days, as .NET's
-/// `XmlConvert.ToTimeSpan` does. A fraction is allowed on any component.
-/// Negative durations and empty ones (`P`, `PT`) are rejected.
-pub(super) fn parse_iso_duration(text: &str) -> Option<TimeDelta> {
-    const SECOND: i128 = 1_000_000_000;
-    const DAY: i128 = 86_400 * SECOND;
-    const DATE_UNITS: [(char, i128); 4] = [('Y', 365 * DAY), ('M', 30 * DAY), ('W', 7 * DAY), ('D', DAY)];
-    const TIME_UNITS: [(char, i128); 3] = [('H', 3600 * SECOND), ('M', 60 * SECOND), ('S', SECOND)];
-
-    let upper = text.trim().to_ascii_uppercase();
-    let rest = upper.strip_prefix('P')?;
-    let (date_part, time_part) = match rest.split_once('T') {
-        Some((date, time)) if !time.is_empty() => (date, Some(time)),
-        Some(_) => return None,
-        None => (rest, None),
-    };
-    if date_part.is_empty() && time_part.is_none() {
-        return None;
-    }
-
-    let mut total = sum_components(date_part, &DATE_UNITS)?;
-    if let Some(time_part) = time_part {
-        total += sum_components(time_part, &TIME_UNITS)?;
-    }
-    i64::try_from(total).ok().map(TimeDelta::nanoseconds)
-}
-
-/// Sums `<number><designator>` components in nanoseconds. Designators must
-/// follow the order of `units`, each at most once.
-fn sum_components(mut text: &str, units: &[(char, i128)]) -> Option<i128> {
-    let mut total: i128 = 0;
-    let mut next_unit = 0;
-    while !text.is_empty() {
-        let number_len = text.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == ','))?;
-        let (number, after) = text.split_at(number_len);
-        let designator = after.chars().next()?;
-        let offset = units[next_unit..].iter().position(|(unit, _)| *unit == designator)?;
-        let unit_nanos = units[next_unit + offset].1;
-        next_unit += offset + 1;
-        total = total.checked_add(scale_decimal(number, unit_nanos)?)?;
-        text = &after[designator.len_utf8()..];
-    }
-    Some(total)
-}
-
-/// Multiplies a decimal such as `5.5` by `unit`, exactly to the nanosecond.
-fn scale_decimal(number: &str, unit: i128) -> Option<i128> {
-    let (whole, fraction) = match number.split_once(['.', ',']) {
-        Some((whole, fraction)) => (whole, fraction),
-        None => (number, ""),
-    };
-    if whole.is_empty() || !whole.bytes().all(|b| b.is_ascii_digit()) || !fraction.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let whole: i128 = whole.parse().ok()?;
-    let mut value = whole.checked_mul(unit)?;
-    // Each digit adds its share of `unit`; once that share is below one
-    // nanosecond, further digits add nothing.
-    let mut place = unit;
-    for digit in fraction.bytes().take(18) {
-        place /= 10;
-        value += i128::from(digit - b'0') * place;
-    }
-    Some(value)
 }
 
 impl AlertQuery {

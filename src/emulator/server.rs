@@ -120,10 +120,24 @@ async fn route(shared: &Arc<Shared>, request: Request<Incoming>) -> HttpResponse
             Ok(body) => body,
             Err(response) => return response,
         };
-        return token::handle(shared, tenant_id, version, &body);
+        let audiences = token_audiences(&parts, &path);
+        return token::handle(shared, tenant_id, version, &body, &audiences);
     }
 
     text_response(StatusCode::NOT_FOUND, "text/plain; charset=utf-8", format!("no emulated endpoint at {path}\n"))
+}
+
+/// Returns the token URL as the client sees it, with http and https, for
+/// the `aud` claim of a client assertion. The emulator serves plain HTTP, but a client
+/// may reach it through a TLS front or a proxy.
+fn token_audiences(parts: &hyper::http::request::Parts, path: &str) -> Vec<String> {
+    let host = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| parts.headers.get(hyper::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
+        .unwrap_or_default();
+    vec![format!("http://{host}{path}"), format!("https://{host}{path}")]
 }
 
 /// Splits `/{tenant}/oauth2/token` and `/{tenant}/oauth2/v2.0/token`.

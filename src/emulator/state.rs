@@ -5,7 +5,7 @@
 //! steps and never across an `.await`, so a slow response (the `Slow` fault)
 //! never blocks other requests.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -36,6 +36,7 @@ impl Shared {
             requests: VecDeque::new(),
             alerts_requests: 0,
             token_requests: 0,
+            assertion_ids: HashSet::new(),
             rng: XorShift::seeded(),
         };
         Self { state: Mutex::new(state) }
@@ -60,6 +61,8 @@ pub(super) struct State {
     /// Count of `/api/alerts` requests, including those dropped from `requests`.
     pub alerts_requests: usize,
     pub token_requests: usize,
+    /// `jti` of every accepted client assertion, to reject a replay.
+    pub assertion_ids: HashSet<String>,
     pub rng: XorShift,
 }
 
@@ -73,6 +76,7 @@ impl State {
         self.tenants.entry(tenant_id.to_ascii_lowercase()).or_insert_with(|| Tenant {
             id: tenant_id.to_string(),
             credentials: None,
+            certificates: Vec::new(),
             detections: Vec::new(),
         })
     }
@@ -97,6 +101,8 @@ pub(super) struct Tenant {
     pub id: String,
     /// `None` for a tenant that only has detections: no token is issued for it.
     pub credentials: Option<TenantSpec>,
+    /// DER certificates registered for the app, for client assertions.
+    pub certificates: Vec<Vec<u8>>,
     /// Detections in insertion order; queries sort them by time.
     pub detections: Vec<StoredDetection>,
 }

@@ -15,8 +15,9 @@ use serde_json::{json, Map, Value};
 use tokio::time::Instant;
 
 use super::server::{json_response, HttpResponse};
+use super::assertion::{self, AssertionCheck};
 use super::state::{base64_url, IssuedToken, Shared, State};
-use super::ExpiryFormat;
+use super::{ExpiryFormat, TenantSpec};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum TokenVersion {
@@ -31,7 +32,13 @@ pub(super) enum TokenVersion {
 /// Length of the random part of an access token, in bytes.
 const TOKEN_BYTES: usize = 48;
 
-pub(super) fn handle(shared: &Arc<Shared>, tenant_id: &str, version: TokenVersion, body: &[u8]) -> HttpResponse {
+pub(super) fn handle(
+    shared: &Arc<Shared>,
+    tenant_id: &str,
+    version: TokenVersion,
+    body: &[u8],
+    audiences: &[String],
+) -> HttpResponse {
     let mut form: HashMap<String, String> = HashMap::new();
     for (name, value) in url::form_urlencoded::parse(body) {
         // Like Azure AD, the first occurrence of a repeated field counts.
@@ -40,8 +47,11 @@ pub(super) fn handle(shared: &Arc<Shared>, tenant_id: &str, version: TokenVersio
 
     let mut state = shared.lock();
     state.token_requests += 1;
-    match check_request(&state, tenant_id, version, &form) {
-        Ok(tenant_key) => {
+    match check_request(&state, tenant_id, version, &form, audiences) {
+        Ok((tenant_key, assertion_id)) => {
+            if let Some(id) = assertion_id {
+                state.assertion_ids.insert(id);
+            }
             tracing::debug!(tenant = tenant_id, "emulator issued a token");
             issue_token(&mut state, tenant_key, version, &form)
         }
@@ -72,13 +82,14 @@ impl AadError {
 }
 
 /// Checks the request in Azure AD's order (tenant, grant, client, secret,
-/// resource) and returns the tenant's key.
+/// resource) and returns the tenant's key and the `jti` of a client assertion.
 fn check_request(
     state: &State,
     tenant_id: &str,
     version: TokenVersion,
     form: &HashMap<String, String>,
-) -> Result<String, AadError> {
+    audiences: &[String],
+) -> Result<(String, Option<String>), AadError> {
     let field = |name: &str| form.get(name).map(String::as_str).filter(|value| !value.is_empty());
 
     let credentials = state.tenant(tenant_id).and_then(|tenant| tenant.credentials.as_ref());
@@ -115,7 +126,35 @@ fn check_request(
         });
     }
 
-    let Some(client_secret) = field("client_secret") else {
+    let mut assertion_id = None;
+    if let Some(assertion_type) = field("client_assertion_type") {
+        let certificates = state.tenant(tenant_id).map(|t| t.certificates.as_slice()).unwrap_or_default();
+        let check = AssertionCheck {
+            assertion_type,
+            assertion: field("client_assertion"),
+            client_id,
+            audiences,
+            certificates,
+            now: Utc::now().timestamp(),
+        };
+        let id = assertion::verify(&check, &state.assertion_ids)
+            .map_err(|(status, error, code, message)| AadError { status, error, code, message })?;
+        assertion_id = Some(id);
+    } else {
+        check_secret(field("client_secret"), credentials, client_id)?;
+    }
+
+    let target = match version {
+        TokenVersion::V1 => "resource",
+        TokenVersion::V2 => "scope",
+    };
+    field(target).ok_or_else(|| AadError::missing_parameter(target))?;
+
+    Ok((tenant_id.to_ascii_lowercase(), assertion_id))
+}
+
+fn check_secret(client_secret: Option<&str>, credentials: &TenantSpec, client_id: &str) -> Result<(), AadError> {
+    let Some(client_secret) = client_secret else {
         return Err(AadError {
             status: StatusCode::UNAUTHORIZED,
             error: "invalid_client",
@@ -134,14 +173,7 @@ fn check_request(
             ),
         });
     }
-
-    let target = match version {
-        TokenVersion::V1 => "resource",
-        TokenVersion::V2 => "scope",
-    };
-    field(target).ok_or_else(|| AadError::missing_parameter(target))?;
-
-    Ok(tenant_id.to_ascii_lowercase())
+    Ok(())
 }
 
 fn issue_token(

@@ -56,13 +56,46 @@ pub enum Mode {
     Once,
 }
 
+/// The `User-Agent` of every request: product name and version.
+pub const USER_AGENT: &str = concat!("mde-forwarder/", env!("CARGO_PKG_VERSION"));
+
+/// Builds the one HTTP client shared by every tenant: timeouts, proxy,
+/// extra CA certificates, gzip decoding (on by the reqwest feature).
+///
+/// Without `[poll] proxy_url`, reqwest reads `HTTPS_PROXY`, `HTTP_PROXY`,
+/// `ALL_PROXY` and `NO_PROXY` (and their lower-case forms) from the environment.
 pub fn http_client(config: &Config) -> Result<reqwest::Client, PipelineError> {
-    reqwest::Client::builder()
-        .user_agent(concat!("mde-forwarder/", env!("CARGO_PKG_VERSION")))
-        .connect_timeout(Duration::from_secs(config.poll.connect_timeout_secs))
-        .read_timeout(Duration::from_secs(config.poll.request_timeout_secs))
-        .build()
-        .map_err(PipelineError::Http)
+    let poll = &config.poll;
+    let mut builder = reqwest::Client::builder()
+        .user_agent(USER_AGENT)
+        .connect_timeout(Duration::from_secs(poll.connect_timeout_secs))
+        .read_timeout(Duration::from_secs(poll.request_timeout_secs));
+    if let Some(proxy_url) = &poll.proxy_url {
+        // reqwest's error text may repeat the URL, and with it a password.
+        let proxy = reqwest::Proxy::all(proxy_url.expose().trim()).map_err(|_| {
+            ConfigError::Invalid { key: "poll.proxy_url".into(), message: "is not a usable proxy URL".into() }
+        })?;
+        let no_proxy = poll.no_proxy.as_deref().and_then(reqwest::NoProxy::from_string);
+        builder = builder.proxy(proxy.no_proxy(no_proxy));
+    }
+    if let Some(path) = &poll.ca_file {
+        for certificate in read_ca_file(path)? {
+            builder = builder.add_root_certificate(certificate);
+        }
+    }
+    builder.build().map_err(PipelineError::Http)
+}
+
+/// Reads every certificate of a PEM bundle.
+fn read_ca_file(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, ConfigError> {
+    let invalid = |message: String| ConfigError::Invalid { key: "poll.ca_file".into(), message };
+    let pem = std::fs::read(path).map_err(|e| invalid(format!("cannot read {}: {e}", path.display())))?;
+    let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| invalid(format!("{} is not a PEM certificate bundle: {e}", path.display())))?;
+    if certificates.is_empty() {
+        return Err(invalid(format!("{} contains no -----BEGIN CERTIFICATE----- block", path.display())));
+    }
+    Ok(certificates)
 }
 
 /// Builds a sink's transport and encoder from its config. `key` is the

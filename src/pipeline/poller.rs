@@ -32,9 +32,9 @@ pub enum CycleError {
     Source(#[from] SourceError),
     #[error("tenant {tenant}: state store failed: {source}")]
     Store { tenant: String, source: StoreError },
-    #[error("tenant {tenant}: {count} or more detections share LastProcessedTimeUtc {time}, more than [poll] limit = {count} can page through; raise limit or set it to 0")]
+    #[error("tenant {tenant}: {count} or more detections share LastProcessedTimeUtc {time}, more than limit = {count} (the tenant's or [poll]) can page through; raise limit or set it to 0")]
     PagingStuck { tenant: String, count: u32, time: String },
-    #[error("tenant {tenant}: a full page of {count} detections had no readable LastProcessedTimeUtc, so older pages cannot be requested; set [poll] limit = 0")]
+    #[error("tenant {tenant}: a full page of {count} detections had no readable LastProcessedTimeUtc, so older pages cannot be requested; set limit = 0 (the tenant's or [poll])")]
     PagingUnreadable { tenant: String, count: u32 },
 }
 
@@ -45,6 +45,16 @@ impl CycleError {
             CycleError::Store { .. } => true,
             CycleError::PagingStuck { .. } | CycleError::PagingUnreadable { .. } => false,
         }
+    }
+
+    /// Returns whether Azure AD or the API rejected the credentials
+    /// themselves, which only an operator can fix.
+    pub fn is_credential_rejection(&self) -> bool {
+        matches!(
+            self,
+            CycleError::Source(SourceError::Auth(crate::auth::AuthError::Rejected { .. }))
+                | CycleError::Source(SourceError::Unauthorized { .. })
+        )
     }
 
     fn retry_after(&self) -> Option<Duration> {
@@ -85,8 +95,12 @@ impl Poller {
     }
 
     /// The daemon loop: a cycle every interval until `stop` turns true.
+    ///
+    /// Rejected credentials do not fix themselves, so each rejection in a row
+    /// doubles the wait (see [`rejection_delay`]); a successful cycle resets it.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let interval = Duration::from_secs(self.poll.interval_secs);
+        let mut rejections = 0u32;
         loop {
             if !self.wait_for_outbox_room(&mut stop).await {
                 return;
@@ -94,11 +108,29 @@ impl Poller {
             let started = tokio::time::Instant::now();
             self.beat(Duration::ZERO);
             let mut cycle_stop = stop.clone();
-            tokio::select! {
-                _ = self.run_with_retries(&mut cycle_stop) => {}
+            let result = tokio::select! {
+                result = self.run_with_retries(&mut cycle_stop) => result,
                 _ = stop.wait_for(|s| *s) => return,
-            }
-            let next = started + interval;
+            };
+            let wait = match result {
+                Ok(_) => {
+                    rejections = 0;
+                    interval
+                }
+                Err(error) if error.is_credential_rejection() => {
+                    rejections = rejections.saturating_add(1);
+                    let wait = rejection_delay(interval, rejections);
+                    tracing::warn!(
+                        tenant = %self.name(),
+                        rejections,
+                        next_attempt_secs = wait.as_secs(),
+                        "credentials rejected {rejections} time(s) in a row; waiting longer before the next attempt. Check tenant_id, client_id and that the secret or certificate is the one in the app registration and has not expired"
+                    );
+                    wait
+                }
+                Err(_) => interval,
+            };
+            let next = started + wait;
             self.beat(next.saturating_duration_since(tokio::time::Instant::now()));
             tokio::select! {
                 _ = tokio::time::sleep_until(next) => {}
@@ -181,11 +213,12 @@ impl Poller {
             Some(c) => c - chrono::Duration::seconds(self.poll.overlap_secs as i64) - TICK,
             None => now - chrono::Duration::seconds(self.poll.initial_lookback_secs as i64),
         };
+        let limit = tenant.limit.unwrap_or(self.poll.limit);
         let mut query = Query {
             since: Some(since),
             until: None,
             ago: None,
-            limit: self.poll.limit,
+            limit,
             machine_groups: tenant.machine_groups.clone(),
             device_created_machine_tags: tenant.device_created_machine_tags.clone(),
             cloud_created_machine_tags: tenant.cloud_created_machine_tags.clone(),
@@ -196,18 +229,18 @@ impl Poller {
             let page = self.read_page(&query, now, &mut report).await?;
             report.pages += 1;
             newest = newest.max(page.newest);
-            if self.poll.limit == 0 || (page.count as u64) < self.poll.limit as u64 {
+            if limit == 0 || (page.count as u64) < limit as u64 {
                 break;
             }
             // A full page: the API returned the most recent `limit` detections,
             // so older ones may be missing. Ask for the part before this page.
             let Some(oldest) = page.oldest else {
-                return Err(CycleError::PagingUnreadable { tenant: tenant.name.clone(), count: self.poll.limit });
+                return Err(CycleError::PagingUnreadable { tenant: tenant.name.clone(), count: limit });
             };
             if query.until.is_some_and(|until| oldest >= until) {
                 return Err(CycleError::PagingStuck {
                     tenant: tenant.name.clone(),
-                    count: self.poll.limit,
+                    count: limit,
                     time: crate::timefmt::format_query(oldest),
                 });
             }
@@ -303,9 +336,40 @@ impl Poller {
     }
 }
 
+/// Maximum wait between attempts while credentials keep being rejected.
+const MAX_REJECTION_DELAY: Duration = Duration::from_secs(3600);
+
+/// Returns the wait after the `rejections`-th credential rejection in a row.
+/// It starts at twice the poll interval and doubles up to one hour, but is
+/// never less than the interval itself.
+pub fn rejection_delay(interval: Duration, rejections: u32) -> Duration {
+    let factor = 1u32.checked_shl(rejections.min(31)).unwrap_or(u32::MAX);
+    interval.saturating_mul(factor).min(MAX_REJECTION_DELAY).max(interval)
+}
+
 #[derive(Default)]
 struct PageSummary {
     count: usize,
     oldest: Option<DateTime<Utc>>,
     newest: Option<DateTime<Utc>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejection_delay_doubles_up_to_an_hour() {
+        let minute = Duration::from_secs(60);
+        let cases = [(1, 120), (2, 240), (3, 480), (5, 1920), (6, 3600), (40, 3600)];
+        for (rejections, secs) in cases {
+            assert_eq!(rejection_delay(minute, rejections), Duration::from_secs(secs), "{rejections}");
+        }
+    }
+
+    #[test]
+    fn rejection_delay_never_shortens_a_long_interval() {
+        let two_hours = Duration::from_secs(7200);
+        assert_eq!(rejection_delay(two_hours, 3), two_hours);
+    }
 }

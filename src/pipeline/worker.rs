@@ -170,8 +170,11 @@ impl SinkWorker {
         self.store.read_after(cursor, self.batch_size)
     }
 
-    /// Waits for new entries or a mode change; true when the worker should
-    /// exit at once. After a change to Drain the caller reads the outbox again.
+    /// Waits for new entries or a mode change; true when the worker should exit.
+    ///
+    /// A switch to `Drain` returns false, so the caller reads the outbox once
+    /// more: entries queued just before the switch arrive together with it,
+    /// and `select!` may see the mode change first.
     async fn wait_for_work(&mut self) -> bool {
         tokio::select! {
             changed = self.wake.changed() => changed.is_err(),

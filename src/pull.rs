@@ -1,0 +1,191 @@
+//! One-off pulls: read one query window of one tenant and write every
+//! element as JSON Lines, without the state store.
+//!
+//! A pull never opens the store, so it neither takes its lock nor moves a
+//! checkpoint or the dedupe set, and it works while the daemon runs.
+//!
+//! With a `limit`, the API returns only the most recent `limit` detections
+//! of a window, so a full page is followed by a request for the part before
+//! its oldest detection (`untilTimeUtc`), as the poller does. Detections at
+//! exactly that boundary come back in both pages and are written once.
+//! Pages come newest first, so the output is ascending within a page only.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+use crate::config::ResolvedTenant;
+use crate::source::{AlertsClient, Element, Query, SourceError};
+
+/// Elements read from the response before they are written.
+const WRITE_BATCH: usize = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("cannot write the output: {0}")]
+    Write(#[from] std::io::Error),
+    #[error("tenant {tenant}: {count} or more detections share LastProcessedTimeUtc {time}, more than limit = {count} can page through; raise limit or set it to 0")]
+    PagingStuck { tenant: String, count: u32, time: String },
+    #[error("tenant {tenant}: a full page of {count} detections had no readable LastProcessedTimeUtc, so older pages cannot be requested; set limit = 0")]
+    PagingUnreadable { tenant: String, count: u32 },
+}
+
+/// The window and paging of one pull.
+#[derive(Debug, Clone)]
+pub struct PullWindow {
+    pub since: DateTime<Utc>,
+    pub until: Option<DateTime<Utc>>,
+    /// 0 sends no `limit` and reads the window in one request.
+    pub limit: u32,
+}
+
+/// Counts of what a pull wrote.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PullReport {
+    pub written: usize,
+    /// Detections returned by two pages at their boundary and written once.
+    pub repeated: usize,
+    /// Elements that are not detections; they are written too.
+    pub invalid: usize,
+    pub pages: usize,
+}
+
+/// Reads the window and writes one line per element to `out`.
+pub async fn pull(
+    http: reqwest::Client,
+    tenant: ResolvedTenant,
+    max_response_bytes: u64,
+    window: &PullWindow,
+    out: &mut (impl AsyncWrite + Unpin),
+) -> Result<PullReport, PullError> {
+    let client = AlertsClient::new(http, Arc::new(tenant), max_response_bytes);
+    let tenant = client.tenant();
+    let mut query = Query {
+        since: Some(window.since),
+        until: window.until,
+        ago: None,
+        limit: window.limit,
+        machine_groups: tenant.machine_groups.clone(),
+        device_created_machine_tags: tenant.device_created_machine_tags.clone(),
+        cloud_created_machine_tags: tenant.cloud_created_machine_tags.clone(),
+    };
+    let mut report = PullReport::default();
+    // FullIds at the previous page's oldest time: the next page repeats them.
+    let mut boundary: HashSet<String> = HashSet::new();
+    loop {
+        let page = read_page(&client, &query, &boundary, out, &mut report).await?;
+        report.pages += 1;
+        if window.limit == 0 || (page.count as u64) < u64::from(window.limit) {
+            break;
+        }
+        let Some(oldest) = page.oldest else {
+            return Err(PullError::PagingUnreadable { tenant: tenant.name.clone(), count: window.limit });
+        };
+        if query.until.is_some_and(|until| oldest >= until) {
+            return Err(PullError::PagingStuck {
+                tenant: tenant.name.clone(),
+                count: window.limit,
+                time: crate::timefmt::format_query(oldest),
+            });
+        }
+        query.until = Some(oldest);
+        boundary = page.at_oldest;
+    }
+    out.flush().await?;
+    Ok(report)
+}
+
+#[derive(Default)]
+struct PageSummary {
+    count: usize,
+    oldest: Option<DateTime<Utc>>,
+    /// FullIds of the detections at `oldest`.
+    at_oldest: HashSet<String>,
+}
+
+async fn read_page(
+    client: &AlertsClient,
+    query: &Query,
+    skip: &HashSet<String>,
+    out: &mut (impl AsyncWrite + Unpin),
+    report: &mut PullReport,
+) -> Result<PageSummary, PullError> {
+    let mut page = client.open(query).await?;
+    let mut summary = PageSummary::default();
+    let mut buffer = Vec::new();
+    while let Some(elements) = page.next_batch(WRITE_BATCH).await? {
+        buffer.clear();
+        for element in elements {
+            summary.count += 1;
+            let raw = match &element {
+                Element::Detection(detection) => {
+                    let full_id = detection.full_id().map(|id| id.into_owned());
+                    if let Some(time) = detection.last_processed() {
+                        track_oldest(&mut summary, time, full_id.clone());
+                    }
+                    if full_id.is_some_and(|id| skip.contains(&id)) {
+                        report.repeated += 1;
+                        continue;
+                    }
+                    detection.raw()
+                }
+                Element::Invalid { raw, .. } => {
+                    report.invalid += 1;
+                    raw.as_str()
+                }
+            };
+            write_line(&mut buffer, raw);
+            report.written += 1;
+        }
+        out.write_all(&buffer).await?;
+    }
+    Ok(summary)
+}
+
+fn track_oldest(summary: &mut PageSummary, time: DateTime<Utc>, full_id: Option<String>) {
+    match summary.oldest {
+        Some(oldest) if time > oldest => return,
+        Some(oldest) if time < oldest => summary.at_oldest.clear(),
+        _ => {}
+    }
+    summary.oldest = Some(time);
+    summary.at_oldest.extend(full_id);
+}
+
+/// Appends `raw` as one line. A line break in valid JSON can only be
+/// whitespace between tokens (inside strings it is escaped), so turning it
+/// into a space keeps the value and makes the element one line.
+fn write_line(buffer: &mut Vec<u8>, raw: &str) {
+    buffer.extend(raw.bytes().map(|b| if b == b'\n' || b == b'\r' { b' ' } else { b }));
+    buffer.push(b'\n');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_breaks_between_tokens_become_spaces() {
+        let mut buffer = Vec::new();
+        write_line(&mut buffer, "{\r\n  \"a\": \"x\\ny\"\n}");
+        assert_eq!(String::from_utf8(buffer).unwrap(), "{    \"a\": \"x\\ny\" }\n");
+    }
+
+    #[test]
+    fn oldest_keeps_every_id_at_that_time() {
+        let mut summary = PageSummary::default();
+        let t = |s: &str| crate::timefmt::parse(s).unwrap();
+        track_oldest(&mut summary, t("2026-01-01T00:00:02Z"), Some("b".into()));
+        track_oldest(&mut summary, t("2026-01-01T00:00:01Z"), Some("a1".into()));
+        track_oldest(&mut summary, t("2026-01-01T00:00:01Z"), Some("a2".into()));
+        track_oldest(&mut summary, t("2026-01-01T00:00:03Z"), Some("c".into()));
+        assert_eq!(summary.oldest, Some(t("2026-01-01T00:00:01Z")));
+        let mut ids: Vec<_> = summary.at_oldest.into_iter().collect();
+        ids.sort();
+        assert_eq!(ids, ["a1", "a2"]);
+    }
+}
