@@ -671,6 +671,14 @@ impl SinkCommon {
         Ok(())
     }
 
+    /// Whether routing needs the detection's severity or category, so sinks
+    /// without such filters never parse the detection's fields for it.
+    pub fn filters_fields(&self) -> bool {
+        self.min_severity != SeverityLevel::Informational
+            || !self.include_categories.is_empty()
+            || !self.exclude_categories.is_empty()
+    }
+
     /// True when a detection of `tenant` with this severity and category
     /// goes to the sink.
     pub fn routes(&self, tenant: &str, severity: Option<&str>, category: Option<&str>) -> bool {

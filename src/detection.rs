@@ -56,6 +56,23 @@ impl Detection {
 
     /// Parses a detection from its JSON text (for example an outbox entry).
     pub fn from_json_text(text: &str) -> Result<Self, DetectionError> {
+        Self::from_string(text.to_string()).map_err(|(_, e)| e)
+    }
+
+    /// Like [`Detection::from_json_text`], keeping `text` without a copy; on
+    /// failure the text comes back with the error.
+    pub fn from_string(text: String) -> Result<Self, (String, DetectionError)> {
+        match Self::keys(&text) {
+            Ok((full_id, last_processed)) => {
+                Ok(Self { raw: text.into_boxed_str(), full_id, last_processed, fields: OnceLock::new() })
+            }
+            Err(error) => Err((text, error)),
+        }
+    }
+
+    /// Checks that `text` is one JSON object and reads the two key fields.
+    #[allow(clippy::type_complexity)]
+    fn keys(text: &str) -> Result<(Option<Box<str>>, Option<Box<str>>), DetectionError> {
         // serde would also accept a JSON array for a struct, so check the shape first.
         if !text.trim_start().starts_with('{') {
             let value: Value = serde_json::from_str(text)?;
@@ -71,12 +88,7 @@ impl Detection {
             }
         };
         let as_text = |v: Option<Value>| v.as_ref().and_then(value_text).map(|t| Box::from(t.as_ref()));
-        Ok(Self {
-            raw: text.into(),
-            full_id: as_text(keys.full_id),
-            last_processed: as_text(keys.last_processed),
-            fields: OnceLock::new(),
-        })
+        Ok((as_text(keys.full_id), as_text(keys.last_processed)))
     }
 
     /// The JSON text exactly as the API sent it.

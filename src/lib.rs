@@ -19,3 +19,4 @@ pub mod probe;
 pub mod telemetry;
 pub mod demo;
 pub mod emulator;
+pub mod spool;

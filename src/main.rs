@@ -7,11 +7,6 @@ use clap::Parser;
 
 use mde_forwarder::cli::{self, Cli};
 
-/// mimalloc instead of glibc malloc: encoding allocates many small strings
-/// per detection, and glibc's arenas dominated the profile.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     cli::main(cli)

@@ -274,9 +274,9 @@ fn to_element(bytes: Vec<u8>) -> Element {
             return Element::Invalid { raw, reason: "not valid UTF-8".into() };
         }
     };
-    match Detection::from_json_text(&text) {
+    match Detection::from_string(text) {
         Ok(detection) => Element::Detection(detection),
-        Err(e) => Element::Invalid { raw: text, reason: e.to_string() },
+        Err((raw, e)) => Element::Invalid { raw, reason: e.to_string() },
     }
 }
 

@@ -7,14 +7,15 @@
 //! | `meta` | `schema_version` | u32 big-endian |
 //! | `checkpoints` | tenant name | RFC 3339 text with nanoseconds |
 //! | `dedupe.<period>.<generation>` | tenant, 0x00, FullId | empty |
-//! | `outbox` | sequence number u64 BE | one queued batch: tenant, target sink, detections |
+//! | `outbox` | sequence number u64 BE | index of one queued batch: spool segment, offset, length, count |
 //! | `cursors` | sink name | last acknowledged position, u64 BE |
 //! | `dead_letters` | id u64 BE | JSON: sink, tenant, reason, time, detection |
 //!
 //! The outbox holds one entry per queued batch (up to [`MAX_BATCH_ITEMS`]
-//! detections), not one per detection: sled copies a tree node on every
-//! insert, so thousands of small inserts of 2 KB values would dominate the
-//! run time. A detection's **position** is `sequence << 16 | index in batch`;
+//! detections), not one per detection, and the batch itself lives in the
+//! [`crate::spool`] segment files: sled copies and serializes whole nodes on
+//! every write, so detection payloads inside sled dominated run time and
+//! memory. A detection's **position** is `sequence << 16 | index in batch`;
 //! a sink's cursor is the position of the last detection it acknowledged, and
 //! 0 means none (sequence numbers start at 1).
 //!
@@ -25,7 +26,8 @@
 //!
 //! # Why the write order is crash-safe
 //! New detections, their dedupe entries and the checkpoint advance are written
-//! in one sled transaction and then flushed, so after a crash either all of
+//! in one sled transaction and then flushed, after the batch's spool record
+//! is on disk, so after a crash either all of
 //! them exist or none do. If none do, the next poll reads the same window
 //! again and nothing was lost. A sink's cursor is written only after the sink
 //! acknowledged the batch, and sled recovers a prefix of its log, so a cursor
@@ -45,6 +47,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use sled::{IVec, Tree};
 
 use crate::detection::Detection;
+use crate::spool::{RecordRef, Spool, SpoolError};
 use crate::timefmt;
 
 pub const SCHEMA_VERSION: u32 = 1;
@@ -70,6 +73,37 @@ pub enum StoreError {
     Io { path: PathBuf, source: sled::Error },
     #[error("corrupt {what} in {path}: {detail}")]
     Corrupt { path: PathBuf, what: &'static str, detail: String },
+    #[error("{0}; check free space and permissions, the write is retried")]
+    Spool(#[from] SpoolError),
+}
+
+/// An outbox value: where the batch is spooled and how many detections it holds.
+#[derive(Debug, Clone, Copy)]
+struct IndexEntry {
+    record: RecordRef,
+    count: usize,
+}
+
+impl IndexEntry {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(25);
+        out.push(3);
+        out.extend_from_slice(&self.record.segment.to_be_bytes());
+        out.extend_from_slice(&self.record.offset.to_be_bytes());
+        out.extend_from_slice(&self.record.len.to_be_bytes());
+        out.extend_from_slice(&(self.count as u32).to_be_bytes());
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() != 25 || bytes[0] != 3 {
+            return None;
+        }
+        let u64_at = |i: usize| bytes.get(i..i + 8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+        let u32_at = |i: usize| bytes.get(i..i + 4).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes);
+        let record = RecordRef { segment: u64_at(1)?, offset: u64_at(9)?, len: u32_at(17)? };
+        Some(Self { record, count: u32_at(21)? as usize })
+    }
 }
 
 /// One queued detection and who it is for.
@@ -176,7 +210,7 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { dedupe_retention_secs: 7 * 24 * 3600, cache_bytes: 16 * 1024 * 1024 }
+        Self { dedupe_retention_secs: 7 * 24 * 3600, cache_bytes: 8 * 1024 * 1024 }
     }
 }
 
@@ -187,6 +221,10 @@ pub struct Store {
     outbox: Tree,
     cursors: Tree,
     dead_letters: Tree,
+    spool: Spool,
+    /// Batches read from the spool lately: each sink reads a batch in
+    /// `batch_size` slices, and every sink reads the same batches.
+    recent: std::sync::Mutex<std::collections::VecDeque<(u64, std::sync::Arc<Vec<u8>>)>>,
     outbox_bytes: AtomicU64,
     /// Length of one dedupe generation, in seconds (half the retention).
     dedupe_period: u64,
@@ -211,7 +249,10 @@ impl Store {
         let io = |source| StoreError::Io { path: db_path.clone(), source };
         let meta = db.open_tree("meta").map_err(io)?;
         check_schema(&meta, &db, &db_path)?;
+        let spool = Spool::open(&dir.join("spool"))?;
         let store = Self {
+            spool,
+            recent: std::sync::Mutex::new(std::collections::VecDeque::new()),
             checkpoints: db.open_tree("checkpoints").map_err(io)?,
             outbox: db.open_tree("outbox").map_err(io)?,
             cursors: db.open_tree("cursors").map_err(io)?,
@@ -222,7 +263,14 @@ impl Store {
             dedupe_period: (options.dedupe_retention_secs / 2).max(1),
             _lock: lock,
         };
-        let bytes = store.outbox.iter().values().filter_map(Result::ok).map(|v| v.len() as u64).sum();
+        let bytes = store
+            .outbox
+            .iter()
+            .values()
+            .filter_map(Result::ok)
+            .filter_map(|v| IndexEntry::decode(&v))
+            .map(|e| e.record.len as u64)
+            .sum();
         store.outbox_bytes.store(bytes, Ordering::Relaxed);
         Ok(store)
     }
@@ -312,45 +360,76 @@ impl Store {
         checkpoint: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
     ) -> Result<(EnqueueOutcome, u64), StoreError> {
-        let keys: Vec<Vec<u8>> = detections.iter().map(|d| dedupe_key(tenant, d)).collect();
         let (current, previous) = self.dedupe_trees(now)?;
-        let trees = (&self.outbox, &current, &previous, &self.checkpoints);
-        let result = trees.transaction(|(outbox, current, previous, checkpoints)| {
-            let mut outcome = EnqueueOutcome::default();
-            let mut fresh = Vec::with_capacity(detections.len());
-            let mut seen_in_batch = HashSet::new();
-            for (detection, key) in detections.iter().zip(&keys) {
-                let seen = !seen_in_batch.insert(key.as_slice())
-                    || current.get(key)?.is_some()
-                    || previous.get(key)?.is_some();
-                if seen {
-                    outcome.duplicates += 1;
-                    continue;
-                }
-                current.insert(key.as_slice(), &[])?;
-                fresh.push(detection.raw());
+        // Only this tenant's poller writes its dedupe keys, so what is new can
+        // be decided before the transaction and spooled first.
+        let mut outcome = EnqueueOutcome::default();
+        let mut fresh_keys = Vec::with_capacity(detections.len());
+        let mut fresh = Vec::with_capacity(detections.len());
+        let mut seen_in_batch = HashSet::new();
+        for detection in detections {
+            let key = dedupe_key(tenant, detection);
+            let seen = seen_in_batch.contains(&key)
+                || current.contains_key(&key).map_err(|e| self.io(e))?
+                || previous.contains_key(&key).map_err(|e| self.io(e))?;
+            if seen {
+                outcome.duplicates += 1;
+                continue;
             }
-            let mut bytes = 0u64;
-            if !fresh.is_empty() {
-                let value = encode_batch(tenant, None, fresh.iter().copied());
-                bytes = value.len() as u64;
+            seen_in_batch.insert(key.clone());
+            fresh_keys.push(key);
+            fresh.push(detection.raw());
+        }
+        outcome.queued = fresh.len();
+        let index = if fresh.is_empty() {
+            None
+        } else {
+            let payload = encode_batch(tenant, None, fresh.iter().copied());
+            let record = self.spool.append(&payload)?;
+            Some(IndexEntry { record, count: fresh.len() })
+        };
+        let trees = (&self.outbox, &current, &self.checkpoints);
+        let result = trees.transaction(|(outbox, current, checkpoints)| {
+            if let Some(index) = index {
                 // Sequence numbers start at 1: position 0 means nothing acknowledged.
                 let seq = outbox.generate_id()? + 1;
-                outbox.insert(&seq.to_be_bytes(), value)?;
-                outcome.queued = fresh.len();
+                outbox.insert(&seq.to_be_bytes(), index.encode())?;
+            }
+            for key in &fresh_keys {
+                current.insert(key.as_slice(), &[])?;
             }
             if let Some(new) = checkpoint {
-                let current = checkpoints.get(tenant)?.and_then(|b| timefmt::parse(&String::from_utf8_lossy(&b)));
-                if current.map_or(true, |c| new > c) {
+                let stored = checkpoints.get(tenant)?.and_then(|b| timefmt::parse(&String::from_utf8_lossy(&b)));
+                if stored.map_or(true, |c| new > c) {
                     checkpoints.insert(tenant, timefmt::format_exact(new).as_bytes())?;
                 }
             }
-            Ok::<_, ConflictableTransactionError<()>>((outcome, bytes))
+            Ok::<_, ConflictableTransactionError<()>>(())
         });
         result.map_err(|e| match e {
             TransactionError::Storage(source) => self.io(source),
             TransactionError::Abort(()) => self.io(sled::Error::Unsupported("transaction aborted".into())),
-        })
+        })?;
+        Ok((outcome, index.map_or(0, |i| i.record.len as u64)))
+    }
+
+    /// A spooled batch, from the recent-reads cache when possible.
+    fn spooled_batch(&self, seq: u64, record: RecordRef) -> Result<std::sync::Arc<Vec<u8>>, StoreError> {
+        const CACHED_BATCHES: usize = 2;
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, payload)) = recent.iter().find(|(s, _)| *s == seq) {
+            return Ok(payload.clone());
+        }
+        let payload = std::sync::Arc::new(self.spool.read(record)?);
+        if recent.len() >= CACHED_BATCHES {
+            recent.pop_front();
+        }
+        recent.push_back((seq, payload.clone()));
+        Ok(payload)
+    }
+
+    fn index_entry(&self, seq: u64, value: &[u8]) -> Result<IndexEntry, StoreError> {
+        IndexEntry::decode(value).ok_or_else(|| self.corrupt("outbox entry", format!("sequence {seq}")))
     }
 
     /// Up to `max` detections after position `after`, with their positions.
@@ -360,8 +439,13 @@ impl Store {
         for item in self.outbox.range(first_seq.to_be_bytes()..) {
             let (key, value) = item.map_err(|e| self.io(e))?;
             let seq = seq_from(&key);
-            let view = BatchView::decode(&value).ok_or_else(|| self.corrupt("outbox entry", format!("sequence {seq}")))?;
+            let index = self.index_entry(seq, &value)?;
             let skip = if seq == first_seq { first_index + 1 } else { 0 };
+            if skip >= index.count {
+                continue;
+            }
+            let payload = self.spooled_batch(seq, index.record)?;
+            let view = BatchView::decode(&payload).ok_or_else(|| self.corrupt("spooled batch", format!("sequence {seq}")))?;
             for (index, raw) in view.raws().enumerate().skip(skip) {
                 let raw = raw.ok_or_else(|| self.corrupt("outbox entry", format!("sequence {seq} item {index}")))?;
                 let entry = OutboxEntry { tenant: view.tenant.clone(), only_sink: view.only_sink.clone(), raw: raw.to_string() };
@@ -380,7 +464,7 @@ impl Store {
             return Ok(0);
         };
         let seq = seq_from(&key);
-        let count = BatchView::decode(&value).map_or(1, |v| v.count.max(1));
+        let count = self.index_entry(seq, &value)?.count.max(1);
         Ok(position(seq, count - 1))
     }
 
@@ -453,9 +537,9 @@ impl Store {
         let mut batch = sled::Batch::default();
         for item in self.outbox.range(..=min_seq.to_be_bytes()) {
             let (key, value) = item.map_err(|e| self.io(e))?;
-            let done = seq_from(&key) < min_seq || BatchView::decode(&value).is_some_and(|v| v.count <= min_index + 1);
-            if done {
-                freed += value.len() as u64;
+            let index = self.index_entry(seq_from(&key), &value)?;
+            if seq_from(&key) < min_seq || index.count <= min_index + 1 {
+                freed += index.record.len as u64;
                 batch.remove(key);
                 removed += 1;
             }
@@ -467,6 +551,12 @@ impl Store {
         if removed > 0 {
             self.outbox.apply_batch(batch).map_err(|e| self.io(e))?;
             self.outbox_bytes.fetch_sub(freed.min(self.outbox_bytes()), Ordering::Relaxed);
+            // Segments before the oldest remaining batch hold nothing queued.
+            let oldest_segment = match self.outbox.first().map_err(|e| self.io(e))? {
+                Some((key, value)) => self.index_entry(seq_from(&key), &value)?.record.segment,
+                None => u64::MAX,
+            };
+            self.spool.remove_below(oldest_segment)?;
         }
         Ok(removed)
     }
@@ -484,9 +574,10 @@ impl Store {
                 break;
             }
             let (key, value) = item.map_err(|e| self.io(e))?;
-            size = size.saturating_sub(value.len() as u64);
-            freed += value.len() as u64;
-            dropped += BatchView::decode(&value).map_or(0, |v| v.count);
+            let index = self.index_entry(seq_from(&key), &value)?;
+            size = size.saturating_sub(index.record.len as u64);
+            freed += index.record.len as u64;
+            dropped += index.count;
             batch.remove(key);
             removed += 1;
         }
@@ -502,7 +593,7 @@ impl Store {
         for item in self.outbox.range(first_seq.to_be_bytes()..) {
             let (key, value) = item.map_err(|e| self.io(e))?;
             let seq = seq_from(&key);
-            let total = BatchView::decode(&value).map_or(0, |v| v.count);
+            let total = self.index_entry(seq, &value)?.count;
             let skip = if seq == first_seq { first_index + 1 } else { 0 };
             if total > skip {
                 oldest.get_or_insert(position(seq, skip));
@@ -606,10 +697,12 @@ impl Store {
             if !ids.is_empty() && !ids.contains(&letter.id) {
                 continue;
             }
-            let bytes = encode_batch(&letter.tenant, Some(&letter.sink), std::iter::once(letter.detection.as_str()));
+            let payload = encode_batch(&letter.tenant, Some(&letter.sink), std::iter::once(letter.detection.as_str()));
+            let record = self.spool.append(&payload)?;
             let seq = self.db.generate_id().map_err(|e| self.io(e))? + 1;
-            self.outbox_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            self.outbox.insert(seq.to_be_bytes(), bytes).map_err(|e| self.io(e))?;
+            self.outbox_bytes.fetch_add(payload.len() as u64, Ordering::Relaxed);
+            let index = IndexEntry { record, count: 1 };
+            self.outbox.insert(seq.to_be_bytes(), index.encode()).map_err(|e| self.io(e))?;
             self.dead_letters.remove(letter.id.to_be_bytes()).map_err(|e| self.io(e))?;
             count += 1;
         }

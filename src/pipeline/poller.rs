@@ -19,7 +19,7 @@ use crate::source::{AlertsClient, Element, Query, SourceError};
 use crate::store::{Store, StoreError};
 
 /// Detections read from a response before they are queued together.
-const QUEUE_BATCH: usize = 1000;
+const QUEUE_BATCH: usize = 250;
 
 /// One tick of the API's clock (100 ns). Every window starts one tick before
 /// `checkpoint - overlap`, so detections stamped exactly at the checkpoint are

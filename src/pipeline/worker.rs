@@ -203,7 +203,7 @@ impl SinkWorker {
                 prepared.consumed = index + 1;
                 continue;
             }
-            let detection = match Detection::from_json_text(&entry.raw) {
+            let detection = match Detection::from_string(entry.raw.clone()).map_err(|(_, e)| e) {
                 Ok(detection) => detection,
                 Err(error) => {
                     let reason = format!("cannot encode: {error}");
@@ -215,9 +215,14 @@ impl SinkWorker {
                     continue;
                 }
             };
-            let severity = detection.text("Severity");
-            let category = detection.text("Category");
-            if !self.routing.routes(&entry.tenant, severity.as_deref(), category.as_deref()) {
+            let routed = if self.routing.filters_fields() {
+                let severity = detection.text("Severity");
+                let category = detection.text("Category");
+                self.routing.routes(&entry.tenant, severity.as_deref(), category.as_deref())
+            } else {
+                self.routing.routes(&entry.tenant, None, None)
+            };
+            if !routed {
                 prepared.consumed = index + 1;
                 continue;
             }

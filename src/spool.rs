@@ -1,0 +1,224 @@
+//! Append-only segment files that hold the outbox's detection batches.
+//!
+//! sled serializes whole tree nodes on every write and reads large values back
+//! from blob files, so batches of megabytes stored in sled dominated both run
+//! time and memory. Here each batch is one record appended to the current
+//! segment file and `fsync`ed; sled keeps only a small index entry per batch
+//! (segment, offset, length), written after the record is on disk.
+//!
+//! # Record format
+//! `u32` big-endian payload length, `u32` CRC-32 of the payload, payload.
+//!
+//! # Crash safety
+//! A record is durable before any index entry points at it. A crash after the
+//! append and before the index commit leaves bytes that nothing references;
+//! they are deleted with their segment. After a restart writing starts in a
+//! new segment, so a torn tail is never appended to. Reads check the length
+//! and the CRC, so damage is reported instead of forwarded.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// A segment is closed and a new one started past this size.
+const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+const HEADER_BYTES: u64 = 8;
+const SUFFIX: &str = ".spool";
+
+/// Where a record lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordRef {
+    pub segment: u64,
+    pub offset: u64,
+    pub len: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("spool {path}: record at offset {offset} is damaged ({detail})")]
+    Damaged { path: PathBuf, offset: u64, detail: String },
+}
+
+struct Writer {
+    segment: u64,
+    file: File,
+    len: u64,
+}
+
+pub struct Spool {
+    dir: PathBuf,
+    writer: Mutex<Option<Writer>>,
+    /// The segment new records go to; older ones are only read and deleted.
+    next_segment: Mutex<u64>,
+}
+
+impl Spool {
+    /// Opens the spool directory; writing will start in a new segment.
+    pub fn open(dir: &Path) -> Result<Self, SpoolError> {
+        let io = |source| SpoolError::Io { path: dir.to_path_buf(), source };
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)?;
+        let highest = segments(dir).map_err(io)?.into_iter().max().unwrap_or(0);
+        Ok(Self { dir: dir.to_path_buf(), writer: Mutex::new(None), next_segment: Mutex::new(highest + 1) })
+    }
+
+    fn segment_path(&self, segment: u64) -> PathBuf {
+        self.dir.join(format!("{segment:016x}{SUFFIX}"))
+    }
+
+    /// Appends one record and makes it durable.
+    pub fn append(&self, payload: &[u8]) -> Result<RecordRef, SpoolError> {
+        let mut guard = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.as_ref().map_or(true, |w| w.len >= SEGMENT_BYTES) {
+            *guard = Some(self.new_segment()?);
+        }
+        let Some(writer) = guard.as_mut() else {
+            return Err(SpoolError::Io { path: self.dir.clone(), source: io::Error::other("no open segment") });
+        };
+        let path = self.segment_path(writer.segment);
+        let offset = writer.len;
+        let mut record = Vec::with_capacity(payload.len() + HEADER_BYTES as usize);
+        record.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        record.extend_from_slice(&crc32fast::hash(payload).to_be_bytes());
+        record.extend_from_slice(payload);
+        let written = writer.file.write_all(&record).and_then(|_| writer.file.sync_data());
+        if let Err(source) = written {
+            // The tail may be torn: never append after it.
+            *guard = None;
+            return Err(SpoolError::Io { path, source });
+        }
+        writer.len += record.len() as u64;
+        Ok(RecordRef { segment: writer.segment, offset, len: payload.len() as u32 })
+    }
+
+    fn new_segment(&self) -> Result<Writer, SpoolError> {
+        let mut next = self.next_segment.lock().unwrap_or_else(|e| e.into_inner());
+        let segment = *next;
+        let path = self.segment_path(segment);
+        let file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|source| SpoolError::Io { path: path.clone(), source })?;
+        // The new directory entry must survive a crash too.
+        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|source| SpoolError::Io { path, source })?;
+        *next = segment + 1;
+        Ok(Writer { segment, file, len: 0 })
+    }
+
+    /// Reads a record back and checks its length and CRC.
+    pub fn read(&self, record: RecordRef) -> Result<Vec<u8>, SpoolError> {
+        let path = self.segment_path(record.segment);
+        let io = |source| SpoolError::Io { path: path.clone(), source };
+        let damaged = |detail: String| SpoolError::Damaged { path: path.clone(), offset: record.offset, detail };
+        let mut file = File::open(&path).map_err(io)?;
+        let mut header = [0u8; HEADER_BYTES as usize];
+        file.read_exact_at(&mut header, record.offset).map_err(io)?;
+        let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
+        let crc = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+        if len != record.len {
+            return Err(damaged(format!("length {len}, index says {}", record.len)));
+        }
+        // read_to_end fills spare capacity without zeroing it first.
+        let mut payload = Vec::with_capacity(len as usize);
+        file.seek(SeekFrom::Start(record.offset + HEADER_BYTES)).map_err(io)?;
+        (&mut file).take(len as u64).read_to_end(&mut payload).map_err(io)?;
+        if payload.len() != len as usize {
+            return Err(damaged(format!("only {} of {len} bytes present", payload.len())));
+        }
+        if crc32fast::hash(&payload) != crc {
+            return Err(damaged("CRC mismatch".into()));
+        }
+        Ok(payload)
+    }
+
+    /// Deletes every segment below `keep_from`, except the one being written.
+    pub fn remove_below(&self, keep_from: u64) -> Result<usize, SpoolError> {
+        let writing = self.writer.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|w| w.segment);
+        let io = |source| SpoolError::Io { path: self.dir.clone(), source };
+        let mut removed = 0;
+        for segment in segments(&self.dir).map_err(io)? {
+            if segment < keep_from && Some(segment) != writing {
+                let path = self.segment_path(segment);
+                fs::remove_file(&path).map_err(|source| SpoolError::Io { path, source })?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Bytes of all segment files, for `state show`.
+    pub fn disk_bytes(&self) -> u64 {
+        let Ok(list) = segments(&self.dir) else { return 0 };
+        list.into_iter().filter_map(|s| fs::metadata(self.segment_path(s)).ok()).map(|m| m.len()).sum()
+    }
+}
+
+/// Segment numbers present in `dir`.
+fn segments(dir: &Path) -> io::Result<Vec<u64>> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(hex) = name.strip_suffix(SUFFIX) {
+            if let Ok(segment) = u64::from_str_radix(hex, 16) {
+                found.push(segment);
+            }
+        }
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_read_back_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let a = spool.append(b"first").unwrap();
+        let b = spool.append("二 second".as_bytes()).unwrap();
+        assert_eq!(spool.read(a).unwrap(), b"first");
+        assert_eq!(spool.read(b).unwrap(), "二 second".as_bytes());
+        assert_eq!(b.offset, HEADER_BYTES + 5);
+    }
+
+    #[test]
+    fn reopening_starts_a_new_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Spool::open(dir.path()).unwrap().append(b"x").unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let second = spool.append(b"y").unwrap();
+        assert!(second.segment > first.segment);
+        assert_eq!(spool.read(first).unwrap(), b"x");
+    }
+
+    #[test]
+    fn damaged_record_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let record = spool.append(b"payload").unwrap();
+        let path = spool.segment_path(record.segment);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[10] ^= 0xff;
+        fs::write(&path, bytes).unwrap();
+        let err = spool.read(record).unwrap_err();
+        assert!(err.to_string().contains("CRC mismatch"), "{err}");
+    }
+
+    #[test]
+    fn old_segments_are_removed_but_not_the_current_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = Spool::open(dir.path()).unwrap().append(b"x").unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let current = spool.append(b"y").unwrap();
+        assert_eq!(spool.remove_below(u64::MAX).unwrap(), 1);
+        assert!(spool.read(old).is_err());
+        assert_eq!(spool.read(current).unwrap(), b"y");
+    }
+}
