@@ -126,7 +126,7 @@ async fn notify_socket_gets_ready_status_watchdog_stopping() {
     let reader = std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         let started = std::time::Instant::now();
-        while started.elapsed() < Duration::from_secs(30) {
+        while started.elapsed() < Duration::from_secs(120) {
             if let Ok(n) = socket.recv(&mut buf) {
                 let text = String::from_utf8_lossy(&buf[..n]).into_owned();
                 let done = text.contains("STOPPING=1");
