@@ -154,7 +154,8 @@ impl TokenSource {
         }
         let parsed: TokenResponse = serde_json::from_slice(&body).map_err(|e| AuthError::Malformed {
             tenant: tenant.name.clone(),
-            detail: format!("not a JSON token object ({e}); body starts with {}", crate::json_stream::preview(&body)),
+            // The body is not shown: it may hold a token.
+            detail: format!("not a JSON token object ({e}); {} bytes received", body.len()),
         })?;
         let value = parsed.access_token.filter(|t| !t.expose().is_empty()).ok_or_else(|| AuthError::Malformed {
             tenant: tenant.name.clone(),
@@ -207,13 +208,15 @@ fn summarize_aad(aad: &AadError, body: &[u8], secret: &str) -> String {
     if let Some(correlation) = &aad.correlation_id {
         parts.push(format!("correlation_id {correlation}"));
     }
-    let text = if parts.is_empty() { crate::json_stream::preview(body) } else { parts.join("; ") };
-    let one_line: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
-    if secret.len() >= 4 {
-        one_line.replace(secret, "[redacted]")
+    // A body that is not an Azure AD error (a proxy page, an echo of the
+    // request) is not shown: it may hold the secret in some encoding.
+    let text = if parts.is_empty() {
+        format!("a body of {} bytes that is not an Azure AD error; check login_url and any proxy in between", body.len())
     } else {
-        one_line
-    }
+        parts.join("; ")
+    };
+    let one_line: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    crate::redact::redact(&one_line, &[secret])
 }
 
 /// The token lifetime from `expires_in` (seconds, number or string) or
@@ -224,12 +227,14 @@ fn lifetime(expires_in: Option<&Value>, expires_on: Option<&Value>) -> Duration 
         Value::String(s) => s.trim().parse::<u64>().ok(),
         _ => None,
     };
+    // A lifetime beyond a day is not believed (and would overflow timers).
+    const MAX_LIFETIME: Duration = Duration::from_secs(86_400);
     if let Some(secs) = expires_in.and_then(as_u64) {
-        return Duration::from_secs(secs);
+        return Duration::from_secs(secs).min(MAX_LIFETIME);
     }
     if let Some(epoch) = expires_on.and_then(as_u64) {
         let now = chrono::Utc::now().timestamp().max(0) as u64;
-        return Duration::from_secs(epoch.saturating_sub(now));
+        return Duration::from_secs(epoch.saturating_sub(now)).min(MAX_LIFETIME);
     }
     UNKNOWN_LIFETIME
 }

@@ -493,6 +493,21 @@ fn state_action(config: &Config, store: &Store, action: StateAction) -> Result<(
             Ok(())
         }
         StateAction::Requeue { ids } => {
+            // A letter for a sink that is no longer configured would be
+            // released unsent: refuse instead of losing it.
+            let letters = store.dead_letters().map_err(|e| e.to_string())?;
+            let orphans: Vec<String> = letters
+                .iter()
+                .filter(|l| ids.is_empty() || ids.contains(&l.id))
+                .filter(|l| l.sink != crate::store::SOURCE_SINK && !config.sinks.iter().any(|s| s.name() == l.sink))
+                .map(|l| format!("{} (sink {})", l.id, l.sink))
+                .collect();
+            if !orphans.is_empty() {
+                return Err(format!(
+                    "dead letters {} belong to sinks that are not configured; add the sink back, or purge them",
+                    orphans.join(", ")
+                ));
+            }
             let count = store.requeue_dead_letters(&ids).map_err(|e| e.to_string())?;
             println!("{count} dead letters queued again");
             Ok(())

@@ -32,6 +32,16 @@ pub enum ConfigError {
     Invalid { key: String, message: String },
 }
 
+/// Rejects a number outside `min..=max`; durations far beyond any sensible
+/// setting would overflow timers instead of failing clearly.
+fn check_range(key: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(invalid(key, format!("{value} is out of range: use a value from {min} to {max}")))
+    }
+}
+
 /// Puts the dot the `config` crate leaves out after an index in key paths
 /// (`tenant[0]region` becomes `tenant[0].region`).
 fn tidy_path(message: &str) -> String {
@@ -651,6 +661,11 @@ impl SinkConfig {
 
 impl SinkCommon {
     fn validate(&self, key: &str, tenants: &[TenantConfig]) -> Result<(), ConfigError> {
+        check_range(&format!("{key}.retry_initial_ms"), self.retry_initial_ms, 1, 600_000)?;
+        check_range(&format!("{key}.retry_max_secs"), self.retry_max_secs, 1, 3600)?;
+        check_range(&format!("{key}.connect_timeout_secs"), self.connect_timeout_secs, 1, 3600)?;
+        check_range(&format!("{key}.write_timeout_secs"), self.write_timeout_secs, 1, 3600)?;
+        check_range(&format!("{key}.batch_size"), self.batch_size as u64, 1, 100_000)?;
         if self.batch_size == 0 {
             return Err(invalid(format!("{key}.batch_size"), "must be at least 1"));
         }
@@ -920,8 +935,19 @@ impl Config {
         if self.sinks.is_empty() {
             return Err(invalid("sink", "no [[sink]] is configured; add at least one"));
         }
-        if self.poll.interval_secs == 0 {
-            return Err(invalid("poll.interval_secs", "must be at least 1"));
+        const DAY: u64 = 86_400;
+        let poll = &self.poll;
+        check_range("poll.interval_secs", poll.interval_secs, 1, DAY)?;
+        check_range("poll.initial_lookback_secs", poll.initial_lookback_secs, 0, 180 * DAY)?;
+        check_range("poll.overlap_secs", poll.overlap_secs, 0, 7 * DAY)?;
+        check_range("poll.retry_initial_ms", poll.retry_initial_ms, 1, 600_000)?;
+        check_range("poll.retry_max_secs", poll.retry_max_secs, 1, 3600)?;
+        check_range("poll.connect_timeout_secs", poll.connect_timeout_secs, 1, 3600)?;
+        check_range("poll.request_timeout_secs", poll.request_timeout_secs, 1, 3600)?;
+        check_range("service.shutdown_grace_secs", self.service.shutdown_grace_secs, 0, 3600)?;
+        check_range("state.dedupe_retention_secs", self.state.dedupe_retention_secs, 1, 400 * DAY)?;
+        for (i, tenant) in self.tenants.iter().enumerate() {
+            check_range(&format!("tenant[{i}].token_refresh_margin_secs"), tenant.token_refresh_margin_secs, 0, 3600)?;
         }
         if self.poll.retry_max_attempts == 0 {
             return Err(invalid("poll.retry_max_attempts", "must be at least 1"));
@@ -1081,7 +1107,7 @@ impl TenantConfig {
                 return Ok(ClientCredential::Certificate(Arc::new(certificate)));
             }
         };
-        if secret.expose().is_empty() {
+        if secret.expose().trim().is_empty() {
             return Err(invalid(format!("{key}.client_secret"), "is empty"));
         }
         Ok(ClientCredential::Secret(secret))

@@ -20,14 +20,22 @@ use crate::timefmt;
 /// One detection as received.
 ///
 /// Construction reads only `FullId` and `LastProcessedTimeUtc` (and checks
-/// that the text is one valid JSON object); the full field map is parsed on
-/// first use, so sinks that forward the raw JSON never pay for it.
+/// that the text is one JSON object); the full field map is parsed on first
+/// use, so sinks that forward the raw JSON never pay for it.
 #[derive(Debug, Clone)]
 pub struct Detection {
     raw: Box<str>,
-    full_id: Option<Box<str>>,
+    full_id: Option<FullId>,
     last_processed: Option<Box<str>>,
-    fields: OnceLock<Map<String, Value>>,
+    fields: OnceLock<Result<Map<String, Value>, String>>,
+}
+
+/// `FullId` as text, remembering whether the API sent a JSON string, so a
+/// number `42` and a string `"42"` stay two different detections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FullId {
+    text: Box<str>,
+    is_string: bool,
 }
 
 /// Why one element of a response cannot be handled as a detection.
@@ -39,13 +47,54 @@ pub enum DetectionError {
     Invalid(#[from] serde_json::Error),
 }
 
-/// The two fields the poller needs; every other field is skipped unparsed.
-#[derive(Deserialize)]
-struct Keys {
-    #[serde(rename = "FullId", default)]
-    full_id: Option<Value>,
-    #[serde(rename = "LastProcessedTimeUtc", default)]
-    last_processed: Option<Value>,
+/// The two fields the poller needs, captured as raw JSON; every other field
+/// is skipped unparsed. A repeated key keeps its last value, as the field
+/// map does.
+struct Keys<'a> {
+    full_id: Option<&'a RawValue>,
+    last_processed: Option<&'a RawValue>,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Keys<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeysVisitor<'a>(std::marker::PhantomData<&'a ()>);
+
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for KeysVisitor<'a> {
+            type Value = Keys<'a>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<M: serde::de::MapAccess<'de>>(self, mut map: M) -> Result<Keys<'a>, M::Error> {
+                let mut keys = Keys { full_id: None, last_processed: None };
+                while let Some(name) = map.next_key::<Cow<'de, str>>()? {
+                    match name.as_ref() {
+                        "FullId" => keys.full_id = Some(map.next_value()?),
+                        "LastProcessedTimeUtc" => keys.last_processed = Some(map.next_value()?),
+                        _ => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(keys)
+            }
+        }
+
+        deserializer.deserialize_map(KeysVisitor(std::marker::PhantomData))
+    }
+}
+
+/// Text of a raw JSON value: a string unescaped (or, when it cannot be, such
+/// as a lone surrogate, its raw JSON), anything else as its JSON text;
+/// `None` for null and the empty string.
+fn raw_text(raw: &RawValue) -> Option<(Box<str>, bool)> {
+    let json = raw.get();
+    if json.starts_with('"') {
+        let text = serde_json::from_str::<String>(json).map(String::into_boxed_str).unwrap_or_else(|_| json.into());
+        return (!text.is_empty()).then_some((text, true));
+    }
+    (json != "null").then(|| (json.into(), false))
 }
 
 impl Detection {
@@ -71,24 +120,16 @@ impl Detection {
     }
 
     /// Checks that `text` is one JSON object and reads the two key fields.
-    #[allow(clippy::type_complexity)]
-    fn keys(text: &str) -> Result<(Option<Box<str>>, Option<Box<str>>), DetectionError> {
+    fn keys(text: &str) -> Result<(Option<FullId>, Option<Box<str>>), DetectionError> {
         // serde would also accept a JSON array for a struct, so check the shape first.
         if !text.trim_start().starts_with('{') {
             let value: Value = serde_json::from_str(text)?;
             return Err(DetectionError::NotAnObject(json_type_name(&value)));
         }
-        let keys: Keys = match serde_json::from_str(text) {
-            Ok(keys) => keys,
-            Err(error) => {
-                return Err(match serde_json::from_str::<Value>(text) {
-                    Ok(Value::Object(_)) | Err(_) => DetectionError::Invalid(error),
-                    Ok(other) => DetectionError::NotAnObject(json_type_name(&other)),
-                })
-            }
-        };
-        let as_text = |v: Option<Value>| v.as_ref().and_then(value_text).map(|t| Box::from(t.as_ref()));
-        Ok((as_text(keys.full_id), as_text(keys.last_processed)))
+        let keys: Keys = serde_json::from_str(text)?;
+        let full_id = keys.full_id.and_then(raw_text).map(|(text, is_string)| FullId { text, is_string });
+        let last_processed = keys.last_processed.and_then(raw_text).map(|(text, _)| text);
+        Ok((full_id, last_processed))
     }
 
     /// The JSON text exactly as the API sent it.
@@ -96,9 +137,25 @@ impl Detection {
         &self.raw
     }
 
-    /// Every field, parsed on first use.
+    fn parsed(&self) -> &Result<Map<String, Value>, String> {
+        self.fields.get_or_init(|| serde_json::from_str::<Map<String, Value>>(&self.raw).map_err(|e| e.to_string()))
+    }
+
+    /// Every field, parsed on first use; empty when the text cannot be parsed
+    /// into fields (see [`Detection::field_error`]).
     pub fn fields(&self) -> &Map<String, Value> {
-        self.fields.get_or_init(|| serde_json::from_str(&self.raw).unwrap_or_default())
+        static EMPTY: OnceLock<Map<String, Value>> = OnceLock::new();
+        match self.parsed() {
+            Ok(fields) => fields,
+            Err(_) => EMPTY.get_or_init(Map::new),
+        }
+    }
+
+    /// Why the fields cannot be parsed, for example a string with a lone
+    /// UTF-16 surrogate or nesting deeper than 128 levels. Encoders that need
+    /// fields must not encode such a detection: its fields would be missing.
+    pub fn field_error(&self) -> Option<&str> {
+        self.parsed().as_ref().err().map(String::as_str)
     }
 
     pub fn get(&self, name: &str) -> Option<&Value> {
@@ -112,10 +169,22 @@ impl Detection {
         self.fields().get(name).and_then(value_text)
     }
 
-    /// The deduplication key: `FullId`, unique per detection (two detections
-    /// of one alert share `AlertId` but not `FullId`).
+    /// `FullId` as text (a number or other non-string value as its JSON text).
     pub fn full_id(&self) -> Option<Cow<'_, str>> {
-        self.full_id.as_deref().map(Cow::Borrowed)
+        self.full_id.as_ref().map(|id| Cow::Borrowed(id.text.as_ref()))
+    }
+
+    /// The deduplication key: `FullId`, unique per detection (two detections
+    /// of one alert share `AlertId` but not `FullId`). A non-string FullId is
+    /// marked, so `42` and `"42"` differ.
+    pub fn dedupe_id(&self) -> Option<Cow<'_, str>> {
+        self.full_id.as_ref().map(|id| {
+            if id.is_string {
+                Cow::Borrowed(id.text.as_ref())
+            } else {
+                Cow::Owned(format!("\u{0}json:{}", id.text))
+            }
+        })
     }
 
     /// `LastProcessedTimeUtc`, the field the API filters `sinceTimeUtc` on.
@@ -175,6 +244,40 @@ mod tests {
         assert_eq!(d.text("D").as_deref(), Some(r#"{"x":1}"#));
         assert_eq!(d.text("E").as_deref(), Some("é|="));
         assert_eq!(d.text("Missing"), None);
+    }
+
+    #[test]
+    fn number_and_string_full_ids_are_different_keys() {
+        let number = Detection::from_json_text(r#"{"FullId":42}"#).unwrap();
+        let string = Detection::from_json_text(r#"{"FullId":"42"}"#).unwrap();
+        assert_eq!(number.full_id(), string.full_id());
+        assert_ne!(number.dedupe_id(), string.dedupe_id());
+    }
+
+    #[test]
+    fn repeated_key_keeps_the_last_value() {
+        let d = Detection::from_json_text(r#"{"FullId":"a","FullId":"b","LastProcessedTimeUtc":"x"}"#).unwrap();
+        assert_eq!(d.full_id().as_deref(), Some("b"));
+        assert_eq!(d.text("FullId").as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn unparsable_fields_are_reported_not_emptied_silently() {
+        let surrogate = Detection::from_json_text(r#"{"FullId":"s1","Description":"x\ud800y"}"#).unwrap();
+        assert!(surrogate.field_error().is_some());
+        let deep = format!(r#"{{"FullId":"d1","E":{}1{}}}"#, "[".repeat(200), "]".repeat(200));
+        let deep = Detection::from_json_text(&deep).unwrap();
+        assert!(deep.field_error().is_some());
+        let fine = Detection::from_json_text(r#"{"FullId":"f1","Score":1e400,"ReportID":123456789012345678901234567890}"#).unwrap();
+        assert_eq!(fine.field_error(), None);
+        assert_eq!(fine.text("ReportID").as_deref(), Some("123456789012345678901234567890"));
+        assert!(fine.text("Score").is_some_and(|t| t.contains("400")));
+    }
+
+    #[test]
+    fn lone_surrogate_in_full_id_keeps_its_raw_text() {
+        let d = Detection::from_json_text(r#"{"FullId":"a\ud800b"}"#).unwrap();
+        assert_eq!(d.full_id().as_deref(), Some(r#""a\ud800b""#));
     }
 
     #[test]

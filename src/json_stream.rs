@@ -22,6 +22,9 @@ pub enum ArrayError {
 
 /// How much of a body error messages show.
 const PREVIEW_BYTES: usize = 120;
+/// How much of a body that is not an array is kept before it is reported:
+/// enough to remove a whole secret before the preview is cut.
+const KEEP_BYTES: usize = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -48,6 +51,8 @@ pub struct ArraySplitter {
     escaped: bool,
     elements: usize,
     seen_any: bool,
+    /// Texts removed from previews, such as the request's bearer token.
+    secrets: Vec<String>,
 }
 
 impl Default for ArraySplitter {
@@ -68,7 +73,20 @@ impl ArraySplitter {
             escaped: false,
             elements: 0,
             seen_any: false,
+            secrets: Vec::new(),
         }
+    }
+
+    /// A splitter whose error previews never show any of `secrets`.
+    pub fn with_secrets(secrets: Vec<String>) -> Self {
+        Self { secrets, ..Self::new() }
+    }
+
+    /// A printable start of `bytes` with the secrets removed first.
+    fn preview_of(&self, bytes: &[u8]) -> String {
+        let kept = &bytes[..bytes.len().min(KEEP_BYTES)];
+        let secrets: Vec<&str> = self.secrets.iter().map(String::as_str).collect();
+        preview(crate::redact::redact(&String::from_utf8_lossy(kept), &secrets).as_bytes())
     }
 
     /// Number of complete elements found so far.
@@ -112,7 +130,7 @@ impl ArraySplitter {
             State::BeforeArray if !self.seen_any || self.buffer.iter().all(u8::is_ascii_whitespace) => {
                 Err(ArrayError::Empty)
             }
-            State::BeforeArray | State::NotArray => Err(ArrayError::NotArray(preview(&self.buffer))),
+            State::BeforeArray | State::NotArray => Err(ArrayError::NotArray(self.preview_of(&self.buffer))),
             _ => Err(ArrayError::Truncated(self.elements)),
         }
     }
@@ -120,8 +138,8 @@ impl ArraySplitter {
     /// Reports a body that is not an array once enough of it arrived to show
     /// what it is; `finish` reports a shorter one.
     fn not_array_preview(&mut self) -> Result<(), ArrayError> {
-        if self.buffer.len() >= PREVIEW_BYTES {
-            return Err(ArrayError::NotArray(preview(&self.buffer)));
+        if self.buffer.len() >= KEEP_BYTES {
+            return Err(ArrayError::NotArray(self.preview_of(&self.buffer)));
         }
         self.scanned = self.buffer.len();
         Ok(())
@@ -164,7 +182,7 @@ impl ArraySplitter {
             },
             State::Done => {
                 if !byte.is_ascii_whitespace() {
-                    return Err(ArrayError::Trailing(preview(&self.buffer[at..])));
+                    return Err(ArrayError::Trailing(self.preview_of(&self.buffer[at..])));
                 }
             }
         }

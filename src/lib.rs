@@ -20,3 +20,4 @@ pub mod telemetry;
 pub mod demo;
 pub mod emulator;
 pub mod spool;
+pub mod redact;

@@ -146,15 +146,14 @@ impl AlertsClient {
     pub async fn open(&self, query: &Query) -> Result<Page, SourceError> {
         let token = self.tokens.token().await?;
         let response = self.send(query, &token).await?;
-        let response = if response.status() == StatusCode::UNAUTHORIZED {
+        if response.status() == StatusCode::UNAUTHORIZED {
             tracing::info!(tenant = %self.tenant.name, "API answered 401; refreshing the token and retrying once");
             self.tokens.invalidate(&token).await;
             let token = self.tokens.token().await?;
-            self.send(query, &token).await?
-        } else {
-            response
-        };
-        self.check_status(response).await
+            let response = self.send(query, &token).await?;
+            return self.check_status(response, token).await;
+        }
+        self.check_status(response, token).await
     }
 
     async fn send(&self, query: &Query, token: &Secret) -> Result<reqwest::Response, SourceError> {
@@ -176,14 +175,16 @@ impl AlertsClient {
         }
     }
 
-    async fn check_status(&self, response: reqwest::Response) -> Result<Page, SourceError> {
+    /// `token` is removed from any body text shown in errors: a proxy or a
+    /// server may echo the request.
+    async fn check_status(&self, response: reqwest::Response, token: Secret) -> Result<Page, SourceError> {
         let status = response.status();
         let tenant = self.tenant.name.clone();
         if status.is_success() {
             let content_type = header_text(response.headers(), CONTENT_TYPE.as_str());
             return Ok(Page {
                 response,
-                splitter: ArraySplitter::new(),
+                splitter: ArraySplitter::with_secrets(vec![token.expose().to_string()]),
                 ready: std::collections::VecDeque::new(),
                 finished: false,
                 received: 0,
@@ -195,7 +196,7 @@ impl AlertsClient {
         }
         let retry_after = retry_after(response.headers());
         let url = response.url().to_string();
-        let body = error_body(response).await;
+        let body = error_body(response, &[token.expose()]).await;
         Err(match status.as_u16() {
             401 => SourceError::Unauthorized { tenant, body },
             403 => SourceError::Forbidden { tenant, body },
@@ -257,6 +258,7 @@ impl Page {
     }
 
     fn malformed(&self, detail: ArrayError) -> SourceError {
+
         SourceError::Malformed {
             tenant: self.tenant.clone(),
             status: self.status,
@@ -295,11 +297,12 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     Some(wait.to_std().unwrap_or(Duration::ZERO))
 }
 
-/// The start of an error body, on one line, for messages.
-async fn error_body(response: reqwest::Response) -> String {
+/// The start of an error body, on one line, for messages, with `secrets`
+/// removed before it is cut short (so no part of one can remain).
+async fn error_body(response: reqwest::Response, secrets: &[&str]) -> String {
     match response.bytes().await {
         Ok(bytes) if bytes.is_empty() => "empty body".into(),
-        Ok(bytes) => preview(&bytes),
+        Ok(bytes) => preview(crate::redact::redact(&String::from_utf8_lossy(&bytes), secrets).as_bytes()),
         Err(e) => format!("body unreadable: {e}"),
     }
 }

@@ -51,6 +51,9 @@ use crate::spool::{RecordRef, Spool, SpoolError};
 use crate::timefmt;
 
 pub const SCHEMA_VERSION: u32 = 1;
+/// The sink name of dead letters that came from the API response itself
+/// (elements that are not detections); requeueing sends them to every sink.
+pub const SOURCE_SINK: &str = "(source)";
 const LOCK_FILE: &str = "mde-forwarder.lock";
 /// Detections per outbox entry; positions reserve 16 bits for the index.
 pub const MAX_BATCH_ITEMS: usize = 4096;
@@ -616,6 +619,20 @@ impl Store {
         }
     }
 
+    /// Records a response element that is not a detection, keyed by its
+    /// text; true the first time it is seen within the dedupe retention.
+    pub fn remember_invalid(&self, tenant: &str, raw: &str, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        let mut key = tenant.as_bytes().to_vec();
+        key.extend_from_slice(b"\0\0invalid:");
+        key.extend_from_slice(raw.as_bytes());
+        let (current, previous) = self.dedupe_trees(now)?;
+        if current.contains_key(&key).map_err(|e| self.io(e))? || previous.contains_key(&key).map_err(|e| self.io(e))? {
+            return Ok(false);
+        }
+        current.insert(key, &[]).map_err(|e| self.io(e))?;
+        Ok(true)
+    }
+
     /// Drops dedupe generations older than the previous one; returns how
     /// many FullIds were forgotten.
     pub fn prune_dedupe(&self, now: DateTime<Utc>) -> Result<usize, StoreError> {
@@ -697,7 +714,8 @@ impl Store {
             if !ids.is_empty() && !ids.contains(&letter.id) {
                 continue;
             }
-            let payload = encode_batch(&letter.tenant, Some(&letter.sink), std::iter::once(letter.detection.as_str()));
+            let target = (letter.sink != SOURCE_SINK).then_some(letter.sink.as_str());
+            let payload = encode_batch(&letter.tenant, target, std::iter::once(letter.detection.as_str()));
             let record = self.spool.append(&payload)?;
             let seq = self.db.generate_id().map_err(|e| self.io(e))? + 1;
             self.outbox_bytes.fetch_add(payload.len() as u64, Ordering::Relaxed);
@@ -735,7 +753,7 @@ fn dedupe_key(tenant: &str, detection: &Detection) -> Vec<u8> {
     let mut key = Vec::with_capacity(tenant.len() + 80);
     key.extend_from_slice(tenant.as_bytes());
     key.push(0);
-    match detection.full_id() {
+    match detection.dedupe_id() {
         Some(id) => key.extend_from_slice(id.as_bytes()),
         None => {
             key.extend_from_slice(b"raw:");

@@ -29,6 +29,17 @@ pub fn format_query(t: DateTime<Utc>) -> String {
     format!("{}.{:07}Z", t.format("%Y-%m-%dT%H:%M:%S"), ticks)
 }
 
+/// Rounds up to a whole tick (100 ns), for an upper bound that must not
+/// exclude a value between two ticks.
+pub fn ceil_tick(t: DateTime<Utc>) -> DateTime<Utc> {
+    let rest = t.timestamp_subsec_nanos() % 100;
+    if rest == 0 {
+        t
+    } else {
+        t + chrono::Duration::nanoseconds(i64::from(100 - rest))
+    }
+}
+
 /// Formats a time with every nanosecond kept, for storing checkpoints.
 pub fn format_exact(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Nanos, true)
@@ -132,6 +143,14 @@ mod tests {
         for text in ["2020-09-30T14:11:44.0779765Z", "2026-01-01T00:00:00.0000000Z"] {
             assert_eq!(format_query(parse(text).unwrap()), text);
         }
+    }
+
+    #[test]
+    fn ceil_tick_rounds_up_only_between_ticks() {
+        let between = parse("2026-01-01T00:00:00.12345675Z").unwrap();
+        assert_eq!(format_query(ceil_tick(between)), "2026-01-01T00:00:00.1234568Z");
+        let exact = parse("2026-01-01T00:00:00.1234567Z").unwrap();
+        assert_eq!(ceil_tick(exact), exact);
     }
 
     #[test]

@@ -761,6 +761,8 @@ async fn new_detection_for_empty_tenant_uses_samples() {
 #[tokio::test]
 async fn generate_makes_unique_detections_of_requested_size() {
     let emulator = start().await;
+    // Taken before generating: detections are spread over the hour before that.
+    let hour_ago = Utc::now() - TimeDelta::hours(1);
     emulator.generate(TENANT, 200, 2048);
     emulator.generate(TENANT, 20, 8192);
     let items = alerts(&emulator, "").await;
@@ -768,7 +770,6 @@ async fn generate_makes_unique_detections_of_requested_size() {
     assert_eq!(items.len(), 220);
     let unique: HashSet<String> = full_ids(&items).into_iter().collect();
     assert_eq!(unique.len(), 220);
-    let hour_ago = Utc::now() - TimeDelta::hours(1);
     for item in &items {
         let size = item.to_string().len();
         let target = if size > 4096 { 8192 } else { 2048 };

@@ -109,6 +109,11 @@ pub struct Encoder {
 }
 
 impl Encoder {
+    /// The payload format this encoder writes.
+    pub fn payload(&self) -> PayloadFormat {
+        self.payload
+    }
+
     pub fn new(options: EncoderOptions) -> Self {
         let payload_prefix = match options.payload {
             PayloadFormat::Cef => cef::header_prefix(&options.cef),

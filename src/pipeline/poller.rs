@@ -225,6 +225,7 @@ impl Poller {
         };
         let mut report = CycleReport { since: Some(since), ..CycleReport::default() };
         let mut newest: Option<DateTime<Utc>> = None;
+        let mut previous_oldest: Option<DateTime<Utc>> = None;
         loop {
             let page = self.read_page(&query, now, &mut report).await?;
             report.pages += 1;
@@ -237,14 +238,19 @@ impl Poller {
             let Some(oldest) = page.oldest else {
                 return Err(CycleError::PagingUnreadable { tenant: tenant.name.clone(), count: limit });
             };
-            if query.until.is_some_and(|until| oldest >= until) {
+            // No progress: every detection of the page shares the previous
+            // page's oldest tick, so a smaller `until` would skip some.
+            if previous_oldest.is_some_and(|previous| oldest >= previous) {
                 return Err(CycleError::PagingStuck {
                     tenant: tenant.name.clone(),
                     count: limit,
                     time: crate::timefmt::format_query(oldest),
                 });
             }
-            query.until = Some(oldest);
+            previous_oldest = Some(oldest);
+            // `untilTimeUtc` has whole ticks; rounding up (never down) keeps a
+            // detection stamped between two ticks inside the next page.
+            query.until = Some(crate::timefmt::ceil_tick(oldest));
         }
         // A timestamp in the future (a skewed or hostile record) must not move
         // the checkpoint past detections that have not happened yet.
@@ -276,11 +282,15 @@ impl Poller {
                     }
                     Element::Invalid { raw, reason } => {
                         report.invalid += 1;
-                        tracing::warn!(tenant = %tenant, reason = %reason, "response element is not a detection; kept as a dead letter");
-                        let entry = crate::store::OutboxEntry { tenant: tenant.clone(), only_sink: None, raw };
-                        self.store
-                            .dead_letter("(source)", &entry, &format!("response element is not a detection: {reason}"))
-                            .map_err(|e| self.store_error(e))?;
+                        // The overlap reads an element again on later polls; keep it once.
+                        let new = self.store.remember_invalid(tenant, &raw, now).map_err(|e| self.store_error(e))?;
+                        if new {
+                            tracing::warn!(tenant = %tenant, reason = %reason, "response element is not a detection; kept as a dead letter");
+                            let entry = crate::store::OutboxEntry { tenant: tenant.clone(), only_sink: None, raw };
+                            self.store
+                                .dead_letter(crate::store::SOURCE_SINK, &entry, &format!("response element is not a detection: {reason}"))
+                                .map_err(|e| self.store_error(e))?;
+                        }
                     }
                 }
             }

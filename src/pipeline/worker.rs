@@ -51,6 +51,12 @@ pub enum EventEncoder {
 }
 
 impl EventEncoder {
+    /// Whether encoding reads individual fields (CEF, LEEF) rather than
+    /// forwarding the raw JSON.
+    fn needs_fields(&self) -> bool {
+        matches!(self, EventEncoder::Wire(e) if e.payload() != crate::format::PayloadFormat::Json)
+    }
+
     fn encode(&self, d: &Detection, now: chrono::DateTime<Utc>, out: &mut Vec<u8>) -> EncodeOutcome {
         match self {
             EventEncoder::Wire(encoder) => encoder.encode(d, now, out),
@@ -203,7 +209,14 @@ impl SinkWorker {
                 prepared.consumed = index + 1;
                 continue;
             }
-            let detection = match Detection::from_string(entry.raw.clone()).map_err(|(_, e)| e) {
+            let parsed = Detection::from_string(entry.raw.clone()).map_err(|(_, e)| e.to_string());
+            let parsed = parsed.and_then(|d| match d.field_error().filter(|_| self.encoder.needs_fields()) {
+                Some(error) => Err(format!(
+                    "its fields cannot be parsed ({error}), so this format would lose them; JSON sinks forward it unchanged"
+                )),
+                None => Ok(d),
+            });
+            let detection = match parsed {
                 Ok(detection) => detection,
                 Err(error) => {
                     let reason = format!("cannot encode: {error}");

@@ -1,0 +1,172 @@
+//! Hostile detections and servers: nothing is lost, changed or leaked.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use mde_forwarder::emulator::{Emulator, EmulatorOptions};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+fn file_and_cef_sinks(dir: &std::path::Path, receiver: std::net::SocketAddr) -> String {
+    tcp_sink_toml("siem", receiver) + &file_sink_toml("archive", &dir.join("archive.jsonl"))
+}
+
+/// Builds `{"E": [[[ ... 1 ... ]]]}` nested `depth` levels, beyond what a
+/// parser with a recursion limit reads.
+fn deeply_nested(full_id: &str, depth: usize) -> Value {
+    let mut value = json!(1);
+    for _ in 0..depth {
+        value = Value::Array(vec![value]);
+    }
+    json!({"FullId": full_id, "LastProcessedTimeUtc": now_text(), "E": value})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unparsable_fields_go_to_dead_letters_not_empty_cef() {
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let deep = deeply_nested("deep:1", 200);
+    emulator.push_detection(TENANT_ID, deep.clone());
+    let big: Value = serde_json::from_str(&format!(
+        r#"{{"FullId":"big:1","LastProcessedTimeUtc":"{}","ReportID":123456789012345678901234567890,"Score":1e400}}"#,
+        now_text()
+    ))
+    .unwrap();
+    emulator.push_detection(TENANT_ID, big);
+    let receiver = LineReceiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &file_and_cef_sinks(dir.path(), receiver.addr));
+
+    assert_success(&run_once(&config).await);
+
+    let lines = receiver.wait_for(47, Duration::from_secs(5)).await;
+    let big_line = lines.iter().find(|l| l.contains("cs3=big:1")).expect("big numbers reach CEF");
+    // Too large for cn3 (a 64-bit number in ArcSight), so it keeps its own name.
+    assert!(big_line.contains("ReportID=123456789012345678901234567890"), "{big_line}");
+    assert!(!lines.iter().any(|l| l.contains("deep:1")), "no CEF event without its fields");
+    let letters = dead_letters(dir.path());
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].sink, "siem");
+    assert!(letters[0].reason.contains("cannot be parsed"), "{}", letters[0].reason);
+    // The test's own JSON reader has a depth limit too, so compare text.
+    let archived = std::fs::read_to_string(dir.path().join("archive.jsonl")).unwrap();
+    let expected = serde_json::to_string(&deep).unwrap();
+    assert!(archived.lines().any(|l| l == expected), "the JSON sink forwards it unchanged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn number_and_string_full_ids_are_both_forwarded() {
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    emulator.push_detection(TENANT_ID, json!({"FullId": 42, "LastProcessedTimeUtc": now_text(), "AlertTitle": "number"}));
+    emulator.push_detection(TENANT_ID, json!({"FullId": "42", "LastProcessedTimeUtc": now_text(), "AlertTitle": "string"}));
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("archive.jsonl");
+    let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &file_sink_toml("archive", &archive));
+
+    assert_success(&run_once(&config).await);
+
+    let titles: Vec<Value> = read_json_lines(&archive).into_iter().map(|d| d["AlertTitle"].clone()).collect();
+    assert!(titles.contains(&json!("number")));
+    assert!(titles.contains(&json!("string")));
+}
+
+/// Timestamps finer than the API's 100 ns ticks must not fall between pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paging_keeps_detections_between_ticks() {
+    let emulator = Emulator::start("127.0.0.1:0".parse().unwrap(), EmulatorOptions::default()).await.unwrap();
+    emulator.add_tenant(TENANT_ID, tenant_spec());
+    let base = chrono::Utc::now() - chrono::Duration::minutes(5);
+    let at = |offset_ns: i64| (base + chrono::Duration::nanoseconds(offset_ns)).format("%Y-%m-%dT%H:%M:%S%.9fZ").to_string();
+    // With limit 3 the first page ends at x, inside the tick that also holds b.
+    let rows = [("c1", 2_000_000_000), ("c2", 1_000_000_000), ("x", 123_456_789), ("b", 123_456_750), ("d", -3_600_000_000_000)];
+    for (id, offset) in rows {
+        emulator.push_detection(TENANT_ID, json!({"FullId": id, "LastProcessedTimeUtc": at(offset)}));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("archive.jsonl");
+    let config = write_config(dir.path(), "limit = 3", &tenant_toml("contoso", TENANT_ID, &emulator), &file_sink_toml("archive", &archive));
+
+    assert_success(&run_once(&config).await);
+
+    let mut ids = full_ids(&read_json_lines(&archive));
+    ids.sort();
+    assert_eq!(ids, ["b", "c1", "c2", "d", "x"]);
+}
+
+/// A server that answers every request with `status` and a body that
+/// repeats the whole request, as a misbehaving proxy might.
+async fn echo_server(status: u16) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = vec![0u8; 16 * 1024];
+                let n = tokio::time::timeout(Duration::from_millis(500), stream.read(&mut request)).await.ok().and_then(Result::ok).unwrap_or(0);
+                let body = format!("<html>echo {}</html>", String::from_utf8_lossy(&request[..n]));
+                let reply = format!("HTTP/1.1 {status} Oops\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+                let _ = stream.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echoed_token_never_reaches_the_log() {
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    for status in [403, 400, 503, 200] {
+        let echo = echo_server(status).await;
+        let tenant = tenant_toml("contoso", TENANT_ID, &emulator).replace(&format!("api_url = \"{}\"", emulator.url()), &format!("api_url = \"http://{echo}\""));
+        let config = write_config(dir.path(), "retry_max_attempts = 1", &tenant, &file_sink_toml("archive", &dir.path().join("a.jsonl")));
+
+        let output = run_cli(&["--log-format", "json", "run", "--once", "--config", config.to_str().unwrap()]).await;
+
+        assert_eq!(output.status.code(), Some(1), "status {status}");
+        let text = stderr(&output) + &stdout(&output);
+        let tokens = emulator.issued_tokens();
+        assert!(!tokens.is_empty());
+        for token in tokens {
+            assert!(!text.contains(&token), "status {status}: token in output: {text}");
+        }
+        assert!(text.contains("[redacted]"), "status {status}: the echo is still reported: {text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echoed_secret_from_token_endpoint_never_reaches_the_log() {
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let echo = echo_server(400).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "Ab+c/d=e f&g-Secret";
+    let tenant = tenant_toml("contoso", TENANT_ID, &emulator)
+        .replace(&format!("login_url = \"{}\"", emulator.url()), &format!("login_url = \"http://{echo}\""))
+        .replace(CLIENT_SECRET, secret);
+    let config = write_config(dir.path(), "retry_max_attempts = 1", &tenant, &file_sink_toml("archive", &dir.path().join("a.jsonl")));
+
+    let output = run_once(&config).await;
+
+    assert_eq!(output.status.code(), Some(1));
+    let text = stderr(&output);
+    let encoded: String = url::form_urlencoded::byte_serialize(secret.as_bytes()).collect();
+    assert!(!text.contains(secret), "{text}");
+    assert!(!text.contains(&encoded), "{text}");
+    assert!(!text.contains("g-Secret"), "{text}");
+    assert!(text.contains("not an Azure AD error"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_durations_are_config_errors() {
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &file_sink_toml("a", &dir.path().join("a.jsonl")));
+    let path = config.to_str().unwrap();
+
+    let output = run_cli_env(&["check-config", "--config", path], &[("MDE_FORWARDER__POLL__INTERVAL_SECS", "18446744073709551615")]).await;
+
+    assert_eq!(output.status.code(), Some(64));
+    assert!(stderr(&output).contains("poll.interval_secs"), "{}", stderr(&output));
+}
