@@ -247,6 +247,9 @@ impl Store {
         let db = sled::Config::new()
             .path(&db_path)
             .cache_capacity(options.cache_bytes)
+            // Every write that matters is flushed explicitly; sled's own
+            // flusher thread would only wake the process between polls.
+            .flush_every_ms(None)
             .open()
             .map_err(|source| StoreError::Open { path: db_path.clone(), source })?;
         let io = |source| StoreError::Io { path: db_path.clone(), source };
