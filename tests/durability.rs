@@ -302,6 +302,52 @@ async fn full_disk_never_moves_the_checkpoint() {
     assert_eq!(count_full_ids(&lines).len(), 46);
 }
 
+/// A file sink whose disk fills mid-batch keeps valid JSON Lines: the part
+/// written before the failure is removed, and once space is back every
+/// detection is in the file on a line of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_disk_file_sink_keeps_json_lines() {
+    assert!(is_root(), "this test mounts a small tmpfs and must run as root, as CI does");
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mount = dir.path().join("small");
+    assert!(mount_tmpfs(&mount, "size=1m"), "mount -t tmpfs failed");
+    let _unmount = Unmount(&mount);
+    let archive = mount.join("archive.jsonl");
+    let sink = file_sink_toml("archive", &archive) + "retry_initial_ms = 50\nretry_max_secs = 1\n";
+    let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &sink);
+    // Fill the disk, then free 32 KiB: the samples take about 95 KB as JSON
+    // Lines, so the first batch fails part way through.
+    let filler = mount.join("filler");
+    let _ = std::process::Command::new("dd").args(["if=/dev/zero", "bs=64k"]).arg(format!("of={}", filler.display())).stderr(Stdio::null()).status();
+    let filled = std::fs::metadata(&filler).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&filler).unwrap().set_len(filled - 32 * 1024).unwrap();
+
+    let log = dir.path().join("daemon.log");
+    let mut child = spawn_daemon(&config, &log);
+    let failed = wait_until(Duration::from_secs(20), || std::fs::read_to_string(&log).unwrap_or_default().contains("No space left on device")).await;
+    std::fs::remove_file(&filler).unwrap();
+    let complete = wait_until(Duration::from_secs(20), || {
+        let text = std::fs::read_to_string(&archive).unwrap_or_default();
+        text.lines().filter(|line| serde_json::from_str::<serde_json::Value>(line).is_ok()).count() >= 46
+    })
+    .await;
+    assert!(terminate(&mut child).await.success());
+
+    assert!(failed, "the file write never failed: {}", std::fs::read_to_string(&log).unwrap());
+    assert!(complete, "the file sink never caught up");
+    let text = std::fs::read_to_string(&archive).unwrap();
+    let bad: Vec<&str> = text.lines().filter(|line| serde_json::from_str::<serde_json::Value>(line).is_err()).collect();
+    let excerpts: Vec<String> = bad.iter().map(|line| format!("{}... ({} bytes)", &line[..line.len().min(80)], line.len())).collect();
+    assert!(bad.is_empty(), "{} lines are not JSON: {excerpts:?}", bad.len());
+    let mut ids = full_ids(&read_json_lines(&archive));
+    ids.sort();
+    ids.dedup();
+    let mut expected = sample_full_ids();
+    expected.sort();
+    assert_eq!(ids, expected, "every detection is in the file");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_only_state_is_a_clear_error() {
     assert!(is_root(), "this test mounts a read-only tmpfs and must run as root, as CI does");

@@ -10,6 +10,7 @@
 //! messages for good (their content, not the connection, is at fault) is
 //! reported as a [`SendOutcome`] instead, so the worker can dead-letter them.
 
+mod file;
 mod hec;
 mod http;
 mod stream;
@@ -22,6 +23,7 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UdpSocket;
 
+pub use file::FileTransport;
 pub use hec::{HecSettings, HecTransport};
 pub use http::{HttpSettings, HttpTransport};
 pub use http::build_client as build_http_client;
@@ -206,42 +208,6 @@ impl UdpTransport {
                 self.socket = None;
                 return Err(SinkError::Send { address, source });
             }
-        }
-        Ok(())
-    }
-}
-
-pub struct FileTransport {
-    path: PathBuf,
-    file: Option<tokio::fs::File>,
-}
-
-impl FileTransport {
-    pub fn new(path: PathBuf) -> Self {
-        Self { path, file: None }
-    }
-
-    async fn send(&mut self, batch: &Batch) -> Result<(), SinkError> {
-        let path = self.path.clone();
-        let err = |source| SinkError::File { path: path.clone(), source };
-        if self.file.is_none() {
-            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                tokio::fs::create_dir_all(parent).await.map_err(err)?;
-            }
-            let file = tokio::fs::OpenOptions::new().create(true).append(true).mode(0o640).open(&path).await.map_err(err)?;
-            self.file = Some(file);
-        }
-        let Some(file) = self.file.as_mut() else { return Ok(()) };
-        let result = async {
-            file.write_all(&batch.bytes).await?;
-            file.flush().await?;
-            file.sync_data().await
-        }
-        .await;
-        if let Err(source) = result {
-            // Reopen next time: the file may have been rotated or the disk freed.
-            self.file = None;
-            return Err(err(source));
         }
         Ok(())
     }
