@@ -13,6 +13,7 @@
 mod file;
 mod hec;
 mod http;
+mod redact;
 mod stream;
 pub mod tls;
 
@@ -27,6 +28,7 @@ pub use file::FileTransport;
 pub use hec::{HecSettings, HecTransport};
 pub use http::{HttpSettings, HttpTransport};
 pub use http::build_client as build_http_client;
+pub use redact::{Redactor, REDACTED};
 pub use stream::{StreamTransport, TlsSettings};
 
 #[derive(Debug, thiserror::Error)]
@@ -158,21 +160,6 @@ impl Transport {
             Transport::Hec(t) => Some(t.max_batch_bytes()),
             _ => None,
         }
-    }
-}
-
-/// Returns at most the first `max` bytes of a response body as text, for
-/// error messages and dead-letter reasons.
-fn body_excerpt(body: &[u8], max: usize) -> String {
-    let mut end = body.len().min(max);
-    while end > 0 && std::str::from_utf8(&body[..end]).is_err() {
-        end -= 1;
-    }
-    let text = String::from_utf8_lossy(&body[..end]).trim().to_string();
-    if end < body.len() {
-        format!("{text}... ({} bytes in all)", body.len())
-    } else {
-        text
     }
 }
 
