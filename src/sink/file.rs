@@ -49,6 +49,12 @@ impl FileTransport {
         self.file = file;
         result.map_err(|source| SinkError::File { path: self.path.clone(), source })
     }
+
+    /// Closes the file after an abandoned send; the next send reopens it and
+    /// starts on a new line if the file ends mid-line.
+    pub(super) fn close(&mut self) {
+        self.file = None;
+    }
 }
 
 /// Appends `bytes` and fsyncs, or leaves the file as it was before the batch.
@@ -179,5 +185,20 @@ mod tests {
         transport.send(&batch(&[r#"{"a":1}"#, r#"{"b":2}"#])).await.unwrap();
 
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"a\":1}\n{\"b\":2}\n");
+    }
+
+    #[tokio::test]
+    async fn closed_file_reopened_mid_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        let mut transport = FileTransport::new(path.clone());
+        transport.send(&batch(&[r#"{"a":1}"#])).await.unwrap();
+        // An abandoned send may leave a fragment behind it.
+        std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"{\"frag").unwrap();
+
+        transport.close();
+        transport.send(&batch(&[r#"{"b":2}"#])).await.unwrap();
+
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"a\":1}\n{\"frag\n{\"b\":2}\n");
     }
 }

@@ -153,6 +153,18 @@ impl Transport {
         }
     }
 
+    /// Drops the connection (or open file) after a send was abandoned part
+    /// way, so the next send starts on a fresh one. An HTTP request that is
+    /// dropped closes its own connection, so HTTP and HEC keep their client.
+    pub fn close_connection(&mut self) {
+        match self {
+            Transport::Stream(t) => t.close(),
+            Transport::Udp(t) => t.socket = None,
+            Transport::File(t) => t.close(),
+            Transport::Stdout | Transport::Http(_) | Transport::Hec(_) => {}
+        }
+    }
+
     /// The largest batch in bytes the transport sends in one request, if limited.
     pub fn max_batch_bytes(&self) -> Option<usize> {
         match self {

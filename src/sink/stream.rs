@@ -130,6 +130,11 @@ impl StreamTransport {
         Ok(Connection::Tls(Box::new(session)))
     }
 
+    /// Closes the connection; the next send opens a new one.
+    pub fn close(&mut self) {
+        self.stream = None;
+    }
+
     pub async fn send(&mut self, batch: &Batch) -> Result<(), SinkError> {
         let result = self.try_send(batch).await;
         if result.is_err() {
