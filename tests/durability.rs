@@ -205,6 +205,56 @@ async fn sigterm_flushes_sinks_and_exits_zero() {
     assert!(stdout(&state).contains("sink siem: 0 pending"), "{}", stdout(&state));
 }
 
+/// A send to a receiver that accepts but never reads is abandoned when the
+/// shutdown grace period ends, not when `write_timeout_secs` does, and its
+/// batch stays queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_abandons_send_after_grace() {
+    let emulator = Emulator::start("127.0.0.1:0".parse().unwrap(), EmulatorOptions::default()).await.unwrap();
+    emulator.add_tenant(TENANT_ID, tenant_spec());
+    emulator.generate(TENANT_ID, 60, 100_000);
+    // A small receive buffer keeps the receiver's TCP stack from taking
+    // (and acknowledging) the whole 6 MB batch.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(4).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let held = accepted.clone();
+    let receiver = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            held.lock().unwrap().push(stream);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let sink = tcp_sink_toml("siem", addr) + "write_timeout_secs = 60\n";
+    let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &sink);
+    let text = std::fs::read_to_string(&config).unwrap().replace("shutdown_grace_secs = 5", "shutdown_grace_secs = 2");
+    std::fs::write(&config, text).unwrap();
+    let log = dir.path().join("daemon.log");
+    let mut child = spawn_daemon(&config, &log);
+    let connected = wait_until(Duration::from_secs(20), || !accepted.lock().unwrap().is_empty()).await;
+    assert!(connected, "the daemon never connected: {}", std::fs::read_to_string(&log).unwrap());
+    // Let the write fill the socket buffers.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let started = std::time::Instant::now();
+    let pid = child.id().unwrap() as i32;
+    // SAFETY: sends SIGTERM to our own child process.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+    let elapsed = started.elapsed();
+    receiver.abort();
+
+    let status = status.expect("the daemon did not exit within 30 s of SIGTERM").unwrap();
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(elapsed < Duration::from_secs(10), "exit took {elapsed:?}, the grace period is 2 s: {log_text}");
+    assert!(status.success(), "{status:?}: {log_text}");
+    let state = run_cli(&["state", "--config", config.to_str().unwrap(), "show"]).await;
+    assert!(stdout(&state).contains("sink siem: 60 pending"), "{}", stdout(&state));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_command_refuses_while_daemon_runs() {
     let emulator = emulator_with_samples(EmulatorOptions::default()).await;
@@ -300,6 +350,52 @@ async fn full_disk_never_moves_the_checkpoint() {
     assert_success(&run_once(&config).await);
     let lines = receiver.wait_for(46, Duration::from_secs(5)).await;
     assert_eq!(count_full_ids(&lines).len(), 46);
+}
+
+/// A file sink whose disk fills mid-batch keeps valid JSON Lines: the part
+/// written before the failure is removed, and once space is back every
+/// detection is in the file on a line of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_disk_file_sink_keeps_json_lines() {
+    assert!(is_root(), "this test mounts a small tmpfs and must run as root, as CI does");
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mount = dir.path().join("small");
+    assert!(mount_tmpfs(&mount, "size=1m"), "mount -t tmpfs failed");
+    let _unmount = Unmount(&mount);
+    let archive = mount.join("archive.jsonl");
+    let sink = file_sink_toml("archive", &archive) + "retry_initial_ms = 50\nretry_max_secs = 1\n";
+    let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &sink);
+    // Fill the disk, then free 32 KiB: the samples take about 95 KB as JSON
+    // Lines, so the first batch fails part way through.
+    let filler = mount.join("filler");
+    let _ = std::process::Command::new("dd").args(["if=/dev/zero", "bs=64k"]).arg(format!("of={}", filler.display())).stderr(Stdio::null()).status();
+    let filled = std::fs::metadata(&filler).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&filler).unwrap().set_len(filled - 32 * 1024).unwrap();
+
+    let log = dir.path().join("daemon.log");
+    let mut child = spawn_daemon(&config, &log);
+    let failed = wait_until(Duration::from_secs(20), || std::fs::read_to_string(&log).unwrap_or_default().contains("No space left on device")).await;
+    std::fs::remove_file(&filler).unwrap();
+    let complete = wait_until(Duration::from_secs(20), || {
+        let text = std::fs::read_to_string(&archive).unwrap_or_default();
+        text.lines().filter(|line| serde_json::from_str::<serde_json::Value>(line).is_ok()).count() >= 46
+    })
+    .await;
+    assert!(terminate(&mut child).await.success());
+
+    assert!(failed, "the file write never failed: {}", std::fs::read_to_string(&log).unwrap());
+    assert!(complete, "the file sink never caught up");
+    let text = std::fs::read_to_string(&archive).unwrap();
+    let bad: Vec<&str> = text.lines().filter(|line| serde_json::from_str::<serde_json::Value>(line).is_err()).collect();
+    let excerpts: Vec<String> = bad.iter().map(|line| format!("{}... ({} bytes)", &line[..line.len().min(80)], line.len())).collect();
+    assert!(bad.is_empty(), "{} lines are not JSON: {excerpts:?}", bad.len());
+    let mut ids = full_ids(&read_json_lines(&archive));
+    ids.sort();
+    ids.dedup();
+    let mut expected = sample_full_ids();
+    expected.sort();
+    assert_eq!(ids, expected, "every detection is in the file");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -367,3 +367,92 @@ async fn http_batches_stay_under_max_batch_bytes() {
     expected.sort();
     assert_eq!(ids, expected, "every detection once");
 }
+
+/// An answer whose body repeats the request headers, as a receiver that
+/// echoes the request in its errors does.
+fn echo_headers(status: u16, request: &common::http_server::Recorded) -> Answer {
+    let mut body = String::from("rejected request with headers:\n");
+    for (name, value) in &request.headers {
+        body.push_str(&format!("{name}: {value}\n"));
+    }
+    Answer::new(status, body)
+}
+
+/// Runs `--once` with the given log format and returns the output and the
+/// `state dead-letters` listing.
+async fn run_echoed(dir: &std::path::Path, sinks: &str, log_format: &str, env: &[(&str, &str)]) -> (std::process::Output, String) {
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let config = write_config(dir, "", &tenant_toml("contoso", TENANT_ID, &emulator), sinks);
+    let cfg = config.to_str().unwrap();
+    let output = run_cli_env(&["--log-format", log_format, "run", "--once", "--config", cfg], env).await;
+    let letters = run_cli(&["state", "--config", cfg, "dead-letters"]).await;
+    assert_success(&letters);
+    (output, stdout(&letters))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_echoed_headers_redacted() {
+    const LITERAL: &str = "literal-secret-value-1";
+    const FROM_FILE: &str = "Bearer file-secret-value-2";
+    const FROM_ENV: &str = "env-secret-value-3";
+    for log_format in ["text", "json"] {
+        // A retried 500 goes to the log, the final 400 to the dead letters.
+        let receiver = HttpReceiver::start(|request| echo_headers(if request.index == 0 { 500 } else { 400 }, request)).await;
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("api-key");
+        std::fs::write(&key_file, format!("{FROM_FILE}\n")).unwrap();
+        let extra = format!(
+            "headers = {{ \"X-Literal\" = \"{LITERAL}\" }}\nheaders_from_files = {{ \"Authorization\" = \"{}\" }}\nheaders_from_env = {{ \"X-From-Env\" = \"MDE_TEST_HEADER\" }}",
+            key_file.display()
+        );
+        let sinks = http_sink_toml(&receiver.url(), &extra);
+        let (output, letters) = run_echoed(dir.path(), &sinks, log_format, &[("MDE_TEST_HEADER", FROM_ENV)]).await;
+        assert_success(&output);
+
+        let requests = receiver.requests_to("/ingest");
+        assert_eq!(requests.len(), 2, "{log_format}");
+        assert_eq!(requests[1].header("x-literal"), Some(LITERAL), "the receiver saw the secret");
+        let log = stderr(&output);
+        assert!(log.contains("HTTP 500"), "{log_format}: {log}");
+        assert!(log.contains("[redacted]"), "{log_format}: {log}");
+        assert_eq!(letters.lines().count(), 46, "{letters}");
+        assert!(letters.contains("HTTP 400: rejected request with headers"), "{letters}");
+        assert!(letters.contains("x-literal: [redacted]"), "{letters}");
+        assert!(letters.contains("authorization: [redacted]"), "{letters}");
+        for secret in [LITERAL, "file-secret-value-2", FROM_ENV] {
+            assert!(!log.contains(secret), "{log_format}: {secret} logged: {log}");
+            assert!(!letters.contains(secret), "{secret} in a dead-letter reason");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hec_echoed_token_redacted() {
+    for log_format in ["text", "json"] {
+        // 403 and 503 are retried and logged, the final 400 dead-letters the batch.
+        let receiver = HttpReceiver::start(|request| {
+            let status = match request.index {
+                0 => 403,
+                1 => 503,
+                _ => 400,
+            };
+            echo_headers(status, request)
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let (output, letters) = run_echoed(dir.path(), &hec_sink_toml(&receiver.url(), ""), log_format, &[]).await;
+        assert_success(&output);
+
+        let requests = receiver.requests_to(EVENT_PATH);
+        assert_eq!(requests.len(), 3, "{log_format}");
+        let log = stderr(&output);
+        assert!(log.contains("HTTP 403"), "{log_format}: {log}");
+        assert!(log.contains("HTTP 503"), "{log_format}: {log}");
+        assert!(log.contains("authorization: [redacted]"), "{log_format}: {log}");
+        assert!(!log.contains(HEC_TOKEN), "{log_format}: token logged: {log}");
+        assert_eq!(letters.lines().count(), 46, "{letters}");
+        assert!(letters.contains("HTTP 400: rejected request with headers"), "{letters}");
+        assert!(letters.contains("authorization: [redacted]"), "{letters}");
+        assert!(!letters.contains(HEC_TOKEN), "token in a dead-letter reason");
+    }
+}

@@ -301,7 +301,22 @@ impl SinkWorker {
             if self.current_mode() == WorkerMode::Stop {
                 return Ok(Delivery::Stopped);
             }
-            match self.transport.send(batch).await {
+            // The grace period may end while a send waits on a receiver
+            // that does not read, so the send races the switch to Stop.
+            let mut mode = self.mode.clone();
+            let sent = tokio::select! {
+                biased;
+                sent = self.transport.send(batch) => sent,
+                () = wait_for_stop(&mut mode) => {
+                    // The receiver may hold part of the batch, so the
+                    // connection cannot carry another one. The batch stays
+                    // unacknowledged in the outbox and is sent after the next start.
+                    self.transport.close_connection();
+                    tracing::warn!(sink = %self.name, events = batch.len(), attempt, "shutdown grace period over during a send; the batch stays queued");
+                    return Ok(Delivery::Stopped);
+                }
+            };
+            match sent {
                 Ok(outcome) => {
                     crate::telemetry::global().metrics.add(&crate::telemetry::FORWARDED, &[("sink", &self.name)], batch.len() as f64);
                     if attempt > 1 {
@@ -346,5 +361,13 @@ impl SinkWorker {
                 }
             }
         }
+    }
+}
+
+/// Completes when `mode` turns to [`WorkerMode::Stop`]. Never completes when
+/// the pipeline dropped the sender, because no Stop can come then.
+async fn wait_for_stop(mode: &mut watch::Receiver<WorkerMode>) {
+    if mode.wait_for(|m| *m == WorkerMode::Stop).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }

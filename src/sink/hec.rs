@@ -20,7 +20,7 @@ use serde::Deserialize;
 use tokio::time::Instant;
 
 use super::http::{is_retryable, Reply};
-use super::{body_excerpt, Batch, SendOutcome, SinkError};
+use super::{Batch, Redactor, SendOutcome, SinkError};
 use crate::config::{ConfigError, Secret};
 
 /// HEC status code for "Invalid data format".
@@ -45,6 +45,8 @@ pub struct HecTransport {
     event_url: String,
     ack_url: String,
     headers: HeaderMap,
+    /// The token and `Splunk <token>`, removed from response text in errors and reasons.
+    redactor: Redactor,
     ack_timeout: Option<Duration>,
     max_batch_bytes: usize,
 }
@@ -69,7 +71,9 @@ impl HecTransport {
     /// `key` is the sink's config position, for errors.
     pub fn new(key: &str, settings: HecSettings, client: reqwest::Client) -> Result<Self, ConfigError> {
         let mut headers = HeaderMap::new();
-        let mut authorization = HeaderValue::from_str(&format!("Splunk {}", settings.token.expose())).map_err(|_| {
+        let authorization_text = format!("Splunk {}", settings.token.expose());
+        let redactor = Redactor::new([settings.token.expose(), authorization_text.as_str()]);
+        let mut authorization = HeaderValue::from_str(&authorization_text).map_err(|_| {
             ConfigError::Invalid { key: format!("{key}.token"), message: "contains characters not allowed in HTTP headers".into() }
         })?;
         authorization.set_sensitive(true);
@@ -87,6 +91,7 @@ impl HecTransport {
             event_url: format!("{}/services/collector/event", settings.url),
             ack_url: format!("{}/services/collector/ack", settings.url),
             headers,
+            redactor,
             ack_timeout: settings.ack.then_some(settings.ack_timeout),
             max_batch_bytes: settings.max_batch_bytes,
         })
@@ -110,17 +115,17 @@ impl HecTransport {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(SinkError::InvalidToken {
                 url: self.event_url.clone(),
                 status: reply.status.as_u16(),
-                body: body_excerpt(&reply.body, super::http::REASON_BODY_BYTES),
+                body: reply.excerpt(&self.redactor),
             }),
-            status if is_retryable(status) => Err(reply.into_error(&self.event_url)),
+            status if is_retryable(status) => Err(reply.into_error(&self.event_url, &self.redactor)),
             StatusCode::BAD_REQUEST if parsed.code == Some(CODE_INVALID_DATA_FORMAT) => {
-                let reason = reply.reason();
+                let reason = reply.reason(&self.redactor);
                 match parsed.invalid_event_number.and_then(|n| usize::try_from(n).ok()) {
                     Some(index) if index < batch.len() => Ok(SendOutcome::Rejected { delivered: index, reason }),
                     _ => Ok(SendOutcome::AllRejected { reason }),
                 }
             }
-            _ => Ok(SendOutcome::AllRejected { reason: reply.reason() }),
+            _ => Ok(SendOutcome::AllRejected { reason: reply.reason(&self.redactor) }),
         }
     }
 
@@ -144,7 +149,7 @@ impl HecTransport {
         loop {
             let reply = self.post(&self.ack_url, query.clone()).await?;
             if !reply.status.is_success() {
-                return Err(reply.into_error(&self.ack_url));
+                return Err(reply.into_error(&self.ack_url, &self.redactor));
             }
             let acks: AckResponse = serde_json::from_slice(&reply.body)
                 .map_err(|_| self.bad_response(&reply, "acknowledgement response without \"acks\""))?;
@@ -165,7 +170,7 @@ impl HecTransport {
         SinkError::BadResponse {
             url: self.event_url.clone(),
             status: reply.status.as_u16(),
-            body: format!("{what}: {}", body_excerpt(&reply.body, super::http::REASON_BODY_BYTES)),
+            body: format!("{what}: {}", reply.excerpt(&self.redactor)),
         }
     }
 }

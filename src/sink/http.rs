@@ -3,7 +3,7 @@
 //! 2xx acknowledges the batch. 408, 429, 5xx and network errors are retried
 //! (honouring `Retry-After`). Any other status means the receiver will never
 //! take this batch, so every event of it is rejected with the status and
-//! the start of the response body as the reason.
+//! the start of the response body, header values redacted, as the reason.
 
 use std::io::Write;
 use std::time::Duration;
@@ -13,11 +13,11 @@ use flate2::Compression;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::StatusCode;
 
-use super::{body_excerpt, Batch, SendOutcome, SinkError};
+use super::{Batch, Redactor, SendOutcome, SinkError};
 use crate::config::{BodyFormat, ConfigError, Secret, TlsConfig};
 
 /// The part of a response body kept in errors and dead-letter reasons.
-pub(super) const REASON_BODY_BYTES: usize = 1024;
+const REASON_BODY_BYTES: usize = 1024;
 
 /// The most of a response body read; receivers answer in a few hundred bytes.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
@@ -37,6 +37,8 @@ pub struct HttpTransport {
     body_format: BodyFormat,
     gzip: bool,
     headers: HeaderMap,
+    /// The header values, removed from response text in errors and reasons.
+    redactor: Redactor,
     max_batch_bytes: usize,
 }
 
@@ -44,12 +46,16 @@ impl HttpTransport {
     /// `key` is the sink's config position, for errors.
     pub fn new(key: &str, settings: HttpSettings, client: reqwest::Client) -> Result<Self, ConfigError> {
         let headers = header_map(key, &settings.headers)?;
+        // Every configured header value counts as a secret, because the
+        // config cannot tell an API key from a harmless value.
+        let redactor = Redactor::new(settings.headers.iter().map(|(_, value)| value.expose()));
         Ok(Self {
             client,
             url: settings.url,
             body_format: settings.body_format,
             gzip: settings.gzip,
             headers,
+            redactor,
             max_batch_bytes: settings.max_batch_bytes,
         })
     }
@@ -75,9 +81,9 @@ impl HttpTransport {
             return Ok(SendOutcome::Delivered);
         }
         if is_retryable(reply.status) {
-            return Err(reply.into_error(&self.url));
+            return Err(reply.into_error(&self.url, &self.redactor));
         }
-        Ok(SendOutcome::AllRejected { reason: reply.reason() })
+        Ok(SendOutcome::AllRejected { reason: reply.reason(&self.redactor) })
     }
 }
 
@@ -108,16 +114,21 @@ impl Reply {
         Ok(Self { status, retry_after, body })
     }
 
-    /// The status and the start of the body, as a dead-letter reason.
-    pub fn reason(&self) -> String {
-        format!("HTTP {}: {}", self.status.as_u16(), body_excerpt(&self.body, REASON_BODY_BYTES))
+    /// Formats the status and the start of the body, secrets redacted, as a dead-letter reason.
+    pub fn reason(&self, redactor: &Redactor) -> String {
+        format!("HTTP {}: {}", self.status.as_u16(), self.excerpt(redactor))
     }
 
-    pub fn into_error(self, url: &str) -> SinkError {
+    /// Returns the start of the body, secrets redacted, for errors and reasons.
+    pub fn excerpt(&self, redactor: &Redactor) -> String {
+        redactor.excerpt(&self.body, REASON_BODY_BYTES)
+    }
+
+    pub fn into_error(self, url: &str, redactor: &Redactor) -> SinkError {
         SinkError::HttpStatus {
             url: url.to_string(),
             status: self.status.as_u16(),
-            body: body_excerpt(&self.body, REASON_BODY_BYTES),
+            body: self.excerpt(redactor),
             retry_after: self.retry_after,
         }
     }

@@ -10,8 +10,10 @@
 //! messages for good (their content, not the connection, is at fault) is
 //! reported as a [`SendOutcome`] instead, so the worker can dead-letter them.
 
+mod file;
 mod hec;
 mod http;
+mod redact;
 mod stream;
 pub mod tls;
 
@@ -22,9 +24,11 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UdpSocket;
 
+pub use file::FileTransport;
 pub use hec::{HecSettings, HecTransport};
 pub use http::{HttpSettings, HttpTransport};
 pub use http::build_client as build_http_client;
+pub use redact::{Redactor, REDACTED};
 pub use stream::{StreamTransport, TlsSettings};
 
 #[derive(Debug, thiserror::Error)]
@@ -149,6 +153,18 @@ impl Transport {
         }
     }
 
+    /// Drops the connection (or open file) after a send was abandoned part
+    /// way, so the next send starts on a fresh one. An HTTP request that is
+    /// dropped closes its own connection, so HTTP and HEC keep their client.
+    pub fn close_connection(&mut self) {
+        match self {
+            Transport::Stream(t) => t.close(),
+            Transport::Udp(t) => t.socket = None,
+            Transport::File(t) => t.close(),
+            Transport::Stdout | Transport::Http(_) | Transport::Hec(_) => {}
+        }
+    }
+
     /// The largest batch in bytes the transport sends in one request, if limited.
     pub fn max_batch_bytes(&self) -> Option<usize> {
         match self {
@@ -156,21 +172,6 @@ impl Transport {
             Transport::Hec(t) => Some(t.max_batch_bytes()),
             _ => None,
         }
-    }
-}
-
-/// Returns at most the first `max` bytes of a response body as text, for
-/// error messages and dead-letter reasons.
-fn body_excerpt(body: &[u8], max: usize) -> String {
-    let mut end = body.len().min(max);
-    while end > 0 && std::str::from_utf8(&body[..end]).is_err() {
-        end -= 1;
-    }
-    let text = String::from_utf8_lossy(&body[..end]).trim().to_string();
-    if end < body.len() {
-        format!("{text}... ({} bytes in all)", body.len())
-    } else {
-        text
     }
 }
 
@@ -206,42 +207,6 @@ impl UdpTransport {
                 self.socket = None;
                 return Err(SinkError::Send { address, source });
             }
-        }
-        Ok(())
-    }
-}
-
-pub struct FileTransport {
-    path: PathBuf,
-    file: Option<tokio::fs::File>,
-}
-
-impl FileTransport {
-    pub fn new(path: PathBuf) -> Self {
-        Self { path, file: None }
-    }
-
-    async fn send(&mut self, batch: &Batch) -> Result<(), SinkError> {
-        let path = self.path.clone();
-        let err = |source| SinkError::File { path: path.clone(), source };
-        if self.file.is_none() {
-            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                tokio::fs::create_dir_all(parent).await.map_err(err)?;
-            }
-            let file = tokio::fs::OpenOptions::new().create(true).append(true).mode(0o640).open(&path).await.map_err(err)?;
-            self.file = Some(file);
-        }
-        let Some(file) = self.file.as_mut() else { return Ok(()) };
-        let result = async {
-            file.write_all(&batch.bytes).await?;
-            file.flush().await?;
-            file.sync_data().await
-        }
-        .await;
-        if let Err(source) = result {
-            // Reopen next time: the file may have been rotated or the disk freed.
-            self.file = None;
-            return Err(err(source));
         }
         Ok(())
     }

@@ -130,6 +130,11 @@ impl StreamTransport {
         Ok(Connection::Tls(Box::new(session)))
     }
 
+    /// Closes the connection; the next send opens a new one.
+    pub fn close(&mut self) {
+        self.stream = None;
+    }
+
     pub async fn send(&mut self, batch: &Batch) -> Result<(), SinkError> {
         let result = self.try_send(batch).await;
         if result.is_err() {
@@ -150,7 +155,8 @@ impl StreamTransport {
             .map_err(|source| SinkError::Send { address: address.clone(), source })?;
         // Wait until the peer's TCP stack has acknowledged every byte, so a
         // batch still in our send queue is never counted as delivered.
-        while unacknowledged_bytes(stream.socket()) > 0 {
+        // An ioctl failure leaves the queue unknown, so the batch is sent again.
+        while unacknowledged_bytes(stream.socket()).map_err(|source| SinkError::Send { address: address.clone(), source })? > 0 {
             if Instant::now() >= deadline {
                 return Err(timed_out());
             }
@@ -224,15 +230,18 @@ fn socket_error(stream: &TcpStream) -> Option<i32> {
     (rc == 0 && error != 0).then_some(error)
 }
 
-/// Bytes in the socket's send queue not yet acknowledged by the peer (Linux `SIOCOUTQ`).
-fn unacknowledged_bytes(stream: &TcpStream) -> i32 {
+/// Bytes in the socket's send queue, not yet sent or not yet acknowledged by the peer.
+///
+/// Linux `<linux/sockios.h>` defines `SIOCOUTQ` as `TIOCOUTQ`, so the
+/// `TIOCOUTQ` constant that libc exports returns the same count for a socket.
+fn unacknowledged_bytes(socket: &impl AsRawFd) -> io::Result<i32> {
     let mut pending: libc::c_int = 0;
-    // SAFETY: TIOCOUTQ writes one c_int through the pointer we pass; the fd is owned by `stream`.
-    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut pending as *mut libc::c_int) };
+    // SAFETY: TIOCOUTQ writes one c_int through the pointer we pass; the caller owns the fd.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::TIOCOUTQ, &mut pending as *mut libc::c_int) };
     if rc == 0 {
-        pending
+        Ok(pending)
     } else {
-        0
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -247,5 +256,26 @@ fn set_keepalive(stream: &TcpStream) {
             &on as *const libc::c_int as *const libc::c_void,
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unacknowledged_bytes_reports_ioctl_failure() {
+        // TIOCOUTQ on a regular file fails with ENOTTY: the queue is unknown,
+        // which must not read as "nothing left to acknowledge".
+        let file = tempfile::tempfile().unwrap();
+        let result = unacknowledged_bytes(&file);
+        assert!(result.is_err(), "{result:?}");
+    }
+
+    #[tokio::test]
+    async fn unacknowledged_bytes_reads_a_tcp_socket() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        assert_eq!(unacknowledged_bytes(&stream).unwrap(), 0);
     }
 }
