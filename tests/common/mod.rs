@@ -256,9 +256,11 @@ pub fn count_full_ids(lines: &[String]) -> HashMap<String, usize> {
 }
 
 /// JSON Lines of a file sink.
+/// Only lines that end in a newline count: the sink may be writing the last one.
 pub fn read_json_lines(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l}: {e}"))).collect()
+    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    complete.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l}: {e}"))).collect()
 }
 
 pub fn full_ids(values: &[Value]) -> Vec<String> {
