@@ -435,12 +435,35 @@ async fn check_config(path: &Path, probe: bool) -> ExitCode {
 fn describe_sink(sink: &crate::config::SinkConfig) -> String {
     use crate::config::SinkConfig;
     match sink {
-        SinkConfig::Syslog(s) => format!("syslog {:?} to {} ({:?}, {:?} header)", s.protocol, s.address, s.format, s.header),
-        SinkConfig::File(f) => format!("file {} ({:?})", f.path.display(), f.format),
-        SinkConfig::Stdout(s) => format!("standard output ({:?})", s.format),
-        SinkConfig::Http(h) => format!("HTTP POST to {} ({:?}, gzip {})", h.url, h.body_format, h.gzip),
+        SinkConfig::Syslog(s) => format!(
+            "syslog {} to {} (format {}, header {}, framing {})",
+            config_word(&s.protocol, '-'),
+            s.address,
+            config_word(&s.format, '-'),
+            config_word(&s.header, '-'),
+            config_word(&s.framing, '-')
+        ),
+        SinkConfig::File(f) => format!("file {} (format {})", f.path.display(), config_word(&f.format, '-')),
+        SinkConfig::Stdout(s) => format!("standard output (format {})", config_word(&s.format, '-')),
+        SinkConfig::Http(h) => {
+            format!("HTTP POST to {} (body_format {}, gzip {})", h.url, config_word(&h.body_format, '_'), h.gzip)
+        }
         SinkConfig::SplunkHec(h) => format!("Splunk HEC at {} (ack {})", h.url, h.ack),
     }
+}
+
+/// A unit enum value as the config spells it (`OctetCounting` becomes
+/// `octet-counting` or `octet_counting`), from its Debug name.
+fn config_word(value: &impl std::fmt::Debug, separator: char) -> String {
+    let name = format!("{value:?}");
+    let mut word = String::with_capacity(name.len() + 4);
+    for (i, c) in name.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            word.push(separator);
+        }
+        word.push(c.to_ascii_lowercase());
+    }
+    word
 }
 
 async fn state(args: StateArgs) -> ExitCode {

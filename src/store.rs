@@ -25,11 +25,13 @@
 //! most the whole retention; pruning drops whole trees.
 //!
 //! # Why the write order is crash-safe
-//! New detections, their dedupe entries and the checkpoint advance are written
-//! in one sled transaction and then flushed, after the batch's spool record
-//! is on disk, so after a crash either all of
-//! them exist or none do. If none do, the next poll reads the same window
-//! again and nothing was lost. A sink's cursor is written only after the sink
+//! A batch's spool record is on disk before anything points at it. Then its
+//! outbox index entry and its dedupe entries are written in one sled
+//! transaction and flushed, so after a crash either both exist or neither
+//! does. The poller moves the checkpoint in a last transaction only after
+//! every batch of the window is queued, so a crash in between leaves the
+//! checkpoint where it was: the next poll reads the window again and the
+//! dedupe set absorbs what was already queued. A sink's cursor is written only after the sink
 //! acknowledged the batch, and sled recovers a prefix of its log, so a cursor
 //! never survives a crash that lost the entries it points past. The only
 //! repeats after a crash are batches sent but not yet acknowledged.
