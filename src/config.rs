@@ -919,7 +919,7 @@ impl Config {
         for (name, value) in env {
             let Some(rest) = name.strip_prefix(ENV_PREFIX) else { continue };
             let key = override_key(&base, rest)?;
-            builder = builder.set_override(key, value.as_str()).map_err(ConfigError::Parse)?;
+            builder = builder.set_override(&key, typed_override(&key, value)).map_err(ConfigError::Parse)?;
         }
         let merged = builder.build().map_err(ConfigError::Parse)?;
         let config: Config = merged.try_deserialize().map_err(ConfigError::Parse)?;
@@ -1250,6 +1250,30 @@ fn check_name(key: &str, name: &str) -> Result<(), ConfigError> {
     } else {
         Err(invalid(key, format!("{name:?} must be 1 to 64 ASCII letters, digits, '-', '_' or '.'")))
     }
+}
+
+/// An environment value as the type its key takes. Sink keys are read
+/// through a flattened struct, where serde no longer turns the text "100"
+/// into a number, so numbers and booleans are typed here by key name; every
+/// other key stays text (a secret like "12345" must not become a number).
+fn typed_override(key: &str, value: &str) -> config::Value {
+    let name = key.rsplit('.').next().unwrap_or(key);
+    let numeric = ["_secs", "_ms", "_bytes", "_attempts"].iter().any(|suffix| name.ends_with(suffix))
+        || matches!(name, "batch_size" | "limit");
+    let boolean = matches!(name, "gzip" | "ack" | "tls_insecure_skip_verify");
+    if numeric {
+        if let Ok(number) = value.trim().parse::<i64>() {
+            return number.into();
+        }
+    }
+    if boolean {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "true" => return true.into(),
+            "false" => return false.into(),
+            _ => {}
+        }
+    }
+    value.into()
 }
 
 /// Turns `TENANT__CONTOSO__CLIENT_SECRET` into `tenant[0].client_secret`.

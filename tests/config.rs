@@ -66,13 +66,19 @@ fn environment_overrides_any_key() {
         ("MDE_FORWARDER__POLL__INTERVAL_SECS", "15"),
         ("MDE_FORWARDER__TENANT__CONTOSO_EU__CLIENT_SECRET", "from-env"),
         ("MDE_FORWARDER__SINK__0__ADDRESS", "127.0.0.1:6514"),
+        ("MDE_FORWARDER__SINK__SIEM__BATCH_SIZE", "100"),
+        ("MDE_FORWARDER__SINK__SIEM__CEF_VERSION", "2.0"),
         ("UNRELATED", "x"),
     ];
     let config = load(BASE, &env).unwrap();
     assert_eq!(config.poll.interval_secs, 15);
     assert_eq!(config.tenants[0].client_secret.as_ref().unwrap().expose(), "from-env");
     match &config.sinks[0] {
-        mde_forwarder::config::SinkConfig::Syslog(s) => assert_eq!(s.address, "127.0.0.1:6514"),
+        mde_forwarder::config::SinkConfig::Syslog(s) => {
+            assert_eq!(s.address, "127.0.0.1:6514");
+            assert_eq!(s.common.batch_size, 100, "a flattened numeric key");
+            assert_eq!(s.common.cef_version, "2.0", "a text key that looks like a number");
+        }
         other => panic!("unexpected sink {other:?}"),
     }
 }
