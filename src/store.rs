@@ -955,6 +955,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn drop_oldest_deletes_whole_oldest_batches_until_under_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.sync_cursors(&["a"]).unwrap();
+        for batch in 0..4 {
+            let detections: Vec<Detection> =
+                (0..5).map(|i| detection(&format!("x:{batch}:{i}"), "2026-01-01T00:00:00Z")).collect();
+            store.enqueue("t", &detections, None, Utc::now()).await.unwrap();
+        }
+        let full = store.outbox_bytes();
+        let dropped = store.drop_oldest(full / 2 + 1).unwrap();
+        assert_eq!(dropped, 10, "the two oldest batches of five");
+        assert!(store.outbox_bytes() <= full / 2 + 1);
+        let left = store.read_after(0, 100).unwrap();
+        assert_eq!(left.len(), 10);
+        assert!(left[0].1.raw.contains("x:2:0"), "{}", left[0].1.raw);
+    }
+
+    #[tokio::test]
     async fn positions_cover_every_detection_of_a_batch() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
