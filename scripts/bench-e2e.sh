@@ -7,7 +7,9 @@
 #   BENCH_COUNTS  detection counts to run (default "10000 100000 500000")
 #   BENCH_LIMITS  [poll] limit values, 0 for one response (default "0 10000")
 #   IDLE_COUNT    detections served before the idle measurement (default 10000)
-#   IDLE_SECS     length of the idle measurement in seconds (default 60)
+#   IDLE_SECS     length of the idle measurement in seconds (default 60; 0 skips it)
+#   PERF_DATA     when set, each run is recorded with `perf record` into
+#                 PERF_DATA-N-LIMIT.data (its figures then include perf's cost)
 #   SKIP_BUILD=1  use the existing target/release/mde-forwarder
 #
 # Needs python3 and GNU time (/usr/bin/time). Prints one table row per run
@@ -115,7 +117,7 @@ start_receiver() {
         [[ -s "$dir/receiver.port" ]] && break
         sleep 0.1
     done
-    [[ -s "$dir/receiver.port" ]] || die "the receiver did not start"
+    [[ -s "$dir/receiver.port" ]] || die "the line receiver did not report its port within 10 s"
     RECEIVER_PORT=$(cat "$dir/receiver.port")
     RECEIVER_COUNT="$dir/receiver.count"
 }
@@ -130,7 +132,7 @@ start_emulator() {
     PIDS+=("$EMULATOR_PID")
     local i
     for ((i = 0; i < WAIT_SECS * 10; i++)); do
-        grep -q "emulator listening on" "$dir/emulator.err" && break
+        grep -qs "emulator listening on" "$dir/emulator.err" && break
         kill -0 "$EMULATOR_PID" 2>/dev/null || die "the emulator exited: $(cat "$dir/emulator.err")"
         sleep 0.1
     done
@@ -207,9 +209,13 @@ run_once() {
     start_emulator "$dir" "$count"
     write_config "$dir" "$limit" 60
 
+    local profiler=()
+    if [[ -n "${PERF_DATA:-}" ]]; then
+        profiler=(perf record --quiet -F 999 -o "$PERF_DATA-$count-$limit.data" --)
+    fi
     local started ended status=0
     started=$(date +%s%N)
-    timeout "$WAIT_SECS" /usr/bin/time -v -o "$dir/time.txt" "$BIN" run --once -c "$dir/config.toml" \
+    timeout "$WAIT_SECS" /usr/bin/time -v -o "$dir/time.txt" "${profiler[@]}" "$BIN" run --once -c "$dir/config.toml" \
         2>"$dir/forwarder.err" || status=$?
     ended=$(date +%s%N)
     [[ $status == 0 ]] || die "run --once failed with status $status (N=$count, limit=$limit): $(tail -n 5 "$dir/forwarder.err")"
@@ -244,6 +250,17 @@ for count in $COUNTS; do
     done
 done
 
+# Prints one line per thread of PID: tid, context switches (voluntary and
+# involuntary), CPU time in ns from /proc/.../schedstat, and thread name.
+thread_wakeups() {
+    local task switches runtime
+    for task in /proc/"$1"/task/*; do
+        switches=$(awk '/ctxt_switches/ { total += $2 } END { print total }' "$task/status" 2>/dev/null) || continue
+        runtime=$(cut -d ' ' -f 1 "$task/schedstat" 2>/dev/null) || continue
+        echo "${task##*/} $switches $runtime $(cat "$task/comm" 2>/dev/null)"
+    done
+}
+
 # Idle: the daemon polls every 60 s. After the first poll has delivered
 # IDLE_COUNT detections, sample its CPU time and VmRSS once a second.
 idle() {
@@ -272,6 +289,7 @@ idle() {
     local ticks_per_sec samples="$dir/idle-samples.txt"
     ticks_per_sec=$(getconf CLK_TCK)
     : > "$samples"
+    thread_wakeups "$daemon" > "$dir/wakeups-before.txt"
     for ((i = 0; i <= IDLE_SECS; i++)); do
         local stat rss
         stat=$(cut -d ' ' -f 14,15 "/proc/$daemon/stat")
@@ -279,13 +297,14 @@ idle() {
         echo "$i ${stat% *} ${stat#* } $rss" >> "$samples"
         ((i < IDLE_SECS)) && sleep 1
     done
+    thread_wakeups "$daemon" > "$dir/wakeups-after.txt"
     stop_process "$daemon"
     stop_process "$EMULATOR_PID"
     stop_process "$RECEIVER_PID"
 
-    python3 - "$samples" "$ticks_per_sec" "$IDLE_COUNT" <<'PY'
+    python3 - "$samples" "$ticks_per_sec" "$IDLE_COUNT" "$dir/wakeups-before.txt" "$dir/wakeups-after.txt" <<'PY'
 import sys
-path, ticks_per_sec, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+path, ticks_per_sec, count, before_path, after_path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:]
 rows = [list(map(int, line.split())) for line in open(path)]
 cpu = [utime + stime for _, utime, stime, _ in rows]
 rss = [kb for *_, kb in rows]
@@ -296,6 +315,22 @@ print(f"idle: CPU used {(cpu[-1] - cpu[0]) / ticks_per_sec:.2f} s (user+sys)")
 print(f"idle: VmRSS at start {rss[0] / 1024:.1f} MB, at end {rss[-1] / 1024:.1f} MB, max {max(rss) / 1024:.1f} MB")
 busy_text = ", ".join(f"second {s}: {t / ticks_per_sec:.2f} s" for s, t in busy) or "none"
 print(f"idle: seconds with CPU use: {busy_text}")
+
+def read_threads(path):
+    threads = {}
+    for line in open(path):
+        tid, switches, runtime_ns, name = line.rstrip("\n").split(" ", 3)
+        threads[tid] = (int(switches), int(runtime_ns), name)
+    return threads
+before, after = read_threads(before_path), read_threads(after_path)
+woken = []
+for tid, (switches, runtime_ns, name) in sorted(after.items()):
+    old_switches, old_runtime_ns, _ = before.get(tid, (0, 0, name))
+    if switches > old_switches:
+        woken.append(f"{name} ({tid}): {switches - old_switches} wakeups, {(runtime_ns - old_runtime_ns) / 1e6:.1f} ms")
+print("idle: threads that ran: " + ("; ".join(woken) or "none"))
 PY
 }
-idle
+if ((IDLE_SECS > 0)); then
+    idle
+fi
