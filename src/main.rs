@@ -11,3 +11,4 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     cli::main(cli)
 }
+
