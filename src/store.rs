@@ -215,7 +215,7 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { dedupe_retention_secs: 7 * 24 * 3600, cache_bytes: 8 * 1024 * 1024 }
+        Self { dedupe_retention_secs: 7 * 24 * 3600, cache_bytes: 2 * 1024 * 1024 }
     }
 }
 

@@ -381,3 +381,16 @@ async fn maintain(store: Arc<Store>, mut stop: watch::Receiver<bool>) {
         }
     }
 }
+
+/// Hands memory freed after a large poll or delivery back to the operating
+/// system, so an idle daemon stays small (glibc keeps freed pages otherwise).
+#[cfg(target_env = "gnu")]
+pub(crate) fn release_free_memory() {
+    // SAFETY: malloc_trim only releases free heap pages; it touches no live data.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(target_env = "gnu"))]
+pub(crate) fn release_free_memory() {}

@@ -130,7 +130,7 @@ impl Poller {
                 }
                 Err(_) => interval,
             };
-            release_free_memory();
+            super::release_free_memory();
             let next = started + wait;
             self.beat(next.saturating_duration_since(tokio::time::Instant::now()));
             tokio::select! {
@@ -385,15 +385,3 @@ mod tests {
     }
 }
 
-/// Hands memory freed after a large poll back to the operating system, so an
-/// idle daemon stays small (glibc keeps freed pages otherwise).
-#[cfg(target_env = "gnu")]
-fn release_free_memory() {
-    // SAFETY: malloc_trim only releases free heap pages; it touches no live data.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-#[cfg(not(target_env = "gnu"))]
-fn release_free_memory() {}

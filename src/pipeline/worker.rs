@@ -104,6 +104,7 @@ enum Delivery {
 impl SinkWorker {
     pub async fn run(mut self) -> Result<(), WorkerError> {
         let mut batch = Batch::default();
+        let mut delivered_since_idle = false;
         let mut store_backoff = Backoff::new(self.retry_initial, self.retry_max);
         loop {
             // Read the mode before the outbox: Drain is set only after the
@@ -127,11 +128,17 @@ impl SinkWorker {
                 }
             };
             if entries.is_empty() {
+                if delivered_since_idle {
+                    // The backlog is done: give its memory back before waiting.
+                    super::release_free_memory();
+                    delivered_since_idle = false;
+                }
                 if mode != WorkerMode::Run || self.wait_for_work().await {
                     return Ok(());
                 }
                 continue;
             }
+            delivered_since_idle = true;
             let prepared = self.prepare(&entries, &mut batch);
             let outcome = if batch.is_empty() {
                 SendOutcome::Delivered
