@@ -29,7 +29,7 @@ pub enum AuthError {
     Rejected { tenant: String, status: u16, summary: String, hint: &'static str },
     #[error("token request for tenant {tenant} failed with HTTP {status}: {summary}")]
     Unavailable { tenant: String, status: u16, summary: String, retry_after: Option<Duration> },
-    #[error("token request for tenant {tenant} to {url} failed: {source}")]
+    #[error("token request for tenant {tenant} to {url} failed: {}", crate::redact::error_chain(source))]
     Network { tenant: String, url: String, source: reqwest::Error },
     #[error("token response for tenant {tenant} is invalid: {detail}")]
     Malformed { tenant: String, detail: String },

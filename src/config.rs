@@ -723,6 +723,21 @@ impl SyslogSinkConfig {
         if self.protocol == Protocol::Udp && self.max_datagram_bytes < 480 {
             return Err(invalid(format!("{key}.max_datagram_bytes"), "must be at least 480 (RFC 5426)"));
         }
+        match (self.protocol, self.framing) {
+            (Protocol::Tcp | Protocol::Tls, Framing::None) => {
+                return Err(invalid(
+                    format!("{key}.framing"),
+                    "\"none\" would run events together on a TCP stream; use \"newline\" or \"octet-counting\"",
+                ))
+            }
+            (Protocol::Udp, Framing::OctetCounting) => {
+                return Err(invalid(
+                    format!("{key}.framing"),
+                    "framing applies to tcp and tls; UDP sends one datagram per detection, so remove it",
+                ))
+            }
+            _ => {}
+        }
         if self.protocol != Protocol::Tls {
             let tls_keys = [
                 ("tls_ca_file", self.tls.tls_ca_file.is_some()),
@@ -1287,7 +1302,16 @@ fn override_key(base: &config::Config, rest: &str) -> Result<String, ConfigError
     if (key == "tenant" || key == "sink") && !rest_parts.is_empty() {
         let selector = &rest_parts[0];
         let index = match selector.parse::<usize>() {
-            Ok(index) => index,
+            Ok(index) => {
+                let count = base.get_array(&key).map(|a| a.len()).unwrap_or(0);
+                if index >= count {
+                    return Err(invalid(
+                        format!("{ENV_PREFIX}{rest}"),
+                        format!("there is no [[{key}]] number {index} (the config has {count}, counted from 0); use an existing index or the entry's name"),
+                    ));
+                }
+                index
+            }
             Err(_) => find_entry(base, &key, selector).ok_or_else(|| {
                 invalid(
                     format!("{ENV_PREFIX}{rest}"),

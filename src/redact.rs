@@ -1,5 +1,5 @@
-//! Removes known secrets from text that came from outside (response bodies,
-//! error descriptions) before it reaches a log line or a dead letter.
+//! Text for messages: known secrets removed from what came from outside
+//! (response bodies, error descriptions), and error chains on one line.
 
 /// Replaces each secret in `text`, also in its URL-encoded form (a server
 /// that echoes a form-encoded request shows it that way), with `[redacted]`.
@@ -15,6 +15,22 @@ pub fn redact(text: &str, secrets: &[&str]) -> String {
         }
     }
     out
+}
+
+/// An error and its sources on one line ("error sending request: connection
+/// refused"), because HTTP client errors name the cause only in a source.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 #[cfg(test)]

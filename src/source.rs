@@ -69,7 +69,7 @@ pub enum SourceError {
     Server { tenant: String, status: u16, body: String, retry_after: Option<Duration> },
     #[error("tenant {tenant}: the API rejected the request {url} with HTTP {status}: {body}")]
     Rejected { tenant: String, status: u16, url: String, body: String },
-    #[error("tenant {tenant}: request to {url} failed: {source}")]
+    #[error("tenant {tenant}: request to {url} failed: {}", crate::redact::error_chain(source))]
     Network { tenant: String, url: String, source: reqwest::Error },
     #[error("tenant {tenant}: malformed response (HTTP {status}, content-type {content_type}): {detail}; nothing from it moves the checkpoint")]
     Malformed { tenant: String, status: u16, content_type: String, detail: ArrayError },

@@ -84,6 +84,13 @@ fn environment_overrides_any_key() {
 }
 
 #[test]
+fn environment_override_of_missing_index_names_the_variable() {
+    let err = load(BASE, &[("MDE_FORWARDER__SINK__5__ADDRESS", "127.0.0.1:1")]).unwrap_err();
+    assert!(err.contains("MDE_FORWARDER__SINK__5__ADDRESS"), "{err}");
+    assert!(err.contains("no [[sink]] number 5"), "{err}");
+}
+
+#[test]
 fn environment_override_of_unknown_entry_is_an_error() {
     let err = load(BASE, &[("MDE_FORWARDER__TENANT__FABRIKAM__CLIENT_SECRET", "x")]).unwrap_err();
     assert!(err.contains("no [[tenant]] named \"fabrikam\""), "{err}");
@@ -101,6 +108,8 @@ fn invalid_values_name_key_and_fix() {
         (BASE.replace("name = \"siem\"", "name = \"bad name\""), "sink[0].name"),
         (BASE.to_string() + "\n[poll]\ninterval_secs = 0\n", "poll.interval_secs"),
         (BASE.replace("[state]", "[state]\ndedupe_retention_secs = 60"), "state.dedupe_retention_secs"),
+        (BASE.replace("type = \"syslog\"", "type = \"syslog\"\nframing = \"none\""), "sink[0].framing"),
+        (BASE.replace("type = \"syslog\"", "type = \"syslog\"\nprotocol = \"udp\"\nframing = \"octet-counting\""), "sink[0].framing"),
     ];
     for (text, key) in cases {
         let result = load(&text, &[]).and_then(|c| c.resolve_tenants().map(|_| ()).map_err(|e| e.to_string()));

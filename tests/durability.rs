@@ -418,3 +418,31 @@ async fn read_only_state_is_a_clear_error() {
     assert!(err.contains(&mount.join("state").display().to_string()), "{err}");
     assert!(err.contains("Read-only file system"), "{err}");
 }
+
+/// Ctrl-C during `run --once` stops retries after the grace period instead
+/// of running every attempt; the detections stay queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_stops_once_run_within_grace() {
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let sink = tcp_sink_toml("siem", closed).replace("retry_initial_ms = 50", "retry_initial_ms = 8000").replace("retry_max_secs = 1", "retry_max_secs = 60");
+    let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &sink);
+    let mut child = Command::new(binary())
+        .args(["run", "--once", "--config", config.to_str().unwrap()])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let started = std::time::Instant::now();
+    // SAFETY: sends SIGINT to our own child process.
+    unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGINT) };
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await.expect("run --once ignored SIGINT").unwrap();
+
+    // The grace period in the test config is 5 s; all retries would take over 30 s.
+    assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
+    assert_eq!(status.code(), Some(1), "detections were left undelivered");
+    let state = run_cli(&["state", "--config", config.to_str().unwrap(), "show"]).await;
+    assert!(stdout(&state).contains("sink siem: 46 pending"), "{}", stdout(&state));
+}

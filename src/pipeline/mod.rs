@@ -219,9 +219,10 @@ pub fn local_hostname() -> String {
 /// Runs the pipeline until `stop` (daemon) or until one cycle per tenant is
 /// delivered (`--once`).
 pub async fn run(config: &Config, store: Arc<Store>, mode: Mode, stop: watch::Receiver<bool>) -> Result<(), PipelineError> {
-    let mut running = start(config, &store, mode, stop)?;
+    let mut running = start(config, &store, mode, stop.clone())?;
     let mut failures = running.join_pollers().await;
-    let sink_failures = running.finish_workers(mode, Duration::from_secs(config.service.shutdown_grace_secs)).await;
+    let grace = Duration::from_secs(config.service.shutdown_grace_secs);
+    let sink_failures = running.finish_workers(mode, grace, stop).await;
     if let Err(e) = store.flush().await {
         failures.push(e.to_string());
     }
@@ -336,7 +337,10 @@ impl Running {
 
     /// Lets the workers deliver what is queued, within `grace` in daemon
     /// mode, then stops them. Returns the sink failures.
-    async fn finish_workers(mut self, mode: Mode, grace: Duration) -> Vec<String> {
+    /// Lets the workers drain. `--once` waits for them unless `stop` turns
+    /// true (Ctrl-C); then, as in daemon mode, they get the grace period and
+    /// are stopped, and what is left stays queued.
+    async fn finish_workers(mut self, mode: Mode, grace: Duration, mut stop: watch::Receiver<bool>) -> Vec<String> {
         self.mode_tx.send_replace(WorkerMode::Drain);
         let workers = &mut self.workers;
         let drain = async {
@@ -350,18 +354,19 @@ impl Running {
             }
             errors
         };
-        match mode {
-            Mode::Once => drain.await,
-            Mode::Daemon => {
-                tokio::pin!(drain);
-                match tokio::time::timeout(grace, &mut drain).await {
-                    Ok(errors) => errors,
-                    Err(_) => {
-                        tracing::warn!(grace_secs = grace.as_secs(), "shutdown grace period over; undelivered detections stay queued");
-                        self.mode_tx.send_replace(WorkerMode::Stop);
-                        drain.await
-                    }
-                }
+        tokio::pin!(drain);
+        if mode == Mode::Once {
+            tokio::select! {
+                errors = &mut drain => return errors,
+                _ = stop.wait_for(|s| *s) => {}
+            }
+        }
+        match tokio::time::timeout(grace, &mut drain).await {
+            Ok(errors) => errors,
+            Err(_) => {
+                tracing::warn!(grace_secs = grace.as_secs(), "shutdown grace period over; undelivered detections stay queued");
+                self.mode_tx.send_replace(WorkerMode::Stop);
+                drain.await
             }
         }
     }

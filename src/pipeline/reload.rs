@@ -73,7 +73,7 @@ async fn stop_running(mut running: Running, store: &Store, grace: Duration) -> R
     for failure in running.join_pollers().await {
         tracing::warn!("{failure}");
     }
-    for failure in running.finish_workers(Mode::Daemon, grace).await {
+    for failure in running.finish_workers(Mode::Daemon, grace, watch::channel(true).1).await {
         tracing::warn!("{failure}");
     }
     let flushed = store.flush().await;

@@ -49,7 +49,7 @@ pub enum SinkError {
     Stdout(io::Error),
     #[error("TLS handshake with {address} failed: {source}")]
     Tls { address: String, source: io::Error },
-    #[error("request to {url} failed: {source}")]
+    #[error("request to {url} failed: {}", crate::redact::error_chain(source))]
     Http { url: String, source: reqwest::Error },
     #[error("{url} returned HTTP {status}: {body}")]
     HttpStatus { url: String, status: u16, body: String, retry_after: Option<Duration> },
