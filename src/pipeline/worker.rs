@@ -337,29 +337,15 @@ impl SinkWorker {
                         return Err(WorkerError::Send { sink: self.name.clone(), source });
                     }
                     let delay = backoff.next_delay(source.retry_after());
-                    let suppressed = crate::telemetry::should_log(&format!("delivery {}: {source}", self.name));
-                    if suppressed.is_none() {
-                        // Logged recently: the repeat is counted, not printed.
-                    } else if source.needs_operator() {
-                        tracing::error!(
-                            sink = %self.name,
-                            attempt,
-                            retry_in_ms = delay.as_millis() as u64,
-                            events = batch.len(),
-                            error = %source,
-                            suppressed = suppressed.unwrap_or(0),
-                            "delivery failed and needs a config change; retrying"
-                        );
-                    } else {
-                        tracing::warn!(
-                            sink = %self.name,
-                            attempt,
-                            retry_in_ms = delay.as_millis() as u64,
-                            events = batch.len(),
-                            error = %source,
-                            suppressed = suppressed.unwrap_or(0),
-                            "delivery failed; retrying"
-                        );
+                    // A repeat of an error logged recently is counted, not printed.
+                    if let Some(suppressed) = crate::telemetry::should_log(&format!("delivery {}: {source}", self.name)) {
+                        let events = batch.len();
+                        let retry_in_ms = delay.as_millis() as u64;
+                        if source.needs_operator() {
+                            tracing::error!(sink = %self.name, attempt, retry_in_ms, events, error = %source, suppressed, "delivery failed and needs a config change; retrying");
+                        } else {
+                            tracing::warn!(sink = %self.name, attempt, retry_in_ms, events, error = %source, suppressed, "delivery failed; retrying");
+                        }
                     }
                     if self.sleep_or_stop(delay).await {
                         return Ok(Delivery::Stopped);
