@@ -332,17 +332,32 @@ impl TestRng {
 
 /// Dead letters in a run's state directory (the binary must have exited).
 pub fn dead_letters(dir: &Path) -> Vec<mde_forwarder::store::DeadLetter> {
-    let store = mde_forwarder::store::Store::open(&dir.join("state")).unwrap();
+    let store = open_store(dir);
     store.dead_letters().unwrap()
 }
 
 /// Entries still queued for `sink` in a run's state directory.
 pub fn pending(dir: &Path, sink: &str) -> usize {
-    let store = mde_forwarder::store::Store::open(&dir.join("state")).unwrap();
+    let store = open_store(dir);
     store.pending(sink).unwrap().0
 }
 
 /// FullId of a detection JSON value.
 pub fn full_id_of(value: &Value) -> String {
     value["FullId"].as_str().unwrap_or_default().to_string()
+}
+
+/// Opens a run's store. sled's background threads of a store this process
+/// just dropped can hold the database a moment longer, so this waits for up
+/// to five seconds.
+pub fn open_store(dir: &Path) -> mde_forwarder::store::Store {
+    let mut last_error = None;
+    for _ in 0..50 {
+        match mde_forwarder::store::Store::open(&dir.join("state")) {
+            Ok(store) => return store,
+            Err(e) => last_error = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("cannot open the store: {}", last_error.map(|e| e.to_string()).unwrap_or_default());
 }
