@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 /// A segment is closed and a new one started past this size.
-const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 const HEADER_BYTES: u64 = 8;
 const SUFFIX: &str = ".spool";
 
@@ -51,6 +51,7 @@ struct Writer {
 
 pub struct Spool {
     dir: PathBuf,
+    segment_bytes: u64,
     writer: Mutex<Option<Writer>>,
     /// The segment new records go to; older ones are only read and deleted.
     next_segment: Mutex<u64>,
@@ -59,10 +60,20 @@ pub struct Spool {
 impl Spool {
     /// Opens the spool directory; writing will start in a new segment.
     pub fn open(dir: &Path) -> Result<Self, SpoolError> {
+        Self::open_with(dir, SEGMENT_BYTES)
+    }
+
+    /// Like [`Spool::open`] with another segment size (tests use small ones).
+    pub fn open_with(dir: &Path, segment_bytes: u64) -> Result<Self, SpoolError> {
         let io = |source| SpoolError::Io { path: dir.to_path_buf(), source };
         fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)?;
         let highest = segments(dir).map_err(io)?.into_iter().max().unwrap_or(0);
-        Ok(Self { dir: dir.to_path_buf(), writer: Mutex::new(None), next_segment: Mutex::new(highest + 1) })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            segment_bytes,
+            writer: Mutex::new(None),
+            next_segment: Mutex::new(highest + 1),
+        })
     }
 
     fn segment_path(&self, segment: u64) -> PathBuf {
@@ -72,7 +83,7 @@ impl Spool {
     /// Appends one record and makes it durable.
     pub fn append(&self, payload: &[u8]) -> Result<RecordRef, SpoolError> {
         let mut guard = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        if guard.as_ref().map_or(true, |w| w.len >= SEGMENT_BYTES) {
+        if guard.as_ref().map_or(true, |w| w.len >= self.segment_bytes) {
             *guard = Some(self.new_segment()?);
         }
         let Some(writer) = guard.as_mut() else {

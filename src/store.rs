@@ -211,11 +211,17 @@ pub struct StoreOptions {
     pub dedupe_retention_secs: u64,
     /// sled's page cache, in bytes.
     pub cache_bytes: u64,
+    /// Size at which a spool segment file is closed.
+    pub spool_segment_bytes: u64,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { dedupe_retention_secs: 7 * 24 * 3600, cache_bytes: 2 * 1024 * 1024 }
+        Self {
+            dedupe_retention_secs: 7 * 24 * 3600,
+            cache_bytes: 2 * 1024 * 1024,
+            spool_segment_bytes: crate::spool::SEGMENT_BYTES,
+        }
     }
 }
 
@@ -230,6 +236,11 @@ pub struct Store {
     /// Batches read from the spool lately: each sink reads a batch in
     /// `batch_size` slices, and every sink reads the same batches.
     recent: std::sync::Mutex<std::collections::VecDeque<(u64, std::sync::Arc<Vec<u8>>)>>,
+    /// Held from a spool append to its index insert, so sequence numbers
+    /// follow spool order. Release relies on it: segments before the first
+    /// remaining batch's segment are deleted, which is only safe when no
+    /// later batch lives in an earlier segment.
+    append_order: std::sync::Mutex<()>,
     outbox_bytes: AtomicU64,
     /// Length of one dedupe generation, in seconds (half the retention).
     dedupe_period: u64,
@@ -257,10 +268,11 @@ impl Store {
         let io = |source| StoreError::Io { path: db_path.clone(), source };
         let meta = db.open_tree("meta").map_err(io)?;
         check_schema(&meta, &db, &db_path)?;
-        let spool = Spool::open(&dir.join("spool"))?;
+        let spool = Spool::open_with(&dir.join("spool"), options.spool_segment_bytes)?;
         let store = Self {
             spool,
             recent: std::sync::Mutex::new(std::collections::VecDeque::new()),
+            append_order: std::sync::Mutex::new(()),
             checkpoints: db.open_tree("checkpoints").map_err(io)?,
             outbox: db.open_tree("outbox").map_err(io)?,
             cursors: db.open_tree("cursors").map_err(io)?,
@@ -389,6 +401,7 @@ impl Store {
             fresh.push(detection.raw());
         }
         outcome.queued = fresh.len();
+        let _order = self.append_order.lock().unwrap_or_else(|e| e.into_inner());
         let index = if fresh.is_empty() {
             None
         } else {
@@ -721,6 +734,7 @@ impl Store {
             }
             let target = (letter.sink != SOURCE_SINK).then_some(letter.sink.as_str());
             let payload = encode_batch(&letter.tenant, target, std::iter::once(letter.detection.as_str()));
+            let _order = self.append_order.lock().unwrap_or_else(|e| e.into_inner());
             let record = self.spool.append(&payload)?;
             let seq = self.db.generate_id().map_err(|e| self.io(e))? + 1;
             self.outbox_bytes.fetch_add(payload.len() as u64, Ordering::Relaxed);
@@ -952,6 +966,42 @@ mod tests {
         assert_eq!(store.prune_dedupe(much_later).unwrap(), 1);
         let after = store.enqueue("t", &old, None, much_later).await.unwrap();
         assert_eq!(after.queued, 1, "forgotten after the retention");
+    }
+
+    /// Release deletes segments before the first remaining batch's segment,
+    /// which is safe only while sequence order follows spool order, also
+    /// when tenants queue at the same time across segment boundaries.
+    #[test]
+    fn concurrent_queuing_keeps_sequence_and_spool_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = StoreOptions { spool_segment_bytes: 512, ..StoreOptions::default() };
+        let store = std::sync::Arc::new(Store::open_with(dir.path(), options).unwrap());
+        let threads: Vec<_> = ["t1", "t2", "t3"]
+            .into_iter()
+            .map(|tenant| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+                    for i in 0..40 {
+                        let d = [detection(&format!("{tenant}:{i}"), "2026-01-01T00:00:00Z")];
+                        runtime.block_on(store.enqueue(tenant, &d, None, Utc::now())).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        let places: Vec<(u64, u64)> = store
+            .outbox
+            .iter()
+            .values()
+            .map(|v| IndexEntry::decode(&v.unwrap()).unwrap().record)
+            .map(|r| (r.segment, r.offset))
+            .collect();
+        assert_eq!(places.len(), 120);
+        assert!(places.windows(2).all(|w| w[0] < w[1]), "{places:?}");
+        assert_eq!(store.read_after(0, 1000).unwrap().len(), 120);
     }
 
     #[tokio::test]
