@@ -108,7 +108,7 @@ impl TokenSource {
         Ok(value)
     }
 
-    /// Drops `rejected` from the cache after the API answered 401 to it.
+    /// Drops `rejected` from the cache after the API returned 401 for it.
     pub async fn invalidate(&self, rejected: &Secret) {
         let mut cached = self.cached.lock().await;
         if cached.as_ref().is_some_and(|t| &t.value == rejected) {

@@ -144,7 +144,7 @@ pub struct PollConfig {
     pub retry_initial_ms: u64,
     pub retry_max_secs: u64,
     pub connect_timeout_secs: u64,
-    /// Longest wait for the next bytes of a response.
+    /// Maximum wait for the next bytes of a response.
     pub request_timeout_secs: u64,
     /// A response body larger than this is cut off and reported. Counts
     /// decoded bytes, so a small gzip body cannot expand past it.
@@ -424,7 +424,7 @@ pub struct HttpSinkConfig {
     /// detection is still sent alone.
     #[serde(default = "default_max_batch_bytes")]
     pub max_batch_bytes: usize,
-    /// Longest wait for a whole request and its response.
+    /// Maximum wait for a whole request and its response.
     #[serde(default = "default_http_timeout_secs")]
     pub timeout_secs: u64,
     #[serde(flatten)]

@@ -59,9 +59,9 @@ impl Query {
 pub enum SourceError {
     #[error(transparent)]
     Auth(#[from] AuthError),
-    #[error("tenant {tenant}: the API answered 401 Unauthorized even with a fresh token ({body}); check that the app has the Defender SIEM API permission (Alert.Read.All on WindowsDefenderATP) and that resource is right")]
+    #[error("tenant {tenant}: the API returned 401 Unauthorized even with a fresh token ({body}); check that the app has the Defender SIEM API permission (Alert.Read.All on WindowsDefenderATP) and that resource is right")]
     Unauthorized { tenant: String, body: String },
-    #[error("tenant {tenant}: the API answered 403 Forbidden ({body}); the app permission may not be granted (admin consent), SIEM integration may be off, or the tenant is not onboarded to Defender for Endpoint")]
+    #[error("tenant {tenant}: the API returned 403 Forbidden ({body}); the app permission may not be granted (admin consent), SIEM integration may be off, or the tenant is not onboarded to Defender for Endpoint")]
     Forbidden { tenant: String, body: String },
     #[error("tenant {tenant}: the API is throttling requests (HTTP 429){}", retry_note(*retry_after))]
     Throttled { tenant: String, retry_after: Option<Duration> },
@@ -147,7 +147,7 @@ impl AlertsClient {
         let token = self.tokens.token().await?;
         let response = self.send(query, &token).await?;
         if response.status() == StatusCode::UNAUTHORIZED {
-            tracing::info!(tenant = %self.tenant.name, "API answered 401; refreshing the token and retrying once");
+            tracing::info!(tenant = %self.tenant.name, "API returned 401; refreshing the token and retrying once");
             self.tokens.invalidate(&token).await;
             let token = self.tokens.token().await?;
             let response = self.send(query, &token).await?;
