@@ -38,7 +38,7 @@ pub enum AuthError {
 }
 
 impl AuthError {
-    /// Whether trying again soon can help (server trouble, not bad credentials).
+    /// Returns whether trying again soon can help (server trouble, not bad credentials).
     pub fn is_retryable(&self) -> bool {
         !matches!(self, AuthError::Rejected { .. })
     }
@@ -92,7 +92,7 @@ impl TokenSource {
         Self { http, tenant, cached: Mutex::new(None) }
     }
 
-    /// A valid token, fetching a new one when the cached one is due for refresh.
+    /// Returns a valid token, fetching a new one when the cached one is due for refresh.
     pub async fn token(&self) -> Result<Secret, AuthError> {
         let mut cached = self.cached.lock().await;
         if let Some(token) = cached.as_ref() {
@@ -188,7 +188,7 @@ impl TokenSource {
     }
 }
 
-/// One line describing an Azure AD error, without the secret.
+/// Describes an Azure AD error on one line, without the secret.
 fn summarize_aad(aad: &AadError, body: &[u8], secret: &str) -> String {
     let mut parts = Vec::new();
     if let Some(error) = &aad.error {
@@ -219,7 +219,7 @@ fn summarize_aad(aad: &AadError, body: &[u8], secret: &str) -> String {
     crate::redact::redact(&one_line, &[secret])
 }
 
-/// The token lifetime from `expires_in` (seconds, number or string) or
+/// Returns the token lifetime from `expires_in` (seconds, number or string) or
 /// `expires_on` (Unix time, number or string).
 fn lifetime(expires_in: Option<&Value>, expires_on: Option<&Value>) -> Duration {
     let as_u64 = |v: &Value| match v {
@@ -251,7 +251,8 @@ mod tests {
         assert_eq!(lifetime(None, None), UNKNOWN_LIFETIME);
         let in_an_hour = chrono::Utc::now().timestamp() + 3600;
         let from_epoch = lifetime(None, Some(&json!(in_an_hour.to_string())));
-        assert!(from_epoch > Duration::from_secs(3590) && from_epoch <= Duration::from_secs(3600));
+        assert!(from_epoch > Duration::from_secs(3590), "{from_epoch:?}");
+        assert!(from_epoch <= Duration::from_secs(3600), "{from_epoch:?}");
     }
 
     #[test]

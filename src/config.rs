@@ -236,7 +236,7 @@ impl TryFrom<String> for Region {
 }
 
 impl Region {
-    /// The API and login base URLs for this region.
+    /// Returns the API and login base URLs for this region.
     pub fn endpoints(self) -> (&'static str, &'static str) {
         const LOGIN: &str = "https://login.microsoftonline.com";
         const LOGIN_US_GOV: &str = "https://login.microsoftonline.us";
@@ -686,8 +686,8 @@ impl SinkCommon {
         Ok(())
     }
 
-    /// Whether routing needs the detection's severity or category, so sinks
-    /// without such filters never parse the detection's fields for it.
+    /// Returns whether routing needs the detection's severity or category.
+    /// Sinks without such filters never parse the detection's fields for it.
     pub fn filters_fields(&self) -> bool {
         self.min_severity != SeverityLevel::Informational
             || !self.include_categories.is_empty()
@@ -1267,10 +1267,10 @@ fn check_name(key: &str, name: &str) -> Result<(), ConfigError> {
     }
 }
 
-/// An environment value as the type its key takes. Sink keys are read
-/// through a flattened struct, where serde no longer turns the text "100"
-/// into a number, so numbers and booleans are typed here by key name; every
-/// other key stays text (a secret like "12345" must not become a number).
+/// Converts an environment value to the type its key takes. Sink keys are
+/// read through a flattened struct, where serde no longer turns the text
+/// "100" into a number, so numbers and booleans are typed here by key name.
+/// Every other key stays text, because a secret like "12345" must stay text.
 fn typed_override(key: &str, value: &str) -> config::Value {
     let name = key.rsplit('.').next().unwrap_or(key);
     let numeric = ["_secs", "_ms", "_bytes", "_attempts"].iter().any(|suffix| name.ends_with(suffix))

@@ -38,7 +38,7 @@ struct FullId {
     is_string: bool,
 }
 
-/// Why one element of a response cannot be handled as a detection.
+/// Reason one element of a response cannot be handled as a detection.
 #[derive(Debug, thiserror::Error)]
 pub enum DetectionError {
     #[error("array element is not a JSON object but {0}")]
@@ -85,9 +85,9 @@ impl<'de: 'a, 'a> Deserialize<'de> for Keys<'a> {
     }
 }
 
-/// Text of a raw JSON value: a string unescaped (or, when it cannot be, such
-/// as a lone surrogate, its raw JSON), anything else as its JSON text;
-/// `None` for null and the empty string.
+/// Returns the text of a raw JSON value: a string unescaped, or its raw JSON
+/// when it cannot be unescaped (a lone surrogate), and anything else as its
+/// JSON text. Null and the empty string give `None`.
 fn raw_text(raw: &RawValue) -> Option<(Box<str>, bool)> {
     let json = raw.get();
     if json.starts_with('"') {
@@ -132,7 +132,7 @@ impl Detection {
         Ok((full_id, last_processed))
     }
 
-    /// The JSON text exactly as the API sent it.
+    /// Returns the JSON text exactly as the API sent it.
     pub fn raw(&self) -> &str {
         &self.raw
     }
@@ -151,7 +151,7 @@ impl Detection {
         }
     }
 
-    /// Why the fields cannot be parsed, for example a string with a lone
+    /// Returns why the fields cannot be parsed, for example a string with a lone
     /// UTF-16 surrogate or nesting deeper than 128 levels. Encoders that need
     /// fields must not encode such a detection: its fields would be missing.
     pub fn field_error(&self) -> Option<&str> {
@@ -174,7 +174,7 @@ impl Detection {
         self.full_id.as_ref().map(|id| Cow::Borrowed(id.text.as_ref()))
     }
 
-    /// The deduplication key: `FullId`, unique per detection (two detections
+    /// Returns the deduplication key: `FullId`, unique per detection (two detections
     /// of one alert share `AlertId` but not `FullId`). A non-string FullId is
     /// marked, so `42` and `"42"` differ.
     pub fn dedupe_id(&self) -> Option<Cow<'_, str>> {
@@ -275,7 +275,7 @@ mod tests {
     }
 
     #[test]
-    fn lone_surrogate_in_full_id_keeps_its_raw_text() {
+    fn lone_surrogate_full_id_kept_raw() {
         let d = Detection::from_json_text(r#"{"FullId":"a\ud800b"}"#).unwrap();
         assert_eq!(d.full_id().as_deref(), Some(r#""a\ud800b""#));
     }

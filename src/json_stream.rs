@@ -5,7 +5,7 @@
 //! nesting); serde_json then parses each element on its own. Anything that is
 //! not one complete top-level array is reported with what arrived instead.
 
-/// What went wrong with the body, worded for an operator.
+/// Error in the body of a response, worded for an operator.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ArrayError {
     #[error("expected a JSON array but the body starts with {0}")]
@@ -77,12 +77,12 @@ impl ArraySplitter {
         }
     }
 
-    /// A splitter whose error previews never show any of `secrets`.
+    /// Creates a splitter whose error previews never show any of `secrets`.
     pub fn with_secrets(secrets: Vec<String>) -> Self {
         Self { secrets, ..Self::new() }
     }
 
-    /// A printable start of `bytes` with the secrets removed first.
+    /// Returns a printable start of `bytes`, with the secrets removed first.
     fn preview_of(&self, bytes: &[u8]) -> String {
         let kept = &bytes[..bytes.len().min(KEEP_BYTES)];
         let secrets: Vec<&str> = self.secrets.iter().map(String::as_str).collect();
@@ -252,7 +252,7 @@ impl ArraySplitter {
     }
 }
 
-/// The first bytes of a body, printable, for error messages.
+/// Returns the first bytes of a body, printable, for error messages.
 pub fn preview(bytes: &[u8]) -> String {
     const MAX: usize = PREVIEW_BYTES;
     let text = String::from_utf8_lossy(&bytes[..bytes.len().min(MAX)]);

@@ -82,7 +82,7 @@ fn retry_note(retry_after: Option<Duration>) -> String {
 }
 
 impl SourceError {
-    /// Whether trying again soon can help.
+    /// Returns whether trying again soon can help.
     pub fn is_retryable(&self) -> bool {
         match self {
             SourceError::Auth(e) => e.is_retryable(),
@@ -105,7 +105,7 @@ impl SourceError {
         }
     }
 
-    /// The HTTP status for metrics, when there was one.
+    /// Returns the HTTP status for metrics, when there was one.
     pub fn status(&self) -> Option<u16> {
         match self {
             SourceError::Unauthorized { .. } => Some(401),
@@ -221,7 +221,7 @@ pub struct Page {
 }
 
 impl Page {
-    /// The next up to `max` elements, or `None` at the end of a complete array.
+    /// Reads the next up to `max` elements, or `None` at the end of a complete array.
     pub async fn next_batch(&mut self, max: usize) -> Result<Option<Vec<Element>>, SourceError> {
         while self.ready.len() < max && !self.finished {
             let chunk = self.response.chunk().await.map_err(|source| SourceError::Network {
@@ -297,8 +297,8 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     Some(wait.to_std().unwrap_or(Duration::ZERO))
 }
 
-/// The start of an error body, on one line, for messages, with `secrets`
-/// removed before it is cut short (so no part of one can remain).
+/// Reads the start of an error body on one line, for messages. `secrets` are
+/// removed before it is cut short, so no part of one can remain.
 async fn error_body(response: reqwest::Response, secrets: &[&str]) -> String {
     match response.bytes().await {
         Ok(bytes) if bytes.is_empty() => "empty body".into(),
@@ -313,7 +313,7 @@ mod tests {
     use reqwest::header::HeaderValue;
 
     #[test]
-    fn query_pairs_use_api_names_and_repeat_machine_groups() {
+    fn query_pairs_repeat_machine_groups() {
         let query = Query {
             since: timefmt::parse("2026-01-01T00:00:00.1234567Z"),
             limit: 20,

@@ -27,7 +27,7 @@ pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 const HEADER_BYTES: u64 = 8;
 const SUFFIX: &str = ".spool";
 
-/// Where a record lives.
+/// Location of a record: segment, offset and payload length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RecordRef {
     pub segment: u64,
@@ -223,7 +223,7 @@ mod tests {
     }
 
     #[test]
-    fn old_segments_are_removed_but_not_the_current_one() {
+    fn remove_below_keeps_current_segment() {
         let dir = tempfile::tempdir().unwrap();
         let old = Spool::open(dir.path()).unwrap().append(b"x").unwrap();
         let spool = Spool::open(dir.path()).unwrap();

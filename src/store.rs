@@ -11,7 +11,7 @@
 //! | `cursors` | sink name | last acknowledged position, u64 BE |
 //! | `dead_letters` | id u64 BE | JSON: sink, tenant, reason, time, detection |
 //!
-//! The outbox holds one entry per queued batch (up to [`MAX_BATCH_ITEMS`]
+//! The outbox contains one entry per queued batch (up to [`MAX_BATCH_ITEMS`]
 //! detections), not one per detection, and the batch itself lives in the
 //! [`crate::spool`] segment files: sled copies and serializes whole nodes on
 //! every write, so detection payloads inside sled dominated run time and
@@ -185,7 +185,7 @@ fn split_position(position: u64) -> (u64, usize) {
     (position >> INDEX_BITS, (position & ((1 << INDEX_BITS) - 1)) as usize)
 }
 
-/// What one [`Store::enqueue`] did.
+/// Counts of one [`Store::enqueue`]: detections queued and duplicates skipped.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct EnqueueOutcome {
     pub queued: usize,
@@ -295,7 +295,7 @@ impl Store {
         Ok(store)
     }
 
-    /// The database path, for messages.
+    /// Returns the database path, for messages.
     pub fn path(&self) -> &Path {
         &self.dir
     }
@@ -329,7 +329,7 @@ impl Store {
         Ok(())
     }
 
-    /// All checkpoints, by tenant name.
+    /// Returns all checkpoints, by tenant name.
     pub fn checkpoints(&self) -> Result<Vec<(String, String)>, StoreError> {
         self.checkpoints
             .iter()
@@ -340,7 +340,7 @@ impl Store {
             .collect()
     }
 
-    /// The current and previous dedupe generation trees for time `now`.
+    /// Opens the current and previous dedupe generation trees for time `now`.
     fn dedupe_trees(&self, now: DateTime<Utc>) -> Result<(Tree, Tree), StoreError> {
         let generation = now.timestamp().max(0) as u64 / self.dedupe_period;
         let name = |g: u64| format!("{DEDUPE_PREFIX}{}.{g}", self.dedupe_period);
@@ -434,7 +434,7 @@ impl Store {
         Ok((outcome, index.map_or(0, |i| i.record.len as u64)))
     }
 
-    /// A spooled batch, from the recent-reads cache when possible.
+    /// Reads a spooled batch, from the recent-reads cache when possible.
     fn spooled_batch(&self, seq: u64, record: RecordRef) -> Result<std::sync::Arc<Vec<u8>>, StoreError> {
         const CACHED_BATCHES: usize = 2;
         let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
@@ -479,7 +479,7 @@ impl Store {
         Ok(batch)
     }
 
-    /// The position of the last detection in the outbox, 0 when it is empty.
+    /// Returns the position of the last detection in the outbox, 0 when it is empty.
     pub fn last_seq(&self) -> Result<u64, StoreError> {
         let Some((key, value)) = self.outbox.last().map_err(|e| self.io(e))? else {
             return Ok(0);
@@ -535,7 +535,7 @@ impl Store {
         Ok(removed)
     }
 
-    /// The configured sinks' cursors, lowest first.
+    /// Returns the configured sinks' cursors, lowest first.
     pub fn cursors(&self) -> Result<Vec<(String, u64)>, StoreError> {
         let mut all: Vec<(String, u64)> = self
             .cursors
@@ -766,7 +766,7 @@ impl Store {
     }
 }
 
-/// The dedupe key: tenant, 0x00, FullId. A detection without a FullId is
+/// Builds the dedupe key: tenant, 0x00, FullId. A detection without a FullId is
 /// keyed by its whole text, so it is still forwarded once and only once.
 fn dedupe_key(tenant: &str, detection: &Detection) -> Vec<u8> {
     let mut key = Vec::with_capacity(tenant.len() + 80);

@@ -305,6 +305,15 @@ fn mount_tmpfs(path: &Path, options: &str) -> bool {
     status.is_ok_and(|s| s.success())
 }
 
+/// Points a config written by `write_config` in `dir` at another state directory.
+fn move_state_dir(config: &Path, dir: &Path, state_dir: &Path) {
+    let text = std::fs::read_to_string(config).unwrap();
+    let from = format!("dir = \"{}\"", dir.join("state").display());
+    let to = format!("dir = \"{}\"", state_dir.display());
+    assert!(text.contains(&from), "no state dir line in {text}");
+    std::fs::write(config, text.replace(&from, &to)).unwrap();
+}
+
 struct Unmount<'a>(&'a Path);
 
 impl Drop for Unmount<'_> {
@@ -330,10 +339,8 @@ async fn full_disk_never_moves_the_checkpoint() {
     assert!(mount_tmpfs(&mount, "size=4m"), "mount -t tmpfs failed");
     let _unmount = Unmount(&mount);
     let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &tcp_sink_toml("siem", receiver.addr));
-    let text = std::fs::read_to_string(&config).unwrap();
     let state_dir = mount.join("state");
-    let text = text.replace(&format!("dir = \"{}\"", dir.path().join("state").display()), &format!("dir = \"{}\"", state_dir.display()));
-    std::fs::write(&config, text).unwrap();
+    move_state_dir(&config, dir.path(), &state_dir);
     // Open the store once so the database exists, then fill the disk.
     let show = run_cli(&["state", "--config", config.to_str().unwrap(), "show"]).await;
     assert_success(&show);
@@ -407,9 +414,7 @@ async fn read_only_state_is_a_clear_error() {
     assert!(mount_tmpfs(&mount, "size=1m,ro"), "mount -t tmpfs failed");
     let _unmount = Unmount(&mount);
     let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &file_sink_toml("a", &dir.path().join("a.jsonl")));
-    let text = std::fs::read_to_string(&config).unwrap();
-    let text = text.replace(&format!("dir = \"{}\"", dir.path().join("state").display()), &format!("dir = \"{}\"", mount.join("state").display()));
-    std::fs::write(&config, text).unwrap();
+    move_state_dir(&config, dir.path(), &mount.join("state"));
 
     let output = run_once(&config).await;
 

@@ -25,7 +25,7 @@ fn deeply_nested(full_id: &str, depth: usize) -> Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unparsable_fields_go_to_dead_letters_not_empty_cef() {
+async fn unparsable_fields_become_dead_letters() {
     let emulator = emulator_with_samples(EmulatorOptions::default()).await;
     let deep = deeply_nested("deep:1", 200);
     emulator.push_detection(TENANT_ID, deep.clone());
@@ -79,7 +79,7 @@ async fn paging_keeps_detections_between_ticks() {
     emulator.add_tenant(TENANT_ID, tenant_spec());
     let base = chrono::Utc::now() - chrono::Duration::minutes(5);
     let at = |offset_ns: i64| (base + chrono::Duration::nanoseconds(offset_ns)).format("%Y-%m-%dT%H:%M:%S%.9fZ").to_string();
-    // With limit 3 the first page ends at x, inside the tick that also holds b.
+    // With limit 3 the first page ends at x, inside the tick that also contains b.
     let rows = [("c1", 2_000_000_000), ("c2", 1_000_000_000), ("x", 123_456_789), ("b", 123_456_750), ("d", -3_600_000_000_000)];
     for (id, offset) in rows {
         emulator.push_detection(TENANT_ID, json!({"FullId": id, "LastProcessedTimeUtc": at(offset)}));
@@ -95,8 +95,8 @@ async fn paging_keeps_detections_between_ticks() {
     assert_eq!(ids, ["b", "c1", "c2", "d", "x"]);
 }
 
-/// A server that answers every request with `status` and a body that
-/// repeats the whole request, as a misbehaving proxy might.
+/// Starts a server that replies to every request with `status` and a body
+/// that repeats the whole request, as a misbehaving proxy might.
 async fn echo_server(status: u16) -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -137,7 +137,7 @@ async fn echoed_token_never_reaches_the_log() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn echoed_secret_from_token_endpoint_never_reaches_the_log() {
+async fn echoed_client_secret_not_logged() {
     let emulator = emulator_with_samples(EmulatorOptions::default()).await;
     let echo = echo_server(400).await;
     let dir = tempfile::tempdir().unwrap();

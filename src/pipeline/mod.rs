@@ -204,7 +204,7 @@ fn warn_if_insecure(sink: &str, insecure: bool) {
     }
 }
 
-/// The machine's host name, for syslog headers.
+/// Returns the machine's host name, for syslog headers.
 pub fn local_hostname() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: gethostname writes at most buf.len() bytes into our buffer.
@@ -335,11 +335,10 @@ impl Running {
         failures
     }
 
-    /// Lets the workers deliver what is queued, within `grace` in daemon
-    /// mode, then stops them. Returns the sink failures.
-    /// Lets the workers drain. `--once` waits for them unless `stop` turns
-    /// true (Ctrl-C); then, as in daemon mode, they get the grace period and
-    /// are stopped, and what is left stays queued.
+    /// Lets the workers deliver what is queued, then stops them, and returns
+    /// the sink failures. Daemon mode allows `grace` for this. `--once` waits
+    /// until the queue is empty, unless `stop` turns true (Ctrl-C): then it
+    /// also allows `grace`, and what is left stays queued.
     async fn finish_workers(mut self, mode: Mode, grace: Duration, mut stop: watch::Receiver<bool>) -> Vec<String> {
         self.mode_tx.send_replace(WorkerMode::Drain);
         let workers = &mut self.workers;

@@ -65,7 +65,7 @@ impl CycleError {
     }
 }
 
-/// What one cycle did.
+/// Counts and window of one poll cycle.
 #[derive(Debug, Default, Clone)]
 pub struct CycleReport {
     pub since: Option<DateTime<Utc>>,
@@ -146,7 +146,7 @@ impl Poller {
         crate::telemetry::global().beat(self.name(), wait + crate::telemetry::poll_step_budget(&self.poll));
     }
 
-    /// One cycle, retried with backoff while the error is retryable.
+    /// Runs one cycle, retried with backoff while the error is retryable.
     pub async fn run_with_retries(&self, stop: &mut watch::Receiver<bool>) -> Result<CycleReport, CycleError> {
         let mut backoff = Backoff::new(
             Duration::from_millis(self.poll.retry_initial_ms),

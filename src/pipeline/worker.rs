@@ -51,7 +51,7 @@ pub enum EventEncoder {
 }
 
 impl EventEncoder {
-    /// Whether encoding reads individual fields (CEF, LEEF) rather than
+    /// Returns whether encoding reads individual fields (CEF, LEEF) rather than
     /// forwarding the raw JSON.
     fn needs_fields(&self) -> bool {
         matches!(self, EventEncoder::Wire(e) if e.payload() != crate::format::PayloadFormat::Json)
@@ -195,7 +195,7 @@ impl SinkWorker {
         }
     }
 
-    /// Sleeps; true when told to stop meanwhile.
+    /// Sleeps for `delay`. Returns true when the mode changed to Stop meanwhile.
     async fn sleep_or_stop(&mut self, delay: Duration) -> bool {
         let mut mode = self.mode.clone();
         tokio::select! {

@@ -88,7 +88,7 @@ pub enum SendOutcome {
     AllRejected { reason: String },
 }
 
-/// A batch of framed messages: `bytes` holds them back to back and `ends[i]`
+/// A batch of framed messages: `bytes` contains them back to back and `ends[i]`
 /// is the offset just past message `i`.
 #[derive(Debug, Default)]
 pub struct Batch {

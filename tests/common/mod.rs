@@ -55,7 +55,7 @@ login_url = "{url}"
 }
 
 /// Writes a config file with fast retries and returns its path.
-/// `poll_extra` holds `[poll]` lines that replace the test defaults.
+/// `poll_extra` contains `[poll]` lines that replace the test defaults.
 pub fn write_config(dir: &Path, poll_extra: &str, tenants: &str, sinks: &str) -> PathBuf {
     let state = dir.join("state");
     let defaults = [
