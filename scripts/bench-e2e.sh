@@ -211,7 +211,7 @@ run_once() {
 
     local profiler=()
     if [[ -n "${PERF_DATA:-}" ]]; then
-        profiler=(perf record --quiet -F 999 -o "$PERF_DATA-$count-$limit.data" --)
+        profiler=(perf record --quiet ${PERF_ARGS:--F 999} -o "$PERF_DATA-$count-$limit.data" --)
     fi
     local started ended status=0
     started=$(date +%s%N)

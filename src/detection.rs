@@ -8,14 +8,18 @@
 //! a null, a nested object) instead of failing the whole batch.
 
 use std::borrow::Cow;
-use std::sync::OnceLock;
+use std::sync::{LazyLock, OnceLock};
 
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::timefmt;
+
+mod fields;
+
+pub use fields::{FieldValue, Fields};
 
 /// One detection as received.
 ///
@@ -27,7 +31,7 @@ pub struct Detection {
     raw: Box<str>,
     full_id: Option<FullId>,
     last_processed: Option<Box<str>>,
-    fields: OnceLock<Result<Map<String, Value>, String>>,
+    fields: OnceLock<Result<Fields, String>>,
 }
 
 /// `FullId` as text, remembering whether the API sent a JSON string, so a
@@ -68,7 +72,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Keys<'a> {
 
             fn visit_map<M: serde::de::MapAccess<'de>>(self, mut map: M) -> Result<Keys<'a>, M::Error> {
                 let mut keys = Keys { full_id: None, last_processed: None };
-                while let Some(name) = map.next_key::<Cow<'de, str>>()? {
+                while let Some(name) = map.next_key_seed(fields::BorrowedName)? {
                     match name.as_ref() {
                         "FullId" => keys.full_id = Some(map.next_value()?),
                         "LastProcessedTimeUtc" => keys.last_processed = Some(map.next_value()?),
@@ -137,18 +141,16 @@ impl Detection {
         &self.raw
     }
 
-    fn parsed(&self) -> &Result<Map<String, Value>, String> {
-        self.fields.get_or_init(|| serde_json::from_str::<Map<String, Value>>(&self.raw).map_err(|e| e.to_string()))
+    fn parsed(&self) -> &Result<Fields, String> {
+        self.fields.get_or_init(|| Fields::parse(&self.raw))
     }
 
-    /// Every field, parsed on first use; empty when the text cannot be parsed
-    /// into fields (see [`Detection::field_error`]).
-    pub fn fields(&self) -> &Map<String, Value> {
-        static EMPTY: OnceLock<Map<String, Value>> = OnceLock::new();
-        match self.parsed() {
-            Ok(fields) => fields,
-            Err(_) => EMPTY.get_or_init(Map::new),
-        }
+    /// Every field in the object's order, parsed on first use; none when the
+    /// text cannot be parsed into fields (see [`Detection::field_error`]).
+    pub fn fields(&self) -> impl Iterator<Item = (&str, FieldValue<'_>)> + '_ {
+        static EMPTY: LazyLock<Fields> = LazyLock::new(Fields::default);
+        let fields = self.parsed().as_ref().unwrap_or(&EMPTY);
+        fields.iter(&self.raw)
     }
 
     /// Returns why the fields cannot be parsed, for example a string with a lone
@@ -158,15 +160,19 @@ impl Detection {
         self.parsed().as_ref().err().map(String::as_str)
     }
 
-    pub fn get(&self, name: &str) -> Option<&Value> {
-        self.fields().get(name)
+    pub fn get(&self, name: &str) -> Option<FieldValue<'_>> {
+        self.parsed().as_ref().ok()?.get(&self.raw, name)
+    }
+
+    pub fn has_field(&self, name: &str) -> bool {
+        self.get(name).is_some()
     }
 
     /// Returns a field as text, or `None` when it is missing, null or an empty
     /// string. Numbers and booleans give their JSON text and nested values
     /// their compact JSON, so no non-empty value is lost.
     pub fn text(&self, name: &str) -> Option<Cow<'_, str>> {
-        self.fields().get(name).and_then(value_text)
+        self.get(name).and_then(FieldValue::text)
     }
 
     /// `FullId` as text (a number or other non-string value as its JSON text).
@@ -197,8 +203,9 @@ impl Detection {
     }
 }
 
-/// Renders a JSON value as field text; `None` for null and the empty string.
-pub fn value_text(value: &Value) -> Option<Cow<'_, str>> {
+/// Renders a `serde_json` value as field text, by the rules of
+/// [`FieldValue::text`]; `None` for null and the empty string.
+pub fn json_value_text(value: &Value) -> Option<Cow<'_, str>> {
     match value {
         Value::Null => None,
         Value::String(s) if s.is_empty() => None,

@@ -15,7 +15,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use super::{EmulatorOptions, Fault, RecordedRequest, TenantSpec};
-use crate::detection::value_text;
+use crate::detection::json_value_text;
 use crate::timefmt;
 
 /// The request log keeps at most this many entries and then drops the
@@ -128,7 +128,7 @@ pub(super) struct StoredDetection {
 impl StoredDetection {
     pub(super) fn new(detection: &Value) -> Self {
         let field =
-            |name: &str| detection.get(name).and_then(value_text).map(|text| text.into_owned()).unwrap_or_default();
+            |name: &str| detection.get(name).and_then(json_value_text).map(|text| text.into_owned()).unwrap_or_default();
         let last_processed = timefmt::parse(&field("LastProcessedTimeUtc"));
         Self {
             json: detection.to_string(),

@@ -9,10 +9,8 @@ use std::io::Write;
 use std::net::IpAddr;
 
 use serde::Deserialize;
-use serde_json::Value;
-
 use super::extension::{self, Entry, ExtensionWriter, ValueEscape};
-use crate::detection::{value_text, Detection};
+use crate::detection::{Detection, FieldValue};
 use crate::timefmt;
 
 /// Separator between extension pairs.
@@ -261,7 +259,7 @@ pub(super) fn write_extension(
         if is_mapped_field(name) {
             continue;
         }
-        if let Some(text) = value_text(value) {
+        if let Some(text) = value.text() {
             writer.custom(d, name, &text, is_reserved_key, false);
         }
     }
@@ -272,7 +270,7 @@ fn write_mapped(writer: &mut ExtensionWriter<'_>, d: &Detection, mapping: &Mappi
     let Some(value) = d.get(mapping.field) else {
         return;
     };
-    let Some(text) = value_text(value) else {
+    let Some(text) = value.text() else {
         return;
     };
     let label = mapping.label.map(|label| (label, mapping.field));
@@ -302,19 +300,20 @@ fn write_mapped(writer: &mut ExtensionWriter<'_>, d: &Detection, mapping: &Mappi
     }
 }
 
-fn flag(value: &Value) -> Option<i64> {
+fn flag(value: FieldValue<'_>) -> Option<i64> {
     match value {
-        Value::Bool(b) => Some(i64::from(*b)),
-        Value::String(s) if s.eq_ignore_ascii_case("true") => Some(1),
-        Value::String(s) if s.eq_ignore_ascii_case("false") => Some(0),
+        FieldValue::Bool(b) => Some(i64::from(b)),
+        FieldValue::String(s) if s.eq_ignore_ascii_case("true") => Some(1),
+        FieldValue::String(s) if s.eq_ignore_ascii_case("false") => Some(0),
         _ => None,
     }
 }
 
-fn integer(value: &Value) -> Option<i64> {
+/// A JSON integer or a string of digits that fits in an i64. A number with a
+/// fraction or exponent is not an integer here, as in `serde_json`.
+fn integer(value: FieldValue<'_>) -> Option<i64> {
     match value {
-        Value::Number(n) => n.as_i64(),
-        Value::String(s) => s.parse().ok(),
+        FieldValue::Number(n) | FieldValue::String(n) => n.parse().ok(),
         _ => None,
     }
 }

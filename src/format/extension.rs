@@ -50,30 +50,63 @@ pub enum ValueEscape {
 }
 
 impl ValueEscape {
-    fn replacement(self, byte: u8) -> Option<&'static [u8]> {
-        match (self, byte) {
-            (_, b'\\') => Some(b"\\\\"),
-            (_, b'\r') => Some(b"\\r"),
-            (_, b'\n') => Some(b"\\n"),
-            (Self::Cef, b'=') => Some(b"\\="),
-            (Self::Leef, b'\t') => Some(b"\\t"),
-            _ => None,
+    /// The bytes that need an escape, each format's four.
+    fn specials(self) -> [u8; 4] {
+        match self {
+            Self::Cef => [b'\\', b'\r', b'\n', b'='],
+            Self::Leef => [b'\\', b'\r', b'\n', b'\t'],
         }
     }
 }
 
+/// Returns the two-byte escape of a special byte: `\` and the byte itself,
+/// or the letter of a control character (`\r`, `\n`, `\t`).
+fn escaped(byte: u8) -> [u8; 2] {
+    let letter = match byte {
+        b'\r' => b'r',
+        b'\n' => b'n',
+        b'\t' => b't',
+        other => other,
+    };
+    [b'\\', letter]
+}
+
+/// Returns the index of the first byte of `bytes` that is one of `specials`.
+///
+/// Eight bytes are tested at a time: for a word `w` and a byte `b`, the
+/// expression `(x - 0x01..01) & !x & 0x80..80` with `x = w ^ b*0x01..01` sets
+/// the top bit of every zero byte of `x`. A borrow can also flag a byte above
+/// a real match, never below, so the lowest flag is always a true match.
+fn find_special(bytes: &[u8], specials: [u8; 4]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let matches = |word: u64, byte: u8| {
+        let x = word ^ (ONES * u64::from(byte));
+        x.wrapping_sub(ONES) & !x & HIGHS
+    };
+    let mut chunks = bytes.chunks_exact(8);
+    let mut offset = 0;
+    for chunk in &mut chunks {
+        let word = u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]));
+        let flags = specials.iter().fold(0, |flags, &byte| flags | matches(word, byte));
+        if flags != 0 {
+            return Some(offset + flags.trailing_zeros() as usize / 8);
+        }
+        offset += 8;
+    }
+    chunks.remainder().iter().position(|b| specials.contains(b)).map(|i| offset + i)
+}
+
 /// Appends `text` with the value escapes of one format.
 pub fn escape_value(text: &str, escape: ValueEscape, out: &mut Vec<u8>) {
-    let bytes = text.as_bytes();
-    let mut run_start = 0;
-    for (i, &byte) in bytes.iter().enumerate() {
-        if let Some(replacement) = escape.replacement(byte) {
-            out.extend_from_slice(&bytes[run_start..i]);
-            out.extend_from_slice(replacement);
-            run_start = i + 1;
-        }
+    let specials = escape.specials();
+    let mut rest = text.as_bytes();
+    while let Some(i) = find_special(rest, specials) {
+        out.extend_from_slice(&rest[..i]);
+        out.extend_from_slice(&escaped(rest[i]));
+        rest = &rest[i + 1..];
     }
-    out.extend_from_slice(&bytes[run_start..]);
+    out.extend_from_slice(rest);
 }
 
 /// Appends a header field: `\` → `\\`, `|` → `\|`, and a line break (CR, LF
@@ -237,7 +270,7 @@ fn unique_custom_key<'n>(
         return Cow::Borrowed(name);
     }
     let mut key = format!("{COLLISION_PREFIX}{name}");
-    while is_reserved(&key) || d.fields().contains_key(&key) {
+    while is_reserved(&key) || d.has_field(&key) {
         key.insert_str(0, COLLISION_PREFIX);
     }
     Cow::Owned(key)
@@ -394,6 +427,62 @@ impl Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Escapes byte by byte, the plain reading of the rules.
+    fn escape_slowly(text: &str, escape: ValueEscape) -> Vec<u8> {
+        let mut out = Vec::new();
+        for &byte in text.as_bytes() {
+            if escape.specials().contains(&byte) {
+                out.extend_from_slice(&escaped(byte));
+            } else {
+                out.push(byte);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn escape_value_table() {
+        for (text, cef, leef) in [
+            ("", "", ""),
+            ("plain text", "plain text", "plain text"),
+            ("a=b", r"a\=b", "a=b"),
+            ("C:\\Windows\\x", r"C:\\Windows\\x", r"C:\\Windows\\x"),
+            ("line1\r\nline2\n", r"line1\r\nline2\n", r"line1\r\nline2\n"),
+            ("tab\there", "tab\there", r"tab\there"),
+            ("==\\\\", r"\=\=\\\\", r"==\\\\"),
+            ("名前=値", r"名前\=値", "名前=値"),
+        ] {
+            let mut out = Vec::new();
+            escape_value(text, ValueEscape::Cef, &mut out);
+            assert_eq!(String::from_utf8(out).unwrap(), cef, "CEF {text:?}");
+            let mut out = Vec::new();
+            escape_value(text, ValueEscape::Leef, &mut out);
+            assert_eq!(String::from_utf8(out).unwrap(), leef, "LEEF {text:?}");
+        }
+    }
+
+    #[test]
+    fn escape_value_matches_bytewise_escaping() {
+        // Every ASCII byte at every offset of a 19-byte string, so each one
+        // lands in every lane of a word and in the tail, next to neighbours
+        // that differ from a special byte by one.
+        for byte in 0u8..=127 {
+            for offset in 0..19 {
+                let mut bytes = vec![b'a'; 19];
+                bytes[offset] = byte;
+                if offset + 1 < bytes.len() {
+                    bytes[offset + 1] = byte.wrapping_add(1) & 0x7f;
+                }
+                let text = String::from_utf8(bytes).unwrap();
+                for escape in [ValueEscape::Cef, ValueEscape::Leef] {
+                    let mut out = Vec::new();
+                    escape_value(&text, escape, &mut out);
+                    assert_eq!(out, escape_slowly(&text, escape), "{escape:?} {text:?}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn safe_cut_keeps_escape_pairs_whole() {

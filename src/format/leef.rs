@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use super::cef::numeric_severity;
 use super::extension::{self, Entry, ExtensionWriter, ValueEscape};
-use crate::detection::{value_text, Detection};
+use crate::detection::Detection;
 use crate::timefmt;
 
 /// Separator between attributes, declared as `x09` in the header.
@@ -163,7 +163,7 @@ pub(super) fn write_attributes(
         if is_mapped_field(name) {
             continue;
         }
-        if let Some(text) = value_text(value) {
+        if let Some(text) = value.text() {
             writer.custom(d, name, &text, is_reserved_key, is_identifying_field(name));
         }
     }

@@ -1,0 +1,351 @@
+//! The field table of a detection: one pass over its JSON text that records
+//! where each field's name and value sit, instead of building a
+//! `serde_json::Map`.
+//!
+//! A name or string value without escapes is a byte range of the raw text,
+//! so a typical detection needs two allocations (the entry table and the
+//! name index) rather than two or more per field. Only a value with escapes
+//! is decoded into its own string. The table follows the object's order. A
+//! repeated name keeps the position of its first occurrence and the value of
+//! its last, as `serde_json::Map` with `preserve_order` does.
+
+use std::borrow::Cow;
+use std::hash::BuildHasher;
+use std::ops::Range;
+use std::sync::LazyLock;
+
+use hashbrown::HashTable;
+
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+/// Text of a field name or string value: a range of the raw text when it had
+/// no escapes, otherwise the decoded string.
+#[derive(Debug, Clone)]
+enum Text {
+    Span(Range<usize>),
+    Decoded(Box<str>),
+}
+
+impl Text {
+    fn resolve<'a>(&'a self, raw: &'a str) -> &'a str {
+        match self {
+            Text::Span(range) => &raw[range.clone()],
+            Text::Decoded(text) => text,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Slot {
+    Null,
+    Bool(bool),
+    /// The number's JSON text, as sent.
+    Number(Range<usize>),
+    String(Text),
+    /// An object or array, as its raw JSON text.
+    Nested(Range<usize>),
+}
+
+/// One field's value, borrowed from its detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldValue<'a> {
+    Null,
+    Bool(bool),
+    /// The number exactly as the API wrote it (for example `1e400` or a
+    /// 30-digit integer).
+    Number(&'a str),
+    /// The decoded string.
+    String(&'a str),
+    /// An object or array as raw JSON text.
+    Nested(&'a str),
+}
+
+impl<'a> FieldValue<'a> {
+    /// Renders the value as field text; `None` for null and the empty string.
+    /// Numbers keep their JSON text, and nested values become compact JSON,
+    /// so no non-empty value is lost.
+    pub fn text(self) -> Option<Cow<'a, str>> {
+        match self {
+            FieldValue::Null => None,
+            FieldValue::String("") => None,
+            FieldValue::String(text) | FieldValue::Number(text) => Some(Cow::Borrowed(text)),
+            FieldValue::Bool(true) => Some(Cow::Borrowed("true")),
+            FieldValue::Bool(false) => Some(Cow::Borrowed("false")),
+            // The table checked this text when it was built, so it parses;
+            // the raw text is the fallback all the same.
+            FieldValue::Nested(json) => Some(match serde_json::from_str::<serde_json::Value>(json) {
+                Ok(value) => Cow::Owned(value.to_string()),
+                Err(_) => Cow::Borrowed(json),
+            }),
+        }
+    }
+
+    /// Returns the value as a string when it is one.
+    pub fn as_str(self) -> Option<&'a str> {
+        match self {
+            FieldValue::String(text) => Some(text),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    name: Text,
+    value: Slot,
+}
+
+/// The fields of one detection, see the module documentation.
+#[derive(Debug, Clone, Default)]
+pub struct Fields {
+    /// In the object's order, each name once.
+    entries: Vec<Entry>,
+    /// Indexes into `entries`, hashed by name, for lookups.
+    by_name: HashTable<u32>,
+}
+
+/// Hashes field names with a seed chosen at random per process, so names
+/// cannot be picked to collide.
+fn name_hash(name: &str) -> u64 {
+    static STATE: LazyLock<foldhash::fast::RandomState> = LazyLock::new(Default::default);
+    STATE.hash_one(name)
+}
+
+impl Fields {
+    /// Parses the JSON object `raw`. Fails on text that is not one valid JSON
+    /// object, on a string with a lone UTF-16 surrogate, and on nesting
+    /// deeper than serde_json's limit of 128 levels.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let mut deserializer = serde_json::Deserializer::from_str(raw);
+        let fields = deserializer.deserialize_map(FieldsVisitor { raw }).map_err(|e| e.to_string())?;
+        deserializer.end().map_err(|e| e.to_string())?;
+        Ok(fields)
+    }
+
+    /// Appends a field, or gives a repeated name its new value in place.
+    fn insert(&mut self, raw: &str, name: Text, value: Slot) {
+        let entries = &mut self.entries;
+        let hash = name_hash(name.resolve(raw));
+        let found = self.by_name.entry(
+            hash,
+            |&i| entries[i as usize].name.resolve(raw) == name.resolve(raw),
+            |&i| name_hash(entries[i as usize].name.resolve(raw)),
+        );
+        match found {
+            hashbrown::hash_table::Entry::Occupied(slot) => entries[*slot.get() as usize].value = value,
+            hashbrown::hash_table::Entry::Vacant(slot) => {
+                // A field count beyond u32 would need a detection of several GB.
+                slot.insert(entries.len() as u32);
+                entries.push(Entry { name, value });
+            }
+        }
+    }
+
+    /// Returns the value of field `name`, resolved against the detection's raw text.
+    pub fn get<'a>(&'a self, raw: &'a str, name: &str) -> Option<FieldValue<'a>> {
+        let &index = self.by_name.find(name_hash(name), |&i| self.entries[i as usize].name.resolve(raw) == name)?;
+        Some(self.value(raw, &self.entries[index as usize].value))
+    }
+
+    /// Every field in the object's order.
+    pub fn iter<'a>(&'a self, raw: &'a str) -> impl Iterator<Item = (&'a str, FieldValue<'a>)> + 'a {
+        self.entries.iter().map(move |entry| (entry.name.resolve(raw), self.value(raw, &entry.value)))
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn value<'a>(&'a self, raw: &'a str, slot: &'a Slot) -> FieldValue<'a> {
+        match slot {
+            Slot::Null => FieldValue::Null,
+            Slot::Bool(b) => FieldValue::Bool(*b),
+            Slot::Number(range) => FieldValue::Number(&raw[range.clone()]),
+            Slot::String(text) => FieldValue::String(text.resolve(raw)),
+            Slot::Nested(range) => FieldValue::Nested(&raw[range.clone()]),
+        }
+    }
+}
+
+/// Sorts one raw JSON value into its slot. A string is decoded only when it
+/// has escapes; an object or array is parsed once to check it.
+fn classify(json: &str, span: impl Fn(&str) -> Range<usize>) -> Result<Slot, serde_json::Error> {
+    let slot = match json.as_bytes().first() {
+        Some(b'"') => {
+            let inner = &json[1..json.len() - 1];
+            if inner.contains('\\') {
+                Slot::String(Text::Decoded(serde_json::from_str::<String>(json)?.into_boxed_str()))
+            } else {
+                Slot::String(Text::Span(span(inner)))
+            }
+        }
+        Some(b'{' | b'[') => {
+            serde_json::from_str::<serde_json::Value>(json)?;
+            Slot::Nested(span(json))
+        }
+        Some(b't') => Slot::Bool(true),
+        Some(b'f') => Slot::Bool(false),
+        Some(b'n') => Slot::Null,
+        _ => Slot::Number(span(json)),
+    };
+    Ok(slot)
+}
+
+/// Builds the field table of `raw` from its members: borrowed names and
+/// raw values, located in `raw` by their addresses.
+struct FieldsVisitor<'r> {
+    raw: &'r str,
+}
+
+impl FieldsVisitor<'_> {
+    fn span(&self, text: &str) -> Range<usize> {
+        let start = text.as_ptr() as usize - self.raw.as_ptr() as usize;
+        start..start + text.len()
+    }
+}
+
+impl<'de> Visitor<'de> for FieldsVisitor<'_> {
+    type Value = Fields;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Fields, M::Error> {
+        // Two fields per 40 bytes is about what the API sends.
+        let capacity = (self.raw.len() / 40).clamp(8, 256);
+        let mut fields = Fields { entries: Vec::with_capacity(capacity), by_name: HashTable::with_capacity(capacity) };
+        while let Some(name) = map.next_key_seed(BorrowedName)? {
+            let value = map.next_value::<&'de RawValue>()?;
+            let value = classify(value.get(), |text| self.span(text))
+                .map_err(|e| serde::de::Error::custom(format!("field {name:?}: {e}")))?;
+            let name = match name {
+                Cow::Borrowed(text) => Text::Span(self.span(text)),
+                Cow::Owned(text) => Text::Decoded(text.into_boxed_str()),
+            };
+            fields.insert(self.raw, name, value);
+        }
+        Ok(fields)
+    }
+}
+
+/// Deserializes a string without copying it when it has no escapes.
+/// (serde's own `Cow<str>` always copies.)
+pub(super) struct BorrowedName;
+
+impl<'de> DeserializeSeed<'de> for BorrowedName {
+    type Value = Cow<'de, str>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for BorrowedName {
+    type Value = Cow<'de, str>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a string")
+    }
+
+    fn visit_borrowed_str<E>(self, text: &'de str) -> Result<Self::Value, E> {
+        Ok(Cow::Borrowed(text))
+    }
+
+    fn visit_str<E>(self, text: &str) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(text.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text_of(fields: &Fields, raw: &str, name: &str) -> Option<String> {
+        fields.get(raw, name).and_then(FieldValue::text).map(Cow::into_owned)
+    }
+
+    #[test]
+    fn spans_and_decoded_values_resolve() {
+        let raw = r#"{"A":"plain","B\u0041":"tab\tand \"quote\"","N":-1.50e3,"T":true,"F":false,"Z":null,"O":{ "k" : [1, "x"] }}"#;
+        let fields = Fields::parse(raw).unwrap();
+        assert_eq!(fields.get(raw, "A"), Some(FieldValue::String("plain")));
+        assert_eq!(fields.get(raw, "BA"), Some(FieldValue::String("tab\tand \"quote\"")));
+        assert_eq!(fields.get(raw, "N"), Some(FieldValue::Number("-1.50e3")));
+        assert_eq!(fields.get(raw, "T"), Some(FieldValue::Bool(true)));
+        assert_eq!(fields.get(raw, "F"), Some(FieldValue::Bool(false)));
+        assert_eq!(fields.get(raw, "Z"), Some(FieldValue::Null));
+        assert_eq!(fields.get(raw, "O"), Some(FieldValue::Nested(r#"{ "k" : [1, "x"] }"#)));
+        assert_eq!(text_of(&fields, raw, "O").as_deref(), Some(r#"{"k":[1,"x"]}"#));
+        assert_eq!(fields.get(raw, "Missing"), None);
+    }
+
+    #[test]
+    fn order_follows_the_object() {
+        let raw = r#"{"Zeta":1,"Alpha":2,"Mid":3}"#;
+        let fields = Fields::parse(raw).unwrap();
+        let names: Vec<&str> = fields.iter(raw).map(|(name, _)| name).collect();
+        assert_eq!(names, ["Zeta", "Alpha", "Mid"]);
+    }
+
+    #[test]
+    fn repeated_names_keep_first_place_last_value() {
+        let raw = r#"{"A":"1","B":"2","A":"3","C":"4","B":"5","A":"6"}"#;
+        let fields = Fields::parse(raw).unwrap();
+        let pairs: Vec<(&str, Option<&str>)> = fields.iter(raw).map(|(name, value)| (name, value.as_str())).collect();
+        assert_eq!(pairs, [("A", Some("6")), ("B", Some("5")), ("C", Some("4"))]);
+        assert_eq!(fields.get(raw, "A"), Some(FieldValue::String("6")));
+        assert_eq!(fields.len(), 3);
+    }
+
+    #[test]
+    fn escaped_name_equal_to_plain_name_is_repeated() {
+        let raw = r#"{"A":"first","\u0041":"second"}"#;
+        let fields = Fields::parse(raw).unwrap();
+        assert_eq!(fields.len(), 1);
+        assert_eq!(fields.get(raw, "A"), Some(FieldValue::String("second")));
+    }
+
+    #[test]
+    fn same_as_serde_json_map_on_samples() {
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/detections.json")).unwrap();
+        let items: Vec<Box<RawValue>> = serde_json::from_str(&text).unwrap();
+        for item in &items {
+            let raw = item.get();
+            let fields = Fields::parse(raw).unwrap();
+            let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(raw).unwrap();
+            let ours: Vec<(&str, Option<String>)> =
+                fields.iter(raw).map(|(name, value)| (name, value.text().map(Cow::into_owned))).collect();
+            let theirs: Vec<(&str, Option<String>)> =
+                map.iter().map(|(name, value)| (name.as_str(), crate::detection::json_value_text(value).map(Cow::into_owned))).collect();
+            assert_eq!(ours, theirs);
+        }
+    }
+
+    #[test]
+    fn invalid_text_is_an_error() {
+        for raw in [
+            r#"{"A":"x\ud800y"}"#,
+            r#"{"A\ud800":"x"}"#,
+            r#"{"A":["\udc00"]}"#,
+            r#"{"A":1,}"#,
+            r#"{"A":1} x"#,
+            "[1]",
+            "",
+        ] {
+            assert!(Fields::parse(raw).is_err(), "{raw}");
+        }
+    }
+
+    #[test]
+    fn nesting_beyond_the_limit_is_an_error() {
+        let deep = format!(r#"{{"E":{}1{}}}"#, "[".repeat(200), "]".repeat(200));
+        let error = Fields::parse(&deep).unwrap_err();
+        assert!(error.contains("\"E\""), "{error}");
+    }
+}
