@@ -76,6 +76,8 @@ pub enum StoreError {
     Schema { path: PathBuf, found: u32 },
     #[error("database in {path} failed: {source}; check free space and permissions, the write is retried")]
     Io { path: PathBuf, source: sled::Error },
+    #[error("a state store write was cancelled because the runtime is shutting down; it is retried after the next start")]
+    Cancelled,
     #[error("corrupt {what} in {path}: {detail}")]
     Corrupt { path: PathBuf, what: &'static str, detail: String },
     #[error("{0}; check free space and permissions, the write is retried")]
@@ -359,6 +361,32 @@ impl Store {
         checkpoint: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
     ) -> Result<EnqueueOutcome, StoreError> {
+        let outcome = self.enqueue_unflushed(tenant, detections, checkpoint, now)?;
+        self.db.flush_async().await.map_err(|e| self.io(e))?;
+        Ok(outcome)
+    }
+
+    /// Like [`Store::enqueue`], for a thread that may block: the spool's
+    /// fsync and sled's flush run on the calling thread.
+    pub fn enqueue_blocking(
+        &self,
+        tenant: &str,
+        detections: &[Detection],
+        checkpoint: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Result<EnqueueOutcome, StoreError> {
+        let outcome = self.enqueue_unflushed(tenant, detections, checkpoint, now)?;
+        self.db.flush().map_err(|e| self.io(e))?;
+        Ok(outcome)
+    }
+
+    fn enqueue_unflushed(
+        &self,
+        tenant: &str,
+        detections: &[Detection],
+        checkpoint: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Result<EnqueueOutcome, StoreError> {
         let mut outcome = EnqueueOutcome::default();
         let mut added_bytes = 0u64;
         for chunk in detections.chunks(MAX_BATCH_ITEMS).chain(detections.is_empty().then_some(&[][..])) {
@@ -369,7 +397,6 @@ impl Store {
             added_bytes += bytes;
         }
         self.outbox_bytes.fetch_add(added_bytes, Ordering::Relaxed);
-        self.db.flush_async().await.map_err(|e| self.io(e))?;
         Ok(outcome)
     }
 

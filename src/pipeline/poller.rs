@@ -12,11 +12,13 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use crate::config::{OutboxFullPolicy, PollConfig, StateConfig};
 use crate::retry::Backoff;
 use crate::source::{AlertsClient, Element, Query, SourceError};
-use crate::store::{Store, StoreError};
+use crate::detection::Detection;
+use crate::store::{EnqueueOutcome, Store, StoreError};
 
 /// Detections read from a response before they are queued together.
 const QUEUE_BATCH: usize = 250;
@@ -264,46 +266,105 @@ impl Poller {
         Ok(report)
     }
 
+    /// Reads one response and queues its detections.
+    ///
+    /// Queuing a batch (spool append, dedupe lookups, fsyncs) runs on the
+    /// blocking pool while the next batch is read and decoded, so the two
+    /// overlap. At most one batch is in flight, and batches are queued in
+    /// response order. An error waits for the batch in flight first, so no
+    /// later cycle queues for this tenant at the same time.
     async fn read_page(&self, query: &Query, now: DateTime<Utc>, report: &mut CycleReport) -> Result<PageSummary, CycleError> {
-        let tenant = &self.client.tenant().name;
         let mut page = self.client.open(query).await?;
         let mut summary = PageSummary::default();
-        while let Some(elements) = page.next_batch(QUEUE_BATCH).await? {
+        let mut in_flight: Option<JoinHandle<Result<EnqueueOutcome, StoreError>>> = None;
+        let read: Result<(), CycleError> = loop {
+            let elements = match page.next_batch(QUEUE_BATCH).await {
+                Ok(Some(elements)) => elements,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e.into()),
+            };
             self.beat(Duration::ZERO);
-            let mut detections = Vec::with_capacity(elements.len());
-            for element in elements {
-                summary.count += 1;
-                match element {
-                    Element::Detection(d) => {
-                        if let Some(t) = d.last_processed() {
-                            summary.oldest = Some(summary.oldest.map_or(t, |o| o.min(t)));
-                            summary.newest = summary.newest.max(Some(t));
-                        }
-                        detections.push(d);
+            let detections = match self.sort_elements(elements, now, &mut summary, report) {
+                Ok(detections) => detections,
+                Err(e) => break Err(e),
+            };
+            report.fetched += detections.len();
+            if let Some(previous) = in_flight.take() {
+                if let Err(e) = self.settle_enqueue(previous, report).await {
+                    break Err(e);
+                }
+            }
+            let store = self.store.clone();
+            let tenant = self.name().to_string();
+            in_flight = Some(tokio::task::spawn_blocking(move || store.enqueue_blocking(&tenant, &detections, None, now)));
+        };
+        let settled = match in_flight {
+            Some(last) => self.settle_enqueue(last, report).await,
+            None => Ok(()),
+        };
+        read?;
+        settled?;
+        Ok(summary)
+    }
+
+    /// Splits a batch of response elements into detections, updating the
+    /// page's time range, and keeps each new invalid element as a dead letter.
+    fn sort_elements(
+        &self,
+        elements: Vec<Element>,
+        now: DateTime<Utc>,
+        summary: &mut PageSummary,
+        report: &mut CycleReport,
+    ) -> Result<Vec<Detection>, CycleError> {
+        let tenant = self.name();
+        let mut detections = Vec::with_capacity(elements.len());
+        for element in elements {
+            summary.count += 1;
+            match element {
+                Element::Detection(d) => {
+                    if let Some(t) = d.last_processed() {
+                        summary.oldest = Some(summary.oldest.map_or(t, |o| o.min(t)));
+                        summary.newest = summary.newest.max(Some(t));
                     }
-                    Element::Invalid { raw, reason } => {
-                        report.invalid += 1;
-                        // The overlap reads an element again on later polls; keep it once.
-                        let new = self.store.remember_invalid(tenant, &raw, now).map_err(|e| self.store_error(e))?;
-                        if new {
-                            tracing::warn!(tenant = %tenant, reason = %reason, "response element is not a detection; kept as a dead letter");
-                            let entry = crate::store::OutboxEntry { tenant: tenant.clone(), only_sink: None, raw };
-                            self.store
-                                .dead_letter(crate::store::SOURCE_SINK, &entry, &format!("response element is not a detection: {reason}"))
-                                .map_err(|e| self.store_error(e))?;
-                        }
+                    detections.push(d);
+                }
+                Element::Invalid { raw, reason } => {
+                    report.invalid += 1;
+                    // The overlap reads an element again on later polls; keep it once.
+                    let new = self.store.remember_invalid(tenant, &raw, now).map_err(|e| self.store_error(e))?;
+                    if new {
+                        tracing::warn!(tenant = %tenant, reason = %reason, "response element is not a detection; kept as a dead letter");
+                        let entry = crate::store::OutboxEntry { tenant: tenant.to_string(), only_sink: None, raw };
+                        self.store
+                            .dead_letter(crate::store::SOURCE_SINK, &entry, &format!("response element is not a detection: {reason}"))
+                            .map_err(|e| self.store_error(e))?;
                     }
                 }
             }
-            report.fetched += detections.len();
-            let outcome = self.store.enqueue(tenant, &detections, None, now).await.map_err(|e| self.store_error(e))?;
-            report.queued += outcome.queued;
-            report.duplicates += outcome.duplicates;
-            if outcome.queued > 0 {
-                self.wake_sinks.send_modify(|generation| *generation += 1);
-            }
         }
-        Ok(summary)
+        Ok(detections)
+    }
+
+    /// Waits for a batch queued on the blocking pool, counts it and wakes the sinks.
+    async fn settle_enqueue(
+        &self,
+        queued: JoinHandle<Result<EnqueueOutcome, StoreError>>,
+        report: &mut CycleReport,
+    ) -> Result<(), CycleError> {
+        let outcome = match queued.await {
+            Ok(outcome) => outcome.map_err(|e| self.store_error(e))?,
+            Err(join) => match join.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                // Only a runtime shutdown cancels a blocking task.
+                Err(_) => return Err(self.store_error(StoreError::Cancelled)),
+            },
+        };
+        report.queued += outcome.queued;
+        report.duplicates += outcome.duplicates;
+        if outcome.queued > 0 {
+            self.wake_sinks.send_modify(|generation| *generation += 1);
+        }
+        Ok(())
     }
 
     /// Pauses polling while the outbox is over its limit. Returns false when
