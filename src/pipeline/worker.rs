@@ -216,7 +216,12 @@ impl SinkWorker {
                 prepared.consumed = index + 1;
                 continue;
             }
-            let parsed = Detection::from_string(entry.raw.clone()).map_err(|(_, e)| e.to_string());
+            let parsed = if self.encoder.needs_fields() {
+                Detection::from_string_with_fields(entry.raw.clone())
+            } else {
+                Detection::from_string(entry.raw.clone())
+            };
+            let parsed = parsed.map_err(|(_, e)| e.to_string());
             let parsed = parsed.and_then(|d| match d.field_error().filter(|_| self.encoder.needs_fields()) {
                 Some(error) => Err(format!(
                     "its fields cannot be parsed ({error}), so this format would lose them; JSON sinks forward it unchanged"
