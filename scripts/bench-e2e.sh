@@ -152,7 +152,7 @@ interval_secs = $interval
 limit = $limit
 
 [service]
-log_level = "warn"
+log_level = "${BENCH_LOG_LEVEL:-warn}"
 
 [[tenant]]
 name = "bench"
@@ -194,12 +194,18 @@ stop_process() {
     wait "$1" 2>/dev/null || true
 }
 
+# Prints the user plus system CPU time of a process, in clock ticks (fields
+# 14 and 15 of /proc/PID/stat).
+process_ticks() {
+    cut -d ' ' -f 14,15 "/proc/$1/stat" | awk '{ print $1 + $2 }'
+}
+
 # Extracts one value of `/usr/bin/time -v` output.
 time_field() {
     grep -F "$1" "$2" | head -n 1 | sed 's/.*: //'
 }
 
-printf '%-8s %-6s %9s %12s %14s %13s\n' detections limit "wall s" "detections/s" "CPU s/100k" "peak RSS MB"
+printf '%-8s %-6s %9s %12s %14s %13s %15s\n' detections limit "wall s" "detections/s" "CPU s/100k" "peak RSS MB" "emulator CPU s"
 
 run_once() {
     local count=$1 limit=$2
@@ -213,11 +219,13 @@ run_once() {
     if [[ -n "${PERF_DATA:-}" ]]; then
         profiler=(perf record --quiet ${PERF_ARGS:--F 999} -o "$PERF_DATA-$count-$limit.data" --)
     fi
-    local started ended status=0
+    local started ended status=0 emulator_before emulator_after
+    emulator_before=$(process_ticks "$EMULATOR_PID")
     started=$(date +%s%N)
     timeout "$WAIT_SECS" /usr/bin/time -v -o "$dir/time.txt" "${profiler[@]}" "$BIN" run --once -c "$dir/config.toml" \
         2>"$dir/forwarder.err" || status=$?
     ended=$(date +%s%N)
+    emulator_after=$(process_ticks "$EMULATOR_PID")
     [[ $status == 0 ]] || die "run --once failed with status $status (N=$count, limit=$limit): $(tail -n 5 "$dir/forwarder.err")"
 
     wait_for_receiver "$count" || true
@@ -233,14 +241,17 @@ run_once() {
     user=$(time_field "User time (seconds)" "$dir/time.txt")
     sys=$(time_field "System time (seconds)" "$dir/time.txt")
     rss_kb=$(time_field "Maximum resident set size (kbytes)" "$dir/time.txt")
-    python3 - "$count" "$limit" "$started" "$ended" "$user" "$sys" "$rss_kb" <<'PY'
+    python3 - "$count" "$limit" "$started" "$ended" "$user" "$sys" "$rss_kb" \
+        "$((emulator_after - emulator_before))" "$(getconf CLK_TCK)" <<'PY'
 import sys
-count, limit, started, ended, user, sys_, rss_kb = sys.argv[1:]
+count, limit, started, ended, user, sys_, rss_kb, emulator_ticks, ticks_per_sec = sys.argv[1:]
 count = int(count)
 wall = (int(ended) - int(started)) / 1e9
 cpu = float(user) + float(sys_)
-print(f"{count:<8} {limit:<6} {wall:9.2f} {count / wall:12.0f} {cpu * 100000 / count:14.2f} {int(rss_kb) / 1024:13.1f}")
+emulator_cpu = int(emulator_ticks) / int(ticks_per_sec)
+print(f"{count:<8} {limit:<6} {wall:9.2f} {count / wall:12.0f} {cpu * 100000 / count:14.2f} {int(rss_kb) / 1024:13.1f} {emulator_cpu:15.2f}")
 PY
+    [[ -n "${KEEP_LOG:-}" ]] && cp "$dir/forwarder.err" "$KEEP_LOG-$count-$limit.log"
     rm -rf "$dir"
 }
 
