@@ -10,10 +10,15 @@
 #   IDLE_SECS     length of the idle measurement in seconds (default 60; 0 skips it)
 #   PERF_DATA     when set, each run is recorded with `perf record` into
 #                 PERF_DATA-N-LIMIT.data (its figures then include perf's cost)
+#   PERF_ARGS     options for `perf record` (default "-F 999"), for example
+#                 "-F 499 --call-graph dwarf,16384" for call graphs
+#   BENCH_LOG_LEVEL  the forwarder's log_level (default warn)
+#   KEEP_LOG      when set, each run's forwarder log is kept as KEEP_LOG-N-LIMIT.log
 #   SKIP_BUILD=1  use the existing target/release/mde-forwarder
 #
 # Needs python3 and GNU time (/usr/bin/time). Prints one table row per run
-# and the idle figures. Every process it starts is stopped on exit.
+# (with the emulator's CPU time during the run, which shares the cores) and
+# the idle figures. Every process it starts is stopped on exit.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
