@@ -476,6 +476,12 @@ impl Store {
         Ok(payload)
     }
 
+    /// Drops the cached spool reads, for a sink that has caught up: the
+    /// next read after new detections arrive is a different batch anyway.
+    pub fn forget_recent_reads(&self) {
+        self.recent.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
     fn index_entry(&self, seq: u64, value: &[u8]) -> Result<IndexEntry, StoreError> {
         IndexEntry::decode(value).ok_or_else(|| self.corrupt("outbox entry", format!("sequence {seq}")))
     }

@@ -130,6 +130,9 @@ impl SinkWorker {
             if entries.is_empty() {
                 if delivered_since_idle {
                     // The backlog is done: give its memory back before waiting.
+                    // The batch buffer has grown to the largest batch sent.
+                    batch = Batch::default();
+                    self.store.forget_recent_reads();
                     super::release_free_memory();
                     delivered_since_idle = false;
                 }
