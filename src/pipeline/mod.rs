@@ -59,6 +59,9 @@ pub enum Mode {
 /// The `User-Agent` of every request: product name and version.
 pub const USER_AGENT: &str = concat!("mde-forwarder/", env!("CARGO_PKG_VERSION"));
 
+/// How long a connection to the API or the token endpoint stays open unused.
+const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Builds the one HTTP client shared by every tenant: timeouts, proxy,
 /// extra CA certificates, gzip decoding (on by the reqwest feature).
 ///
@@ -69,7 +72,10 @@ pub fn http_client(config: &Config) -> Result<reqwest::Client, PipelineError> {
     let mut builder = reqwest::Client::builder()
         .user_agent(USER_AGENT)
         .connect_timeout(Duration::from_secs(poll.connect_timeout_secs))
-        .read_timeout(Duration::from_secs(poll.request_timeout_secs));
+        .read_timeout(Duration::from_secs(poll.request_timeout_secs))
+        // Pages of one poll reuse a connection. Between polls an idle
+        // connection would only hold buffers, so it is closed.
+        .pool_idle_timeout(IDLE_CONNECTION_TIMEOUT);
     if let Some(proxy_url) = &poll.proxy_url {
         // reqwest's error text may repeat the URL, and with it a password.
         let proxy = reqwest::Proxy::all(proxy_url.expose().trim()).map_err(|_| {
