@@ -1,5 +1,5 @@
-//! The detection type: the API's JSON object kept byte for byte, plus a parsed
-//! field map for encoders that need individual values.
+//! The detection type: the API's JSON object kept byte for byte, plus a
+//! field table (see [`Fields`]) for encoders that need individual values.
 //!
 //! The raw text is what JSON sinks write, so a detection reaches them exactly
 //! as the API sent it: unknown fields, number precision and key order included.
@@ -24,8 +24,8 @@ pub use fields::{FieldValue, Fields};
 /// One detection as received.
 ///
 /// Construction reads only `FullId` and `LastProcessedTimeUtc` (and checks
-/// that the text is one JSON object); the full field map is parsed on first
-/// use, so sinks that forward the raw JSON never pay for it.
+/// that the text is one JSON object); the field table is built on first use,
+/// so sinks that forward the raw JSON never pay for it.
 #[derive(Debug, Clone)]
 pub struct Detection {
     raw: Box<str>,
