@@ -52,8 +52,9 @@ enum Slot {
 pub enum FieldValue<'a> {
     Null,
     Bool(bool),
-    /// The number exactly as the API wrote it (for example `1e400` or a
-    /// 30-digit integer).
+    /// The number exactly as the API wrote it (for example `1E400` or a
+    /// 30-digit integer), where a `serde_json::Value` would rewrite an
+    /// exponent as `1e+400`.
     Number(&'a str),
     /// The decoded string.
     String(&'a str),
@@ -148,7 +149,7 @@ impl Fields {
         Some(self.value(raw, &self.entries[index as usize].value))
     }
 
-    /// Every field in the object's order.
+    /// Iterates over every field in the object's order.
     pub fn iter<'a>(&'a self, raw: &'a str) -> impl Iterator<Item = (&'a str, FieldValue<'a>)> + 'a {
         self.entries.iter().map(move |entry| (entry.name.resolve(raw), self.value(raw, &entry.value)))
     }
@@ -185,7 +186,10 @@ fn classify(json: &str, span: impl Fn(&str) -> Range<usize>) -> Result<Slot, ser
             }
         }
         Some(b'{' | b'[') => {
-            serde_json::from_str::<serde_json::Value>(json)?;
+            // Skipping the value did not count its depth. Parsing it inside
+            // an array spends the level the enclosing object took, so the
+            // limit is serde_json's 128 levels for the whole detection.
+            serde_json::from_str::<serde_json::Value>(&format!("[{json}]"))?;
             Slot::Nested(span(json))
         }
         Some(b't') => Slot::Bool(true),
@@ -347,5 +351,25 @@ mod tests {
         let deep = format!(r#"{{"E":{}1{}}}"#, "[".repeat(200), "]".repeat(200));
         let error = Fields::parse(&deep).unwrap_err();
         assert!(error.contains("\"E\""), "{error}");
+    }
+
+    #[test]
+    fn nesting_limit_counts_the_enclosing_object() {
+        // The object is one level, so a value may have 127 more, as in a
+        // serde_json::Map parse of the whole text.
+        for depth in [120, 126, 127, 128, 129] {
+            let raw = format!(r#"{{"E":{}1{}}}"#, "[".repeat(depth), "]".repeat(depth));
+            let map = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&raw);
+            assert_eq!(Fields::parse(&raw).is_ok(), map.is_ok(), "depth {depth}");
+        }
+    }
+
+    #[test]
+    fn numbers_keep_their_text() {
+        let raw = r#"{"A":1E400,"B":-0,"C":1.50e3,"D":123456789012345678901234567890,"E":-1.5E-7}"#;
+        let fields = Fields::parse(raw).unwrap();
+        for (name, text) in [("A", "1E400"), ("B", "-0"), ("C", "1.50e3"), ("D", "123456789012345678901234567890"), ("E", "-1.5E-7")] {
+            assert_eq!(text_of(&fields, raw, name).as_deref(), Some(text), "{name}");
+        }
     }
 }
