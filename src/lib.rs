@@ -19,5 +19,6 @@ pub mod probe;
 pub mod telemetry;
 pub mod demo;
 pub mod emulator;
+pub mod seen;
 pub mod spool;
 pub mod redact;

@@ -1,12 +1,12 @@
-//! The sled store: checkpoints, the dedupe set, the outbox, sink cursors and
-//! dead letters, in one database that a single process owns.
+//! The state store: checkpoints, the outbox, sink cursors and dead letters in
+//! one sled database, the outbox's batches in [`crate::spool`] files, and
+//! the dedupe set in [`crate::seen`] files. A single process owns it.
 //!
-//! # Layout (schema version 1)
+//! # Layout (schema version 2)
 //! | tree | key | value |
 //! | --- | --- | --- |
 //! | `meta` | `schema_version` | u32 big-endian |
 //! | `checkpoints` | tenant name | RFC 3339 text with nanoseconds |
-//! | `dedupe.<period>.<generation>` | tenant, 0x00, FullId | empty |
 //! | `outbox` | sequence number u64 BE | index of one queued batch: spool segment, offset, length, count |
 //! | `cursors` | sink name | last acknowledged position, u64 BE |
 //! | `dead_letters` | id u64 BE | JSON: sink, tenant, reason, time, detection |
@@ -19,19 +19,21 @@
 //! a sink's cursor is the position of the last detection it acknowledged, and
 //! 0 means none (sequence numbers start at 1).
 //!
-//! Dedupe entries live in generation trees of half the retention period each.
-//! A FullId is looked up in the current and the previous generation and
-//! written to the current one, so it is remembered for at least half and at
-//! most the whole retention; pruning drops whole trees.
+//! Schema version 1 kept the dedupe set in sled trees named
+//! `dedupe.<period>.<generation>`, keyed by tenant, 0x00, FullId. Opening
+//! such a database moves their keys into the seen files, drops the trees and
+//! writes version 2.
 //!
 //! # Why the write order is crash-safe
 //! A batch's spool record is on disk before anything points at it. Then its
-//! outbox index entry and its dedupe entries are written in one sled
-//! transaction and flushed, so after a crash either both exist or neither
-//! does. The poller moves the checkpoint in a last transaction only after
-//! every batch of the window is queued, so a crash in between leaves the
-//! checkpoint where it was: the next poll reads the window again and the
-//! dedupe set absorbs what was already queued. A sink's cursor is written only after the sink
+//! outbox index entry is written and sled is flushed, and only then are its
+//! FullIds appended to the dedupe set and fsynced. A crash between the two
+//! leaves detections queued but not marked as seen: the next poll may queue
+//! them again, a repeat rather than a loss. A FullId is never marked as seen
+//! without its detection in the outbox. The poller moves the checkpoint in
+//! a last transaction only after every batch of the window is queued, so a
+//! crash in between leaves the checkpoint where it was: the next poll reads
+//! the window again and the dedupe set absorbs what was already queued. A sink's cursor is written only after the sink
 //! acknowledged the batch, and sled recovers a prefix of its log, so a cursor
 //! never survives a crash that lost the entries it points past. The only
 //! repeats after a crash are batches sent but not yet acknowledged.
@@ -46,13 +48,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use chrono::{DateTime, Utc};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
-use sled::{IVec, Tree};
+use sled::Tree;
 
 use crate::detection::Detection;
+use crate::seen::{Seen, SeenError, SeenSet};
 use crate::spool::{RecordRef, Spool, SpoolError};
 use crate::timefmt;
 
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
+/// The version before the dedupe set moved out of sled; opening converts it.
+const SCHEMA_VERSION_SLED_DEDUPE: u32 = 1;
 /// The sink name of dead letters that came from the API response itself
 /// (elements that are not detections); requeueing sends them to every sink.
 pub const SOURCE_SINK: &str = "(source)";
@@ -82,6 +87,8 @@ pub enum StoreError {
     Corrupt { path: PathBuf, what: &'static str, detail: String },
     #[error("{0}; check free space and permissions, the write is retried")]
     Spool(#[from] SpoolError),
+    #[error("{0}; check free space and permissions, the write is retried")]
+    Seen(#[from] SeenError),
 }
 
 /// An outbox value: where the batch is spooled and how many detections it holds.
@@ -244,8 +251,9 @@ pub struct Store {
     /// later batch lives in an earlier segment.
     append_order: std::sync::Mutex<()>,
     outbox_bytes: AtomicU64,
-    /// Length of one dedupe generation, in seconds (half the retention).
-    dedupe_period: u64,
+    seen: SeenSet,
+    /// One lock per tenant, held for a whole enqueue.
+    tenant_locks: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<std::sync::Mutex<()>>>>,
     _lock: File,
 }
 
@@ -269,8 +277,16 @@ impl Store {
             .map_err(|source| StoreError::Open { path: db_path.clone(), source })?;
         let io = |source| StoreError::Io { path: db_path.clone(), source };
         let meta = db.open_tree("meta").map_err(io)?;
-        check_schema(&meta, &db, &db_path)?;
+        let version = check_schema(&meta, &db, &db_path)?;
         let spool = Spool::open_with(&dir.join("spool"), options.spool_segment_bytes)?;
+        let seen = SeenSet::open(&dir.join("seen"), (options.dedupe_retention_secs / 2).max(1))?;
+        if version == SCHEMA_VERSION_SLED_DEDUPE {
+            migrate_sled_dedupe(&db, &seen, &db_path)?;
+        }
+        if version != SCHEMA_VERSION {
+            meta.insert("schema_version", &SCHEMA_VERSION.to_be_bytes()).map_err(io)?;
+            db.flush().map_err(io)?;
+        }
         let store = Self {
             spool,
             recent: std::sync::Mutex::new(std::collections::VecDeque::new()),
@@ -282,7 +298,8 @@ impl Store {
             dir: db_path,
             db,
             outbox_bytes: AtomicU64::new(0),
-            dedupe_period: (options.dedupe_retention_secs / 2).max(1),
+            seen,
+            tenant_locks: std::sync::Mutex::default(),
             _lock: lock,
         };
         let bytes = store
@@ -342,15 +359,6 @@ impl Store {
             .collect()
     }
 
-    /// Opens the current and previous dedupe generation trees for time `now`.
-    fn dedupe_trees(&self, now: DateTime<Utc>) -> Result<(Tree, Tree), StoreError> {
-        let generation = now.timestamp().max(0) as u64 / self.dedupe_period;
-        let name = |g: u64| format!("{DEDUPE_PREFIX}{}.{g}", self.dedupe_period);
-        let current = self.db.open_tree(name(generation)).map_err(|e| self.io(e))?;
-        let previous = self.db.open_tree(name(generation.saturating_sub(1))).map_err(|e| self.io(e))?;
-        Ok((current, previous))
-    }
-
     /// Queues the detections not seen before, records them as seen and moves
     /// the checkpoint forward to `checkpoint` (never back), in one transaction,
     /// then flushes to disk.
@@ -361,13 +369,18 @@ impl Store {
         checkpoint: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
     ) -> Result<EnqueueOutcome, StoreError> {
-        let outcome = self.enqueue_unflushed(tenant, detections, checkpoint, now)?;
-        self.db.flush_async().await.map_err(|e| self.io(e))?;
-        Ok(outcome)
+        // The flush and the fsyncs block this thread for a moment; the
+        // poller queues its batches through `enqueue_blocking` instead.
+        self.enqueue_blocking(tenant, detections, checkpoint, now)
     }
 
     /// Like [`Store::enqueue`], for a thread that may block: the spool's
     /// fsync and sled's flush run on the calling thread.
+    ///
+    /// Calls for one tenant run one at a time, so each decides what is new
+    /// after the previous one added its FullIds to the dedupe set. A batch
+    /// left running by a poller that was stopped or reloaded thus never
+    /// races its successor into queuing the same detections twice.
     pub fn enqueue_blocking(
         &self,
         tenant: &str,
@@ -375,56 +388,64 @@ impl Store {
         checkpoint: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
     ) -> Result<EnqueueOutcome, StoreError> {
-        let outcome = self.enqueue_unflushed(tenant, detections, checkpoint, now)?;
+        let tenant_lock = self.tenant_lock(tenant);
+        let _queuing = tenant_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let (outcome, fresh) = self.enqueue_unflushed(tenant, detections, checkpoint, now)?;
         self.db.flush().map_err(|e| self.io(e))?;
+        self.seen.insert(&fresh, now)?;
         Ok(outcome)
     }
 
+    fn tenant_lock(&self, tenant: &str) -> std::sync::Arc<std::sync::Mutex<()>> {
+        let mut locks = self.tenant_locks.lock().unwrap_or_else(|e| e.into_inner());
+        locks.entry(tenant.to_string()).or_default().clone()
+    }
+
+    /// Spools and indexes the detections not seen before; returns the counts
+    /// and the digests to add to the dedupe set once sled is flushed.
     fn enqueue_unflushed(
         &self,
         tenant: &str,
         detections: &[Detection],
         checkpoint: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
-    ) -> Result<EnqueueOutcome, StoreError> {
+    ) -> Result<(EnqueueOutcome, Vec<Seen>), StoreError> {
         let mut outcome = EnqueueOutcome::default();
+        let mut fresh = HashSet::with_capacity(detections.len());
         let mut added_bytes = 0u64;
         for chunk in detections.chunks(MAX_BATCH_ITEMS).chain(detections.is_empty().then_some(&[][..])) {
             let last_chunk = chunk.as_ptr_range().end == detections.as_ptr_range().end;
-            let (chunk_outcome, bytes) = self.enqueue_chunk(tenant, chunk, checkpoint.filter(|_| last_chunk), now)?;
+            let (chunk_outcome, bytes) = self.enqueue_chunk(tenant, chunk, checkpoint.filter(|_| last_chunk), now, &mut fresh)?;
             outcome.queued += chunk_outcome.queued;
             outcome.duplicates += chunk_outcome.duplicates;
             added_bytes += bytes;
         }
         self.outbox_bytes.fetch_add(added_bytes, Ordering::Relaxed);
-        Ok(outcome)
+        Ok((outcome, fresh.into_iter().collect()))
     }
 
+    /// Queues one chunk and adds the digests of its new detections to
+    /// `fresh_seen`. That set already contains the earlier chunks' digests of
+    /// the same call, and the caller adds it to the dedupe set after the flush.
     fn enqueue_chunk(
         &self,
         tenant: &str,
         detections: &[Detection],
         checkpoint: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
+        fresh_seen: &mut HashSet<Seen>,
     ) -> Result<(EnqueueOutcome, u64), StoreError> {
-        let (current, previous) = self.dedupe_trees(now)?;
-        // Only this tenant's poller writes its dedupe keys, so what is new can
-        // be decided before the transaction and spooled first.
+        // The caller holds this tenant's queuing lock, so what is new can be
+        // decided before anything is written.
         let mut outcome = EnqueueOutcome::default();
-        let mut fresh_keys = Vec::with_capacity(detections.len());
         let mut fresh = Vec::with_capacity(detections.len());
-        let mut seen_in_batch = HashSet::new();
         for detection in detections {
-            let key = dedupe_key(tenant, detection);
-            let seen = seen_in_batch.contains(&key)
-                || current.contains_key(&key).map_err(|e| self.io(e))?
-                || previous.contains_key(&key).map_err(|e| self.io(e))?;
-            if seen {
+            let seen = Seen::of_key(&dedupe_key(tenant, detection));
+            if fresh_seen.contains(&seen) || self.seen.contains(&seen, now) {
                 outcome.duplicates += 1;
                 continue;
             }
-            seen_in_batch.insert(key.clone());
-            fresh_keys.push(key);
+            fresh_seen.insert(seen);
             fresh.push(detection.raw());
         }
         outcome.queued = fresh.len();
@@ -436,15 +457,12 @@ impl Store {
             let record = self.spool.append(&payload)?;
             Some(IndexEntry { record, count: fresh.len() })
         };
-        let trees = (&self.outbox, &current, &self.checkpoints);
-        let result = trees.transaction(|(outbox, current, checkpoints)| {
+        let trees = (&self.outbox, &self.checkpoints);
+        let result = trees.transaction(|(outbox, checkpoints)| {
             if let Some(index) = index {
                 // Sequence numbers start at 1: position 0 means nothing acknowledged.
                 let seq = outbox.generate_id()? + 1;
                 outbox.insert(&seq.to_be_bytes(), index.encode())?;
-            }
-            for key in &fresh_keys {
-                current.insert(key.as_slice(), &[])?;
             }
             if let Some(new) = checkpoint {
                 let stored = checkpoints.get(tenant)?.and_then(|b| timefmt::parse(&String::from_utf8_lossy(&b)));
@@ -657,17 +675,9 @@ impl Store {
         Ok((count, oldest))
     }
 
-    /// Names of the dedupe generation trees in the database.
-    fn dedupe_tree_names(&self) -> Vec<IVec> {
-        self.db.tree_names().into_iter().filter(|n| n.starts_with(DEDUPE_PREFIX.as_bytes())).collect()
-    }
-
     /// FullIds remembered in the live generations.
     pub fn dedupe_len(&self) -> usize {
-        match self.dedupe_trees(Utc::now()) {
-            Ok((current, previous)) => current.len() + previous.len(),
-            Err(_) => 0,
-        }
+        self.seen.len(Utc::now())
     }
 
     /// Records a response element that is not a detection, keyed by its
@@ -676,46 +686,24 @@ impl Store {
         let mut key = tenant.as_bytes().to_vec();
         key.extend_from_slice(b"\0\0invalid:");
         key.extend_from_slice(raw.as_bytes());
-        let (current, previous) = self.dedupe_trees(now)?;
-        if current.contains_key(&key).map_err(|e| self.io(e))? || previous.contains_key(&key).map_err(|e| self.io(e))? {
+        let seen = Seen::of_key(&key);
+        if self.seen.contains(&seen, now) {
             return Ok(false);
         }
-        current.insert(key, &[]).map_err(|e| self.io(e))?;
+        self.seen.insert(&[seen], now)?;
         Ok(true)
     }
 
     /// Drops dedupe generations older than the previous one; returns how
     /// many FullIds were forgotten.
     pub fn prune_dedupe(&self, now: DateTime<Utc>) -> Result<usize, StoreError> {
-        let (current, previous) = self.dedupe_trees(now)?;
-        let live = [current.name(), previous.name()];
-        let mut forgotten = 0;
-        for name in self.dedupe_tree_names() {
-            if live.contains(&name) {
-                continue;
-            }
-            forgotten += self.db.open_tree(&name).map(|t| t.len()).unwrap_or(0);
-            self.db.drop_tree(&name).map_err(|e| self.io(e))?;
-        }
-        Ok(forgotten)
+        Ok(self.seen.prune(now)?)
     }
 
     /// Forgets every FullId seen for `tenant`, so a replay from an earlier
     /// checkpoint forwards those detections again. Returns how many.
     pub fn forget_seen(&self, tenant: &str) -> Result<usize, StoreError> {
-        let mut prefix = tenant.as_bytes().to_vec();
-        prefix.push(0);
-        let mut removed = 0;
-        for name in self.dedupe_tree_names() {
-            let tree = self.db.open_tree(&name).map_err(|e| self.io(e))?;
-            for key in tree.scan_prefix(&prefix).keys() {
-                let key = key.map_err(|e| self.io(e))?;
-                tree.remove(&key).map_err(|e| self.io(e))?;
-                removed += 1;
-            }
-        }
-        self.db.flush().map_err(|e| self.io(e))?;
-        Ok(removed)
+        Ok(self.seen.forget_tenant(tenant)?)
     }
 
     /// Stores a detection a sink rejected for good.
@@ -861,21 +849,48 @@ fn lock_dir(dir: &Path) -> Result<File, StoreError> {
     Ok(file)
 }
 
-fn check_schema(meta: &Tree, db: &sled::Db, path: &Path) -> Result<(), StoreError> {
+/// Returns the database's schema version, writing the current one into a
+/// new database. Rejects versions this release cannot read.
+fn check_schema(meta: &Tree, db: &sled::Db, path: &Path) -> Result<u32, StoreError> {
     let io = |source| StoreError::Io { path: path.to_path_buf(), source };
-    match meta.get("schema_version").map_err(io)? {
-        Some(bytes) => {
-            let found = u32::from_be_bytes(bytes.as_ref().try_into().unwrap_or([0xff; 4]));
-            if found != SCHEMA_VERSION {
-                return Err(StoreError::Schema { path: path.to_path_buf(), found });
-            }
+    let Some(bytes) = meta.get("schema_version").map_err(io)? else {
+        meta.insert("schema_version", &SCHEMA_VERSION.to_be_bytes()).map_err(io)?;
+        db.flush().map_err(io)?;
+        return Ok(SCHEMA_VERSION);
+    };
+    let found = u32::from_be_bytes(bytes.as_ref().try_into().unwrap_or([0xff; 4]));
+    if found != SCHEMA_VERSION && found != SCHEMA_VERSION_SLED_DEDUPE {
+        return Err(StoreError::Schema { path: path.to_path_buf(), found });
+    }
+    Ok(found)
+}
+
+/// Moves schema version 1's dedupe trees into `seen`, each into the
+/// generation its name gives, then drops them. A crash part way leaves the
+/// trees in place, so the next start converts them again. A digest that is
+/// then in a file twice is still added only once in memory.
+fn migrate_sled_dedupe(db: &sled::Db, seen: &SeenSet, path: &Path) -> Result<(), StoreError> {
+    let io = |source| StoreError::Io { path: path.to_path_buf(), source };
+    for name in db.tree_names() {
+        let Some(generation) = name.strip_prefix(DEDUPE_PREFIX.as_bytes()).and_then(parse_generation) else {
+            continue;
+        };
+        let tree = db.open_tree(&name).map_err(io)?;
+        let mut seens = Vec::with_capacity(tree.len());
+        for key in tree.iter().keys() {
+            seens.push(Seen::of_key(&key.map_err(io)?));
         }
-        None => {
-            meta.insert("schema_version", &SCHEMA_VERSION.to_be_bytes()).map_err(io)?;
-            db.flush().map_err(io)?;
-        }
+        seen.insert_into(generation, &seens)?;
+        db.drop_tree(&name).map_err(io)?;
     }
     Ok(())
+}
+
+/// Parses `<period>.<generation>` of a version 1 dedupe tree name.
+fn parse_generation(text: &[u8]) -> Option<(u64, u64)> {
+    let text = std::str::from_utf8(text).ok()?;
+    let (period, generation) = text.split_once('.')?;
+    Some((period.parse().ok()?, generation.parse().ok()?))
 }
 
 #[cfg(test)]
@@ -945,6 +960,53 @@ mod tests {
         let _first = Store::open(dir.path()).unwrap();
         let err = Store::open(dir.path()).err().unwrap();
         assert!(err.to_string().contains(&std::process::id().to_string()), "{err}");
+    }
+
+    #[test]
+    fn same_tenant_queuing_at_once_queues_each_detection_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(Store::open(dir.path()).unwrap());
+        store.sync_cursors(&["a"]).unwrap();
+        let detections: Vec<Detection> =
+            (0..50).map(|i| detection(&format!("x:{i}"), "2026-01-01T00:00:00Z")).collect();
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let store = store.clone();
+                let detections = detections.clone();
+                std::thread::spawn(move || store.enqueue_blocking("t", &detections, None, Utc::now()).unwrap())
+            })
+            .collect();
+        let queued: usize = threads.into_iter().map(|t| t.join().unwrap().queued).sum();
+        assert_eq!(queued, 50);
+        assert_eq!(store.pending("a").unwrap().0, 50);
+    }
+
+    #[test]
+    fn version_1_dedupe_trees_are_converted() {
+        let dir = tempfile::tempdir().unwrap();
+        let retention = 7 * 24 * 3600;
+        let period = retention / 2;
+        let generation = Utc::now().timestamp() as u64 / period;
+        {
+            let db = sled::open(dir.path().join("db")).unwrap();
+            db.open_tree("meta").unwrap().insert("schema_version", &1u32.to_be_bytes()).unwrap();
+            let tree = db.open_tree(format!("dedupe.{period}.{generation}")).unwrap();
+            tree.insert(b"t\0old:1", &[]).unwrap();
+            tree.insert(b"t\0\0invalid:[1]", &[]).unwrap();
+            db.flush().unwrap();
+        }
+        let options = StoreOptions { dedupe_retention_secs: retention, ..StoreOptions::default() };
+        let store = Store::open_with(dir.path(), options).unwrap();
+        assert_eq!(store.dedupe_len(), 2);
+        let again = store.enqueue_blocking("t", &[detection("old:1", "2026-01-01T00:00:00Z")], None, Utc::now()).unwrap();
+        assert_eq!(again, EnqueueOutcome { queued: 0, duplicates: 1 });
+        assert!(!store.remember_invalid("t", "[1]", Utc::now()).unwrap());
+        assert!(!store.db.tree_names().iter().any(|name| name.starts_with(DEDUPE_PREFIX.as_bytes())));
+        drop(store);
+
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let version = db.open_tree("meta").unwrap().get("schema_version").unwrap().unwrap();
+        assert_eq!(version.as_ref(), SCHEMA_VERSION.to_be_bytes());
     }
 
     #[test]
