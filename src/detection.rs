@@ -169,8 +169,9 @@ impl Detection {
         self.fields.get_or_init(|| Fields::parse(&self.raw))
     }
 
-    /// Every field in the object's order, parsed on first use; none when the
-    /// text cannot be parsed into fields (see [`Detection::field_error`]).
+    /// Iterates over every field in the object's order, parsing them on first
+    /// use. Yields nothing when the text cannot be parsed into fields (see
+    /// [`Detection::field_error`]).
     pub fn fields(&self) -> impl Iterator<Item = (&str, FieldValue<'_>)> + '_ {
         static EMPTY: LazyLock<Fields> = LazyLock::new(Fields::default);
         let fields = self.parsed().as_ref().unwrap_or(&EMPTY);

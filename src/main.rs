@@ -8,6 +8,8 @@ use clap::Parser;
 use mde_forwarder::cli::{self, Cli};
 
 fn main() -> ExitCode {
+    // Before any thread starts, so every thread shares the two arenas.
+    mde_forwarder::pipeline::limit_malloc_arenas();
     let cli = Cli::parse();
     cli::main(cli)
 }

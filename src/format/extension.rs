@@ -50,7 +50,7 @@ pub enum ValueEscape {
 }
 
 impl ValueEscape {
-    /// The bytes that need an escape, each format's four.
+    /// Returns the four bytes that need an escape in this format.
     fn specials(self) -> [u8; 4] {
         match self {
             Self::Cef => [b'\\', b'\r', b'\n', b'='],
