@@ -32,6 +32,7 @@ use hashbrown::HashTable;
 
 const RECORD_BYTES: usize = 24;
 const SUFFIX: &str = ".seen";
+const TEMPORARY_SUFFIX: &str = ".seen.tmp";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SeenError {
@@ -118,6 +119,12 @@ impl SeenSet {
         let mut generations = BTreeMap::new();
         for entry in fs::read_dir(dir).map_err(io_error)? {
             let path = entry.map_err(io_error)?.path();
+            // Left by a crash during `forget_tenant`; the file it was to
+            // replace is still whole.
+            if path.to_str().is_some_and(|p| p.ends_with(TEMPORARY_SUFFIX)) {
+                remove_file(&path)?;
+                continue;
+            }
             let Some(id) = parse_file_name(&path) else {
                 continue;
             };
@@ -214,11 +221,12 @@ impl SeenSet {
     }
 }
 
-/// Parses `<period>-<generation>.seen`.
+/// Parses `<period>-<generation>.seen`, both decimal digits only.
 fn parse_file_name(path: &Path) -> Option<GenerationId> {
     let name = path.file_name()?.to_str()?.strip_suffix(SUFFIX)?;
     let (period, generation) = name.split_once('-')?;
-    Some((period.parse().ok()?, generation.parse().ok()?))
+    let number = |text: &str| text.bytes().all(|b| b.is_ascii_digit()).then(|| text.parse().ok()).flatten();
+    Some((number(period)?, number(generation)?))
 }
 
 /// Loads a generation file, cutting off a torn record at its end.
@@ -248,15 +256,20 @@ fn read_records(path: &Path) -> Result<Vec<u8>, SeenError> {
     Ok(bytes)
 }
 
-/// Appends `bytes` to `path` (created with mode 0600) and fsyncs it.
+/// Appends `bytes` to `path` (created with mode 0600) and fsyncs it. A
+/// failed write is cut off again, so later records stay aligned: a torn
+/// record in the middle would shift every record after it.
 fn append_synced(path: &Path, bytes: &[u8]) -> Result<(), SeenError> {
-    let mut file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|source| SeenError::Io { path: path.to_path_buf(), source })?;
-    file.write_all(bytes).and_then(|()| file.sync_data()).map_err(|source| SeenError::Io { path: path.to_path_buf(), source })
+    let io_error = |source| SeenError::Io { path: path.to_path_buf(), source };
+    let mut file = OpenOptions::new().create(true).append(true).mode(0o600).open(path).map_err(io_error)?;
+    let length = file.metadata().map_err(io_error)?.len();
+    let written = file.write_all(bytes).and_then(|()| file.sync_data());
+    if let Err(source) = written {
+        // Best effort: if this fails too, opening the set cuts a torn tail.
+        let _ = file.set_len(length).and_then(|()| file.sync_data());
+        return Err(io_error(source));
+    }
+    Ok(())
 }
 
 fn remove_file(path: &Path) -> Result<(), SeenError> {

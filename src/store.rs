@@ -359,9 +359,9 @@ impl Store {
             .collect()
     }
 
-    /// Queues the detections not seen before, records them as seen and moves
-    /// the checkpoint forward to `checkpoint` (never back), in one transaction,
-    /// then flushes to disk.
+    /// Queues the detections not seen before, moves the checkpoint forward to
+    /// `checkpoint` (never back), flushes, and then records the detections as
+    /// seen (see the module documentation for why in this order).
     pub async fn enqueue(
         &self,
         tenant: &str,
@@ -680,9 +680,13 @@ impl Store {
         self.seen.len(Utc::now())
     }
 
-    /// Records a response element that is not a detection, keyed by its
-    /// text; true the first time it is seen within the dedupe retention.
-    pub fn remember_invalid(&self, tenant: &str, raw: &str, now: DateTime<Utc>) -> Result<bool, StoreError> {
+    /// Keeps a response element that is not a detection as a dead letter of
+    /// [`SOURCE_SINK`], once per dedupe retention: the overlap reads it again
+    /// on later polls. Returns true when it was new and is now stored.
+    ///
+    /// The dead letter is flushed before the element is marked as seen, so a
+    /// crash in between stores it twice at worst, never not at all.
+    pub fn keep_invalid(&self, tenant: &str, raw: &str, reason: &str, now: DateTime<Utc>) -> Result<bool, StoreError> {
         let mut key = tenant.as_bytes().to_vec();
         key.extend_from_slice(b"\0\0invalid:");
         key.extend_from_slice(raw.as_bytes());
@@ -690,6 +694,9 @@ impl Store {
         if self.seen.contains(&seen, now) {
             return Ok(false);
         }
+        let entry = OutboxEntry { tenant: tenant.to_string(), only_sink: None, raw: raw.to_string() };
+        self.dead_letter(SOURCE_SINK, &entry, reason)?;
+        self.db.flush().map_err(|e| self.io(e))?;
         self.seen.insert(&[seen], now)?;
         Ok(true)
     }
@@ -1000,13 +1007,28 @@ mod tests {
         assert_eq!(store.dedupe_len(), 2);
         let again = store.enqueue_blocking("t", &[detection("old:1", "2026-01-01T00:00:00Z")], None, Utc::now()).unwrap();
         assert_eq!(again, EnqueueOutcome { queued: 0, duplicates: 1 });
-        assert!(!store.remember_invalid("t", "[1]", Utc::now()).unwrap());
+        assert!(!store.keep_invalid("t", "[1]", "not an object", Utc::now()).unwrap());
         assert!(!store.db.tree_names().iter().any(|name| name.starts_with(DEDUPE_PREFIX.as_bytes())));
         drop(store);
 
         let db = sled::open(dir.path().join("db")).unwrap();
         let version = db.open_tree("meta").unwrap().get("schema_version").unwrap().unwrap();
         assert_eq!(version.as_ref(), SCHEMA_VERSION.to_be_bytes());
+    }
+
+    #[test]
+    fn invalid_element_is_kept_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let now = Utc::now();
+        assert!(store.keep_invalid("t", "[1]", "not an object", now).unwrap());
+        assert!(!store.keep_invalid("t", "[1]", "not an object", now).unwrap());
+        assert!(store.keep_invalid("other", "[1]", "not an object", now).unwrap());
+        let letters = store.dead_letters().unwrap();
+        assert_eq!(letters.len(), 2);
+        assert_eq!(letters[0].sink, SOURCE_SINK);
+        assert_eq!(letters[0].detection, "[1]");
+        assert_eq!(letters[0].reason, "not an object");
     }
 
     #[test]

@@ -405,6 +405,47 @@ async fn full_disk_file_sink_keeps_json_lines() {
     assert_eq!(ids, expected, "every detection is in the file");
 }
 
+/// A dedupe write that fails part way on a full disk is cut off again, so
+/// the FullIds marked as seen after space is back are still found after a
+/// restart; a torn record left in the middle would garble them.
+#[test]
+fn full_disk_dedupe_write_keeps_later_records() {
+    use mde_forwarder::detection::Detection;
+    use mde_forwarder::store::Store;
+
+    assert!(is_root(), "this test mounts a small tmpfs and must run as root, as CI does");
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mount = state.join("seen");
+    assert!(mount_tmpfs(&mount, "size=64k,mode=0700"), "mount -t tmpfs failed");
+    let _unmount = Unmount(&mount);
+    let detection = |id: String| {
+        Detection::from_json_text(&format!(r#"{{"FullId":"{id}","LastProcessedTimeUtc":"2026-01-01T00:00:00Z"}}"#)).unwrap()
+    };
+    let now = chrono::Utc::now();
+    let later: Vec<Detection> = (0..10).map(|i| detection(format!("later:{i}"))).collect();
+    {
+        let store = Store::open(&state).unwrap();
+        store.sync_cursors(&["siem"]).unwrap();
+        store.enqueue_blocking("t", &[detection("first".into())], None, now).unwrap();
+
+        let filler = mount.join("filler");
+        let _ = std::process::Command::new("dd").args(["if=/dev/zero", "bs=4k"]).arg(format!("of={}", filler.display())).stderr(Stdio::null()).status();
+        let many: Vec<Detection> = (0..250).map(|i| detection(format!("many:{i}"))).collect();
+        let full = store.enqueue_blocking("t", &many, None, now);
+        assert!(full.is_err(), "the dedupe write did not fail on a full disk");
+        std::fs::remove_file(&filler).unwrap();
+
+        let queued = store.enqueue_blocking("t", &later, None, now).unwrap();
+        assert_eq!(queued.queued, 10);
+    }
+
+    let store = Store::open(&state).unwrap();
+    let again = store.enqueue_blocking("t", &later, None, now).unwrap();
+    assert_eq!(again.duplicates, 10, "FullIds marked as seen after the failure were lost on restart");
+    assert_eq!(again.queued, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_only_state_is_a_clear_error() {
     assert!(is_root(), "this test mounts a read-only tmpfs and must run as root, as CI does");

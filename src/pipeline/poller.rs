@@ -330,14 +330,10 @@ impl Poller {
                 }
                 Element::Invalid { raw, reason } => {
                     report.invalid += 1;
-                    // The overlap reads an element again on later polls; keep it once.
-                    let new = self.store.remember_invalid(tenant, &raw, now).map_err(|e| self.store_error(e))?;
+                    let letter_reason = format!("response element is not a detection: {reason}");
+                    let new = self.store.keep_invalid(tenant, &raw, &letter_reason, now).map_err(|e| self.store_error(e))?;
                     if new {
                         tracing::warn!(tenant = %tenant, reason = %reason, "response element is not a detection; kept as a dead letter");
-                        let entry = crate::store::OutboxEntry { tenant: tenant.to_string(), only_sink: None, raw };
-                        self.store
-                            .dead_letter(crate::store::SOURCE_SINK, &entry, &format!("response element is not a detection: {reason}"))
-                            .map_err(|e| self.store_error(e))?;
                     }
                 }
             }
