@@ -495,12 +495,14 @@ fn state_action(config: &Config, store: &Store, action: StateAction) -> Result<(
             known_tenant(&tenant)?;
             let parsed = timefmt::parse(&time)
                 .ok_or_else(|| format!("invalid time {time:?}: write it like 2026-12-01T00:00:00Z"))?;
-            store.set_checkpoint(&tenant, Some(parsed)).map_err(|e| e.to_string())?;
-            println!("tenant {tenant}: checkpoint set to {}", timefmt::format_exact(parsed));
+            // Forget first: if that fails, the checkpoint has not moved back
+            // to a replay that would skip everything still remembered.
             if resend {
                 let forgotten = store.forget_seen(&tenant).map_err(|e| e.to_string())?;
                 println!("tenant {tenant}: forgot {forgotten} forwarded detections; the replay sends them again");
             }
+            store.set_checkpoint(&tenant, Some(parsed)).map_err(|e| e.to_string())?;
+            println!("tenant {tenant}: checkpoint set to {}", timefmt::format_exact(parsed));
             Ok(())
         }
         StateAction::ResetCheckpoint { tenant } => {
