@@ -29,9 +29,16 @@ pub use fields::{FieldValue, Fields};
 #[derive(Debug, Clone)]
 pub struct Detection {
     raw: Box<str>,
+    /// Set at construction, except by [`Detection::from_checked_string`].
+    keys: OnceLock<KeyFields>,
+    fields: OnceLock<Result<Fields, String>>,
+}
+
+/// The two fields the poller needs, as text.
+#[derive(Debug, Clone, Default)]
+struct KeyFields {
     full_id: Option<FullId>,
     last_processed: Option<Box<str>>,
-    fields: OnceLock<Result<Fields, String>>,
 }
 
 /// `FullId` as text, remembering whether the API sent a JSON string, so a
@@ -116,11 +123,22 @@ impl Detection {
     /// failure the text comes back with the error.
     pub fn from_string(text: String) -> Result<Self, (String, DetectionError)> {
         match Self::keys(&text) {
-            Ok((full_id, last_processed)) => {
-                Ok(Self { raw: text.into_boxed_str(), full_id, last_processed, fields: OnceLock::new() })
-            }
+            Ok(keys) => Ok(Self { raw: text.into_boxed_str(), keys: OnceLock::from(keys), fields: OnceLock::new() }),
             Err(error) => Err((text, error)),
         }
+    }
+
+    /// Wraps text that was checked before, as [`Detection::from_string`]
+    /// checks it (the poller's outbox entries), without checking it again.
+    /// The key fields are read on first use. Text that is not a JSON object
+    /// after all gives a detection without key fields and without a field
+    /// table, never an error.
+    pub fn from_checked_string(text: String) -> Self {
+        Self { raw: text.into_boxed_str(), keys: OnceLock::new(), fields: OnceLock::new() }
+    }
+
+    fn key_fields(&self) -> &KeyFields {
+        self.keys.get_or_init(|| Self::keys(&self.raw).unwrap_or_default())
     }
 
     /// Like [`Detection::from_string`], parsing the field table at once and
@@ -143,12 +161,13 @@ impl Detection {
         };
         let full_id = key("FullId").map(|(text, is_string)| FullId { text, is_string });
         let last_processed = key("LastProcessedTimeUtc").map(|(text, _)| text);
+        let keys = KeyFields { full_id, last_processed };
         let raw = text.into_boxed_str();
-        Ok(Self { raw, full_id, last_processed, fields: OnceLock::from(Ok(fields)) })
+        Ok(Self { raw, keys: OnceLock::from(keys), fields: OnceLock::from(Ok(fields)) })
     }
 
     /// Checks that `text` is one JSON object and reads the two key fields.
-    fn keys(text: &str) -> Result<(Option<FullId>, Option<Box<str>>), DetectionError> {
+    fn keys(text: &str) -> Result<KeyFields, DetectionError> {
         // serde would also accept a JSON array for a struct, so check the shape first.
         if !text.trim_start().starts_with('{') {
             let value: Value = serde_json::from_str(text)?;
@@ -157,7 +176,7 @@ impl Detection {
         let keys: Keys = serde_json::from_str(text)?;
         let full_id = keys.full_id.and_then(raw_text).map(|(text, is_string)| FullId { text, is_string });
         let last_processed = keys.last_processed.and_then(raw_text).map(|(text, _)| text);
-        Ok((full_id, last_processed))
+        Ok(KeyFields { full_id, last_processed })
     }
 
     /// Returns the JSON text exactly as the API sent it.
@@ -202,14 +221,14 @@ impl Detection {
 
     /// `FullId` as text (a number or other non-string value as its JSON text).
     pub fn full_id(&self) -> Option<Cow<'_, str>> {
-        self.full_id.as_ref().map(|id| Cow::Borrowed(id.text.as_ref()))
+        self.key_fields().full_id.as_ref().map(|id| Cow::Borrowed(id.text.as_ref()))
     }
 
     /// Returns the deduplication key: `FullId`, unique per detection (two detections
     /// of one alert share `AlertId` but not `FullId`). A non-string FullId is
     /// marked, so `42` and `"42"` differ.
     pub fn dedupe_id(&self) -> Option<Cow<'_, str>> {
-        self.full_id.as_ref().map(|id| {
+        self.key_fields().full_id.as_ref().map(|id| {
             if id.is_string {
                 Cow::Borrowed(id.text.as_ref())
             } else {
@@ -220,7 +239,7 @@ impl Detection {
 
     /// `LastProcessedTimeUtc`, the field the API filters `sinceTimeUtc` on.
     pub fn last_processed(&self) -> Option<DateTime<Utc>> {
-        self.last_processed.as_deref().and_then(timefmt::parse)
+        self.key_fields().last_processed.as_deref().and_then(timefmt::parse)
     }
 
     pub fn alert_time(&self) -> Option<DateTime<Utc>> {
@@ -327,9 +346,29 @@ mod tests {
             let plain = Detection::from_json_text(text).unwrap();
             let with_fields = Detection::from_string_with_fields(text.to_string()).unwrap();
             assert_eq!(with_fields.dedupe_id(), plain.dedupe_id(), "{text}");
-            assert_eq!(with_fields.last_processed, plain.last_processed, "{text}");
+            assert_eq!(with_fields.key_fields().last_processed, plain.key_fields().last_processed, "{text}");
             assert_eq!(with_fields.field_error(), plain.field_error(), "{text}");
         }
+    }
+
+    #[test]
+    fn checked_text_reads_keys_on_first_use() {
+        let text = r#"{"FullId":42,"LastProcessedTimeUtc":"2026-01-01T00:00:00Z","Severity":"High"}"#;
+        let plain = Detection::from_json_text(text).unwrap();
+        let checked = Detection::from_checked_string(text.to_string());
+        assert_eq!(checked.dedupe_id(), plain.dedupe_id());
+        assert_eq!(checked.full_id(), plain.full_id());
+        assert_eq!(checked.last_processed(), plain.last_processed());
+        assert_eq!(checked.text("Severity").as_deref(), Some("High"));
+        assert_eq!(checked.raw(), text);
+    }
+
+    #[test]
+    fn checked_text_that_is_invalid_has_no_keys() {
+        let checked = Detection::from_checked_string("[1]".to_string());
+        assert_eq!(checked.full_id(), None);
+        assert_eq!(checked.last_processed(), None);
+        assert!(checked.field_error().is_some());
     }
 
     #[test]

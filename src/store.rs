@@ -127,14 +127,29 @@ pub struct OutboxEntry {
     /// Set when a dead letter was requeued for one sink only.
     pub only_sink: Option<String>,
     pub raw: String,
+    /// The poller checked `raw` to be one JSON object and read its key
+    /// fields; false for requeued dead letters, which may be anything.
+    pub checked: bool,
 }
 
-/// Builds an outbox value: version 2, tenant, target sink, count, then each
-/// detection's length and bytes.
-fn encode_batch<'a>(tenant: &str, only_sink: Option<&str>, raws: impl ExactSizeIterator<Item = &'a str>) -> Vec<u8> {
+/// Spooled batch format of detections the poller checked.
+const BATCH_CHECKED: u8 = 3;
+/// Spooled batch format of detections nobody checked (requeued dead letters,
+/// and every batch written before version 3 existed).
+const BATCH_UNCHECKED: u8 = 2;
+
+/// Builds an outbox value: format version, tenant, target sink, count, then
+/// each detection's length and bytes. The version says whether the poller
+/// checked the detections ([`BATCH_CHECKED`]) or not ([`BATCH_UNCHECKED`]).
+fn encode_batch<'a>(
+    tenant: &str,
+    only_sink: Option<&str>,
+    checked: bool,
+    raws: impl ExactSizeIterator<Item = &'a str>,
+) -> Vec<u8> {
     let target = only_sink.unwrap_or("");
     let mut out = Vec::with_capacity(16 + tenant.len() + target.len() + raws.len() * 2048);
-    out.push(2);
+    out.push(if checked { BATCH_CHECKED } else { BATCH_UNCHECKED });
     out.extend_from_slice(&(tenant.len() as u16).to_be_bytes());
     out.extend_from_slice(tenant.as_bytes());
     out.extend_from_slice(&(target.len() as u16).to_be_bytes());
@@ -150,6 +165,7 @@ fn encode_batch<'a>(tenant: &str, only_sink: Option<&str>, raws: impl ExactSizeI
 /// A decoded outbox value; detections are sliced out on demand.
 struct BatchView<'a> {
     tenant: String,
+    checked: bool,
     only_sink: Option<String>,
     count: usize,
     items: &'a [u8],
@@ -158,14 +174,14 @@ struct BatchView<'a> {
 impl<'a> BatchView<'a> {
     fn decode(bytes: &'a [u8]) -> Option<Self> {
         let (&version, rest) = bytes.split_first()?;
-        if version != 2 {
+        if version != BATCH_CHECKED && version != BATCH_UNCHECKED {
             return None;
         }
         let (tenant, rest) = take_string(rest)?;
         let (target, rest) = take_string(rest)?;
         let count = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
         let only_sink = (!target.is_empty()).then_some(target);
-        Some(Self { tenant, only_sink, count, items: &rest[4..] })
+        Some(Self { tenant, checked: version == BATCH_CHECKED, only_sink, count, items: &rest[4..] })
     }
 
     /// The detections' texts in order.
@@ -453,7 +469,7 @@ impl Store {
         let index = if fresh.is_empty() {
             None
         } else {
-            let payload = encode_batch(tenant, None, fresh.iter().copied());
+            let payload = encode_batch(tenant, None, true, fresh.iter().copied());
             let record = self.spool.append(&payload)?;
             Some(IndexEntry { record, count: fresh.len() })
         };
@@ -520,7 +536,12 @@ impl Store {
             let view = BatchView::decode(&payload).ok_or_else(|| self.corrupt("spooled batch", format!("sequence {seq}")))?;
             for (index, raw) in view.raws().enumerate().skip(skip) {
                 let raw = raw.ok_or_else(|| self.corrupt("outbox entry", format!("sequence {seq} item {index}")))?;
-                let entry = OutboxEntry { tenant: view.tenant.clone(), only_sink: view.only_sink.clone(), raw: raw.to_string() };
+                let entry = OutboxEntry {
+                    tenant: view.tenant.clone(),
+                    only_sink: view.only_sink.clone(),
+                    raw: raw.to_string(),
+                    checked: view.checked,
+                };
                 batch.push((position(seq, index), entry));
                 if batch.len() >= max {
                     return Ok(batch);
@@ -694,7 +715,7 @@ impl Store {
         if self.seen.contains(&seen, now) {
             return Ok(false);
         }
-        let entry = OutboxEntry { tenant: tenant.to_string(), only_sink: None, raw: raw.to_string() };
+        let entry = OutboxEntry { tenant: tenant.to_string(), only_sink: None, raw: raw.to_string(), checked: false };
         self.dead_letter(SOURCE_SINK, &entry, reason)?;
         self.db.flush().map_err(|e| self.io(e))?;
         self.seen.insert(&[seen], now)?;
@@ -761,7 +782,7 @@ impl Store {
                 continue;
             }
             let target = (letter.sink != SOURCE_SINK).then_some(letter.sink.as_str());
-            let payload = encode_batch(&letter.tenant, target, std::iter::once(letter.detection.as_str()));
+            let payload = encode_batch(&letter.tenant, target, false, std::iter::once(letter.detection.as_str()));
             let _order = self.append_order.lock().unwrap_or_else(|e| e.into_inner());
             let record = self.spool.append(&payload)?;
             let seq = self.db.generate_id().map_err(|e| self.io(e))? + 1;
@@ -1056,7 +1077,7 @@ mod tests {
     async fn dead_letters_requeue_for_their_sink_only() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let entry = OutboxEntry { tenant: "t".into(), only_sink: None, raw: "{}".into() };
+        let entry = OutboxEntry { tenant: "t".into(), only_sink: None, raw: "{}".into(), checked: false };
         store.dead_letter("http", &entry, "HTTP 400: bad event").unwrap();
         let letters = store.dead_letters().unwrap();
         assert_eq!(letters.len(), 1);
@@ -1064,7 +1085,18 @@ mod tests {
         assert_eq!(store.requeue_dead_letters(&[]).unwrap(), 1);
         let batch = store.read_after(0, 10).unwrap();
         assert_eq!(batch[0].1.only_sink.as_deref(), Some("http"));
+        assert!(!batch[0].1.checked, "a requeued letter is checked again by each sink");
         assert!(store.dead_letters().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn queued_detections_are_marked_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.enqueue("t", &[detection("x:1", "2026-01-01T00:00:00Z")], None, Utc::now()).await.unwrap();
+        let batch = store.read_after(0, 10).unwrap();
+        assert_eq!(batch.len(), 1);
+        assert!(batch[0].1.checked);
     }
 
     #[tokio::test]

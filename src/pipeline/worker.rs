@@ -221,6 +221,8 @@ impl SinkWorker {
             }
             let parsed = if self.encoder.needs_fields() {
                 Detection::from_string_with_fields(entry.raw.clone())
+            } else if entry.checked {
+                Ok(Detection::from_checked_string(entry.raw.clone()))
             } else {
                 Detection::from_string(entry.raw.clone())
             };
