@@ -134,13 +134,13 @@ pub struct OutboxEntry {
 
 /// Spooled batch format of detections the poller checked.
 const BATCH_CHECKED: u8 = 3;
-/// Spooled batch format of detections nobody checked (requeued dead letters,
-/// and every batch written before version 3 existed).
+/// Spooled batch format of detections that were not checked (requeued dead
+/// letters, and every batch written before version 3 existed).
 const BATCH_UNCHECKED: u8 = 2;
 
 /// Builds an outbox value: format version, tenant, target sink, count, then
-/// each detection's length and bytes. The version says whether the poller
-/// checked the detections ([`BATCH_CHECKED`]) or not ([`BATCH_UNCHECKED`]).
+/// each detection's length and bytes. The version records whether the
+/// poller checked the detections ([`BATCH_CHECKED`]) or not ([`BATCH_UNCHECKED`]).
 fn encode_batch<'a>(
     tenant: &str,
     only_sink: Option<&str>,
@@ -991,7 +991,7 @@ mod tests {
     }
 
     #[test]
-    fn same_tenant_queuing_at_once_queues_each_detection_once() {
+    fn concurrent_enqueue_queues_once() {
         let dir = tempfile::tempdir().unwrap();
         let store = std::sync::Arc::new(Store::open(dir.path()).unwrap());
         store.sync_cursors(&["a"]).unwrap();
