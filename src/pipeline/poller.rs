@@ -271,8 +271,10 @@ impl Poller {
     /// Queuing a batch (spool append, dedupe lookups, fsyncs) runs on the
     /// blocking pool while the next batch is read and decoded, so the two
     /// overlap. At most one batch is in flight, and batches are queued in
-    /// response order. An error waits for the batch in flight first, so no
-    /// later cycle queues for this tenant at the same time.
+    /// response order. An error waits for the batch in flight before it is
+    /// returned. A poller stopped or reloaded mid-page leaves its batch
+    /// running, and the store's per-tenant lock keeps the next poller of the
+    /// tenant from deciding what is new before that batch is done.
     async fn read_page(&self, query: &Query, now: DateTime<Utc>, report: &mut CycleReport) -> Result<PageSummary, CycleError> {
         let mut page = self.client.open(query).await?;
         let mut summary = PageSummary::default();
