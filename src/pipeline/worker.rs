@@ -68,6 +68,15 @@ impl EventEncoder {
     }
 }
 
+/// What [`SinkWorker::add_message`] did with one detection.
+enum Added {
+    Message,
+    /// Routing left it out for this sink.
+    NotRouted,
+    /// The batch is full without it; it goes into the next batch.
+    BatchFull,
+}
+
 /// A batch and where its messages came from in the outbox read.
 #[derive(Default)]
 struct Prepared {
@@ -111,7 +120,7 @@ impl SinkWorker {
             // pollers stopped queuing, so an empty read after seeing Drain
             // really means there is nothing left.
             let mode = self.current_mode();
-            let entries = match self.next_entries() {
+            let mut entries = match self.next_entries() {
                 Ok(entries) => entries,
                 Err(source) => {
                     let delay = store_backoff.next_delay(None);
@@ -142,7 +151,7 @@ impl SinkWorker {
                 continue;
             }
             delivered_since_idle = true;
-            let prepared = self.prepare(&entries, &mut batch);
+            let prepared = self.prepare(&mut entries, &mut batch);
             let outcome = if batch.is_empty() {
                 SendOutcome::Delivered
             } else {
@@ -209,33 +218,22 @@ impl SinkWorker {
 
     /// Routes and encodes entries into `batch` until it is full, dead-lettering
     /// the entries that cannot be encoded.
-    fn prepare(&mut self, entries: &[(u64, OutboxEntry)], batch: &mut Batch) -> Prepared {
+    ///
+    /// Each entry's text moves into its `Detection` and back afterwards, so
+    /// it is not copied; `settle` needs it again for dead letters.
+    fn prepare(&mut self, entries: &mut [(u64, OutboxEntry)], batch: &mut Batch) -> Prepared {
         batch.clear();
         let now = Utc::now();
-        let max_bytes = self.transport.max_batch_bytes();
         let mut prepared = Prepared::default();
-        for (index, (_, entry)) in entries.iter().enumerate() {
+        for (index, (_, entry)) in entries.iter_mut().enumerate() {
             if entry.only_sink.as_deref().is_some_and(|only| only != self.name) {
                 prepared.consumed = index + 1;
                 continue;
             }
-            let parsed = if self.encoder.needs_fields() {
-                Detection::from_string_with_fields(entry.raw.clone())
-            } else if entry.checked {
-                Ok(Detection::from_checked_string(entry.raw.clone()))
-            } else {
-                Detection::from_string(entry.raw.clone())
-            };
-            let parsed = parsed.map_err(|(_, e)| e.to_string());
-            let parsed = parsed.and_then(|d| match d.field_error().filter(|_| self.encoder.needs_fields()) {
-                Some(error) => Err(format!(
-                    "its fields cannot be parsed ({error}), so this format would lose them; JSON sinks forward it unchanged"
-                )),
-                None => Ok(d),
-            });
-            let detection = match parsed {
+            let detection = match self.parse(std::mem::take(&mut entry.raw), entry.checked) {
                 Ok(detection) => detection,
-                Err(error) => {
+                Err((text, error)) => {
+                    entry.raw = text;
                     let reason = format!("cannot encode: {error}");
                     tracing::warn!(sink = %self.name, tenant = %entry.tenant, reason = %reason, "detection moved to dead letters");
                     if let Err(e) = self.store.dead_letter(&self.name, entry, &reason) {
@@ -245,38 +243,74 @@ impl SinkWorker {
                     continue;
                 }
             };
-            let routed = if self.routing.filters_fields() {
-                let severity = detection.text("Severity");
-                let category = detection.text("Category");
-                self.routing.routes(&entry.tenant, severity.as_deref(), category.as_deref())
-            } else {
-                self.routing.routes(&entry.tenant, None, None)
-            };
-            if !routed {
-                prepared.consumed = index + 1;
-                continue;
+            let added = self.add_message(&detection, &entry.tenant, now, batch);
+            entry.raw = detection.into_raw();
+            match added {
+                Added::Message => {
+                    prepared.message_entries.push(index);
+                    prepared.consumed = index + 1;
+                }
+                Added::NotRouted => prepared.consumed = index + 1,
+                Added::BatchFull => break,
             }
-            let outcome = self.encoder.encode(&detection, now, &mut batch.bytes);
-            batch.end_message();
-            // A full batch ends before the message that overflows it, unless
-            // that message is the first: it is then sent alone.
-            if max_bytes.is_some_and(|max| batch.bytes.len() > max) && batch.len() > 1 {
-                batch.pop_message();
-                break;
-            }
-            if outcome.shortened {
-                self.shortened += 1;
-                tracing::debug!(
-                    sink = %self.name,
-                    full_id = %detection.full_id().unwrap_or_default(),
-                    shortened_total = self.shortened,
-                    "event shortened to fit the maximum message size"
-                );
-            }
-            prepared.message_entries.push(index);
-            prepared.consumed = index + 1;
         }
         prepared
+    }
+
+    /// Builds the detection the encoder needs from `text`. On failure the
+    /// text comes back with the reason.
+    fn parse(&self, text: String, checked: bool) -> Result<Detection, (String, String)> {
+        let needs_fields = self.encoder.needs_fields();
+        let parsed = if needs_fields {
+            Detection::from_string_with_fields(text)
+        } else if checked {
+            Ok(Detection::from_checked_string(text))
+        } else {
+            Detection::from_string(text)
+        };
+        let detection = parsed.map_err(|(text, e)| (text, e.to_string()))?;
+        match detection.field_error().filter(|_| needs_fields) {
+            Some(error) => {
+                let reason = format!(
+                    "its fields cannot be parsed ({error}), so this format would lose them; JSON sinks forward it unchanged"
+                );
+                Err((detection.into_raw(), reason))
+            }
+            None => Ok(detection),
+        }
+    }
+
+    /// Routes and encodes one detection into `batch`.
+    fn add_message(&mut self, detection: &Detection, tenant: &str, now: chrono::DateTime<Utc>, batch: &mut Batch) -> Added {
+        let routed = if self.routing.filters_fields() {
+            let severity = detection.text("Severity");
+            let category = detection.text("Category");
+            self.routing.routes(tenant, severity.as_deref(), category.as_deref())
+        } else {
+            self.routing.routes(tenant, None, None)
+        };
+        if !routed {
+            return Added::NotRouted;
+        }
+        let outcome = self.encoder.encode(detection, now, &mut batch.bytes);
+        batch.end_message();
+        // A full batch ends before the message that overflows it, unless
+        // that message is the first: it is then sent alone.
+        let max_bytes = self.transport.max_batch_bytes();
+        if max_bytes.is_some_and(|max| batch.bytes.len() > max) && batch.len() > 1 {
+            batch.pop_message();
+            return Added::BatchFull;
+        }
+        if outcome.shortened {
+            self.shortened += 1;
+            tracing::debug!(
+                sink = %self.name,
+                full_id = %detection.full_id().unwrap_or_default(),
+                shortened_total = self.shortened,
+                "event shortened to fit the maximum message size"
+            );
+        }
+        Added::Message
     }
 
     /// Dead-letters what the receiver rejected and returns the sequence
