@@ -68,7 +68,7 @@ impl EventEncoder {
     }
 }
 
-/// What [`SinkWorker::add_message`] did with one detection.
+/// The result of [`SinkWorker::add_message`] for one detection.
 enum Added {
     Message,
     /// Routing left it out for this sink.
@@ -220,7 +220,7 @@ impl SinkWorker {
     /// the entries that cannot be encoded.
     ///
     /// Each entry's text moves into its `Detection` and back afterwards, so
-    /// it is not copied; `settle` needs it again for dead letters.
+    /// it is not copied. `settle` needs it again for dead letters.
     fn prepare(&mut self, entries: &mut [(u64, OutboxEntry)], batch: &mut Batch) -> Prepared {
         batch.clear();
         let now = Utc::now();
