@@ -193,7 +193,7 @@ pub fn main(cli: Cli) -> ExitCode {
             let timeout = std::time::Duration::from_secs(args.timeout_secs);
             match runtime.block_on(crate::telemetry::server::check_health(&args.url, timeout)) {
                 Ok(body) => {
-                    print!("{body}");
+                    out!("{}", body.trim_end_matches('\n'));
                     ExitCode::SUCCESS
                 }
                 Err(message) => {
@@ -405,20 +405,20 @@ async fn check_config(path: &Path, probe: bool) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     }
-    println!("config {} is valid", path.display());
-    println!("state dir: {}", config.state.dir.display());
+    out!("config {} is valid", path.display());
+    out!("state dir: {}", config.state.dir.display());
     for tenant in &tenants {
         let credential = match &tenant.credential {
             crate::config::ClientCredential::Secret(_) => "client secret".to_string(),
             crate::config::ClientCredential::Certificate(c) => format!("certificate x5t {}", c.x5t()),
         };
-        println!("tenant {}: alerts {} ; token {} ; {credential}", tenant.name, tenant.alerts_url, tenant.token_url);
+        out!("tenant {}: alerts {} ; token {} ; {credential}", tenant.name, tenant.alerts_url, tenant.token_url);
     }
     for sink in &config.sinks {
-        println!("sink {}: {}", sink.name(), describe_sink(sink));
+        out!("sink {}: {}", sink.name(), describe_sink(sink));
     }
     if let Some(listen) = config.service.listen {
-        println!("health and metrics: http://{listen}/health and http://{listen}/metrics");
+        out!("health and metrics: http://{listen}/health and http://{listen}/metrics");
     }
     if !probe {
         return ExitCode::SUCCESS;
@@ -471,6 +471,8 @@ async fn state(args: StateArgs) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
+    // Warnings only, such as the one-time conversion of an older state directory.
+    init_logging(config.service.log_format, "warn");
     let store = match Store::open_with(&config.state.dir, config.store_options()) {
         Ok(store) => store,
         Err(e) => {
@@ -499,21 +501,21 @@ fn state_action(config: &Config, store: &Store, action: StateAction) -> Result<(
             // to a replay that would skip everything still remembered.
             if resend {
                 let forgotten = store.forget_seen(&tenant).map_err(|e| e.to_string())?;
-                println!("tenant {tenant}: forgot {forgotten} forwarded detections; the replay sends them again");
+                out!("tenant {tenant}: forgot {forgotten} forwarded detections; the replay sends them again");
             }
             store.set_checkpoint(&tenant, Some(parsed)).map_err(|e| e.to_string())?;
-            println!("tenant {tenant}: checkpoint set to {}", timefmt::format_exact(parsed));
+            out!("tenant {tenant}: checkpoint set to {}", timefmt::format_exact(parsed));
             Ok(())
         }
         StateAction::ResetCheckpoint { tenant } => {
             known_tenant(&tenant)?;
             store.set_checkpoint(&tenant, None).map_err(|e| e.to_string())?;
-            println!("tenant {tenant}: checkpoint deleted; the next poll looks back initial_lookback_secs");
+            out!("tenant {tenant}: checkpoint deleted; the next poll looks back initial_lookback_secs");
             Ok(())
         }
         StateAction::DeadLetters => {
             for letter in store.dead_letters().map_err(|e| e.to_string())? {
-                println!("{}\t{}\t{}\t{}\t{}", letter.id, letter.time, letter.sink, letter.tenant, letter.reason);
+                out!("{}\t{}\t{}\t{}\t{}", letter.id, letter.time, letter.sink, letter.tenant, letter.reason);
             }
             Ok(())
         }
@@ -534,33 +536,33 @@ fn state_action(config: &Config, store: &Store, action: StateAction) -> Result<(
                 ));
             }
             let count = store.requeue_dead_letters(&ids).map_err(|e| e.to_string())?;
-            println!("{count} dead letters queued again");
+            out!("{count} dead letters queued again");
             Ok(())
         }
         StateAction::Purge { ids } => {
             let count = store.purge_dead_letters(&ids).map_err(|e| e.to_string())?;
-            println!("{count} dead letters deleted");
+            out!("{count} dead letters deleted");
             Ok(())
         }
     }
 }
 
 fn show_state(config: &Config, store: &Store) -> Result<(), crate::store::StoreError> {
-    println!("state: {}", store.path().display());
-    println!("checkpoints:");
+    out!("state: {}", store.path().display());
+    out!("checkpoints:");
     let checkpoints = store.checkpoints()?;
     for tenant in &config.tenants {
         let value = checkpoints.iter().find(|(name, _)| *name == tenant.name).map(|(_, v)| v.as_str());
-        println!("  {}: {}", tenant.name, value.unwrap_or("none (first poll looks back initial_lookback_secs)"));
+        out!("  {}: {}", tenant.name, value.unwrap_or("none (first poll looks back initial_lookback_secs)"));
     }
-    println!("outbox: {} bytes", store.outbox_bytes());
+    out!("outbox: {} bytes", store.outbox_bytes());
     for sink in &config.sinks {
         let (pending, oldest) = store.pending(sink.name())?;
         let oldest = oldest.map(|seq| format!(", oldest sequence {seq}")).unwrap_or_default();
-        println!("  sink {}: {pending} pending{oldest}", sink.name());
+        out!("  sink {}: {pending} pending{oldest}", sink.name());
     }
-    println!("dedupe entries: {}", store.dedupe_len());
-    println!("dead letters: {}", store.dead_letters()?.len());
+    out!("dedupe entries: {}", store.dedupe_len());
+    out!("dead letters: {}", store.dead_letters()?.len());
     Ok(())
 }
 

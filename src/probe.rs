@@ -14,7 +14,7 @@ pub async fn run(config: &Config, tenants: Vec<ResolvedTenant>) -> usize {
     let http = match crate::pipeline::http_client(config) {
         Ok(http) => http,
         Err(e) => {
-            println!("probe: {e}");
+            out!("probe: {e}");
             return 1;
         }
     };
@@ -22,18 +22,18 @@ pub async fn run(config: &Config, tenants: Vec<ResolvedTenant>) -> usize {
     for tenant in tenants {
         let name = tenant.name.clone();
         match TokenSource::new(http.clone(), Arc::new(tenant)).token().await {
-            Ok(_) => println!("tenant {name}: token ok"),
+            Ok(_) => out!("tenant {name}: token ok"),
             Err(e) => {
-                println!("tenant {name}: FAILED: {e}");
+                out!("tenant {name}: FAILED: {e}");
                 failed += 1;
             }
         }
     }
     for sink in &config.sinks {
         match probe_sink(sink).await {
-            Ok(detail) => println!("sink {}: {detail}", sink.name()),
+            Ok(detail) => out!("sink {}: {detail}", sink.name()),
             Err(e) => {
-                println!("sink {}: FAILED: {e}", sink.name());
+                out!("sink {}: FAILED: {e}", sink.name());
                 failed += 1;
             }
         }

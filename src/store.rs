@@ -297,7 +297,12 @@ impl Store {
         let spool = Spool::open_with(&dir.join("spool"), options.spool_segment_bytes)?;
         let seen = SeenSet::open(&dir.join("seen"), (options.dedupe_retention_secs / 2).max(1))?;
         if version == SCHEMA_VERSION_SLED_DEDUPE {
-            migrate_sled_dedupe(&db, &seen, &db_path)?;
+            let converted = migrate_sled_dedupe(&db, &seen, &db_path)?;
+            tracing::warn!(
+                path = %db_path.display(),
+                converted,
+                "converted the state directory from schema version 1 to 2: the dedupe set moved into seen/ files, and releases before this one can no longer open the directory"
+            );
         }
         if version != SCHEMA_VERSION {
             meta.insert("schema_version", &SCHEMA_VERSION.to_be_bytes()).map_err(io)?;
@@ -894,11 +899,12 @@ fn check_schema(meta: &Tree, db: &sled::Db, path: &Path) -> Result<u32, StoreErr
 }
 
 /// Moves schema version 1's dedupe trees into `seen`, each into the
-/// generation its name gives, then drops them. A crash part way leaves the
+/// generation its name gives, then drops them; returns how many keys moved. A crash part way leaves the
 /// trees in place, so the next start converts them again. A digest that is
 /// then in a file twice is still added only once in memory.
-fn migrate_sled_dedupe(db: &sled::Db, seen: &SeenSet, path: &Path) -> Result<(), StoreError> {
+fn migrate_sled_dedupe(db: &sled::Db, seen: &SeenSet, path: &Path) -> Result<usize, StoreError> {
     let io = |source| StoreError::Io { path: path.to_path_buf(), source };
+    let mut converted = 0;
     for name in db.tree_names() {
         let Some(generation) = name.strip_prefix(DEDUPE_PREFIX.as_bytes()).and_then(parse_generation) else {
             continue;
@@ -910,8 +916,9 @@ fn migrate_sled_dedupe(db: &sled::Db, seen: &SeenSet, path: &Path) -> Result<(),
         }
         seen.insert_into(generation, &seens)?;
         db.drop_tree(&name).map_err(io)?;
+        converted += seens.len();
     }
-    Ok(())
+    Ok(converted)
 }
 
 /// Parses `<period>.<generation>` of a version 1 dedupe tree name.

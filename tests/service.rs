@@ -427,3 +427,36 @@ async fn check_config_exit_codes() {
     let missing = run_cli(&["check-config", "--config", "/nonexistent/mde-forwarder.toml"]).await;
     assert_eq!(missing.status.code(), Some(64));
 }
+
+/// Output cut short by a closed pipe, as under `| head`, ends a command
+/// with exit code 1 and a message instead of a panic.
+#[test]
+fn closed_output_is_an_error_not_a_panic() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+
+    let dir = tempfile::tempdir().unwrap();
+    let tenant = "[[tenant]]\nname = \"contoso\"\ntenant_id = \"t\"\nclient_id = \"c\"\nclient_secret = \"s\"\n\
+                  api_url = \"http://127.0.0.1:9\"\nlogin_url = \"http://127.0.0.1:9\"\n";
+    let config = write_config(dir.path(), "", tenant, &file_sink_toml("archive", &dir.path().join("a.jsonl")));
+    let config = config.to_str().unwrap();
+    for args in [vec!["check-config", "--config", config], vec!["state", "--config", config, "show"]] {
+        let mut fds = [0; 2];
+        // SAFETY: pipe fills the two descriptors it is given.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: each descriptor is owned once; the read end is closed at
+        // once, so every write to the other end fails with EPIPE.
+        let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        drop(read_end);
+        let output = std::process::Command::new(binary())
+            .args(&args)
+            .env_remove("RUST_BACKTRACE")
+            .stdout(std::process::Stdio::from(write_end))
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains("cannot write the output"), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
