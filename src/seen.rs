@@ -173,11 +173,14 @@ impl SeenSet {
     }
 
     /// Deletes the generations older than the previous one, and those cut
-    /// with another period; returns how many digests were forgotten.
+    /// with another period; returns how many digests were forgotten. A
+    /// generation newer than the current one (the clock stepped back) stays
+    /// until time catches up with it.
     pub fn prune(&self, now: DateTime<Utc>) -> Result<usize, SeenError> {
-        let live = self.live(now);
+        let [_, previous] = self.live(now);
+        let is_old = |id: &GenerationId| id.0 != self.period || id.1 < previous.1;
         let mut generations = self.lock();
-        let old: Vec<GenerationId> = generations.keys().filter(|id| !live.contains(id)).copied().collect();
+        let old: Vec<GenerationId> = generations.keys().filter(|id| is_old(id)).copied().collect();
         let mut forgotten = 0;
         for id in old {
             if let Some(generation) = generations.get(&id) {
@@ -350,6 +353,7 @@ mod tests {
         assert!(set.contains(&a, at(101 * DAY + 10)), "remembered in the next period");
         assert_eq!(set.prune(at(101 * DAY + 10)).unwrap(), 0);
         assert!(!set.contains(&a, at(102 * DAY)), "forgotten two periods on");
+        assert_eq!(set.prune(at(99 * DAY)).unwrap(), 0, "a clock stepped back keeps newer generations");
         assert_eq!(set.prune(at(102 * DAY)).unwrap(), 1);
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
     }
