@@ -11,10 +11,10 @@
 //! per-key work was the largest cost of queuing a detection.
 //!
 //! # File format
-//! `seen/<period>-<generation>.seen` contains fixed records of 24 bytes: the
-//! first 8 bytes of SHA-256 over the tenant name (so one tenant's records
-//! can be removed) and the first 16 bytes of SHA-256 over the dedupe key
-//! (tenant, 0x00, FullId or another marker). A crash can leave a torn record
+//! `seen/<period>-<generation>.seen` contains fixed records of 24 bytes. The
+//! first 8 bytes are the start of a SHA-256 over the tenant name, so one
+//! tenant's records can be removed. The other 16 are the start of a SHA-256
+//! over the dedupe key (tenant, 0x00, FullId or another marker). A crash can leave a torn record
 //! at the end of a file; opening the set cuts it off. 128-bit digests make
 //! a false match between two different keys negligible (about 2^-64 after
 //! 2^32 keys), and a false match would skip a detection, which is why the
