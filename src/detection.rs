@@ -23,8 +23,8 @@ pub use fields::{FieldValue, Fields};
 
 /// One detection as received.
 ///
-/// Construction reads only `FullId` and `LastProcessedTimeUtc` (and checks
-/// that the text is one JSON object); the field table is built on first use,
+/// Construction reads only `FullId` and `LastProcessedTimeUtc` and checks
+/// that the text is one JSON object. The field table is built on first use,
 /// so sinks that forward the raw JSON never pay for it.
 #[derive(Debug, Clone)]
 pub struct Detection {

@@ -154,7 +154,8 @@ impl SeenSet {
         self.insert_into(current, seens)
     }
 
-    /// Like [`SeenSet::insert`], into the generation `id`.
+    /// Appends `seens` to the generation `id`, as [`SeenSet::insert`] does
+    /// for the current one.
     pub fn insert_into(&self, id: GenerationId, seens: &[Seen]) -> Result<(), SeenError> {
         let mut generations = self.lock();
         let path = self.dir.join(format!("{}-{}{SUFFIX}", id.0, id.1));
@@ -183,12 +184,13 @@ impl SeenSet {
         let old: Vec<GenerationId> = generations.keys().filter(|id| is_old(id)).copied().collect();
         let mut forgotten = 0;
         for id in old {
-            if let Some(generation) = generations.get(&id) {
-                remove_file(&generation.path)?;
-            }
-            if let Some(generation) = generations.remove(&id) {
-                forgotten += generation.digests.len();
-            }
+            let Some(generation) = generations.get(&id) else {
+                continue;
+            };
+            // The file goes first, so a failure keeps memory and disk alike.
+            remove_file(&generation.path)?;
+            forgotten += generation.digests.len();
+            generations.remove(&id);
         }
         Ok(forgotten)
     }
@@ -201,11 +203,11 @@ impl SeenSet {
         let mut removed = 0;
         for generation in generations.values_mut() {
             let bytes = read_records(&generation.path)?;
-            let kept: Vec<u8> = bytes.chunks_exact(RECORD_BYTES).filter(|r| r[..8] != tag).flatten().copied().collect();
-            removed += (bytes.len() - kept.len()) / RECORD_BYTES;
+            let remaining: Vec<u8> = bytes.chunks_exact(RECORD_BYTES).filter(|r| r[..8] != tag).flatten().copied().collect();
+            removed += (bytes.len() - remaining.len()) / RECORD_BYTES;
             let temporary = generation.path.with_extension("seen.tmp");
             remove_file(&temporary)?;
-            append_synced(&temporary, &kept)?;
+            append_synced(&temporary, &remaining)?;
             fs::rename(&temporary, &generation.path).map_err(|source| SeenError::Io { path: generation.path.clone(), source })?;
             sync_dir(&self.dir)?;
             *generation = load(&generation.path)?;

@@ -32,8 +32,9 @@
 //! them again, a repeat rather than a loss. A FullId is never marked as seen
 //! without its detection in the outbox. The poller moves the checkpoint in
 //! a last transaction only after every batch of the window is queued, so a
-//! crash in between leaves the checkpoint where it was: the next poll reads
-//! the window again and the dedupe set absorbs what was already queued. A sink's cursor is written only after the sink
+//! crash in between leaves the checkpoint where it was. The next poll then
+//! reads the window again and the dedupe set absorbs what was already
+//! queued. A sink's cursor is written only after the sink
 //! acknowledged the batch, and sled recovers a prefix of its log, so a cursor
 //! never survives a crash that lost the entries it points past. The only
 //! repeats after a crash are batches sent but not yet acknowledged.

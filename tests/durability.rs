@@ -314,6 +314,16 @@ fn move_state_dir(config: &Path, dir: &Path, state_dir: &Path) {
     std::fs::write(config, text.replace(&from, &to)).unwrap();
 }
 
+/// Writes zeros to `file` in blocks of `block` bytes until its file system is full.
+fn fill_disk(file: &Path, block: &str) {
+    // dd fails when the disk is full, which is the point, so its status is ignored.
+    let _ = std::process::Command::new("dd")
+        .args(["if=/dev/zero", &format!("bs={block}")])
+        .arg(format!("of={}", file.display()))
+        .stderr(Stdio::null())
+        .status();
+}
+
 struct Unmount<'a>(&'a Path);
 
 impl Drop for Unmount<'_> {
@@ -345,7 +355,7 @@ async fn full_disk_never_moves_the_checkpoint() {
     let show = run_cli(&["state", "--config", config.to_str().unwrap(), "show"]).await;
     assert_success(&show);
     let filler = mount.join("filler");
-    let _ = std::process::Command::new("dd").args(["if=/dev/zero", "bs=64k"]).arg(format!("of={}", filler.display())).stderr(Stdio::null()).status();
+    fill_disk(&filler, "64k");
 
     let failed = run_once(&config).await;
     assert_eq!(failed.status.code(), Some(1));
@@ -376,7 +386,7 @@ async fn full_disk_file_sink_keeps_json_lines() {
     // Fill the disk, then free 32 KiB: the samples take about 95 KB as JSON
     // Lines, so the first batch fails part way through.
     let filler = mount.join("filler");
-    let _ = std::process::Command::new("dd").args(["if=/dev/zero", "bs=64k"]).arg(format!("of={}", filler.display())).stderr(Stdio::null()).status();
+    fill_disk(&filler, "64k");
     let filled = std::fs::metadata(&filler).unwrap().len();
     std::fs::OpenOptions::new().write(true).open(&filler).unwrap().set_len(filled - 32 * 1024).unwrap();
 
@@ -405,9 +415,10 @@ async fn full_disk_file_sink_keeps_json_lines() {
     assert_eq!(ids, expected, "every detection is in the file");
 }
 
-/// A dedupe write that fails part way on a full disk is cut off again, so
-/// the FullIds marked as seen after space is back are still found after a
-/// restart; a torn record left in the middle would garble them.
+/// A dedupe write that fails part way on a full disk is cut off again. A
+/// torn record left in the middle would garble the records after it, so the
+/// FullIds marked as seen once space is back must still be found after a
+/// restart.
 #[test]
 fn full_disk_dedupe_write_keeps_later_records() {
     use mde_forwarder::detection::Detection;
@@ -430,7 +441,7 @@ fn full_disk_dedupe_write_keeps_later_records() {
         store.enqueue_blocking("t", &[detection("first".into())], None, now).unwrap();
 
         let filler = mount.join("filler");
-        let _ = std::process::Command::new("dd").args(["if=/dev/zero", "bs=4k"]).arg(format!("of={}", filler.display())).stderr(Stdio::null()).status();
+        fill_disk(&filler, "4k");
         let many: Vec<Detection> = (0..250).map(|i| detection(format!("many:{i}"))).collect();
         let full = store.enqueue_blocking("t", &many, None, now);
         assert!(full.is_err(), "the dedupe write did not fail on a full disk");

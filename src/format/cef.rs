@@ -309,8 +309,8 @@ fn flag(value: FieldValue<'_>) -> Option<i64> {
     }
 }
 
-/// A JSON integer or a string of digits that fits in an i64. A number with a
-/// fraction or exponent is not an integer here, as in `serde_json`.
+/// Returns a JSON integer, or a string of digits, that fits in an i64. A
+/// number with a fraction or exponent is not an integer here, as in `serde_json`.
 fn integer(value: FieldValue<'_>) -> Option<i64> {
     match value {
         FieldValue::Number(n) | FieldValue::String(n) => n.parse().ok(),

@@ -219,8 +219,8 @@ impl SinkWorker {
     /// Routes and encodes entries into `batch` until it is full, dead-lettering
     /// the entries that cannot be encoded.
     ///
-    /// Each entry's text moves into its `Detection` and back afterwards, so
-    /// it is not copied. `settle` needs it again for dead letters.
+    /// Moves each entry's text into its `Detection` and back afterwards
+    /// instead of copying it, because `settle` needs it for dead letters.
     fn prepare(&mut self, entries: &mut [(u64, OutboxEntry)], batch: &mut Batch) -> Prepared {
         batch.clear();
         let now = Utc::now();
