@@ -91,17 +91,22 @@ impl Spool {
         };
         let path = self.segment_path(writer.segment);
         let offset = writer.len;
-        let mut record = Vec::with_capacity(payload.len() + HEADER_BYTES as usize);
-        record.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-        record.extend_from_slice(&crc32fast::hash(payload).to_be_bytes());
-        record.extend_from_slice(payload);
-        let written = writer.file.write_all(&record).and_then(|_| writer.file.sync_data());
+        let mut header = [0u8; HEADER_BYTES as usize];
+        header[..4].copy_from_slice(&(payload.len() as u32).to_be_bytes());
+        header[4..].copy_from_slice(&crc32fast::hash(payload).to_be_bytes());
+        // Two writes instead of copying the payload behind the header: only
+        // this writer appends, and a torn tail is handled below either way.
+        let written = writer
+            .file
+            .write_all(&header)
+            .and_then(|_| writer.file.write_all(payload))
+            .and_then(|_| writer.file.sync_data());
         if let Err(source) = written {
             // The tail may be torn: never append after it.
             *guard = None;
             return Err(SpoolError::Io { path, source });
         }
-        writer.len += record.len() as u64;
+        writer.len += HEADER_BYTES + payload.len() as u64;
         Ok(RecordRef { segment: writer.segment, offset, len: payload.len() as u32 })
     }
 

@@ -25,7 +25,7 @@ const PROTECTED_FIELDS: [&str; 4] = ["FullId", "AlertId", "LastProcessedTimeUtc"
 /// JSON strings carry line breaks escaped, so compacting removes them all.
 pub fn encode_json(d: &Detection, out: &mut Vec<u8>) {
     let raw = d.raw();
-    if raw.bytes().any(|b| b == b'\n' || b == b'\r') {
+    if memchr::memchr2(b'\n', b'\r', raw.as_bytes()).is_some() {
         compact_into(raw.as_bytes(), out);
     } else {
         out.extend_from_slice(raw.as_bytes());
