@@ -11,13 +11,15 @@ use std::borrow::Cow;
 use std::sync::{LazyLock, OnceLock};
 
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::timefmt;
 
 mod fields;
+mod scan;
+
+use scan::{Kind, Member, Members, SyntaxError};
 
 pub use fields::{FieldValue, Fields};
 
@@ -56,56 +58,22 @@ pub enum DetectionError {
     NotAnObject(&'static str),
     #[error("array element is not valid JSON: {0}")]
     Invalid(#[from] serde_json::Error),
+    #[error("array element is not valid JSON: {0}")]
+    Syntax(#[from] SyntaxError),
 }
 
-/// The two fields the poller needs, captured as raw JSON; every other field
-/// is skipped unparsed. A repeated key keeps its last value, as the field
-/// map does.
-struct Keys<'a> {
-    full_id: Option<&'a RawValue>,
-    last_processed: Option<&'a RawValue>,
-}
-
-impl<'de: 'a, 'a> Deserialize<'de> for Keys<'a> {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct KeysVisitor<'a>(std::marker::PhantomData<&'a ()>);
-
-        impl<'de: 'a, 'a> serde::de::Visitor<'de> for KeysVisitor<'a> {
-            type Value = Keys<'a>;
-
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a JSON object")
-            }
-
-            fn visit_map<M: serde::de::MapAccess<'de>>(self, mut map: M) -> Result<Keys<'a>, M::Error> {
-                let mut keys = Keys { full_id: None, last_processed: None };
-                while let Some(name) = map.next_key_seed(fields::BorrowedName)? {
-                    match name.as_ref() {
-                        "FullId" => keys.full_id = Some(map.next_value()?),
-                        "LastProcessedTimeUtc" => keys.last_processed = Some(map.next_value()?),
-                        _ => {
-                            map.next_value::<serde::de::IgnoredAny>()?;
-                        }
-                    }
-                }
-                Ok(keys)
-            }
-        }
-
-        deserializer.deserialize_map(KeysVisitor(std::marker::PhantomData))
-    }
-}
-
-/// Returns the text of a raw JSON value: a string unescaped, or its raw JSON
-/// when it cannot be unescaped (a lone surrogate), and anything else as its
-/// JSON text. Null and the empty string give `None`.
-fn raw_text(raw: &RawValue) -> Option<(Box<str>, bool)> {
-    let json = raw.get();
-    if json.starts_with('"') {
-        let text = serde_json::from_str::<String>(json).map(String::into_boxed_str).unwrap_or_else(|_| json.into());
-        return (!text.is_empty()).then_some((text, true));
-    }
-    (json != "null").then(|| (json.into(), false))
+/// Returns the text of a key field's value: a string unescaped, or its raw
+/// JSON when it cannot be unescaped (a lone surrogate), and anything else as
+/// its JSON text. Null and the empty string give `None`.
+fn key_text(raw: &str, member: &Member) -> Option<(Box<str>, bool)> {
+    let json = &raw[member.value.clone()];
+    let text = match member.kind {
+        Kind::Null => return None,
+        Kind::String => (&raw[member.value_inner()]).into(),
+        Kind::EscapedString => fields::decode_string(json).unwrap_or_else(|_| json.into()),
+        _ => return Some((json.into(), false)),
+    };
+    (!text.is_empty()).then_some((text, true))
 }
 
 impl Detection {
@@ -167,15 +135,35 @@ impl Detection {
     }
 
     /// Checks that `text` is one JSON object and reads the two key fields.
+    ///
+    /// Only names are decoded, so a lone surrogate fails the check in a name
+    /// but not in a value, which JSON sinks forward as it is. Nested objects
+    /// and arrays are checked the way serde_json skips a value, which has no
+    /// depth limit. A repeated key keeps its last value.
     fn keys(text: &str) -> Result<KeyFields, DetectionError> {
-        // serde would also accept a JSON array for a struct, so check the shape first.
         if !text.trim_start().starts_with('{') {
             let value: Value = serde_json::from_str(text)?;
             return Err(DetectionError::NotAnObject(json_type_name(&value)));
         }
-        let keys: Keys = serde_json::from_str(text)?;
-        let full_id = keys.full_id.and_then(raw_text).map(|(text, is_string)| FullId { text, is_string });
-        let last_processed = keys.last_processed.and_then(raw_text).map(|(text, _)| text);
+        let (mut full_id, mut last_processed) = (None, None);
+        for member in Members::new(text)? {
+            let member = member?;
+            if member.kind == Kind::Nested {
+                serde_json::from_str::<serde::de::IgnoredAny>(&text[member.value.clone()])?;
+            }
+            let name: Cow<str> = if member.name_escaped {
+                Cow::Owned(fields::decode_string(&text[member.name.clone()])?.into_string())
+            } else {
+                Cow::Borrowed(&text[member.name_inner()])
+            };
+            match name.as_ref() {
+                "FullId" => full_id = Some(member),
+                "LastProcessedTimeUtc" => last_processed = Some(member),
+                _ => {}
+            }
+        }
+        let full_id = full_id.and_then(|m| key_text(text, &m)).map(|(text, is_string)| FullId { text, is_string });
+        let last_processed = last_processed.and_then(|m| key_text(text, &m)).map(|(text, _)| text);
         Ok(KeyFields { full_id, last_processed })
     }
 
@@ -388,7 +376,7 @@ mod tests {
     #[test]
     fn invalid_json_object_is_rejected() {
         let err = Detection::from_json_text(r#"{"FullId" "x"}"#).unwrap_err();
-        assert!(matches!(err, DetectionError::Invalid(_)), "{err}");
+        assert!(matches!(err, DetectionError::Syntax(_)), "{err}");
     }
 
     #[test]

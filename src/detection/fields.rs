@@ -16,8 +16,7 @@ use std::sync::LazyLock;
 
 use hashbrown::HashTable;
 
-use serde::de::{DeserializeSeed, Deserializer, MapAccess, Visitor};
-use serde_json::value::RawValue;
+use super::scan::{Kind, Member, Members};
 
 /// Text of a field name or string value: a range of the raw text when it had
 /// no escapes, otherwise the decoded string.
@@ -118,9 +117,20 @@ impl Fields {
     /// object, on a string with a lone UTF-16 surrogate, and on nesting
     /// deeper than serde_json's limit of 128 levels.
     pub fn parse(raw: &str) -> Result<Self, String> {
-        let mut deserializer = serde_json::Deserializer::from_str(raw);
-        let fields = deserializer.deserialize_map(FieldsVisitor { raw }).map_err(|e| e.to_string())?;
-        deserializer.end().map_err(|e| e.to_string())?;
+        // Two fields per 40 bytes is about what the API sends.
+        let capacity = (raw.len() / 40).clamp(8, 256);
+        let mut fields = Fields { entries: Vec::with_capacity(capacity), by_name: HashTable::with_capacity(capacity) };
+        for member in Members::new(raw).map_err(|e| e.to_string())? {
+            let member = member.map_err(|e| e.to_string())?;
+            let name = if member.name_escaped {
+                let decoded = decode_string(&raw[member.name.clone()]).map_err(|e| format!("field name at byte {}: {e}", member.name.start))?;
+                Text::Decoded(decoded)
+            } else {
+                Text::Span(member.name_inner())
+            };
+            let value = slot(raw, &member).map_err(|e| format!("field {:?}: {e}", name.resolve(raw)))?;
+            fields.insert(raw, name, value);
+        }
         Ok(fields)
     }
 
@@ -173,97 +183,31 @@ impl Fields {
     }
 }
 
-/// Sorts one raw JSON value into its slot. A string is decoded only when it
+/// Decodes a JSON string with escapes, given with its quotes; fails on a
+/// lone UTF-16 surrogate.
+pub(super) fn decode_string(json: &str) -> Result<Box<str>, serde_json::Error> {
+    serde_json::from_str::<String>(json).map(String::into_boxed_str)
+}
+
+/// Sorts one member's value into its slot. A string is decoded only when it
 /// has escapes; an object or array is parsed once to check it.
-fn classify(json: &str, span: impl Fn(&str) -> Range<usize>) -> Result<Slot, serde_json::Error> {
-    let slot = match json.as_bytes().first() {
-        Some(b'"') => {
-            let inner = &json[1..json.len() - 1];
-            if inner.contains('\\') {
-                Slot::String(Text::Decoded(serde_json::from_str::<String>(json)?.into_boxed_str()))
-            } else {
-                Slot::String(Text::Span(span(inner)))
-            }
-        }
-        Some(b'{' | b'[') => {
-            // Skipping the value did not count its depth. Parsing it inside
-            // an array spends the level the enclosing object took, so the
+fn slot(raw: &str, member: &Member) -> Result<Slot, serde_json::Error> {
+    let slot = match member.kind {
+        Kind::String => Slot::String(Text::Span(member.value_inner())),
+        Kind::EscapedString => Slot::String(Text::Decoded(decode_string(&raw[member.value.clone()])?)),
+        Kind::Nested => {
+            // The scanner only found the value's end. Parsing it inside an
+            // array spends the level the enclosing object took, so the
             // limit is serde_json's 128 levels for the whole detection.
-            serde_json::from_str::<serde_json::Value>(&format!("[{json}]"))?;
-            Slot::Nested(span(json))
+            serde_json::from_str::<serde_json::Value>(&format!("[{}]", &raw[member.value.clone()]))?;
+            Slot::Nested(member.value.clone())
         }
-        Some(b't') => Slot::Bool(true),
-        Some(b'f') => Slot::Bool(false),
-        Some(b'n') => Slot::Null,
-        _ => Slot::Number(span(json)),
+        Kind::True => Slot::Bool(true),
+        Kind::False => Slot::Bool(false),
+        Kind::Null => Slot::Null,
+        Kind::Number => Slot::Number(member.value.clone()),
     };
     Ok(slot)
-}
-
-/// Builds the field table of `raw` from its members: borrowed names and
-/// raw values, located in `raw` by their addresses.
-struct FieldsVisitor<'r> {
-    raw: &'r str,
-}
-
-impl FieldsVisitor<'_> {
-    fn span(&self, text: &str) -> Range<usize> {
-        let start = text.as_ptr() as usize - self.raw.as_ptr() as usize;
-        start..start + text.len()
-    }
-}
-
-impl<'de> Visitor<'de> for FieldsVisitor<'_> {
-    type Value = Fields;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a JSON object")
-    }
-
-    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Fields, M::Error> {
-        // Two fields per 40 bytes is about what the API sends.
-        let capacity = (self.raw.len() / 40).clamp(8, 256);
-        let mut fields = Fields { entries: Vec::with_capacity(capacity), by_name: HashTable::with_capacity(capacity) };
-        while let Some(name) = map.next_key_seed(BorrowedName)? {
-            let value = map.next_value::<&'de RawValue>()?;
-            let value = classify(value.get(), |text| self.span(text))
-                .map_err(|e| serde::de::Error::custom(format!("field {name:?}: {e}")))?;
-            let name = match name {
-                Cow::Borrowed(text) => Text::Span(self.span(text)),
-                Cow::Owned(text) => Text::Decoded(text.into_boxed_str()),
-            };
-            fields.insert(self.raw, name, value);
-        }
-        Ok(fields)
-    }
-}
-
-/// Deserializes a string without copying it when it has no escapes.
-/// (serde's own `Cow<str>` always copies.)
-pub(super) struct BorrowedName;
-
-impl<'de> DeserializeSeed<'de> for BorrowedName {
-    type Value = Cow<'de, str>;
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_str(self)
-    }
-}
-
-impl<'de> Visitor<'de> for BorrowedName {
-    type Value = Cow<'de, str>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a string")
-    }
-
-    fn visit_borrowed_str<E>(self, text: &'de str) -> Result<Self::Value, E> {
-        Ok(Cow::Borrowed(text))
-    }
-
-    fn visit_str<E>(self, text: &str) -> Result<Self::Value, E> {
-        Ok(Cow::Owned(text.to_owned()))
-    }
 }
 
 #[cfg(test)]
@@ -318,7 +262,7 @@ mod tests {
     #[test]
     fn same_as_serde_json_map_on_samples() {
         let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/detections.json")).unwrap();
-        let items: Vec<Box<RawValue>> = serde_json::from_str(&text).unwrap();
+        let items: Vec<Box<serde_json::value::RawValue>> = serde_json::from_str(&text).unwrap();
         for item in &items {
             let raw = item.get();
             let fields = Fields::parse(raw).unwrap();
