@@ -80,15 +80,15 @@ pub enum StoreError {
     Open { path: PathBuf, source: sled::Error },
     #[error("the database in {path} has schema version {found}, but this mde-forwarder reads version {SCHEMA_VERSION}; use the release that wrote it, or move the directory away to start over")]
     Schema { path: PathBuf, found: u32 },
-    #[error("database in {path} failed: {source}; check free space and permissions, the write is retried")]
+    #[error("database in {path} failed: {source}; check free space and permissions; the operation is retried")]
     Io { path: PathBuf, source: sled::Error },
     #[error("a state store write was cancelled because the runtime is shutting down; it is retried after the next start")]
     Cancelled,
     #[error("corrupt {what} in {path}: {detail}")]
     Corrupt { path: PathBuf, what: &'static str, detail: String },
-    #[error("{0}; check free space and permissions, the write is retried")]
+    #[error("{0}; check free space and permissions; the operation is retried")]
     Spool(#[from] SpoolError),
-    #[error("{0}; check free space and permissions, the write is retried")]
+    #[error("{0}; check free space and permissions; the operation is retried")]
     Seen(#[from] SeenError),
 }
 
@@ -650,7 +650,11 @@ impl Store {
         if removed > 0 {
             self.outbox.apply_batch(batch).map_err(|e| self.io(e))?;
             self.outbox_bytes.fetch_sub(freed.min(self.outbox_bytes()), Ordering::Relaxed);
-            // Segments before the oldest remaining batch hold nothing queued.
+            // Segments before the oldest remaining batch hold nothing queued,
+            // provided no batch is between its spool append and its index
+            // insert: that one may sit in an older segment than the oldest
+            // indexed batch, or be the only one when the index is empty.
+            let _order = self.append_order.lock().unwrap_or_else(|e| e.into_inner());
             let oldest_segment = match self.outbox.first().map_err(|e| self.io(e))? {
                 Some((key, value)) => self.index_entry(seq_from(&key), &value)?.record.segment,
                 None => u64::MAX,
@@ -1159,6 +1163,37 @@ mod tests {
         assert_eq!(places.len(), 120);
         assert!(places.windows(2).all(|w| w[0] < w[1]), "{places:?}");
         assert_eq!(store.read_after(0, 1000).unwrap().len(), 120);
+    }
+
+    /// A sink that keeps up releases the outbox to empty while the poller
+    /// starts new segments: no segment may go before its batch is indexed.
+    #[test]
+    fn release_while_queuing_keeps_every_new_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = StoreOptions { spool_segment_bytes: 64, ..StoreOptions::default() };
+        let store = std::sync::Arc::new(Store::open_with(dir.path(), options).unwrap());
+        store.sync_cursors(&["a"]).unwrap();
+        const BATCHES: usize = 400;
+        let queuing = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                for i in 0..BATCHES {
+                    let d = [detection(&format!("r:{i}"), "2026-01-01T00:00:00Z")];
+                    store.enqueue_blocking("t", &d, None, Utc::now()).unwrap();
+                }
+            })
+        };
+        let (mut delivered, mut cursor) = (0, 0);
+        while delivered < BATCHES {
+            let read = store.read_after(cursor, 10).unwrap_or_else(|e| panic!("after {delivered} delivered: {e}"));
+            if let Some(&(last, _)) = read.last() {
+                delivered += read.len();
+                cursor = last;
+                store.set_cursor("a", cursor).unwrap();
+            }
+            store.release().unwrap();
+        }
+        queuing.join().unwrap();
     }
 
     #[tokio::test]
