@@ -1,12 +1,16 @@
 //! `GET /api/alerts`: bearer token check, injected faults, query and the
 //! JSON array response.
 
+use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use chrono::Utc;
 use http_body_util::{BodyExt, Full};
 use hyper::header::{
-    HeaderValue, ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, RETRY_AFTER, USER_AGENT, WWW_AUTHENTICATE,
+    HeaderValue, ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER, USER_AGENT, WWW_AUTHENTICATE,
 };
 use hyper::http::request::Parts;
 use hyper::{Method, StatusCode};
@@ -46,14 +50,16 @@ pub(super) async fn handle(shared: &Arc<Shared>, parts: &Parts) -> HttpResponse 
         .map(|query| url::form_urlencoded::parse(query.as_bytes()).into_owned().collect())
         .unwrap_or_default();
 
+    let wants_gzip = accepts_gzip(parts);
     let fault = shared.lock().faults.pop_front();
     let response = match fault {
-        None => respond_normally(shared, parts, &pairs),
+        None => respond_normally(shared, parts, &pairs, wants_gzip),
         Some(Fault::Slow(delay)) => {
             tokio::time::sleep(delay).await;
-            respond_normally(shared, parts, &pairs)
+            respond_normally(shared, parts, &pairs, wants_gzip)
         }
-        Some(Fault::Truncated) => truncate(respond_normally(shared, parts, &pairs)).await,
+        // Cut before compressing, so the client sees a truncated array.
+        Some(Fault::Truncated) => truncate(respond_normally(shared, parts, &pairs, false)).await,
         Some(Fault::Status { status, retry_after_secs, body }) => status_response(status, retry_after_secs, body),
         Some(Fault::EmptyOk) => json_response(StatusCode::OK, ""),
         Some(Fault::Html) => text_response(StatusCode::OK, "text/html; charset=utf-8", PROXY_ERROR_PAGE),
@@ -61,7 +67,7 @@ pub(super) async fn handle(shared: &Arc<Shared>, parts: &Parts) -> HttpResponse 
         Some(Fault::Unauthorized) => unauthorized("Authorization has been denied for this request."),
     };
 
-    let response = if accepts_gzip(parts) { gzip(response).await } else { response };
+    let response = if wants_gzip { gzip(response).await } else { response };
     let gzip = response.headers().contains_key(CONTENT_ENCODING);
     let user_agent = parts.headers.get(USER_AGENT).and_then(|v| v.to_str().ok()).map(str::to_string);
 
@@ -94,9 +100,9 @@ fn accepts_gzip(parts: &Parts) -> bool {
     })
 }
 
-/// Compresses a successful response's body with gzip.
+/// Compresses a successful response's body with gzip, unless it is already.
 async fn gzip(response: HttpResponse) -> HttpResponse {
-    if response.status() != StatusCode::OK {
+    if response.status() != StatusCode::OK || response.headers().contains_key(CONTENT_ENCODING) {
         return response;
     }
     let (mut parts, body) = response.into_parts();
@@ -110,15 +116,16 @@ async fn gzip(response: HttpResponse) -> HttpResponse {
         Ok(compressed) => {
             parts.headers.insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
             parts.headers.remove(hyper::header::CONTENT_LENGTH);
-            HttpResponse::from_parts(parts, Full::new(compressed.into()))
+            HttpResponse::from_parts(parts, Full::new(compressed.into()).boxed())
         }
         // Only an allocation failure could fail the write, and then the plain body is still correct.
-        Err(_) => HttpResponse::from_parts(parts, Full::new(bytes)),
+        Err(_) => HttpResponse::from_parts(parts, Full::new(bytes).boxed()),
     }
 }
 
-/// Handles a request that no fault replaces.
-fn respond_normally(shared: &Shared, parts: &Parts, pairs: &[(String, String)]) -> HttpResponse {
+/// Handles a request that no fault replaces; the detections are streamed,
+/// compressed with gzip when `gzip` is set.
+fn respond_normally(shared: &Shared, parts: &Parts, pairs: &[(String, String)], gzip: bool) -> HttpResponse {
     if parts.method != Method::GET {
         return method_not_allowed("GET");
     }
@@ -138,7 +145,7 @@ fn respond_normally(shared: &Shared, parts: &Parts, pairs: &[(String, String)]) 
         Ok(query) => query,
         Err(message) => return api_error(StatusCode::BAD_REQUEST, "BadRequest", &message),
     };
-    json_response(StatusCode::OK, select(&state, &caller.tenant_key, &query))
+    array_response(select(&state, &caller.tenant_key, &query), gzip)
 }
 
 /// Identifies the caller from the `Authorization` header, or returns the
@@ -168,11 +175,11 @@ fn authenticate(state: &State, parts: &Parts) -> Result<Caller, &'static str> {
     })
 }
 
-/// Builds the response body: the matching detections as a JSON array,
-/// ascending by `LastProcessedTimeUtc`, each in its stored JSON text.
-fn select(state: &State, tenant_key: &str, query: &AlertQuery) -> String {
+/// Returns the matching detections' JSON texts, ascending by
+/// `LastProcessedTimeUtc`.
+fn select(state: &State, tenant_key: &str, query: &AlertQuery) -> Vec<Arc<str>> {
     let Some(tenant) = state.tenants.get(tenant_key) else {
-        return "[]".to_string();
+        return Vec::new();
     };
     let mut selected: Vec<_> = tenant.detections.iter().filter(|detection| query.matches(detection)).collect();
     // A stable sort keeps insertion order among equal times.
@@ -181,18 +188,97 @@ fn select(state: &State, tenant_key: &str, query: &AlertQuery) -> String {
         let skip = selected.len().saturating_sub(limit);
         selected.drain(..skip);
     }
+    selected.into_iter().map(|detection| detection.json.clone()).collect()
+}
 
-    let length: usize = selected.iter().map(|detection| detection.json.len() + 1).sum();
-    let mut body = String::with_capacity(length + 2);
-    body.push('[');
-    for (index, detection) in selected.iter().enumerate() {
-        if index > 0 {
-            body.push(',');
-        }
-        body.push_str(&detection.json);
+/// Uncompressed bytes of the array written between two sent chunks.
+const CHUNK_BYTES: usize = 256 * 1024;
+
+/// A 200 response whose body is `detections` as one JSON array, written on
+/// a blocking thread while it is sent, as a server streams a large result.
+fn array_response(detections: Vec<Arc<str>>, gzip: bool) -> HttpResponse {
+    let (sender, receiver) = tokio::sync::mpsc::channel(4);
+    tokio::task::spawn_blocking(move || write_array(&detections, gzip, &sender));
+    let mut response = HttpResponse::new(ChunkBody(receiver).boxed());
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
+    if gzip {
+        headers.insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
     }
-    body.push(']');
-    body
+    response
+}
+
+/// Writes the array in chunks; stops when the client has gone.
+fn write_array(detections: &[Arc<str>], gzip: bool, sender: &tokio::sync::mpsc::Sender<Bytes>) {
+    let mut output = if gzip {
+        ArrayOutput::Gzip(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()))
+    } else {
+        ArrayOutput::Plain(Vec::new())
+    };
+    let mut pending = 1;
+    output.write(b"[");
+    for (index, json) in detections.iter().enumerate() {
+        if index > 0 {
+            output.write(b",");
+        }
+        output.write(json.as_bytes());
+        pending += json.len() + 1;
+        if pending >= CHUNK_BYTES {
+            pending = 0;
+            let chunk = output.take();
+            if !chunk.is_empty() && sender.blocking_send(chunk.into()).is_err() {
+                return;
+            }
+        }
+    }
+    output.write(b"]");
+    // A send error means the client has gone: nothing to do.
+    let _ = sender.blocking_send(output.finish().into());
+}
+
+enum ArrayOutput {
+    Plain(Vec<u8>),
+    Gzip(flate2::write::GzEncoder<Vec<u8>>),
+}
+
+impl ArrayOutput {
+    fn write(&mut self, bytes: &[u8]) {
+        match self {
+            ArrayOutput::Plain(out) => out.extend_from_slice(bytes),
+            // Compressing into a Vec cannot fail short of an allocation failure.
+            ArrayOutput::Gzip(encoder) => drop(std::io::Write::write_all(encoder, bytes)),
+        }
+    }
+
+    /// Takes the output written so far.
+    fn take(&mut self) -> Vec<u8> {
+        match self {
+            ArrayOutput::Plain(out) => std::mem::take(out),
+            ArrayOutput::Gzip(encoder) => std::mem::take(encoder.get_mut()),
+        }
+    }
+
+    fn finish(self) -> Vec<u8> {
+        match self {
+            ArrayOutput::Plain(out) => out,
+            ArrayOutput::Gzip(encoder) => encoder.finish().unwrap_or_default(),
+        }
+    }
+}
+
+/// A response body fed chunk by chunk through a channel.
+struct ChunkBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for ChunkBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|chunk| chunk.map(|bytes| Ok(hyper::body::Frame::data(bytes))))
+    }
 }
 
 fn unauthorized(message: &str) -> HttpResponse {
@@ -217,7 +303,7 @@ async fn truncate(response: HttpResponse) -> HttpResponse {
         Err(never) => match never {},
     };
     let cut = bytes.slice(..bytes.len() / 2);
-    HttpResponse::from_parts(parts, Full::new(cut))
+    HttpResponse::from_parts(parts, Full::new(cut).boxed())
 }
 
 /// Builds the response of a `Status` fault. A body that looks like JSON is

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
@@ -33,7 +34,7 @@ const MAX_TOKEN_BODY: usize = 64 * 1024;
 /// Maximum request body of the control API, which may carry many detections.
 const MAX_CONTROL_BODY: usize = 256 * 1024 * 1024;
 
-pub(super) type HttpResponse = Response<Full<Bytes>>;
+pub(super) type HttpResponse = Response<BoxBody<Bytes, Infallible>>;
 
 /// Accepts connections until `stop` turns true or its sender is dropped,
 /// then drains the open connections.
@@ -162,7 +163,7 @@ async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, HttpResponse> 
 }
 
 pub(super) fn text_response(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> HttpResponse {
-    let mut response = Response::new(Full::new(body.into()));
+    let mut response = Response::new(Full::new(body.into()).boxed());
     *response.status_mut() = status;
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     response

@@ -116,7 +116,8 @@ pub(super) struct IssuedToken {
 /// A detection as served: its compact JSON text plus the fields the API
 /// filters on, parsed once on insertion.
 pub(super) struct StoredDetection {
-    pub json: String,
+    /// Shared, so a response can be written after the state lock is released.
+    pub json: std::sync::Arc<str>,
     /// `None` when `LastProcessedTimeUtc` is missing or unparsable; such a
     /// detection never matches a time window.
     pub last_processed: Option<DateTime<Utc>>,
@@ -131,7 +132,7 @@ impl StoredDetection {
             |name: &str| detection.get(name).and_then(json_value_text).map(|text| text.into_owned()).unwrap_or_default();
         let last_processed = timefmt::parse(&field("LastProcessedTimeUtc"));
         Self {
-            json: detection.to_string(),
+            json: detection.to_string().into(),
             last_processed,
             machine_group: field("MachineGroup"),
             device_tags: field("DeviceCreatedMachineTags"),

@@ -411,6 +411,29 @@ async fn results_ascend_by_last_processed_time() {
     assert_eq!(full_ids(&items), ["a", "b", "c"]);
 }
 
+/// A response larger than one streamed chunk arrives whole and in order,
+/// compressed and plain.
+#[tokio::test]
+async fn large_response_is_streamed_whole() {
+    let emulator = start().await;
+    let padding = "x".repeat(1000);
+    let expected: Vec<String> = (0..700).map(|i| format!("big{i:04}")).collect();
+    for (i, id) in expected.iter().enumerate() {
+        let mut item = detection(id, &minutes_ago(90 - i as i64 / 10));
+        item["CommandLine"] = json!(padding);
+        emulator.push_detection(TENANT, item);
+    }
+    let token = token(&emulator).await;
+    for gzip in [true, false] {
+        let client = reqwest::Client::builder().no_proxy().gzip(gzip).build().unwrap();
+        let response = client.get(format!("{}/api/alerts", emulator.url())).bearer_auth(&token).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        let items: Vec<Value> = serde_json::from_str(&response.text().await.unwrap()).unwrap();
+        assert_eq!(full_ids(&items), expected, "gzip {gzip}");
+        assert_eq!(emulator.requests().last().map(|r| r.gzip), Some(gzip));
+    }
+}
+
 #[tokio::test]
 async fn limit_returns_most_recent_in_ascending_order() {
     let emulator = start().await;
