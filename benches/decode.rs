@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use mde_forwarder::detection::Detection;
-use mde_forwarder::json_stream::ArraySplitter;
+use mde_forwarder::json_stream::{ArraySplitter, RawElement};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
@@ -25,16 +25,23 @@ fn split_and_parse(body: &[u8]) -> usize {
     let mut splitter = ArraySplitter::new();
     let mut elements = Vec::new();
     let mut detections = 0;
-    for chunk in body.chunks(CHUNK_BYTES) {
-        splitter.push(chunk, &mut elements).expect("the body is a valid JSON array");
+    let mut take = |elements: &mut Vec<RawElement>| {
         for element in elements.drain(..) {
-            let text = String::from_utf8(element).expect("the body is UTF-8");
-            let detection = Detection::from_string(text).map_err(|(_, error)| error).expect("a valid detection");
+            let text = String::from_utf8(element.bytes).expect("the body is UTF-8");
+            let detection = match element.keys {
+                Some(keys) => Detection::from_scanned(text, keys),
+                None => Detection::from_string(text).map_err(|(_, error)| error).expect("a valid detection"),
+            };
             black_box(&detection);
             detections += 1;
         }
+    };
+    for chunk in body.chunks(CHUNK_BYTES) {
+        splitter.push(chunk, &mut elements).expect("the body is a valid JSON array");
+        take(&mut elements);
     }
-    splitter.finish().expect("the body is one complete array");
+    splitter.finish(&mut elements).expect("the body is one complete array");
+    take(&mut elements);
     detections
 }
 

@@ -62,6 +62,60 @@ pub enum DetectionError {
     Syntax(#[from] SyntaxError),
 }
 
+/// Where an object's two key fields sit, found by its key check.
+#[derive(Debug, Clone)]
+pub struct ObjectKeys {
+    full_id: Option<Member>,
+    last_processed: Option<Member>,
+}
+
+impl ObjectKeys {
+    /// Runs the key check over every member and keeps the key fields.
+    ///
+    /// Only names are decoded, so a lone surrogate fails the check in a name
+    /// but not in a value, which JSON sinks forward as it is. Nested objects
+    /// and arrays are checked the way serde_json skips a value, which has no
+    /// depth limit. A repeated key keeps its last value.
+    fn read(members: &mut Members<'_>) -> Result<Self, DetectionError> {
+        let text = members.bytes();
+        let mut keys = Self { full_id: None, last_processed: None };
+        for member in members {
+            let member = member?;
+            if member.kind == Kind::Nested {
+                serde_json::from_slice::<serde::de::IgnoredAny>(&text[member.value.clone()])?;
+            }
+            let name = if member.name_escaped {
+                Cow::Owned(fields::decode_string(&text[member.name.clone()])?.into_string())
+            } else {
+                // Unescaped names that are not UTF-8 match neither key.
+                String::from_utf8_lossy(&text[member.name_inner()])
+            };
+            match name.as_ref() {
+                "FullId" => keys.full_id = Some(member),
+                "LastProcessedTimeUtc" => keys.last_processed = Some(member),
+                _ => {}
+            }
+        }
+        Ok(keys)
+    }
+
+    fn resolve(self, text: &str) -> KeyFields {
+        let full_id = self.full_id.and_then(|m| key_text(text, &m)).map(|(text, is_string)| FullId { text, is_string });
+        let last_processed = self.last_processed.and_then(|m| key_text(text, &m)).map(|(text, _)| text);
+        KeyFields { full_id, last_processed }
+    }
+}
+
+/// Runs the key check on a JSON object at the start of `bytes`, which may
+/// continue after it (the rest of an array). Returns the object's length
+/// and its key fields, or `None` when the object is invalid or not complete
+/// in `bytes`; the caller then finds its end and checks it the slow way.
+pub fn scan_object_prefix(bytes: &[u8]) -> Option<(usize, ObjectKeys)> {
+    let mut members = Members::embedded(bytes).ok()?;
+    let keys = ObjectKeys::read(&mut members).ok()?;
+    Some((members.end(), keys))
+}
+
 /// Returns the text of a key field's value: a string unescaped, or its raw
 /// JSON when it cannot be unescaped (a lone surrogate), and anything else as
 /// its JSON text. Null and the empty string give `None`.
@@ -70,7 +124,7 @@ fn key_text(raw: &str, member: &Member) -> Option<(Box<str>, bool)> {
     let text = match member.kind {
         Kind::Null => return None,
         Kind::String => (&raw[member.value_inner()]).into(),
-        Kind::EscapedString => fields::decode_string(json).unwrap_or_else(|_| json.into()),
+        Kind::EscapedString => fields::decode_string(json.as_bytes()).unwrap_or_else(|_| json.into()),
         _ => return Some((json.into(), false)),
     };
     (!text.is_empty()).then_some((text, true))
@@ -135,36 +189,19 @@ impl Detection {
     }
 
     /// Checks that `text` is one JSON object and reads the two key fields.
-    ///
-    /// Only names are decoded, so a lone surrogate fails the check in a name
-    /// but not in a value, which JSON sinks forward as it is. Nested objects
-    /// and arrays are checked the way serde_json skips a value, which has no
-    /// depth limit. A repeated key keeps its last value.
     fn keys(text: &str) -> Result<KeyFields, DetectionError> {
         if !text.trim_start().starts_with('{') {
             let value: Value = serde_json::from_str(text)?;
             return Err(DetectionError::NotAnObject(json_type_name(&value)));
         }
-        let (mut full_id, mut last_processed) = (None, None);
-        for member in Members::new(text)? {
-            let member = member?;
-            if member.kind == Kind::Nested {
-                serde_json::from_str::<serde::de::IgnoredAny>(&text[member.value.clone()])?;
-            }
-            let name: Cow<str> = if member.name_escaped {
-                Cow::Owned(fields::decode_string(&text[member.name.clone()])?.into_string())
-            } else {
-                Cow::Borrowed(&text[member.name_inner()])
-            };
-            match name.as_ref() {
-                "FullId" => full_id = Some(member),
-                "LastProcessedTimeUtc" => last_processed = Some(member),
-                _ => {}
-            }
-        }
-        let full_id = full_id.and_then(|m| key_text(text, &m)).map(|(text, is_string)| FullId { text, is_string });
-        let last_processed = last_processed.and_then(|m| key_text(text, &m)).map(|(text, _)| text);
-        Ok(KeyFields { full_id, last_processed })
+        Ok(ObjectKeys::read(&mut Members::new(text)?)?.resolve(text))
+    }
+
+    /// Wraps an array element whose key check was done while the array was
+    /// split (see [`scan_object_prefix`]); `text` is the scanned object.
+    pub fn from_scanned(text: String, keys: ObjectKeys) -> Self {
+        let keys = keys.resolve(&text);
+        Self { raw: text.into_boxed_str(), keys: OnceLock::from(keys), fields: OnceLock::new() }
     }
 
     /// Returns the JSON text exactly as the API sent it.

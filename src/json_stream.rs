@@ -1,9 +1,14 @@
 //! Splits a JSON array arriving in chunks into its elements, so a response of
 //! any size is decoded with memory bounded by one element plus one chunk.
 //!
-//! The splitter only finds element boundaries (tracking strings, escapes and
-//! nesting); serde_json then parses each element on its own. Anything that is
-//! not one complete top-level array is reported with what arrived instead.
+//! An element that is an object is checked as it is found, by the same
+//! scanner that reads a detection's key fields, so the poller does not scan
+//! it a second time. Any other element, and an object that is invalid or not
+//! complete yet, is split by tracking strings, escapes and nesting, and
+//! checked later on its own. Anything that is not one complete top-level
+//! array is reported with what arrived instead.
+
+use crate::detection::{scan_object_prefix, ObjectKeys};
 
 /// Error in the body of a response, worded for an operator.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -25,6 +30,18 @@ const PREVIEW_BYTES: usize = 120;
 /// How much of a body that is not an array is kept before it is reported:
 /// enough to remove a whole secret before the preview is cut.
 const KEEP_BYTES: usize = 4096;
+/// Bytes gathered before they are scanned: with many elements per scan,
+/// few are cut by the end of the buffer and take the slow way.
+const SCAN_AHEAD_BYTES: usize = 64 * 1024;
+
+/// One element of the array, as bytes.
+#[derive(Debug)]
+pub struct RawElement {
+    pub bytes: Vec<u8>,
+    /// The key fields of an object that passed the key check while it was
+    /// split; `None` for an element still to be checked.
+    pub keys: Option<ObjectKeys>,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -53,6 +70,10 @@ pub struct ArraySplitter {
     seen_any: bool,
     /// Texts removed from previews, such as the request's bearer token.
     secrets: Vec<String>,
+    /// Objects are checked while they are split (off only to compare).
+    check_objects: bool,
+    /// Unscanned bytes gathered before a scan, `SCAN_AHEAD_BYTES` but in tests.
+    scan_ahead: usize,
 }
 
 impl Default for ArraySplitter {
@@ -74,6 +95,8 @@ impl ArraySplitter {
             elements: 0,
             seen_any: false,
             secrets: Vec::new(),
+            check_objects: true,
+            scan_ahead: SCAN_AHEAD_BYTES,
         }
     }
 
@@ -95,11 +118,22 @@ impl ArraySplitter {
     }
 
     /// Feeds one chunk and appends every element it completes to `out`.
-    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<Vec<u8>>) -> Result<(), ArrayError> {
+    /// Bytes are gathered until there are enough to scan; [`finish`]
+    /// scans the rest.
+    ///
+    /// [`finish`]: ArraySplitter::finish
+    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<RawElement>) -> Result<(), ArrayError> {
         if !chunk.is_empty() {
             self.seen_any = true;
         }
         self.buffer.extend_from_slice(chunk);
+        if self.buffer.len() - self.scanned < self.scan_ahead {
+            return Ok(());
+        }
+        self.scan(out)
+    }
+
+    fn scan(&mut self, out: &mut Vec<RawElement>) -> Result<(), ArrayError> {
         if self.state == State::NotArray {
             return self.not_array_preview();
         }
@@ -123,8 +157,10 @@ impl ArraySplitter {
         Ok(())
     }
 
-    /// Ends the body; fails unless exactly one complete array arrived.
-    pub fn finish(&self) -> Result<(), ArrayError> {
+    /// Ends the body: scans what is left, and fails unless exactly one
+    /// complete array arrived.
+    pub fn finish(&mut self, out: &mut Vec<RawElement>) -> Result<(), ArrayError> {
+        self.scan(out)?;
         match self.state {
             State::Done => Ok(()),
             State::BeforeArray if !self.seen_any || self.buffer.iter().all(u8::is_ascii_whitespace) => {
@@ -145,7 +181,7 @@ impl ArraySplitter {
         Ok(())
     }
 
-    fn step(&mut self, byte: u8, at: usize, out: &mut Vec<Vec<u8>>) -> Result<(), ArrayError> {
+    fn step(&mut self, byte: u8, at: usize, out: &mut Vec<RawElement>) -> Result<(), ArrayError> {
         match self.state {
             State::BeforeArray => match byte {
                 b'[' => self.state = State::BeforeElement { first: true },
@@ -164,6 +200,7 @@ impl ArraySplitter {
                 b if b.is_ascii_whitespace() => {}
                 b']' if first => self.state = State::Done,
                 b']' | b',' => return Err(self.syntax(byte)),
+                b'{' if self.check_objects && self.check_object(at, out) => {}
                 _ => {
                     self.start = at;
                     self.state = State::InElement;
@@ -189,7 +226,7 @@ impl ArraySplitter {
         Ok(())
     }
 
-    fn scan_element_byte(&mut self, byte: u8, at: usize, out: &mut Vec<Vec<u8>>) -> Result<(), ArrayError> {
+    fn scan_element_byte(&mut self, byte: u8, at: usize, out: &mut Vec<RawElement>) -> Result<(), ArrayError> {
         if self.in_string {
             if self.escaped {
                 self.escaped = false;
@@ -219,16 +256,30 @@ impl ArraySplitter {
         Ok(())
     }
 
-    fn end_if_top(&mut self, end: usize, out: &mut Vec<Vec<u8>>) {
+    /// Checks the object starting at `at` and emits it when it is valid and
+    /// complete in the buffer; otherwise leaves it to the byte scan.
+    fn check_object(&mut self, at: usize, out: &mut Vec<RawElement>) -> bool {
+        let Some((len, keys)) = scan_object_prefix(&self.buffer[at..]) else {
+            return false;
+        };
+        out.push(RawElement { bytes: self.buffer[at..at + len].to_vec(), keys: Some(keys) });
+        self.elements += 1;
+        self.start = at + len;
+        self.scanned = at + len;
+        self.state = State::AfterElement;
+        true
+    }
+
+    fn end_if_top(&mut self, end: usize, out: &mut Vec<RawElement>) {
         if self.depth == 0 {
             self.emit(end, out);
             self.state = State::AfterElement;
         }
     }
 
-    fn emit(&mut self, end: usize, out: &mut Vec<Vec<u8>>) {
-        let element = self.buffer[self.start..end].trim_ascii_end().to_vec();
-        out.push(element);
+    fn emit(&mut self, end: usize, out: &mut Vec<RawElement>) {
+        let bytes = self.buffer[self.start..end].trim_ascii_end().to_vec();
+        out.push(RawElement { bytes, keys: None });
         self.elements += 1;
         self.start = end;
     }
@@ -266,13 +317,13 @@ mod tests {
     use super::*;
 
     fn split_in_chunks(body: &str, chunk: usize) -> Result<Vec<String>, ArrayError> {
-        let mut splitter = ArraySplitter::new();
+        let mut splitter = ArraySplitter { scan_ahead: 0, ..ArraySplitter::new() };
         let mut out = Vec::new();
         for piece in body.as_bytes().chunks(chunk.max(1)) {
             splitter.push(piece, &mut out)?;
         }
-        splitter.finish()?;
-        Ok(out.into_iter().map(|e| String::from_utf8(e).unwrap()).collect())
+        splitter.finish(&mut out)?;
+        Ok(out.into_iter().map(|e| String::from_utf8(e.bytes).unwrap()).collect())
     }
 
     #[test]
@@ -340,7 +391,91 @@ mod tests {
         for _ in 0..10_000 {
             splitter.push(br#"{"FullId":"x"},"#, &mut out).unwrap();
             out.clear();
-            assert!(splitter.buffer.len() < 64);
+            assert!(splitter.buffer.len() < SCAN_AHEAD_BYTES + 64);
+        }
+    }
+
+    /// An element's text, and its dedupe key and time, or `None` if invalid.
+    type Checked = (Vec<u8>, Option<(Option<String>, Option<String>)>);
+
+    /// What the poller makes of one element.
+    fn checked(element: RawElement) -> Checked {
+        let bytes = element.bytes.clone();
+        let Ok(text) = String::from_utf8(element.bytes) else { return (bytes, None) };
+        let detection = match element.keys {
+            Some(keys) => Some(crate::detection::Detection::from_scanned(text, keys)),
+            None => crate::detection::Detection::from_string(text).ok(),
+        };
+        let keys = detection.map(|d| (d.dedupe_id().map(|id| id.into_owned()), d.last_processed().map(|t| t.to_rfc3339())));
+        (bytes, keys)
+    }
+
+    fn split_checked(body: &[u8], chunk: usize, scan_ahead: usize, check_objects: bool) -> (Vec<Checked>, Result<(), ArrayError>) {
+        let mut splitter = ArraySplitter { scan_ahead, check_objects, ..ArraySplitter::new() };
+        let mut out = Vec::new();
+        let mut result = body.chunks(chunk).try_for_each(|piece| splitter.push(piece, &mut out));
+        if result.is_ok() {
+            result = splitter.finish(&mut out);
+        }
+        (out.into_iter().map(checked).collect(), result)
+    }
+
+    /// Checking objects while splitting gives the same elements, keys and
+    /// errors as splitting first and checking each element after, on
+    /// arrays of valid, invalid and cut elements in any chunking.
+    #[test]
+    fn checking_while_splitting_changes_nothing() {
+        let samples: Vec<serde_json::Value> =
+            serde_json::from_str(include_str!("../tests/data/detections.json")).expect("sample detections");
+        let mut pieces: Vec<Vec<u8>> = samples.iter().take(4).map(|s| s.to_string().into_bytes()).collect();
+        pieces.extend(
+            [
+                r#"{"FullId":"a\u0041","LastProcessedTimeUtc":"2026-01-01T00:00:00.1234567Z","N":[1,{"x":"]}"}]}"#,
+                r#"{ "Full\u0049d" : 42 , "LastProcessedTimeUtc" : null }"#,
+                r#"{"FullId":"x\ud800"}"#,
+                r#"{"\ud800":1}"#,
+                r#"{"FullId":"bad" "x":1}"#,
+                r#"{"FullId":"cut"#,
+                r#"{"FullId":tru}"#,
+                r#"{"a":"x"]"#,
+                r#"{"a":1}}"#,
+                r#"{"a":01}"#,
+                r#"{"a":"\u12"}"#,
+                "{\"a\":\"tab\there\"}",
+                "[1,2]",
+                "7",
+                r#""s""#,
+                "null",
+                "{}",
+                r#"{"FullId":"n","a":[1,,2]}"#,
+                r#"{"a":{"b" 1}}"#,
+            ]
+            .map(|piece| piece.as_bytes().to_vec()),
+        );
+        pieces.push(b"{\"FullId\":\"\xff\"}".to_vec());
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut below = |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        };
+        for round in 0..3_000 {
+            let mut body = b"[".to_vec();
+            for i in 0..1 + below(6) {
+                if i > 0 {
+                    body.extend_from_slice([",", " ,\n", ",\t"][below(3)].as_bytes());
+                }
+                body.extend_from_slice(&pieces[below(pieces.len())]);
+            }
+            if below(8) != 0 {
+                body.extend_from_slice([b"]".as_slice(), b" ]\n", b"]x"][below(3)]);
+            }
+            let chunk = 1 + below(body.len());
+            let scan_ahead = [0, 1, 50, 700][below(4)];
+            let checked = split_checked(&body, chunk, scan_ahead, true);
+            let plain = split_checked(&body, chunk, scan_ahead, false);
+            assert_eq!(checked, plain, "round {round}: {:?} in chunks of {chunk}", String::from_utf8_lossy(&body));
         }
     }
 }

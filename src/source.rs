@@ -11,7 +11,7 @@ use reqwest::StatusCode;
 use crate::auth::{AuthError, TokenSource};
 use crate::config::{ResolvedTenant, Secret};
 use crate::detection::Detection;
-use crate::json_stream::{preview, ArrayError, ArraySplitter};
+use crate::json_stream::{preview, ArrayError, ArraySplitter, RawElement};
 use crate::timefmt;
 
 /// One `/api/alerts` request. Empty fields send no parameter.
@@ -211,7 +211,7 @@ impl AlertsClient {
 pub struct Page {
     response: reqwest::Response,
     splitter: ArraySplitter,
-    ready: std::collections::VecDeque<Vec<u8>>,
+    ready: std::collections::VecDeque<RawElement>,
     finished: bool,
     received: u64,
     limit: u64,
@@ -240,7 +240,7 @@ impl Page {
                 }
                 None => {
                     self.finished = true;
-                    self.splitter.finish().map_err(|e| self.malformed(e))?;
+                    self.splitter.finish(&mut out).map_err(|e| self.malformed(e))?;
                 }
             }
             self.ready.extend(out);
@@ -268,14 +268,17 @@ impl Page {
     }
 }
 
-fn to_element(bytes: Vec<u8>) -> Element {
-    let text = match String::from_utf8(bytes) {
+fn to_element(element: RawElement) -> Element {
+    let text = match String::from_utf8(element.bytes) {
         Ok(text) => text,
         Err(e) => {
             let raw = String::from_utf8_lossy(e.as_bytes()).into_owned();
             return Element::Invalid { raw, reason: "not valid UTF-8".into() };
         }
     };
+    if let Some(keys) = element.keys {
+        return Element::Detection(Detection::from_scanned(text, keys));
+    }
     match Detection::from_string(text) {
         Ok(detection) => Element::Detection(detection),
         Err((raw, e)) => Element::Invalid { raw, reason: e.to_string() },

@@ -123,7 +123,7 @@ impl Fields {
         for member in Members::new(raw).map_err(|e| e.to_string())? {
             let member = member.map_err(|e| e.to_string())?;
             let name = if member.name_escaped {
-                let decoded = decode_string(&raw[member.name.clone()]).map_err(|e| format!("field name at byte {}: {e}", member.name.start))?;
+                let decoded = decode_string(&raw.as_bytes()[member.name.clone()]).map_err(|e| format!("field name at byte {}: {e}", member.name.start))?;
                 Text::Decoded(decoded)
             } else {
                 Text::Span(member.name_inner())
@@ -185,8 +185,8 @@ impl Fields {
 
 /// Decodes a JSON string with escapes, given with its quotes; fails on a
 /// lone UTF-16 surrogate.
-pub(super) fn decode_string(json: &str) -> Result<Box<str>, serde_json::Error> {
-    serde_json::from_str::<String>(json).map(String::into_boxed_str)
+pub(super) fn decode_string(json: &[u8]) -> Result<Box<str>, serde_json::Error> {
+    serde_json::from_slice::<String>(json).map(String::into_boxed_str)
 }
 
 /// Sorts one member's value into its slot. A string is decoded only when it
@@ -194,7 +194,7 @@ pub(super) fn decode_string(json: &str) -> Result<Box<str>, serde_json::Error> {
 fn slot(raw: &str, member: &Member) -> Result<Slot, serde_json::Error> {
     let slot = match member.kind {
         Kind::String => Slot::String(Text::Span(member.value_inner())),
-        Kind::EscapedString => Slot::String(Text::Decoded(decode_string(&raw[member.value.clone()])?)),
+        Kind::EscapedString => Slot::String(Text::Decoded(decode_string(&raw.as_bytes()[member.value.clone()])?)),
         Kind::Nested => {
             // The scanner only found the value's end. Parsing it inside an
             // array spends the level the enclosing object took, so the

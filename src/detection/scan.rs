@@ -55,25 +55,49 @@ pub struct SyntaxError {
 }
 
 /// The members of one JSON object, in the text's order. After the last one
-/// the iterator checks that only whitespace follows the object; on an error
-/// it yields that error and ends.
+/// the iterator checks that only whitespace follows the object, unless the
+/// object is embedded in longer text; on an error it yields that error and
+/// ends. An error at the end of the text means the text ended too soon.
 pub(super) struct Members<'a> {
     bytes: &'a [u8],
     pos: usize,
     first: bool,
     done: bool,
+    /// The object ends at its closing brace, whatever follows.
+    embedded: bool,
 }
 
 impl<'a> Members<'a> {
     /// Starts on `raw`, which must open with `{` (after whitespace).
     pub fn new(raw: &'a str) -> Result<Self, SyntaxError> {
-        let mut members = Self { bytes: raw.as_bytes(), pos: 0, first: true, done: false };
+        Self::start(raw.as_bytes(), false)
+    }
+
+    /// Starts on an object at the start of `bytes` that may be followed by
+    /// more text, such as an element of an array; see [`Members::end`].
+    pub fn embedded(bytes: &'a [u8]) -> Result<Self, SyntaxError> {
+        Self::start(bytes, true)
+    }
+
+    fn start(bytes: &'a [u8], embedded: bool) -> Result<Self, SyntaxError> {
+        let mut members = Self { bytes, pos: 0, first: true, done: false, embedded };
         members.skip_whitespace();
         if members.peek() != Some(b'{') {
             return Err(members.error("expected `{` to open an object"));
         }
         members.pos += 1;
         Ok(members)
+    }
+
+    /// Where the scan stands: after the closing brace once every member
+    /// was read.
+    pub fn end(&self) -> usize {
+        self.pos
+    }
+
+    /// The text being scanned.
+    pub fn bytes(&self) -> &'a [u8] {
+        self.bytes
     }
 
     fn peek(&self) -> Option<u8> {
@@ -96,6 +120,9 @@ impl<'a> Members<'a> {
         match (self.peek(), self.first) {
             (Some(b'}'), _) => {
                 self.pos += 1;
+                if self.embedded {
+                    return Ok(None);
+                }
                 self.skip_whitespace();
                 return match self.peek() {
                     None => Ok(None),
@@ -155,7 +182,12 @@ impl<'a> Members<'a> {
     }
 
     fn literal(&mut self, word: &[u8], kind: Kind) -> Result<Kind, SyntaxError> {
-        if !self.bytes[self.pos..].starts_with(word) {
+        let rest = &self.bytes[self.pos..];
+        if !rest.starts_with(word) {
+            if word.starts_with(rest) {
+                // Cut short by the end of the text.
+                self.pos = self.bytes.len();
+            }
             return Err(self.error("expected a value"));
         }
         self.pos += word.len();
@@ -193,9 +225,13 @@ impl<'a> Members<'a> {
         match self.bytes.get(self.pos + 1) {
             Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => self.pos += 2,
             Some(b'u') => {
-                let digits = self.bytes.get(self.pos + 2..self.pos + 6);
-                if !digits.is_some_and(|d| d.iter().all(u8::is_ascii_hexdigit)) {
+                let digits = &self.bytes[self.pos + 2..(self.pos + 6).min(self.bytes.len())];
+                if !digits.iter().all(u8::is_ascii_hexdigit) {
                     return Err(self.error("invalid \\u escape (it needs four hexadecimal digits)"));
+                }
+                if digits.len() < 4 {
+                    self.pos = self.bytes.len();
+                    return Err(self.error("a string is not closed"));
                 }
                 self.pos += 6;
             }

@@ -211,7 +211,7 @@ fn array_response(detections: Vec<Arc<str>>, gzip: bool) -> HttpResponse {
 /// Writes the array in chunks; stops when the client has gone.
 fn write_array(detections: &[Arc<str>], gzip: bool, sender: &tokio::sync::mpsc::Sender<Bytes>) {
     let mut output = if gzip {
-        ArrayOutput::Gzip(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()))
+        ArrayOutput::Gzip(Box::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast())))
     } else {
         ArrayOutput::Plain(Vec::new())
     };
@@ -238,7 +238,7 @@ fn write_array(detections: &[Arc<str>], gzip: bool, sender: &tokio::sync::mpsc::
 
 enum ArrayOutput {
     Plain(Vec<u8>),
-    Gzip(flate2::write::GzEncoder<Vec<u8>>),
+    Gzip(Box<flate2::write::GzEncoder<Vec<u8>>>),
 }
 
 impl ArrayOutput {
@@ -246,7 +246,7 @@ impl ArrayOutput {
         match self {
             ArrayOutput::Plain(out) => out.extend_from_slice(bytes),
             // Compressing into a Vec cannot fail short of an allocation failure.
-            ArrayOutput::Gzip(encoder) => drop(std::io::Write::write_all(encoder, bytes)),
+            ArrayOutput::Gzip(encoder) => drop(std::io::Write::write_all(encoder.as_mut(), bytes)),
         }
     }
 
