@@ -106,14 +106,27 @@ impl ObjectKeys {
     }
 }
 
+/// What the key check found on a JSON object at the start of some bytes.
+pub enum ObjectPrefix {
+    /// A valid object of this many bytes, and its key fields.
+    Complete(usize, ObjectKeys),
+    /// The bytes end before the object does, with no error so far.
+    Cut,
+    /// Not a valid object: the caller finds its end the slow way and
+    /// checks it again for the reason.
+    Invalid,
+}
+
 /// Runs the key check on a JSON object at the start of `bytes`, which may
-/// continue after it (the rest of an array). Returns the object's length
-/// and its key fields, or `None` when the object is invalid or not complete
-/// in `bytes`; the caller then finds its end and checks it the slow way.
-pub fn scan_object_prefix(bytes: &[u8]) -> Option<(usize, ObjectKeys)> {
-    let mut members = Members::embedded(bytes).ok()?;
-    let keys = ObjectKeys::read(&mut members).ok()?;
-    Some((members.end(), keys))
+/// continue after it (the rest of an array).
+pub fn scan_object_prefix(bytes: &[u8]) -> ObjectPrefix {
+    let Ok(mut members) = Members::embedded(bytes) else { return ObjectPrefix::Invalid };
+    match ObjectKeys::read(&mut members) {
+        Ok(keys) => ObjectPrefix::Complete(members.end(), keys),
+        // The scanner stops at the end of the bytes only when they run out.
+        Err(_) if members.end() == bytes.len() => ObjectPrefix::Cut,
+        Err(_) => ObjectPrefix::Invalid,
+    }
 }
 
 /// Returns the text of a key field's value: a string unescaped, or its raw

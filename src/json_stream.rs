@@ -3,12 +3,13 @@
 //!
 //! An element that is an object is checked as it is found, by the same
 //! scanner that reads a detection's key fields, so the poller does not scan
-//! it a second time. Any other element, and an object that is invalid or not
-//! complete yet, is split by tracking strings, escapes and nesting, and
-//! checked later on its own. Anything that is not one complete top-level
-//! array is reported with what arrived instead.
+//! it a second time; an object cut by the end of the buffer is checked again
+//! once more bytes arrived. Any other element, an invalid object and a very
+//! long one are split by tracking strings, escapes and nesting, and checked
+//! later on their own. Anything that is not one complete top-level array is
+//! reported with what arrived instead.
 
-use crate::detection::{scan_object_prefix, ObjectKeys};
+use crate::detection::{scan_object_prefix, ObjectKeys, ObjectPrefix};
 
 /// Error in the body of a response, worded for an operator.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -74,6 +75,17 @@ pub struct ArraySplitter {
     check_objects: bool,
     /// Unscanned bytes gathered before a scan, `SCAN_AHEAD_BYTES` but in tests.
     scan_ahead: usize,
+    /// An object cut by the end of the buffer waits for more bytes.
+    waiting: bool,
+    /// The body has ended: nothing waits.
+    ending: bool,
+}
+
+/// What [`ArraySplitter::check_object`] did with an object.
+enum Checked {
+    Emitted,
+    Wait,
+    ByteScan,
 }
 
 impl Default for ArraySplitter {
@@ -97,6 +109,8 @@ impl ArraySplitter {
             secrets: Vec::new(),
             check_objects: true,
             scan_ahead: SCAN_AHEAD_BYTES,
+            waiting: false,
+            ending: false,
         }
     }
 
@@ -152,6 +166,9 @@ impl ArraySplitter {
             let at = self.scanned;
             self.scanned += 1;
             self.step(byte, at, out)?;
+            if std::mem::take(&mut self.waiting) {
+                break;
+            }
         }
         self.compact();
         Ok(())
@@ -160,6 +177,7 @@ impl ArraySplitter {
     /// Ends the body: scans what is left, and fails unless exactly one
     /// complete array arrived.
     pub fn finish(&mut self, out: &mut Vec<RawElement>) -> Result<(), ArrayError> {
+        self.ending = true;
         self.scan(out)?;
         match self.state {
             State::Done => Ok(()),
@@ -200,15 +218,12 @@ impl ArraySplitter {
                 b if b.is_ascii_whitespace() => {}
                 b']' if first => self.state = State::Done,
                 b']' | b',' => return Err(self.syntax(byte)),
-                b'{' if self.check_objects && self.check_object(at, out) => {}
-                _ => {
-                    self.start = at;
-                    self.state = State::InElement;
-                    self.depth = 0;
-                    self.in_string = false;
-                    self.escaped = false;
-                    self.scan_element_byte(byte, at, out)?;
-                }
+                b'{' if self.check_objects => match self.check_object(at, out) {
+                    Checked::Emitted => {}
+                    Checked::Wait => self.waiting = true,
+                    Checked::ByteScan => self.start_element(byte, at, out)?,
+                },
+                _ => self.start_element(byte, at, out)?,
             },
             State::InElement => self.scan_element_byte(byte, at, out)?,
             State::AfterElement => match byte {
@@ -224,6 +239,16 @@ impl ArraySplitter {
             }
         }
         Ok(())
+    }
+
+    /// Starts the byte scan of an element at its first byte.
+    fn start_element(&mut self, byte: u8, at: usize, out: &mut Vec<RawElement>) -> Result<(), ArrayError> {
+        self.start = at;
+        self.state = State::InElement;
+        self.depth = 0;
+        self.in_string = false;
+        self.escaped = false;
+        self.scan_element_byte(byte, at, out)
     }
 
     fn scan_element_byte(&mut self, byte: u8, at: usize, out: &mut Vec<RawElement>) -> Result<(), ArrayError> {
@@ -257,17 +282,26 @@ impl ArraySplitter {
     }
 
     /// Checks the object starting at `at` and emits it when it is valid and
-    /// complete in the buffer; otherwise leaves it to the byte scan.
-    fn check_object(&mut self, at: usize, out: &mut Vec<RawElement>) -> bool {
-        let Some((len, keys)) = scan_object_prefix(&self.buffer[at..]) else {
-            return false;
-        };
-        out.push(RawElement { bytes: self.buffer[at..at + len].to_vec(), keys: Some(keys) });
-        self.elements += 1;
-        self.start = at + len;
-        self.scanned = at + len;
-        self.state = State::AfterElement;
-        true
+    /// complete in the buffer. An object cut by the end of the buffer waits
+    /// for more bytes, unless the body has ended or the object is already
+    /// `scan_ahead` bytes long (so a huge element is not scanned over and
+    /// over); it and an invalid object are left to the byte scan.
+    fn check_object(&mut self, at: usize, out: &mut Vec<RawElement>) -> Checked {
+        match scan_object_prefix(&self.buffer[at..]) {
+            ObjectPrefix::Complete(len, keys) => {
+                out.push(RawElement { bytes: self.buffer[at..at + len].to_vec(), keys: Some(keys) });
+                self.elements += 1;
+                self.start = at + len;
+                self.scanned = at + len;
+                self.state = State::AfterElement;
+                Checked::Emitted
+            }
+            ObjectPrefix::Cut if !self.ending && self.buffer.len() - at < self.scan_ahead => {
+                self.scanned = at;
+                Checked::Wait
+            }
+            ObjectPrefix::Cut | ObjectPrefix::Invalid => Checked::ByteScan,
+        }
     }
 
     fn end_if_top(&mut self, end: usize, out: &mut Vec<RawElement>) {
