@@ -123,7 +123,8 @@ pub fn scan_object_prefix(bytes: &[u8]) -> ObjectPrefix {
     let Ok(mut members) = Members::embedded(bytes) else { return ObjectPrefix::Invalid };
     match ObjectKeys::read(&mut members) {
         Ok(keys) => ObjectPrefix::Complete(members.end(), keys),
-        // The scanner stops at the end of the bytes only when they run out.
+        // An error at the very end may be the bytes running out: more of
+        // them decide.
         Err(_) if members.end() == bytes.len() => ObjectPrefix::Cut,
         Err(_) => ObjectPrefix::Invalid,
     }
