@@ -31,6 +31,8 @@ const PREVIEW_BYTES: usize = 120;
 /// How much of a body that is not an array is kept before it is reported:
 /// enough to remove a whole secret before the preview is cut.
 const KEEP_BYTES: usize = 4096;
+/// A UTF-8 byte order mark.
+const UTF8_BOM: [u8; 3] = [0xEF, 0xBB, 0xBF];
 /// Bytes gathered before they are scanned: with many elements per scan,
 /// few are cut by the end of the buffer and take the slow way.
 const SCAN_AHEAD_BYTES: usize = 64 * 1024;
@@ -79,6 +81,10 @@ pub struct ArraySplitter {
     waiting: bool,
     /// The body has ended: nothing waits.
     ending: bool,
+    /// Bytes of the body dropped from the front of `buffer`.
+    drained: usize,
+    /// Bytes of a byte order mark found at the start of the body.
+    bom_bytes: usize,
 }
 
 /// What [`ArraySplitter::check_object`] did with an object.
@@ -111,6 +117,8 @@ impl ArraySplitter {
             scan_ahead: SCAN_AHEAD_BYTES,
             waiting: false,
             ending: false,
+            drained: 0,
+            bom_bytes: 0,
         }
     }
 
@@ -174,6 +182,11 @@ impl ArraySplitter {
         Ok(())
     }
 
+    /// Scans the bytes gathered so far, for a body that cannot go on.
+    pub fn flush(&mut self, out: &mut Vec<RawElement>) -> Result<(), ArrayError> {
+        self.scan(out)
+    }
+
     /// Ends the body: scans what is left, and fails unless exactly one
     /// complete array arrived.
     pub fn finish(&mut self, out: &mut Vec<RawElement>) -> Result<(), ArrayError> {
@@ -203,8 +216,10 @@ impl ArraySplitter {
         match self.state {
             State::BeforeArray => match byte {
                 b'[' => self.state = State::BeforeElement { first: true },
-                // A UTF-8 byte order mark before the array is tolerated.
-                0xEF | 0xBB | 0xBF if at < 3 => {}
+                // A UTF-8 byte order mark at the start of the body is tolerated.
+                _ if self.drained + at == self.bom_bytes && UTF8_BOM.get(self.bom_bytes) == Some(&byte) => {
+                    self.bom_bytes += 1;
+                }
                 b if b.is_ascii_whitespace() => {}
                 _ => {
                     self.buffer.drain(..at);
@@ -326,6 +341,7 @@ impl ArraySplitter {
             _ => self.scanned,
         };
         if keep_from > 0 {
+            self.drained += keep_from;
             self.buffer.drain(..keep_from);
             self.scanned -= keep_from;
             self.start = self.start.saturating_sub(keep_from);
@@ -371,6 +387,33 @@ mod tests {
                 "chunk size {chunk}"
             );
         }
+    }
+
+    #[test]
+    fn byte_order_mark_is_tolerated_only_at_the_start() {
+        for chunk in 1..8 {
+            assert_eq!(split_in_chunks("\u{FEFF}[1]", chunk).unwrap(), ["1"], "chunk size {chunk}");
+            let late = split_in_chunks("\n\u{FEFF}[1]", chunk).unwrap_err();
+            assert!(matches!(late, ArrayError::NotArray(_)), "chunk size {chunk}: {late}");
+        }
+        let mut splitter = ArraySplitter { scan_ahead: 0, ..ArraySplitter::new() };
+        let mut out = Vec::new();
+        let partial = splitter.push(b"\xBF\xBF\xBF[]", &mut out).and_then(|()| splitter.finish(&mut out));
+        assert!(matches!(partial, Err(ArrayError::NotArray(_))), "{partial:?}");
+        let mut splitter = ArraySplitter::new();
+        let spaces_then_mark = [vec![b' '; SCAN_AHEAD_BYTES], "\u{FEFF}[1]".as_bytes().to_vec()].concat();
+        let result = splitter.push(&spaces_then_mark, &mut out).and_then(|()| splitter.finish(&mut out));
+        assert!(matches!(result, Err(ArrayError::NotArray(_))), "{result:?}");
+    }
+
+    /// Elements complete before an error are handed over with it.
+    #[test]
+    fn elements_before_a_cut_reach_the_caller() {
+        let mut splitter = ArraySplitter::new();
+        let mut out = Vec::new();
+        splitter.push(br#"[{"FullId":"a"},{"FullId":"b"},{"Full"#, &mut out).unwrap();
+        assert_eq!(splitter.finish(&mut out), Err(ArrayError::Truncated(2)));
+        assert_eq!(out.len(), 2);
     }
 
     #[test]

@@ -187,6 +187,7 @@ impl AlertsClient {
                 splitter: ArraySplitter::with_secrets(vec![token.expose().to_string()]),
                 ready: std::collections::VecDeque::new(),
                 finished: false,
+                failed: None,
                 received: 0,
                 limit: self.max_response_bytes,
                 tenant,
@@ -213,6 +214,8 @@ pub struct Page {
     splitter: ArraySplitter,
     ready: std::collections::VecDeque<RawElement>,
     finished: bool,
+    /// An error in the body, reported once the elements before it are taken.
+    failed: Option<SourceError>,
     received: u64,
     limit: u64,
     tenant: String,
@@ -222,34 +225,56 @@ pub struct Page {
 
 impl Page {
     /// Reads the next up to `max` elements, or `None` at the end of a complete array.
+    /// Elements complete before an error in the body are returned first; the
+    /// error comes with the call after them.
     pub async fn next_batch(&mut self, max: usize) -> Result<Option<Vec<Element>>, SourceError> {
-        while self.ready.len() < max && !self.finished {
-            let chunk = self.response.chunk().await.map_err(|source| SourceError::Network {
-                tenant: self.tenant.clone(),
-                url: "response body".into(),
-                source: source.without_url(),
-            })?;
+        while self.ready.len() < max && !self.finished && self.failed.is_none() {
             let mut out = Vec::new();
-            match chunk {
-                Some(bytes) => {
-                    self.received += bytes.len() as u64;
-                    if self.received > self.limit {
-                        return Err(SourceError::TooLarge { tenant: self.tenant.clone(), limit: self.limit });
-                    }
-                    self.splitter.push(&bytes, &mut out).map_err(|e| self.malformed(e))?;
-                }
-                None => {
-                    self.finished = true;
-                    self.splitter.finish(&mut out).map_err(|e| self.malformed(e))?;
-                }
-            }
+            let read = self.read_chunk(&mut out).await;
             self.ready.extend(out);
+            if let Err(e) = read {
+                self.failed = Some(e);
+            }
         }
         if self.ready.is_empty() {
-            return Ok(None);
+            return match self.failed.take() {
+                Some(e) => Err(e),
+                None => Ok(None),
+            };
         }
         let take = self.ready.len().min(max);
         Ok(Some(self.ready.drain(..take).map(to_element).collect()))
+    }
+
+    /// Reads one chunk of the body into the splitter. On an error, `out`
+    /// still gets the elements that were complete before it.
+    async fn read_chunk(&mut self, out: &mut Vec<RawElement>) -> Result<(), SourceError> {
+        let chunk = match self.response.chunk().await {
+            Ok(chunk) => chunk,
+            Err(source) => {
+                // The body's error is the one to report.
+                let _ = self.splitter.flush(out);
+                return Err(SourceError::Network {
+                    tenant: self.tenant.clone(),
+                    url: "response body".into(),
+                    source: source.without_url(),
+                });
+            }
+        };
+        match chunk {
+            Some(bytes) => {
+                self.received += bytes.len() as u64;
+                if self.received > self.limit {
+                    let _ = self.splitter.flush(out);
+                    return Err(SourceError::TooLarge { tenant: self.tenant.clone(), limit: self.limit });
+                }
+                self.splitter.push(&bytes, out).map_err(|e| self.malformed(e))
+            }
+            None => {
+                self.finished = true;
+                self.splitter.finish(out).map_err(|e| self.malformed(e))
+            }
+        }
     }
 
     /// Elements found so far.
