@@ -194,11 +194,30 @@ fn select(state: &State, tenant_key: &str, query: &AlertQuery) -> Vec<Arc<str>> 
 /// Uncompressed bytes of the array written between two sent chunks.
 const CHUNK_BYTES: usize = 256 * 1024;
 
-/// A 200 response whose body is `detections` as one JSON array, written on
-/// a blocking thread while it is sent, as a server streams a large result.
+/// A 200 response whose body is `detections` as one JSON array, written
+/// while it is sent, as a server streams a large result. Each chunk is
+/// written on the blocking pool; waiting for a slow client holds no thread.
 fn array_response(detections: Vec<Arc<str>>, gzip: bool) -> HttpResponse {
     let (sender, receiver) = tokio::sync::mpsc::channel(4);
-    tokio::task::spawn_blocking(move || write_array(&detections, gzip, &sender));
+    tokio::spawn(async move {
+        let mut writer = ArrayWriter::new(detections, gzip);
+        loop {
+            let Ok((returned, chunk)) = tokio::task::spawn_blocking(move || {
+                let chunk = writer.next_chunk();
+                (writer, chunk)
+            })
+            .await
+            else {
+                return;
+            };
+            writer = returned;
+            let Some(chunk) = chunk else { return };
+            if !chunk.is_empty() && sender.send(chunk).await.is_err() {
+                // The client has gone.
+                return;
+            }
+        }
+    });
     let mut response = HttpResponse::new(ChunkBody(receiver).boxed());
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
@@ -208,32 +227,45 @@ fn array_response(detections: Vec<Arc<str>>, gzip: bool) -> HttpResponse {
     response
 }
 
-/// Writes the array in chunks; stops when the client has gone.
-fn write_array(detections: &[Arc<str>], gzip: bool, sender: &tokio::sync::mpsc::Sender<Bytes>) {
-    let mut output = if gzip {
-        ArrayOutput::Gzip(Box::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast())))
-    } else {
-        ArrayOutput::Plain(Vec::new())
-    };
-    let mut pending = 1;
-    output.write(b"[");
-    for (index, json) in detections.iter().enumerate() {
-        if index > 0 {
-            output.write(b",");
-        }
-        output.write(json.as_bytes());
-        pending += json.len() + 1;
-        if pending >= CHUNK_BYTES {
-            pending = 0;
-            let chunk = output.take();
-            if !chunk.is_empty() && sender.blocking_send(chunk.into()).is_err() {
-                return;
-            }
-        }
+/// Writes a JSON array of detections chunk by chunk.
+struct ArrayWriter {
+    detections: Vec<Arc<str>>,
+    /// Detections written so far.
+    next: usize,
+    /// `None` once the array is closed.
+    output: Option<ArrayOutput>,
+}
+
+impl ArrayWriter {
+    fn new(detections: Vec<Arc<str>>, gzip: bool) -> Self {
+        let mut output = if gzip {
+            ArrayOutput::Gzip(Box::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast())))
+        } else {
+            ArrayOutput::Plain(Vec::new())
+        };
+        output.write(b"[");
+        Self { detections, next: 0, output: Some(output) }
     }
-    output.write(b"]");
-    // A send error means the client has gone: nothing to do.
-    let _ = sender.blocking_send(output.finish().into());
+
+    /// The next part of the body, about `CHUNK_BYTES` before compression;
+    /// `None` after the last.
+    fn next_chunk(&mut self) -> Option<Bytes> {
+        let output = self.output.as_mut()?;
+        let mut written = 0;
+        while written < CHUNK_BYTES {
+            let Some(json) = self.detections.get(self.next) else {
+                output.write(b"]");
+                return self.output.take().map(|output| output.finish().into());
+            };
+            if self.next > 0 {
+                output.write(b",");
+            }
+            output.write(json.as_bytes());
+            written += json.len() + 1;
+            self.next += 1;
+        }
+        Some(output.take().into())
+    }
 }
 
 enum ArrayOutput {

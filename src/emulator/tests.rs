@@ -434,6 +434,45 @@ async fn large_response_is_streamed_whole() {
     }
 }
 
+/// Clients that stop reading a large response hold no blocking thread, so
+/// the next request is still served with only two of them.
+#[test]
+fn stalled_clients_do_not_block_other_requests() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let emulator = start().await;
+        let padding = "x".repeat(1000);
+        for i in 0..20_000 {
+            let mut item = detection(&format!("s{i}"), &minutes_ago(30));
+            item["CommandLine"] = json!(padding);
+            emulator.push_detection(TENANT, item);
+        }
+        let token = token(&emulator).await;
+        let address = emulator.url().trim_start_matches("http://").to_string();
+        let mut stalled = Vec::new();
+        for _ in 0..3 {
+            let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+            let request = format!("GET /api/alerts HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {token}\r\n\r\n");
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut start = [0u8; 100];
+            stream.read_exact(&mut start).await.unwrap();
+            stalled.push(stream);
+        }
+        let served = tokio::time::timeout(Duration::from_secs(20), async {
+            get_alerts(&emulator, &token, "?limit=1").await.text().await.unwrap()
+        })
+        .await;
+        let body: Vec<Value> = serde_json::from_str(&served.expect("the request was served")).unwrap();
+        assert_eq!(body.len(), 1);
+    });
+}
+
 #[tokio::test]
 async fn limit_returns_most_recent_in_ascending_order() {
     let emulator = start().await;
