@@ -7,6 +7,9 @@
 
 use std::io::Write;
 use std::net::IpAddr;
+use std::sync::LazyLock;
+
+use hashbrown::HashSet;
 
 use serde::Deserialize;
 use super::extension::{self, Entry, ExtensionWriter, ValueEscape};
@@ -183,9 +186,17 @@ fn is_mapped_field(name: &str) -> bool {
 /// Keys the mapping writes, labels included. A custom key equal to one of
 /// them gets the collision prefix.
 fn is_reserved_key(key: &str) -> bool {
-    MAPPINGS
-        .iter()
-        .any(|m| m.key == key || m.label == Some(key))
+    // Asked once per custom field of every event: a set beats a scan of
+    // the table.
+    static RESERVED: LazyLock<HashSet<&'static str, foldhash::fast::RandomState>> = LazyLock::new(|| {
+        let mut keys = HashSet::with_hasher(foldhash::fast::RandomState::default());
+        for mapping in MAPPINGS {
+            keys.insert(mapping.key);
+            keys.extend(mapping.label);
+        }
+        keys
+    });
+    RESERVED.contains(key)
 }
 
 /// Appends a CEF event for `d`, without syslog header or line break.
