@@ -84,15 +84,18 @@ impl ObjectKeys {
             if member.kind == Kind::Nested {
                 serde_json::from_slice::<serde::de::IgnoredAny>(&text[member.value.clone()])?;
             }
+            // Names are compared as bytes: an unescaped name needs no
+            // decoding, and one that is not UTF-8 matches neither key.
+            let decoded;
             let name = if member.name_escaped {
-                Cow::Owned(fields::decode_string(&text[member.name.clone()])?.into_string())
+                decoded = fields::decode_string(&text[member.name.clone()])?;
+                decoded.as_bytes()
             } else {
-                // Unescaped names that are not UTF-8 match neither key.
-                String::from_utf8_lossy(&text[member.name_inner()])
+                &text[member.name_inner()]
             };
-            match name.as_ref() {
-                "FullId" => keys.full_id = Some(member),
-                "LastProcessedTimeUtc" => keys.last_processed = Some(member),
+            match name {
+                b"FullId" => keys.full_id = Some(member),
+                b"LastProcessedTimeUtc" => keys.last_processed = Some(member),
                 _ => {}
             }
         }
