@@ -62,7 +62,7 @@ pub enum DetectionError {
     Syntax(#[from] SyntaxError),
 }
 
-/// Where an object's two key fields sit, found by its key check.
+/// The positions of an object's two key fields, found by its key check.
 #[derive(Debug, Clone)]
 pub struct ObjectKeys {
     full_id: Option<Member>,
@@ -109,7 +109,7 @@ impl ObjectKeys {
     }
 }
 
-/// What the key check found on a JSON object at the start of some bytes.
+/// The result of the key check on a JSON object at the start of some bytes.
 pub enum ObjectPrefix {
     /// A valid object of this many bytes, and its key fields.
     Complete(usize, ObjectKeys),
@@ -215,7 +215,7 @@ impl Detection {
     }
 
     /// Wraps an array element whose key check was done while the array was
-    /// split (see [`scan_object_prefix`]); `text` is the scanned object.
+    /// split (see [`scan_object_prefix`]). `text` is the scanned object.
     pub fn from_scanned(text: String, keys: ObjectKeys) -> Self {
         let keys = keys.resolve(&text);
         Self { raw: text.into_boxed_str(), keys: OnceLock::from(keys), fields: OnceLock::new() }

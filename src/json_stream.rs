@@ -3,7 +3,7 @@
 //!
 //! An element that is an object is checked as it is found, by the same
 //! scanner that reads a detection's key fields, so the poller does not scan
-//! it a second time; an object cut by the end of the buffer is checked again
+//! it a second time. An object cut by the end of the buffer is checked again
 //! once more bytes arrived. Any other element, an invalid object and a very
 //! long one are split by tracking strings, escapes and nesting, and checked
 //! later on their own. Anything that is not one complete top-level array is
@@ -87,7 +87,7 @@ pub struct ArraySplitter {
     bom_bytes: usize,
 }
 
-/// What [`ArraySplitter::check_object`] did with an object.
+/// The outcome of [`ArraySplitter::check_object`] for one object.
 enum Checked {
     Emitted,
     Wait,
@@ -140,7 +140,7 @@ impl ArraySplitter {
     }
 
     /// Feeds one chunk and appends every element it completes to `out`.
-    /// Bytes are gathered until there are enough to scan; [`finish`]
+    /// Bytes are gathered until there are enough to scan, and [`finish`]
     /// scans the rest.
     ///
     /// [`finish`]: ArraySplitter::finish
@@ -299,8 +299,8 @@ impl ArraySplitter {
     /// Checks the object starting at `at` and emits it when it is valid and
     /// complete in the buffer. An object cut by the end of the buffer waits
     /// for more bytes, unless the body has ended or the object is already
-    /// `scan_ahead` bytes long (so a huge element is not scanned over and
-    /// over); it and an invalid object are left to the byte scan.
+    /// `scan_ahead` bytes long, so a huge element is not scanned over and
+    /// over. Such an object and an invalid one are left to the byte scan.
     fn check_object(&mut self, at: usize, out: &mut Vec<RawElement>) -> Checked {
         match scan_object_prefix(&self.buffer[at..]) {
             ObjectPrefix::Complete(len, keys) => {
@@ -390,7 +390,7 @@ mod tests {
     }
 
     #[test]
-    fn byte_order_mark_is_tolerated_only_at_the_start() {
+    fn byte_order_mark_only_at_start() {
         for chunk in 1..8 {
             assert_eq!(split_in_chunks("\u{FEFF}[1]", chunk).unwrap(), ["1"], "chunk size {chunk}");
             let late = split_in_chunks("\n\u{FEFF}[1]", chunk).unwrap_err();
@@ -475,7 +475,7 @@ mod tests {
     /// An element's text, and its dedupe key and time, or `None` if invalid.
     type Checked = (Vec<u8>, Option<(Option<String>, Option<String>)>);
 
-    /// What the poller makes of one element.
+    /// Converts one element as the poller does.
     fn checked(element: RawElement) -> Checked {
         let bytes = element.bytes.clone();
         let Ok(text) = String::from_utf8(element.bytes) else { return (bytes, None) };

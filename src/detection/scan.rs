@@ -8,7 +8,7 @@
 
 use std::ops::Range;
 
-/// What a member's value is.
+/// The type of a member's value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Kind {
     /// A string without escapes: its text is the range inside the quotes.
@@ -35,18 +35,20 @@ pub(super) struct Member {
 }
 
 impl Member {
-    /// The name without its quotes (for a name without escapes, its text).
+    /// Returns the range of the name without its quotes (for a name without
+    /// escapes, its text).
     pub fn name_inner(&self) -> Range<usize> {
         self.name.start + 1..self.name.end - 1
     }
 
-    /// The value without its quotes, for a string.
+    /// Returns the range of a string value without its quotes.
     pub fn value_inner(&self) -> Range<usize> {
         self.value.start + 1..self.value.end - 1
     }
 }
 
-/// Why the text is not one JSON object, and where that became clear.
+/// The reason the text is not one JSON object, and the byte where that
+/// became clear.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{problem} at byte {at}")]
 pub struct SyntaxError {
@@ -54,10 +56,12 @@ pub struct SyntaxError {
     at: usize,
 }
 
-/// The members of one JSON object, in the text's order. After the last one
-/// the iterator checks that only whitespace follows the object, unless the
-/// object is embedded in longer text; on an error it yields that error and
-/// ends. An error at the end of the text means the text ended too soon.
+/// The members of one JSON object, in the text's order.
+///
+/// After the last member the iterator checks that only whitespace follows
+/// the object, unless the object is embedded in longer text. On an error it
+/// yields that error and ends. An error at the end of the text means the
+/// text ended too soon.
 pub(super) struct Members<'a> {
     bytes: &'a [u8],
     pos: usize,
@@ -74,7 +78,8 @@ impl<'a> Members<'a> {
     }
 
     /// Starts on an object at the start of `bytes` that may be followed by
-    /// more text, such as an element of an array; see [`Members::end`].
+    /// more text, such as an element of an array. [`Members::end`] then
+    /// gives the object's length.
     pub fn embedded(bytes: &'a [u8]) -> Result<Self, SyntaxError> {
         Self::start(bytes, true)
     }
@@ -89,13 +94,13 @@ impl<'a> Members<'a> {
         Ok(members)
     }
 
-    /// Where the scan stands: after the closing brace once every member
-    /// was read.
+    /// Returns the scan's position, which is just after the closing brace
+    /// once every member was read.
     pub fn end(&self) -> usize {
         self.pos
     }
 
-    /// The text being scanned.
+    /// Returns the text being scanned.
     pub fn bytes(&self) -> &'a [u8] {
         self.bytes
     }

@@ -194,9 +194,10 @@ fn select(state: &State, tenant_key: &str, query: &AlertQuery) -> Vec<Arc<str>> 
 /// Uncompressed bytes of the array written between two sent chunks.
 const CHUNK_BYTES: usize = 256 * 1024;
 
-/// A 200 response whose body is `detections` as one JSON array, written
-/// while it is sent, as a server streams a large result. Each chunk is
-/// written on the blocking pool; waiting for a slow client holds no thread.
+/// Builds a 200 response whose body is `detections` as one JSON array,
+/// written while it is sent, as a server streams a large result. Each chunk
+/// is written on the blocking pool, and waiting for a slow client holds no
+/// thread.
 fn array_response(detections: Vec<Arc<str>>, gzip: bool) -> HttpResponse {
     let (sender, receiver) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
@@ -247,8 +248,8 @@ impl ArrayWriter {
         Self { detections, next: 0, output: Some(output) }
     }
 
-    /// The next part of the body, about `CHUNK_BYTES` before compression;
-    /// `None` after the last.
+    /// Writes the next part of the body, about `CHUNK_BYTES` before
+    /// compression, and returns it; `None` after the last.
     fn next_chunk(&mut self) -> Option<Bytes> {
         let output = self.output.as_mut()?;
         let mut written = 0;
@@ -277,7 +278,7 @@ impl ArrayOutput {
     fn write(&mut self, bytes: &[u8]) {
         match self {
             ArrayOutput::Plain(out) => out.extend_from_slice(bytes),
-            // Compressing into a Vec cannot fail short of an allocation failure.
+            // GzEncoder writes to a Vec, whose writes never fail.
             ArrayOutput::Gzip(encoder) => drop(std::io::Write::write_all(encoder.as_mut(), bytes)),
         }
     }
