@@ -121,6 +121,7 @@ impl<'a> Members<'a> {
 
     /// Reads the next member, or `None` after the closing `}`.
     fn member(&mut self) -> Result<Option<Member>, SyntaxError> {
+        // The end of the object, or the separator before this member.
         self.skip_whitespace();
         match (self.peek(), self.first) {
             (Some(b'}'), _) => {
@@ -142,6 +143,8 @@ impl<'a> Members<'a> {
             (None, false) => return Err(self.error("the object is not closed")),
             (Some(_), false) => return Err(self.error("expected `,` or `}` after a value")),
         }
+
+        // The name and the colon.
         match self.peek() {
             Some(b'"') => {}
             None => return Err(self.error("the object is not closed")),
@@ -155,6 +158,7 @@ impl<'a> Members<'a> {
             return Err(self.error("expected `:` after a field name"));
         }
         self.pos += 1;
+
         self.skip_whitespace();
         let value_start = self.pos;
         let kind = self.value()?;
@@ -477,7 +481,7 @@ mod differential {
         chars.into_iter().collect()
     }
 
-    /// What serde_json makes of `text`: whether the key check accepts it
+    /// Returns what serde_json makes of `text`: whether the key check accepts it
     /// (names decoded, values skipped), and its fields when every value parses.
     fn reference(text: &str) -> (bool, Option<serde_json::Map<String, Value>>) {
         let keys_ok = text.trim_start().starts_with('{')

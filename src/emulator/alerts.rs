@@ -278,7 +278,7 @@ impl ArrayOutput {
     fn write(&mut self, bytes: &[u8]) {
         match self {
             ArrayOutput::Plain(out) => out.extend_from_slice(bytes),
-            // GzEncoder writes to a Vec, whose writes never fail.
+            // The encoder writes to a Vec, and Vec's `Write` returns no errors.
             ArrayOutput::Gzip(encoder) => drop(std::io::Write::write_all(encoder.as_mut(), bytes)),
         }
     }
