@@ -199,7 +199,7 @@ impl Poller {
                     telemetry.poll_attempt_failed(self.name(), &error);
                     telemetry.poll_failed(self.name(), &error);
                     if let Some(suppressed) = crate::telemetry::should_log(&format!("poll failed {}: {error}", self.name())) {
-                        tracing::error!(tenant = %self.name(), attempt, error = %error, suppressed, "poll failed; the checkpoint did not move, the next interval tries again");
+                        tracing::error!(tenant = %self.name(), attempt, error = %error, suppressed, "poll failed; the checkpoint did not move");
                     }
                     return Err(error);
                 }
