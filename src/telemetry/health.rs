@@ -76,6 +76,14 @@ impl Tenants {
         }
     }
 
+    /// Records the error of an attempt that is retried.
+    pub fn poll_attempt_failed(&self, tenant: &str, error: String) {
+        if let Some(state) = self.lock().get_mut(tenant) {
+            state.last_result = Some(format!("retrying after: {}", one_line(&error)));
+            state.last_error = Some(error);
+        }
+    }
+
     pub fn poll_failed(&self, tenant: &str, error: String) {
         if let Some(state) = self.lock().get_mut(tenant) {
             state.last_result = Some(format!("failed: {}", one_line(&error)));
@@ -190,6 +198,19 @@ mod tests {
         tenants.poll_succeeded("contoso", "ok, 3 fetched".into(), now, Utc::now());
         assert_eq!(tenants.health(now).body["tenants"]["contoso"]["last_error"], Value::Null);
         assert_eq!(tenants.status_line(), "contoso: ok, 3 fetched");
+    }
+
+    #[test]
+    fn retried_attempt_shows_its_error() {
+        let now = Instant::now();
+        let tenants = tenants(&["contoso"], now);
+
+        tenants.poll_attempt_failed("contoso", "tenant contoso: HTTP 429\nslow down".into());
+        assert_eq!(tenants.health(now).body["tenants"]["contoso"]["last_error"], "tenant contoso: HTTP 429\nslow down");
+        assert_eq!(tenants.status_line(), "contoso: retrying after: tenant contoso: HTTP 429 slow down");
+
+        tenants.poll_succeeded("contoso", "ok, 1 fetched".into(), now, Utc::now());
+        assert_eq!(tenants.health(now).body["tenants"]["contoso"]["last_error"], Value::Null);
     }
 
     #[test]

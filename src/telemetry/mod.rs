@@ -117,9 +117,11 @@ impl Telemetry {
         self.tenants.poll_succeeded(tenant, summary, Instant::now(), wall);
     }
 
-    /// Counts one failed attempt of a poll cycle.
+    /// Counts one failed attempt of a poll cycle and shows its error in
+    /// `/health` while the cycle retries.
     pub fn poll_attempt_failed(&self, tenant: &str, error: &CycleError) {
         self.metrics.add(&API_ERRORS, &[("tenant", tenant), ("status", &error_label(error))], 1.0);
+        self.tenants.poll_attempt_failed(tenant, error.to_string());
     }
 
     /// Records a poll cycle that failed after its retries.
