@@ -381,6 +381,25 @@ async fn tls_mutual_auth_with_client_certificate() {
     assert_eq!(rsyslog.wait_for(46, WAIT).len(), 46);
 }
 
+/// rsyslog requires a client certificate and the sink has none: the run
+/// fails and every detection stays queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_missing_client_certificate_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = TestCerts::create(&dir.path().join("certs"));
+    let rsyslog = Rsyslog::start(dir.path(), Some((&certs, ClientAuth::Required)));
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let extra = format!("framing = \"octet-counting\"\n{}", tls_keys(&certs));
+    let sink = syslog_sink(rsyslog.tls.unwrap(), "tls", &extra);
+    let output = run_to(dir.path(), &emulator, &sink).await;
+
+    let log = stderr(&output);
+    assert!(!output.status.success(), "{log}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(rsyslog.received().is_empty());
+    assert_eq!(pending(dir.path(), "rsyslog"), 46, "nothing counted as delivered");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_untrusted_server_certificate_fails() {
     let dir = tempfile::tempdir().unwrap();
