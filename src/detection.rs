@@ -43,13 +43,27 @@ struct KeyFields {
     last_processed: Option<Box<str>>,
 }
 
-/// `FullId` as text, remembering whether the API sent a JSON string, so a
-/// number `42` and a string `"42"` stay two different detections.
+/// `FullId` as text, remembering what the API sent, so a number `42` and a
+/// string `"42"` stay two different detections.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct FullId {
     text: Box<str>,
-    is_string: bool,
+    kind: IdKind,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IdKind {
+    /// A JSON string, decoded.
+    String,
+    /// A string that cannot be decoded (a lone surrogate), as its JSON text.
+    Undecodable,
+    /// A number, boolean, object or array, as its JSON text.
+    Json,
+}
+
+/// First byte of every dedupe key that is not a decoded string `FullId`.
+/// UTF-8 never contains 0xFF, so such a key cannot equal a string's.
+const NOT_A_STRING: u8 = 0xFF;
 
 /// Reason one element of a response cannot be handled as a detection.
 #[derive(Debug, thiserror::Error)]
@@ -103,7 +117,7 @@ impl ObjectKeys {
     }
 
     fn resolve(self, text: &str) -> KeyFields {
-        let full_id = self.full_id.and_then(|m| key_text(text, &m)).map(|(text, is_string)| FullId { text, is_string });
+        let full_id = self.full_id.and_then(|m| key_text(text, &m)).map(|(text, kind)| FullId { text, kind });
         let last_processed = self.last_processed.and_then(|m| key_text(text, &m)).map(|(text, _)| text);
         KeyFields { full_id, last_processed }
     }
@@ -136,15 +150,18 @@ pub fn scan_object_prefix(bytes: &[u8]) -> ObjectPrefix {
 /// Returns the text of a key field's value: a string unescaped, or its raw
 /// JSON when it cannot be unescaped (a lone surrogate), and anything else as
 /// its JSON text. Null and the empty string give `None`.
-fn key_text(raw: &str, member: &Member) -> Option<(Box<str>, bool)> {
+fn key_text(raw: &str, member: &Member) -> Option<(Box<str>, IdKind)> {
     let json = &raw[member.value.clone()];
-    let text = match member.kind {
+    let (text, kind) = match member.kind {
         Kind::Null => return None,
-        Kind::String => (&raw[member.value_inner()]).into(),
-        Kind::EscapedString => fields::decode_string(json.as_bytes()).unwrap_or_else(|_| json.into()),
-        _ => return Some((json.into(), false)),
+        Kind::String => ((&raw[member.value_inner()]).into(), IdKind::String),
+        Kind::EscapedString => match fields::decode_string(json.as_bytes()) {
+            Ok(text) => (text, IdKind::String),
+            Err(_) => (json.into(), IdKind::Undecodable),
+        },
+        _ => return Some((json.into(), IdKind::Json)),
     };
-    (!text.is_empty()).then_some((text, true))
+    (!text.is_empty()).then_some((text, kind))
 }
 
 impl Detection {
@@ -190,15 +207,15 @@ impl Detection {
             // still becomes a detection, with the reason in `field_error`.
             Err(_) => return Self::from_string(text),
         };
-        let key = |name: &str| -> Option<(Box<str>, bool)> {
+        let key = |name: &str| -> Option<(Box<str>, IdKind)> {
             match fields.get(&text, name)? {
                 FieldValue::Null | FieldValue::String("") => None,
-                FieldValue::String(value) => Some((value.into(), true)),
-                FieldValue::Number(json) | FieldValue::Nested(json) => Some((json.into(), false)),
-                FieldValue::Bool(value) => Some((if value { "true" } else { "false" }.into(), false)),
+                FieldValue::String(value) => Some((value.into(), IdKind::String)),
+                FieldValue::Number(json) | FieldValue::Nested(json) => Some((json.into(), IdKind::Json)),
+                FieldValue::Bool(value) => Some((if value { "true" } else { "false" }.into(), IdKind::Json)),
             }
         };
-        let full_id = key("FullId").map(|(text, is_string)| FullId { text, is_string });
+        let full_id = key("FullId").map(|(text, kind)| FullId { text, kind });
         let last_processed = key("LastProcessedTimeUtc").map(|(text, _)| text);
         let keys = KeyFields { full_id, last_processed };
         let raw = text.into_boxed_str();
@@ -271,17 +288,27 @@ impl Detection {
         self.key_fields().full_id.as_ref().map(|id| Cow::Borrowed(id.text.as_ref()))
     }
 
-    /// Returns the deduplication key: `FullId`, unique per detection (two detections
-    /// of one alert share `AlertId` but not `FullId`). A non-string FullId is
-    /// marked, so `42` and `"42"` differ.
-    pub fn dedupe_id(&self) -> Option<Cow<'_, str>> {
-        self.key_fields().full_id.as_ref().map(|id| {
-            if id.is_string {
-                Cow::Borrowed(id.text.as_ref())
-            } else {
-                Cow::Owned(format!("\u{0}json:{}", id.text))
-            }
-        })
+    /// Returns the deduplication key: `FullId`, unique per detection (two
+    /// detections of one alert share `AlertId` but not `FullId`).
+    ///
+    /// A string `FullId` is the key as it is. A non-string `FullId`, a string
+    /// that cannot be decoded and a detection without `FullId` (keyed by its
+    /// whole text) get keys that start with [`NOT_A_STRING`] and a label, so
+    /// `42` and `"42"` differ and no kind can equal another.
+    pub fn dedupe_id(&self) -> Cow<'_, [u8]> {
+        let marked = |label: &str, text: &str| {
+            let mut key = Vec::with_capacity(1 + label.len() + text.len());
+            key.push(NOT_A_STRING);
+            key.extend_from_slice(label.as_bytes());
+            key.extend_from_slice(text.as_bytes());
+            Cow::Owned(key)
+        };
+        match &self.key_fields().full_id {
+            Some(FullId { text, kind: IdKind::String }) => Cow::Borrowed(text.as_bytes()),
+            Some(FullId { text, kind: IdKind::Undecodable }) => marked("string:", text),
+            Some(FullId { text, kind: IdKind::Json }) => marked("json:", text),
+            None => marked("raw:", &self.raw),
+        }
     }
 
     /// `LastProcessedTimeUtc`, the field the API filters `sinceTimeUtc` on.
@@ -350,6 +377,28 @@ mod tests {
         let string = Detection::from_json_text(r#"{"FullId":"42"}"#).unwrap();
         assert_eq!(number.full_id(), string.full_id());
         assert_ne!(number.dedupe_id(), string.dedupe_id());
+    }
+
+    /// Each kind of dedupe key (string, other JSON, undecodable string, no
+    /// FullId) stays apart from strings that spell the others' keys.
+    #[test]
+    fn dedupe_ids_of_kinds_never_collide() {
+        let texts = [
+            r#"{"FullId":42}"#,
+            r#"{"FullId":"42"}"#,
+            r#"{"FullId":"\u0000json:42"}"#,
+            r#"{"FullId":"\u00ffjson:42"}"#,
+            r#"{"FullId":"a\ud800"}"#,
+            r#"{"FullId":"\"a\\ud800\""}"#,
+            r#"{"Other":1}"#,
+            r#"{"FullId":"raw:{\"Other\":1}"}"#,
+        ];
+        let ids: Vec<Vec<u8>> = texts.iter().map(|t| Detection::from_json_text(t).unwrap().dedupe_id().into_owned()).collect();
+        for (i, a) in ids.iter().enumerate() {
+            for (j, b) in ids.iter().enumerate().skip(i + 1) {
+                assert_ne!(a, b, "{} and {} share a dedupe key", texts[i], texts[j]);
+            }
+        }
     }
 
     #[test]

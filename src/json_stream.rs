@@ -473,7 +473,7 @@ mod tests {
     }
 
     /// An element's text, and its dedupe key and time, or `None` if invalid.
-    type Checked = (Vec<u8>, Option<(Option<String>, Option<String>)>);
+    type Checked = (Vec<u8>, Option<(Vec<u8>, Option<String>)>);
 
     /// Converts one element as the poller does.
     fn checked(element: RawElement) -> Checked {
@@ -483,7 +483,7 @@ mod tests {
             Some(keys) => Some(crate::detection::Detection::from_scanned(text, keys)),
             None => crate::detection::Detection::from_string(text).ok(),
         };
-        let keys = detection.map(|d| (d.dedupe_id().map(|id| id.into_owned()), d.last_processed().map(|t| t.to_rfc3339())));
+        let keys = detection.map(|d| (d.dedupe_id().into_owned(), d.last_processed().map(|t| t.to_rfc3339())));
         (bytes, keys)
     }
 

@@ -825,19 +825,15 @@ impl Store {
     }
 }
 
-/// Builds the dedupe key: tenant, 0x00, FullId. A detection without a FullId is
-/// keyed by its whole text, so it is still forwarded once and only once.
+/// Builds the dedupe key: tenant, 0x00, then [`Detection::dedupe_id`]. A
+/// detection without a FullId is keyed by its whole text, so it is still
+/// forwarded once and only once.
 fn dedupe_key(tenant: &str, detection: &Detection) -> Vec<u8> {
-    let mut key = Vec::with_capacity(tenant.len() + 80);
+    let id = detection.dedupe_id();
+    let mut key = Vec::with_capacity(tenant.len() + 1 + id.len());
     key.extend_from_slice(tenant.as_bytes());
     key.push(0);
-    match detection.dedupe_id() {
-        Some(id) => key.extend_from_slice(id.as_bytes()),
-        None => {
-            key.extend_from_slice(b"raw:");
-            key.extend_from_slice(detection.raw().as_bytes());
-        }
-    }
+    key.extend_from_slice(&id);
     key
 }
 
