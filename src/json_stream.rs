@@ -215,12 +215,13 @@ impl ArraySplitter {
     fn step(&mut self, byte: u8, at: usize, out: &mut Vec<RawElement>) -> Result<(), ArrayError> {
         match self.state {
             State::BeforeArray => match byte {
-                b'[' => self.state = State::BeforeElement { first: true },
                 // A UTF-8 byte order mark at the start of the body is tolerated.
                 _ if self.drained + at == self.bom_bytes && UTF8_BOM.get(self.bom_bytes) == Some(&byte) => {
                     self.bom_bytes += 1;
                 }
-                b if b.is_ascii_whitespace() => {}
+                // Anything after part of a mark is not JSON.
+                b'[' if self.bom_bytes % UTF8_BOM.len() == 0 => self.state = State::BeforeElement { first: true },
+                b if b.is_ascii_whitespace() && self.bom_bytes % UTF8_BOM.len() == 0 => {}
                 _ => {
                     self.buffer.drain(..at);
                     self.scanned = self.buffer.len();
@@ -396,12 +397,15 @@ mod tests {
             let late = split_in_chunks("\n\u{FEFF}[1]", chunk).unwrap_err();
             assert!(matches!(late, ArrayError::NotArray(_)), "chunk size {chunk}: {late}");
         }
-        let mut splitter = ArraySplitter { scan_ahead: 0, ..ArraySplitter::new() };
-        let mut out = Vec::new();
-        let partial = splitter.push(b"\xBF\xBF\xBF[]", &mut out).and_then(|()| splitter.finish(&mut out));
-        assert!(matches!(partial, Err(ArrayError::NotArray(_))), "{partial:?}");
+        for body in [b"\xBF\xBF\xBF[]".as_slice(), b"\xEF\xBB[]", b"\xEF []"] {
+            let mut splitter = ArraySplitter { scan_ahead: 0, ..ArraySplitter::new() };
+            let mut out = Vec::new();
+            let result = splitter.push(body, &mut out).and_then(|()| splitter.finish(&mut out));
+            assert!(matches!(result, Err(ArrayError::NotArray(_))), "{body:?}: {result:?}");
+        }
         let mut splitter = ArraySplitter::new();
         let spaces_then_mark = [vec![b' '; SCAN_AHEAD_BYTES], "\u{FEFF}[1]".as_bytes().to_vec()].concat();
+        let mut out = Vec::new();
         let result = splitter.push(&spaces_then_mark, &mut out).and_then(|()| splitter.finish(&mut out));
         assert!(matches!(result, Err(ArrayError::NotArray(_))), "{result:?}");
     }

@@ -42,8 +42,11 @@
 //! - `POST /_emulator/detections?tenant=ID&count=N` adds N new detections
 //!   (default 1) to the tenant, as [`Emulator::new_detection`] does, and
 //!   returns them as a JSON array. With a JSON array as the request body it
-//!   adds those detections unchanged instead. `tenant` may be left out when
-//!   the emulator has exactly one tenant.
+//!   adds those detections instead, parsed as `serde_json::Value` and
+//!   written compactly: escaped names are decoded, numbers are rewritten
+//!   (`1E400` becomes `1e+400`), and a lone surrogate or nesting deeper than
+//!   128 levels is rejected with 400. `tenant` may be left out when the
+//!   emulator has exactly one tenant.
 //! - `POST /_emulator/tokens/revoke` invalidates every issued token.
 //! - `GET /_emulator/stats` returns
 //!   `{"tenants": {"ID": {"detections": N}}, "alerts_requests": N,
@@ -245,7 +248,7 @@ impl Emulator {
         state.tenant_mut(tenant_id).detections.extend(stored);
     }
 
-    /// Appends one detection unchanged.
+    /// Appends one detection, served as its compact JSON text.
     pub fn push_detection(&self, tenant_id: &str, detection: Value) {
         let stored = StoredDetection::new(&detection);
         let mut state = self.inner.shared.lock();
