@@ -152,10 +152,11 @@ impl ArraySplitter {
         if self.buffer.len() - self.scanned < self.scan_ahead {
             return Ok(());
         }
-        self.scan(out)
+        self.flush(out)
     }
 
-    fn scan(&mut self, out: &mut Vec<RawElement>) -> Result<(), ArrayError> {
+    /// Scans the bytes gathered so far, also for a body that cannot go on.
+    pub fn flush(&mut self, out: &mut Vec<RawElement>) -> Result<(), ArrayError> {
         if self.state == State::NotArray {
             return self.not_array_preview();
         }
@@ -182,16 +183,11 @@ impl ArraySplitter {
         Ok(())
     }
 
-    /// Scans the bytes gathered so far, for a body that cannot go on.
-    pub fn flush(&mut self, out: &mut Vec<RawElement>) -> Result<(), ArrayError> {
-        self.scan(out)
-    }
-
     /// Ends the body: scans what is left, and fails unless exactly one
     /// complete array arrived.
     pub fn finish(&mut self, out: &mut Vec<RawElement>) -> Result<(), ArrayError> {
         self.ending = true;
-        self.scan(out)?;
+        self.flush(out)?;
         match self.state {
             State::Done => Ok(()),
             State::BeforeArray if !self.seen_any || self.buffer.iter().all(u8::is_ascii_whitespace) => {
