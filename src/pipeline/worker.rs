@@ -20,6 +20,10 @@ use crate::retry::Backoff;
 use crate::sink::{Batch, SendOutcome, SinkError, Transport};
 use crate::store::{OutboxEntry, Store, StoreError};
 
+/// How long a worker that caught up waits for more before it gives the
+/// memory of its last batches back.
+const MEMORY_RELEASE_DELAY: Duration = Duration::from_secs(2);
+
 /// What the pipeline asks of a worker. Workers see only the latest value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WorkerMode {
@@ -137,15 +141,31 @@ impl SinkWorker {
                 }
             };
             if entries.is_empty() {
-                if delivered_since_idle {
-                    // The backlog is done: give its memory back before waiting.
-                    // The batch buffer has grown to the largest batch sent.
-                    batch = Batch::default();
-                    self.store.forget_recent_reads();
-                    super::release_free_memory();
-                    delivered_since_idle = false;
+                if mode != WorkerMode::Run {
+                    return Ok(());
                 }
-                if mode != WorkerMode::Run || self.wait_for_work().await {
+                if std::mem::take(&mut delivered_since_idle) {
+                    // A worker faster than the poller catches up after every
+                    // queued batch. Its buffers are kept while batches keep
+                    // coming; only a pause gives their memory back, since
+                    // returning pages to the kernel and faulting them in
+                    // again for the next batch costs more than the batch.
+                    match tokio::time::timeout(MEMORY_RELEASE_DELAY, self.wait_for_work()).await {
+                        Ok(exit) => {
+                            if exit {
+                                return Ok(());
+                            }
+                            continue;
+                        }
+                        Err(_) => {
+                            // The batch buffer has grown to the largest batch sent.
+                            batch = Batch::default();
+                            self.store.forget_recent_reads();
+                            super::release_free_memory();
+                        }
+                    }
+                }
+                if self.wait_for_work().await {
                     return Ok(());
                 }
                 continue;
