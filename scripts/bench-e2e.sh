@@ -13,6 +13,9 @@
 #                 PERF_DATA-N-LIMIT.data (its figures then include perf's cost)
 #   PERF_ARGS     options for `perf record` (default "-F 999"), for example
 #                 "-F 499 --call-graph dwarf,16384" for call graphs
+#   BENCH_WRAPPER a command that runs the forwarder instead of perf, for
+#                 example "valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p"
+#                 for instruction counts that do not vary with the machine's load
 #   BENCH_LOG_LEVEL  the forwarder's log_level (default warn)
 #   KEEP_LOG      when set, each run's forwarder log is kept as KEEP_LOG-N-LIMIT.log
 #   SKIP_BUILD=1  use the existing target/release/mde-forwarder
@@ -225,6 +228,8 @@ run_once() {
     local profiler=()
     if [[ -n "${PERF_DATA:-}" ]]; then
         profiler=(perf record --quiet ${PERF_ARGS:--F 999} -o "$PERF_DATA-$count-$limit.data" --)
+    elif [[ -n "${BENCH_WRAPPER:-}" ]]; then
+        read -r -a profiler <<<"$BENCH_WRAPPER"
     fi
     local started ended status=0 emulator_before emulator_after
     emulator_before=$(process_ticks "$EMULATOR_PID")
