@@ -197,31 +197,6 @@ impl Detection {
         self.keys.get_or_init(|| Self::keys(&self.raw).unwrap_or_default())
     }
 
-    /// Like [`Detection::from_string`], parsing the field table at once and
-    /// reading the key fields from it: one pass over the text instead of two
-    /// for an encoder that needs the fields anyway.
-    pub fn from_string_with_fields(text: String) -> Result<Self, (String, DetectionError)> {
-        let fields = match Fields::parse(&text) {
-            Ok(fields) => fields,
-            // Valid JSON whose fields cannot be parsed (a lone surrogate, say)
-            // still becomes a detection, with the reason in `field_error`.
-            Err(_) => return Self::from_string(text),
-        };
-        let key = |name: &str| -> Option<(Box<str>, IdKind)> {
-            match fields.get(&text, name)? {
-                FieldValue::Null | FieldValue::String("") => None,
-                FieldValue::String(value) => Some((value.into(), IdKind::String)),
-                FieldValue::Number(json) | FieldValue::Nested(json) => Some((json.into(), IdKind::Json)),
-                FieldValue::Bool(value) => Some((if value { "true" } else { "false" }.into(), IdKind::Json)),
-            }
-        };
-        let full_id = key("FullId").map(|(text, kind)| FullId { text, kind });
-        let last_processed = key("LastProcessedTimeUtc").map(|(text, _)| text);
-        let keys = KeyFields { full_id, last_processed };
-        let raw = text.into_boxed_str();
-        Ok(Self { raw, keys: OnceLock::from(keys), fields: OnceLock::from(Ok(fields)) })
-    }
-
     /// Checks that `text` is one JSON object and reads the two key fields.
     fn keys(text: &str) -> Result<KeyFields, DetectionError> {
         if !text.trim_start().starts_with('{') {
@@ -428,26 +403,6 @@ mod tests {
     }
 
     #[test]
-    fn keys_from_fields_match_keys_from_text() {
-        let texts = [
-            r#"{"FullId":"a:b","LastProcessedTimeUtc":"2026-01-01T00:00:00Z"}"#,
-            r#"{"FullId":42,"LastProcessedTimeUtc":null}"#,
-            r#"{"FullId":"","LastProcessedTimeUtc":""}"#,
-            r#"{"FullId":{ "x" : [1] },"LastProcessedTimeUtc":true}"#,
-            r#"{"FullId":"a\u0041","FullId":"second","LastProcessedTimeUtc":"2026-01-01T00:00:00.1234567Z"}"#,
-            r#"{"Other":1}"#,
-            r#"{"FullId":"s","Description":"x\ud800y"}"#,
-        ];
-        for text in texts {
-            let plain = Detection::from_json_text(text).unwrap();
-            let with_fields = Detection::from_string_with_fields(text.to_string()).unwrap();
-            assert_eq!(with_fields.dedupe_id(), plain.dedupe_id(), "{text}");
-            assert_eq!(with_fields.key_fields().last_processed, plain.key_fields().last_processed, "{text}");
-            assert_eq!(with_fields.field_error(), plain.field_error(), "{text}");
-        }
-    }
-
-    #[test]
     fn checked_text_reads_keys_on_first_use() {
         let text = r#"{"FullId":42,"LastProcessedTimeUtc":"2026-01-01T00:00:00Z","Severity":"High"}"#;
         let plain = Detection::from_json_text(text).unwrap();
@@ -465,15 +420,6 @@ mod tests {
         assert_eq!(checked.full_id(), None);
         assert_eq!(checked.last_processed(), None);
         assert!(checked.field_error().is_some());
-    }
-
-    #[test]
-    fn keys_from_fields_reject_what_keys_reject() {
-        for text in [r#"{"FullId" "x"}"#, "[1]", "7"] {
-            let plain = Detection::from_json_text(text).unwrap_err().to_string();
-            let (_, with_fields) = Detection::from_string_with_fields(text.to_string()).unwrap_err();
-            assert_eq!(with_fields.to_string(), plain, "{text}");
-        }
     }
 
     #[test]

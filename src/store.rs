@@ -46,6 +46,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
@@ -122,16 +123,105 @@ impl IndexEntry {
 }
 
 /// One queued detection and who it is for.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// The entries of one outbox batch share it in memory, so reading them
+/// copies no detection text, and a field table one sink parses serves
+/// every other sink that reads the batch.
+#[derive(Clone)]
 pub struct OutboxEntry {
-    pub tenant: String,
-    /// Set when a dead letter was requeued for one sink only.
-    pub only_sink: Option<String>,
-    pub raw: String,
-    /// The poller checked `raw` to be one JSON object and read its key
-    /// fields; false for requeued dead letters, which may be anything.
-    pub checked: bool,
+    batch: Arc<QueuedBatch>,
+    index: usize,
 }
+
+impl OutboxEntry {
+    pub fn tenant(&self) -> &str {
+        &self.batch.tenant
+    }
+
+    /// Set when a dead letter was requeued for one sink only.
+    pub fn only_sink(&self) -> Option<&str> {
+        self.batch.only_sink.as_deref()
+    }
+
+    /// Returns whether the poller checked the text to be one JSON object.
+    /// Requeued dead letters are not checked, because they may be anything.
+    pub fn checked(&self) -> bool {
+        self.batch.checked
+    }
+
+    pub fn detection(&self) -> &Detection {
+        &self.batch.detections[self.index]
+    }
+
+    /// Returns the detection's JSON text as queued.
+    pub fn raw(&self) -> &str {
+        self.detection().raw()
+    }
+}
+
+impl std::fmt::Debug for OutboxEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboxEntry")
+            .field("tenant", &self.tenant())
+            .field("only_sink", &self.only_sink())
+            .field("checked", &self.checked())
+            .field("raw", &self.raw())
+            .finish()
+    }
+}
+
+/// One outbox batch in memory, as queued or as read back from the spool.
+struct QueuedBatch {
+    tenant: String,
+    only_sink: Option<String>,
+    checked: bool,
+    detections: Vec<Detection>,
+}
+
+/// The batches kept in memory, newest first, at most `capacity`.
+struct RecentBatches {
+    capacity: usize,
+    batches: std::collections::VecDeque<(u64, Arc<QueuedBatch>)>,
+}
+
+impl RecentBatches {
+    fn new(capacity: usize) -> Self {
+        Self { capacity, batches: std::collections::VecDeque::with_capacity(capacity) }
+    }
+
+    fn get(&self, seq: u64) -> Option<Arc<QueuedBatch>> {
+        self.batches.iter().find(|(s, _)| *s == seq).map(|(_, batch)| batch.clone())
+    }
+
+    /// Keeps `batch` as the newest, dropping the oldest beyond the capacity.
+    fn keep(&mut self, seq: u64, batch: Arc<QueuedBatch>) {
+        if self.batches.len() >= self.capacity {
+            self.batches.pop_back();
+        }
+        self.batches.push_front((seq, batch));
+    }
+
+    fn clear(&mut self) {
+        self.batches.clear();
+    }
+}
+
+/// Kept in memory: the latest batches queued, and the latest read back
+/// from the spool.
+///
+/// Sinks that keep up with the poller find its newest batches in memory.
+/// A sink that fell behind reads older batches from the spool. Those are
+/// kept apart, so they never push out the batches the other sinks read
+/// next. A sink that read part of a batch still finds the rest there.
+struct BatchMemory {
+    queued: RecentBatches,
+    read: RecentBatches,
+}
+
+/// Batch counts of [`BatchMemory`]. Four queued batches of 250 detections
+/// of 2 KB are about 2 MB of text.
+const QUEUED_BATCHES_KEPT: usize = 4;
+const READ_BATCHES_KEPT: usize = 2;
 
 /// Spooled batch format of detections the poller checked.
 const BATCH_CHECKED: u8 = 3;
@@ -185,7 +275,8 @@ impl<'a> BatchView<'a> {
         Some(Self { tenant, checked: version == BATCH_CHECKED, only_sink, count, items: &rest[4..] })
     }
 
-    /// The detections' texts in order.
+    /// The detections' texts in order; `None` for one that is cut short or
+    /// not UTF-8.
     fn raws(&self) -> impl Iterator<Item = Option<&'a str>> + 'a {
         let mut rest = self.items;
         (0..self.count).map(move |_| {
@@ -259,9 +350,9 @@ pub struct Store {
     cursors: Tree,
     dead_letters: Tree,
     spool: Spool,
-    /// Batches read from the spool lately: each sink reads a batch in
+    /// Batches kept in memory for the sinks: each sink reads a batch in
     /// `batch_size` slices, and every sink reads the same batches.
-    recent: std::sync::Mutex<std::collections::VecDeque<(u64, std::sync::Arc<Vec<u8>>)>>,
+    recent: std::sync::Mutex<BatchMemory>,
     /// Held from a spool append to its index insert, so sequence numbers
     /// follow spool order. Release relies on it: segments before the first
     /// remaining batch's segment are deleted, which is only safe when no
@@ -311,7 +402,10 @@ impl Store {
         }
         let store = Self {
             spool,
-            recent: std::sync::Mutex::new(std::collections::VecDeque::new()),
+            recent: std::sync::Mutex::new(BatchMemory {
+                queued: RecentBatches::new(QUEUED_BATCHES_KEPT),
+                read: RecentBatches::new(READ_BATCHES_KEPT),
+            }),
             append_order: std::sync::Mutex::new(()),
             checkpoints: db.open_tree("checkpoints").map_err(io)?,
             outbox: db.open_tree("outbox").map_err(io)?,
@@ -387,7 +481,7 @@ impl Store {
     pub async fn enqueue(
         &self,
         tenant: &str,
-        detections: &[Detection],
+        detections: Vec<Detection>,
         checkpoint: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
     ) -> Result<EnqueueOutcome, StoreError> {
@@ -406,7 +500,7 @@ impl Store {
     pub fn enqueue_blocking(
         &self,
         tenant: &str,
-        detections: &[Detection],
+        detections: Vec<Detection>,
         checkpoint: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
     ) -> Result<EnqueueOutcome, StoreError> {
@@ -428,19 +522,27 @@ impl Store {
     fn enqueue_unflushed(
         &self,
         tenant: &str,
-        detections: &[Detection],
+        detections: Vec<Detection>,
         checkpoint: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
     ) -> Result<(EnqueueOutcome, Vec<Seen>), StoreError> {
         let mut outcome = EnqueueOutcome::default();
         let mut fresh = HashSet::with_capacity(detections.len());
         let mut added_bytes = 0u64;
-        for chunk in detections.chunks(MAX_BATCH_ITEMS).chain(detections.is_empty().then_some(&[][..])) {
-            let last_chunk = chunk.as_ptr_range().end == detections.as_ptr_range().end;
+        // Chunks of at most MAX_BATCH_ITEMS. An empty call still runs one
+        // chunk, because that chunk moves the checkpoint.
+        let mut chunk = detections;
+        loop {
+            let rest = chunk.split_off(chunk.len().min(MAX_BATCH_ITEMS));
+            let last_chunk = rest.is_empty();
             let (chunk_outcome, bytes) = self.enqueue_chunk(tenant, chunk, checkpoint.filter(|_| last_chunk), now, &mut fresh)?;
             outcome.queued += chunk_outcome.queued;
             outcome.duplicates += chunk_outcome.duplicates;
             added_bytes += bytes;
+            if last_chunk {
+                break;
+            }
+            chunk = rest;
         }
         self.outbox_bytes.fetch_add(added_bytes, Ordering::Relaxed);
         Ok((outcome, fresh.into_iter().collect()))
@@ -452,7 +554,7 @@ impl Store {
     fn enqueue_chunk(
         &self,
         tenant: &str,
-        detections: &[Detection],
+        detections: Vec<Detection>,
         checkpoint: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
         fresh_seen: &mut HashSet<Seen>,
@@ -462,29 +564,31 @@ impl Store {
         let mut outcome = EnqueueOutcome::default();
         let mut fresh = Vec::with_capacity(detections.len());
         for detection in detections {
-            let seen = Seen::of_key(&dedupe_key(tenant, detection));
+            let seen = Seen::of_key(&dedupe_key(tenant, &detection));
             if fresh_seen.contains(&seen) || self.seen.contains(&seen, now) {
                 outcome.duplicates += 1;
                 continue;
             }
             fresh_seen.insert(seen);
-            fresh.push(detection.raw());
+            fresh.push(detection);
         }
         outcome.queued = fresh.len();
         let _order = self.append_order.lock().unwrap_or_else(|e| e.into_inner());
         let index = if fresh.is_empty() {
             None
         } else {
-            let payload = encode_batch(tenant, None, true, fresh.iter().copied());
+            let payload = encode_batch(tenant, None, true, fresh.iter().map(Detection::raw));
             let record = self.spool.append(&payload)?;
             Some(IndexEntry { record, count: fresh.len() })
         };
+        let queued_seq = std::cell::Cell::new(None);
         let trees = (&self.outbox, &self.checkpoints);
         let result = trees.transaction(|(outbox, checkpoints)| {
             if let Some(index) = index {
                 // Sequence numbers start at 1: position 0 means nothing acknowledged.
                 let seq = outbox.generate_id()? + 1;
                 outbox.insert(&seq.to_be_bytes(), index.encode())?;
+                queued_seq.set(Some(seq));
             }
             if let Some(new) = checkpoint {
                 let stored = checkpoints.get(tenant)?.and_then(|b| timefmt::parse(&String::from_utf8_lossy(&b)));
@@ -498,28 +602,42 @@ impl Store {
             TransactionError::Storage(source) => self.io(source),
             TransactionError::Abort(()) => self.io(sled::Error::Unsupported("transaction aborted".into())),
         })?;
+        if let Some(seq) = queued_seq.get() {
+            let batch = QueuedBatch { tenant: tenant.to_string(), only_sink: None, checked: true, detections: fresh };
+            self.recent.lock().unwrap_or_else(|e| e.into_inner()).queued.keep(seq, Arc::new(batch));
+        }
         Ok((outcome, index.map_or(0, |i| i.record.len as u64)))
     }
 
-    /// Reads a spooled batch, from the recent-reads cache when possible.
-    fn spooled_batch(&self, seq: u64, record: RecordRef) -> Result<std::sync::Arc<Vec<u8>>, StoreError> {
-        const CACHED_BATCHES: usize = 2;
+    /// Returns an outbox batch from memory, or reads it from the spool and
+    /// keeps it in memory for the other sinks.
+    fn queued_batch(&self, seq: u64, record: RecordRef) -> Result<Arc<QueuedBatch>, StoreError> {
         let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, payload)) = recent.iter().find(|(s, _)| *s == seq) {
-            return Ok(payload.clone());
+        if let Some(batch) = recent.queued.get(seq).or_else(|| recent.read.get(seq)) {
+            return Ok(batch);
         }
-        let payload = std::sync::Arc::new(self.spool.read(record)?);
-        if recent.len() >= CACHED_BATCHES {
-            recent.pop_front();
-        }
-        recent.push_back((seq, payload.clone()));
-        Ok(payload)
+        let payload = self.spool.read(record)?;
+        let view = BatchView::decode(&payload).ok_or_else(|| self.corrupt("spooled batch", format!("sequence {seq}")))?;
+        let detections = view
+            .raws()
+            .enumerate()
+            .map(|(index, raw)| {
+                raw.map(|raw| Detection::from_checked_string(raw.to_string()))
+                    .ok_or_else(|| self.corrupt("outbox entry", format!("sequence {seq} item {index}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let batch = Arc::new(QueuedBatch { tenant: view.tenant, only_sink: view.only_sink, checked: view.checked, detections });
+        recent.read.keep(seq, batch.clone());
+        Ok(batch)
     }
 
-    /// Drops the cached spool reads, for a sink that has caught up: the
-    /// next read after new detections arrive is a different batch anyway.
+    /// Drops the batches kept in memory, for a sink that has caught up and
+    /// paused. The next read after new detections arrive is a different
+    /// batch anyway.
     pub fn forget_recent_reads(&self) {
-        self.recent.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        recent.queued.clear();
+        recent.read.clear();
     }
 
     fn index_entry(&self, seq: u64, value: &[u8]) -> Result<IndexEntry, StoreError> {
@@ -538,17 +656,9 @@ impl Store {
             if skip >= index.count {
                 continue;
             }
-            let payload = self.spooled_batch(seq, index.record)?;
-            let view = BatchView::decode(&payload).ok_or_else(|| self.corrupt("spooled batch", format!("sequence {seq}")))?;
-            for (index, raw) in view.raws().enumerate().skip(skip) {
-                let raw = raw.ok_or_else(|| self.corrupt("outbox entry", format!("sequence {seq} item {index}")))?;
-                let entry = OutboxEntry {
-                    tenant: view.tenant.clone(),
-                    only_sink: view.only_sink.clone(),
-                    raw: raw.to_string(),
-                    checked: view.checked,
-                };
-                batch.push((position(seq, index), entry));
+            let queued = self.queued_batch(seq, index.record)?;
+            for index in skip..queued.detections.len() {
+                batch.push((position(seq, index), OutboxEntry { batch: queued.clone(), index }));
                 if batch.len() >= max {
                     return Ok(batch);
                 }
@@ -725,8 +835,7 @@ impl Store {
         if self.seen.contains(&seen, now) {
             return Ok(false);
         }
-        let entry = OutboxEntry { tenant: tenant.to_string(), only_sink: None, raw: raw.to_string(), checked: false };
-        self.dead_letter(SOURCE_SINK, &entry, reason)?;
+        self.dead_letter(SOURCE_SINK, tenant, raw, reason)?;
         self.db.flush().map_err(|e| self.io(e))?;
         self.seen.insert(&[seen], now)?;
         Ok(true)
@@ -744,15 +853,15 @@ impl Store {
         Ok(self.seen.forget_tenant(tenant)?)
     }
 
-    /// Stores a detection a sink rejected for good.
-    pub fn dead_letter(&self, sink: &str, entry: &OutboxEntry, reason: &str) -> Result<(), StoreError> {
+    /// Stores a detection (its JSON text `raw`) that a sink rejected for good.
+    pub fn dead_letter(&self, sink: &str, tenant: &str, raw: &str, reason: &str) -> Result<(), StoreError> {
         let letter = DeadLetter {
             id: 0,
             sink: sink.to_string(),
-            tenant: entry.tenant.clone(),
+            tenant: tenant.to_string(),
             reason: reason.to_string(),
             time: timefmt::format_exact(Utc::now()),
-            detection: entry.raw.clone(),
+            detection: raw.to_string(),
         };
         let id = self.db.generate_id().map_err(|e| self.io(e))?;
         let bytes = serde_json::to_vec(&letter).map_err(|e| StoreError::Corrupt {
@@ -943,9 +1052,9 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let t1 = timefmt::parse("2026-01-01T00:00:00.1234567Z").unwrap();
         let batch = [detection("a:1", "2026-01-01T00:00:00.1234567Z"), detection("a:2", "2026-01-01T00:00:00Z")];
-        let first = store.enqueue("t", &batch, Some(t1), Utc::now()).await.unwrap();
+        let first = store.enqueue("t", batch.to_vec(), Some(t1), Utc::now()).await.unwrap();
         assert_eq!(first, EnqueueOutcome { queued: 2, duplicates: 0 });
-        let second = store.enqueue("t", &batch, Some(t1), Utc::now()).await.unwrap();
+        let second = store.enqueue("t", batch.to_vec(), Some(t1), Utc::now()).await.unwrap();
         assert_eq!(second, EnqueueOutcome { queued: 0, duplicates: 2 });
         assert_eq!(store.checkpoint("t").unwrap(), Some(t1));
     }
@@ -956,8 +1065,8 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let late = timefmt::parse("2026-01-02T00:00:00Z").unwrap();
         let early = timefmt::parse("2026-01-01T00:00:00Z").unwrap();
-        store.enqueue("t", &[], Some(late), Utc::now()).await.unwrap();
-        store.enqueue("t", &[], Some(early), Utc::now()).await.unwrap();
+        store.enqueue("t", Vec::new(), Some(late), Utc::now()).await.unwrap();
+        store.enqueue("t", Vec::new(), Some(early), Utc::now()).await.unwrap();
         assert_eq!(store.checkpoint("t").unwrap(), Some(late));
     }
 
@@ -966,7 +1075,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         store.sync_cursors(&["a", "b"]).unwrap();
-        store.enqueue("t", &[detection("x:1", "2026-01-01T00:00:00Z")], None, Utc::now()).await.unwrap();
+        store.enqueue("t", vec![detection("x:1", "2026-01-01T00:00:00Z")], None, Utc::now()).await.unwrap();
         let batch = store.read_after(0, 10).unwrap();
         assert_eq!(batch.len(), 1);
         let seq = batch[0].0;
@@ -982,7 +1091,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         store.sync_cursors(&["a"]).unwrap();
-        store.enqueue("t", &[detection("x:1", "2026-01-01T00:00:00Z")], None, Utc::now()).await.unwrap();
+        store.enqueue("t", vec![detection("x:1", "2026-01-01T00:00:00Z")], None, Utc::now()).await.unwrap();
         store.sync_cursors(&["a", "b"]).unwrap();
         assert_eq!(store.pending("b").unwrap().0, 0);
         assert_eq!(store.pending("a").unwrap().0, 1);
@@ -1009,7 +1118,7 @@ mod tests {
             .map(|_| {
                 let store = store.clone();
                 let detections = detections.clone();
-                std::thread::spawn(move || store.enqueue_blocking("t", &detections, None, Utc::now()).unwrap())
+                std::thread::spawn(move || store.enqueue_blocking("t", detections.clone(), None, Utc::now()).unwrap())
             })
             .collect();
         let queued: usize = threads.into_iter().map(|t| t.join().unwrap().queued).sum();
@@ -1034,7 +1143,7 @@ mod tests {
         let options = StoreOptions { dedupe_retention_secs: retention, ..StoreOptions::default() };
         let store = Store::open_with(dir.path(), options).unwrap();
         assert_eq!(store.dedupe_len(), 2);
-        let again = store.enqueue_blocking("t", &[detection("old:1", "2026-01-01T00:00:00Z")], None, Utc::now()).unwrap();
+        let again = store.enqueue_blocking("t", vec![detection("old:1", "2026-01-01T00:00:00Z")], None, Utc::now()).unwrap();
         assert_eq!(again, EnqueueOutcome { queued: 0, duplicates: 1 });
         assert!(!store.keep_invalid("t", "[1]", "not an object", Utc::now()).unwrap());
         assert!(!store.db.tree_names().iter().any(|name| name.starts_with(DEDUPE_PREFIX.as_bytes())));
@@ -1085,15 +1194,14 @@ mod tests {
     async fn dead_letters_requeue_for_their_sink_only() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let entry = OutboxEntry { tenant: "t".into(), only_sink: None, raw: "{}".into(), checked: false };
-        store.dead_letter("http", &entry, "HTTP 400: bad event").unwrap();
+        store.dead_letter("http", "t", "{}", "HTTP 400: bad event").unwrap();
         let letters = store.dead_letters().unwrap();
         assert_eq!(letters.len(), 1);
         assert_eq!(letters[0].reason, "HTTP 400: bad event");
         assert_eq!(store.requeue_dead_letters(&[]).unwrap(), 1);
         let batch = store.read_after(0, 10).unwrap();
-        assert_eq!(batch[0].1.only_sink.as_deref(), Some("http"));
-        assert!(!batch[0].1.checked, "a requeued letter is checked again by each sink");
+        assert_eq!(batch[0].1.only_sink(), Some("http"));
+        assert!(!batch[0].1.checked(), "a requeued letter is checked again by each sink");
         assert!(store.dead_letters().unwrap().is_empty());
     }
 
@@ -1101,10 +1209,33 @@ mod tests {
     async fn queued_detections_are_marked_checked() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        store.enqueue("t", &[detection("x:1", "2026-01-01T00:00:00Z")], None, Utc::now()).await.unwrap();
+        store.enqueue("t", vec![detection("x:1", "2026-01-01T00:00:00Z")], None, Utc::now()).await.unwrap();
         let batch = store.read_after(0, 10).unwrap();
         assert_eq!(batch.len(), 1);
-        assert!(batch[0].1.checked);
+        assert!(batch[0].1.checked());
+    }
+
+    /// A batch read back from the spool, once no longer in memory, is the
+    /// batch as queued: tenant, check mark, order and every byte of text.
+    #[tokio::test]
+    async fn spool_reads_match_queued_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut queued: Vec<Detection> = (0..5).map(|i| detection(&format!("x:{i}"), "2026-01-01T00:00:00Z")).collect();
+        queued.push(Detection::from_json_text(r#"{"FullId":"\u00e9 \"q\"","Title":"使用者\n","N":1E400}"#).unwrap());
+        store.enqueue("tenant-a", queued.clone(), None, Utc::now()).await.unwrap();
+        let show = |entries: &[(u64, OutboxEntry)]| -> Vec<(u64, String, String, bool)> {
+            entries.iter().map(|(p, e)| (*p, e.tenant().to_string(), e.raw().to_string(), e.checked())).collect()
+        };
+        let in_memory = show(&store.read_after(0, 100).unwrap());
+        store.forget_recent_reads();
+        let from_spool = show(&store.read_after(0, 100).unwrap());
+        assert_eq!(from_spool, in_memory);
+        let texts: Vec<&str> = from_spool.iter().map(|(_, _, raw, _)| raw.as_str()).collect();
+        let expected: Vec<&str> = queued.iter().map(Detection::raw).collect();
+        assert_eq!(texts, expected);
+        assert!(from_spool.iter().all(|(_, tenant, _, _)| tenant == "tenant-a"));
+        assert!(from_spool.iter().all(|(_, _, _, checked)| *checked));
     }
 
     #[tokio::test]
@@ -1114,14 +1245,14 @@ mod tests {
         let store = Store::open_with(dir.path(), options).unwrap();
         let start = Utc::now();
         let old = [detection("x:1", "2026-01-01T00:00:00Z")];
-        store.enqueue("t", &old, None, start).await.unwrap();
+        store.enqueue("t", old.to_vec(), None, start).await.unwrap();
         let half_later = start + chrono::Duration::days(4);
         assert_eq!(store.prune_dedupe(half_later).unwrap(), 0);
-        let again = store.enqueue("t", &old, None, half_later).await.unwrap();
+        let again = store.enqueue("t", old.to_vec(), None, half_later).await.unwrap();
         assert_eq!(again.duplicates, 1, "still remembered after half the retention");
         let much_later = start + chrono::Duration::days(15);
         assert_eq!(store.prune_dedupe(much_later).unwrap(), 1);
-        let after = store.enqueue("t", &old, None, much_later).await.unwrap();
+        let after = store.enqueue("t", old.to_vec(), None, much_later).await.unwrap();
         assert_eq!(after.queued, 1, "forgotten after the retention");
     }
 
@@ -1141,7 +1272,7 @@ mod tests {
                     let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
                     for i in 0..40 {
                         let d = [detection(&format!("{tenant}:{i}"), "2026-01-01T00:00:00Z")];
-                        runtime.block_on(store.enqueue(tenant, &d, None, Utc::now())).unwrap();
+                        runtime.block_on(store.enqueue(tenant, d.to_vec(), None, Utc::now())).unwrap();
                     }
                 })
             })
@@ -1175,7 +1306,7 @@ mod tests {
             std::thread::spawn(move || {
                 for i in 0..BATCHES {
                     let d = [detection(&format!("r:{i}"), "2026-01-01T00:00:00Z")];
-                    store.enqueue_blocking("t", &d, None, Utc::now()).unwrap();
+                    store.enqueue_blocking("t", d.to_vec(), None, Utc::now()).unwrap();
                 }
             })
         };
@@ -1200,7 +1331,7 @@ mod tests {
         for batch in 0..4 {
             let detections: Vec<Detection> =
                 (0..5).map(|i| detection(&format!("x:{batch}:{i}"), "2026-01-01T00:00:00Z")).collect();
-            store.enqueue("t", &detections, None, Utc::now()).await.unwrap();
+            store.enqueue("t", detections.clone(), None, Utc::now()).await.unwrap();
         }
         let full = store.outbox_bytes();
         let dropped = store.drop_oldest(full / 2 + 1).unwrap();
@@ -1208,7 +1339,7 @@ mod tests {
         assert!(store.outbox_bytes() <= full / 2 + 1);
         let left = store.read_after(0, 100).unwrap();
         assert_eq!(left.len(), 10);
-        assert!(left[0].1.raw.contains("x:2:0"), "{}", left[0].1.raw);
+        assert!(left[0].1.raw().contains("x:2:0"), "{}", left[0].1.raw());
     }
 
     #[tokio::test]
@@ -1217,14 +1348,14 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         store.sync_cursors(&["a"]).unwrap();
         let many: Vec<Detection> = (0..10).map(|i| detection(&format!("x:{i}"), "2026-01-01T00:00:00Z")).collect();
-        store.enqueue("t", &many[..6], None, Utc::now()).await.unwrap();
-        store.enqueue("t", &many[6..], None, Utc::now()).await.unwrap();
+        store.enqueue("t", many[..6].to_vec(), None, Utc::now()).await.unwrap();
+        store.enqueue("t", many[6..].to_vec(), None, Utc::now()).await.unwrap();
         let first = store.read_after(0, 4).unwrap();
         assert_eq!(first.len(), 4);
         store.ack("a", first[3].0).await.unwrap();
         assert_eq!(store.pending("a").unwrap().0, 6);
         let rest = store.read_after(first[3].0, 100).unwrap();
-        let ids: Vec<String> = rest.iter().map(|(_, e)| e.raw.clone()).collect();
+        let ids: Vec<String> = rest.iter().map(|(_, e)| e.raw().to_string()).collect();
         assert_eq!(ids.len(), 6);
         assert!(ids[0].contains("x:4") && ids[5].contains("x:9"), "{ids:?}");
         store.ack("a", rest[5].0).await.unwrap();

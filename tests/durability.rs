@@ -438,21 +438,21 @@ fn full_disk_dedupe_write_keeps_later_records() {
     {
         let store = Store::open(&state).unwrap();
         store.sync_cursors(&["siem"]).unwrap();
-        store.enqueue_blocking("t", &[detection("first".into())], None, now).unwrap();
+        store.enqueue_blocking("t", vec![detection("first".into())], None, now).unwrap();
 
         let filler = mount.join("filler");
         fill_disk(&filler, "4k");
         let many: Vec<Detection> = (0..250).map(|i| detection(format!("many:{i}"))).collect();
-        let full = store.enqueue_blocking("t", &many, None, now);
+        let full = store.enqueue_blocking("t", many.clone(), None, now);
         assert!(full.is_err(), "the dedupe write did not fail on a full disk");
         std::fs::remove_file(&filler).unwrap();
 
-        let queued = store.enqueue_blocking("t", &later, None, now).unwrap();
+        let queued = store.enqueue_blocking("t", later.clone(), None, now).unwrap();
         assert_eq!(queued.queued, 10);
     }
 
     let store = Store::open(&state).unwrap();
-    let again = store.enqueue_blocking("t", &later, None, now).unwrap();
+    let again = store.enqueue_blocking("t", later.clone(), None, now).unwrap();
     assert_eq!(again.duplicates, 10, "FullIds marked as seen after the failure were lost on restart");
     assert_eq!(again.queued, 0);
 }

@@ -259,7 +259,7 @@ impl Poller {
         // the checkpoint past detections that have not happened yet.
         let new_checkpoint = newest.map(|t| t.min(now));
         self.store
-            .enqueue(&tenant.name, &[], new_checkpoint, now)
+            .enqueue(&tenant.name, Vec::new(), new_checkpoint, now)
             .await
             .map_err(|e| self.store_error(e))?;
         report.checkpoint = self.store.checkpoint(&tenant.name).map_err(|e| self.store_error(e))?;
@@ -298,7 +298,7 @@ impl Poller {
             }
             let store = self.store.clone();
             let tenant = self.name().to_string();
-            in_flight = Some(tokio::task::spawn_blocking(move || store.enqueue_blocking(&tenant, &detections, None, now)));
+            in_flight = Some(tokio::task::spawn_blocking(move || store.enqueue_blocking(&tenant, detections, None, now)));
         };
         let settled = match in_flight {
             Some(last) => self.settle_enqueue(last, report).await,

@@ -124,7 +124,7 @@ impl SinkWorker {
             // pollers stopped queuing, so an empty read after seeing Drain
             // really means there is nothing left.
             let mode = self.current_mode();
-            let mut entries = match self.next_entries() {
+            let entries = match self.next_entries() {
                 Ok(entries) => entries,
                 Err(source) => {
                     let delay = store_backoff.next_delay(None);
@@ -147,9 +147,9 @@ impl SinkWorker {
                 if std::mem::take(&mut delivered_since_idle) {
                     // A worker faster than the poller catches up after every
                     // queued batch. Its buffers are kept while batches keep
-                    // coming; only a pause gives their memory back, since
-                    // returning pages to the kernel and faulting them in
-                    // again for the next batch costs more than the batch.
+                    // coming, because returning pages to the kernel and
+                    // faulting them in again costs more than the batch.
+                    // Only a pause gives their memory back.
                     match tokio::time::timeout(MEMORY_RELEASE_DELAY, self.wait_for_work()).await {
                         Ok(exit) => {
                             if exit {
@@ -171,7 +171,7 @@ impl SinkWorker {
                 continue;
             }
             delivered_since_idle = true;
-            let prepared = self.prepare(&mut entries, &mut batch);
+            let prepared = self.prepare(&entries, &mut batch);
             let outcome = if batch.is_empty() {
                 SendOutcome::Delivered
             } else {
@@ -238,33 +238,29 @@ impl SinkWorker {
 
     /// Routes and encodes entries into `batch` until it is full, dead-lettering
     /// the entries that cannot be encoded.
-    ///
-    /// Moves each entry's text into its `Detection` and back afterwards
-    /// instead of copying it, because `settle` needs it for dead letters.
-    fn prepare(&mut self, entries: &mut [(u64, OutboxEntry)], batch: &mut Batch) -> Prepared {
+    fn prepare(&mut self, entries: &[(u64, OutboxEntry)], batch: &mut Batch) -> Prepared {
         batch.clear();
         let now = Utc::now();
         let mut prepared = Prepared::default();
-        for (index, (_, entry)) in entries.iter_mut().enumerate() {
-            if entry.only_sink.as_deref().is_some_and(|only| only != self.name) {
+        for (index, (_, entry)) in entries.iter().enumerate() {
+            if entry.only_sink().is_some_and(|only| only != self.name) {
                 prepared.consumed = index + 1;
                 continue;
             }
-            let detection = match self.parse(std::mem::take(&mut entry.raw), entry.checked) {
+            let mut checked = None;
+            let detection = match self.encodable(entry, &mut checked) {
                 Ok(detection) => detection,
-                Err((text, error)) => {
-                    entry.raw = text;
+                Err(error) => {
                     let reason = format!("cannot encode: {error}");
-                    tracing::warn!(sink = %self.name, tenant = %entry.tenant, reason = %reason, "detection moved to dead letters");
-                    if let Err(e) = self.store.dead_letter(&self.name, entry, &reason) {
+                    tracing::warn!(sink = %self.name, tenant = %entry.tenant(), reason = %reason, "detection moved to dead letters");
+                    if let Err(e) = self.store.dead_letter(&self.name, entry.tenant(), entry.raw(), &reason) {
                         tracing::error!(sink = %self.name, error = %e, "cannot store a dead letter");
                     }
                     prepared.consumed = index + 1;
                     continue;
                 }
             };
-            let added = self.add_message(&detection, &entry.tenant, now, batch);
-            entry.raw = detection.into_raw();
+            let added = self.add_message(detection, entry.tenant(), now, batch);
             match added {
                 Added::Message => {
                     prepared.message_entries.push(index);
@@ -277,25 +273,21 @@ impl SinkWorker {
         prepared
     }
 
-    /// Builds the detection the encoder needs from `text`. On failure the
-    /// text comes back with the reason.
-    fn parse(&self, text: String, checked: bool) -> Result<Detection, (String, String)> {
-        let needs_fields = self.encoder.needs_fields();
-        let parsed = if needs_fields {
-            Detection::from_string_with_fields(text)
-        } else if checked {
-            Ok(Detection::from_checked_string(text))
+    /// Returns the entry's detection once it is fit for this sink's encoder,
+    /// or why it is not. An entry the poller did not check (a requeued dead
+    /// letter) is checked here, into `checked`. For CEF and LEEF the field
+    /// table is parsed here, once for every sink that reads the entry.
+    fn encodable<'e>(&self, entry: &'e OutboxEntry, checked: &'e mut Option<Detection>) -> Result<&'e Detection, String> {
+        let detection = if entry.checked() {
+            entry.detection()
         } else {
-            Detection::from_string(text)
+            let detection = Detection::from_string(entry.raw().to_string()).map_err(|(_, e)| e.to_string())?;
+            checked.insert(detection)
         };
-        let detection = parsed.map_err(|(text, e)| (text, e.to_string()))?;
-        match detection.field_error().filter(|_| needs_fields) {
-            Some(error) => {
-                let reason = format!(
-                    "its fields cannot be parsed ({error}), so this format would lose them; JSON sinks forward it unchanged"
-                );
-                Err((detection.into_raw(), reason))
-            }
+        match detection.field_error().filter(|_| self.encoder.needs_fields()) {
+            Some(error) => Err(format!(
+                "its fields cannot be parsed ({error}), so this format would lose them; JSON sinks forward it unchanged"
+            )),
             None => Ok(detection),
         }
     }
@@ -342,7 +334,8 @@ impl SinkWorker {
             SendOutcome::AllRejected { reason } => {
                 tracing::warn!(sink = %self.name, events = prepared.message_entries.len(), reason = %reason, "receiver rejected the batch; its detections moved to dead letters");
                 for &index in &prepared.message_entries {
-                    self.store.dead_letter(&self.name, &entries[index].1, &reason)?;
+                    let entry = &entries[index].1;
+                    self.store.dead_letter(&self.name, entry.tenant(), entry.raw(), &reason)?;
                 }
                 Ok(seq_before(prepared.consumed))
             }
@@ -352,8 +345,8 @@ impl SinkWorker {
                     return Ok(seq_before(prepared.consumed));
                 };
                 let entry = &entries[rejected].1;
-                tracing::warn!(sink = %self.name, tenant = %entry.tenant, delivered, reason = %reason, "receiver rejected one detection; it moved to dead letters and the rest of the batch is sent again");
-                self.store.dead_letter(&self.name, entry, &reason)?;
+                tracing::warn!(sink = %self.name, tenant = %entry.tenant(), delivered, reason = %reason, "receiver rejected one detection; it moved to dead letters and the rest of the batch is sent again");
+                self.store.dead_letter(&self.name, entry.tenant(), entry.raw(), &reason)?;
                 // Entries up to the next message were filtered out or
                 // dead-lettered already, so the cursor may pass them too.
                 let through = match prepared.message_entries.get(delivered + 1) {

@@ -172,8 +172,7 @@ impl Telemetry {
 /// Seconds since the LastProcessedTimeUtc of the outbox entry `seq`.
 fn oldest_age(store: &Store, seq: u64, now: chrono::DateTime<Utc>) -> Option<f64> {
     let (_, entry) = store.read_after(seq.saturating_sub(1), 1).ok()?.into_iter().next()?;
-    let detection = crate::detection::Detection::from_json_text(&entry.raw).ok()?;
-    let time = detection.last_processed()?;
+    let time = entry.detection().last_processed()?;
     Some(((now - time).num_milliseconds() as f64 / 1000.0).max(0.0))
 }
 
