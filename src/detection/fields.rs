@@ -2,10 +2,11 @@
 //! where each field's name and value sit, instead of building a
 //! `serde_json::Map`.
 //!
-//! A name or string value without escapes is a byte range of the raw text,
-//! so a typical detection needs two allocations (the entry table and the
-//! name index) rather than two or more per field. Only a value with escapes
-//! is decoded into its own string. The table follows the object's order. A
+//! A name or string value without escapes is a byte range of the raw text.
+//! Those with escapes are decoded into one string shared by the table. A
+//! detection thus needs at most three allocations (entries, name index and
+//! decoded strings) rather than two or more per field, and an entry takes
+//! 20 bytes. The table follows the object's order. A
 //! repeated name keeps the position of its first occurrence and the value of
 //! its last, as `serde_json::Map` with `preserve_order` does.
 
@@ -18,32 +19,37 @@ use hashbrown::HashTable;
 
 use super::scan::{Kind, Member, Members};
 
-/// Text of a field name or string value: a range of the raw text when it had
-/// no escapes, otherwise the decoded string.
-#[derive(Debug, Clone)]
-enum Text {
-    Span(Range<usize>),
-    Decoded(Box<str>),
+/// The place of a name or value: a byte range of the raw text, or of the
+/// decoded strings for a string that had escapes. Offsets are `u32` to keep
+/// the table small, because every detection carries one.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    start: u32,
+    end: u32,
 }
 
-impl Text {
-    fn resolve<'a>(&'a self, raw: &'a str) -> &'a str {
-        match self {
-            Text::Span(range) => &raw[range.clone()],
-            Text::Decoded(text) => text,
-        }
+impl Span {
+    /// Converts `range`, which [`Fields::parse`] checked to fit in `u32`.
+    fn of(range: Range<usize>) -> Self {
+        Self { start: range.start as u32, end: range.end as u32 }
+    }
+
+    fn of_text<'a>(self, text: &'a str) -> &'a str {
+        &text[self.start as usize..self.end as usize]
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 enum Slot {
     Null,
     Bool(bool),
     /// The number's JSON text, as sent.
-    Number(Range<usize>),
-    String(Text),
+    Number,
+    String,
+    /// A string that had escapes, in the decoded strings.
+    DecodedString,
     /// An object or array, as its raw JSON text.
-    Nested(Range<usize>),
+    Nested,
 }
 
 /// One field's value, borrowed from its detection.
@@ -90,10 +96,14 @@ impl<'a> FieldValue<'a> {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 struct Entry {
-    name: Text,
-    value: Slot,
+    name: Span,
+    /// The name had escapes and is in the decoded strings.
+    name_decoded: bool,
+    /// Unused for null and booleans.
+    value: Span,
+    slot: Slot,
 }
 
 /// The fields of one detection, see the module documentation.
@@ -103,6 +113,8 @@ pub struct Fields {
     entries: Vec<Entry>,
     /// Indexes into `entries`, hashed by name, for lookups.
     by_name: HashTable<u32>,
+    /// The names and string values that had escapes, decoded one after another.
+    decoded: String,
 }
 
 /// Hashes field names with a seed chosen at random per process, so names
@@ -114,54 +126,110 @@ fn name_hash(name: &str) -> u64 {
 
 impl Fields {
     /// Parses the JSON object `raw`. Fails on text that is not one valid JSON
-    /// object, on a string with a lone UTF-16 surrogate, and on nesting
-    /// deeper than serde_json's limit of 128 levels.
+    /// object, on a string with a lone UTF-16 surrogate, on nesting deeper
+    /// than serde_json's limit of 128 levels, and on text of 4 GiB or more.
     pub fn parse(raw: &str) -> Result<Self, String> {
+        if u32::try_from(raw.len()).is_err() {
+            return Err(format!("a detection of {} bytes is too large for a field table (the limit is 4 GiB)", raw.len()));
+        }
         // Two fields per 40 bytes is about what the API sends.
         let capacity = (raw.len() / 40).clamp(8, 256);
-        let mut fields = Fields { entries: Vec::with_capacity(capacity), by_name: HashTable::with_capacity(capacity) };
+        let mut fields = Fields { entries: Vec::with_capacity(capacity), by_name: HashTable::with_capacity(capacity), decoded: String::new() };
         for member in Members::new(raw).map_err(|e| e.to_string())? {
             let member = member.map_err(|e| e.to_string())?;
-            let name = if member.name_escaped {
+            let (name, name_decoded) = if member.name_escaped {
                 let decoded = decode_string(&raw.as_bytes()[member.name.clone()]).map_err(|e| format!("field name at byte {}: {e}", member.name.start))?;
-                Text::Decoded(decoded)
+                (fields.keep_decoded(&decoded), true)
             } else {
-                Text::Span(member.name_inner())
+                (Span::of(member.name_inner()), false)
             };
-            let value = slot(raw, &member).map_err(|e| format!("field {:?}: {e}", name.resolve(raw)))?;
-            fields.insert(raw, name, value);
+            let (slot, value) = fields.slot(raw, &member).map_err(|e| {
+                let name = if name_decoded { name.of_text(&fields.decoded) } else { name.of_text(raw) };
+                format!("field {name:?}: {e}")
+            })?;
+            fields.insert(raw, Entry { name, name_decoded, value, slot });
         }
         Ok(fields)
     }
 
+    /// Appends a decoded string to the decoded strings and returns its span.
+    fn keep_decoded(&mut self, text: &str) -> Span {
+        let start = self.decoded.len();
+        self.decoded.push_str(text);
+        Span::of(start..self.decoded.len())
+    }
+
+    /// Sorts one member's value into its slot. A string is decoded only when
+    /// it has escapes; an object or array is parsed once to check it.
+    fn slot(&mut self, raw: &str, member: &Member) -> Result<(Slot, Span), serde_json::Error> {
+        let value = Span::of(member.value.clone());
+        let slot = match member.kind {
+            Kind::String => return Ok((Slot::String, Span::of(member.value_inner()))),
+            Kind::EscapedString => {
+                let decoded = decode_string(&raw.as_bytes()[member.value.clone()])?;
+                return Ok((Slot::DecodedString, self.keep_decoded(&decoded)));
+            }
+            Kind::Nested => {
+                // The scanner only found the value's end. Parsing it inside an
+                // array spends the level the enclosing object took, so the
+                // limit is serde_json's 128 levels for the whole detection.
+                serde_json::from_str::<serde_json::Value>(&format!("[{}]", &raw[member.value.clone()]))?;
+                Slot::Nested
+            }
+            Kind::True => Slot::Bool(true),
+            Kind::False => Slot::Bool(false),
+            Kind::Null => Slot::Null,
+            Kind::Number => Slot::Number,
+        };
+        Ok((slot, value))
+    }
+
+    fn name<'a>(&'a self, raw: &'a str, entry: &Entry) -> &'a str {
+        if entry.name_decoded {
+            entry.name.of_text(&self.decoded)
+        } else {
+            entry.name.of_text(raw)
+        }
+    }
+
     /// Appends a field, or gives a repeated name its new value in place.
-    fn insert(&mut self, raw: &str, name: Text, value: Slot) {
-        let entries = &mut self.entries;
-        let hash = name_hash(name.resolve(raw));
-        let found = self.by_name.entry(
-            hash,
-            |&i| entries[i as usize].name.resolve(raw) == name.resolve(raw),
-            |&i| name_hash(entries[i as usize].name.resolve(raw)),
-        );
-        match found {
-            hashbrown::hash_table::Entry::Occupied(slot) => entries[*slot.get() as usize].value = value,
-            hashbrown::hash_table::Entry::Vacant(slot) => {
+    fn insert(&mut self, raw: &str, entry: Entry) {
+        let name = self.name(raw, &entry);
+        let hash = name_hash(name);
+        let entries = &self.entries;
+        let decoded = &self.decoded;
+        let name_of = |i: u32| {
+            let other = &entries[i as usize];
+            if other.name_decoded {
+                other.name.of_text(decoded)
+            } else {
+                other.name.of_text(raw)
+            }
+        };
+        match self.by_name.find(hash, |&i| name_of(i) == name) {
+            Some(&index) => {
+                let kept = &mut self.entries[index as usize];
+                kept.value = entry.value;
+                kept.slot = entry.slot;
+            }
+            None => {
                 // A field count beyond u32 would need a detection of several GB.
-                slot.insert(entries.len() as u32);
-                entries.push(Entry { name, value });
+                let index = self.entries.len() as u32;
+                self.by_name.insert_unique(hash, index, |&i| name_hash(name_of(i)));
+                self.entries.push(entry);
             }
         }
     }
 
     /// Returns the value of field `name`, resolved against the detection's raw text.
     pub fn get<'a>(&'a self, raw: &'a str, name: &str) -> Option<FieldValue<'a>> {
-        let &index = self.by_name.find(name_hash(name), |&i| self.entries[i as usize].name.resolve(raw) == name)?;
-        Some(self.value(raw, &self.entries[index as usize].value))
+        let &index = self.by_name.find(name_hash(name), |&i| self.name(raw, &self.entries[i as usize]) == name)?;
+        Some(self.value(raw, &self.entries[index as usize]))
     }
 
     /// Iterates over every field in the object's order.
     pub fn iter<'a>(&'a self, raw: &'a str) -> impl Iterator<Item = (&'a str, FieldValue<'a>)> + 'a {
-        self.entries.iter().map(move |entry| (entry.name.resolve(raw), self.value(raw, &entry.value)))
+        self.entries.iter().map(move |entry| (self.name(raw, entry), self.value(raw, entry)))
     }
 
     pub fn len(&self) -> usize {
@@ -172,13 +240,14 @@ impl Fields {
         self.entries.is_empty()
     }
 
-    fn value<'a>(&'a self, raw: &'a str, slot: &'a Slot) -> FieldValue<'a> {
-        match slot {
+    fn value<'a>(&'a self, raw: &'a str, entry: &Entry) -> FieldValue<'a> {
+        match entry.slot {
             Slot::Null => FieldValue::Null,
-            Slot::Bool(b) => FieldValue::Bool(*b),
-            Slot::Number(range) => FieldValue::Number(&raw[range.clone()]),
-            Slot::String(text) => FieldValue::String(text.resolve(raw)),
-            Slot::Nested(range) => FieldValue::Nested(&raw[range.clone()]),
+            Slot::Bool(b) => FieldValue::Bool(b),
+            Slot::Number => FieldValue::Number(entry.value.of_text(raw)),
+            Slot::String => FieldValue::String(entry.value.of_text(raw)),
+            Slot::DecodedString => FieldValue::String(entry.value.of_text(&self.decoded)),
+            Slot::Nested => FieldValue::Nested(entry.value.of_text(raw)),
         }
     }
 }
@@ -187,27 +256,6 @@ impl Fields {
 /// lone UTF-16 surrogate.
 pub(super) fn decode_string(json: &[u8]) -> Result<Box<str>, serde_json::Error> {
     serde_json::from_slice::<String>(json).map(String::into_boxed_str)
-}
-
-/// Sorts one member's value into its slot. A string is decoded only when it
-/// has escapes; an object or array is parsed once to check it.
-fn slot(raw: &str, member: &Member) -> Result<Slot, serde_json::Error> {
-    let slot = match member.kind {
-        Kind::String => Slot::String(Text::Span(member.value_inner())),
-        Kind::EscapedString => Slot::String(Text::Decoded(decode_string(&raw.as_bytes()[member.value.clone()])?)),
-        Kind::Nested => {
-            // The scanner only found the value's end. Parsing it inside an
-            // array spends the level the enclosing object took, so the
-            // limit is serde_json's 128 levels for the whole detection.
-            serde_json::from_str::<serde_json::Value>(&format!("[{}]", &raw[member.value.clone()]))?;
-            Slot::Nested(member.value.clone())
-        }
-        Kind::True => Slot::Bool(true),
-        Kind::False => Slot::Bool(false),
-        Kind::Null => Slot::Null,
-        Kind::Number => Slot::Number(member.value.clone()),
-    };
-    Ok(slot)
 }
 
 #[cfg(test)]
