@@ -144,24 +144,22 @@ impl SinkWorker {
                 if mode != WorkerMode::Run {
                     return Ok(());
                 }
-                if std::mem::take(&mut delivered_since_idle) {
+                if delivered_since_idle {
                     // A worker faster than the poller catches up after every
                     // queued batch. Its buffers are kept while batches keep
                     // coming, because returning pages to the kernel and
                     // faulting them in again costs more than the batch.
-                    // Only a pause gives their memory back.
+                    // Only a pause gives their memory back. A wake-up that
+                    // brings nothing to read starts the wait again.
                     match tokio::time::timeout(MEMORY_RELEASE_DELAY, self.wait_for_work()).await {
-                        Ok(exit) => {
-                            if exit {
-                                return Ok(());
-                            }
-                            continue;
-                        }
+                        Ok(true) => return Ok(()),
+                        Ok(false) => continue,
                         Err(_) => {
                             // The batch buffer has grown to the largest batch sent.
                             batch = Batch::default();
                             self.store.forget_recent_reads();
                             super::release_free_memory();
+                            delivered_since_idle = false;
                         }
                     }
                 }
