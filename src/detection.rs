@@ -227,6 +227,13 @@ impl Detection {
         self.fields.get_or_init(|| Fields::parse(&self.raw))
     }
 
+    /// Returns whether the field table has been built, for tests that check
+    /// it is built only when needed.
+    #[cfg(test)]
+    pub(crate) fn field_table_built(&self) -> bool {
+        self.fields.get().is_some()
+    }
+
     /// Iterates over every field in the object's order, parsing them on first
     /// use. Yields nothing when the text cannot be parsed into fields (see
     /// [`Detection::field_error`]).

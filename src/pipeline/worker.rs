@@ -246,7 +246,7 @@ impl SinkWorker {
                 continue;
             }
             let mut checked = None;
-            let detection = match self.encodable(entry, &mut checked) {
+            let detection = match encodable(entry, self.encoder.needs_fields(), &mut checked) {
                 Ok(detection) => detection,
                 Err(error) => {
                     let reason = format!("cannot encode: {error}");
@@ -269,25 +269,6 @@ impl SinkWorker {
             }
         }
         prepared
-    }
-
-    /// Returns the entry's detection once it is fit for this sink's encoder,
-    /// or why it is not. An entry the poller did not check (a requeued dead
-    /// letter) is checked here, into `checked`. For CEF and LEEF the field
-    /// table is parsed here, once for every sink that reads the entry.
-    fn encodable<'e>(&self, entry: &'e OutboxEntry, checked: &'e mut Option<Detection>) -> Result<&'e Detection, String> {
-        let detection = if entry.checked() {
-            entry.detection()
-        } else {
-            let detection = Detection::from_string(entry.raw().to_string()).map_err(|(_, e)| e.to_string())?;
-            checked.insert(detection)
-        };
-        match detection.field_error().filter(|_| self.encoder.needs_fields()) {
-            Some(error) => Err(format!(
-                "its fields cannot be parsed ({error}), so this format would lose them; JSON sinks forward it unchanged"
-            )),
-            None => Ok(detection),
-        }
     }
 
     /// Routes and encodes one detection into `batch`.
@@ -412,10 +393,70 @@ impl SinkWorker {
     }
 }
 
+/// Returns the entry's detection if the encoder can use it, or the reason.
+///
+/// `needs_fields` is true for encoders that read fields (CEF, LEEF), which
+/// parse the field table here, once for every sink that reads the entry.
+/// An entry the poller did not check (a requeued dead letter) is checked
+/// here, into `checked`.
+fn encodable<'e>(entry: &'e OutboxEntry, needs_fields: bool, checked: &'e mut Option<Detection>) -> Result<&'e Detection, String> {
+    let detection = if entry.checked() {
+        entry.detection()
+    } else {
+        let detection = Detection::from_string(entry.raw().to_string()).map_err(|(_, e)| e.to_string())?;
+        checked.insert(detection)
+    };
+    // Asking for the field error builds the field table, so only an encoder
+    // that reads fields asks.
+    if !needs_fields {
+        return Ok(detection);
+    }
+    match detection.field_error() {
+        Some(error) => Err(format!(
+            "its fields cannot be parsed ({error}), so this format would lose them; JSON sinks forward it unchanged"
+        )),
+        None => Ok(detection),
+    }
+}
+
 /// Completes when `mode` turns to [`WorkerMode::Stop`]. Never completes when
 /// the pipeline dropped the sender, because no Stop can come then.
 async fn wait_for_stop(mode: &mut watch::Receiver<WorkerMode>) {
     if mode.wait_for(|m| *m == WorkerMode::Stop).await.is_err() {
         std::future::pending::<()>().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queued_entry(store: &Store, raw: &str) -> OutboxEntry {
+        let detection = Detection::from_json_text(raw).unwrap();
+        store.enqueue_blocking("t", vec![detection], None, Utc::now()).unwrap();
+        store.read_after(0, 1).unwrap().remove(0).1
+    }
+
+    #[test]
+    fn raw_json_encoder_builds_no_field_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let entry = queued_entry(&store, r#"{"FullId":"a:1","Severity":"High"}"#);
+        let mut checked = None;
+        encodable(&entry, false, &mut checked).unwrap();
+        assert!(!entry.detection().field_table_built());
+        encodable(&entry, true, &mut checked).unwrap();
+        assert!(entry.detection().field_table_built());
+    }
+
+    #[test]
+    fn unparsable_fields_fail_only_field_encoders() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let entry = queued_entry(&store, r#"{"FullId":"a:1","Title":"x\ud800y"}"#);
+        let mut checked = None;
+        assert!(encodable(&entry, false, &mut checked).is_ok());
+        let error = encodable(&entry, true, &mut checked).unwrap_err();
+        assert!(error.contains("fields cannot be parsed"), "{error}");
     }
 }
