@@ -149,6 +149,9 @@ impl OutboxEntry {
         self.batch.checked
     }
 
+    /// Returns the detection. Its text is not validated when the entry is
+    /// not [`checked`](Self::checked), so such a detection must be checked
+    /// with [`Detection::from_string`] before it is encoded.
     pub fn detection(&self) -> &Detection {
         &self.batch.detections[self.index]
     }
@@ -201,8 +204,9 @@ impl RecentBatches {
         self.batches.push_front((seq, batch));
     }
 
-    fn clear(&mut self) {
-        self.batches.clear();
+    /// Drops the batches before sequence number `first`.
+    fn drop_before(&mut self, first: u64) {
+        self.batches.retain(|(seq, _)| *seq >= first);
     }
 }
 
@@ -611,9 +615,12 @@ impl Store {
 
     /// Returns an outbox batch from memory, or reads it from the spool and
     /// keeps it in memory for the other sinks.
+    ///
+    /// The spool is read without the lock held, so a sink reading from disk
+    /// never holds up the poller's queuing, which takes the lock too.
     fn queued_batch(&self, seq: u64, record: RecordRef) -> Result<Arc<QueuedBatch>, StoreError> {
-        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(batch) = recent.queued.get(seq).or_else(|| recent.read.get(seq)) {
+        let remembered = |recent: &BatchMemory| recent.queued.get(seq).or_else(|| recent.read.get(seq));
+        if let Some(batch) = remembered(&self.recent.lock().unwrap_or_else(|e| e.into_inner())) {
             return Ok(batch);
         }
         let payload = self.spool.read(record)?;
@@ -627,17 +634,27 @@ impl Store {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let batch = Arc::new(QueuedBatch { tenant: view.tenant, only_sink: view.only_sink, checked: view.checked, detections });
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        // Another sink may have read the same batch meanwhile.
+        if let Some(kept) = remembered(&recent) {
+            return Ok(kept);
+        }
         recent.read.keep(seq, batch.clone());
         Ok(batch)
     }
 
-    /// Drops the batches kept in memory, for a sink that has caught up and
-    /// paused. The next read after new detections arrive is a different
-    /// batch anyway.
-    pub fn forget_recent_reads(&self) {
+    /// Drops the batches kept in memory that no sink reads any more, for a
+    /// sink that has caught up and paused. When every sink has everything,
+    /// that is all of them. Otherwise the batches from the slowest cursor's
+    /// batch on stay. When the cursors cannot be read, nothing is dropped.
+    pub fn forget_delivered_batches(&self) {
+        let Ok(cursors) = self.cursors() else { return };
+        let Ok(last) = self.last_seq() else { return };
+        let slowest = cursors.iter().map(|(_, position)| *position).min().unwrap_or(last);
+        let first_needed = if slowest >= last { u64::MAX } else { split_position(slowest).0 };
         let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-        recent.queued.clear();
-        recent.read.clear();
+        recent.queued.drop_before(first_needed);
+        recent.read.drop_before(first_needed);
     }
 
     fn index_entry(&self, seq: u64, value: &[u8]) -> Result<IndexEntry, StoreError> {
@@ -1228,7 +1245,7 @@ mod tests {
             entries.iter().map(|(p, e)| (*p, e.tenant().to_string(), e.raw().to_string(), e.checked())).collect()
         };
         let in_memory = show(&store.read_after(0, 100).unwrap());
-        store.forget_recent_reads();
+        store.forget_delivered_batches();
         let from_spool = show(&store.read_after(0, 100).unwrap());
         assert_eq!(from_spool, in_memory);
         let texts: Vec<&str> = from_spool.iter().map(|(_, _, raw, _)| raw.as_str()).collect();
@@ -1236,6 +1253,28 @@ mod tests {
         assert_eq!(texts, expected);
         assert!(from_spool.iter().all(|(_, tenant, _, _)| tenant == "tenant-a"));
         assert!(from_spool.iter().all(|(_, _, _, checked)| *checked));
+    }
+
+    #[tokio::test]
+    async fn pause_keeps_batches_slow_sinks_need() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.sync_cursors(&["fast", "slow"]).unwrap();
+        let queued: Vec<Detection> = (0..3).map(|i| detection(&format!("x:{i}"), "2026-01-01T00:00:00Z")).collect();
+        store.enqueue("t", queued, None, Utc::now()).await.unwrap();
+        let first = store.read_after(0, 10).unwrap();
+        let last = first.last().unwrap().0;
+
+        store.ack("fast", last).await.unwrap();
+        store.forget_delivered_batches();
+        let again = store.read_after(0, 10).unwrap();
+        assert!(Arc::ptr_eq(&first[0].1.batch, &again[0].1.batch), "the slow sink's batch stays in memory");
+
+        store.ack("slow", last).await.unwrap();
+        store.forget_delivered_batches();
+        let recent = store.recent.lock().unwrap();
+        assert!(recent.queued.batches.is_empty());
+        assert!(recent.read.batches.is_empty());
     }
 
     #[tokio::test]

@@ -157,7 +157,7 @@ impl SinkWorker {
                         Err(_) => {
                             // The batch buffer has grown to the largest batch sent.
                             batch = Batch::default();
-                            self.store.forget_recent_reads();
+                            self.store.forget_delivered_batches();
                             super::release_free_memory();
                             delivered_since_idle = false;
                         }
