@@ -34,7 +34,7 @@ impl Span {
         Self { start: range.start as u32, end: range.end as u32 }
     }
 
-    fn of_text<'a>(self, text: &'a str) -> &'a str {
+    fn of_text(self, text: &str) -> &str {
         &text[self.start as usize..self.end as usize]
     }
 }
@@ -138,8 +138,10 @@ impl Fields {
         for member in Members::new(raw).map_err(|e| e.to_string())? {
             let member = member.map_err(|e| e.to_string())?;
             let (name, name_decoded) = if member.name_escaped {
-                let decoded = decode_string(&raw.as_bytes()[member.name.clone()]).map_err(|e| format!("field name at byte {}: {e}", member.name.start))?;
-                (fields.keep_decoded(&decoded), true)
+                let name = fields
+                    .decode(&raw.as_bytes()[member.name.clone()])
+                    .map_err(|e| format!("field name at byte {}: {e}", member.name.start))?;
+                (name, true)
             } else {
                 (Span::of(member.name_inner()), false)
             };
@@ -152,11 +154,14 @@ impl Fields {
         Ok(fields)
     }
 
-    /// Appends a decoded string to the decoded strings and returns its span.
-    fn keep_decoded(&mut self, text: &str) -> Span {
+    /// Decodes a JSON string with escapes, given with its quotes, onto the
+    /// end of the decoded strings, and returns its span there.
+    fn decode(&mut self, json: &[u8]) -> Result<Span, serde_json::Error> {
         let start = self.decoded.len();
-        self.decoded.push_str(text);
-        Span::of(start..self.decoded.len())
+        let mut deserializer = serde_json::Deserializer::from_slice(json);
+        serde::Deserializer::deserialize_str(&mut deserializer, AppendTo(&mut self.decoded))?;
+        deserializer.end()?;
+        Ok(Span::of(start..self.decoded.len()))
     }
 
     /// Sorts one member's value into its slot. A string is decoded only when
@@ -166,8 +171,7 @@ impl Fields {
         let slot = match member.kind {
             Kind::String => return Ok((Slot::String, Span::of(member.value_inner()))),
             Kind::EscapedString => {
-                let decoded = decode_string(&raw.as_bytes()[member.value.clone()])?;
-                return Ok((Slot::DecodedString, self.keep_decoded(&decoded)));
+                return Ok((Slot::DecodedString, self.decode(&raw.as_bytes()[member.value.clone()])?));
             }
             Kind::Nested => {
                 // The scanner only found the value's end. Parsing it inside an
@@ -249,6 +253,23 @@ impl Fields {
             Slot::DecodedString => FieldValue::String(entry.value.of_text(&self.decoded)),
             Slot::Nested => FieldValue::Nested(entry.value.of_text(raw)),
         }
+    }
+}
+
+/// Appends the string serde_json decoded to a `String`, without a string
+/// of its own in between.
+struct AppendTo<'a>(&'a mut String);
+
+impl<'de> serde::de::Visitor<'de> for AppendTo<'_> {
+    type Value = ();
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("a JSON string")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<(), E> {
+        self.0.push_str(text);
+        Ok(())
     }
 }
 
