@@ -218,11 +218,6 @@ impl Detection {
         &self.raw
     }
 
-    /// Gives back the JSON text, without a copy.
-    pub fn into_raw(self) -> String {
-        self.raw.into_string()
-    }
-
     fn parsed(&self) -> &Result<Fields, String> {
         self.fields.get_or_init(|| Fields::parse(&self.raw))
     }

@@ -452,9 +452,9 @@ mod tests {
         assert_eq!(find_string_special("é使用者 !#[]~\x7f".as_bytes()), None);
     }
 
-    /// Every byte value at every offset of buffers up to 40 bytes long,
-    /// behind ordinary bytes and behind bytes that are special too, against
-    /// a plain byte-by-byte search. Each platform runs the versions it has.
+    /// Every byte value at every offset of buffers up to 40 bytes long, among
+    /// ASCII and high filler bytes and before a closing quote, against a
+    /// plain byte-by-byte search. Each platform runs the versions it has.
     #[test]
     fn special_byte_searches_match_plain_search() {
         let plain = |bytes: &[u8]| bytes.iter().position(|&b| b == b'"' || b == b'\\' || b < 0x20);
