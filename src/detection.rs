@@ -256,8 +256,35 @@ impl Detection {
     /// Returns a field as text, or `None` when it is missing, null or an empty
     /// string. Numbers and booleans give their JSON text and nested values
     /// their compact JSON, so no non-empty value is lost.
+    ///
+    /// When the field table cannot be built (see [`Detection::field_error`]),
+    /// the field is looked up with the scanner alone, so routing still reads
+    /// `Severity` when another field contains a lone surrogate. A value that
+    /// cannot be decoded, and a nested value, then give their raw JSON text.
     pub fn text(&self, name: &str) -> Option<Cow<'_, str>> {
-        self.get(name).and_then(FieldValue::text)
+        match self.parsed() {
+            Ok(fields) => fields.get(&self.raw, name).and_then(FieldValue::text),
+            Err(_) => self.scanned_text(name),
+        }
+    }
+
+    /// Finds the last member called `name` with the scanner and returns its
+    /// text as [`key_text`] does. Members whose names cannot be decoded are
+    /// skipped.
+    fn scanned_text(&self, name: &str) -> Option<Cow<'_, str>> {
+        let mut found = None;
+        for member in Members::new(&self.raw).ok()? {
+            let member = member.ok()?;
+            let matches = if member.name_escaped {
+                fields::decode_string(&self.raw.as_bytes()[member.name.clone()]).is_ok_and(|decoded| &*decoded == name)
+            } else {
+                &self.raw[member.name_inner()] == name
+            };
+            if matches {
+                found = Some(member);
+            }
+        }
+        key_text(&self.raw, &found?).map(|(text, _)| Cow::Owned(text.into()))
     }
 
     /// `FullId` as text (a number or other non-string value as its JSON text).
@@ -402,6 +429,23 @@ mod tests {
     fn lone_surrogate_full_id_kept_raw() {
         let d = Detection::from_json_text(r#"{"FullId":"a\ud800b"}"#).unwrap();
         assert_eq!(d.full_id().as_deref(), Some(r#""a\ud800b""#));
+    }
+
+    #[test]
+    fn fields_readable_despite_a_broken_table() {
+        let text = r#"{"Severity":"Low","Title":"x\ud800y","Severity":"High","Cat\u0065gory":"Malware","Deep":[[1]],"Bad\ud800":1}"#;
+        let d = Detection::from_json_text(text);
+        // A lone surrogate in a name fails the key check; without it the
+        // detection is valid and only its field table fails.
+        assert!(d.is_err());
+        let text = r#"{"Severity":"Low","Title":"x\ud800y","Severity":"High","Cat\u0065gory":"Malware","Deep":[[1]]}"#;
+        let d = Detection::from_json_text(text).unwrap();
+        assert!(d.field_error().is_some());
+        assert_eq!(d.text("Severity").as_deref(), Some("High"));
+        assert_eq!(d.text("Category").as_deref(), Some("Malware"));
+        assert_eq!(d.text("Title").as_deref(), Some(r#""x\ud800y""#));
+        assert_eq!(d.text("Deep").as_deref(), Some("[[1]]"));
+        assert_eq!(d.text("Missing"), None);
     }
 
     #[test]

@@ -75,8 +75,6 @@ impl EventEncoder {
 /// The result of [`SinkWorker::add_message`] for one detection.
 enum Added {
     Message,
-    /// Routing left it out for this sink.
-    NotRouted,
     /// The batch is full without it; it goes into the next batch.
     BatchFull,
 }
@@ -245,9 +243,24 @@ impl SinkWorker {
                 prepared.consumed = index + 1;
                 continue;
             }
+            // Routing comes before the field check, so a detection this sink
+            // does not take never becomes its dead letter.
             let mut checked = None;
-            let detection = match encodable(entry, self.encoder.needs_fields(), &mut checked) {
-                Ok(detection) => detection,
+            let detection = validated(entry, &mut checked).and_then(|detection| {
+                if !self.routed(detection, entry.tenant()) {
+                    return Ok(None);
+                }
+                match field_problem(detection, self.encoder.needs_fields()) {
+                    Some(problem) => Err(problem),
+                    None => Ok(Some(detection)),
+                }
+            });
+            let detection = match detection {
+                Ok(Some(detection)) => detection,
+                Ok(None) => {
+                    prepared.consumed = index + 1;
+                    continue;
+                }
                 Err(error) => {
                     let reason = format!("cannot encode: {error}");
                     tracing::warn!(sink = %self.name, tenant = %entry.tenant(), reason = %reason, "detection moved to dead letters");
@@ -258,31 +271,31 @@ impl SinkWorker {
                     continue;
                 }
             };
-            let added = self.add_message(detection, entry.tenant(), now, batch);
+            let added = self.add_message(detection, now, batch);
             match added {
                 Added::Message => {
                     prepared.message_entries.push(index);
                     prepared.consumed = index + 1;
                 }
-                Added::NotRouted => prepared.consumed = index + 1,
                 Added::BatchFull => break,
             }
         }
         prepared
     }
 
-    /// Routes and encodes one detection into `batch`.
-    fn add_message(&mut self, detection: &Detection, tenant: &str, now: chrono::DateTime<Utc>, batch: &mut Batch) -> Added {
-        let routed = if self.routing.filters_fields() {
+    /// Returns whether this sink's routing takes the detection.
+    fn routed(&self, detection: &Detection, tenant: &str) -> bool {
+        if self.routing.filters_fields() {
             let severity = detection.text("Severity");
             let category = detection.text("Category");
             self.routing.routes(tenant, severity.as_deref(), category.as_deref())
         } else {
             self.routing.routes(tenant, None, None)
-        };
-        if !routed {
-            return Added::NotRouted;
         }
+    }
+
+    /// Encodes one routed detection into `batch`.
+    fn add_message(&mut self, detection: &Detection, now: chrono::DateTime<Utc>, batch: &mut Batch) -> Added {
         let outcome = self.encoder.encode(detection, now, &mut batch.bytes);
         batch.end_message();
         // A full batch ends before the message that overflows it, unless
@@ -393,30 +406,26 @@ impl SinkWorker {
     }
 }
 
-/// Returns the entry's detection if the encoder can use it, or the reason.
-///
-/// `needs_fields` is true for encoders that read fields (CEF, LEEF), which
-/// parse the field table here, once for every sink that reads the entry.
-/// An entry the poller did not check (a requeued dead letter) is checked
-/// here, into `checked`.
-fn encodable<'e>(entry: &'e OutboxEntry, needs_fields: bool, checked: &'e mut Option<Detection>) -> Result<&'e Detection, String> {
-    let detection = if entry.checked() {
-        entry.detection()
-    } else {
-        let detection = Detection::from_string(entry.raw().to_string()).map_err(|(_, e)| e.to_string())?;
-        checked.insert(detection)
-    };
-    // Asking for the field error builds the field table, so only an encoder
-    // that reads fields asks.
+/// Returns the entry's detection, or why it is not one. An entry the poller
+/// did not check (a requeued dead letter) is checked here, into `checked`.
+fn validated<'e>(entry: &'e OutboxEntry, checked: &'e mut Option<Detection>) -> Result<&'e Detection, String> {
+    if entry.checked() {
+        return Ok(entry.detection());
+    }
+    let detection = Detection::from_string(entry.raw().to_string()).map_err(|(_, e)| e.to_string())?;
+    Ok(checked.insert(detection))
+}
+
+/// Returns why an encoder that reads fields (`needs_fields`, CEF and LEEF)
+/// cannot encode the detection, if it cannot. Other encoders get `None` at
+/// once, because the check builds the field table (once for every sink
+/// that reads the entry).
+fn field_problem(detection: &Detection, needs_fields: bool) -> Option<String> {
     if !needs_fields {
-        return Ok(detection);
+        return None;
     }
-    match detection.field_error() {
-        Some(error) => Err(format!(
-            "its fields cannot be parsed ({error}), so this format would lose them; JSON sinks forward it unchanged"
-        )),
-        None => Ok(detection),
-    }
+    let error = detection.field_error()?;
+    Some(format!("its fields cannot be parsed ({error}), so this format would lose them; JSON sinks forward it unchanged"))
 }
 
 /// Completes when `mode` turns to [`WorkerMode::Stop`]. Never completes when
@@ -443,10 +452,81 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let entry = queued_entry(&store, r#"{"FullId":"a:1","Severity":"High"}"#);
         let mut checked = None;
-        encodable(&entry, false, &mut checked).unwrap();
-        assert!(!entry.detection().field_table_built());
-        encodable(&entry, true, &mut checked).unwrap();
-        assert!(entry.detection().field_table_built());
+        let detection = validated(&entry, &mut checked).unwrap();
+        assert_eq!(field_problem(detection, false), None);
+        assert!(!detection.field_table_built());
+        assert_eq!(field_problem(detection, true), None);
+        assert!(detection.field_table_built());
+    }
+
+    fn routed_worker(store: Arc<Store>, payload: crate::format::PayloadFormat) -> SinkWorker {
+        use crate::format::{CefOptions, EncoderOptions, Facility, Framing, HeaderFormat, LeefOptions};
+        let encoder = Encoder::new(EncoderOptions {
+            payload,
+            header: HeaderFormat::None,
+            framing: Framing::Newline,
+            facility: Facility::LOCAL0,
+            hostname: "collector01".to_owned(),
+            app_name: "mde-forwarder".to_owned(),
+            cef: CefOptions::default(),
+            leef: LeefOptions::default(),
+            max_message_bytes: None,
+        });
+        let routing = SinkCommon { min_severity: crate::config::SeverityLevel::High, ..SinkCommon::default() };
+        SinkWorker {
+            name: "high".into(),
+            store,
+            transport: Transport::Stdout,
+            encoder: EventEncoder::Wire(encoder),
+            routing,
+            shortened: 0,
+            batch_size: 10,
+            retry_initial: Duration::from_millis(10),
+            retry_max: Duration::from_millis(10),
+            max_attempts: Some(1),
+            wake: watch::channel(0).1,
+            mode: watch::channel(WorkerMode::Run).1,
+        }
+    }
+
+    /// Two detections whose field tables fail on a lone surrogate: one High,
+    /// one Low, for a sink that takes High only.
+    fn broken_table_entries(store: &Store) -> Vec<(u64, OutboxEntry)> {
+        let texts = [
+            r#"{"FullId":"a:1","Severity":"High","Title":"x\ud800"}"#,
+            r#"{"FullId":"b:1","Severity":"Low","Title":"x\ud800"}"#,
+        ];
+        let detections = texts.iter().map(|text| Detection::from_json_text(text).unwrap()).collect();
+        store.enqueue_blocking("t", detections, None, Utc::now()).unwrap();
+        store.read_after(0, 10).unwrap()
+    }
+
+    #[test]
+    fn routing_reads_severity_of_broken_tables() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let entries = broken_table_entries(&store);
+        let mut worker = routed_worker(store.clone(), crate::format::PayloadFormat::Json);
+        let mut batch = Batch::default();
+        let prepared = worker.prepare(&entries, &mut batch);
+        assert_eq!(prepared.message_entries, [0], "the High detection is sent, the Low one is not");
+        assert_eq!(prepared.consumed, 2);
+        assert_eq!(store.dead_letter_count(), 0);
+    }
+
+    #[test]
+    fn unrouted_detections_never_become_dead_letters() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let entries = broken_table_entries(&store);
+        let mut worker = routed_worker(store.clone(), crate::format::PayloadFormat::Cef);
+        let mut batch = Batch::default();
+        let prepared = worker.prepare(&entries, &mut batch);
+        assert!(prepared.message_entries.is_empty());
+        assert_eq!(prepared.consumed, 2);
+        let letters = store.dead_letters().unwrap();
+        assert_eq!(letters.len(), 1, "only the High detection, which this sink takes");
+        assert!(letters[0].detection.contains("a:1"), "{}", letters[0].detection);
     }
 
     #[test]
@@ -455,8 +535,9 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let entry = queued_entry(&store, r#"{"FullId":"a:1","Title":"x\ud800y"}"#);
         let mut checked = None;
-        assert!(encodable(&entry, false, &mut checked).is_ok());
-        let error = encodable(&entry, true, &mut checked).unwrap_err();
+        let detection = validated(&entry, &mut checked).unwrap();
+        assert_eq!(field_problem(detection, false), None);
+        let error = field_problem(detection, true).unwrap();
         assert!(error.contains("fields cannot be parsed"), "{error}");
     }
 }
