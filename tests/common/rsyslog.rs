@@ -174,10 +174,12 @@ action(type="omfile" file="{output}" template="jsonview")
         panic!("rsyslogd did not start listening:\n{log}");
     }
 
-    /// What rsyslog received, one JSON object per message.
+    /// What rsyslog received, one JSON object per message. A last line
+    /// without its line feed is still being written and is left out.
     pub fn received(&self) -> Vec<Value> {
         let text = std::fs::read_to_string(&self.output).unwrap_or_default();
-        text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad rsyslog line {l}: {e}"))).collect()
+        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+        complete.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad rsyslog line {l}: {e}"))).collect()
     }
 
     /// Waits until `count` messages arrived (rsyslog writes asynchronously).
