@@ -967,6 +967,12 @@ impl Config {
         if self.poll.retry_max_attempts == 0 {
             return Err(invalid("poll.retry_max_attempts", "must be at least 1"));
         }
+        if self.state.max_outbox_bytes == 0 {
+            return Err(invalid(
+                "state.max_outbox_bytes",
+                "0 would leave no room for any detection: use a size in bytes, for example 1073741824 (1 GiB)",
+            ));
+        }
         let window = self.poll.overlap_secs.max(self.poll.initial_lookback_secs);
         if self.state.dedupe_retention_secs <= window {
             return Err(invalid(

@@ -279,3 +279,16 @@ fn tenant_limit_is_resolved() {
     let tenant = resolve_one(dir.path(), "region = \"eu\"\nclient_secret = \"s\"\nlimit = 25").unwrap();
     assert_eq!(tenant.limit, Some(25));
 }
+
+#[test]
+fn zero_outbox_size_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[state]\ndir = \"{}\"\nmax_outbox_bytes = 0\non_outbox_full = \"drop_oldest\"\n[[tenant]]\nname = \"contoso\"\ntenant_id = \"t-1\"\nclient_id = \"app-1\"\n{SINK}",
+        dir.path().join("state").display()
+    );
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, text).unwrap();
+    let error = error_text(Config::load_with_env(&path, &[]));
+    assert!(error.contains("state.max_outbox_bytes"), "{error}");
+}

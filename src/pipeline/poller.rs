@@ -372,15 +372,21 @@ impl Poller {
         let mut warned = false;
         while self.store.outbox_bytes() >= limit {
             if self.state.on_outbox_full == OutboxFullPolicy::DropOldest {
+                // When nothing could be dropped, the outbox is full all the
+                // same: wait below as the pause policy does, instead of
+                // trying again at once.
                 match self.store.drop_oldest(limit - limit / 10) {
-                    Ok(dropped) => tracing::error!(
-                        tenant = %self.name(),
-                        dropped,
-                        "outbox reached max_outbox_bytes; dropped the oldest undelivered detections (on_outbox_full = \"drop_oldest\")"
-                    ),
+                    Ok(dropped) if dropped > 0 => {
+                        tracing::error!(
+                            tenant = %self.name(),
+                            dropped,
+                            "outbox reached max_outbox_bytes; dropped the oldest undelivered detections (on_outbox_full = \"drop_oldest\")"
+                        );
+                        continue;
+                    }
+                    Ok(_) => {}
                     Err(e) => tracing::error!(tenant = %self.name(), error = %e, "cannot drop from the full outbox"),
                 }
-                continue;
             }
             if !warned {
                 let slowest = self.store.cursors().ok().and_then(|c| c.first().map(|(name, _)| name.clone()));
