@@ -212,9 +212,9 @@ impl Fields {
         };
         match self.by_name.find(hash, |&i| name_of(i) == name) {
             Some(&index) => {
-                let kept = &mut self.entries[index as usize];
-                kept.value = entry.value;
-                kept.slot = entry.slot;
+                let first = &mut self.entries[index as usize];
+                first.value = entry.value;
+                first.slot = entry.slot;
             }
             None => {
                 // A field count beyond u32 would need a detection of several GB.
