@@ -480,10 +480,10 @@ pub enum SeverityLevel {
 }
 
 impl SeverityLevel {
-    /// Reads the API's `Severity` text; anything unknown counts as medium,
-    /// as in the CEF severity mapping.
+    /// Reads the API's `Severity` text; anything unknown counts as medium.
+    /// Case and surrounding spaces are ignored, as in the CEF severity mapping.
     pub fn from_api(text: Option<&str>) -> Self {
-        match text.map(str::to_ascii_lowercase).as_deref() {
+        match text.map(|text| text.trim().to_ascii_lowercase()).as_deref() {
             Some("informational") => SeverityLevel::Informational,
             Some("low") => SeverityLevel::Low,
             Some("high") => SeverityLevel::High,

@@ -292,3 +292,11 @@ fn zero_outbox_size_is_rejected() {
     let error = error_text(Config::load_with_env(&path, &[]));
     assert!(error.contains("state.max_outbox_bytes"), "{error}");
 }
+
+#[test]
+fn severity_routing_ignores_case_and_spaces() {
+    for (text, level) in [(" High ", SeverityLevel::High), ("\tlow", SeverityLevel::Low), ("INFORMATIONAL ", SeverityLevel::Informational), ("odd", SeverityLevel::Medium)] {
+        assert_eq!(SeverityLevel::from_api(Some(text)), level, "{text:?}");
+    }
+    assert_eq!(SeverityLevel::from_api(None), SeverityLevel::Medium);
+}
