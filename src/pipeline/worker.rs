@@ -246,21 +246,16 @@ impl SinkWorker {
             // Routing comes before the field check, so a detection this sink
             // does not take never becomes its dead letter.
             let mut checked = None;
-            let detection = validated(entry, &mut checked).and_then(|detection| {
-                if !self.routed(detection, entry.tenant()) {
-                    return Ok(None);
-                }
-                match field_problem(detection, self.encoder.needs_fields()) {
-                    Some(problem) => Err(problem),
-                    None => Ok(Some(detection)),
-                }
-            });
-            let detection = match detection {
-                Ok(Some(detection)) => detection,
-                Ok(None) => {
+            let usable = match validated(entry, &mut checked) {
+                Ok(detection) if !self.routed(detection, entry.tenant()) => {
                     prepared.consumed = index + 1;
                     continue;
                 }
+                Ok(detection) => field_problem(detection, self.encoder.needs_fields()).map_or(Ok(detection), Err),
+                Err(error) => Err(error),
+            };
+            let detection = match usable {
+                Ok(detection) => detection,
                 Err(error) => {
                     let reason = format!("cannot encode: {error}");
                     tracing::warn!(sink = %self.name, tenant = %entry.tenant(), reason = %reason, "detection moved to dead letters");
@@ -501,14 +496,19 @@ mod tests {
         store.read_after(0, 10).unwrap()
     }
 
-    #[test]
-    fn routing_reads_severity_of_broken_tables() {
+    /// Prepares [`broken_table_entries`] for a High-only sink of `payload`.
+    fn prepare_broken_tables(payload: crate::format::PayloadFormat) -> (tempfile::TempDir, Arc<Store>, Prepared) {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
         let entries = broken_table_entries(&store);
-        let mut worker = routed_worker(store.clone(), crate::format::PayloadFormat::Json);
-        let mut batch = Batch::default();
-        let prepared = worker.prepare(&entries, &mut batch);
+        let mut worker = routed_worker(store.clone(), payload);
+        let prepared = worker.prepare(&entries, &mut Batch::default());
+        (dir, store, prepared)
+    }
+
+    #[test]
+    fn routing_reads_severity_of_broken_tables() {
+        let (_dir, store, prepared) = prepare_broken_tables(crate::format::PayloadFormat::Json);
         assert_eq!(prepared.message_entries, [0], "the High detection is sent, the Low one is not");
         assert_eq!(prepared.consumed, 2);
         assert_eq!(store.dead_letter_count(), 0);
@@ -516,12 +516,7 @@ mod tests {
 
     #[test]
     fn unrouted_detections_never_become_dead_letters() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
-        let entries = broken_table_entries(&store);
-        let mut worker = routed_worker(store.clone(), crate::format::PayloadFormat::Cef);
-        let mut batch = Batch::default();
-        let prepared = worker.prepare(&entries, &mut batch);
+        let (_dir, store, prepared) = prepare_broken_tables(crate::format::PayloadFormat::Cef);
         assert!(prepared.message_entries.is_empty());
         assert_eq!(prepared.consumed, 2);
         let letters = store.dead_letters().unwrap();
