@@ -80,6 +80,7 @@ impl<'a> FieldValue<'a> {
             FieldValue::Bool(false) => Some(Cow::Borrowed("false")),
             // The table checked this text when it was built, so it parses;
             // the raw text is the fallback all the same.
+            // NOTE: serde_json may respell numbers inside (1E400 as 1e+400).
             FieldValue::Nested(json) => Some(match serde_json::from_str::<serde_json::Value>(json) {
                 Ok(value) => Cow::Owned(value.to_string()),
                 Err(_) => Cow::Borrowed(json),
