@@ -78,13 +78,7 @@ impl<'a> FieldValue<'a> {
             FieldValue::String(text) | FieldValue::Number(text) => Some(Cow::Borrowed(text)),
             FieldValue::Bool(true) => Some(Cow::Borrowed("true")),
             FieldValue::Bool(false) => Some(Cow::Borrowed("false")),
-            // The table checked this text when it was built, so it parses;
-            // the raw text is the fallback all the same.
-            // NOTE: serde_json may respell numbers inside (1E400 as 1e+400).
-            FieldValue::Nested(json) => Some(match serde_json::from_str::<serde_json::Value>(json) {
-                Ok(value) => Cow::Owned(value.to_string()),
-                Err(_) => Cow::Borrowed(json),
-            }),
+            FieldValue::Nested(json) => Some(compact_json(json)),
         }
     }
 
@@ -95,6 +89,39 @@ impl<'a> FieldValue<'a> {
             _ => None,
         }
     }
+}
+
+/// Removes the whitespace between the tokens of valid JSON text and keeps
+/// everything else as sent: numbers (`1E400`), escapes (`\u00e9`) and
+/// repeated keys. Re-serializing through `serde_json::Value` would respell
+/// numbers and decode escapes, which changes what the API sent.
+pub(crate) fn compact_json(json: &str) -> Cow<'_, str> {
+    let mut compact = String::new();
+    // The text from here on has not been copied to `compact` yet.
+    let mut kept_from = 0;
+    let mut in_string = false;
+    let mut escaped = false;
+    for (i, b) in json.bytes().enumerate() {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+        } else if b == b'"' {
+            in_string = true;
+        } else if matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+            // Whitespace is ASCII, so both ends are character boundaries.
+            compact.push_str(&json[kept_from..i]);
+            kept_from = i + 1;
+        }
+    }
+    if kept_from == 0 {
+        return Cow::Borrowed(json);
+    }
+    compact.push_str(&json[kept_from..]);
+    Cow::Owned(compact)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -301,6 +328,22 @@ mod tests {
         assert_eq!(fields.get(raw, "O"), Some(FieldValue::Nested(r#"{ "k" : [1, "x"] }"#)));
         assert_eq!(text_of(&fields, raw, "O").as_deref(), Some(r#"{"k":[1,"x"]}"#));
         assert_eq!(fields.get(raw, "Missing"), None);
+    }
+
+    #[test]
+    fn nested_values_keep_their_text_without_whitespace() {
+        let raw = r#"{"O":{ "n" : [1E400, -0, 1.50e3, 123456789012345678901234567890] ,"s":"a b\t\u00e9 \" }" , "s":2 },"A":[],"W":[ ]}"#;
+        let fields = Fields::parse(raw).unwrap();
+        assert_eq!(
+            text_of(&fields, raw, "O").as_deref(),
+            Some(r#"{"n":[1E400,-0,1.50e3,123456789012345678901234567890],"s":"a b\t\u00e9 \" }","s":2}"#)
+        );
+        assert_eq!(text_of(&fields, raw, "A").as_deref(), Some("[]"));
+        assert_eq!(text_of(&fields, raw, "W").as_deref(), Some("[]"));
+        for json in ["[1,2]", "{}", r#"{"a":"\\"}"#] {
+            assert!(matches!(compact_json(json), Cow::Borrowed(_)), "{json} was copied");
+        }
+        assert_eq!(compact_json("\r\n[ \"\\\\\" , 1 ]\t"), r#"["\\",1]"#);
     }
 
     #[test]

@@ -580,6 +580,12 @@ mod tests {
             Some(r#"{"k":[1,"a\=b"]}"#)
         );
         assert_eq!(value_of(&pairs, "List").as_deref(), Some("[]"));
+        // Numbers, escapes and repeated keys inside stay as the API sent them.
+        let pairs = extension_pairs(r#"{"Evidence":{"n":[1E400, 1.50e3],"s":"\u00e9","n":-0}}"#);
+        assert_eq!(
+            value_of(&pairs, "Evidence").as_deref(),
+            Some(r#"{"n":[1E400,1.50e3],"s":"\\u00e9","n":-0}"#)
+        );
     }
 
     #[test]

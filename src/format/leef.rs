@@ -362,9 +362,9 @@ mod tests {
 
     #[test]
     fn nested_and_numeric_fields_are_kept() {
-        let line = leef(r#"{"Extra":{"k":[1,"a\tb"]},"AlertPart":0,"Flag":true}"#);
+        let line = leef(r#"{"Extra":{"k":[1,"a\tb", 2E+1 ]},"AlertPart":0,"Flag":true}"#);
         let attributes = attributes(&line);
-        assert!(attributes.contains(&r#"Extra={"k":[1,"a\\tb"]}"#), "{line}");
+        assert!(attributes.contains(&r#"Extra={"k":[1,"a\\tb",2E+1]}"#), "{line}");
         assert!(attributes.contains(&"AlertPart=0"), "{line}");
         assert!(attributes.contains(&"Flag=true"), "{line}");
     }
