@@ -514,8 +514,25 @@ fn state_action(config: &Config, store: &Store, action: StateAction) -> Result<(
             Ok(())
         }
         StateAction::DeadLetters => {
-            for letter in store.dead_letters().map_err(|e| e.to_string())? {
-                out!("{}\t{}\t{}\t{}\t{}", letter.id, letter.time, letter.sink, letter.tenant, letter.reason);
+            let letters = store.dead_letters().map_err(|e| e.to_string())?;
+            if letters.is_empty() {
+                out!("no dead letters");
+                return Ok(());
+            }
+            out!("id\ttime\tsink\ttenant\tFullId\treason");
+            for letter in letters {
+                let full_id = crate::detection::Detection::from_json_text(&letter.detection)
+                    .ok()
+                    .and_then(|d| d.full_id().map(|id| table_cell(&id)))
+                    .unwrap_or_else(|| "-".to_string());
+                out!(
+                    "{}\t{}\t{}\t{}\t{full_id}\t{}",
+                    letter.id,
+                    letter.time,
+                    table_cell(&letter.sink),
+                    table_cell(&letter.tenant),
+                    table_cell(&letter.reason)
+                );
             }
             Ok(())
         }
@@ -547,6 +564,20 @@ fn state_action(config: &Config, store: &Store, action: StateAction) -> Result<(
     }
 }
 
+/// Escapes control characters (tabs and line feeds included) so a hostile
+/// value cannot break a tab-separated row into more cells or lines.
+fn table_cell(text: &str) -> String {
+    let mut cell = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            cell.extend(c.escape_default());
+        } else {
+            cell.push(c);
+        }
+    }
+    cell
+}
+
 fn show_state(config: &Config, store: &Store) -> Result<(), crate::store::StoreError> {
     out!("state: {}", store.path().display());
     out!("checkpoints:");
@@ -570,4 +601,15 @@ async fn demo(args: DemoArgs, log_format: Option<LogFormat>) -> ExitCode {
     init_logging(log_format.unwrap_or_default(), "info");
     let stop = shutdown_signal();
     report(crate::demo::run(args.interval_secs, args.add_every_secs, stop).await)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::table_cell;
+
+    #[test]
+    fn table_cells_stay_on_one_line() {
+        assert_eq!(table_cell("a\tb\nc\u{1b}d 名"), "a\\tb\\nc\\u{1b}d 名");
+        assert_eq!(table_cell("plain"), "plain");
+    }
 }

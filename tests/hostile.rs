@@ -38,9 +38,19 @@ async fn unparsable_fields_become_dead_letters() {
     let receiver = LineReceiver::start().await;
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &file_and_cef_sinks(dir.path(), receiver.addr));
+    let list_args = ["state", "--config", config.to_str().unwrap(), "dead-letters"];
+    let empty = run_cli(&list_args).await;
+    assert_success(&empty);
+    assert_eq!(stdout(&empty), "no dead letters\n");
 
     assert_success(&run_once(&config).await);
 
+    let listing = run_cli(&list_args).await;
+    assert_success(&listing);
+    let rows: Vec<Vec<String>> = stdout(&listing).lines().map(|l| l.split('\t').map(String::from).collect()).collect();
+    assert_eq!(rows[0], ["id", "time", "sink", "tenant", "FullId", "reason"]);
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows[1][2..5], ["siem", "contoso", "deep:1"]);
     let lines = receiver.wait_for(47, Duration::from_secs(5)).await;
     let big_line = lines.iter().find(|l| l.contains("cs3=big:1")).expect("big numbers reach CEF");
     // Too large for cn3 (a 64-bit number in ArcSight), so it keeps its own name.
