@@ -40,6 +40,21 @@ pub enum SeenError {
     Io { path: PathBuf, source: io::Error },
 }
 
+/// The first 8 bytes of a SHA-256 over a tenant name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TenantTag([u8; 8]);
+
+impl TenantTag {
+    /// The tag of the tenant that `key` starts with: the bytes before the
+    /// first 0x00, so a tenant name and a dedupe key give the same tag.
+    pub fn of(key: &[u8]) -> Self {
+        let tenant = key.split(|&b| b == 0).next().unwrap_or(key);
+        let mut tag = [0u8; 8];
+        tag.copy_from_slice(&sha256(tenant).as_ref()[..8]);
+        Self(tag)
+    }
+}
+
 /// The digests of one dedupe key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Seen {
@@ -50,12 +65,15 @@ pub struct Seen {
 impl Seen {
     /// Digests a dedupe key: the tenant name, a 0x00 byte, then the rest.
     pub fn of_key(key: &[u8]) -> Self {
-        let tenant = key.split(|&b| b == 0).next().unwrap_or(key);
-        let mut tenant_tag = [0u8; 8];
-        tenant_tag.copy_from_slice(&sha256(tenant).as_ref()[..8]);
+        Self::of_tenant_key(TenantTag::of(key), key)
+    }
+
+    /// Like [`Seen::of_key`] for a key of the tenant `tag` was made for, so
+    /// a batch of one tenant's keys digests the tenant name once.
+    pub fn of_tenant_key(tag: TenantTag, key: &[u8]) -> Self {
         let mut digest = [0u8; 16];
         digest.copy_from_slice(&sha256(key).as_ref()[..16]);
-        Self { tenant_tag, digest }
+        Self { tenant_tag: tag.0, digest }
     }
 
     fn to_record(self) -> [u8; RECORD_BYTES] {
@@ -198,7 +216,7 @@ impl SeenSet {
     /// Removes every digest of `tenant` by rewriting each file without its
     /// records; returns how many were removed.
     pub fn forget_tenant(&self, tenant: &str) -> Result<usize, SeenError> {
-        let tag = Seen::of_key(tenant.as_bytes()).tenant_tag;
+        let tag = TenantTag::of(tenant.as_bytes()).0;
         let mut generations = self.lock();
         let mut removed = 0;
         for generation in generations.values_mut() {
@@ -322,6 +340,9 @@ mod tests {
         assert_ne!(Seen::of_key(b"t1\0x"), Seen::of_key(b"t2\0x"));
         assert_ne!(Seen::of_key(b"t1\0x"), Seen::of_key(b"t1\0y"));
         assert_eq!(Seen::of_key(b"t1\0x"), Seen::of_key(b"t1\0x"));
+        // A tag made once per tenant gives the digests of a key's own tag.
+        assert_eq!(Seen::of_tenant_key(TenantTag::of(b"t1"), b"t1\0x"), Seen::of_key(b"t1\0x"));
+        assert_eq!(TenantTag::of(b"t1\0x"), TenantTag::of(b"t1"));
     }
 
     #[test]

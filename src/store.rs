@@ -53,7 +53,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use sled::Tree;
 
 use crate::detection::Detection;
-use crate::seen::{Seen, SeenError, SeenSet};
+use crate::seen::{Seen, SeenError, SeenSet, TenantTag};
 use crate::spool::{RecordRef, Spool, SpoolError};
 use crate::timefmt;
 
@@ -196,12 +196,14 @@ impl RecentBatches {
         self.batches.iter().find(|(s, _)| *s == seq).map(|(_, batch)| batch.clone())
     }
 
-    /// Keeps `batch` as the newest, dropping the oldest beyond the capacity.
-    fn keep(&mut self, seq: u64, batch: Arc<QueuedBatch>) {
-        if self.batches.len() >= self.capacity {
-            self.batches.pop_back();
-        }
+    /// Keeps `batch` as the newest. Returns the oldest when it no longer
+    /// fits, for the caller to drop after releasing the lock: freeing a
+    /// batch's detections takes a while.
+    #[must_use = "drop the batch pushed out after releasing the lock"]
+    fn keep(&mut self, seq: u64, batch: Arc<QueuedBatch>) -> Option<Arc<QueuedBatch>> {
+        let pushed_out = if self.batches.len() >= self.capacity { self.batches.pop_back() } else { None };
         self.batches.push_front((seq, batch));
+        pushed_out.map(|(_, batch)| batch)
     }
 
     /// Drops the batches before sequence number `first`.
@@ -233,28 +235,45 @@ const BATCH_CHECKED: u8 = 3;
 /// letters, and every batch written before version 3 existed).
 const BATCH_UNCHECKED: u8 = 2;
 
-/// Builds an outbox value: format version, tenant, target sink, count, then
-/// each detection's length and bytes. The version records whether the
-/// poller checked the detections ([`BATCH_CHECKED`]) or not ([`BATCH_UNCHECKED`]).
-fn encode_batch<'a>(
-    tenant: &str,
-    only_sink: Option<&str>,
-    checked: bool,
-    raws: impl ExactSizeIterator<Item = &'a str>,
-) -> Vec<u8> {
-    let target = only_sink.unwrap_or("");
-    let mut out = Vec::with_capacity(16 + tenant.len() + target.len() + raws.len() * 2048);
-    out.push(if checked { BATCH_CHECKED } else { BATCH_UNCHECKED });
-    out.extend_from_slice(&(tenant.len() as u16).to_be_bytes());
-    out.extend_from_slice(tenant.as_bytes());
-    out.extend_from_slice(&(target.len() as u16).to_be_bytes());
-    out.extend_from_slice(target.as_bytes());
-    out.extend_from_slice(&(raws.len() as u32).to_be_bytes());
-    for raw in raws {
-        out.extend_from_slice(&(raw.len() as u32).to_be_bytes());
-        out.extend_from_slice(raw.as_bytes());
+/// An outbox value in pieces, so the detections are written to the spool
+/// without being copied into one buffer: format version, tenant, target
+/// sink and count in `head`, then each detection's length and bytes. The
+/// version records whether the poller checked the detections
+/// ([`BATCH_CHECKED`]) or not ([`BATCH_UNCHECKED`]).
+struct BatchPayload<'a> {
+    head: Vec<u8>,
+    lengths: Vec<[u8; 4]>,
+    raws: Vec<&'a [u8]>,
+}
+
+impl<'a> BatchPayload<'a> {
+    fn new(tenant: &str, only_sink: Option<&str>, checked: bool, raws: impl ExactSizeIterator<Item = &'a str>) -> Self {
+        let target = only_sink.unwrap_or("");
+        let mut head = Vec::with_capacity(9 + tenant.len() + target.len());
+        head.push(if checked { BATCH_CHECKED } else { BATCH_UNCHECKED });
+        head.extend_from_slice(&(tenant.len() as u16).to_be_bytes());
+        head.extend_from_slice(tenant.as_bytes());
+        head.extend_from_slice(&(target.len() as u16).to_be_bytes());
+        head.extend_from_slice(target.as_bytes());
+        head.extend_from_slice(&(raws.len() as u32).to_be_bytes());
+        let mut lengths = Vec::with_capacity(raws.len());
+        let mut bytes = Vec::with_capacity(raws.len());
+        for raw in raws {
+            lengths.push((raw.len() as u32).to_be_bytes());
+            bytes.push(raw.as_bytes());
+        }
+        Self { head, lengths, raws: bytes }
     }
-    out
+
+    fn parts(&self) -> Vec<&[u8]> {
+        let mut parts = Vec::with_capacity(1 + 2 * self.raws.len());
+        parts.push(self.head.as_slice());
+        for (length, raw) in self.lengths.iter().zip(&self.raws) {
+            parts.push(length.as_slice());
+            parts.push(raw);
+        }
+        parts
+    }
 }
 
 /// A decoded outbox value; detections are sliced out on demand.
@@ -567,8 +586,9 @@ impl Store {
         // decided before anything is written.
         let mut outcome = EnqueueOutcome::default();
         let mut fresh = Vec::with_capacity(detections.len());
+        let tag = TenantTag::of(tenant.as_bytes());
         for detection in detections {
-            let seen = Seen::of_key(&dedupe_key(tenant, &detection));
+            let seen = Seen::of_tenant_key(tag, &dedupe_key(tenant, &detection));
             if fresh_seen.contains(&seen) || self.seen.contains(&seen, now) {
                 outcome.duplicates += 1;
                 continue;
@@ -581,8 +601,8 @@ impl Store {
         let index = if fresh.is_empty() {
             None
         } else {
-            let payload = encode_batch(tenant, None, true, fresh.iter().map(Detection::raw));
-            let record = self.spool.append(&payload)?;
+            let payload = BatchPayload::new(tenant, None, true, fresh.iter().map(Detection::raw));
+            let record = self.spool.append_parts(&payload.parts())?;
             Some(IndexEntry { record, count: fresh.len() })
         };
         let queued_seq = std::cell::Cell::new(None);
@@ -608,7 +628,9 @@ impl Store {
         })?;
         if let Some(seq) = queued_seq.get() {
             let batch = QueuedBatch { tenant: tenant.to_string(), only_sink: None, checked: true, detections: fresh };
-            self.recent.lock().unwrap_or_else(|e| e.into_inner()).queued.keep(seq, Arc::new(batch));
+            // The guard is a temporary of this statement: the batch pushed
+            // out is freed after the lock is released.
+            let _pushed_out = self.recent.lock().unwrap_or_else(|e| e.into_inner()).queued.keep(seq, Arc::new(batch));
         }
         Ok((outcome, index.map_or(0, |i| i.record.len as u64)))
     }
@@ -639,7 +661,9 @@ impl Store {
         if let Some(kept) = remembered(&recent) {
             return Ok(kept);
         }
-        recent.read.keep(seq, batch.clone());
+        let pushed_out = recent.read.keep(seq, batch.clone());
+        drop(recent);
+        drop(pushed_out);
         Ok(batch)
     }
 
@@ -918,11 +942,11 @@ impl Store {
                 continue;
             }
             let target = (letter.sink != SOURCE_SINK).then_some(letter.sink.as_str());
-            let payload = encode_batch(&letter.tenant, target, false, std::iter::once(letter.detection.as_str()));
+            let payload = BatchPayload::new(&letter.tenant, target, false, std::iter::once(letter.detection.as_str()));
             let _order = self.append_order.lock().unwrap_or_else(|e| e.into_inner());
-            let record = self.spool.append(&payload)?;
+            let record = self.spool.append_parts(&payload.parts())?;
             let seq = self.db.generate_id().map_err(|e| self.io(e))? + 1;
-            self.outbox_bytes.fetch_add(payload.len() as u64, Ordering::Relaxed);
+            self.outbox_bytes.fetch_add(u64::from(record.len), Ordering::Relaxed);
             let index = IndexEntry { record, count: 1 };
             self.outbox.insert(seq.to_be_bytes(), index.encode()).map_err(|e| self.io(e))?;
             self.dead_letters.remove(letter.id.to_be_bytes()).map_err(|e| self.io(e))?;
