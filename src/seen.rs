@@ -45,8 +45,9 @@ pub enum SeenError {
 pub struct TenantTag([u8; 8]);
 
 impl TenantTag {
-    /// The tag of the tenant that `key` starts with: the bytes before the
-    /// first 0x00, so a tenant name and a dedupe key give the same tag.
+    /// Computes the tag of the tenant that `key` starts with: the bytes
+    /// before the first 0x00, so a tenant name and its dedupe keys give the
+    /// same tag.
     pub fn of(key: &[u8]) -> Self {
         let tenant = key.split(|&b| b == 0).next().unwrap_or(key);
         let mut tag = [0u8; 8];
