@@ -516,7 +516,8 @@ fn state_action(config: &Config, store: &Store, action: StateAction) -> Result<(
         StateAction::DeadLetters => {
             let letters = store.dead_letters().map_err(|e| e.to_string())?;
             if letters.is_empty() {
-                out!("no dead letters");
+                // Standard error, so a script reading the rows gets none.
+                eprintln!("no dead letters");
                 return Ok(());
             }
             out!("id\ttime\tsink\ttenant\tFullId\treason");
@@ -564,12 +565,17 @@ fn state_action(config: &Config, store: &Store, action: StateAction) -> Result<(
     }
 }
 
-/// Escapes control characters (tabs and line feeds included) so a hostile
-/// value cannot break a tab-separated row into more cells or lines.
+/// Escapes backslashes, control characters (tabs and line feeds included),
+/// line and paragraph separators and the invisible characters that change
+/// text direction. A hostile value thus cannot split a row, reorder its
+/// columns on a terminal, or pass for another value.
 fn table_cell(text: &str) -> String {
+    let invisible = |c: char| {
+        matches!(c, '\u{00ad}' | '\u{061c}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
+    };
     let mut cell = String::with_capacity(text.len());
     for c in text.chars() {
-        if c.is_control() {
+        if c == '\\' || c.is_control() || invisible(c) {
             cell.extend(c.escape_default());
         } else {
             cell.push(c);
@@ -611,5 +617,8 @@ mod tests {
     fn table_cells_stay_on_one_line() {
         assert_eq!(table_cell("a\tb\nc\u{1b}d 名"), "a\\tb\\nc\\u{1b}d 名");
         assert_eq!(table_cell("plain"), "plain");
+        // A literal backslash-t differs from an escaped tab.
+        assert_eq!(table_cell("a\\tb"), "a\\\\tb");
+        assert_eq!(table_cell("id\u{202e}fdp.exe\u{2028}x"), "id\\u{202e}fdp.exe\\u{2028}x");
     }
 }

@@ -21,7 +21,7 @@ mod scan;
 
 use scan::{Kind, Member, Members, SyntaxError};
 
-pub use fields::{FieldValue, Fields};
+pub use fields::{compact_json, FieldValue, Fields};
 
 /// One detection as received.
 ///
@@ -325,8 +325,9 @@ impl Detection {
     }
 }
 
-/// Renders a `serde_json` value as field text, by the rules of
-/// [`FieldValue::text`]; `None` for null and the empty string.
+/// Renders a `serde_json` value as field text, or `None` for null and the
+/// empty string. Unlike [`FieldValue::text`], numbers and nested values are
+/// written by serde_json, which may respell them.
 pub fn json_value_text(value: &Value) -> Option<Cow<'_, str>> {
     match value {
         Value::Null => None,

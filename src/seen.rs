@@ -72,6 +72,7 @@ impl Seen {
     /// Like [`Seen::of_key`] for a key of the tenant `tag` was made for, so
     /// a batch of one tenant's keys digests the tenant name once.
     pub fn of_tenant_key(tag: TenantTag, key: &[u8]) -> Self {
+        debug_assert_eq!(tag, TenantTag::of(key), "the tag of another tenant");
         let mut digest = [0u8; 16];
         digest.copy_from_slice(&sha256(key).as_ref()[..16]);
         Self { tenant_tag: tag.0, digest }
@@ -334,6 +335,15 @@ mod tests {
         assert!(set.contains(&a, now));
         assert!(!set.contains(&b, now));
         assert_eq!(set.len(now), 1);
+    }
+
+    #[test]
+    fn record_format_is_fixed() {
+        // The first 8 bytes of SHA-256("t"), then the first 16 of SHA-256("t\0x"):
+        // files written by earlier releases must keep matching.
+        let record = Seen::of_key(b"t\0x").to_record();
+        let hex: String = record.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, "e3b98a4da31a127d6fca3fcfeb33651f070e9903370a0703");
     }
 
     #[test]

@@ -91,6 +91,13 @@ impl Spool {
     /// makes it durable. The parts go to the file with vectored writes, so a
     /// batch of detections is not copied into one buffer first.
     pub fn append_parts(&self, parts: &[&[u8]]) -> Result<RecordRef, SpoolError> {
+        let len: usize = parts.iter().map(|part| part.len()).sum();
+        let Ok(len) = u32::try_from(len) else {
+            return Err(SpoolError::Io {
+                path: self.dir.clone(),
+                source: io::Error::new(io::ErrorKind::InvalidInput, format!("a record of {len} bytes is over the 4 GiB limit")),
+            });
+        };
         let mut guard = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         if guard.as_ref().map_or(true, |w| w.len >= self.segment_bytes) {
             *guard = Some(self.new_segment()?);
@@ -100,13 +107,6 @@ impl Spool {
         };
         let path = self.segment_path(writer.segment);
         let offset = writer.len;
-        let len: usize = parts.iter().map(|part| part.len()).sum();
-        let Ok(len) = u32::try_from(len) else {
-            return Err(SpoolError::Io {
-                path,
-                source: io::Error::new(io::ErrorKind::InvalidInput, format!("a record of {len} bytes is over the 4 GiB limit")),
-            });
-        };
         let mut crc = crc32fast::Hasher::new();
         for part in parts {
             crc.update(part);
@@ -190,7 +190,7 @@ impl Spool {
 
 /// Writes `header` and then `parts`, at most [`MAX_SLICES`] slices per
 /// system call, resuming after a short write.
-fn write_all_parts(file: &mut File, header: &[u8], parts: &[&[u8]]) -> io::Result<()> {
+fn write_all_parts(file: &mut impl Write, header: &[u8], parts: &[&[u8]]) -> io::Result<()> {
     let mut pending: std::collections::VecDeque<&[u8]> = std::iter::once(header).chain(parts.iter().copied()).filter(|p| !p.is_empty()).collect();
     while !pending.is_empty() {
         let slices: Vec<IoSlice<'_>> = pending.iter().take(MAX_SLICES).map(|part| IoSlice::new(part)).collect();
@@ -254,6 +254,44 @@ mod tests {
         assert_eq!(spool.read(record).unwrap(), owned.concat());
         assert_eq!(spool.read(spool.append_parts(&[]).unwrap()).unwrap(), b"");
         assert_eq!(spool.read(spool.append(b"after").unwrap()).unwrap(), b"after");
+    }
+
+    /// Takes at most a few bytes per call and fails every third call with
+    /// `Interrupted`, like a slow or signalled file.
+    struct Trickle {
+        written: Vec<u8>,
+        calls: usize,
+    }
+
+    impl Write for Trickle {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.calls += 1;
+            if self.calls % 3 == 0 {
+                return Err(io::ErrorKind::Interrupted.into());
+            }
+            let n = buf.len().min(self.calls % 7 + 1);
+            self.written.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+
+        fn write_vectored(&mut self, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+            assert!(slices.len() <= MAX_SLICES);
+            let first = slices.iter().find(|s| !s.is_empty()).map_or(&[][..], |s| &**s);
+            self.write(first)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn short_writes_resume_in_order() {
+        let owned: Vec<Vec<u8>> = (0..2500).map(|i| (0..i % 5).map(|j| (i * 5 + j) as u8).collect()).collect();
+        let parts: Vec<&[u8]> = owned.iter().map(Vec::as_slice).collect();
+        let mut file = Trickle { written: Vec::new(), calls: 0 };
+        write_all_parts(&mut file, b"head", &parts).unwrap();
+        assert_eq!(file.written, [b"head".to_vec(), owned.concat()].concat());
     }
 
     #[test]

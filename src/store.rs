@@ -206,9 +206,13 @@ impl RecentBatches {
         pushed_out.map(|(_, batch)| batch)
     }
 
-    /// Drops the batches before sequence number `first`.
-    fn drop_before(&mut self, first: u64) {
-        self.batches.retain(|(seq, _)| *seq >= first);
+    /// Removes the batches before sequence number `first` and returns them,
+    /// for the caller to drop after releasing the lock.
+    #[must_use = "drop the batches removed after releasing the lock"]
+    fn drop_before(&mut self, first: u64) -> Vec<Arc<QueuedBatch>> {
+        let (kept, removed) = std::mem::take(&mut self.batches).into_iter().partition(|(seq, _)| *seq >= first);
+        self.batches = kept;
+        removed.into_iter().map(|(_, batch)| batch).collect()
     }
 }
 
@@ -597,7 +601,7 @@ impl Store {
             fresh.push(detection);
         }
         outcome.queued = fresh.len();
-        let _order = self.append_order.lock().unwrap_or_else(|e| e.into_inner());
+        let order = self.append_order.lock().unwrap_or_else(|e| e.into_inner());
         let index = if fresh.is_empty() {
             None
         } else {
@@ -628,9 +632,10 @@ impl Store {
         })?;
         if let Some(seq) = queued_seq.get() {
             let batch = QueuedBatch { tenant: tenant.to_string(), only_sink: None, checked: true, detections: fresh };
-            // The guard is a temporary of this statement: the batch pushed
-            // out is freed after the lock is released.
-            let _pushed_out = self.recent.lock().unwrap_or_else(|e| e.into_inner()).queued.keep(seq, Arc::new(batch));
+            // The guard of `recent` is a temporary of this statement.
+            let pushed_out = self.recent.lock().unwrap_or_else(|e| e.into_inner()).queued.keep(seq, Arc::new(batch));
+            drop(order);
+            drop(pushed_out);
         }
         Ok((outcome, index.map_or(0, |i| i.record.len as u64)))
     }
@@ -677,8 +682,10 @@ impl Store {
         let slowest = cursors.iter().map(|(_, position)| *position).min().unwrap_or(last);
         let first_needed = if slowest >= last { u64::MAX } else { split_position(slowest).0 };
         let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-        recent.queued.drop_before(first_needed);
-        recent.read.drop_before(first_needed);
+        let mut removed = recent.queued.drop_before(first_needed);
+        removed.extend(recent.read.drop_before(first_needed));
+        drop(recent);
+        drop(removed);
     }
 
     fn index_entry(&self, seq: u64, value: &[u8]) -> Result<IndexEntry, StoreError> {
@@ -1138,6 +1145,18 @@ mod tests {
         assert_eq!(store.pending("a").unwrap().0, 1);
         store.sync_cursors(&["b"]).unwrap();
         assert_eq!(store.read_after(0, 10).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn batch_format_is_fixed() {
+        // Spool records written by earlier releases must keep reading back.
+        let payload = BatchPayload::new("t", Some("s"), true, ["{}", "ab"].into_iter());
+        let expected: &[u8] = &[3, 0, 1, b't', 0, 1, b's', 0, 0, 0, 2, 0, 0, 0, 2, b'{', b'}', 0, 0, 0, 2, b'a', b'b'];
+        assert_eq!(payload.parts().concat(), expected);
+        let view = BatchView::decode(expected).unwrap();
+        assert_eq!((view.tenant.as_str(), view.only_sink.as_deref(), view.checked), ("t", Some("s"), true));
+        let raws: Vec<Option<&str>> = view.raws().collect();
+        assert_eq!(raws, [Some("{}"), Some("ab")]);
     }
 
     #[test]

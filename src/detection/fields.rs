@@ -95,7 +95,7 @@ impl<'a> FieldValue<'a> {
 /// everything else as sent: numbers (`1E400`), escapes (`\u00e9`) and
 /// repeated keys. Re-serializing through `serde_json::Value` would respell
 /// numbers and decode escapes, which changes what the API sent.
-pub(crate) fn compact_json(json: &str) -> Cow<'_, str> {
+pub fn compact_json(json: &str) -> Cow<'_, str> {
     let mut compact = String::new();
     // The text from here on has not been copied to `compact` yet.
     let mut kept_from = 0;

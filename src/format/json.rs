@@ -3,8 +3,8 @@
 //! The raw text is written unchanged when it has no line break, which keeps
 //! number precision and key order. Pretty-printed input is compacted by
 //! removing whitespace outside strings instead of re-serializing the parsed
-//! fields, because `serde_json` without `arbitrary_precision` would turn a
-//! large integer such as a `ReportID` into a rounded float.
+//! fields, which would respell numbers (`1E400` as `1e+400`) and decode
+//! escapes.
 
 use std::fmt;
 
@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::extension::safe_cut;
-use crate::detection::Detection;
+use crate::detection::{compact_json, Detection};
 
 /// Fields kept when a message is shortened, because they identify the
 /// detection and its place in the stream.
@@ -26,30 +26,9 @@ const PROTECTED_FIELDS: [&str; 4] = ["FullId", "AlertId", "LastProcessedTimeUtc"
 pub fn encode_json(d: &Detection, out: &mut Vec<u8>) {
     let raw = d.raw();
     if memchr::memchr2(b'\n', b'\r', raw.as_bytes()).is_some() {
-        compact_into(raw.as_bytes(), out);
+        out.extend_from_slice(compact_json(raw).as_bytes());
     } else {
         out.extend_from_slice(raw.as_bytes());
-    }
-}
-
-/// Appends `json` without the whitespace outside strings.
-fn compact_into(json: &[u8], out: &mut Vec<u8>) {
-    let mut in_string = false;
-    let mut escaped = false;
-    for &byte in json {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if byte == b'\\' {
-                escaped = true;
-            } else if byte == b'"' {
-                in_string = false;
-            }
-            out.push(byte);
-        } else if !matches!(byte, b' ' | b'\t' | b'\n' | b'\r') {
-            in_string = byte == b'"';
-            out.push(byte);
-        }
     }
 }
 
@@ -137,7 +116,7 @@ fn members_of(d: &Detection) -> Vec<Member> {
             let mut text = serde_json::to_vec(&key).unwrap_or_default();
             text.push(b':');
             let value_start = text.len();
-            compact_into(value.get().as_bytes(), &mut text);
+            text.extend_from_slice(compact_json(value.get()).as_bytes());
             Member {
                 protected: PROTECTED_FIELDS.contains(&key.as_str()),
                 is_string: value.get().starts_with('"'),
