@@ -158,6 +158,11 @@ pub(super) fn write_attributes(
             writer.text(key, &text, None, keep);
         }
     }
+    // The header's EventID keeps only the first 255 characters, so a longer
+    // IoaDefinitionId is written whole as an attribute as well.
+    if let Some(id) = d.text("IoaDefinitionId").filter(|id| id.chars().nth(MAX_EVENT_ID_CHARS).is_some()) {
+        writer.custom(d, "IoaDefinitionId", &id, is_reserved_key, false);
+    }
 
     for (name, value) in d.fields() {
         if is_mapped_field(name) {
@@ -255,6 +260,10 @@ mod tests {
         let line = leef(&format!(r#"{{"IoaDefinitionId":"{long}"}}"#));
         let event_id = line.split('|').nth(4).unwrap();
         assert_eq!(event_id.chars().count(), 255);
+        // The whole value still reaches the SIEM, as an attribute.
+        assert!(attributes(&line).contains(&format!("IoaDefinitionId={long}").as_str()), "{line}");
+        let short = leef(&format!(r#"{{"IoaDefinitionId":"{}"}}"#, "a".repeat(255)));
+        assert!(!short.contains("IoaDefinitionId="), "{short}");
     }
 
     #[test]
