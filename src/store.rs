@@ -672,6 +672,21 @@ impl Store {
         Ok(batch)
     }
 
+    /// Returns the one sink a batch is for, from memory or else from the
+    /// spool without keeping it in memory. `None` when it is for every sink
+    /// or cannot be read.
+    fn only_sink_of(&self, seq: u64, record: RecordRef) -> Option<String> {
+        let remembered = {
+            let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            recent.queued.get(seq).or_else(|| recent.read.get(seq))
+        };
+        if let Some(batch) = remembered {
+            return batch.only_sink.clone();
+        }
+        let payload = self.spool.read(record).ok()?;
+        BatchView::decode(&payload)?.only_sink
+    }
+
     /// Drops the batches kept in memory that no sink reads any more, for a
     /// sink that has caught up and paused. When every sink has everything,
     /// that is all of them. Otherwise the batches from the slowest cursor's
@@ -847,6 +862,10 @@ impl Store {
     }
 
     /// Detections waiting for `sink` and the position of its oldest one.
+    ///
+    /// A requeued dead letter is a batch of one detection for one sink, so
+    /// each batch of one is read to see whether it is for another sink.
+    /// Batches of more come from the poller and are for every sink.
     pub fn pending(&self, sink: &str) -> Result<(usize, Option<u64>), StoreError> {
         let (first_seq, first_index) = split_position(self.cursor(sink)?.unwrap_or(0));
         let mut count = 0;
@@ -854,7 +873,13 @@ impl Store {
         for item in self.outbox.range(first_seq.to_be_bytes()..) {
             let (key, value) = item.map_err(|e| self.io(e))?;
             let seq = seq_from(&key);
-            let total = self.index_entry(seq, &value)?.count;
+            let index = self.index_entry(seq, &value)?;
+            let total = index.count;
+            // A batch that cannot be read counts as pending: the sink will
+            // report the damage when it reaches it.
+            if total == 1 && self.only_sink_of(seq, index.record).is_some_and(|only| only != sink) {
+                continue;
+            }
             let skip = if seq == first_seq { first_index + 1 } else { 0 };
             if total > skip {
                 oldest.get_or_insert(position(seq, skip));
@@ -1258,7 +1283,10 @@ mod tests {
         let letters = store.dead_letters().unwrap();
         assert_eq!(letters.len(), 1);
         assert_eq!(letters[0].reason, "HTTP 400: bad event");
+        store.sync_cursors(&["http", "siem"]).unwrap();
         assert_eq!(store.requeue_dead_letters(&[]).unwrap(), 1);
+        assert_eq!(store.pending("http").unwrap().0, 1);
+        assert_eq!(store.pending("siem").unwrap().0, 0, "a letter for another sink is not pending");
         let batch = store.read_after(0, 10).unwrap();
         assert_eq!(batch[0].1.only_sink(), Some("http"));
         assert!(!batch[0].1.checked(), "a requeued letter is checked again by each sink");
