@@ -237,6 +237,12 @@ pub fn init_logging(format: LogFormat, level: &str) {
 
 /// A channel that turns true on SIGTERM or SIGINT. A second signal exits at once.
 fn shutdown_signal() -> watch::Receiver<bool> {
+    shutdown_signal_removing(None)
+}
+
+/// Like [`shutdown_signal`]; a second signal also deletes `scratch`, a
+/// directory that a normal stop would delete (the demo's state).
+fn shutdown_signal_removing(scratch: Option<PathBuf>) -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(false);
     let signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT]);
     match signals {
@@ -246,7 +252,13 @@ fn shutdown_signal() -> watch::Receiver<bool> {
                 for signal in signals.forever() {
                     seen += 1;
                     if seen > 1 {
-                        eprintln!("second signal {signal}: exiting now; queued detections stay in the outbox");
+                        match &scratch {
+                            Some(dir) => {
+                                eprintln!("second signal {signal}: exiting now and deleting {}", dir.display());
+                                let _ = std::fs::remove_dir_all(dir);
+                            }
+                            None => eprintln!("second signal {signal}: exiting now; queued detections stay in the outbox"),
+                        }
                         std::process::exit(EXIT_FAILURE as i32);
                     }
                     tracing::info!(signal, "shutdown requested");
@@ -541,6 +553,7 @@ fn state_action(config: &Config, store: &Store, action: StateAction) -> Result<(
             // A letter for a sink that is no longer configured would be
             // released unsent: refuse instead of losing it.
             let letters = store.dead_letters().map_err(|e| e.to_string())?;
+            check_letter_ids(&ids, &letters)?;
             let orphans: Vec<String> = letters
                 .iter()
                 .filter(|l| ids.is_empty() || ids.contains(&l.id))
@@ -554,14 +567,33 @@ fn state_action(config: &Config, store: &Store, action: StateAction) -> Result<(
                 ));
             }
             let count = store.requeue_dead_letters(&ids).map_err(|e| e.to_string())?;
-            out!("{count} dead letters queued again");
+            out!("{} queued again", dead_letters_phrase(count));
             Ok(())
         }
         StateAction::Purge { ids } => {
+            check_letter_ids(&ids, &store.dead_letters().map_err(|e| e.to_string())?)?;
             let count = store.purge_dead_letters(&ids).map_err(|e| e.to_string())?;
-            out!("{count} dead letters deleted");
+            out!("{} deleted", dead_letters_phrase(count));
             Ok(())
         }
+    }
+}
+
+/// Rejects ids that name no dead letter, before anything changes, so a
+/// mistyped id is not taken for "nothing to do".
+fn check_letter_ids(ids: &[u64], letters: &[crate::store::DeadLetter]) -> Result<(), String> {
+    let missing: Vec<String> = ids.iter().filter(|id| !letters.iter().any(|l| l.id == **id)).map(u64::to_string).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(format!("no dead letter with id {}; list the ids with `state dead-letters`", missing.join(", ")))
+}
+
+fn dead_letters_phrase(count: usize) -> String {
+    if count == 1 {
+        "1 dead letter".to_string()
+    } else {
+        format!("{count} dead letters")
     }
 }
 
@@ -605,8 +637,9 @@ fn show_state(config: &Config, store: &Store) -> Result<(), crate::store::StoreE
 
 async fn demo(args: DemoArgs, log_format: Option<LogFormat>) -> ExitCode {
     init_logging(log_format.unwrap_or_default(), "info");
-    let stop = shutdown_signal();
-    report(crate::demo::run(args.interval_secs, args.add_every_secs, stop).await)
+    let state_dir = crate::demo::state_dir();
+    let stop = shutdown_signal_removing(Some(state_dir.clone()));
+    report(crate::demo::run(state_dir, args.interval_secs, args.add_every_secs, stop).await)
 }
 
 #[cfg(test)]

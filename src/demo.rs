@@ -18,7 +18,13 @@ const TENANT_ID: &str = "00000000-0000-0000-0000-000000000000";
 const CLIENT_ID: &str = "mde-forwarder-demo";
 const CLIENT_SECRET: &str = "demo-secret";
 
-pub async fn run(interval_secs: u64, add_every_secs: u64, stop: watch::Receiver<bool>) -> Result<(), String> {
+/// Returns the demo's state directory: a new one per process under the
+/// temporary directory, deleted when the demo exits.
+pub fn state_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("mde-forwarder-demo-{}", std::process::id()))
+}
+
+pub async fn run(state_dir: PathBuf, interval_secs: u64, add_every_secs: u64, stop: watch::Receiver<bool>) -> Result<(), String> {
     let emulator = Emulator::start(([127, 0, 0, 1], 0).into(), EmulatorOptions::default())
         .await
         .map_err(|e| format!("cannot start the emulator on 127.0.0.1: {e}"))?;
@@ -30,7 +36,6 @@ pub async fn run(interval_secs: u64, add_every_secs: u64, stop: watch::Receiver<
     if add_every_secs > 0 {
         emulator.spawn_generator(TENANT_ID, Duration::from_secs(add_every_secs));
     }
-    let state_dir = std::env::temp_dir().join(format!("mde-forwarder-demo-{}", std::process::id()));
     tracing::info!(emulator = %emulator.url(), state = %state_dir.display(), "demo: forwarding the emulator's detections to standard output as CEF; Ctrl-C stops");
     let config = demo_config(&emulator, state_dir.clone(), interval_secs);
     let result = crate::cli::run_config(&config, Mode::Daemon, stop).await;

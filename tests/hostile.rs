@@ -65,6 +65,18 @@ async fn unparsable_fields_become_dead_letters() {
     let archived = std::fs::read_to_string(dir.path().join("archive.jsonl")).unwrap();
     let expected = serde_json::to_string(&deep).unwrap();
     assert!(archived.lines().any(|l| l == expected), "the JSON sink forwards it unchanged");
+
+    // A mistyped id is an error and changes nothing; a real one is purged.
+    let cfg = config.to_str().unwrap();
+    let missing = run_cli(&["state", "--config", cfg, "purge", "--id", "999"]).await;
+    assert!(!missing.status.success());
+    assert!(stderr(&missing).contains("no dead letter with id 999"), "{}", stderr(&missing));
+    assert_eq!(dead_letters(dir.path()).len(), 1);
+    let id = letters[0].id.to_string();
+    let purged = run_cli(&["state", "--config", cfg, "purge", "--id", &id]).await;
+    assert_success(&purged);
+    assert_eq!(stdout(&purged), "1 dead letter deleted\n");
+    assert!(dead_letters(dir.path()).is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -460,3 +460,36 @@ fn closed_output_is_an_error_not_a_panic() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+/// The demo deletes its temporary state directory however it is stopped,
+/// also when a second signal cuts the graceful stop short. Standard output
+/// is not read after the first event, so the demo blocks writing to it, as
+/// behind a stalled pipe, and the graceful stop may not finish before the
+/// second signal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_deletes_its_state_after_two_signals() {
+    let scratch = tempfile::tempdir().unwrap();
+    let mut child = tokio::process::Command::new(binary())
+        .args(["demo", "--interval-secs", "1", "--add-every-secs", "0"])
+        .env("TMPDIR", scratch.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap() as i32;
+    let state = scratch.path().join(format!("mde-forwarder-demo-{pid}"));
+    let mut events = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(WAIT, events.next_line()).await.expect("the demo prints an event").unwrap();
+    assert!(first.is_some_and(|line| line.contains("CEF:0|")));
+    assert!(state.is_dir(), "{} missing while the demo runs", state.display());
+
+    for _ in 0..2 {
+        // SAFETY: kill(2) on the pid of a child this test started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        // Two signals sent at once may arrive as one.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    tokio::time::timeout(WAIT, child.wait()).await.expect("the demo exits").unwrap();
+    assert!(!state.exists(), "{} left behind", state.display());
+}
