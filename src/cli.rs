@@ -240,8 +240,9 @@ fn shutdown_signal() -> watch::Receiver<bool> {
     shutdown_signal_removing(None)
 }
 
-/// Like [`shutdown_signal`]; a second signal also deletes `scratch`, a
-/// directory that a normal stop would delete (the demo's state).
+/// Returns the channel of [`shutdown_signal`]. A second signal also
+/// deletes `scratch`, a directory that a normal stop would delete (the
+/// demo's state).
 fn shutdown_signal_removing(scratch: Option<PathBuf>) -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(false);
     let signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT]);
