@@ -10,6 +10,7 @@
 //! | `outbox` | sequence number u64 BE | index of one queued batch: spool segment, offset, length, count |
 //! | `cursors` | sink name | last acknowledged position, u64 BE |
 //! | `dead_letters` | id u64 BE | JSON: sink, tenant, reason, time, detection |
+//! | `requeued` | sequence number u64 BE | the one sink a requeued dead letter's batch is for |
 //!
 //! The outbox contains one entry per queued batch (up to [`MAX_BATCH_ITEMS`]
 //! detections), not one per detection, and the batch itself lives in the
@@ -376,6 +377,9 @@ pub struct Store {
     outbox: Tree,
     cursors: Tree,
     dead_letters: Tree,
+    /// The batches of requeued dead letters that are for one sink, so
+    /// `pending` can tell without reading them from the spool.
+    requeued: Tree,
     spool: Spool,
     /// Batches kept in memory for the sinks: each sink reads a batch in
     /// `batch_size` slices, and every sink reads the same batches.
@@ -438,6 +442,7 @@ impl Store {
             outbox: db.open_tree("outbox").map_err(io)?,
             cursors: db.open_tree("cursors").map_err(io)?,
             dead_letters: db.open_tree("dead_letters").map_err(io)?,
+            requeued: db.open_tree("requeued").map_err(io)?,
             dir: db_path,
             db,
             outbox_bytes: AtomicU64::new(0),
@@ -672,21 +677,6 @@ impl Store {
         Ok(batch)
     }
 
-    /// Returns the one sink a batch is for, from memory or else from the
-    /// spool without keeping it in memory. `None` when it is for every sink
-    /// or cannot be read.
-    fn only_sink_of(&self, seq: u64, record: RecordRef) -> Option<String> {
-        let remembered = {
-            let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-            recent.queued.get(seq).or_else(|| recent.read.get(seq))
-        };
-        if let Some(batch) = remembered {
-            return batch.only_sink.clone();
-        }
-        let payload = self.spool.read(record).ok()?;
-        BatchView::decode(&payload)?.only_sink
-    }
-
     /// Drops the batches kept in memory that no sink reads any more, for a
     /// sink that has caught up and paused. When every sink has everything,
     /// that is all of them. Otherwise the batches from the slowest cursor's
@@ -828,11 +818,14 @@ impl Store {
             // insert: that one may sit in an older segment than the oldest
             // indexed batch, or be the only one when the index is empty.
             let _order = self.append_order.lock().unwrap_or_else(|e| e.into_inner());
-            let oldest_segment = match self.outbox.first().map_err(|e| self.io(e))? {
-                Some((key, value)) => self.index_entry(seq_from(&key), &value)?.record.segment,
-                None => u64::MAX,
+            let (oldest_seq, oldest_segment) = match self.outbox.first().map_err(|e| self.io(e))? {
+                Some((key, value)) => (seq_from(&key), self.index_entry(seq_from(&key), &value)?.record.segment),
+                None => (u64::MAX, u64::MAX),
             };
             self.spool.remove_below(oldest_segment)?;
+            for key in self.requeued.range(..oldest_seq.to_be_bytes()).keys() {
+                self.requeued.remove(key.map_err(|e| self.io(e))?).map_err(|e| self.io(e))?;
+            }
         }
         Ok(removed)
     }
@@ -862,24 +855,25 @@ impl Store {
     }
 
     /// Detections waiting for `sink` and the position of its oldest one.
-    ///
-    /// A requeued dead letter is a batch of one detection for one sink, so
-    /// each batch of one is read to see whether it is for another sink.
-    /// Batches of more come from the poller and are for every sink.
+    /// A requeued dead letter for another sink does not count.
     pub fn pending(&self, sink: &str) -> Result<(usize, Option<u64>), StoreError> {
         let (first_seq, first_index) = split_position(self.cursor(sink)?.unwrap_or(0));
+        let mut for_other_sinks = HashSet::new();
+        for item in self.requeued.range(first_seq.to_be_bytes()..) {
+            let (key, target) = item.map_err(|e| self.io(e))?;
+            if &*target != sink.as_bytes() {
+                for_other_sinks.insert(seq_from(&key));
+            }
+        }
         let mut count = 0;
         let mut oldest = None;
         for item in self.outbox.range(first_seq.to_be_bytes()..) {
             let (key, value) = item.map_err(|e| self.io(e))?;
             let seq = seq_from(&key);
-            let index = self.index_entry(seq, &value)?;
-            let total = index.count;
-            // A batch that cannot be read counts as pending: the sink will
-            // report the damage when it reaches it.
-            if total == 1 && self.only_sink_of(seq, index.record).is_some_and(|only| only != sink) {
+            if for_other_sinks.contains(&seq) {
                 continue;
             }
+            let total = self.index_entry(seq, &value)?.count;
             let skip = if seq == first_seq { first_index + 1 } else { 0 };
             if total > skip {
                 oldest.get_or_insert(position(seq, skip));
@@ -980,6 +974,11 @@ impl Store {
             let seq = self.db.generate_id().map_err(|e| self.io(e))? + 1;
             self.outbox_bytes.fetch_add(u64::from(record.len), Ordering::Relaxed);
             let index = IndexEntry { record, count: 1 };
+            // Written first: a crash before the outbox entry leaves a mark
+            // that nothing refers to, which the next removal deletes.
+            if let Some(sink) = target {
+                self.requeued.insert(seq.to_be_bytes(), sink.as_bytes()).map_err(|e| self.io(e))?;
+            }
             self.outbox.insert(seq.to_be_bytes(), index.encode()).map_err(|e| self.io(e))?;
             self.dead_letters.remove(letter.id.to_be_bytes()).map_err(|e| self.io(e))?;
             count += 1;
@@ -1291,6 +1290,12 @@ mod tests {
         assert_eq!(batch[0].1.only_sink(), Some("http"));
         assert!(!batch[0].1.checked(), "a requeued letter is checked again by each sink");
         assert!(store.dead_letters().unwrap().is_empty());
+        // Once delivered, the batch and its mark are deleted together.
+        let last = store.last_seq().unwrap();
+        store.set_cursor("http", last).unwrap();
+        store.set_cursor("siem", last).unwrap();
+        assert_eq!(store.release().unwrap(), 1);
+        assert!(store.requeued.is_empty());
     }
 
     #[tokio::test]
