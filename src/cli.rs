@@ -638,7 +638,10 @@ fn show_state(config: &Config, store: &Store) -> Result<(), crate::store::StoreE
 
 async fn demo(args: DemoArgs, log_format: Option<LogFormat>) -> ExitCode {
     init_logging(log_format.unwrap_or_default(), "info");
-    let state_dir = crate::demo::state_dir();
+    let state_dir = match crate::demo::create_state_dir() {
+        Ok(dir) => dir,
+        Err(e) => return report(Err(e)),
+    };
     let stop = shutdown_signal_removing(Some(state_dir.clone()));
     report(crate::demo::run(state_dir, args.interval_secs, args.add_every_secs, stop).await)
 }

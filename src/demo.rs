@@ -1,6 +1,7 @@
 //! The `demo` command: the emulator on 127.0.0.1 with the sample detections,
 //! and the forwarder writing them to standard output as CEF, until Ctrl-C.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -18,10 +19,25 @@ const TENANT_ID: &str = "00000000-0000-0000-0000-000000000000";
 const CLIENT_ID: &str = "mde-forwarder-demo";
 const CLIENT_SECRET: &str = "demo-secret";
 
-/// Returns the demo's state directory: a new one per process under the
-/// temporary directory, deleted when the demo exits.
-pub fn state_dir() -> PathBuf {
-    std::env::temp_dir().join(format!("mde-forwarder-demo-{}", std::process::id()))
+/// Creates the demo's state directory under the temporary directory and
+/// returns it. The directory is new: one left behind by a demo that was
+/// killed (whose pid this process may have now) is never reused, because its
+/// checkpoint and dedupe set would hide the sample detections.
+pub fn create_state_dir() -> Result<PathBuf, String> {
+    let base = std::env::temp_dir();
+    let pid = std::process::id();
+    let mut last_error = None;
+    for attempt in 0..100 {
+        let name = if attempt == 0 { format!("mde-forwarder-demo-{pid}") } else { format!("mde-forwarder-demo-{pid}-{attempt}") };
+        let dir = base.join(name);
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last_error = Some(e),
+            Err(e) => return Err(format!("cannot create a state directory in {}: {e}; set TMPDIR to a writable directory", base.display())),
+        }
+    }
+    let error = last_error.map(|e| e.to_string()).unwrap_or_default();
+    Err(format!("cannot create a new state directory in {}: {error}; delete old mde-forwarder-demo-* directories there", base.display()))
 }
 
 pub async fn run(state_dir: PathBuf, interval_secs: u64, add_every_secs: u64, stop: watch::Receiver<bool>) -> Result<(), String> {
@@ -80,5 +96,23 @@ fn demo_config(emulator: &Emulator, dir: PathBuf, interval_secs: u64) -> Config 
             format: PayloadFormat::Cef,
             common: SinkCommon::default(),
         })],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::create_state_dir;
+
+    #[test]
+    fn state_dirs_are_never_reused() {
+        let first = create_state_dir().unwrap();
+        let second = create_state_dir().unwrap();
+        let first_exists = first.is_dir();
+        let second_exists = second.is_dir();
+        std::fs::remove_dir(&first).unwrap();
+        std::fs::remove_dir(&second).unwrap();
+        assert_ne!(first, second);
+        assert!(first_exists);
+        assert!(second_exists);
     }
 }
