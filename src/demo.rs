@@ -26,18 +26,20 @@ const CLIENT_SECRET: &str = "demo-secret";
 pub fn create_state_dir() -> Result<PathBuf, String> {
     let base = std::env::temp_dir();
     let pid = std::process::id();
-    let mut last_error = None;
-    for attempt in 0..100 {
+    const ATTEMPTS: u32 = 100;
+    for attempt in 0..ATTEMPTS {
         let name = if attempt == 0 { format!("mde-forwarder-demo-{pid}") } else { format!("mde-forwarder-demo-{pid}-{attempt}") };
         let dir = base.join(name);
         match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
             Ok(()) => return Ok(dir),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last_error = Some(e),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(format!("cannot create a state directory in {}: {e}; set TMPDIR to a writable directory", base.display())),
         }
     }
-    let error = last_error.map(|e| e.to_string()).unwrap_or_default();
-    Err(format!("cannot create a new state directory in {}: {error}; delete old mde-forwarder-demo-* directories there", base.display()))
+    Err(format!(
+        "cannot create a state directory in {}: all {ATTEMPTS} names for this pid exist; delete the old mde-forwarder-demo-* directories there",
+        base.display()
+    ))
 }
 
 pub async fn run(state_dir: PathBuf, interval_secs: u64, add_every_secs: u64, stop: watch::Receiver<bool>) -> Result<(), String> {
