@@ -628,7 +628,12 @@ fn show_state(config: &Config, store: &Store) -> Result<(), crate::store::StoreE
     out!("outbox: {} bytes", store.outbox_bytes());
     for sink in &config.sinks {
         let (pending, oldest) = store.pending(sink.name())?;
-        let oldest = oldest.map(|seq| format!(", oldest sequence {seq}")).unwrap_or_default();
+        let oldest = oldest
+            .map(|position| {
+                let (batch, item) = crate::store::split_position(position);
+                format!(", the oldest is item {item} of outbox batch {batch}")
+            })
+            .unwrap_or_default();
         out!("  sink {}: {pending} pending{oldest}", sink.name());
     }
     out!("dedupe entries: {}", store.dedupe_len());

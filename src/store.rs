@@ -326,7 +326,8 @@ fn position(seq: u64, index: usize) -> u64 {
     (seq << INDEX_BITS) | index as u64
 }
 
-fn split_position(position: u64) -> (u64, usize) {
+/// Splits a position into its batch's sequence number and its index in the batch.
+pub fn split_position(position: u64) -> (u64, usize) {
     (position >> INDEX_BITS, (position & ((1 << INDEX_BITS) - 1)) as usize)
 }
 

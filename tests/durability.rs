@@ -155,8 +155,8 @@ async fn dead_sink_blocks_neither_polling_nor_other_sinks() {
 
     assert!(complete, "file sink got {} of 49", read_json_lines(&archive).len());
     let state = run_cli(&["state", "--config", config.to_str().unwrap(), "show"]).await;
-    assert!(stdout(&state).contains("sink siem: 49 pending"), "{}", stdout(&state));
-    assert!(stdout(&state).contains("sink archive: 0 pending"), "{}", stdout(&state));
+    assert!(stdout(&state).contains("sink siem: 49 pending, the oldest is item 0 of outbox batch 1\n"), "{}", stdout(&state));
+    assert!(stdout(&state).contains("sink archive: 0 pending\n"), "{}", stdout(&state));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
