@@ -166,6 +166,10 @@ pub enum StateAction {
     },
 }
 
+/// How long the exit waits for blocking tasks still running, such as a
+/// write to a stalled standard output.
+const RUNTIME_SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub fn main(cli: Cli) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(runtime) => runtime,
@@ -175,7 +179,7 @@ pub fn main(cli: Cli) -> ExitCode {
         }
     };
     let log_format = cli.log_format;
-    match cli.command {
+    let code = match cli.command {
         Command::Run(args) => runtime.block_on(run(args, log_format)),
         Command::Pull(args) => runtime.block_on(pull(args, log_format)),
         Command::Demo(args) => runtime.block_on(demo(args, log_format)),
@@ -202,7 +206,12 @@ pub fn main(cli: Cli) -> ExitCode {
                 }
             }
         }
-    }
+    };
+    // Dropping the runtime would wait for every blocking task, and a write
+    // to a standard output nobody reads never ends. The command's own work
+    // is done (the store is flushed), so waiting longer gains nothing.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN_WAIT);
+    code
 }
 
 fn report(result: Result<(), String>) -> ExitCode {

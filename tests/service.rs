@@ -493,3 +493,31 @@ async fn demo_deletes_its_state_after_two_signals() {
     tokio::time::timeout(WAIT, child.wait()).await.expect("the demo exits").unwrap();
     assert!(!state.exists(), "{} left behind", state.display());
 }
+
+/// One SIGTERM ends the demo even while it is blocked writing to a standard
+/// output nobody reads: the exit does not wait for that write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_exits_on_one_signal_with_stalled_output() {
+    let scratch = tempfile::tempdir().unwrap();
+    let mut child = tokio::process::Command::new(binary())
+        .args(["demo", "--interval-secs", "1", "--add-every-secs", "0"])
+        .env("TMPDIR", scratch.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap() as i32;
+    let mut events = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(WAIT, events.next_line()).await.expect("the demo prints an event").unwrap();
+    assert!(first.is_some_and(|line| line.contains("CEF:0|")));
+    // Let the demo fill the pipe and block on it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // SAFETY: kill(2) on the pid of a child this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = tokio::time::timeout(WAIT, child.wait()).await.expect("the demo exits after one signal").unwrap();
+    assert!(status.code().is_some(), "{status}");
+    let left: Vec<_> = std::fs::read_dir(scratch.path()).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+}
