@@ -208,8 +208,8 @@ pub fn main(cli: Cli) -> ExitCode {
         }
     };
     // Dropping the runtime would wait for every blocking task, and a write
-    // to a standard output nobody reads never ends. The command's own work
-    // is done (the store is flushed), so waiting longer gains nothing.
+    // to a stalled standard output (a full pipe) never ends. The command's
+    // own work is done (the store is flushed), so waiting longer gains nothing.
     runtime.shutdown_timeout(RUNTIME_SHUTDOWN_WAIT);
     code
 }

@@ -494,8 +494,8 @@ async fn demo_deletes_its_state_after_two_signals() {
     assert!(!state.exists(), "{} left behind", state.display());
 }
 
-/// One SIGTERM ends the demo even while it is blocked writing to a standard
-/// output nobody reads: the exit does not wait for that write.
+/// One SIGTERM ends the demo even while it is blocked writing to a full
+/// pipe on standard output: the exit does not wait for that write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_exits_on_one_signal_with_stalled_output() {
     let scratch = tempfile::tempdir().unwrap();
