@@ -461,6 +461,34 @@ fn closed_output_is_an_error_not_a_panic() {
     }
 }
 
+/// Standard output of a demo, kept open but not read any further.
+type DemoOutput = tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>;
+
+/// Starts `demo` with its temporary directory in `scratch` and waits for its
+/// first CEF event. Returns the child, its pid and its standard output, which
+/// the caller keeps open so the demo blocks once the pipe is full.
+async fn start_demo(scratch: &Path) -> (Child, i32, DemoOutput) {
+    let mut child = tokio::process::Command::new(binary())
+        .args(["demo", "--interval-secs", "1", "--add-every-secs", "0"])
+        .env("TMPDIR", scratch)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap() as i32;
+    let mut events = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(WAIT, events.next_line()).await.expect("the demo prints an event").unwrap();
+    assert!(first.is_some_and(|line| line.contains("CEF:0|")));
+    (child, pid, events)
+}
+
+/// Sends SIGTERM to a child this test started.
+fn terminate_pid(pid: i32) {
+    // SAFETY: kill(2) on the pid of a child this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+}
+
 /// The demo deletes its temporary state directory however it is stopped,
 /// also when a second signal cuts the graceful stop short. Standard output
 /// is not read after the first event, so the demo blocks writing to it, as
@@ -469,24 +497,12 @@ fn closed_output_is_an_error_not_a_panic() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_deletes_its_state_after_two_signals() {
     let scratch = tempfile::tempdir().unwrap();
-    let mut child = tokio::process::Command::new(binary())
-        .args(["demo", "--interval-secs", "1", "--add-every-secs", "0"])
-        .env("TMPDIR", scratch.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let pid = child.id().unwrap() as i32;
+    let (mut child, pid, _output) = start_demo(scratch.path()).await;
     let state = scratch.path().join(format!("mde-forwarder-demo-{pid}"));
-    let mut events = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = tokio::time::timeout(WAIT, events.next_line()).await.expect("the demo prints an event").unwrap();
-    assert!(first.is_some_and(|line| line.contains("CEF:0|")));
     assert!(state.is_dir(), "{} missing while the demo runs", state.display());
 
     for _ in 0..2 {
-        // SAFETY: kill(2) on the pid of a child this test started.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        terminate_pid(pid);
         // Two signals sent at once may arrive as one.
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -499,23 +515,11 @@ async fn demo_deletes_its_state_after_two_signals() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_exits_on_one_signal_with_stalled_output() {
     let scratch = tempfile::tempdir().unwrap();
-    let mut child = tokio::process::Command::new(binary())
-        .args(["demo", "--interval-secs", "1", "--add-every-secs", "0"])
-        .env("TMPDIR", scratch.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let pid = child.id().unwrap() as i32;
-    let mut events = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = tokio::time::timeout(WAIT, events.next_line()).await.expect("the demo prints an event").unwrap();
-    assert!(first.is_some_and(|line| line.contains("CEF:0|")));
-    // Let the demo fill the pipe and block on it.
+    let (mut child, pid, _output) = start_demo(scratch.path()).await;
+    // Lets the demo fill the pipe and block on it.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    // SAFETY: kill(2) on the pid of a child this test started.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    terminate_pid(pid);
     let status = tokio::time::timeout(WAIT, child.wait()).await.expect("the demo exits after one signal").unwrap();
     assert!(status.code().is_some(), "{status}");
     let left: Vec<_> = std::fs::read_dir(scratch.path()).unwrap().collect();
