@@ -69,8 +69,8 @@ impl Seen {
         Self::of_tenant_key(TenantTag::of(key), key)
     }
 
-    /// Like [`Seen::of_key`] for a key of the tenant `tag` was made for, so
-    /// a batch of one tenant's keys digests the tenant name once.
+    /// Digests a dedupe key as [`Seen::of_key`] does, with its tenant's tag
+    /// computed once by the caller for a whole batch of that tenant's keys.
     pub fn of_tenant_key(tag: TenantTag, key: &[u8]) -> Self {
         debug_assert_eq!(tag, TenantTag::of(key), "the tag of another tenant");
         let mut digest = [0u8; 16];

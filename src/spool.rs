@@ -26,7 +26,7 @@ use std::sync::Mutex;
 pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 const HEADER_BYTES: u64 = 8;
 const SUFFIX: &str = ".spool";
-/// Slices per vectored write; Linux accepts up to 1024 (`IOV_MAX`).
+/// Slices per vectored write. Linux accepts at most 1024 (`IOV_MAX`).
 const MAX_SLICES: usize = 1024;
 
 /// Location of a record: segment, offset and payload length.

@@ -66,7 +66,7 @@ async fn unparsable_fields_become_dead_letters() {
     let expected = serde_json::to_string(&deep).unwrap();
     assert!(archived.lines().any(|l| l == expected), "the JSON sink forwards it unchanged");
 
-    // A mistyped id is an error and changes nothing; a real one is purged.
+    // A mistyped id is an error and changes nothing. A real one is purged.
     let cfg = config.to_str().unwrap();
     let missing = run_cli(&["state", "--config", cfg, "purge", "--id", "999"]).await;
     assert!(!missing.status.success());
