@@ -76,26 +76,46 @@ pub enum DetectionError {
     Syntax(#[from] SyntaxError),
 }
 
-/// The positions of an object's two key fields, found by its key check.
+/// The positions of an object's two key fields, found by its key check, and
+/// the field table when the check was asked to build it.
 #[derive(Debug, Clone)]
 pub struct ObjectKeys {
     full_id: Option<Member>,
     last_processed: Option<Member>,
+    fields: Option<Result<Fields, String>>,
 }
 
+/// Field tables expected per detection when the length of the object is not
+/// known yet: about what the API sends.
+const USUAL_FIELD_COUNT: usize = 64;
+
 impl ObjectKeys {
-    /// Runs the key check over every member and keeps the key fields.
+    /// Runs the key check over every member and keeps the key fields. With
+    /// `build_fields`, the same pass builds the field table, so a sink that
+    /// needs it does not scan the text again.
     ///
     /// Only names are decoded, so a lone surrogate fails the check in a name
     /// but not in a value, which JSON sinks forward as it is. Nested objects
     /// and arrays are checked the way serde_json skips a value, which has no
-    /// depth limit. A repeated key keeps its last value.
-    fn read(members: &mut Members<'_>) -> Result<Self, DetectionError> {
+    /// depth limit. A repeated key keeps its last value. A field table that
+    /// cannot be built (see [`Fields::parse`]) does not fail the check: the
+    /// detection keeps the table's error, as when the table is built later.
+    fn read(members: &mut Members<'_>, build_fields: bool) -> Result<Self, DetectionError> {
         let text = members.bytes();
-        let mut keys = Self { full_id: None, last_processed: None };
-        for member in members {
+        let mut fields = build_fields.then(|| Ok(Fields::with_capacity(USUAL_FIELD_COUNT)));
+        let mut keys = Self { full_id: None, last_processed: None, fields: None };
+        for member in members.by_ref() {
             let member = member?;
-            if member.kind == Kind::Nested {
+            // A nested value the table parsed is valid JSON, so the check
+            // need not parse it again.
+            let mut nested_checked = false;
+            if let Some(Ok(table)) = &mut fields {
+                match table.add(text, &member) {
+                    Ok(()) => nested_checked = true,
+                    Err(error) => fields = Some(Err(error)),
+                }
+            }
+            if member.kind == Kind::Nested && !nested_checked {
                 serde_json::from_slice::<serde::de::IgnoredAny>(&text[member.value.clone()])?;
             }
             // Names are compared as bytes: an unescaped name needs no
@@ -113,13 +133,14 @@ impl ObjectKeys {
                 _ => {}
             }
         }
+        keys.fields = fields.map(|table| table.and_then(|table| Fields::check_size(members.end()).map(|()| table)));
         Ok(keys)
     }
 
-    fn resolve(self, text: &str) -> KeyFields {
+    fn resolve(self, text: &str) -> (KeyFields, Option<Result<Fields, String>>) {
         let full_id = self.full_id.and_then(|m| key_text(text, &m)).map(|(text, kind)| FullId { text, kind });
         let last_processed = self.last_processed.and_then(|m| key_text(text, &m)).map(|(text, _)| text);
-        KeyFields { full_id, last_processed }
+        (KeyFields { full_id, last_processed }, self.fields)
     }
 }
 
@@ -135,10 +156,11 @@ pub enum ObjectPrefix {
 }
 
 /// Runs the key check on a JSON object at the start of `bytes`, which may
-/// continue after it (the rest of an array).
-pub fn scan_object_prefix(bytes: &[u8]) -> ObjectPrefix {
+/// continue after it (the rest of an array). With `build_fields`, the field
+/// table is built in the same pass.
+pub fn scan_object_prefix(bytes: &[u8], build_fields: bool) -> ObjectPrefix {
     let Ok(mut members) = Members::embedded(bytes) else { return ObjectPrefix::Invalid };
-    match ObjectKeys::read(&mut members) {
+    match ObjectKeys::read(&mut members, build_fields) {
         Ok(keys) => ObjectPrefix::Complete(members.end(), keys),
         // An error at the very end may be the bytes running out: more of
         // them decide.
@@ -203,14 +225,16 @@ impl Detection {
             let value: Value = serde_json::from_str(text)?;
             return Err(DetectionError::NotAnObject(json_type_name(&value)));
         }
-        Ok(ObjectKeys::read(&mut Members::new(text)?)?.resolve(text))
+        Ok(ObjectKeys::read(&mut Members::new(text)?, false)?.resolve(text).0)
     }
 
     /// Wraps an array element whose key check was done while the array was
     /// split (see [`scan_object_prefix`]). `text` is the scanned object.
+    /// When the split built the field table, the detection keeps it.
     pub fn from_scanned(text: String, keys: ObjectKeys) -> Self {
-        let keys = keys.resolve(&text);
-        Self { raw: text.into_boxed_str(), keys: OnceLock::from(keys), fields: OnceLock::new() }
+        let (keys, fields) = keys.resolve(&text);
+        let fields = fields.map_or_else(OnceLock::new, OnceLock::from);
+        Self { raw: text.into_boxed_str(), keys: OnceLock::from(keys), fields }
     }
 
     /// Returns the JSON text exactly as the API sent it.

@@ -75,6 +75,8 @@ pub struct ArraySplitter {
     secrets: Vec<String>,
     /// Objects are checked while they are split (off only to compare).
     check_objects: bool,
+    /// The check also builds each object's field table.
+    field_tables: bool,
     /// Unscanned bytes gathered before a scan, `SCAN_AHEAD_BYTES` but in tests.
     scan_ahead: usize,
     /// An object cut by the end of the buffer waits for more bytes.
@@ -114,6 +116,7 @@ impl ArraySplitter {
             seen_any: false,
             secrets: Vec::new(),
             check_objects: true,
+            field_tables: false,
             scan_ahead: SCAN_AHEAD_BYTES,
             waiting: false,
             ending: false,
@@ -125,6 +128,12 @@ impl ArraySplitter {
     /// Creates a splitter whose error previews never show any of `secrets`.
     pub fn with_secrets(secrets: Vec<String>) -> Self {
         Self { secrets, ..Self::new() }
+    }
+
+    /// Makes the check of each object build its field table too, for sinks
+    /// that read fields (see [`crate::detection::Fields`]).
+    pub fn with_field_tables(self, field_tables: bool) -> Self {
+        Self { field_tables, ..self }
     }
 
     /// Returns a printable start of `bytes`, with the secrets removed first.
@@ -299,7 +308,7 @@ impl ArraySplitter {
     /// `scan_ahead` bytes long, so a huge element is not scanned over and
     /// over. Such an object and an invalid one are left to the byte scan.
     fn check_object(&mut self, at: usize, out: &mut Vec<RawElement>) -> Checked {
-        match scan_object_prefix(&self.buffer[at..]) {
+        match scan_object_prefix(&self.buffer[at..], self.field_tables) {
             ObjectPrefix::Complete(len, keys) => {
                 out.push(RawElement { bytes: self.buffer[at..at + len].to_vec(), keys: Some(keys) });
                 self.elements += 1;

@@ -37,6 +37,10 @@ impl Span {
     fn of_text(self, text: &str) -> &str {
         &text[self.start as usize..self.end as usize]
     }
+
+    fn of_bytes(self, bytes: &[u8]) -> &[u8] {
+        &bytes[self.start as usize..self.end as usize]
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -147,7 +151,7 @@ pub struct Fields {
 
 /// Hashes field names with a seed chosen at random per process, so names
 /// cannot be picked to collide.
-fn name_hash(name: &str) -> u64 {
+fn name_hash(name: &[u8]) -> u64 {
     static STATE: LazyLock<foldhash::fast::RandomState> = LazyLock::new(Default::default);
     STATE.hash_one(name)
 }
@@ -157,29 +161,46 @@ impl Fields {
     /// object, on a string with a lone UTF-16 surrogate, on nesting deeper
     /// than serde_json's limit of 128 levels, and on text of 4 GiB or more.
     pub fn parse(raw: &str) -> Result<Self, String> {
-        if u32::try_from(raw.len()).is_err() {
-            return Err(format!("a detection of {} bytes is too large for a field table (the limit is 4 GiB)", raw.len()));
-        }
+        Self::check_size(raw.len())?;
         // Two fields per 40 bytes is about what the API sends.
-        let capacity = (raw.len() / 40).clamp(8, 256);
-        let mut fields = Fields { entries: Vec::with_capacity(capacity), by_name: HashTable::with_capacity(capacity), decoded: String::new() };
+        let mut fields = Self::with_capacity((raw.len() / 40).clamp(8, 256));
         for member in Members::new(raw).map_err(|e| e.to_string())? {
-            let member = member.map_err(|e| e.to_string())?;
-            let (name, name_decoded) = if member.name_escaped {
-                let name = fields
-                    .decode(&raw.as_bytes()[member.name.clone()])
-                    .map_err(|e| format!("field name at byte {}: {e}", member.name.start))?;
-                (name, true)
-            } else {
-                (Span::of(member.name_inner()), false)
-            };
-            let (slot, value) = fields.slot(raw, &member).map_err(|e| {
-                let name = if name_decoded { name.of_text(&fields.decoded) } else { name.of_text(raw) };
-                format!("field {name:?}: {e}")
-            })?;
-            fields.insert(raw, Entry { name, name_decoded, value, slot });
+            fields.add(raw.as_bytes(), &member.map_err(|e| e.to_string())?)?;
         }
         Ok(fields)
+    }
+
+    /// Fails when the offsets of an object of `len` bytes do not fit the
+    /// table's `u32`.
+    pub(super) fn check_size(len: usize) -> Result<(), String> {
+        match u32::try_from(len) {
+            Ok(_) => Ok(()),
+            Err(_) => Err(format!("a detection of {len} bytes is too large for a field table (the limit is 4 GiB)")),
+        }
+    }
+
+    /// An empty table with room for `fields` fields.
+    pub(super) fn with_capacity(fields: usize) -> Self {
+        Fields { entries: Vec::with_capacity(fields), by_name: HashTable::with_capacity(fields), decoded: String::new() }
+    }
+
+    /// Adds the member the scanner found in `raw`, the object's text from its
+    /// opening brace. `raw` may still hold bytes that are not UTF-8, and the
+    /// table is only used once the whole text has passed that check: the
+    /// spans of names and values without escapes are then UTF-8 too.
+    pub(super) fn add(&mut self, raw: &[u8], member: &Member) -> Result<(), String> {
+        let (name, name_decoded) = if member.name_escaped {
+            let name = self.decode(&raw[member.name.clone()]).map_err(|e| format!("field name at byte {}: {e}", member.name.start))?;
+            (name, true)
+        } else {
+            (Span::of(member.name_inner()), false)
+        };
+        let (slot, value) = self.slot(raw, member).map_err(|e| {
+            let text = if name_decoded { name.of_bytes(self.decoded.as_bytes()) } else { name.of_bytes(raw) };
+            format!("field {:?}: {e}", String::from_utf8_lossy(text))
+        })?;
+        self.insert(raw, Entry { name, name_decoded, value, slot });
+        Ok(())
     }
 
     /// Decodes a JSON string with escapes, given with its quotes, onto the
@@ -194,18 +215,23 @@ impl Fields {
 
     /// Sorts one member's value into its slot. A string is decoded only when
     /// it has escapes; an object or array is parsed once to check it.
-    fn slot(&mut self, raw: &str, member: &Member) -> Result<(Slot, Span), serde_json::Error> {
+    fn slot(&mut self, raw: &[u8], member: &Member) -> Result<(Slot, Span), serde_json::Error> {
         let value = Span::of(member.value.clone());
         let slot = match member.kind {
             Kind::String => return Ok((Slot::String, Span::of(member.value_inner()))),
             Kind::EscapedString => {
-                return Ok((Slot::DecodedString, self.decode(&raw.as_bytes()[member.value.clone()])?));
+                return Ok((Slot::DecodedString, self.decode(&raw[member.value.clone()])?));
             }
             Kind::Nested => {
                 // The scanner only found the value's end. Parsing it inside an
                 // array spends the level the enclosing object took, so the
                 // limit is serde_json's 128 levels for the whole detection.
-                serde_json::from_str::<serde_json::Value>(&format!("[{}]", &raw[member.value.clone()]))?;
+                let value = &raw[member.value.clone()];
+                let mut wrapped = Vec::with_capacity(value.len() + 2);
+                wrapped.push(b'[');
+                wrapped.extend_from_slice(value);
+                wrapped.push(b']');
+                serde_json::from_slice::<serde_json::Value>(&wrapped)?;
                 Slot::Nested
             }
             Kind::True => Slot::Bool(true),
@@ -225,20 +251,13 @@ impl Fields {
     }
 
     /// Appends a field, or gives a repeated name its new value in place.
-    fn insert(&mut self, raw: &str, entry: Entry) {
-        let name = self.name(raw, &entry);
+    fn insert(&mut self, raw: &[u8], entry: Entry) {
+        let decoded = self.decoded.as_bytes();
+        let name_of = |entry: &Entry| if entry.name_decoded { entry.name.of_bytes(decoded) } else { entry.name.of_bytes(raw) };
+        let name = name_of(&entry);
         let hash = name_hash(name);
         let entries = &self.entries;
-        let decoded = &self.decoded;
-        let name_of = |i: u32| {
-            let other = &entries[i as usize];
-            if other.name_decoded {
-                other.name.of_text(decoded)
-            } else {
-                other.name.of_text(raw)
-            }
-        };
-        match self.by_name.find(hash, |&i| name_of(i) == name) {
+        match self.by_name.find(hash, |&i| name_of(&entries[i as usize]) == name) {
             Some(&index) => {
                 let first = &mut self.entries[index as usize];
                 first.value = entry.value;
@@ -247,7 +266,7 @@ impl Fields {
             None => {
                 // A field count beyond u32 would need a detection of several GB.
                 let index = self.entries.len() as u32;
-                self.by_name.insert_unique(hash, index, |&i| name_hash(name_of(i)));
+                self.by_name.insert_unique(hash, index, |&i| name_hash(name_of(&entries[i as usize])));
                 self.entries.push(entry);
             }
         }
@@ -255,7 +274,7 @@ impl Fields {
 
     /// Returns the value of field `name`, resolved against the detection's raw text.
     pub fn get<'a>(&'a self, raw: &'a str, name: &str) -> Option<FieldValue<'a>> {
-        let &index = self.by_name.find(name_hash(name), |&i| self.name(raw, &self.entries[i as usize]) == name)?;
+        let &index = self.by_name.find(name_hash(name.as_bytes()), |&i| self.name(raw, &self.entries[i as usize]) == name)?;
         Some(self.value(raw, &self.entries[index as usize]))
     }
 

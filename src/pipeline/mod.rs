@@ -278,6 +278,10 @@ fn start(config: &Config, store: &Arc<Store>, mode: Mode, stop: watch::Receiver<
         built.push(build_sink(&format!("sink[{i}]"), sink)?);
     }
 
+    // When some sink reads fields, the pollers build each detection's field
+    // table while they split the response, instead of a sink scanning the
+    // text again.
+    let field_tables = config.sinks.iter().zip(&built).any(|(sink, (_, encoder))| encoder.needs_fields() || sink.common().filters_fields());
     let mut workers = JoinSet::new();
     for (sink, (transport, encoder)) in config.sinks.iter().zip(built) {
         let common = sink.common();
@@ -300,7 +304,7 @@ fn start(config: &Config, store: &Arc<Store>, mode: Mode, stop: watch::Receiver<
 
     let mut pollers = JoinSet::new();
     for tenant in tenants {
-        let client = AlertsClient::new(http.clone(), Arc::new(tenant), config.poll.max_response_bytes);
+        let client = AlertsClient::new(http.clone(), Arc::new(tenant), config.poll.max_response_bytes).with_field_tables(field_tables);
         let poller = Poller {
             client,
             store: store.clone(),

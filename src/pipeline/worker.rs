@@ -57,7 +57,7 @@ pub enum EventEncoder {
 impl EventEncoder {
     /// Returns whether encoding reads individual fields (CEF, LEEF) rather than
     /// forwarding the raw JSON.
-    fn needs_fields(&self) -> bool {
+    pub(crate) fn needs_fields(&self) -> bool {
         matches!(self, EventEncoder::Wire(e) if e.payload() != crate::format::PayloadFormat::Json)
     }
 
