@@ -94,9 +94,11 @@ impl ObjectKeys {
     /// `build_fields`, the same pass builds the field table, so a sink that
     /// needs it does not scan the text again.
     ///
-    /// Only names are decoded, so a lone surrogate fails the check in a name
-    /// but not in a value, which JSON sinks forward as it is. Nested objects
-    /// and arrays are checked the way serde_json skips a value, which has no
+    /// Nothing needs to be decoded for the check to pass: JSON's grammar
+    /// allows a lone UTF-16 surrogate such as `\ud800` in any string, a name
+    /// included, and JSON sinks forward such a detection as it is. A name
+    /// that cannot be decoded is neither key field. Nested objects and
+    /// arrays are checked the way serde_json skips a value, which has no
     /// depth limit. A repeated key keeps its last value. A field table that
     /// cannot be built (see [`Fields::parse`]) does not fail the check: the
     /// detection keeps the table's error, as when the table is built later.
@@ -119,10 +121,11 @@ impl ObjectKeys {
                 serde_json::from_slice::<serde::de::IgnoredAny>(&text[member.value.clone()])?;
             }
             // Names are compared as bytes: an unescaped name needs no
-            // decoding, and one that is not UTF-8 matches neither key.
+            // decoding, and one that is not UTF-8 or cannot be decoded
+            // matches neither key.
             let decoded;
             let name = if member.name_escaped {
-                decoded = fields::decode_string(&text[member.name.clone()])?;
+                decoded = fields::decode_string(&text[member.name.clone()]).unwrap_or_default();
                 decoded.as_bytes()
             } else {
                 &text[member.name_inner()]
@@ -451,6 +454,14 @@ mod tests {
     }
 
     #[test]
+    fn name_that_cannot_be_decoded_is_no_key_field() {
+        let d = Detection::from_json_text(r#"{"Full\ud800Id":"x","FullId":"real","\udc00":"y"}"#).unwrap();
+        assert_eq!(d.full_id().as_deref(), Some("real"));
+        let d = Detection::from_json_text(r#"{"FullI\u0064\ud800":"x"}"#).unwrap();
+        assert_eq!(d.full_id(), None);
+    }
+
+    #[test]
     fn lone_surrogate_full_id_kept_raw() {
         let d = Detection::from_json_text(r#"{"FullId":"a\ud800b"}"#).unwrap();
         assert_eq!(d.full_id().as_deref(), Some(r#""a\ud800b""#));
@@ -458,14 +469,12 @@ mod tests {
 
     #[test]
     fn fields_readable_despite_a_broken_table() {
+        // A lone surrogate in a value and in a name: the detection is valid
+        // JSON, and only its field table fails.
         let text = r#"{"Severity":"Low","Title":"x\ud800y","Severity":"High","Cat\u0065gory":"Malware","Deep":[[1]],"Bad\ud800":1}"#;
-        let d = Detection::from_json_text(text);
-        // A lone surrogate in a name fails the key check; without it the
-        // detection is valid and only its field table fails.
-        assert!(d.is_err());
-        let text = r#"{"Severity":"Low","Title":"x\ud800y","Severity":"High","Cat\u0065gory":"Malware","Deep":[[1]]}"#;
         let d = Detection::from_json_text(text).unwrap();
         assert!(d.field_error().is_some());
+        assert_eq!(d.raw(), text);
         assert_eq!(d.text("Severity").as_deref(), Some("High"));
         assert_eq!(d.text("Category").as_deref(), Some("Malware"));
         assert_eq!(d.text("Title").as_deref(), Some(r#""x\ud800y""#));

@@ -481,8 +481,10 @@ mod tests {
         }
     }
 
-    /// An element's text, and its dedupe key and time, or `None` if invalid.
-    type Checked = (Vec<u8>, Option<(Vec<u8>, Option<String>)>);
+    /// An element's text, and its dedupe key, time and fields (names and
+    /// texts, or the field table's error), or `None` if invalid.
+    type Checked = (Vec<u8>, Option<(Vec<u8>, Option<String>, FieldList)>);
+    type FieldList = Result<Vec<(String, Option<String>)>, String>;
 
     /// Converts one element as the poller does.
     fn checked(element: RawElement) -> Checked {
@@ -492,12 +494,24 @@ mod tests {
             Some(keys) => Some(crate::detection::Detection::from_scanned(text, keys)),
             None => crate::detection::Detection::from_string(text).ok(),
         };
-        let keys = detection.map(|d| (d.dedupe_id().into_owned(), d.last_processed().map(|t| t.to_rfc3339())));
+        let keys = detection.map(|d| {
+            let fields = match d.field_error() {
+                Some(error) => Err(error.to_string()),
+                None => Ok(d.fields().map(|(name, value)| (name.to_string(), value.text().map(|t| t.into_owned()))).collect()),
+            };
+            (d.dedupe_id().into_owned(), d.last_processed().map(|t| t.to_rfc3339()), fields)
+        });
         (bytes, keys)
     }
 
-    fn split_checked(body: &[u8], chunk: usize, scan_ahead: usize, check_objects: bool) -> (Vec<Checked>, Result<(), ArrayError>) {
-        let mut splitter = ArraySplitter { scan_ahead, check_objects, ..ArraySplitter::new() };
+    fn split_checked(
+        body: &[u8],
+        chunk: usize,
+        scan_ahead: usize,
+        check_objects: bool,
+        field_tables: bool,
+    ) -> (Vec<Checked>, Result<(), ArrayError>) {
+        let mut splitter = ArraySplitter { scan_ahead, check_objects, field_tables, ..ArraySplitter::new() };
         let mut out = Vec::new();
         let mut result = body.chunks(chunk).try_for_each(|piece| splitter.push(piece, &mut out));
         if result.is_ok() {
@@ -506,9 +520,10 @@ mod tests {
         (out.into_iter().map(checked).collect(), result)
     }
 
-    /// Checking objects while splitting gives the same elements, keys and
-    /// errors as splitting first and checking each element after, on
-    /// arrays of valid, invalid and cut elements in any chunking.
+    /// Checking objects while splitting, with or without building their
+    /// field tables, gives the same elements, keys, fields and errors as
+    /// splitting first and checking each element after, on arrays of valid,
+    /// invalid and cut elements in any chunking.
     #[test]
     fn checking_while_splitting_changes_nothing() {
         let samples: Vec<serde_json::Value> =
@@ -559,9 +574,11 @@ mod tests {
             }
             let chunk = 1 + below(body.len());
             let scan_ahead = [0, 1, 50, 700][below(4)];
-            let checked = split_checked(&body, chunk, scan_ahead, true);
-            let plain = split_checked(&body, chunk, scan_ahead, false);
+            let checked = split_checked(&body, chunk, scan_ahead, true, false);
+            let plain = split_checked(&body, chunk, scan_ahead, false, false);
             assert_eq!(checked, plain, "round {round}: {:?} in chunks of {chunk}", String::from_utf8_lossy(&body));
+            let with_tables = split_checked(&body, chunk, scan_ahead, true, true);
+            assert_eq!(with_tables, plain, "round {round} with field tables: {:?} in chunks of {chunk}", String::from_utf8_lossy(&body));
         }
     }
 }

@@ -193,3 +193,46 @@ async fn huge_durations_are_config_errors() {
     assert_eq!(output.status.code(), Some(64));
     assert!(stderr(&output).contains("poll.interval_secs"), "{}", stderr(&output));
 }
+
+/// A lone UTF-16 surrogate is valid JSON in a value and in a field name, but
+/// it cannot be decoded. The JSON sink gets such detections byte for byte,
+/// and the CEF sink keeps them as its dead letters. Served by a plain HTTP
+/// server, because the emulator stores detections as parsed values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lone_surrogates_reach_json_sinks_unchanged() {
+    let time = now_text();
+    let detections = [
+        format!(r#"{{"FullId":"value:1","LastProcessedTimeUtc":"{time}","Title":"a\ud800b"}}"#),
+        format!(r#"{{"FullId":"name:1","LastProcessedTimeUtc":"{time}","Tit\udc00le":"x"}}"#),
+        format!(r#"{{"FullId":"plain:1","LastProcessedTimeUtc":"{time}","Title":"fine"}}"#),
+    ];
+    let body = format!("[{}]", detections.join(","));
+    let api = common::http_server::HttpReceiver::start(move |request| {
+        if request.path.contains("/token") {
+            common::http_server::Answer::new(200, r#"{"token_type":"Bearer","expires_in":3599,"access_token":"opaque"}"#)
+        } else {
+            common::http_server::Answer::new(200, body.clone()).with_header("content-type", "application/json")
+        }
+    })
+    .await;
+    let receiver = LineReceiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let tenant = format!(
+        "[[tenant]]\nname = \"contoso\"\ntenant_id = \"{TENANT_ID}\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{CLIENT_SECRET}\"\napi_url = \"{url}\"\nlogin_url = \"{url}\"\n",
+        url = api.url()
+    );
+    let config = write_config(dir.path(), "", &tenant, &file_and_cef_sinks(dir.path(), receiver.addr));
+    assert_success(&run_once(&config).await);
+
+    let archived = std::fs::read_to_string(dir.path().join("archive.jsonl")).unwrap();
+    assert_eq!(archived.lines().collect::<Vec<_>>(), detections.iter().map(String::as_str).collect::<Vec<_>>());
+    let lines = receiver.wait_for(1, Duration::from_secs(5)).await;
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("plain:1"), "{}", lines[0]);
+    let mut letters: Vec<(String, String)> = dead_letters(dir.path()).into_iter().map(|l| (l.sink, l.detection)).collect();
+    letters.sort();
+    let expected: Vec<(String, String)> = detections[..2].iter().map(|d| ("siem".to_string(), d.clone())).collect();
+    let mut expected = expected;
+    expected.sort();
+    assert_eq!(letters, expected);
+}

@@ -484,12 +484,13 @@ mod tests {
         }
     }
 
-    /// Two detections whose field tables fail on a lone surrogate: one High,
-    /// one Low, for a sink that takes High only.
+    /// Two detections whose field tables fail on a lone surrogate, in a
+    /// value and in a name: one High, one Low, for a sink that takes High
+    /// only.
     fn broken_table_entries(store: &Store) -> Vec<(u64, OutboxEntry)> {
         let texts = [
             r#"{"FullId":"a:1","Severity":"High","Title":"x\ud800"}"#,
-            r#"{"FullId":"b:1","Severity":"Low","Title":"x\ud800"}"#,
+            r#"{"FullId":"b:1","Severity":"Low","Tit\ud800le":"x"}"#,
         ];
         let detections = texts.iter().map(|text| Detection::from_json_text(text).unwrap()).collect();
         store.enqueue_blocking("t", detections, None, Utc::now()).unwrap();
