@@ -14,7 +14,8 @@ use tokio::sync::watch;
 
 use crate::config::{Config, LogFormat};
 use crate::pipeline::{self, Mode};
-use crate::store::Store;
+use crate::detection::Detection;
+use crate::store::{DeadLetter, Store};
 use crate::timefmt;
 
 pub const EXIT_FAILURE: u8 = 1;
@@ -150,8 +151,15 @@ pub enum StateAction {
         #[arg(long)]
         tenant: String,
     },
-    /// List dead letters with their reasons.
-    DeadLetters,
+    /// List dead letters with their reasons, or write one letter's detection byte for byte (--raw).
+    DeadLetters {
+        /// Dead letter id from the listing; repeat for several. Without it, all are listed.
+        #[arg(long = "id")]
+        ids: Vec<u64>,
+        /// Write the detection of the one letter given by --id to standard output exactly as received, with nothing added: the only exact copy of a letter that is not UTF-8.
+        #[arg(long, requires = "ids")]
+        raw: bool,
+    },
     /// Queue dead letters again for the sink that rejected them (all, or those given by --id).
     Requeue {
         /// Dead letter id from `state dead-letters`; repeat for several.
@@ -535,28 +543,19 @@ fn state_action(config: &Config, store: &Store, action: StateAction) -> Result<(
             out!("tenant {tenant}: checkpoint deleted; the next poll looks back initial_lookback_secs");
             Ok(())
         }
-        StateAction::DeadLetters => {
+        StateAction::DeadLetters { ids, raw } => {
             let letters = store.dead_letters().map_err(|e| e.to_string())?;
-            if letters.is_empty() {
+            check_letter_ids(&ids, &letters)?;
+            let selected: Vec<&DeadLetter> = letters.iter().filter(|l| ids.is_empty() || ids.contains(&l.id)).collect();
+            if raw {
+                return write_raw_letter(&selected);
+            }
+            if selected.is_empty() {
                 // Standard error, so a script reading the rows gets none.
                 eprintln!("no dead letters");
                 return Ok(());
             }
-            out!("id\ttime\tsink\ttenant\tFullId\treason");
-            for letter in letters {
-                let full_id = crate::detection::Detection::from_json_text(&letter.detection)
-                    .ok()
-                    .and_then(|d| d.full_id().map(|id| table_cell(&id)))
-                    .unwrap_or_else(|| "-".to_string());
-                out!(
-                    "{}\t{}\t{}\t{}\t{full_id}\t{}",
-                    letter.id,
-                    letter.time,
-                    table_cell(&letter.sink),
-                    table_cell(&letter.tenant),
-                    table_cell(&letter.reason)
-                );
-            }
+            list_dead_letters(&selected);
             Ok(())
         }
         StateAction::Requeue { ids } => {
@@ -567,7 +566,8 @@ fn state_action(config: &Config, store: &Store, action: StateAction) -> Result<(
             let orphans: Vec<String> = letters
                 .iter()
                 .filter(|l| ids.is_empty() || ids.contains(&l.id))
-                .filter(|l| l.sink != crate::store::SOURCE_SINK && !config.sinks.iter().any(|s| s.name() == l.sink))
+                .filter(|l| ![crate::store::SOURCE_SINK, crate::store::SPOOL_SINK].contains(&l.sink.as_str()))
+                .filter(|l| !config.sinks.iter().any(|s| s.name() == l.sink))
                 .map(|l| format!("{} (sink {})", l.id, l.sink))
                 .collect();
             if !orphans.is_empty() {
@@ -589,9 +589,77 @@ fn state_action(config: &Config, store: &Store, action: StateAction) -> Result<(
     }
 }
 
+/// Prints one row per letter. The `text` column is `not-utf-8` for a
+/// detection whose bytes are not UTF-8: `detection` then shows a copy with
+/// U+FFFD in place of the invalid bytes, and only `--raw` gives them.
+fn list_dead_letters(letters: &[&DeadLetter]) {
+    out!("id\ttime\tsink\ttenant\tFullId\treason\ttext");
+    for letter in letters {
+        let text = if letter.is_utf8() { "utf-8" } else { "not-utf-8" };
+        out!(
+            "{}\t{}\t{}\t{}\t{}\t{}\t{text}",
+            letter.id,
+            letter.time,
+            table_cell(&letter.sink),
+            table_cell(&letter.tenant),
+            full_id_cell(letter),
+            table_cell(&letter.reason)
+        );
+    }
+}
+
+/// The marker of a FullId that is not a decodable JSON string.
+const JSON_MARKER: &str = "json:";
+
+/// Returns a letter's FullId for the listing, `-` when it has none.
+///
+/// A string FullId is shown as it is. Any other FullId (a number, an
+/// object, a string with an invalid escape) is shown as its JSON text
+/// after [`JSON_MARKER`], so `42` and `"42"` differ as they do in the
+/// dedupe set. A string that itself starts with the marker gets a leading
+/// backslash, which [`table_cell`] never leaves single. For a letter that
+/// is not UTF-8, a FullId that contains U+FFFD may not be the one received,
+/// so it is shown as `-`.
+fn full_id_cell(letter: &DeadLetter) -> String {
+    let Ok(detection) = Detection::from_json_text(&letter.detection) else {
+        return "-".to_string();
+    };
+    let Some(full_id) = detection.full_id() else {
+        return "-".to_string();
+    };
+    if !letter.is_utf8() && full_id.contains('\u{fffd}') {
+        return "-".to_string();
+    }
+    // Detection::dedupe_id starts every key but a string FullId's with
+    // 0xFF, a byte that never occurs in UTF-8.
+    if detection.dedupe_id().first() == Some(&0xff) {
+        return format!("{JSON_MARKER}{}", table_cell(&full_id));
+    }
+    let cell = table_cell(&full_id);
+    if cell.starts_with(JSON_MARKER) {
+        return format!("\\{cell}");
+    }
+    cell
+}
+
+/// Writes the detection of the one letter in `letters` to standard output,
+/// byte for byte.
+fn write_raw_letter(letters: &[&DeadLetter]) -> Result<(), String> {
+    use std::io::Write as _;
+    let [letter] = letters else {
+        return Err(format!("--raw writes one letter, but {} are selected; give one --id", letters.len()));
+    };
+    let bytes = letter.detection_bytes().map_err(|e| format!("dead letter {}: detection_base64 is not valid base64: {e}", letter.id))?;
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(&bytes)
+        .and_then(|()| stdout.flush())
+        .map_err(|e| format!("cannot write dead letter {} to standard output: {e}", letter.id))
+}
+
 /// Rejects ids that name no dead letter, before anything changes, so a
 /// mistyped id is not taken for "nothing to do".
-fn check_letter_ids(ids: &[u64], letters: &[crate::store::DeadLetter]) -> Result<(), String> {
+fn check_letter_ids(ids: &[u64], letters: &[DeadLetter]) -> Result<(), String> {
     let missing: Vec<String> = ids.iter().filter(|id| !letters.iter().any(|l| l.id == **id)).map(u64::to_string).collect();
     if missing.is_empty() {
         return Ok(());
@@ -662,7 +730,47 @@ async fn demo(args: DemoArgs, log_format: Option<LogFormat>) -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::table_cell;
+    use super::{full_id_cell, table_cell, DeadLetter};
+
+    fn letter(detection: &str) -> DeadLetter {
+        DeadLetter {
+            id: 1,
+            sink: "s".into(),
+            tenant: "t".into(),
+            reason: "r".into(),
+            time: "2026-01-01T00:00:00Z".into(),
+            detection: detection.into(),
+            detection_base64: None,
+        }
+    }
+
+    #[test]
+    fn full_id_cells_tell_numbers_from_strings() {
+        let cases = [
+            (r#"{"FullId":"42"}"#, "42"),
+            (r#"{"FullId":42}"#, "json:42"),
+            (r#"{"FullId":"json:42"}"#, "\\json:42"),
+            (r#"{"FullId":"\\json:42"}"#, "\\\\json:42"),
+            (r#"{"FullId":true}"#, "json:true"),
+            (r#"{"FullId":{"a":1}}"#, r#"json:{"a":1}"#),
+            (r#"{"FullId":"\ud800"}"#, r#"json:"\\ud800""#),
+            (r#"{"FullId":"a\tb"}"#, "a\\tb"),
+            (r#"{"Title":"no id"}"#, "-"),
+            ("[1]", "-"),
+        ];
+        for (detection, expected) in cases {
+            assert_eq!(full_id_cell(&letter(detection)), expected, "{detection}");
+        }
+    }
+
+    #[test]
+    fn replaced_bytes_hide_full_id() {
+        let mut lossy = letter("{\"FullId\":\"a\u{fffd}\"}");
+        lossy.detection_base64 = Some("eyJGdWxsSWQiOiJh/yJ9".into());
+        assert_eq!(full_id_cell(&lossy), "-");
+        lossy.detection = "{\"FullId\":\"intact\",\"T\":\"\u{fffd}\"}".into();
+        assert_eq!(full_id_cell(&lossy), "intact");
+    }
 
     #[test]
     fn table_cells_stay_on_one_line() {

@@ -131,11 +131,11 @@ async fn read_page(
                         report.repeated += 1;
                         continue;
                     }
-                    detection.raw()
+                    detection.raw().as_bytes()
                 }
                 Element::Invalid { raw, .. } => {
                     report.invalid += 1;
-                    raw.as_str()
+                    raw.as_slice()
                 }
             };
             write_line(&mut buffer, raw);
@@ -158,9 +158,10 @@ fn track_oldest(summary: &mut PageSummary, time: DateTime<Utc>, full_id: Option<
 
 /// Appends `raw` as one line. A line break in valid JSON can only be
 /// whitespace between tokens (inside strings it is escaped), so turning it
-/// into a space keeps the value and makes the element one line.
-fn write_line(buffer: &mut Vec<u8>, raw: &str) {
-    buffer.extend(raw.bytes().map(|b| if b == b'\n' || b == b'\r' { b' ' } else { b }));
+/// into a space keeps the value and makes the element one line. An element
+/// that is not UTF-8 is written with its bytes as received.
+fn write_line(buffer: &mut Vec<u8>, raw: &[u8]) {
+    buffer.extend(raw.iter().copied().map(|b| if b == b'\n' || b == b'\r' { b' ' } else { b }));
     buffer.push(b'\n');
 }
 
@@ -171,7 +172,7 @@ mod tests {
     #[test]
     fn line_breaks_between_tokens_become_spaces() {
         let mut buffer = Vec::new();
-        write_line(&mut buffer, "{\r\n  \"a\": \"x\\ny\"\n}");
+        write_line(&mut buffer, b"{\r\n  \"a\": \"x\\ny\"\n}");
         assert_eq!(String::from_utf8(buffer).unwrap(), "{    \"a\": \"x\\ny\" }\n");
     }
 

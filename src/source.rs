@@ -121,7 +121,9 @@ impl SourceError {
 #[derive(Debug)]
 pub enum Element {
     Detection(Detection),
-    Invalid { raw: String, reason: String },
+    /// `raw` is the element's bytes exactly as received, which need not be
+    /// UTF-8.
+    Invalid { raw: Vec<u8>, reason: String },
 }
 
 pub struct AlertsClient {
@@ -306,8 +308,8 @@ fn to_element(element: RawElement) -> Element {
     let text = match String::from_utf8(element.bytes) {
         Ok(text) => text,
         Err(e) => {
-            let raw = String::from_utf8_lossy(e.as_bytes()).into_owned();
-            return Element::Invalid { raw, reason: "not valid UTF-8".into() };
+            let reason = format!("not valid UTF-8 (first invalid byte at offset {})", e.utf8_error().valid_up_to());
+            return Element::Invalid { raw: e.into_bytes(), reason };
         }
     };
     if let Some(keys) = element.keys {
@@ -315,7 +317,7 @@ fn to_element(element: RawElement) -> Element {
     }
     match Detection::from_string(text) {
         Ok(detection) => Element::Detection(detection),
-        Err((raw, e)) => Element::Invalid { raw, reason: e.to_string() },
+        Err((raw, e)) => Element::Invalid { raw: raw.into_bytes(), reason: e.to_string() },
     }
 }
 
@@ -382,6 +384,16 @@ mod tests {
             request.url().query(),
             Some("limit=5&machinegroups=UK+Servers&machinegroups=Z%C3%BCrich%26Gen%C3%A8ve%3D1&DeviceCreatedMachineTags=vip+%2Btag&CloudCreatedMachineTags=%E8%B2%A1%E5%8B%99")
         );
+    }
+
+    #[test]
+    fn invalid_utf8_element_keeps_exact_bytes() {
+        let bytes = b"{\"FullId\":\"a\xff\xfeb\"}".to_vec();
+        let element = to_element(RawElement { bytes: bytes.clone(), keys: None });
+        let Element::Invalid { raw, reason } = element else { panic!("{element:?}") };
+        assert_eq!(raw, bytes);
+        assert!(reason.contains("not valid UTF-8"), "{reason}");
+        assert!(reason.contains("offset 12"), "{reason}");
     }
 
     #[test]

@@ -14,7 +14,10 @@
 //! append and before the index commit leaves bytes that nothing references;
 //! they are deleted with their segment. After a restart writing starts in a
 //! new segment, so a torn tail is never appended to. Reads check the length
-//! and the CRC, so damage is reported instead of forwarded.
+//! and the CRC, so damage is reported instead of forwarded: a segment file
+//! that is missing or ends early, a length that differs from the index, or
+//! a CRC mismatch is [`SpoolError::Damaged`], and
+//! [`Spool::read_damaged`] returns whatever bytes of such a record remain.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, IoSlice, Read, Seek, SeekFrom, Write};
@@ -39,9 +42,10 @@ pub struct RecordRef {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
-    #[error("spool {path}: {source}")]
+    #[error("spool {path}: {source}; check free space and permissions; the operation is retried")]
     Io { path: PathBuf, source: io::Error },
-    #[error("spool {path}: record at offset {offset} is damaged ({detail})")]
+    /// The record cannot be read back as written; reading again cannot help.
+    #[error("spool segment file {path}: the record at offset {offset} is damaged: {detail}")]
     Damaged { path: PathBuf, offset: u64, detail: String },
 }
 
@@ -78,7 +82,7 @@ impl Spool {
         })
     }
 
-    fn segment_path(&self, segment: u64) -> PathBuf {
+    pub(crate) fn segment_path(&self, segment: u64) -> PathBuf {
         self.dir.join(format!("{segment:016x}{SUFFIX}"))
     }
 
@@ -145,24 +149,57 @@ impl Spool {
         let path = self.segment_path(record.segment);
         let io = |source| SpoolError::Io { path: path.clone(), source };
         let damaged = |detail: String| SpoolError::Damaged { path: path.clone(), offset: record.offset, detail };
-        let mut file = File::open(&path).map_err(io)?;
+        let mut file = match File::open(&path) {
+            Ok(file) => file,
+            // Segments are deleted only once no index entry points into
+            // them, so an indexed record in a missing file is lost for good.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(damaged("the segment file is missing".into())),
+            Err(e) => return Err(io(e)),
+        };
         let mut header = [0u8; HEADER_BYTES as usize];
-        file.read_exact_at(&mut header, record.offset).map_err(io)?;
+        match file.read_exact_at(&mut header, record.offset) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                let size = file.metadata().map_err(io)?.len();
+                return Err(damaged(format!("the file ends at byte {size}, before the record's {HEADER_BYTES}-byte header")));
+            }
+            Err(e) => return Err(io(e)),
+        }
         let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
         let crc = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
         if len != record.len {
-            return Err(damaged(format!("length {len}, index says {}", record.len)));
+            return Err(damaged(format!("the header gives a length of {len} bytes, the outbox index {}", record.len)));
         }
         // read_to_end fills spare capacity without zeroing it first.
         let mut payload = Vec::with_capacity(len as usize);
         file.seek(SeekFrom::Start(record.offset + HEADER_BYTES)).map_err(io)?;
         (&mut file).take(len as u64).read_to_end(&mut payload).map_err(io)?;
         if payload.len() != len as usize {
-            return Err(damaged(format!("only {} of {len} bytes present", payload.len())));
+            return Err(damaged(format!("the record is cut short: only {} of its {len} bytes are in the file", payload.len())));
         }
-        if crc32fast::hash(&payload) != crc {
-            return Err(damaged("CRC mismatch".into()));
+        let actual = crc32fast::hash(&payload);
+        if actual != crc {
+            return Err(damaged(format!("CRC mismatch: the header has {crc:08x}, the {len} bytes give {actual:08x}")));
         }
+        Ok(payload)
+    }
+
+    /// Returns the bytes of a damaged record that are still in the file,
+    /// without any check: the payload from after the header up to the
+    /// index's length or the end of the file. Empty when the segment file
+    /// is missing or ends before the payload.
+    pub fn read_damaged(&self, record: RecordRef) -> Result<Vec<u8>, SpoolError> {
+        let path = self.segment_path(record.segment);
+        let mut file = match File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => return Err(SpoolError::Io { path, source }),
+        };
+        let mut payload = Vec::new();
+        let read = file
+            .seek(SeekFrom::Start(record.offset + HEADER_BYTES))
+            .and_then(|_| (&mut file).take(u64::from(record.len)).read_to_end(&mut payload));
+        read.map_err(|source| SpoolError::Io { path, source })?;
         Ok(payload)
     }
 
@@ -315,6 +352,68 @@ mod tests {
         fs::write(&path, bytes).unwrap();
         let err = spool.read(record).unwrap_err();
         assert!(err.to_string().contains("CRC mismatch"), "{err}");
+    }
+
+    /// Appends `first` and `second` and returns the spool, both records and
+    /// the segment file's path.
+    fn two_records(dir: &Path) -> (Spool, RecordRef, RecordRef, PathBuf) {
+        let spool = Spool::open(dir).unwrap();
+        let first = spool.append(b"first payload").unwrap();
+        let second = spool.append(b"second payload").unwrap();
+        let path = spool.segment_path(first.segment);
+        (spool, first, second, path)
+    }
+
+    #[test]
+    fn damage_names_file_offset_and_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, first, second, path) = two_records(dir.path());
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[second.offset as usize + HEADER_BYTES as usize] ^= 0x01;
+        fs::write(&path, bytes).unwrap();
+        assert_eq!(spool.read(first).unwrap(), b"first payload");
+        let err = spool.read(second).unwrap_err();
+        assert!(matches!(err, SpoolError::Damaged { offset, .. } if offset == second.offset), "{err:?}");
+        let message = err.to_string();
+        assert!(message.contains(&path.display().to_string()), "{message}");
+        assert!(message.contains(&format!("offset {}", second.offset)), "{message}");
+        assert!(message.contains("CRC mismatch"), "{message}");
+        assert!(!message.contains("free space"), "{message}");
+        let mut flipped = b"second payload".to_vec();
+        flipped[0] ^= 0x01;
+        assert_eq!(spool.read_damaged(second).unwrap(), flipped, "the bytes as they are on disk");
+    }
+
+    #[test]
+    fn truncated_record_is_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, first, second, path) = two_records(dir.path());
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(second.offset + HEADER_BYTES + 6).unwrap();
+        let err = spool.read(second).unwrap_err().to_string();
+        assert!(err.contains("cut short: only 6 of its 14 bytes"), "{err}");
+        assert_eq!(spool.read_damaged(second).unwrap(), b"second");
+
+        file.set_len(second.offset + 3).unwrap();
+        let err = spool.read(second).unwrap_err();
+        assert!(matches!(err, SpoolError::Damaged { .. }), "{err:?}");
+        assert!(err.to_string().contains(&format!("ends at byte {}", second.offset + 3)), "{err}");
+        assert_eq!(spool.read_damaged(second).unwrap(), b"");
+        assert_eq!(spool.read(first).unwrap(), b"first payload");
+    }
+
+    #[test]
+    fn length_mismatch_and_missing_file_are_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, first, _, path) = two_records(dir.path());
+        let wrong = RecordRef { len: first.len + 1, ..first };
+        let err = spool.read(wrong).unwrap_err().to_string();
+        assert!(err.contains("length of 13 bytes, the outbox index 14"), "{err}");
+        fs::remove_file(&path).unwrap();
+        let err = spool.read(first).unwrap_err();
+        assert!(matches!(err, SpoolError::Damaged { .. }), "{err:?}");
+        assert!(err.to_string().contains("segment file is missing"), "{err}");
+        assert_eq!(spool.read_damaged(first).unwrap(), b"");
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! | `checkpoints` | tenant name | RFC 3339 text with nanoseconds |
 //! | `outbox` | sequence number u64 BE | index of one queued batch: spool segment, offset, length, count |
 //! | `cursors` | sink name | last acknowledged position, u64 BE |
-//! | `dead_letters` | id u64 BE | JSON: sink, tenant, reason, time, detection |
+//! | `dead_letters` | id u64 BE | JSON: sink, tenant, reason, time, detection, and `detection_base64` when the detection is not UTF-8 |
 //! | `requeued` | sequence number u64 BE | the one sink a requeued dead letter's batch is for |
 //!
 //! The outbox contains one entry per queued batch (up to [`MAX_BATCH_ITEMS`]
@@ -39,6 +39,14 @@
 //! acknowledged the batch, and sled recovers a prefix of its log, so a cursor
 //! never survives a crash that lost the entries it points past. The only
 //! repeats after a crash are batches sent but not yet acknowledged.
+//!
+//! # Damaged spool records
+//! A batch whose spool record cannot be read back as written (see
+//! [`crate::spool`]) would stop every sink at it forever. [`Store::read_after`]
+//! instead moves such a batch to dead letters of [`SPOOL_SINK`] with the
+//! bytes that remain, deletes its outbox entry and reads on. The letters
+//! are written before the entry is deleted, so a crash in between keeps the
+//! batch and stores its letters again at worst.
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
@@ -49,6 +57,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use sled::Tree;
@@ -64,6 +74,9 @@ const SCHEMA_VERSION_SLED_DEDUPE: u32 = 1;
 /// The sink name of dead letters that came from the API response itself
 /// (elements that are not detections); requeueing sends them to every sink.
 pub const SOURCE_SINK: &str = "(source)";
+/// The sink name of dead letters set aside from a damaged spool record.
+/// Their text may differ from what was queued, so they cannot be requeued.
+pub const SPOOL_SINK: &str = "(spool)";
 const LOCK_FILE: &str = "mde-forwarder.lock";
 /// Detections per outbox entry; positions reserve 16 bits for the index.
 pub const MAX_BATCH_ITEMS: usize = 4096;
@@ -88,8 +101,12 @@ pub enum StoreError {
     Cancelled,
     #[error("corrupt {what} in {path}: {detail}")]
     Corrupt { path: PathBuf, what: &'static str, detail: String },
-    #[error("{0}; check free space and permissions; the operation is retried")]
+    #[error("{0}")]
     Spool(#[from] SpoolError),
+    #[error("dead letter {id} is not valid UTF-8 and the sinks send text, so a requeue would change it; export its exact bytes with `state dead-letters --id {id} --raw > FILE`, then purge it")]
+    RequeueNotUtf8 { id: u64 },
+    #[error("dead letter {id} comes from a damaged spool record, so its text may differ from what was received; replay the detections from the API with `state set-checkpoint --resend` (the reason gives the window), then purge it")]
+    RequeueDamaged { id: u64 },
     #[error("{0}; check free space and permissions; the operation is retried")]
     Seen(#[from] SeenError),
 }
@@ -347,7 +364,49 @@ pub struct DeadLetter {
     pub tenant: String,
     pub reason: String,
     pub time: String,
+    /// The detection's text. When its bytes are not UTF-8, a copy for
+    /// display with U+FFFD in place of each invalid sequence; the exact
+    /// bytes are then in `detection_base64`.
     pub detection: String,
+    /// The detection's exact bytes in standard padded base64, present only
+    /// when they are not UTF-8. Letters stored before this field existed
+    /// are all UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detection_base64: Option<String>,
+}
+
+impl DeadLetter {
+    fn new(sink: &str, tenant: &str, raw: &[u8], reason: &str) -> Self {
+        let (detection, detection_base64) = match std::str::from_utf8(raw) {
+            Ok(text) => (text.to_string(), None),
+            Err(_) => (String::from_utf8_lossy(raw).into_owned(), Some(BASE64.encode(raw))),
+        };
+        Self {
+            id: 0,
+            sink: sink.to_string(),
+            tenant: tenant.to_string(),
+            reason: reason.to_string(),
+            time: timefmt::format_exact(Utc::now()),
+            detection,
+            detection_base64,
+        }
+    }
+
+    /// Returns whether the detection is valid UTF-8, so that `detection`
+    /// is its exact text.
+    pub fn is_utf8(&self) -> bool {
+        self.detection_base64.is_none()
+    }
+
+    /// Returns the detection's exact bytes. [`Store::dead_letters`] checks
+    /// the base64 when it reads a letter, so an error here means a letter
+    /// built or changed elsewhere.
+    pub fn detection_bytes(&self) -> Result<std::borrow::Cow<'_, [u8]>, base64::DecodeError> {
+        match &self.detection_base64 {
+            None => Ok(std::borrow::Cow::Borrowed(self.detection.as_bytes())),
+            Some(encoded) => BASE64.decode(encoded).map(std::borrow::Cow::Owned),
+        }
+    }
 }
 
 /// Settings fixed when the store opens.
@@ -699,6 +758,8 @@ impl Store {
     }
 
     /// Up to `max` detections after position `after`, with their positions.
+    /// A batch whose spool record is damaged is moved to dead letters (see
+    /// [`Store::set_aside_damaged`]) and skipped.
     pub fn read_after(&self, after: u64, max: usize) -> Result<Vec<(u64, OutboxEntry)>, StoreError> {
         let (first_seq, first_index) = split_position(after);
         let mut batch = Vec::with_capacity(max.min(1024));
@@ -710,7 +771,14 @@ impl Store {
             if skip >= index.count {
                 continue;
             }
-            let queued = self.queued_batch(seq, index.record)?;
+            let queued = match self.queued_batch(seq, index.record) {
+                Ok(queued) => queued,
+                Err(StoreError::Spool(damage @ SpoolError::Damaged { .. })) => {
+                    self.set_aside_damaged(seq, &value, index, &damage)?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             for index in skip..queued.detections.len() {
                 batch.push((position(seq, index), OutboxEntry { batch: queued.clone(), index }));
                 if batch.len() >= max {
@@ -719,6 +787,68 @@ impl Store {
             }
         }
         Ok(batch)
+    }
+
+    /// Moves the batch `seq`, whose spool record is damaged, to dead letters
+    /// of [`SPOOL_SINK`] and deletes its outbox entry, so the sinks read on.
+    ///
+    /// When the bytes that remain still split into the batch's detections,
+    /// each becomes a letter of its own, so `state dead-letters` lists their
+    /// FullIds. Otherwise one letter keeps all of them. Either way the
+    /// letters keep the bytes exactly as read. Nothing happens when the
+    /// entry is gone or changed meanwhile (another sink set it aside first,
+    /// or every sink acknowledged it).
+    fn set_aside_damaged(&self, seq: u64, value: &[u8], index: IndexEntry, damage: &SpoolError) -> Result<(), StoreError> {
+        // Release deletes entries and segments under this lock, and other
+        // sinks may reach the same batch.
+        let _order = self.append_order.lock().unwrap_or_else(|e| e.into_inner());
+        if self.outbox.get(seq.to_be_bytes()).map_err(|e| self.io(e))?.as_deref() != Some(value) {
+            return Ok(());
+        }
+        let bytes = self.spool.read_damaged(index.record)?;
+        let target = self.requeued.get(seq.to_be_bytes()).map_err(|e| self.io(e))?;
+        let target = target.map(|sink| format!(", a requeued dead letter for sink {}", String::from_utf8_lossy(&sink)));
+        let origin = format!("outbox batch {seq} ({} detections{}): {damage}", index.count, target.unwrap_or_default());
+        let split = BatchView::decode(&bytes).and_then(|view| {
+            let raws: Option<Vec<&str>> = view.raws().collect();
+            raws.filter(|raws| raws.len() == index.count).map(|raws| (view.tenant, raws))
+        });
+        let (tenant, ids) = match split {
+            Some((tenant, raws)) => {
+                let window = replay_window(&raws);
+                let mut ids = Vec::with_capacity(raws.len());
+                for (item, raw) in raws.iter().enumerate() {
+                    let reason = format!("damaged spool record, so this text may differ from what was received; detection {item} of {origin}{window}");
+                    ids.push(self.store_dead_letter(DeadLetter::new(SPOOL_SINK, &tenant, raw.as_bytes(), &reason))?);
+                }
+                (tenant, ids)
+            }
+            None => {
+                let tenant = BatchView::decode(&bytes).map_or_else(|| "(unknown)".to_string(), |view| view.tenant);
+                let reason = format!(
+                    "damaged spool record; this letter keeps the {} bytes that could be read, in the spool's batch format, not one detection; {origin}",
+                    bytes.len()
+                );
+                (tenant.clone(), vec![self.store_dead_letter(DeadLetter::new(SPOOL_SINK, &tenant, &bytes, &reason))?])
+            }
+        };
+        let mut removal = sled::Batch::default();
+        removal.remove(&seq.to_be_bytes());
+        self.outbox.apply_batch(removal).map_err(|e| self.io(e))?;
+        self.requeued.remove(seq.to_be_bytes()).map_err(|e| self.io(e))?;
+        self.db.flush().map_err(|e| self.io(e))?;
+        self.outbox_bytes.fetch_sub(u64::from(index.record.len).min(self.outbox_bytes()), Ordering::Relaxed);
+        crate::telemetry::global().metrics.add(&crate::telemetry::SPOOL_DAMAGED, &[], 1.0);
+        let letters: Vec<String> = ids.iter().map(u64::to_string).collect();
+        tracing::error!(
+            tenant = %tenant,
+            batch = seq,
+            detections = index.count,
+            dead_letters = %letters.join(","),
+            error = %damage,
+            "damaged spool record: its batch moved to dead letters and the sinks skip it; see `state dead-letters`"
+        );
+        Ok(())
     }
 
     /// Returns the position of the last detection in the outbox, 0 when it is empty.
@@ -895,15 +1025,18 @@ impl Store {
     ///
     /// The dead letter is flushed before the element is marked as seen, so a
     /// crash in between stores it twice at worst, never not at all.
-    pub fn keep_invalid(&self, tenant: &str, raw: &str, reason: &str, now: DateTime<Utc>) -> Result<bool, StoreError> {
+    ///
+    /// `raw` is the element's bytes as received, which need not be UTF-8;
+    /// the dead letter keeps them exactly.
+    pub fn keep_invalid(&self, tenant: &str, raw: &[u8], reason: &str, now: DateTime<Utc>) -> Result<bool, StoreError> {
         let mut key = tenant.as_bytes().to_vec();
         key.extend_from_slice(b"\0\0invalid:");
-        key.extend_from_slice(raw.as_bytes());
+        key.extend_from_slice(raw);
         let seen = Seen::of_key(&key);
         if self.seen.contains(&seen, now) {
             return Ok(false);
         }
-        self.dead_letter(SOURCE_SINK, tenant, raw, reason)?;
+        self.store_dead_letter(DeadLetter::new(SOURCE_SINK, tenant, raw, reason))?;
         self.db.flush().map_err(|e| self.io(e))?;
         self.seen.insert(&[seen], now)?;
         Ok(true)
@@ -921,16 +1054,13 @@ impl Store {
         Ok(self.seen.forget_tenant(tenant)?)
     }
 
-    /// Stores a detection (its JSON text `raw`) that a sink rejected for good.
-    pub fn dead_letter(&self, sink: &str, tenant: &str, raw: &str, reason: &str) -> Result<(), StoreError> {
-        let letter = DeadLetter {
-            id: 0,
-            sink: sink.to_string(),
-            tenant: tenant.to_string(),
-            reason: reason.to_string(),
-            time: timefmt::format_exact(Utc::now()),
-            detection: raw.to_string(),
-        };
+    /// Stores a detection (its JSON text `raw`) that a sink rejected for
+    /// good. Returns the dead letter's id.
+    pub fn dead_letter(&self, sink: &str, tenant: &str, raw: &str, reason: &str) -> Result<u64, StoreError> {
+        self.store_dead_letter(DeadLetter::new(sink, tenant, raw.as_bytes(), reason))
+    }
+
+    fn store_dead_letter(&self, letter: DeadLetter) -> Result<u64, StoreError> {
         let id = self.db.generate_id().map_err(|e| self.io(e))?;
         let bytes = serde_json::to_vec(&letter).map_err(|e| StoreError::Corrupt {
             path: self.dir.clone(),
@@ -938,7 +1068,7 @@ impl Store {
             detail: e.to_string(),
         })?;
         self.dead_letters.insert(id.to_be_bytes(), bytes).map_err(|e| self.io(e))?;
-        Ok(())
+        Ok(id)
     }
 
     pub fn dead_letter_count(&self) -> usize {
@@ -955,6 +1085,10 @@ impl Store {
                 detail: e.to_string(),
             })?;
             letter.id = seq_from(&key);
+            if let Err(e) = letter.detection_bytes() {
+                let detail = format!("id {}: detection_base64 is not valid base64 ({e})", letter.id);
+                return Err(self.corrupt("dead letter", detail));
+            }
             letters.push(letter);
         }
         Ok(letters)
@@ -962,12 +1096,21 @@ impl Store {
 
     /// Puts dead letters back into the outbox for the sink that rejected
     /// them (all when `ids` is empty), then deletes them. Returns the count.
+    ///
+    /// Rejects the whole request, before anything changes, when one of the
+    /// letters is not UTF-8 or comes from a damaged spool record: queuing
+    /// either would forward text that may differ from what was received.
     pub fn requeue_dead_letters(&self, ids: &[u64]) -> Result<usize, StoreError> {
+        let selected: Vec<DeadLetter> =
+            self.dead_letters()?.into_iter().filter(|letter| ids.is_empty() || ids.contains(&letter.id)).collect();
+        if let Some(letter) = selected.iter().find(|letter| !letter.is_utf8()) {
+            return Err(StoreError::RequeueNotUtf8 { id: letter.id });
+        }
+        if let Some(letter) = selected.iter().find(|letter| letter.sink == SPOOL_SINK) {
+            return Err(StoreError::RequeueDamaged { id: letter.id });
+        }
         let mut count = 0;
-        for letter in self.dead_letters()? {
-            if !ids.is_empty() && !ids.contains(&letter.id) {
-                continue;
-            }
+        for letter in selected {
             let target = (letter.sink != SOURCE_SINK).then_some(letter.sink.as_str());
             let payload = BatchPayload::new(&letter.tenant, target, false, std::iter::once(letter.detection.as_str()));
             let _order = self.append_order.lock().unwrap_or_else(|e| e.into_inner());
@@ -1004,6 +1147,21 @@ impl Store {
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.db.flush_async().await.map_err(|e| self.io(e))?;
         Ok(())
+    }
+}
+
+/// Returns the LastProcessedTimeUtc range of `raws` as a reason's suffix,
+/// for a replay from the API; empty when no text has that field.
+fn replay_window(raws: &[&str]) -> String {
+    let times: Vec<DateTime<Utc>> =
+        raws.iter().filter_map(|raw| Detection::from_json_text(raw).ok()?.last_processed()).collect();
+    match (times.iter().min(), times.iter().max()) {
+        (Some(first), Some(last)) => format!(
+            "; the batch's LastProcessedTimeUtc runs from {} to {}",
+            timefmt::format_exact(*first),
+            timefmt::format_exact(*last)
+        ),
+        _ => String::new(),
     }
 }
 
@@ -1230,7 +1388,7 @@ mod tests {
         assert_eq!(store.dedupe_len(), 2);
         let again = store.enqueue_blocking("t", vec![detection("old:1", "2026-01-01T00:00:00Z")], None, Utc::now()).unwrap();
         assert_eq!(again, EnqueueOutcome { queued: 0, duplicates: 1 });
-        assert!(!store.keep_invalid("t", "[1]", "not an object", Utc::now()).unwrap());
+        assert!(!store.keep_invalid("t", b"[1]", "not an object", Utc::now()).unwrap());
         assert!(!store.db.tree_names().iter().any(|name| name.starts_with(DEDUPE_PREFIX.as_bytes())));
         drop(store);
 
@@ -1244,14 +1402,181 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let now = Utc::now();
-        assert!(store.keep_invalid("t", "[1]", "not an object", now).unwrap());
-        assert!(!store.keep_invalid("t", "[1]", "not an object", now).unwrap());
-        assert!(store.keep_invalid("other", "[1]", "not an object", now).unwrap());
+        assert!(store.keep_invalid("t", b"[1]", "not an object", now).unwrap());
+        assert!(!store.keep_invalid("t", b"[1]", "not an object", now).unwrap());
+        assert!(store.keep_invalid("other", b"[1]", "not an object", now).unwrap());
         let letters = store.dead_letters().unwrap();
         assert_eq!(letters.len(), 2);
         assert_eq!(letters[0].sink, SOURCE_SINK);
         assert_eq!(letters[0].detection, "[1]");
         assert_eq!(letters[0].reason, "not an object");
+    }
+
+    #[test]
+    fn non_utf8_element_keeps_exact_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = Utc::now();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            assert!(store.keep_invalid("t", b"[\"a\xff\"]", "not valid UTF-8", now).unwrap());
+            // The same text once made lossy, but other bytes: not a repeat.
+            assert!(store.keep_invalid("t", b"[\"a\xfe\"]", "not valid UTF-8", now).unwrap());
+            assert!(!store.keep_invalid("t", b"[\"a\xfe\"]", "not valid UTF-8", now).unwrap());
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let letters = store.dead_letters().unwrap();
+        assert_eq!(letters.len(), 2);
+        assert!(!letters[0].is_utf8());
+        assert_eq!(letters[0].detection_bytes().unwrap().as_ref(), b"[\"a\xff\"]");
+        assert_eq!(letters[1].detection_bytes().unwrap().as_ref(), b"[\"a\xfe\"]");
+        assert_eq!(letters[0].detection, "[\"a\u{fffd}\"]", "a copy for display");
+        let stored = store.dead_letters.iter().values().next().unwrap().unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&stored).unwrap();
+        assert_eq!(json["detection_base64"], "WyJh/yJd");
+    }
+
+    #[test]
+    fn utf8_letter_stores_no_base64() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.dead_letter("http", "t", "{\"FullId\":\"é\"}", "HTTP 400").unwrap();
+        let stored = store.dead_letters.iter().values().next().unwrap().unwrap();
+        assert!(!String::from_utf8(stored.to_vec()).unwrap().contains("detection_base64"));
+        let letter = &store.dead_letters().unwrap()[0];
+        assert!(letter.is_utf8());
+        assert_eq!(letter.detection_bytes().unwrap().as_ref(), "{\"FullId\":\"é\"}".as_bytes());
+    }
+
+    #[test]
+    fn letters_of_earlier_releases_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let old = r#"{"sink":"siem","tenant":"t","reason":"r","time":"2026-01-01T00:00:00Z","detection":"{\"FullId\":\"a:1\"}"}"#;
+        store.dead_letters.insert(7u64.to_be_bytes(), old.as_bytes()).unwrap();
+        let letters = store.dead_letters().unwrap();
+        assert_eq!(letters[0].id, 7);
+        assert!(letters[0].is_utf8());
+        assert_eq!(letters[0].detection_bytes().unwrap().as_ref(), br#"{"FullId":"a:1"}"#);
+    }
+
+    #[test]
+    fn invalid_base64_is_reported_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let bad = r#"{"sink":"s","tenant":"t","reason":"r","time":"x","detection":"?","detection_base64":"***"}"#;
+        store.dead_letters.insert(9u64.to_be_bytes(), bad.as_bytes()).unwrap();
+        let err = store.dead_letters().unwrap_err().to_string();
+        assert!(err.contains("id 9: detection_base64 is not valid base64"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn requeue_rejects_non_utf8_letters() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.sync_cursors(&["a"]).unwrap();
+        store.dead_letter("a", "t", "{}", "HTTP 400").unwrap();
+        store.keep_invalid("t", b"{\"x\":\"\xc3\"}", "not valid UTF-8", Utc::now()).unwrap();
+        let bad_id = store.dead_letters().unwrap()[1].id;
+        let err = store.requeue_dead_letters(&[]).unwrap_err();
+        assert!(matches!(err, StoreError::RequeueNotUtf8 { id } if id == bad_id), "{err}");
+        let message = err.to_string();
+        assert!(message.contains(&format!("dead letter {bad_id} is not valid UTF-8")), "{message}");
+        assert!(message.contains(&format!("--id {bad_id} --raw")), "{message}");
+        assert_eq!(store.dead_letters().unwrap().len(), 2, "nothing changed");
+        assert_eq!(store.pending("a").unwrap().0, 0);
+        let good_id = store.dead_letters().unwrap()[0].id;
+        assert_eq!(store.requeue_dead_letters(&[good_id]).unwrap(), 1, "the others can still be requeued by id");
+    }
+
+    /// Queues three batches of two detections, reopens the store so none
+    /// is in memory, and returns it with the spool records in queue order.
+    async fn three_spooled_batches(dir: &Path) -> (Store, Vec<RecordRef>) {
+        {
+            let store = Store::open(dir).unwrap();
+            store.sync_cursors(&["a"]).unwrap();
+            for batch in 0..3 {
+                let pair = (0..2).map(|i| detection(&format!("b{batch}:{i}"), &format!("2026-01-01T00:00:0{batch}.{i}Z"))).collect();
+                store.enqueue("t", pair, None, Utc::now()).await.unwrap();
+            }
+        }
+        let store = Store::open(dir).unwrap();
+        let records = store.outbox.iter().values().map(|v| IndexEntry::decode(&v.unwrap()).unwrap().record).collect();
+        (store, records)
+    }
+
+    fn read_ids(store: &Store) -> Vec<String> {
+        store.read_after(0, 100).unwrap().iter().map(|(_, e)| e.detection().full_id().unwrap().into_owned()).collect()
+    }
+
+    #[tokio::test]
+    async fn crc_mismatch_moves_batch_to_dead_letters() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, records) = three_spooled_batches(dir.path()).await;
+        let path = store.spool.segment_path(records[1].segment);
+        let mut bytes = fs::read(&path).unwrap();
+        // Inside the first detection's text of batch 2: "b1:0" becomes "b1:1".
+        let at = records[1].offset as usize + memchr::memmem::find(&bytes[records[1].offset as usize..], b"b1:0").unwrap() + 3;
+        bytes[at] ^= 0x01;
+        fs::write(&path, bytes).unwrap();
+        let bytes_before = store.outbox_bytes();
+        let counted_before = crate::telemetry::global().metrics.value(&crate::telemetry::SPOOL_DAMAGED, &[]).unwrap_or(0.0);
+
+        assert_eq!(read_ids(&store), ["b0:0", "b0:1", "b2:0", "b2:1"], "the sinks read past the damaged batch");
+        assert_eq!(store.outbox_bytes(), bytes_before - u64::from(records[1].len));
+        let counted = crate::telemetry::global().metrics.value(&crate::telemetry::SPOOL_DAMAGED, &[]).unwrap();
+        assert!(counted >= counted_before + 1.0, "{counted} after {counted_before}");
+
+        let letters = store.dead_letters().unwrap();
+        assert_eq!(letters.len(), 2, "one letter per detection of the batch");
+        assert!(letters.iter().all(|l| l.sink == SPOOL_SINK && l.tenant == "t"));
+        assert!(letters[0].detection.contains("\"b1:1\""), "the bytes as read: {}", letters[0].detection);
+        assert!(letters[1].detection.contains("\"b1:1\""), "{}", letters[1].detection);
+        let reason = &letters[0].reason;
+        assert!(reason.contains(&path.display().to_string()), "{reason}");
+        assert!(reason.contains(&format!("offset {}", records[1].offset)), "{reason}");
+        assert!(reason.contains("detection 0 of outbox batch 2 (2 detections)"), "{reason}");
+        assert!(reason.contains("CRC mismatch"), "{reason}");
+        assert!(reason.contains("LastProcessedTimeUtc runs from 2026-01-01T00:00:01.000000000Z to 2026-01-01T00:00:01.100000000Z"), "{reason}");
+        let err = store.requeue_dead_letters(&[]).unwrap_err();
+        assert!(matches!(err, StoreError::RequeueDamaged { .. }), "{err}");
+
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(read_ids(&store), ["b0:0", "b0:1", "b2:0", "b2:1"], "set aside for good");
+        assert_eq!(store.dead_letters().unwrap().len(), 2, "and only once");
+    }
+
+    #[tokio::test]
+    async fn truncated_spool_moves_batch_to_dead_letters() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, records) = three_spooled_batches(dir.path()).await;
+        let path = store.spool.segment_path(records[2].segment);
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(records[2].offset + 8 + 5).unwrap();
+
+        assert_eq!(read_ids(&store), ["b0:0", "b0:1", "b1:0", "b1:1"]);
+        let letters = store.dead_letters().unwrap();
+        assert_eq!(letters.len(), 1, "a cut batch stays in one letter");
+        assert_eq!(letters[0].sink, SPOOL_SINK);
+        assert!(letters[0].reason.contains("cut short: only 5 of its"), "{}", letters[0].reason);
+        assert!(letters[0].reason.contains("the 5 bytes that could be read"), "{}", letters[0].reason);
+        let head = fs::read(&path).unwrap()[records[2].offset as usize + 8..].to_vec();
+        assert_eq!(letters[0].detection_bytes().unwrap().as_ref(), head.as_slice());
+        assert_eq!(letters[0].tenant, "(unknown)", "five bytes end inside the batch head");
+    }
+
+    #[tokio::test]
+    async fn spool_cut_before_header_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, records) = three_spooled_batches(dir.path()).await;
+        let path = store.spool.segment_path(records[2].segment);
+        OpenOptions::new().write(true).open(&path).unwrap().set_len(records[2].offset + 3).unwrap();
+        assert_eq!(read_ids(&store).len(), 4);
+        let letters = store.dead_letters().unwrap();
+        assert_eq!(letters.len(), 1);
+        assert!(letters[0].detection.is_empty());
+        assert!(letters[0].reason.contains("before the record's 8-byte header"), "{}", letters[0].reason);
+        assert!(letters[0].reason.contains("outbox batch 3 (2 detections)"), "{}", letters[0].reason);
     }
 
     #[test]

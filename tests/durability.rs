@@ -503,3 +503,53 @@ async fn sigint_stops_once_run_within_grace() {
     let state = run_cli(&["state", "--config", config.to_str().unwrap(), "show"]).await;
     assert!(stdout(&state).contains("sink siem: 46 pending"), "{}", stdout(&state));
 }
+
+/// A spool record damaged on disk (a flipped byte, a cut file) moves its
+/// batch to dead letters with an ERROR; the sinks deliver everything else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_spool_records_do_not_block_sinks() {
+    use mde_forwarder::detection::Detection;
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("archive.jsonl");
+    let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &file_sink_toml("archive", &archive));
+    {
+        let store = open_store(dir.path());
+        store.sync_cursors(&["archive"]).unwrap();
+        for batch in 0..3 {
+            let text = format!(r#"{{"FullId":"spooled:{batch}","LastProcessedTimeUtc":"{}"}}"#, now_text());
+            let detection = Detection::from_json_text(&text).unwrap();
+            store.enqueue("contoso", vec![detection], None, chrono::Utc::now()).await.unwrap();
+        }
+    }
+    let spool = dir.path().join("state/spool");
+    let segment = std::fs::read_dir(&spool).unwrap().next().unwrap().unwrap().path();
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let second = bytes.windows(10).position(|w| w == b"spooled:1\"").unwrap();
+    let third = bytes.windows(10).position(|w| w == b"spooled:2\"").unwrap();
+    bytes[second] ^= 0x20;
+    // The third record loses its last bytes.
+    bytes.truncate(third + 4);
+    std::fs::write(&segment, &bytes).unwrap();
+
+    let run = run_once(&config).await;
+    assert_success(&run);
+    let log = stderr(&run);
+    assert!(log.contains("damaged spool record"), "{log}");
+    assert!(log.contains(&segment.display().to_string()), "{log}");
+    assert!(log.contains("CRC mismatch"), "{log}");
+    assert!(log.contains("cut short"), "{log}");
+
+    let forwarded = full_ids(&read_json_lines(&archive));
+    assert!(forwarded.contains(&"spooled:0".to_string()), "{forwarded:?}");
+    assert!(!forwarded.iter().any(|id| id.starts_with("spooled:1") || id.starts_with("spooled:2")), "{forwarded:?}");
+    assert_eq!(forwarded.len(), sample_full_ids().len() + 1, "the samples polled after the damage arrive too");
+    assert_eq!(pending(dir.path(), "archive"), 0);
+
+    let letters = dead_letters(dir.path());
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    assert!(letters.iter().all(|l| l.sink == "(spool)"));
+    assert!(letters[0].detection.contains(r#""FullId":"Spooled:1""#), "the bytes as read: {}", letters[0].detection);
+    let cut = letters[1].detection_bytes().unwrap();
+    assert!(cut.ends_with(b"spoo"), "{:?}", String::from_utf8_lossy(&cut));
+}

@@ -49,7 +49,7 @@ async fn unparsable_fields_become_dead_letters() {
     let listing = run_cli(&list_args).await;
     assert_success(&listing);
     let rows: Vec<Vec<String>> = stdout(&listing).lines().map(|l| l.split('\t').map(String::from).collect()).collect();
-    assert_eq!(rows[0], ["id", "time", "sink", "tenant", "FullId", "reason"]);
+    assert_eq!(rows[0], ["id", "time", "sink", "tenant", "FullId", "reason", "text"]);
     assert_eq!(rows.len(), 2, "{rows:?}");
     assert_eq!(rows[1][2..5], ["siem", "contoso", "deep:1"]);
     let lines = receiver.wait_for(47, Duration::from_secs(5)).await;
@@ -231,8 +231,52 @@ async fn lone_surrogates_reach_json_sinks_unchanged() {
     assert!(lines[0].contains("plain:1"), "{}", lines[0]);
     let mut letters: Vec<(String, String)> = dead_letters(dir.path()).into_iter().map(|l| (l.sink, l.detection)).collect();
     letters.sort();
-    let expected: Vec<(String, String)> = detections[..2].iter().map(|d| ("siem".to_string(), d.clone())).collect();
-    let mut expected = expected;
+    let mut expected: Vec<(String, String)> = detections[..2].iter().map(|d| ("siem".to_string(), d.clone())).collect();
     expected.sort();
     assert_eq!(letters, expected);
+}
+
+/// A response element that is not UTF-8 keeps its exact bytes. The listing
+/// marks it `not-utf-8`, `--raw` writes the bytes back, and a requeue is
+/// rejected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_utf8_dead_letter_keeps_exact_bytes() {
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("archive.jsonl");
+    let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &file_sink_toml("archive", &archive));
+    let element: &[u8] = b"{\"FullId\":\"da63\xff\xfe\",\"Title\":\"caf\xe9\"}";
+    {
+        let store = open_store(dir.path());
+        assert!(store.keep_invalid("contoso", element, "response element is not a detection: not valid UTF-8", chrono::Utc::now()).unwrap());
+        store.dead_letter("archive", "contoso", r#"{"FullId":42}"#, "HTTP 400").unwrap();
+        store.dead_letter("archive", "contoso", r#"{"FullId":"42"}"#, "HTTP 400").unwrap();
+    }
+    let cfg = config.to_str().unwrap();
+
+    let listing = run_cli(&["state", "--config", cfg, "dead-letters"]).await;
+    assert_success(&listing);
+    let rows: Vec<Vec<String>> = stdout(&listing).lines().map(|l| l.split('\t').map(String::from).collect()).collect();
+    assert_eq!(rows[0], ["id", "time", "sink", "tenant", "FullId", "reason", "text"]);
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    assert_eq!(rows[1][2..5], ["(source)", "contoso", "-"], "a FullId with replaced bytes is not shown");
+    assert_eq!(rows[1][6], "not-utf-8");
+    assert_eq!(rows[2][4..], ["json:42", "HTTP 400", "utf-8"]);
+    assert_eq!(rows[3][4..], ["42", "HTTP 400", "utf-8"]);
+
+    let id = rows[1][0].clone();
+    let raw = run_cli(&["state", "--config", cfg, "dead-letters", "--id", &id, "--raw"]).await;
+    assert_success(&raw);
+    assert_eq!(raw.stdout, element, "byte for byte, nothing added");
+
+    let two = run_cli(&["state", "--config", cfg, "dead-letters", "--id", &id, "--id", &rows[2][0], "--raw"]).await;
+    assert!(!two.status.success());
+    assert!(stderr(&two).contains("give one --id"), "{}", stderr(&two));
+
+    let requeue = run_cli(&["state", "--config", cfg, "requeue"]).await;
+    assert!(!requeue.status.success());
+    let message = stderr(&requeue);
+    assert!(message.contains(&format!("dead letter {id} is not valid UTF-8")), "{message}");
+    assert!(message.contains(&format!("--id {id} --raw")), "{message}");
+    assert_eq!(dead_letters(dir.path()).len(), 3, "a refused requeue changes nothing");
 }
