@@ -61,6 +61,9 @@ pub struct Spool {
     writer: Mutex<Option<Writer>>,
     /// The segment new records go to; older ones are only read and deleted.
     next_segment: Mutex<u64>,
+    /// No segment below this one exists, so [`Spool::remove_below`] lists
+    /// the directory only when it has something to delete.
+    lowest_segment: Mutex<u64>,
 }
 
 impl Spool {
@@ -73,12 +76,15 @@ impl Spool {
     pub fn open_with(dir: &Path, segment_bytes: u64) -> Result<Self, SpoolError> {
         let io = |source| SpoolError::Io { path: dir.to_path_buf(), source };
         fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)?;
-        let highest = segments(dir).map_err(io)?.into_iter().max().unwrap_or(0);
+        let present = segments(dir).map_err(io)?;
+        let highest = present.iter().copied().max().unwrap_or(0);
+        let lowest = present.iter().copied().min().unwrap_or(highest + 1);
         Ok(Self {
             dir: dir.to_path_buf(),
             segment_bytes,
             writer: Mutex::new(None),
             next_segment: Mutex::new(highest + 1),
+            lowest_segment: Mutex::new(lowest),
         })
     }
 
@@ -205,6 +211,10 @@ impl Spool {
 
     /// Deletes every segment below `keep_from`, except the one being written.
     pub fn remove_below(&self, keep_from: u64) -> Result<usize, SpoolError> {
+        let mut lowest = self.lowest_segment.lock().unwrap_or_else(|e| e.into_inner());
+        if keep_from <= *lowest {
+            return Ok(0);
+        }
         let writing = self.writer.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|w| w.segment);
         let io = |source| SpoolError::Io { path: self.dir.clone(), source };
         let mut removed = 0;
@@ -215,6 +225,7 @@ impl Spool {
                 removed += 1;
             }
         }
+        *lowest = writing.map_or(keep_from, |writing| writing.min(keep_from));
         Ok(removed)
     }
 
@@ -425,5 +436,25 @@ mod tests {
         assert_eq!(spool.remove_below(u64::MAX).unwrap(), 1);
         assert!(spool.read(old).is_err());
         assert_eq!(spool.read(current).unwrap(), b"y");
+    }
+
+    /// Segments written while the current one was kept are still deleted
+    /// later, although no listing runs while nothing is below the limit.
+    #[test]
+    fn remove_below_deletes_segments_of_every_rollover() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open_with(dir.path(), 1).unwrap();
+        let records: Vec<RecordRef> = (0..5u8).map(|i| spool.append(&[i]).unwrap()).collect();
+        assert_eq!(segments(dir.path()).unwrap().len(), 5);
+        assert_eq!(spool.remove_below(records[2].segment).unwrap(), 2);
+        assert_eq!(spool.remove_below(records[2].segment).unwrap(), 0);
+        assert_eq!(spool.remove_below(records[1].segment).unwrap(), 0);
+        assert_eq!(spool.remove_below(u64::MAX).unwrap(), 2, "all but the segment being written");
+        let later = spool.append(b"z").unwrap();
+        assert_eq!(spool.remove_below(later.segment).unwrap(), 1);
+        let mut left = segments(dir.path()).unwrap();
+        left.sort();
+        assert_eq!(left, [later.segment]);
+        assert_eq!(spool.read(later).unwrap(), b"z");
     }
 }
