@@ -1144,9 +1144,21 @@ impl Store {
         Ok(count)
     }
 
+    /// Flushes sled on the runtime's blocking pool. sled's own `flush_async`
+    /// hands the flush to sled's thread pool, whose every task wakes all
+    /// seven of its threads; the flush itself hands its write to that pool
+    /// once more. Each sink acknowledges its batches through here, so one
+    /// handoff less per batch saves thread switches on the busiest path.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await.map_err(|e| self.io(e))?;
-        Ok(())
+        let db = self.db.clone();
+        match tokio::task::spawn_blocking(move || db.flush()).await {
+            Ok(flushed) => flushed.map(drop).map_err(|e| self.io(e)),
+            Err(join) => match join.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                // Only a runtime shutdown cancels a blocking task.
+                Err(_) => Err(StoreError::Cancelled),
+            },
+        }
     }
 }
 
