@@ -23,7 +23,7 @@ use tokio::task::JoinSet;
 
 use crate::config::{Config, ConfigError, Protocol, SinkConfig, SyslogSinkConfig};
 use crate::format::{CefOptions, Encoder, EncoderOptions, Framing, HecOptions, HeaderFormat, LeefOptions, PayloadFormat};
-use crate::sink::tls::{client_config, ClientIdentity};
+use crate::sink::tls::{client_config_watching, ClientIdentity};
 use crate::sink::{
     FileTransport, HecSettings, HecTransport, HttpSettings, HttpTransport, StreamTransport, TlsSettings, Transport,
     UdpTransport,
@@ -195,13 +195,13 @@ fn syslog_tls(key: &str, s: &SyslogSinkConfig) -> Result<TlsSettings, ConfigErro
         (Some(cert_file), Some(key_file)) => Some(ClientIdentity { cert_file, key_file }),
         _ => None,
     };
-    let config = client_config(key, &s.tls, identity)?;
+    let (config, no_certificate) = client_config_watching(key, &s.tls, identity)?;
     let name = s.server_name();
     let server_name = rustls_pki_types::ServerName::try_from(name.clone()).map_err(|_| ConfigError::Invalid {
         key: format!("{key}.tls_server_name"),
         message: format!("{name:?} is not a DNS name or IP address; set tls_server_name to the name in the receiver's certificate"),
     })?;
-    Ok(TlsSettings::new(config, server_name))
+    Ok(TlsSettings::new(config, server_name).watching(no_certificate))
 }
 
 fn warn_if_insecure(sink: &str, insecure: bool) {

@@ -49,6 +49,8 @@ pub enum SinkError {
     Stdout(io::Error),
     #[error("TLS handshake with {address} failed: {source}")]
     Tls { address: String, source: io::Error },
+    #[error("{address} requires a client certificate (mutual TLS) and rejected the session without one; set tls_cert_file and tls_key_file of this sink")]
+    ClientCertificateRequired { address: String },
     #[error("request to {url} failed: {}", crate::redact::error_chain(source))]
     Http { url: String, source: reqwest::Error },
     #[error("{url} returned HTTP {status}: {body}")]

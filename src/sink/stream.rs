@@ -17,19 +17,36 @@ use tokio::time::{timeout, Instant};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
+use super::tls::NoClientCertificate;
 use super::{Batch, SinkError};
 
 /// What TLS needs to open a session: settings and the name to verify.
 pub struct TlsSettings {
     pub connector: TlsConnector,
     pub server_name: ServerName<'static>,
+    /// The counter of the receiver's certificate requests, when the sink has no client certificate.
+    no_certificate: Option<Arc<NoClientCertificate>>,
 }
 
 impl TlsSettings {
     pub fn new(config: Arc<rustls::ClientConfig>, server_name: ServerName<'static>) -> Self {
-        Self { connector: TlsConnector::from(config), server_name }
+        Self { connector: TlsConnector::from(config), server_name, no_certificate: None }
+    }
+
+    /// Makes the sink wait for the receiver's verdict when it requested a
+    /// client certificate that the config does not set (see
+    /// [`NoClientCertificate`]).
+    pub fn watching(self, no_certificate: Option<Arc<NoClientCertificate>>) -> Self {
+        Self { no_certificate, ..self }
     }
 }
+
+/// How long a sink without a client certificate waits, after a handshake in
+/// which the receiver requested one, for the receiver to reject the session
+/// before it writes. A TLS 1.3 receiver that requires the certificate
+/// rejects the session right after the handshake. One whose request is
+/// optional sends nothing, and the sink then does not wait for it again.
+const CLIENT_CERTIFICATE_VERDICT: Duration = Duration::from_secs(1);
 
 enum Connection {
     Plain(TcpStream),
@@ -122,11 +139,30 @@ impl StreamTransport {
         let Some(tls) = &self.tls else {
             return Ok(Connection::Plain(stream));
         };
-        let session = tls
-            .connector
-            .connect(tls.server_name.clone(), stream)
-            .await
-            .map_err(|source| SinkError::Tls { address, source })?;
+        let requests_before = tls.no_certificate.as_ref().map(|stand_in| stand_in.requests());
+        let requested = || tls.no_certificate.as_ref().map(|stand_in| stand_in.requests()) != requests_before;
+        let mut session = match tls.connector.connect(tls.server_name.clone(), stream).await {
+            Ok(session) => session,
+            // TLS 1.2 rejects a missing certificate inside the handshake.
+            Err(source) if requested() && rejected_by_peer(&source) => return Err(SinkError::ClientCertificateRequired { address }),
+            Err(source) => return Err(SinkError::Tls { address, source }),
+        };
+        let Some(stand_in) = tls.no_certificate.as_ref().filter(|stand_in| requested() && !stand_in.accepted_without()) else {
+            return Ok(Connection::Tls(Box::new(session)));
+        };
+        let mut buf = [0u8; 512];
+        match timeout(CLIENT_CERTIFICATE_VERDICT, session.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Err(SinkError::ClientCertificateRequired { address }),
+            // Nothing, or data a syslog receiver should not send: the
+            // session is accepted.
+            Err(_) | Ok(Ok(_)) => {
+                stand_in.set_accepted_without();
+                tracing::info!(
+                    address = %address,
+                    "the receiver requested a client certificate and accepted this sink's session without one; set tls_cert_file and tls_key_file if it should get one"
+                );
+            }
+        }
         Ok(Connection::Tls(Box::new(session)))
     }
 
@@ -169,6 +205,12 @@ impl StreamTransport {
         }
         Ok(())
     }
+}
+
+/// True when a failed handshake ended with an alert from the receiver, not
+/// with a check of this side (such as the receiver's certificate).
+fn rejected_by_peer(error: &io::Error) -> bool {
+    error.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()).is_some_and(|e| matches!(e, rustls::Error::AlertReceived(_)))
 }
 
 /// Reads (and discards) whatever the peer sent; true when it closed or reset.

@@ -2,9 +2,12 @@
 //! once at start from PEM files, with the ring crypto provider only.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::ResolvesClientCert;
+use rustls::sign::CertifiedKey;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
@@ -18,8 +21,59 @@ pub struct ClientIdentity<'a> {
     pub key_file: &'a Path,
 }
 
+/// Stands in for the client certificate of a sink that has none, and counts
+/// the handshakes in which the receiver requested one.
+///
+/// In TLS 1.3 a receiver that requires a certificate rejects the session
+/// only after the client's handshake is complete, so a sink that wrote its
+/// batch at once would see it acknowledged by TCP and then discarded. The
+/// sink waits for the receiver's verdict before writing when the count grew.
+#[derive(Debug, Default)]
+pub struct NoClientCertificate {
+    requests: AtomicU64,
+    /// The receiver once accepted a session without a certificate, so its
+    /// request is optional and the sink does not wait for it again.
+    accepted_without: AtomicBool,
+}
+
+impl NoClientCertificate {
+    /// Handshakes so far in which the receiver requested a certificate.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    pub fn accepted_without(&self) -> bool {
+        self.accepted_without.load(Ordering::Relaxed)
+    }
+
+    pub fn set_accepted_without(&self) {
+        self.accepted_without.store(true, Ordering::Relaxed);
+    }
+}
+
+impl ResolvesClientCert for NoClientCertificate {
+    fn resolve(&self, _root_hint_subjects: &[&[u8]], _sigschemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+
+    fn has_certs(&self) -> bool {
+        false
+    }
+}
+
 /// Builds the TLS client settings of the sink at config position `key`.
 pub fn client_config(key: &str, tls: &TlsConfig, identity: Option<ClientIdentity<'_>>) -> Result<Arc<ClientConfig>, ConfigError> {
+    client_config_watching(key, tls, identity).map(|(config, _)| config)
+}
+
+/// Builds the settings as [`client_config`] does. Without `identity`, also
+/// returns the stand-in that counts the receiver's certificate requests.
+pub fn client_config_watching(
+    key: &str,
+    tls: &TlsConfig,
+    identity: Option<ClientIdentity<'_>>,
+) -> Result<(Arc<ClientConfig>, Option<Arc<NoClientCertificate>>), ConfigError> {
     // rustls 0.23.48 marks the ring provider deprecated because it has no
     // post-quantum key exchange. This build keeps ring, which reqwest here
     // already uses, so that aws-lc and its C toolchain are not needed.
@@ -33,19 +87,23 @@ pub fn client_config(key: &str, tls: &TlsConfig, identity: Option<ClientIdentity
     } else {
         builder.with_root_certificates(root_store(key, tls.tls_ca_file.as_deref())?)
     };
-    let config = match identity {
+    let (config, stand_in) = match identity {
         Some(identity) => {
             let chain = read_certificates(key, "tls_cert_file", identity.cert_file)?;
             let private_key = PrivateKeyDer::from_pem_file(identity.key_file).map_err(|e| {
                 invalid(key, "tls_key_file", format!("cannot read a PEM private key from {}: {e}", identity.key_file.display()))
             })?;
-            builder
+            let config = builder
                 .with_client_auth_cert(chain, private_key)
-                .map_err(|e| invalid(key, "tls_key_file", format!("does not match tls_cert_file: {e}")))?
+                .map_err(|e| invalid(key, "tls_key_file", format!("does not match tls_cert_file: {e}")))?;
+            (config, None)
         }
-        None => builder.with_no_client_auth(),
+        None => {
+            let stand_in = Arc::new(NoClientCertificate::default());
+            (builder.with_client_cert_resolver(stand_in.clone()), Some(stand_in))
+        }
     };
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), stand_in))
 }
 
 fn root_store(key: &str, ca_file: Option<&Path>) -> Result<RootCertStore, ConfigError> {
