@@ -179,7 +179,7 @@ impl Fields {
         }
     }
 
-    /// An empty table with room for `fields` fields.
+    /// Creates an empty table with room for `fields` fields.
     pub(super) fn with_capacity(fields: usize) -> Self {
         Fields { entries: Vec::with_capacity(fields), by_name: HashTable::with_capacity(fields), decoded: String::new() }
     }

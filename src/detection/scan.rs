@@ -592,7 +592,7 @@ mod differential {
                 (len, keys)
             }
             (ObjectPrefix::Cut, ObjectPrefix::Cut) | (ObjectPrefix::Invalid, ObjectPrefix::Invalid) => return,
-            _ => panic!("the split with field tables accepts differently on {text:?}"),
+            _ => panic!("the split with field tables accepts or rejects differently on {text:?}"),
         };
         let Ok(object) = std::str::from_utf8(&array_rest[..len]) else { return };
         let split = Detection::from_scanned(object.to_string(), keys);
