@@ -4,8 +4,6 @@
 //! match a predefined LEEF attribute use its key, so QRadar normalizes them.
 //! Every other non-empty field is written under its own name, as in CEF.
 
-use std::io::Write;
-
 use chrono::{DateTime, Datelike, Timelike, Utc};
 use serde::Deserialize;
 
@@ -198,24 +196,36 @@ fn write_dev_time(writer: &mut ExtensionWriter<'_>, known: &KnownFields<'_>) {
 }
 
 /// Appends `t` as `MMM dd yyyy HH:mm:ss.SSS z` in GMT, milliseconds
-/// truncated. The text needs no escaping.
+/// truncated. The text needs no escaping. The caller checks that the year
+/// has at most four digits.
 fn write_dev_time_value(t: DateTime<Utc>, out: &mut Vec<u8>) {
     const MONTHS: [&str; 12] = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
     ];
-    let month = MONTHS[t.month0() as usize];
+    out.extend_from_slice(MONTHS[t.month0() as usize].as_bytes());
+    out.push(b' ');
+    write_zero_padded(t.day(), 2, out);
+    out.push(b' ');
+    write_zero_padded(t.year().unsigned_abs(), 4, out);
+    out.push(b' ');
+    write_zero_padded(t.hour(), 2, out);
+    out.push(b':');
+    write_zero_padded(t.minute(), 2, out);
+    out.push(b':');
+    write_zero_padded(t.second(), 2, out);
+    out.push(b'.');
     // A leap second has nanoseconds of 1e9 or more; clamp it into the second.
-    let millis = (t.nanosecond() / 1_000_000).min(999);
-    // `io::Write` for `Vec<u8>` never returns an error.
-    let _ = write!(
-        out,
-        "{month} {:02} {:04} {:02}:{:02}:{:02}.{millis:03} GMT",
-        t.day(),
-        t.year(),
-        t.hour(),
-        t.minute(),
-        t.second()
-    );
+    write_zero_padded((t.nanosecond() / 1_000_000).min(999), 3, out);
+    out.extend_from_slice(b" GMT");
+}
+
+/// Appends the last `digits` decimal digits of `value`, with leading zeros.
+/// Callers pass values that have at most `digits` digits, as `{:0N}` would
+/// write them.
+fn write_zero_padded(value: u32, digits: u32, out: &mut Vec<u8>) {
+    for place in (0..digits).rev() {
+        out.push(b'0' + (value / 10u32.pow(place) % 10) as u8);
+    }
 }
 
 #[cfg(test)]
@@ -365,6 +375,38 @@ mod tests {
             attributes(&line).contains(&"devTime=Dec 31 2020 23:59:59.999 GMT"),
             "{line}"
         );
+    }
+
+    #[test]
+    fn dev_time_value_matches_padded_format() {
+        use chrono::TimeZone;
+        let times = [
+            Utc.with_ymd_and_hms(0, 1, 1, 0, 0, 0).unwrap(),
+            Utc.with_ymd_and_hms(7, 2, 9, 3, 4, 5).unwrap(),
+            Utc.with_ymd_and_hms(2020, 9, 30, 14, 9, 20).unwrap() + chrono::Duration::milliseconds(357),
+            Utc.with_ymd_and_hms(9999, 12, 31, 23, 59, 59).unwrap() + chrono::Duration::nanoseconds(999_999_999),
+            // A leap second: nanoseconds of 1e9 or more.
+            chrono::NaiveDate::from_ymd_opt(2016, 12, 31)
+                .unwrap()
+                .and_hms_nano_opt(23, 59, 59, 1_500_000_000)
+                .unwrap()
+                .and_utc(),
+        ];
+        for t in times {
+            let mut out = Vec::new();
+            write_dev_time_value(t, &mut out);
+            let millis = (t.nanosecond() / 1_000_000).min(999);
+            let expected = format!(
+                "{} {:02} {:04} {:02}:{:02}:{:02}.{millis:03} GMT",
+                t.format("%b"),
+                t.day(),
+                t.year(),
+                t.hour(),
+                t.minute(),
+                t.second()
+            );
+            assert_eq!(String::from_utf8(out).unwrap(), expected, "{t:?}");
+        }
     }
 
     #[test]
