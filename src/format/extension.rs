@@ -74,7 +74,7 @@ fn escaped(byte: u8) -> [u8; 2] {
 /// Returns the index of the first byte of `bytes` that is one of `specials`:
 /// sixteen bytes at a time with SSE2, which every x86_64 processor has, and
 /// eight at a time elsewhere.
-fn find_special(bytes: &[u8], specials: [u8; 4]) -> Option<usize> {
+fn find_special<const N: usize>(bytes: &[u8], specials: [u8; N]) -> Option<usize> {
     #[cfg(target_arch = "x86_64")]
     {
         find_special_sse2(bytes, specials)
@@ -88,9 +88,10 @@ fn find_special(bytes: &[u8], specials: [u8; 4]) -> Option<usize> {
 /// [`find_special`] with SSE2. The last partial block is copied into a
 /// zeroed block first, which cannot match because no format escapes NUL.
 #[cfg(target_arch = "x86_64")]
-fn find_special_sse2(bytes: &[u8], specials: [u8; 4]) -> Option<usize> {
+fn find_special_sse2<const N: usize>(bytes: &[u8], specials: [u8; N]) -> Option<usize> {
     use std::arch::x86_64::{
         __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128, _mm_set1_epi8,
+        _mm_setzero_si128,
     };
     debug_assert!(!specials.contains(&0));
     let mut chunks = bytes.chunks_exact(16);
@@ -100,13 +101,12 @@ fn find_special_sse2(bytes: &[u8], specials: [u8; 4]) -> Option<usize> {
     // SAFETY: SSE2 is part of the x86_64 baseline, so these intrinsics are
     // always available, and each load reads one whole 16-byte array.
     unsafe {
-        let [a, b, c, d] = specials.map(|byte| _mm_set1_epi8(byte as i8));
+        let needles = specials.map(|byte| _mm_set1_epi8(byte as i8));
         let mask_of = |block: *const u8| {
             let block = _mm_loadu_si128(block.cast::<__m128i>());
-            let special = _mm_or_si128(
-                _mm_or_si128(_mm_cmpeq_epi8(block, a), _mm_cmpeq_epi8(block, b)),
-                _mm_or_si128(_mm_cmpeq_epi8(block, c), _mm_cmpeq_epi8(block, d)),
-            );
+            let special = needles.iter().fold(_mm_setzero_si128(), |special, &needle| {
+                _mm_or_si128(special, _mm_cmpeq_epi8(block, needle))
+            });
             _mm_movemask_epi8(special) as u32
         };
         for chunk in &mut chunks {
@@ -127,7 +127,7 @@ fn find_special_sse2(bytes: &[u8], specials: [u8; 4]) -> Option<usize> {
 /// can also flag a byte above a real match, never below, so the lowest flag
 /// is always a true match.
 #[cfg_attr(target_arch = "x86_64", allow(dead_code))]
-fn find_special_swar(bytes: &[u8], specials: [u8; 4]) -> Option<usize> {
+fn find_special_swar<const N: usize>(bytes: &[u8], specials: [u8; N]) -> Option<usize> {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGHS: u64 = 0x8080_8080_8080_8080;
     let matches = |word: u64, byte: u8| {
@@ -162,24 +162,34 @@ pub fn escape_value(text: &str, escape: ValueEscape, out: &mut Vec<u8>) {
 /// Appends a header field: `\` → `\\`, `|` → `\|`, and a line break (CR, LF
 /// or CRLF) becomes one space. With `tab_to_space` a tab becomes a space too.
 pub fn escape_header(text: &str, tab_to_space: bool, out: &mut Vec<u8>) {
-    let bytes = text.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
+    if tab_to_space {
+        escape_header_bytes(text, [b'\\', b'|', b'\r', b'\n', b'\t'], out);
+    } else {
+        escape_header_bytes(text, [b'\\', b'|', b'\r', b'\n'], out);
+    }
+}
+
+/// [`escape_header`] for a set of special bytes: the escapes and CR, LF and
+/// possibly tab, which become spaces.
+fn escape_header_bytes<const N: usize>(text: &str, specials: [u8; N], out: &mut Vec<u8>) {
+    let mut rest = text.as_bytes();
+    while let Some(i) = find_special(rest, specials) {
+        out.extend_from_slice(&rest[..i]);
+        let mut special_len = 1;
+        match rest[i] {
             b'\\' => out.extend_from_slice(b"\\\\"),
             b'|' => out.extend_from_slice(b"\\|"),
             b'\r' => {
                 out.push(b' ');
-                if bytes.get(i + 1) == Some(&b'\n') {
-                    i += 1;
+                if rest.get(i + 1) == Some(&b'\n') {
+                    special_len = 2;
                 }
             }
-            b'\n' => out.push(b' '),
-            b'\t' if tab_to_space => out.push(b' '),
-            other => out.push(other),
+            _ => out.push(b' '),
         }
-        i += 1;
+        rest = &rest[i + special_len..];
     }
+    out.extend_from_slice(rest);
 }
 
 /// Returns whether `name` can be written as a key: plain ASCII letters and
@@ -561,6 +571,53 @@ mod tests {
         let text = br"a\u0001b";
         assert_eq!(safe_cut(text, 6, true), 1);
         assert_eq!(safe_cut(text, 7, true), 7);
+    }
+
+    /// Escapes a header field byte by byte, the plain reading of the rules.
+    fn escape_header_slowly(text: &str, tab_to_space: bool) -> Vec<u8> {
+        let bytes = text.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < bytes.len() {
+            match bytes[i] {
+                b'\\' => out.extend_from_slice(b"\\\\"),
+                b'|' => out.extend_from_slice(b"\\|"),
+                b'\r' => {
+                    out.push(b' ');
+                    if bytes.get(i + 1) == Some(&b'\n') {
+                        i += 1;
+                    }
+                }
+                b'\n' => out.push(b' '),
+                b'\t' if tab_to_space => out.push(b' '),
+                other => out.push(other),
+            }
+            i += 1;
+        }
+        out
+    }
+
+    #[test]
+    fn escape_header_matches_bytewise_escaping() {
+        // Every ASCII byte at every offset, followed by the next byte value
+        // or by LF, so CRLF and CR alone land in every lane and in the tail.
+        for byte in 0u8..=127 {
+            for next in [byte.wrapping_add(1) & 0x7f, b'\n'] {
+                for offset in 0..37 {
+                    let mut bytes = vec![b'a'; 37];
+                    bytes[offset] = byte;
+                    if offset + 1 < bytes.len() {
+                        bytes[offset + 1] = next;
+                    }
+                    let text = String::from_utf8(bytes).unwrap();
+                    for tab_to_space in [false, true] {
+                        let mut out = Vec::new();
+                        escape_header(&text, tab_to_space, &mut out);
+                        assert_eq!(out, escape_header_slowly(&text, tab_to_space), "{tab_to_space} {text:?}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
