@@ -21,7 +21,7 @@ mod scan;
 
 use scan::{Kind, Member, Members, SyntaxError};
 
-pub use fields::{compact_json, FieldValue, Fields};
+pub use fields::{compact_json, FieldRef, FieldValue, Fields};
 
 /// One detection as received.
 ///
@@ -261,9 +261,19 @@ impl Detection {
     /// use. Yields nothing when the text cannot be parsed into fields (see
     /// [`Detection::field_error`]).
     pub fn fields(&self) -> impl Iterator<Item = (&str, FieldValue<'_>)> + '_ {
+        self.table().iter(&self.raw)
+    }
+
+    /// Iterates over every field like [`Detection::fields`], resolving a
+    /// value only when [`FieldRef::value`] is called.
+    pub fn field_refs(&self) -> impl Iterator<Item = FieldRef<'_>> + '_ {
+        self.table().refs(&self.raw)
+    }
+
+    /// Returns the field table, or an empty one when it cannot be built.
+    fn table(&self) -> &Fields {
         static EMPTY: LazyLock<Fields> = LazyLock::new(Fields::default);
-        let fields = self.parsed().as_ref().unwrap_or(&EMPTY);
-        fields.iter(&self.raw)
+        self.parsed().as_ref().unwrap_or(&EMPTY)
     }
 
     /// Returns why the fields cannot be parsed, for example a string with a lone

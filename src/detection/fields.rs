@@ -205,6 +205,9 @@ impl Fields {
 
     /// Decodes a JSON string with escapes, given with its quotes, onto the
     /// end of the decoded strings, and returns its span there.
+    ///
+    /// `json` is a byte slice because the split builds tables before the
+    /// object's UTF-8 is checked, so serde_json checks the string's UTF-8.
     fn decode(&mut self, json: &[u8]) -> Result<Span, serde_json::Error> {
         let start = self.decoded.len();
         let mut deserializer = serde_json::Deserializer::from_slice(json);
@@ -283,6 +286,12 @@ impl Fields {
         self.entries.iter().map(move |entry| (self.name(raw, entry), self.value(raw, entry)))
     }
 
+    /// Iterates over every field in the object's order, like [`Fields::iter`],
+    /// without resolving a value until [`FieldRef::value`] is called.
+    pub fn refs<'a>(&'a self, raw: &'a str) -> impl Iterator<Item = FieldRef<'a>> + 'a {
+        self.entries.iter().map(move |entry| FieldRef { fields: self, raw, entry })
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -300,6 +309,24 @@ impl Fields {
             Slot::DecodedString => FieldValue::String(entry.value.of_text(&self.decoded)),
             Slot::Nested => FieldValue::Nested(entry.value.of_text(raw)),
         }
+    }
+}
+
+/// One field of a table, for callers that need the values of only some fields.
+#[derive(Debug, Clone, Copy)]
+pub struct FieldRef<'a> {
+    fields: &'a Fields,
+    raw: &'a str,
+    entry: &'a Entry,
+}
+
+impl<'a> FieldRef<'a> {
+    pub fn name(self) -> &'a str {
+        self.fields.name(self.raw, self.entry)
+    }
+
+    pub fn value(self) -> FieldValue<'a> {
+        self.fields.value(self.raw, self.entry)
     }
 }
 

@@ -5,7 +5,6 @@
 //! without a mapped key are written under their own names. The table below
 //! is the only place the mapping lives.
 
-use std::io::Write;
 use std::net::IpAddr;
 use std::sync::LazyLock;
 
@@ -13,6 +12,7 @@ use hashbrown::HashSet;
 
 use serde::Deserialize;
 use super::extension::{self, Entry, ExtensionWriter, ValueEscape};
+use super::known::{Field, KnownFields};
 use crate::detection::{Detection, FieldValue};
 use crate::timefmt;
 
@@ -56,7 +56,7 @@ enum Conversion {
 
 /// One row of the mapping: a detection field and the CEF key it lands in.
 struct Mapping {
-    field: &'static str,
+    field: Field,
     key: &'static str,
     /// Key of the label pair (`cs1Label`) whose value is the field name.
     label: Option<&'static str>,
@@ -65,7 +65,7 @@ struct Mapping {
     keep: bool,
 }
 
-const fn row(field: &'static str, key: &'static str) -> Mapping {
+const fn row(field: Field, key: &'static str) -> Mapping {
     Mapping {
         field,
         key,
@@ -75,7 +75,7 @@ const fn row(field: &'static str, key: &'static str) -> Mapping {
     }
 }
 
-const fn labeled(field: &'static str, key: &'static str, label: &'static str) -> Mapping {
+const fn labeled(field: Field, key: &'static str, label: &'static str) -> Mapping {
     Mapping {
         field,
         key,
@@ -97,91 +97,51 @@ const fn identifying(mut mapping: Mapping) -> Mapping {
 
 /// The extension in the order it is written.
 const MAPPINGS: &[Mapping] = &[
-    identifying(row("Category", "cat")),
-    row("Source", "sourceServiceName"),
-    identifying(row("MachineName", "shost")),
-    row("FileName", "fname"),
-    row("FilePath", "filePath"),
-    row("UserDomain", "sntdom"),
-    row("UserName", "suser"),
-    row("Sha1", "fileHash"),
-    labeled("Sha256", "cs6", "cs6Label"),
-    labeled("Md5", "cs5", "cs5Label"),
-    labeled("ThreatName", "cs1", "cs1Label"),
-    labeled("Actor", "cs4", "cs4Label"),
-    with(row("IpAddress", "src"), Conversion::Address),
-    row("Url", "request"),
+    identifying(row(Field::Category, "cat")),
+    row(Field::Source, "sourceServiceName"),
+    identifying(row(Field::MachineName, "shost")),
+    row(Field::FileName, "fname"),
+    row(Field::FilePath, "filePath"),
+    row(Field::UserDomain, "sntdom"),
+    row(Field::UserName, "suser"),
+    row(Field::Sha1, "fileHash"),
+    labeled(Field::Sha256, "cs6", "cs6Label"),
+    labeled(Field::Md5, "cs5", "cs5Label"),
+    labeled(Field::ThreatName, "cs1", "cs1Label"),
+    labeled(Field::Actor, "cs4", "cs4Label"),
+    with(row(Field::IpAddress, "src"), Conversion::Address),
+    row(Field::Url, "request"),
     with(
-        labeled("RemediationIsSuccess", "cn2", "cn2Label"),
+        labeled(Field::RemediationIsSuccess, "cn2", "cn2Label"),
         Conversion::Flag,
     ),
     with(
-        labeled("WasExecutingWhileDetected", "cn1", "cn1Label"),
+        labeled(Field::WasExecutingWhileDetected, "cn1", "cn1Label"),
         Conversion::Flag,
     ),
-    identifying(row("AlertId", "externalId")),
-    labeled("LinkToWDATP", "flexString1", "flexString1Label"),
-    identifying(with(row("AlertTime", "rt"), Conversion::EpochMillis)),
-    row("MachineDomain", "sourceDnsDomain"),
-    row("LogOnUsers", "suid"),
-    labeled("CommandLine", "cs2", "cs2Label"),
-    identifying(labeled("FullId", "cs3", "cs3Label")),
-    with(labeled("ReportID", "cn3", "cn3Label"), Conversion::Integer),
-    labeled("LinkToMTP", "flexString2", "flexString2Label"),
+    identifying(row(Field::AlertId, "externalId")),
+    labeled(Field::LinkToWDATP, "flexString1", "flexString1Label"),
+    identifying(with(row(Field::AlertTime, "rt"), Conversion::EpochMillis)),
+    row(Field::MachineDomain, "sourceDnsDomain"),
+    row(Field::LogOnUsers, "suid"),
+    labeled(Field::CommandLine, "cs2", "cs2Label"),
+    identifying(labeled(Field::FullId, "cs3", "cs3Label")),
+    with(labeled(Field::ReportID, "cn3", "cn3Label"), Conversion::Integer),
+    labeled(Field::LinkToMTP, "flexString2", "flexString2Label"),
     identifying(with(
         labeled(
-            "LastProcessedTimeUtc",
+            Field::LastProcessedTimeUtc,
             "deviceCustomDate1",
             "deviceCustomDate1Label",
         ),
         Conversion::EpochMillis,
     )),
-    identifying(row("ComputerDnsName", "dvchost")),
-    row("DeviceID", "deviceExternalId"),
-    row("Description", "msg"),
-    row("RemediationAction", "act"),
-    identifying(row("Severity", "Severity")),
+    identifying(row(Field::ComputerDnsName, "dvchost")),
+    row(Field::DeviceID, "deviceExternalId"),
+    row(Field::Description, "msg"),
+    row(Field::RemediationAction, "act"),
+    identifying(row(Field::Severity, "Severity")),
 ];
-
-/// Fields written in the header or the mapped extension, never as custom keys.
-fn is_mapped_field(name: &str) -> bool {
-    matches!(
-        name,
-        "AlertTitle"
-            | "IoaDefinitionId"
-            | "Category"
-            | "Source"
-            | "MachineName"
-            | "FileName"
-            | "FilePath"
-            | "UserDomain"
-            | "UserName"
-            | "Sha1"
-            | "Sha256"
-            | "Md5"
-            | "ThreatName"
-            | "Actor"
-            | "IpAddress"
-            | "Url"
-            | "RemediationIsSuccess"
-            | "WasExecutingWhileDetected"
-            | "AlertId"
-            | "LinkToWDATP"
-            | "AlertTime"
-            | "MachineDomain"
-            | "LogOnUsers"
-            | "CommandLine"
-            | "FullId"
-            | "ReportID"
-            | "LinkToMTP"
-            | "LastProcessedTimeUtc"
-            | "ComputerDnsName"
-            | "DeviceID"
-            | "Description"
-            | "RemediationAction"
-            | "Severity"
-    )
-}
 
 /// Keys the mapping writes, labels included. A custom key equal to one of
 /// them gets the collision prefix.
@@ -205,8 +165,9 @@ fn is_reserved_key(key: &str) -> bool {
 /// plain ASCII letters and digits.
 pub fn encode_cef(d: &Detection, options: &CefOptions, out: &mut Vec<u8>) -> u32 {
     let prefix = header_prefix(options);
-    write_header(&prefix, d, out);
-    write_extension(d, out, None)
+    let known = KnownFields::read(d);
+    write_header(&prefix, &known, out);
+    write_extension(&known, out, None)
 }
 
 /// Returns `CEF:0|Vendor|Product|Version|` with header escapes applied.
@@ -221,25 +182,25 @@ pub(super) fn header_prefix(options: &CefOptions) -> Vec<u8> {
 
 /// Appends the header from `prefix` on: Device Event Class ID, Name and
 /// numeric Severity, each followed by `|`.
-pub(super) fn write_header(prefix: &[u8], d: &Detection, out: &mut Vec<u8>) {
+pub(super) fn write_header(prefix: &[u8], known: &KnownFields<'_>, out: &mut Vec<u8>) {
     out.extend_from_slice(prefix);
-    let class_id = d
-        .text("IoaDefinitionId")
-        .or_else(|| d.text("ThreatName"))
-        .or_else(|| d.text("Category"));
+    let class_id = known
+        .text(Field::IoaDefinitionId)
+        .or_else(|| known.text(Field::ThreatName))
+        .or_else(|| known.text(Field::Category));
     extension::escape_header(class_id.as_deref().unwrap_or(""), false, out);
     out.push(b'|');
-    extension::escape_header(d.text("AlertTitle").as_deref().unwrap_or(""), false, out);
+    extension::escape_header(known.text(Field::AlertTitle).as_deref().unwrap_or(""), false, out);
     out.push(b'|');
-    // `io::Write` for `Vec<u8>` never returns an error.
-    let _ = write!(out, "{}|", numeric_severity(d));
+    extension::write_integer(i64::from(numeric_severity(known)), out);
+    out.push(b'|');
 }
 
 /// Returns the 0–10 severity of the CEF header (the same numbers serve as
 /// LEEF `sev`): Informational 1, Low 3, Medium 5, High 8, anything else 5.
 /// Case and surrounding spaces of the text are ignored.
-pub(super) fn numeric_severity(d: &Detection) -> u8 {
-    let text = d.text("Severity");
+pub(super) fn numeric_severity(known: &KnownFields<'_>) -> u8 {
+    let text = known.text(Field::Severity);
     let text = text.as_deref().map(str::trim).unwrap_or("");
     if text.eq_ignore_ascii_case("informational") {
         1
@@ -256,35 +217,39 @@ pub(super) fn numeric_severity(d: &Detection) -> u8 {
 /// non-empty field under its own name. When `entries` is given, each pair's
 /// range is recorded for shortening.
 pub(super) fn write_extension(
-    d: &Detection,
+    known: &KnownFields<'_>,
     out: &mut Vec<u8>,
     entries: Option<&mut Vec<Entry>>,
 ) -> u32 {
     let mut writer = ExtensionWriter::new(out, SEPARATOR, ValueEscape::Cef, entries);
 
     for mapping in MAPPINGS {
-        write_mapped(&mut writer, d, mapping);
+        write_mapped(&mut writer, known, mapping);
     }
 
-    for (name, value) in d.fields() {
-        if is_mapped_field(name) {
+    // The known fields are those of the header and the mapping, so none of
+    // them is a custom key.
+    let d = known.detection();
+    for (field, entry) in known.classified() {
+        if field.is_some() {
             continue;
         }
-        if let Some(text) = value.text() {
-            writer.custom(d, name, &text, is_reserved_key, false);
+        if let Some(text) = entry.value().text() {
+            writer.custom(d, entry.name(), &text, is_reserved_key, false);
         }
     }
     writer.dropped_keys
 }
 
-fn write_mapped(writer: &mut ExtensionWriter<'_>, d: &Detection, mapping: &Mapping) {
-    let Some(value) = d.get(mapping.field) else {
+fn write_mapped(writer: &mut ExtensionWriter<'_>, known: &KnownFields<'_>, mapping: &Mapping) {
+    let Some(value) = known.get(mapping.field) else {
         return;
     };
     let Some(text) = value.text() else {
         return;
     };
-    let label = mapping.label.map(|label| (label, mapping.field));
+    let field = mapping.field.name();
+    let label = mapping.label.map(|label| (label, field));
 
     let converted = match mapping.conversion {
         Conversion::Text => {
@@ -307,7 +272,7 @@ fn write_mapped(writer: &mut ExtensionWriter<'_>, d: &Detection, mapping: &Mappi
         Some(number) => writer.number(mapping.key, number, label, mapping.keep),
         // A value the key cannot hold goes under the field's own name, so
         // it is still delivered.
-        None => writer.custom(d, mapping.field, &text, is_reserved_key, mapping.keep),
+        None => writer.custom(known.detection(), field, &text, is_reserved_key, mapping.keep),
     }
 }
 
@@ -398,6 +363,16 @@ mod tests {
 
     fn value_of(pairs: &[(String, String)], key: &str) -> Option<String> {
         pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+    }
+
+    /// `write_extension` skips every known field as a custom key, which is
+    /// right only while the known fields are exactly those of the header and
+    /// the mapping.
+    #[test]
+    fn known_fields_are_header_and_mapping() {
+        let mut fields = vec![Field::AlertTitle, Field::IoaDefinitionId];
+        fields.extend(MAPPINGS.iter().map(|mapping| mapping.field));
+        assert_eq!(fields, Field::ALL);
     }
 
     #[test]

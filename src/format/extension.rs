@@ -71,13 +71,63 @@ fn escaped(byte: u8) -> [u8; 2] {
     [b'\\', letter]
 }
 
-/// Returns the index of the first byte of `bytes` that is one of `specials`.
-///
-/// Eight bytes are tested at a time: for a word `w` and a byte `b`, the
-/// expression `(x - 0x01..01) & !x & 0x80..80` with `x = w ^ b*0x01..01` sets
-/// the top bit of every zero byte of `x`. A borrow can also flag a byte above
-/// a real match, never below, so the lowest flag is always a true match.
-fn find_special(bytes: &[u8], specials: [u8; 4]) -> Option<usize> {
+/// Returns the index of the first byte of `bytes` that is one of `specials`:
+/// sixteen bytes at a time with SSE2, which every x86_64 processor has, and
+/// eight at a time elsewhere.
+fn find_special<const N: usize>(bytes: &[u8], specials: [u8; N]) -> Option<usize> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        find_special_sse2(bytes, specials)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        find_special_swar(bytes, specials)
+    }
+}
+
+/// [`find_special`] with SSE2. The last partial block is copied into a
+/// zeroed block first, which cannot match because no format escapes NUL.
+#[cfg(target_arch = "x86_64")]
+fn find_special_sse2<const N: usize>(bytes: &[u8], specials: [u8; N]) -> Option<usize> {
+    use std::arch::x86_64::{
+        __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128, _mm_set1_epi8,
+        _mm_setzero_si128,
+    };
+    debug_assert!(!specials.contains(&0));
+    let mut chunks = bytes.chunks_exact(16);
+    let mut tail = [0u8; 16];
+    tail[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+    let mut offset = 0;
+    // SAFETY: SSE2 is part of the x86_64 baseline, so these intrinsics are
+    // always available, and each load reads one whole 16-byte array.
+    unsafe {
+        let needles = specials.map(|byte| _mm_set1_epi8(byte as i8));
+        let mask_of = |block: *const u8| {
+            let block = _mm_loadu_si128(block.cast::<__m128i>());
+            let special = needles.iter().fold(_mm_setzero_si128(), |special, &needle| {
+                _mm_or_si128(special, _mm_cmpeq_epi8(block, needle))
+            });
+            _mm_movemask_epi8(special) as u32
+        };
+        for chunk in &mut chunks {
+            let mask = mask_of(chunk.as_ptr());
+            if mask != 0 {
+                return Some(offset + mask.trailing_zeros() as usize);
+            }
+            offset += 16;
+        }
+        let mask = mask_of(tail.as_ptr());
+        (mask != 0).then(|| offset + mask.trailing_zeros() as usize)
+    }
+}
+
+/// [`find_special`] eight bytes at a time in plain integers. For a word `w`
+/// and a byte `b`, the expression `(x - 0x01..01) & !x & 0x80..80` with
+/// `x = w ^ b*0x01..01` sets the top bit of every zero byte of `x`. A borrow
+/// can also flag a byte above a real match, never below, so the lowest flag
+/// is always a true match.
+#[cfg_attr(target_arch = "x86_64", allow(dead_code))]
+fn find_special_swar<const N: usize>(bytes: &[u8], specials: [u8; N]) -> Option<usize> {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGHS: u64 = 0x8080_8080_8080_8080;
     let matches = |word: u64, byte: u8| {
@@ -112,30 +162,84 @@ pub fn escape_value(text: &str, escape: ValueEscape, out: &mut Vec<u8>) {
 /// Appends a header field: `\` → `\\`, `|` → `\|`, and a line break (CR, LF
 /// or CRLF) becomes one space. With `tab_to_space` a tab becomes a space too.
 pub fn escape_header(text: &str, tab_to_space: bool, out: &mut Vec<u8>) {
-    let bytes = text.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
+    if tab_to_space {
+        escape_header_bytes(text, [b'\\', b'|', b'\r', b'\n', b'\t'], out);
+    } else {
+        escape_header_bytes(text, [b'\\', b'|', b'\r', b'\n'], out);
+    }
+}
+
+/// [`escape_header`] for a set of special bytes: the escapes and CR, LF and
+/// possibly tab, which become spaces.
+fn escape_header_bytes<const N: usize>(text: &str, specials: [u8; N], out: &mut Vec<u8>) {
+    let mut rest = text.as_bytes();
+    while let Some(i) = find_special(rest, specials) {
+        out.extend_from_slice(&rest[..i]);
+        let mut special_len = 1;
+        match rest[i] {
             b'\\' => out.extend_from_slice(b"\\\\"),
             b'|' => out.extend_from_slice(b"\\|"),
             b'\r' => {
                 out.push(b' ');
-                if bytes.get(i + 1) == Some(&b'\n') {
-                    i += 1;
+                if rest.get(i + 1) == Some(&b'\n') {
+                    special_len = 2;
                 }
             }
-            b'\n' => out.push(b' '),
-            b'\t' if tab_to_space => out.push(b' '),
-            other => out.push(other),
+            _ => out.push(b' '),
         }
-        i += 1;
+        rest = &rest[i + special_len..];
     }
+    out.extend_from_slice(rest);
 }
 
 /// Returns whether `name` can be written as a key: plain ASCII letters and
 /// digits, at least one.
 pub fn is_plain_key(name: &str) -> bool {
-    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric())
+    !name.is_empty() && is_alphanumeric(name.as_bytes())
+}
+
+/// Returns whether every byte of `bytes` is an ASCII letter or digit:
+/// sixteen bytes at a time with SSE2 on x86_64, one at a time elsewhere.
+fn is_alphanumeric(bytes: &[u8]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_alphanumeric_sse2(bytes)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        bytes.iter().all(u8::is_ascii_alphanumeric)
+    }
+}
+
+/// [`is_alphanumeric`] with SSE2. A byte `b` is a letter when `b | 0x20` is
+/// in `a..=z`, and the signed compares reject bytes of 0x80 and above, which
+/// are negative as `i8`. The last partial block is padded with `0`.
+#[cfg(target_arch = "x86_64")]
+fn is_alphanumeric_sse2(bytes: &[u8]) -> bool {
+    use std::arch::x86_64::{
+        __m128i, _mm_and_si128, _mm_cmpgt_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128,
+        _mm_set1_epi8,
+    };
+    let mut chunks = bytes.chunks_exact(16);
+    let mut tail = [b'0'; 16];
+    tail[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+    // SAFETY: SSE2 is part of the x86_64 baseline, so these intrinsics are
+    // always available, and each load reads one whole 16-byte array.
+    unsafe {
+        let case_bit = _mm_set1_epi8(0x20);
+        let before_a = _mm_set1_epi8((b'a' - 1) as i8);
+        let after_z = _mm_set1_epi8((b'z' + 1) as i8);
+        let before_0 = _mm_set1_epi8((b'0' - 1) as i8);
+        let after_9 = _mm_set1_epi8((b'9' + 1) as i8);
+        let all_plain = |block: *const u8| {
+            let block = _mm_loadu_si128(block.cast::<__m128i>());
+            let lower = _mm_or_si128(block, case_bit);
+            let letter = _mm_and_si128(_mm_cmpgt_epi8(lower, before_a), _mm_cmpgt_epi8(after_z, lower));
+            let digit = _mm_and_si128(_mm_cmpgt_epi8(block, before_0), _mm_cmpgt_epi8(after_9, block));
+            _mm_movemask_epi8(_mm_or_si128(letter, digit)) == 0xFFFF
+        };
+        chunks.all(|chunk| all_plain(chunk.as_ptr())) && all_plain(tail.as_ptr())
+    }
 }
 
 /// Writes `key=value` pairs with one separator between them and records
@@ -464,12 +568,12 @@ mod tests {
 
     #[test]
     fn escape_value_matches_bytewise_escaping() {
-        // Every ASCII byte at every offset of a 19-byte string, so each one
-        // lands in every lane of a word and in the tail, next to neighbours
-        // that differ from a special byte by one.
+        // Every ASCII byte at every offset of a 37-byte string, so each one
+        // lands in every lane of a 16-byte block, of a word and of the tail,
+        // next to neighbours that differ from a special byte by one.
         for byte in 0u8..=127 {
-            for offset in 0..19 {
-                let mut bytes = vec![b'a'; 19];
+            for offset in 0..37 {
+                let mut bytes = vec![b'a'; 37];
                 bytes[offset] = byte;
                 if offset + 1 < bytes.len() {
                     bytes[offset + 1] = byte.wrapping_add(1) & 0x7f;
@@ -479,6 +583,10 @@ mod tests {
                     let mut out = Vec::new();
                     escape_value(&text, escape, &mut out);
                     assert_eq!(out, escape_slowly(&text, escape), "{escape:?} {text:?}");
+
+                    let specials = escape.specials();
+                    let first = text.bytes().position(|b| specials.contains(&b));
+                    assert_eq!(find_special_swar(text.as_bytes(), specials), first, "SWAR {escape:?} {text:?}");
                 }
             }
         }
@@ -509,11 +617,75 @@ mod tests {
         assert_eq!(safe_cut(text, 7, true), 7);
     }
 
+    /// Escapes a header field byte by byte, the plain reading of the rules.
+    fn escape_header_slowly(text: &str, tab_to_space: bool) -> Vec<u8> {
+        let bytes = text.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < bytes.len() {
+            match bytes[i] {
+                b'\\' => out.extend_from_slice(b"\\\\"),
+                b'|' => out.extend_from_slice(b"\\|"),
+                b'\r' => {
+                    out.push(b' ');
+                    if bytes.get(i + 1) == Some(&b'\n') {
+                        i += 1;
+                    }
+                }
+                b'\n' => out.push(b' '),
+                b'\t' if tab_to_space => out.push(b' '),
+                other => out.push(other),
+            }
+            i += 1;
+        }
+        out
+    }
+
+    #[test]
+    fn escape_header_matches_bytewise_escaping() {
+        // Every ASCII byte at every offset, followed by the next byte value
+        // or by LF, so CRLF and CR alone land in every lane and in the tail.
+        for byte in 0u8..=127 {
+            for next in [byte.wrapping_add(1) & 0x7f, b'\n'] {
+                for offset in 0..37 {
+                    let mut bytes = vec![b'a'; 37];
+                    bytes[offset] = byte;
+                    if offset + 1 < bytes.len() {
+                        bytes[offset + 1] = next;
+                    }
+                    let text = String::from_utf8(bytes).unwrap();
+                    for tab_to_space in [false, true] {
+                        let mut out = Vec::new();
+                        escape_header(&text, tab_to_space, &mut out);
+                        assert_eq!(out, escape_header_slowly(&text, tab_to_space), "{tab_to_space} {text:?}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn escape_header_line_breaks_become_spaces() {
         let mut out = Vec::new();
         escape_header("a\r\nb\rc\nd\n\ne|f\\g\th", false, &mut out);
         assert_eq!(String::from_utf8_lossy(&out), "a b c d  e\\|f\\\\g\th");
+    }
+
+    #[test]
+    fn alphanumeric_check_matches_bytewise_check() {
+        // Every byte value at every offset of a 37-byte name, so each one
+        // lands in every lane of a 16-byte block and in the tail.
+        for byte in 0u8..=255 {
+            for offset in 0..37 {
+                let mut bytes = vec![b'a'; 37];
+                bytes[offset] = byte;
+                for len in [offset + 1, 37] {
+                    let name = &bytes[..len];
+                    let expected = name.iter().all(u8::is_ascii_alphanumeric);
+                    assert_eq!(is_alphanumeric(name), expected, "{name:?}");
+                }
+            }
+        }
     }
 
     #[test]

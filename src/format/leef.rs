@@ -4,13 +4,12 @@
 //! match a predefined LEEF attribute use its key, so QRadar normalizes them.
 //! Every other non-empty field is written under its own name, as in CEF.
 
-use std::io::Write;
-
 use chrono::{DateTime, Datelike, Timelike, Utc};
 use serde::Deserialize;
 
 use super::cef::numeric_severity;
 use super::extension::{self, Entry, ExtensionWriter, ValueEscape};
+use super::known::{Field, KnownFields};
 use crate::detection::Detection;
 use crate::timefmt;
 
@@ -45,19 +44,19 @@ impl Default for LeefOptions {
 
 /// Detection fields written under a predefined LEEF key, or under their own
 /// name in a fixed place.
-fn is_mapped_field(name: &str) -> bool {
+fn is_mapped_field(field: Field) -> bool {
     matches!(
-        name,
-        "IoaDefinitionId"
-            | "Category"
-            | "Severity"
-            | "AlertTime"
-            | "IpAddress"
-            | "UserName"
-            | "UserDomain"
-            | "ComputerDnsName"
-            | "MachineName"
-            | "Url"
+        field,
+        Field::IoaDefinitionId
+            | Field::Category
+            | Field::Severity
+            | Field::AlertTime
+            | Field::IpAddress
+            | Field::UserName
+            | Field::UserDomain
+            | Field::ComputerDnsName
+            | Field::MachineName
+            | Field::Url
     )
 }
 
@@ -82,8 +81,8 @@ fn is_reserved_key(key: &str) -> bool {
 
 /// Unmapped fields that identify a detection, the last to go when a message
 /// is shortened.
-fn is_identifying_field(name: &str) -> bool {
-    matches!(name, "AlertId" | "FullId" | "LastProcessedTimeUtc")
+fn is_identifying_field(field: Field) -> bool {
+    matches!(field, Field::AlertId | Field::FullId | Field::LastProcessedTimeUtc)
 }
 
 /// Appends a LEEF 2.0 event for `d`, without syslog header or line break.
@@ -92,8 +91,9 @@ fn is_identifying_field(name: &str) -> bool {
 /// plain ASCII letters and digits.
 pub fn encode_leef(d: &Detection, options: &LeefOptions, out: &mut Vec<u8>) -> u32 {
     let prefix = header_prefix(options);
-    write_header(&prefix, d, out);
-    write_attributes(d, out, None)
+    let known = KnownFields::read(d);
+    write_header(&prefix, &known, out);
+    write_attributes(&known, out, None)
 }
 
 /// Returns `LEEF:2.0|Vendor|Product|Version|` with header escapes applied.
@@ -109,12 +109,12 @@ pub(super) fn header_prefix(options: &LeefOptions) -> Vec<u8> {
 /// Appends the header from `prefix` on: the EventID (`IoaDefinitionId`, else
 /// `ThreatName`, else `Category`, at most 255 characters) and the delimiter
 /// field `x09`.
-pub(super) fn write_header(prefix: &[u8], d: &Detection, out: &mut Vec<u8>) {
+pub(super) fn write_header(prefix: &[u8], known: &KnownFields<'_>, out: &mut Vec<u8>) {
     out.extend_from_slice(prefix);
-    let event_id = d
-        .text("IoaDefinitionId")
-        .or_else(|| d.text("ThreatName"))
-        .or_else(|| d.text("Category"));
+    let event_id = known
+        .text(Field::IoaDefinitionId)
+        .or_else(|| known.text(Field::ThreatName))
+        .or_else(|| known.text(Field::Category));
     let event_id = event_id.as_deref().unwrap_or("");
     let end = event_id
         .char_indices()
@@ -128,18 +128,19 @@ pub(super) fn write_header(prefix: &[u8], d: &Detection, out: &mut Vec<u8>) {
 /// other non-empty field under its own name. When `entries` is given, each
 /// pair's range is recorded for shortening.
 pub(super) fn write_attributes(
-    d: &Detection,
+    known: &KnownFields<'_>,
     out: &mut Vec<u8>,
     entries: Option<&mut Vec<Entry>>,
 ) -> u32 {
+    let d = known.detection();
     let mut writer = ExtensionWriter::new(out, SEPARATOR, ValueEscape::Leef, entries);
 
-    if let Some(category) = d.text("Category") {
+    if let Some(category) = known.text(Field::Category) {
         writer.text("cat", &category, None, true);
     }
-    writer.number("sev", i64::from(numeric_severity(d)), None, true);
-    write_dev_time(&mut writer, d);
-    if let Some(address) = d.text("IpAddress") {
+    writer.number("sev", i64::from(numeric_severity(known)), None, true);
+    write_dev_time(&mut writer, known);
+    if let Some(address) = known.text(Field::IpAddress) {
         if address.parse::<std::net::IpAddr>().is_ok() {
             writer.text("src", &address, None, false);
         } else {
@@ -147,29 +148,30 @@ pub(super) fn write_attributes(
         }
     }
     for (field, key, keep) in [
-        ("UserName", "usrName", false),
-        ("UserDomain", "domain", false),
-        ("ComputerDnsName", "identHostName", true),
-        ("MachineName", "resource", true),
-        ("Url", "url", false),
-        ("Severity", "Severity", true),
+        (Field::UserName, "usrName", false),
+        (Field::UserDomain, "domain", false),
+        (Field::ComputerDnsName, "identHostName", true),
+        (Field::MachineName, "resource", true),
+        (Field::Url, "url", false),
+        (Field::Severity, "Severity", true),
     ] {
-        if let Some(text) = d.text(field) {
+        if let Some(text) = known.text(field) {
             writer.text(key, &text, None, keep);
         }
     }
     // The header's EventID keeps only the first 255 characters, so a longer
     // IoaDefinitionId is written whole as an attribute as well.
-    if let Some(id) = d.text("IoaDefinitionId").filter(|id| id.chars().nth(MAX_EVENT_ID_CHARS).is_some()) {
+    if let Some(id) = known.text(Field::IoaDefinitionId).filter(|id| id.chars().nth(MAX_EVENT_ID_CHARS).is_some()) {
         writer.custom(d, "IoaDefinitionId", &id, is_reserved_key, false);
     }
 
-    for (name, value) in d.fields() {
-        if is_mapped_field(name) {
+    for (field, entry) in known.classified() {
+        if field.is_some_and(is_mapped_field) {
             continue;
         }
-        if let Some(text) = value.text() {
-            writer.custom(d, name, &text, is_reserved_key, is_identifying_field(name));
+        if let Some(text) = entry.value().text() {
+            let keep = field.is_some_and(is_identifying_field);
+            writer.custom(d, entry.name(), &text, is_reserved_key, keep);
         }
     }
     writer.dropped_keys
@@ -177,8 +179,8 @@ pub(super) fn write_attributes(
 
 /// Writes `devTime` and `devTimeFormat` from `AlertTime`, or `AlertTime`
 /// under its own name when it is not a valid timestamp.
-fn write_dev_time(writer: &mut ExtensionWriter<'_>, d: &Detection) {
-    let Some(text) = d.text("AlertTime") else {
+fn write_dev_time(writer: &mut ExtensionWriter<'_>, known: &KnownFields<'_>) {
+    let Some(text) = known.text(Field::AlertTime) else {
         return;
     };
     // `yyyy` has room for four digits, so other years keep the original text.
@@ -189,29 +191,41 @@ fn write_dev_time(writer: &mut ExtensionWriter<'_>, d: &Detection) {
             true,
             |out, _| write_dev_time_value(t, out),
         ),
-        None => writer.custom(d, "AlertTime", &text, is_reserved_key, true),
+        None => writer.custom(known.detection(), "AlertTime", &text, is_reserved_key, true),
     }
 }
 
 /// Appends `t` as `MMM dd yyyy HH:mm:ss.SSS z` in GMT, milliseconds
-/// truncated. The text needs no escaping.
+/// truncated. The text needs no escaping. The caller checks that the year
+/// has at most four digits.
 fn write_dev_time_value(t: DateTime<Utc>, out: &mut Vec<u8>) {
     const MONTHS: [&str; 12] = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
     ];
-    let month = MONTHS[t.month0() as usize];
+    out.extend_from_slice(MONTHS[t.month0() as usize].as_bytes());
+    out.push(b' ');
+    write_zero_padded(t.day(), 2, out);
+    out.push(b' ');
+    write_zero_padded(t.year().unsigned_abs(), 4, out);
+    out.push(b' ');
+    write_zero_padded(t.hour(), 2, out);
+    out.push(b':');
+    write_zero_padded(t.minute(), 2, out);
+    out.push(b':');
+    write_zero_padded(t.second(), 2, out);
+    out.push(b'.');
     // A leap second has nanoseconds of 1e9 or more; clamp it into the second.
-    let millis = (t.nanosecond() / 1_000_000).min(999);
-    // `io::Write` for `Vec<u8>` never returns an error.
-    let _ = write!(
-        out,
-        "{month} {:02} {:04} {:02}:{:02}:{:02}.{millis:03} GMT",
-        t.day(),
-        t.year(),
-        t.hour(),
-        t.minute(),
-        t.second()
-    );
+    write_zero_padded((t.nanosecond() / 1_000_000).min(999), 3, out);
+    out.extend_from_slice(b" GMT");
+}
+
+/// Appends the last `digits` decimal digits of `value`, with leading zeros.
+/// Callers pass values that have at most `digits` digits, as `{:0N}` would
+/// write them.
+fn write_zero_padded(value: u32, digits: u32, out: &mut Vec<u8>) {
+    for place in (0..digits).rev() {
+        out.push(b'0' + (value / 10u32.pow(place) % 10) as u8);
+    }
 }
 
 #[cfg(test)]
@@ -361,6 +375,38 @@ mod tests {
             attributes(&line).contains(&"devTime=Dec 31 2020 23:59:59.999 GMT"),
             "{line}"
         );
+    }
+
+    #[test]
+    fn dev_time_value_matches_padded_format() {
+        use chrono::TimeZone;
+        let times = [
+            Utc.with_ymd_and_hms(0, 1, 1, 0, 0, 0).unwrap(),
+            Utc.with_ymd_and_hms(7, 2, 9, 3, 4, 5).unwrap(),
+            Utc.with_ymd_and_hms(2020, 9, 30, 14, 9, 20).unwrap() + chrono::Duration::milliseconds(357),
+            Utc.with_ymd_and_hms(9999, 12, 31, 23, 59, 59).unwrap() + chrono::Duration::nanoseconds(999_999_999),
+            // A leap second: nanoseconds of 1e9 or more.
+            chrono::NaiveDate::from_ymd_opt(2016, 12, 31)
+                .unwrap()
+                .and_hms_nano_opt(23, 59, 59, 1_500_000_000)
+                .unwrap()
+                .and_utc(),
+        ];
+        for t in times {
+            let mut out = Vec::new();
+            write_dev_time_value(t, &mut out);
+            let millis = (t.nanosecond() / 1_000_000).min(999);
+            let expected = format!(
+                "{} {:02} {:04} {:02}:{:02}:{:02}.{millis:03} GMT",
+                t.format("%b"),
+                t.day(),
+                t.year(),
+                t.hour(),
+                t.minute(),
+                t.second()
+            );
+            assert_eq!(String::from_utf8(out).unwrap(), expected, "{t:?}");
+        }
     }
 
     #[test]

@@ -19,6 +19,7 @@ mod cef;
 mod extension;
 mod hec;
 mod json;
+mod known;
 mod leef;
 mod syslog;
 
@@ -169,12 +170,14 @@ impl Encoder {
     ) -> u32 {
         match self.payload {
             PayloadFormat::Cef => {
-                cef::write_header(&self.payload_prefix, d, out);
-                cef::write_extension(d, out, entries)
+                let known = known::KnownFields::read(d);
+                cef::write_header(&self.payload_prefix, &known, out);
+                cef::write_extension(&known, out, entries)
             }
             PayloadFormat::Leef => {
-                leef::write_header(&self.payload_prefix, d, out);
-                leef::write_attributes(d, out, entries)
+                let known = known::KnownFields::read(d);
+                leef::write_header(&self.payload_prefix, &known, out);
+                leef::write_attributes(&known, out, entries)
             }
             PayloadFormat::Json => {
                 encode_json(d, out);
