@@ -40,15 +40,39 @@ pub struct Detection {
 #[derive(Debug, Clone, Default)]
 struct KeyFields {
     full_id: Option<FullId>,
-    last_processed: Option<Box<str>>,
+    last_processed: Option<KeyText>,
 }
 
 /// `FullId` as text, remembering what the API sent, so a number `42` and a
 /// string `"42"` stay two different detections.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct FullId {
-    text: Box<str>,
+    text: KeyText,
     kind: IdKind,
+}
+
+/// The text of a key field: a byte range of the detection's raw text when
+/// it needs no decoding (nearly always, and then without an allocation),
+/// or the decoded string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum KeyText {
+    Raw { start: u32, end: u32 },
+    Decoded(Box<str>),
+}
+
+impl KeyText {
+    fn of_range(range: std::ops::Range<usize>) -> Self {
+        // The key check runs only on objects under 4 GiB (the splitter's
+        // limit and `Fields::check_size`), so the offsets fit.
+        Self::Raw { start: range.start as u32, end: range.end as u32 }
+    }
+
+    fn text<'a>(&'a self, raw: &'a str) -> &'a str {
+        match self {
+            KeyText::Raw { start, end } => &raw[*start as usize..*end as usize],
+            KeyText::Decoded(text) => text,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,18 +200,20 @@ pub fn scan_object_prefix(bytes: &[u8], build_fields: bool) -> ObjectPrefix {
 /// Returns the text of a key field's value: a string unescaped, or its raw
 /// JSON when it cannot be unescaped (a lone surrogate), and anything else as
 /// its JSON text. Null and the empty string give `None`.
-fn key_text(raw: &str, member: &Member) -> Option<(Box<str>, IdKind)> {
+fn key_text(raw: &str, member: &Member) -> Option<(KeyText, IdKind)> {
     let json = &raw[member.value.clone()];
     let (text, kind) = match member.kind {
         Kind::Null => return None,
-        Kind::String => ((&raw[member.value_inner()]).into(), IdKind::String),
+        Kind::String if member.value_inner().is_empty() => return None,
+        Kind::String => (KeyText::of_range(member.value_inner()), IdKind::String),
         Kind::EscapedString => match fields::decode_string(json.as_bytes()) {
-            Ok(text) => (text, IdKind::String),
-            Err(_) => (json.into(), IdKind::Undecodable),
+            Ok(text) if text.is_empty() => return None,
+            Ok(text) => (KeyText::Decoded(text), IdKind::String),
+            Err(_) => (KeyText::of_range(member.value.clone()), IdKind::Undecodable),
         },
-        _ => return Some((json.into(), IdKind::Json)),
+        _ => (KeyText::of_range(member.value.clone()), IdKind::Json),
     };
-    (!text.is_empty()).then_some((text, kind))
+    Some((text, kind))
 }
 
 impl Detection {
@@ -322,12 +348,12 @@ impl Detection {
                 found = Some(member);
             }
         }
-        key_text(&self.raw, &found?).map(|(text, _)| Cow::Owned(text.into()))
+        key_text(&self.raw, &found?).map(|(text, _)| Cow::Owned(text.text(&self.raw).to_string()))
     }
 
     /// `FullId` as text (a number or other non-string value as its JSON text).
     pub fn full_id(&self) -> Option<Cow<'_, str>> {
-        self.key_fields().full_id.as_ref().map(|id| Cow::Borrowed(id.text.as_ref()))
+        self.key_fields().full_id.as_ref().map(|id| Cow::Borrowed(id.text.text(&self.raw)))
     }
 
     /// Returns the deduplication key: `FullId`, unique per detection (two
@@ -346,16 +372,16 @@ impl Detection {
             Cow::Owned(key)
         };
         match &self.key_fields().full_id {
-            Some(FullId { text, kind: IdKind::String }) => Cow::Borrowed(text.as_bytes()),
-            Some(FullId { text, kind: IdKind::Undecodable }) => marked("string:", text),
-            Some(FullId { text, kind: IdKind::Json }) => marked("json:", text),
+            Some(FullId { text, kind: IdKind::String }) => Cow::Borrowed(text.text(&self.raw).as_bytes()),
+            Some(FullId { text, kind: IdKind::Undecodable }) => marked("string:", text.text(&self.raw)),
+            Some(FullId { text, kind: IdKind::Json }) => marked("json:", text.text(&self.raw)),
             None => marked("raw:", &self.raw),
         }
     }
 
     /// `LastProcessedTimeUtc`, the field the API filters `sinceTimeUtc` on.
     pub fn last_processed(&self) -> Option<DateTime<Utc>> {
-        self.key_fields().last_processed.as_deref().and_then(timefmt::parse)
+        self.key_fields().last_processed.as_ref().and_then(|text| timefmt::parse(text.text(&self.raw)))
     }
 
     pub fn alert_time(&self) -> Option<DateTime<Utc>> {

@@ -209,6 +209,11 @@ impl Fields {
     /// `json` is a byte slice because the split builds tables before the
     /// object's UTF-8 is checked, so serde_json checks the string's UTF-8.
     fn decode(&mut self, json: &[u8]) -> Result<Span, serde_json::Error> {
+        if self.decoded.capacity() == 0 {
+            // Room for the usual few escaped paths and command lines at once,
+            // instead of growing the string a step at a time.
+            self.decoded.reserve(json.len().max(256));
+        }
         let start = self.decoded.len();
         let mut deserializer = serde_json::Deserializer::from_slice(json);
         serde::Deserializer::deserialize_str(&mut deserializer, AppendTo(&mut self.decoded))?;
