@@ -259,10 +259,15 @@ fn shutdown_signal() -> watch::Receiver<bool> {
 
 /// Returns the channel of [`shutdown_signal`]. A second signal also
 /// deletes `scratch`, a directory that a normal stop would delete (the
-/// demo's state).
+/// demo's state). With `scratch`, SIGHUP stops too: a closed terminal
+/// sends it, and its default action would leave the directory behind.
 fn shutdown_signal_removing(scratch: Option<PathBuf>) -> watch::Receiver<bool> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let (tx, rx) = watch::channel(false);
-    let signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT]);
+    let signals = match scratch {
+        Some(_) => signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]),
+        None => signal_hook::iterator::Signals::new([SIGTERM, SIGINT]),
+    };
     match signals {
         Ok(mut signals) => {
             std::thread::spawn(move || {

@@ -489,6 +489,22 @@ fn terminate_pid(pid: i32) {
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
 }
 
+/// Closing the demo's terminal sends SIGHUP: the demo stops as on SIGTERM
+/// and deletes its temporary state directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_stops_cleanly_on_hangup() {
+    let scratch = tempfile::tempdir().unwrap();
+    let (mut child, pid, _output) = start_demo(scratch.path()).await;
+    let state = scratch.path().join(format!("mde-forwarder-demo-{pid}"));
+    assert!(state.is_dir(), "{} missing while the demo runs", state.display());
+
+    // SAFETY: kill(2) on the pid of a child this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    let status = tokio::time::timeout(WAIT, child.wait()).await.expect("the demo exits after SIGHUP").unwrap();
+    assert!(status.code().is_some(), "ended by the signal itself: {status}");
+    assert!(!state.exists(), "{} left behind", state.display());
+}
+
 /// The demo deletes its temporary state directory however it is stopped,
 /// also when a second signal cuts the graceful stop short. Standard output
 /// is not read after the first event, so the demo blocks writing to it, as
