@@ -22,8 +22,9 @@ pub struct EmulateArgs {
     #[arg(long, value_name = "FILE", conflicts_with = "generate")]
     pub detections: Option<PathBuf>,
 
-    /// Serve the loaded detections with their original times. By default
-    /// their times move forward by whole seconds so the newest is now.
+    /// Serve the loaded detections with their original times, each exactly
+    /// as the file has it. By default their times move forward by whole
+    /// seconds so the newest is now, and they are served re-serialized.
     #[arg(long)]
     pub keep_times: bool,
 
@@ -64,9 +65,22 @@ pub async fn run_cli(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Box<dyn Error + Send + Sync>> {
     // Read the file before binding, so a bad file fails without side effects.
-    let detections = match &args.detections {
-        Some(path) => read_detections(path).await?,
+    let text = match &args.detections {
+        Some(path) => Some(read_detections(path).await?),
+        None => None,
+    };
+    let detections = match &text {
+        Some(text) if !args.keep_times => parse_values(text, args.detections.as_deref())?,
+        Some(_) => Vec::new(),
         None => sample_detections(),
+    };
+    // With --keep-times nothing changes, so the file's texts are served as they are.
+    let exact = match &text {
+        Some(text) if args.keep_times => Some(
+            super::parse_detection_texts(text.as_bytes())
+                .map_err(|error| not_an_array(args.detections.as_deref(), &error))?,
+        ),
+        _ => None,
     };
 
     let options =
@@ -79,9 +93,10 @@ pub async fn run_cli(
         tenant,
         TenantSpec { client_id: args.client_id.clone(), client_secret: args.client_secret.clone(), forbidden: false },
     );
-    match args.generate {
-        Some(count) => emulator.generate(tenant, count, args.detection_bytes),
-        None => emulator.load_detections(tenant, detections, !args.keep_times),
+    match (args.generate, exact) {
+        (Some(count), _) => emulator.generate(tenant, count, args.detection_bytes),
+        (None, Some(texts)) => emulator.load_detection_texts(tenant, &texts),
+        (None, None) => emulator.load_detections(tenant, detections, !args.keep_times),
     }
     emulator.spawn_generator(tenant, Duration::from_secs(args.add_every_secs));
 
@@ -101,11 +116,24 @@ pub async fn run_cli(
     Ok(())
 }
 
-async fn read_detections(path: &Path) -> Result<Vec<Value>, Box<dyn Error + Send + Sync>> {
+async fn read_detections(path: &Path) -> Result<String, Box<dyn Error + Send + Sync>> {
     let text = tokio::fs::read_to_string(path)
         .await
         .map_err(|error| format!("failed to read detections file {}: {error}", path.display()))?;
-    let detections: Vec<Value> = serde_json::from_str(&text)
-        .map_err(|error| format!("detections file {} is not a JSON array of detections: {error}", path.display()))?;
-    Ok(detections)
+    Ok(text)
+}
+
+/// Parses the detections file into values, whose times can then move.
+/// Values cannot hold a lone surrogate or nesting deeper than 128 levels,
+/// which `--keep-times` serves as written.
+fn parse_values(text: &str, path: Option<&Path>) -> Result<Vec<Value>, Box<dyn Error + Send + Sync>> {
+    serde_json::from_str(text).map_err(|error| {
+        let message = not_an_array(path, &error);
+        format!("{message} (with --keep-times the elements are served as written and not parsed)").into()
+    })
+}
+
+fn not_an_array(path: Option<&Path>, error: &serde_json::Error) -> Box<dyn Error + Send + Sync> {
+    let path = path.map(|p| p.display().to_string()).unwrap_or_default();
+    format!("detections file {path} is not a JSON array of detections: {error}").into()
 }

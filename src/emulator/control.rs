@@ -36,16 +36,16 @@ pub(super) fn handle(
     }
 
     let result = match action {
-        "faults" => queue_faults(shared, body),
+        "faults" => queue_faults(shared, body).map(|value| value.to_string()),
         "detections" => add_detections(shared, query, body),
         "tokens/revoke" => {
             shared.lock().tokens.clear();
-            Ok(json!({ "revoked": true }))
+            Ok(json!({ "revoked": true }).to_string())
         }
-        _ => Ok(stats(shared)),
+        _ => Ok(stats(shared).to_string()),
     };
     match result {
-        Ok(value) => json_response(StatusCode::OK, value.to_string()),
+        Ok(text) => json_response(StatusCode::OK, text),
         Err(message) => json_response(StatusCode::BAD_REQUEST, json!({ "error": message }).to_string()),
     }
 }
@@ -124,7 +124,8 @@ fn optional_u64(request: &Map<String, Value>, name: &str) -> Result<Option<u64>,
     }
 }
 
-fn add_detections(shared: &Shared, query: Option<&str>, body: &[u8]) -> Result<Value, String> {
+/// Adds detections and returns the JSON text of the array of those added.
+fn add_detections(shared: &Shared, query: Option<&str>, body: &[u8]) -> Result<String, String> {
     let mut tenant = None;
     let mut count = None;
     for (name, value) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
@@ -147,15 +148,16 @@ fn add_detections(shared: &Shared, query: Option<&str>, body: &[u8]) -> Result<V
     };
 
     if !body.iter().all(u8::is_ascii_whitespace) {
-        let detections: Vec<Value> = serde_json::from_slice(body)
+        let texts = super::parse_detection_texts(body)
             .map_err(|error| format!("the body must be a JSON array of detections: {error}"))?;
-        let stored: Vec<StoredDetection> = detections.iter().map(StoredDetection::new).collect();
+        let stored: Vec<StoredDetection> = texts.iter().map(|text| StoredDetection::from_text(text.get())).collect();
         shared.lock().tenant_mut(&tenant).detections.extend(stored);
-        return Ok(Value::Array(detections));
+        let texts: Vec<&str> = texts.iter().map(|text| text.get()).collect();
+        return Ok(format!("[{}]", texts.join(",")));
     }
 
     let added: Vec<Value> = (0..count.unwrap_or(1)).map(|_| data::new_detection(shared, &tenant)).collect();
-    Ok(Value::Array(added))
+    Ok(Value::Array(added).to_string())
 }
 
 fn only_tenant(shared: &Shared) -> Result<String, String> {

@@ -42,15 +42,21 @@
 //! - `POST /_emulator/detections?tenant=ID&count=N` adds N new detections
 //!   (default 1) to the tenant, as [`Emulator::new_detection`] does, and
 //!   returns them as a JSON array. With a JSON array as the request body it
-//!   adds those detections instead, parsed as `serde_json::Value` and
-//!   written compactly: escaped names are decoded, numbers are rewritten
-//!   (`1E400` becomes `1e+400`), and a lone surrogate or nesting deeper than
-//!   128 levels is rejected with 400. `tenant` may be left out when the
-//!   emulator has exactly one tenant.
+//!   adds its elements instead and returns them: each is served exactly as
+//!   sent, with its escapes, number spelling and whitespace, lone surrogates
+//!   included. `tenant` may be left out when the emulator has exactly one
+//!   tenant.
 //! - `POST /_emulator/tokens/revoke` invalidates every issued token.
 //! - `GET /_emulator/stats` returns
 //!   `{"tenants": {"ID": {"detections": N}}, "alerts_requests": N,
 //!   "token_requests": N, "faults_queued": N}`.
+
+/// Splits a JSON array into the texts of its elements without decoding
+/// them, so an element is served byte for byte as given, with escapes,
+/// numbers such as `1E400` and lone surrogates (`\ud800`) left as they are.
+pub fn parse_detection_texts(json: &[u8]) -> Result<Vec<Box<serde_json::value::RawValue>>, serde_json::Error> {
+    serde_json::from_slice(json)
+}
 
 mod alerts;
 mod assertion;
@@ -244,6 +250,14 @@ impl Emulator {
             data::shift_to_now(&mut detections, chrono::Utc::now());
         }
         let stored: Vec<StoredDetection> = detections.iter().map(StoredDetection::new).collect();
+        let mut state = self.inner.shared.lock();
+        state.tenant_mut(tenant_id).detections.extend(stored);
+    }
+
+    /// Appends detections given as JSON texts, each served exactly as given
+    /// (see [`parse_detection_texts`]), with the times they have.
+    pub fn load_detection_texts(&self, tenant_id: &str, texts: &[Box<serde_json::value::RawValue>]) {
+        let stored: Vec<StoredDetection> = texts.iter().map(|text| StoredDetection::from_text(text.get())).collect();
         let mut state = self.inner.shared.lock();
         state.tenant_mut(tenant_id).detections.extend(stored);
     }

@@ -127,6 +127,22 @@ pub(super) struct StoredDetection {
 }
 
 impl StoredDetection {
+    /// Stores `text`, one element of a JSON array, to be served exactly as
+    /// given: escapes, number spelling, whitespace and lone surrogates
+    /// included. The filter fields are read as the forwarder reads them,
+    /// and an element that is not an object has none.
+    pub(super) fn from_text(text: &str) -> Self {
+        let detection = crate::detection::Detection::from_json_text(text).ok();
+        let field = |name: &str| detection.as_ref().and_then(|d| d.text(name)).map(|text| text.into_owned()).unwrap_or_default();
+        Self {
+            json: text.into(),
+            last_processed: detection.as_ref().and_then(|d| d.last_processed()),
+            machine_group: field("MachineGroup"),
+            device_tags: field("DeviceCreatedMachineTags"),
+            cloud_tags: field("CloudCreatedMachineTags"),
+        }
+    }
+
     pub(super) fn new(detection: &Value) -> Self {
         let field =
             |name: &str| detection.get(name).and_then(json_value_text).map(|text| text.into_owned()).unwrap_or_default();

@@ -1038,3 +1038,86 @@ async fn run_cli_reports_unreadable_file() {
 
     assert!(error.to_string().contains("/nonexistent/detections.json"), "{error}");
 }
+
+/// Detections posted to the control API are served byte for byte: escapes,
+/// number spelling, whitespace and lone surrogates are not changed.
+#[tokio::test]
+async fn control_api_serves_posted_detections_exactly() {
+    let emulator = start().await;
+    let time = minutes_ago(1);
+    let texts = [
+        format!(r#"{{"FullId":"exact:1","LastProcessedTimeUtc":"{time}","Score":1E400,"Name":"caf\u00e9"}}"#),
+        format!(r#"{{ "FullId" : "exact:2" , "LastProcessedTimeUtc" : "{time}", "Bad\ud800" : "x\udc00" }}"#),
+        format!(r#"{{"FullId":"exact:3","LastProcessedTimeUtc":"{time}","Dup":1,"Dup":2}}"#),
+    ];
+    let body = format!("[{}]", texts.join(" ,\n "));
+    let pushed = client().post(format!("{}/_emulator/detections", emulator.url())).body(body).send().await.unwrap();
+    assert_eq!(pushed.status(), 200);
+    assert_eq!(pushed.text().await.unwrap(), format!("[{}]", texts.join(",")));
+
+    let token = token(&emulator).await;
+    let response = client().get(format!("{}/api/alerts", emulator.url())).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let served = response.text().await.unwrap();
+    for text in &texts {
+        assert!(served.contains(text.as_str()), "{text} not in {served}");
+    }
+}
+
+/// `--detections FILE --keep-times` serves the file's elements as written,
+/// and an element that is not an object does not stop the file loading.
+#[tokio::test]
+async fn run_cli_keeps_file_texts_with_keep_times() {
+    use clap::Parser;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: EmulateArgs,
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("detections.json");
+    let time = minutes_ago(1);
+    let exact = format!(r#"{{"FullId":"file:1","LastProcessedTimeUtc":"{time}","N":-0.50E+3,"S":"\u0041\ud800"}}"#);
+    std::fs::write(&path, format!("[\n  {exact},\n  [1]\n]\n")).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    drop(listener);
+    let cli = Cli::try_parse_from([
+        "emulate",
+        "--listen",
+        &address.to_string(),
+        "--detections",
+        path.to_str().unwrap(),
+        "--keep-times",
+        "--tenant-id",
+        TENANT,
+    ])
+    .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(run_cli(cli.args, async {
+        let _ = stopped.await;
+    }));
+    let url = format!("http://{address}");
+    let mut token = None;
+    for _ in 0..50 {
+        let form = [
+            ("resource", RESOURCE),
+            ("grant_type", "client_credentials"),
+            ("client_id", "mde-forwarder-demo"),
+            ("client_secret", "demo-secret"),
+        ];
+        if let Ok(response) = client().post(format!("{url}/{TENANT}/oauth2/token")).form(&form).send().await {
+            let body: Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
+            token = body["access_token"].as_str().map(String::from);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let token = token.expect("the emulator issues a token");
+    let served = client().get(format!("{url}/api/alerts")).bearer_auth(&token).send().await.unwrap().text().await.unwrap();
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), running).await.unwrap().unwrap().unwrap();
+
+    assert!(served.contains(&exact), "{exact} not in {served}");
+}
