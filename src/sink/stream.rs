@@ -45,7 +45,8 @@ impl TlsSettings {
 /// which the receiver requested one, for the receiver to reject the session
 /// before it writes. A TLS 1.3 receiver that requires the certificate
 /// rejects the session right after the handshake. One whose request is
-/// optional sends nothing, and the sink then does not wait for it again.
+/// optional sends nothing, so each of its sessions starts this much later.
+/// NOTE: a receiver that rejects later than this is not detected.
 const CLIENT_CERTIFICATE_VERDICT: Duration = Duration::from_secs(1);
 
 enum Connection {
@@ -147,20 +148,25 @@ impl StreamTransport {
             Err(source) if requested() && rejected_by_peer(&source) => return Err(SinkError::ClientCertificateRequired { address }),
             Err(source) => return Err(SinkError::Tls { address, source }),
         };
-        let Some(stand_in) = tls.no_certificate.as_ref().filter(|stand_in| requested() && !stand_in.accepted_without()) else {
+        let Some(stand_in) = tls.no_certificate.as_ref().filter(|_| requested()) else {
             return Ok(Connection::Tls(Box::new(session)));
         };
+        // Every session is checked, not only the first: a receiver may be
+        // reconfigured to require the certificate, or a load balancer may
+        // pick a receiver that requires it.
         let mut buf = [0u8; 512];
         match timeout(CLIENT_CERTIFICATE_VERDICT, session.read(&mut buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) => return Err(SinkError::ClientCertificateRequired { address }),
             // Nothing, or data a syslog receiver should not send: the
             // session is accepted.
             Err(_) | Ok(Ok(_)) => {
-                stand_in.set_accepted_without();
-                tracing::info!(
-                    address = %address,
-                    "the receiver requested a client certificate and accepted this sink's session without one; set tls_cert_file and tls_key_file if it should get one"
-                );
+                if !stand_in.accepted_without() {
+                    stand_in.set_accepted_without();
+                    tracing::info!(
+                        address = %address,
+                        "the receiver requested a client certificate and accepted this sink's session without one; set tls_cert_file and tls_key_file if it should get one. Each new session waits up to 1 s for the receiver to reject it"
+                    );
+                }
             }
         }
         Ok(Connection::Tls(Box::new(session)))
@@ -304,6 +310,97 @@ fn set_keepalive(stream: &TcpStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use rustls::server::WebPkiClientVerifier;
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio::net::TcpListener;
+
+    const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data");
+
+    /// A TLS receiver that requests a client certificate: optional while
+    /// `required` is false, required after. It keeps the lines it receives.
+    async fn receiver(required: Arc<AtomicBool>, received: Arc<std::sync::Mutex<Vec<u8>>>) -> std::net::SocketAddr {
+        #[allow(deprecated)]
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_file(format!("{DATA}/tls-ca.pem")).unwrap()).unwrap();
+        let roots = Arc::new(roots);
+        let chain = vec![CertificateDer::from_pem_file(format!("{DATA}/tls-server-cert.pem")).unwrap()];
+        let key = PrivateKeyDer::from_pem_file(format!("{DATA}/tls-server-key.pem")).unwrap();
+        let config = |required: bool| {
+            let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone());
+            let verifier = if required { verifier.build() } else { verifier.allow_unauthenticated().build() };
+            let config = rustls::ServerConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_client_cert_verifier(verifier.unwrap())
+                .with_single_cert(chain.clone(), key.clone_key())
+                .unwrap();
+            tokio_rustls::TlsAcceptor::from(Arc::new(config))
+        };
+        let (optional, strict) = (config(false), config(true));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { return };
+                let acceptor = if required.load(Ordering::SeqCst) { strict.clone() } else { optional.clone() };
+                let received = received.clone();
+                tokio::spawn(async move {
+                    let Ok(mut session) = acceptor.accept(stream).await else { return };
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = session.read(&mut buf).await {
+                        if n == 0 {
+                            return;
+                        }
+                        received.lock().unwrap().extend_from_slice(&buf[..n]);
+                    }
+                });
+            }
+        });
+        address
+    }
+
+    /// A receiver that accepted a session without a client certificate and
+    /// then requires one: the next session is rejected before a batch is
+    /// written, so no batch counts as delivered into it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_session_waits_for_the_certificate_verdict() {
+        let required = Arc::new(AtomicBool::new(false));
+        let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let address = receiver(required.clone(), received.clone()).await;
+        let tls = crate::config::TlsConfig { tls_ca_file: Some(format!("{DATA}/tls-ca.pem").into()), tls_insecure_skip_verify: false };
+        let (config, no_certificate) = crate::sink::tls::client_config_watching("sink[0]", &tls, None).unwrap();
+        let settings = TlsSettings::new(config, ServerName::try_from("localhost").unwrap()).watching(no_certificate);
+        let mut transport = StreamTransport::new(address.to_string(), Some(settings), Duration::from_secs(5), Duration::from_secs(5));
+        let mut batch = Batch::default();
+        batch.bytes.extend_from_slice(b"first\n");
+        batch.end_message();
+
+        transport.send(&batch).await.expect("an optional request accepts the session");
+        assert!(wait_until_received(&received, b"first\n").await, "the first batch arrives");
+
+        required.store(true, Ordering::SeqCst);
+        transport.close();
+        let error = transport.send(&batch).await.expect_err("a required certificate rejects the session");
+        assert!(matches!(error, SinkError::ClientCertificateRequired { .. }), "{error}");
+        let error = transport.send(&batch).await.expect_err("every new session is checked");
+        assert!(matches!(error, SinkError::ClientCertificateRequired { .. }), "{error}");
+        assert_eq!(received.lock().unwrap().as_slice(), b"first\n");
+    }
+
+    async fn wait_until_received(received: &std::sync::Mutex<Vec<u8>>, expected: &[u8]) -> bool {
+        for _ in 0..100 {
+            if received.lock().unwrap().as_slice() == expected {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
 
     #[test]
     fn unacknowledged_bytes_reports_ioctl_failure() {

@@ -31,8 +31,8 @@ pub struct ClientIdentity<'a> {
 #[derive(Debug, Default)]
 pub struct NoClientCertificate {
     requests: AtomicU64,
-    /// The receiver once accepted a session without a certificate, so its
-    /// request is optional and the sink does not wait for it again.
+    /// The receiver once accepted a session without a certificate, which
+    /// is then logged no more.
     accepted_without: AtomicBool,
 }
 
