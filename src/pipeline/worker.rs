@@ -87,6 +87,10 @@ struct Prepared {
     consumed: usize,
     /// For each message, the index of its entry in the read.
     message_entries: Vec<usize>,
+    /// Entries this sink cannot encode, with the reason. They become dead
+    /// letters only when the cursor moves past them, so a batch that fails
+    /// and is prepared again does not store them a second time.
+    unencodable: Vec<(usize, String)>,
 }
 
 pub struct SinkWorker {
@@ -257,11 +261,7 @@ impl SinkWorker {
             let detection = match usable {
                 Ok(detection) => detection,
                 Err(error) => {
-                    let reason = format!("cannot encode: {error}");
-                    tracing::warn!(sink = %self.name, tenant = %entry.tenant(), reason = %reason, "detection moved to dead letters");
-                    if let Err(e) = self.store.dead_letter(&self.name, entry.tenant(), entry.raw(), &reason) {
-                        tracing::error!(sink = %self.name, error = %e, "cannot store a dead letter");
-                    }
+                    prepared.unencodable.push((index, format!("cannot encode: {error}")));
                     prepared.consumed = index + 1;
                     continue;
                 }
@@ -312,35 +312,48 @@ impl SinkWorker {
         Added::Message
     }
 
-    /// Dead-letters what the receiver rejected and returns the sequence
+    /// Dead-letters what the receiver rejected and what this sink cannot
+    /// encode, up to where the cursor may move, and returns the sequence
     /// number the cursor may move to, if any.
     fn settle(&self, entries: &[(u64, OutboxEntry)], prepared: &Prepared, outcome: SendOutcome) -> Result<Option<u64>, StoreError> {
-        let seq_before = |consumed: usize| consumed.checked_sub(1).map(|i| entries[i].0);
+        let through = self.settle_messages(entries, prepared, outcome)?;
+        for (index, reason) in prepared.unencodable.iter().filter(|(index, _)| *index < through) {
+            let entry = &entries[*index].1;
+            tracing::warn!(sink = %self.name, tenant = %entry.tenant(), reason = %reason, "detection moved to dead letters");
+            self.store.dead_letter(&self.name, entry.tenant(), entry.raw(), reason)?;
+        }
+        Ok(through.checked_sub(1).map(|i| entries[i].0))
+    }
+
+    /// Dead-letters what the receiver rejected and returns how many entries
+    /// of the read the cursor may move past.
+    fn settle_messages(&self, entries: &[(u64, OutboxEntry)], prepared: &Prepared, outcome: SendOutcome) -> Result<usize, StoreError> {
         match outcome {
-            SendOutcome::Delivered => Ok(seq_before(prepared.consumed)),
+            SendOutcome::Delivered => Ok(prepared.consumed),
             SendOutcome::AllRejected { reason } => {
                 tracing::warn!(sink = %self.name, events = prepared.message_entries.len(), reason = %reason, "receiver rejected the batch; its detections moved to dead letters");
                 for &index in &prepared.message_entries {
                     let entry = &entries[index].1;
                     self.store.dead_letter(&self.name, entry.tenant(), entry.raw(), &reason)?;
                 }
-                Ok(seq_before(prepared.consumed))
+                Ok(prepared.consumed)
             }
             SendOutcome::Rejected { delivered, reason } => {
                 let Some(&rejected) = prepared.message_entries.get(delivered) else {
                     tracing::warn!(sink = %self.name, delivered, reason = %reason, "receiver rejected a message the batch does not have; counting the batch as delivered");
-                    return Ok(seq_before(prepared.consumed));
+                    return Ok(prepared.consumed);
                 };
                 let entry = &entries[rejected].1;
                 tracing::warn!(sink = %self.name, tenant = %entry.tenant(), delivered, reason = %reason, "receiver rejected one detection; it moved to dead letters and the rest of the batch is sent again");
                 self.store.dead_letter(&self.name, entry.tenant(), entry.raw(), &reason)?;
-                // Entries up to the next message were filtered out or
-                // dead-lettered already, so the cursor may pass them too.
+                // Entries up to the next message were filtered out or cannot
+                // be encoded (dead-lettered by the caller), so the cursor
+                // may pass them too.
                 let through = match prepared.message_entries.get(delivered + 1) {
                     Some(&next) => next,
                     None => prepared.consumed,
                 };
-                Ok(seq_before(through))
+                Ok(through)
             }
         }
     }
@@ -497,14 +510,36 @@ mod tests {
         store.read_after(0, 10).unwrap()
     }
 
-    /// Prepares [`broken_table_entries`] for a High-only sink of `payload`.
+    /// Prepares [`broken_table_entries`] for a High-only sink of `payload`,
+    /// and settles the batch as delivered.
     fn prepare_broken_tables(payload: crate::format::PayloadFormat) -> (tempfile::TempDir, Arc<Store>, Prepared) {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
         let entries = broken_table_entries(&store);
         let mut worker = routed_worker(store.clone(), payload);
         let prepared = worker.prepare(&entries, &mut Batch::default());
+        let cursor = worker.settle(&entries, &prepared, SendOutcome::Delivered).unwrap();
+        assert_eq!(cursor, Some(entries[1].0), "the cursor passes both entries");
         (dir, store, prepared)
+    }
+
+    /// A batch whose send fails is prepared again. Its detections that
+    /// cannot be encoded become dead letters once, when the cursor passes
+    /// them, not each time the batch is prepared.
+    #[test]
+    fn failed_sends_dead_letter_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let entries = broken_table_entries(&store);
+        let mut worker = routed_worker(store.clone(), crate::format::PayloadFormat::Cef);
+        for _ in 0..3 {
+            // Each of these sends failed, so the batch was never settled.
+            worker.prepare(&entries, &mut Batch::default());
+        }
+        assert_eq!(store.dead_letter_count(), 0, "nothing is stored before the cursor moves");
+        let prepared = worker.prepare(&entries, &mut Batch::default());
+        worker.settle(&entries, &prepared, SendOutcome::Delivered).unwrap();
+        assert_eq!(store.dead_letter_count(), 1);
     }
 
     #[test]
