@@ -303,7 +303,7 @@ impl Detection {
     }
 
     /// Returns why the fields cannot be parsed, for example a string with a lone
-    /// UTF-16 surrogate or nesting deeper than 128 levels. Encoders that need
+    /// UTF-16 surrogate or 128 or more levels of nesting. Encoders that need
     /// fields must not encode such a detection: its fields would be missing.
     pub fn field_error(&self) -> Option<&str> {
         self.parsed().as_ref().err().map(String::as_str)

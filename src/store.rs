@@ -839,7 +839,12 @@ impl Store {
         self.db.flush().map_err(|e| self.io(e))?;
         self.outbox_bytes.fetch_sub(u64::from(index.record.len).min(self.outbox_bytes()), Ordering::Relaxed);
         crate::telemetry::global().metrics.add(&crate::telemetry::SPOOL_DAMAGED, &[], 1.0);
-        let letters: Vec<String> = ids.iter().map(u64::to_string).collect();
+        // A batch of hundreds of detections would make one very long line.
+        const LISTED_IDS: usize = 10;
+        let mut letters: Vec<String> = ids.iter().take(LISTED_IDS).map(u64::to_string).collect();
+        if ids.len() > LISTED_IDS {
+            letters.push(format!("and {} more", ids.len() - LISTED_IDS));
+        }
         tracing::error!(
             tenant = %tenant,
             batch = seq,

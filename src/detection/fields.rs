@@ -159,7 +159,8 @@ fn name_hash(name: &[u8]) -> u64 {
 impl Fields {
     /// Parses the JSON object `raw`. Fails on text that is not one valid JSON
     /// object, on a string with a lone UTF-16 surrogate, on nesting deeper
-    /// than serde_json's limit of 128 levels, and on text of 4 GiB or more.
+    /// than serde_json allows (127 levels, the object included), and on text
+    /// of 4 GiB or more.
     pub fn parse(raw: &str) -> Result<Self, String> {
         Self::check_size(raw.len())?;
         // Two fields per 40 bytes is about what the API sends.
@@ -364,6 +365,16 @@ mod tests {
 
     fn text_of(fields: &Fields, raw: &str, name: &str) -> Option<String> {
         fields.get(raw, name).and_then(FieldValue::text).map(Cow::into_owned)
+    }
+
+    /// The documented limit: 127 levels of nesting, the object included,
+    /// parse; 128 do not.
+    #[test]
+    fn nesting_limit_counts_the_object() {
+        let nested = |arrays: usize| format!(r#"{{"E":{}1{}}}"#, "[".repeat(arrays), "]".repeat(arrays));
+        assert!(Fields::parse(&nested(126)).is_ok());
+        let error = Fields::parse(&nested(127)).unwrap_err();
+        assert!(error.contains("recursion limit"), "{error}");
     }
 
     #[test]

@@ -124,7 +124,7 @@ async fn read_detections(path: &Path) -> Result<String, Box<dyn Error + Send + S
 }
 
 /// Parses the detections file into values, whose times can then move.
-/// Values cannot hold a lone surrogate or nesting deeper than 128 levels,
+/// Values cannot hold a lone surrogate or 128 or more levels of nesting,
 /// which `--keep-times` serves as written.
 fn parse_values(text: &str, path: Option<&Path>) -> Result<Vec<Value>, Box<dyn Error + Send + Sync>> {
     serde_json::from_str(text).map_err(|error| {
