@@ -258,7 +258,7 @@ fn write_mapped(writer: &mut ExtensionWriter<'_>, known: &KnownFields<'_>, mappi
         }
         Conversion::Address => {
             if text.parse::<IpAddr>().is_ok() {
-                writer.text(mapping.key, &text, label, mapping.keep);
+                writer.whole_text(mapping.key, &text, label, mapping.keep);
                 return;
             }
             None

@@ -24,6 +24,9 @@ pub struct Entry {
     /// Identifying entries are truncated last and never dropped for size
     /// unless nothing else is left.
     keep: bool,
+    /// The value is a number, timestamp or address, which is dropped rather
+    /// than cut: a cut one still looks valid (`rt=17964612`).
+    whole: bool,
 }
 
 impl Entry {
@@ -274,14 +277,22 @@ impl<'a> ExtensionWriter<'a> {
     /// Writes `key=` and the escaped `value`, then `labelKey=label` when a
     /// label is given, as one entry.
     pub fn text(&mut self, key: &str, value: &str, label: Option<(&str, &str)>, keep: bool) {
-        self.pair(key, label, keep, |out, escape| {
+        self.pair(key, label, keep, false, |out, escape| {
+            escape_value(value, escape, out)
+        });
+    }
+
+    /// Writes a text value that shortening must not cut, such as an IP
+    /// address, as [`ExtensionWriter::text`] does.
+    pub fn whole_text(&mut self, key: &str, value: &str, label: Option<(&str, &str)>, keep: bool) {
+        self.pair(key, label, keep, true, |out, escape| {
             escape_value(value, escape, out)
         });
     }
 
     /// Writes `key=` and a decimal number, then the label if given.
     pub fn number(&mut self, key: &str, value: i64, label: Option<(&str, &str)>, keep: bool) {
-        self.pair(key, label, keep, |out, _| write_integer(value, out));
+        self.pair(key, label, keep, true, |out, _| write_integer(value, out));
     }
 
     /// Writes a field that has no mapped key under its own name.
@@ -307,12 +318,14 @@ impl<'a> ExtensionWriter<'a> {
     }
 
     /// Writes `key=`, then calls `write_value`, which must apply the value
-    /// escapes itself, then the label if given.
+    /// escapes itself, then the label if given. A `whole` value is dropped
+    /// rather than cut when the message must be shortened.
     pub fn pair(
         &mut self,
         key: &str,
         label: Option<(&str, &str)>,
         keep: bool,
+        whole: bool,
         write_value: impl FnOnce(&mut Vec<u8>, ValueEscape),
     ) {
         if self.pairs > 0 {
@@ -341,6 +354,7 @@ impl<'a> ExtensionWriter<'a> {
                 value_end,
                 end: self.out.len(),
                 keep,
+                whole,
             });
         }
     }
@@ -418,7 +432,8 @@ fn utf8_sequence_len(first_byte: u8) -> usize {
 /// 1. drop optional entries, longest first, until the message fits;
 /// 2. truncate the value of the last kept entry at a safe boundary, and
 ///    drop it and go on to the one before when even an empty value is too
-///    long (an entry is never written with an empty value);
+///    long (an entry is never written with an empty value) or when its
+///    value is `whole` (a number, timestamp or address);
 /// 3. when the fixed part alone is too long, cut it at a safe boundary.
 pub fn shorten(
     out: &mut Vec<u8>,
@@ -518,7 +533,7 @@ impl Plan {
             let excess = self.total - budget;
             let value = &out[entry.value_start..entry.value_end];
             let cut = safe_cut(value, value.len().saturating_sub(excess), false);
-            if excess < value.len() && cut > 0 {
+            if !entry.whole && excess < value.len() && cut > 0 {
                 self.actions[i] = Action::Truncate(cut);
                 self.total -= value.len() - cut;
                 return;

@@ -142,7 +142,7 @@ pub(super) fn write_attributes(
     write_dev_time(&mut writer, known);
     if let Some(address) = known.text(Field::IpAddress) {
         if address.parse::<std::net::IpAddr>().is_ok() {
-            writer.text("src", &address, None, false);
+            writer.whole_text("src", &address, None, false);
         } else {
             writer.custom(d, "IpAddress", &address, is_reserved_key, false);
         }
@@ -188,6 +188,7 @@ fn write_dev_time(writer: &mut ExtensionWriter<'_>, known: &KnownFields<'_>) {
         Some(t) => writer.pair(
             "devTime",
             Some(("devTimeFormat", DEV_TIME_FORMAT)),
+            true,
             true,
             |out, _| write_dev_time_value(t, out),
         ),

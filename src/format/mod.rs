@@ -685,6 +685,45 @@ mod tests {
         assert!(text.ends_with(" cs3Label=FullId"), "{text}");
     }
 
+    /// Numbers, timestamps and addresses are dropped when the message must
+    /// be shortened, never cut: a cut one still looks valid (`rt=179646`).
+    #[test]
+    fn udp_shortening_never_cuts_numbers_times_or_addresses() {
+        let mut json: serde_json::Value = serde_json::from_str(&hostile_detection().raw().to_string()).unwrap();
+        json["IpAddress"] = serde_json::json!("2001:db8:aaaa:bbbb:cccc:dddd:eeee:1");
+        json["ReportID"] = serde_json::json!(1234567890123_i64);
+        let d = detection(&json.to_string());
+        let cases = [
+            (PayloadFormat::Cef, ' ', ["rt", "deviceCustomDate1", "src", "cn3"].as_slice()),
+            (PayloadFormat::Leef, '\t', ["devTime", "sev", "src"].as_slice()),
+        ];
+        for (payload, separator, keys) in cases {
+            let full = encode(options(payload, HeaderFormat::None, Framing::None), &d).0;
+            let full = String::from_utf8(full).unwrap();
+            let value_of = |text: &str, key: &str| {
+                let start = text.find(&format!("{separator}{key}="))? + key.len() + 2;
+                let rest = &text[start..];
+                // A devTime value contains spaces, so a LEEF value ends at the next tab.
+                let end = if separator == ' ' { rest.find(' ') } else { rest.find('\t') };
+                Some(rest[..end.unwrap_or(rest.len())].to_string())
+            };
+            for key in keys {
+                assert!(value_of(&full, key).is_some(), "{payload:?}: {key} missing in {full}");
+            }
+            for max in 0..full.len() {
+                let mut o = options(payload, HeaderFormat::None, Framing::None);
+                o.max_message_bytes = Some(max);
+                let (out, _) = encode(o, &d);
+                let text = String::from_utf8(out).unwrap();
+                for key in keys {
+                    if let Some(value) = value_of(&text, key) {
+                        assert_eq!(Some(&value), value_of(&full, key).as_ref(), "{payload:?} max {max}: {key} cut in {text}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn udp_shortening_keeps_identifying_leef_fields() {
         let d = hostile_detection();

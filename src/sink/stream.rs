@@ -320,7 +320,7 @@ mod tests {
 
     const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data");
 
-    /// A TLS receiver that requests a client certificate: optional while
+    /// Starts a TLS receiver that requests a client certificate, optional while
     /// `required` is false, required after. It keeps the lines it receives.
     async fn receiver(required: Arc<AtomicBool>, received: Arc<std::sync::Mutex<Vec<u8>>>) -> std::net::SocketAddr {
         #[allow(deprecated)]
