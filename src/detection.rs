@@ -61,10 +61,13 @@ enum KeyText {
 }
 
 impl KeyText {
-    fn of_range(range: std::ops::Range<usize>) -> Self {
-        // The key check runs only on objects under 4 GiB (the splitter's
-        // limit and `Fields::check_size`), so the offsets fit.
-        Self::Raw { start: range.start as u32, end: range.end as u32 }
+    /// Refers to `raw[range]`, or copies it when the offsets do not fit
+    /// `u32` (a detection of 4 GiB or more).
+    fn of_range(raw: &str, range: std::ops::Range<usize>) -> Self {
+        match (u32::try_from(range.start), u32::try_from(range.end)) {
+            (Ok(start), Ok(end)) => Self::Raw { start, end },
+            _ => Self::Decoded(raw[range].into()),
+        }
     }
 
     fn text<'a>(&'a self, raw: &'a str) -> &'a str {
@@ -205,13 +208,13 @@ fn key_text(raw: &str, member: &Member) -> Option<(KeyText, IdKind)> {
     let (text, kind) = match member.kind {
         Kind::Null => return None,
         Kind::String if member.value_inner().is_empty() => return None,
-        Kind::String => (KeyText::of_range(member.value_inner()), IdKind::String),
+        Kind::String => (KeyText::of_range(raw, member.value_inner()), IdKind::String),
         Kind::EscapedString => match fields::decode_string(json.as_bytes()) {
             Ok(text) if text.is_empty() => return None,
             Ok(text) => (KeyText::Decoded(text), IdKind::String),
-            Err(_) => (KeyText::of_range(member.value.clone()), IdKind::Undecodable),
+            Err(_) => (KeyText::of_range(raw, member.value.clone()), IdKind::Undecodable),
         },
-        _ => (KeyText::of_range(member.value.clone()), IdKind::Json),
+        _ => (KeyText::of_range(raw, member.value.clone()), IdKind::Json),
     };
     Some((text, kind))
 }

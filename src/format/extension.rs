@@ -301,6 +301,10 @@ impl<'a> ExtensionWriter<'a> {
     /// counted. A name for which `is_reserved` is true gets [`COLLISION_PREFIX`]
     /// in front, repeated until the key is neither reserved nor the name of
     /// another field of `d`, so no two pairs of one event share a key.
+    ///
+    /// An identifying (`keep`) value that is a timestamp is written whole
+    /// (see [`ExtensionWriter::whole_text`]), so shortening never cuts it
+    /// into an earlier, still valid time.
     pub fn custom(
         &mut self,
         d: &Detection,
@@ -314,7 +318,11 @@ impl<'a> ExtensionWriter<'a> {
             return;
         }
         let key = unique_custom_key(d, name, is_reserved);
-        self.text(&key, value, None, keep);
+        if keep && crate::timefmt::parse(value).is_some() {
+            self.whole_text(&key, value, None, keep);
+        } else {
+            self.text(&key, value, None, keep);
+        }
     }
 
     /// Writes `key=`, then calls `write_value`, which must apply the value
@@ -522,9 +530,10 @@ impl Plan {
     }
 
     fn truncate_kept_from_last(&mut self, out: &[u8], entries: &[Entry], budget: usize) {
+        let mut dropped = Vec::new();
         for i in (0..entries.len()).rev() {
             if self.total <= budget {
-                return;
+                break;
             }
             if self.actions[i] == Action::Drop {
                 continue;
@@ -536,9 +545,20 @@ impl Plan {
             if !entry.whole && excess < value.len() && cut > 0 {
                 self.actions[i] = Action::Truncate(cut);
                 self.total -= value.len() - cut;
-                return;
+                break;
             }
             self.drop_entry(i, entry);
+            dropped.push(i);
+        }
+        // Dropping a long whole entry may free more room than was missing,
+        // so identifying entries dropped before it may fit again.
+        for &i in dropped.iter().rev() {
+            let added = entries[i].len() + usize::from(self.remaining > 0);
+            if self.total + added <= budget {
+                self.actions[i] = Action::Keep;
+                self.total += added;
+                self.remaining += 1;
+            }
         }
     }
 }

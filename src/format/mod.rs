@@ -695,7 +695,7 @@ mod tests {
         let d = detection(&json.to_string());
         let cases = [
             (PayloadFormat::Cef, ' ', ["rt", "deviceCustomDate1", "src", "cn3"].as_slice()),
-            (PayloadFormat::Leef, '\t', ["devTime", "sev", "src"].as_slice()),
+            (PayloadFormat::Leef, '\t', ["devTime", "sev", "src", "LastProcessedTimeUtc"].as_slice()),
         ];
         for (payload, separator, keys) in cases {
             let full = encode(options(payload, HeaderFormat::None, Framing::None), &d).0;
@@ -720,6 +720,26 @@ mod tests {
                         assert_eq!(Some(&value), value_of(&full, key).as_ref(), "{payload:?} max {max}: {key} cut in {text}");
                     }
                 }
+            }
+        }
+    }
+
+    /// Dropping a long whole pair may free more room than was missing: an
+    /// identifying pair dropped before it is put back when it fits.
+    #[test]
+    fn udp_shortening_restores_pairs_that_fit() {
+        let d = detection(
+            r#"{"AlertId":"a","FullId":"f","Severity":"High","AlertTime":"2020-09-30T14:09:20.9999999Z","Category":"Malware"}"#,
+        );
+        let full_len = encode(options(PayloadFormat::Cef, HeaderFormat::None, Framing::None), &d).0.len();
+        for max in 0..full_len {
+            let mut o = options(PayloadFormat::Cef, HeaderFormat::None, Framing::None);
+            o.max_message_bytes = Some(max);
+            let text = String::from_utf8(encode(o, &d).0).unwrap();
+            assert!(text.len() <= max, "max {max}: {text}");
+            let extension = &text[text.rfind('|').map_or(0, |i| i + 1)..];
+            if !extension.is_empty() && !text.contains("Severity=High") {
+                assert!(text.len() + " Severity=High".len() > max, "max {max}: Severity=High fits in {text}");
             }
         }
     }

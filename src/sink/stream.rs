@@ -121,16 +121,23 @@ impl StreamTransport {
         if self.stream.is_none() {
             let address = self.address.clone();
             let secs = self.connect_timeout.as_secs();
-            let connection = timeout(self.connect_timeout, self.open())
+            let (mut connection, verdict_needed) = timeout(self.connect_timeout, self.open())
                 .await
                 .map_err(|_| SinkError::ConnectTimeout { address: address.clone(), secs })??;
+            // Outside the connect timeout, which may be as short as the wait.
+            if verdict_needed {
+                self.await_certificate_verdict(&mut connection).await?;
+            }
             tracing::info!(address = %address, tls = self.tls.is_some(), "connected");
             self.stream = Some(connection);
         }
         self.stream.as_mut().ok_or_else(|| SinkError::PeerClosed { address: self.address.clone() })
     }
 
-    async fn open(&self) -> Result<Connection, SinkError> {
+    /// Opens a connection. The flag is true when the receiver requested a
+    /// client certificate this sink does not have, so the caller must wait
+    /// for its verdict before writing.
+    async fn open(&self) -> Result<(Connection, bool), SinkError> {
         let address = self.address.clone();
         let stream = TcpStream::connect(&address)
             .await
@@ -138,38 +145,48 @@ impl StreamTransport {
         let _ = stream.set_nodelay(true);
         set_keepalive(&stream);
         let Some(tls) = &self.tls else {
-            return Ok(Connection::Plain(stream));
+            return Ok((Connection::Plain(stream), false));
         };
         let requests_before = tls.no_certificate.as_ref().map(|stand_in| stand_in.requests());
         let requested = || tls.no_certificate.as_ref().map(|stand_in| stand_in.requests()) != requests_before;
-        let mut session = match tls.connector.connect(tls.server_name.clone(), stream).await {
+        let session = match tls.connector.connect(tls.server_name.clone(), stream).await {
             Ok(session) => session,
             // TLS 1.2 rejects a missing certificate inside the handshake.
             Err(source) if requested() && rejected_by_peer(&source) => return Err(SinkError::ClientCertificateRequired { address }),
             Err(source) => return Err(SinkError::Tls { address, source }),
         };
-        let Some(stand_in) = tls.no_certificate.as_ref().filter(|_| requested()) else {
-            return Ok(Connection::Tls(Box::new(session)));
-        };
-        // Every session is checked, not only the first: a receiver may be
-        // reconfigured to require the certificate, or a load balancer may
-        // pick a receiver that requires it.
+        Ok((Connection::Tls(Box::new(session)), requested()))
+    }
+
+    /// Waits up to [`CLIENT_CERTIFICATE_VERDICT`] for a receiver that
+    /// requested a client certificate to reject the session. Every session
+    /// is checked, not only the first: a receiver may be reconfigured to
+    /// require the certificate, or a load balancer may pick one that does.
+    async fn await_certificate_verdict(&self, connection: &mut Connection) -> Result<(), SinkError> {
+        let Connection::Tls(session) = connection else { return Ok(()) };
+        let address = self.address.clone();
         let mut buf = [0u8; 512];
         match timeout(CLIENT_CERTIFICATE_VERDICT, session.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return Err(SinkError::ClientCertificateRequired { address }),
+            Ok(Ok(0)) => Err(SinkError::ClientCertificateRequired { address }),
+            // Some receivers (rsyslog with GnuTLS) close without an alert.
+            Ok(Err(source)) if rejected_by_peer(&source) || source.kind() == io::ErrorKind::UnexpectedEof => {
+                Err(SinkError::ClientCertificateRequired { address })
+            }
+            Ok(Err(source)) => Err(SinkError::Send { address, source }),
             // Nothing, or data a syslog receiver should not send: the
             // session is accepted.
             Err(_) | Ok(Ok(_)) => {
-                if !stand_in.accepted_without() {
+                let stand_in = self.tls.as_ref().and_then(|tls| tls.no_certificate.as_ref());
+                if let Some(stand_in) = stand_in.filter(|stand_in| !stand_in.accepted_without()) {
                     stand_in.set_accepted_without();
                     tracing::info!(
                         address = %address,
                         "the receiver requested a client certificate and accepted this sink's session without one; set tls_cert_file and tls_key_file if it should get one. Each new session waits up to 1 s for the receiver to reject it"
                     );
                 }
+                Ok(())
             }
         }
-        Ok(Connection::Tls(Box::new(session)))
     }
 
     /// Closes the connection; the next send opens a new one.

@@ -100,7 +100,11 @@ pub fn client_config_watching(
         }
         None => {
             let stand_in = Arc::new(NoClientCertificate::default());
-            (builder.with_client_cert_resolver(stand_in.clone()), Some(stand_in))
+            let mut config = builder.with_client_cert_resolver(stand_in.clone());
+            // A resumed TLS 1.3 session has no certificate request, so the
+            // sink could not tell that a receiver now requires one.
+            config.resumption = rustls::client::Resumption::disabled();
+            (config, Some(stand_in))
         }
     };
     Ok((Arc::new(config), stand_in))
