@@ -1150,10 +1150,10 @@ impl Store {
     }
 
     /// Flushes sled on the runtime's blocking pool. sled's own `flush_async`
-    /// hands the flush to sled's thread pool, whose every task wakes all
-    /// seven of its threads; the flush itself hands its write to that pool
-    /// once more. Each sink acknowledges its batches through here, so one
-    /// handoff less per batch saves thread switches on the busiest path.
+    /// hands the flush to sled's thread pool, and every task there wakes all
+    /// seven of its threads. The flush then hands its write to that pool once
+    /// more. Each sink acknowledges every batch through here, so one handoff
+    /// less per batch saves thread switches on the busiest path.
     pub async fn flush(&self) -> Result<(), StoreError> {
         let db = self.db.clone();
         match tokio::task::spawn_blocking(move || db.flush()).await {

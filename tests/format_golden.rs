@@ -4,9 +4,9 @@
 //!
 //! `tests/data/format-golden.txt` contains, for each input, a label line and the
 //! message it encodes to. The messages were written by the encoders as they
-//! were before the CEF and LEEF writers were rewritten for speed, then
-//! written again when shortening started to put back identifying pairs
-//! that fit after a longer one was dropped (only those lines changed). To
+//! were before the CEF and LEEF writers were rewritten for speed. They were
+//! written again when shortening started to put back identifying pairs that
+//! fit after a longer pair was dropped, and only those lines changed. To
 //! regenerate the file after an intended change of output, run
 //! `MDE_WRITE_GOLDEN=1 cargo test --test format_golden` and review the diff.
 
