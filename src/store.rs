@@ -806,14 +806,40 @@ impl Store {
             return Ok(());
         }
         let bytes = self.spool.read_damaged(index.record)?;
+        let (tenant, ids) = self.store_damaged_batch(seq, index, &bytes, damage)?;
+
+        let mut removal = sled::Batch::default();
+        removal.remove(&seq.to_be_bytes());
+        self.outbox.apply_batch(removal).map_err(|e| self.io(e))?;
+        self.requeued.remove(seq.to_be_bytes()).map_err(|e| self.io(e))?;
+        self.db.flush().map_err(|e| self.io(e))?;
+        self.outbox_bytes.fetch_sub(u64::from(index.record.len).min(self.outbox_bytes()), Ordering::Relaxed);
+
+        crate::telemetry::global().metrics.add(&crate::telemetry::SPOOL_DAMAGED, &[], 1.0);
+        tracing::error!(
+            tenant = %tenant,
+            batch = seq,
+            detections = index.count,
+            dead_letters = %listed_ids(&ids),
+            error = %damage,
+            "damaged spool record: its batch moved to dead letters and the sinks skip it; see `state dead-letters`"
+        );
+        Ok(())
+    }
+
+    /// Stores the readable bytes of the damaged batch `seq` as dead letters
+    /// of [`SPOOL_SINK`] (see [`Store::set_aside_damaged`]) and returns the
+    /// batch's tenant and the letters' ids.
+    fn store_damaged_batch(&self, seq: u64, index: IndexEntry, bytes: &[u8], damage: &SpoolError) -> Result<(String, Vec<u64>), StoreError> {
         let target = self.requeued.get(seq.to_be_bytes()).map_err(|e| self.io(e))?;
         let target = target.map(|sink| format!(", a requeued dead letter for sink {}", String::from_utf8_lossy(&sink)));
         let origin = format!("outbox batch {seq} ({} detections{}): {damage}", index.count, target.unwrap_or_default());
-        let split = BatchView::decode(&bytes).and_then(|view| {
+        let split = BatchView::decode(bytes).and_then(|view| {
             let raws: Option<Vec<&str>> = view.raws().collect();
             raws.filter(|raws| raws.len() == index.count).map(|raws| (view.tenant, raws))
         });
-        let (tenant, ids) = match split {
+
+        match split {
             Some((tenant, raws)) => {
                 let window = replay_window(&raws);
                 let mut ids = Vec::with_capacity(raws.len());
@@ -821,39 +847,18 @@ impl Store {
                     let reason = format!("damaged spool record, so this text may differ from what was received; detection {item} of {origin}{window}");
                     ids.push(self.store_dead_letter(DeadLetter::new(SPOOL_SINK, &tenant, raw.as_bytes(), &reason))?);
                 }
-                (tenant, ids)
+                Ok((tenant, ids))
             }
             None => {
-                let tenant = BatchView::decode(&bytes).map_or_else(|| "(unknown)".to_string(), |view| view.tenant);
+                let tenant = BatchView::decode(bytes).map_or_else(|| "(unknown)".to_string(), |view| view.tenant);
                 let reason = format!(
                     "damaged spool record; this letter keeps the {} bytes that could be read, in the spool's batch format, not one detection; {origin}",
                     bytes.len()
                 );
-                (tenant.clone(), vec![self.store_dead_letter(DeadLetter::new(SPOOL_SINK, &tenant, &bytes, &reason))?])
+                let id = self.store_dead_letter(DeadLetter::new(SPOOL_SINK, &tenant, bytes, &reason))?;
+                Ok((tenant, vec![id]))
             }
-        };
-        let mut removal = sled::Batch::default();
-        removal.remove(&seq.to_be_bytes());
-        self.outbox.apply_batch(removal).map_err(|e| self.io(e))?;
-        self.requeued.remove(seq.to_be_bytes()).map_err(|e| self.io(e))?;
-        self.db.flush().map_err(|e| self.io(e))?;
-        self.outbox_bytes.fetch_sub(u64::from(index.record.len).min(self.outbox_bytes()), Ordering::Relaxed);
-        crate::telemetry::global().metrics.add(&crate::telemetry::SPOOL_DAMAGED, &[], 1.0);
-        // A batch of hundreds of detections would make one very long line.
-        const LISTED_IDS: usize = 10;
-        let mut letters: Vec<String> = ids.iter().take(LISTED_IDS).map(u64::to_string).collect();
-        if ids.len() > LISTED_IDS {
-            letters.push(format!("and {} more", ids.len() - LISTED_IDS));
         }
-        tracing::error!(
-            tenant = %tenant,
-            batch = seq,
-            detections = index.count,
-            dead_letters = %letters.join(","),
-            error = %damage,
-            "damaged spool record: its batch moved to dead letters and the sinks skip it; see `state dead-letters`"
-        );
-        Ok(())
     }
 
     /// Returns the position of the last detection in the outbox, 0 when it is empty.
@@ -1165,6 +1170,17 @@ impl Store {
             },
         }
     }
+}
+
+/// Lists at most ten dead-letter ids for a log line, because a batch of
+/// hundreds of detections would make one very long line.
+fn listed_ids(ids: &[u64]) -> String {
+    const LISTED_IDS: usize = 10;
+    let mut letters: Vec<String> = ids.iter().take(LISTED_IDS).map(u64::to_string).collect();
+    if ids.len() > LISTED_IDS {
+        letters.push(format!("and {} more", ids.len() - LISTED_IDS));
+    }
+    letters.join(",")
 }
 
 /// Returns the LastProcessedTimeUtc range of `raws` as a reason's suffix,

@@ -485,8 +485,20 @@ async fn start_demo(scratch: &Path) -> (Child, i32, DemoOutput) {
 
 /// Sends SIGTERM to a child this test started.
 fn terminate_pid(pid: i32) {
+    signal_pid(pid, libc::SIGTERM);
+}
+
+/// Sends `signal` to a child this test started.
+fn signal_pid(pid: i32, signal: i32) {
     // SAFETY: kill(2) on the pid of a child this test started.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+}
+
+/// Returns the demo's temporary state directory, checking that it exists.
+fn demo_state(scratch: &Path, pid: i32) -> std::path::PathBuf {
+    let state = scratch.join(format!("mde-forwarder-demo-{pid}"));
+    assert!(state.is_dir(), "{} missing while the demo runs", state.display());
+    state
 }
 
 /// Closing the demo's terminal sends SIGHUP: the demo stops as on SIGTERM
@@ -495,11 +507,9 @@ fn terminate_pid(pid: i32) {
 async fn demo_stops_cleanly_on_hangup() {
     let scratch = tempfile::tempdir().unwrap();
     let (mut child, pid, _output) = start_demo(scratch.path()).await;
-    let state = scratch.path().join(format!("mde-forwarder-demo-{pid}"));
-    assert!(state.is_dir(), "{} missing while the demo runs", state.display());
+    let state = demo_state(scratch.path(), pid);
 
-    // SAFETY: kill(2) on the pid of a child this test started.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    signal_pid(pid, libc::SIGHUP);
     let status = tokio::time::timeout(WAIT, child.wait()).await.expect("the demo exits after SIGHUP").unwrap();
     assert!(status.code().is_some(), "ended by the signal itself: {status}");
     assert!(!state.exists(), "{} left behind", state.display());
@@ -514,8 +524,7 @@ async fn demo_stops_cleanly_on_hangup() {
 async fn demo_deletes_its_state_after_two_signals() {
     let scratch = tempfile::tempdir().unwrap();
     let (mut child, pid, _output) = start_demo(scratch.path()).await;
-    let state = scratch.path().join(format!("mde-forwarder-demo-{pid}"));
-    assert!(state.is_dir(), "{} missing while the demo runs", state.display());
+    let state = demo_state(scratch.path(), pid);
 
     for _ in 0..2 {
         terminate_pid(pid);

@@ -345,6 +345,7 @@ mod tests {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(CertificateDer::from_pem_file(format!("{DATA}/tls-ca.pem")).unwrap()).unwrap();
         let roots = Arc::new(roots);
+
         let chain = vec![CertificateDer::from_pem_file(format!("{DATA}/tls-server-cert.pem")).unwrap()];
         let key = PrivateKeyDer::from_pem_file(format!("{DATA}/tls-server-key.pem")).unwrap();
         let config = |required: bool| {
@@ -359,6 +360,7 @@ mod tests {
             tokio_rustls::TlsAcceptor::from(Arc::new(config))
         };
         let (optional, strict) = (config(false), config(true));
+
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         tokio::spawn(async move {
