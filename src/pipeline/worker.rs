@@ -291,12 +291,12 @@ impl SinkWorker {
 
     /// Encodes one routed detection into `batch`.
     fn add_message(&mut self, detection: &Detection, now: chrono::DateTime<Utc>, batch: &mut Batch) -> Added {
-        let outcome = self.encoder.encode(detection, now, &mut batch.bytes);
+        let outcome = self.encoder.encode(detection, now, batch.buffer());
         batch.end_message();
         // A full batch ends before the message that overflows it, unless
         // that message is the first: it is then sent alone.
         let max_bytes = self.transport.max_batch_bytes();
-        if max_bytes.is_some_and(|max| batch.bytes.len() > max) && batch.len() > 1 {
+        if max_bytes.is_some_and(|max| batch.bytes().len() > max) && batch.len() > 1 {
             batch.pop_message();
             return Added::BatchFull;
         }

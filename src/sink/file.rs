@@ -41,8 +41,8 @@ impl FileTransport {
     pub(super) async fn send(&mut self, batch: &Batch) -> Result<(), SinkError> {
         let path = self.path.clone();
         let open = self.file.take();
-        let bytes = batch.bytes.clone();
-        let task = tokio::task::spawn_blocking(move || write_batch(&path, open, &bytes));
+        let bytes = batch.shared_bytes();
+        let task = tokio::task::spawn_blocking(move || write_batch(&path, open, bytes.as_ref()));
         let (file, result) = task
             .await
             .map_err(|e| SinkError::File { path: self.path.clone(), source: io::Error::other(e) })?;
@@ -143,9 +143,7 @@ mod tests {
     fn batch(lines: &[&str]) -> Batch {
         let mut batch = Batch::default();
         for line in lines {
-            batch.bytes.extend_from_slice(line.as_bytes());
-            batch.bytes.push(b'\n');
-            batch.end_message();
+            batch.push_message(format!("{line}\n").as_bytes());
         }
         batch
     }

@@ -102,7 +102,7 @@ impl HecTransport {
     }
 
     pub async fn send(&mut self, batch: &Batch) -> Result<SendOutcome, SinkError> {
-        let reply = self.post(&self.event_url, batch.bytes.clone()).await?;
+        let reply = self.post(&self.event_url, bytes::Bytes::from_owner(batch.shared_bytes())).await?;
         let parsed: HecResponse = serde_json::from_slice(&reply.body).unwrap_or_default();
         match reply.status {
             status if status.is_success() => match self.ack_timeout {
@@ -129,7 +129,7 @@ impl HecTransport {
         }
     }
 
-    async fn post(&self, url: &str, body: Vec<u8>) -> Result<Reply, SinkError> {
+    async fn post(&self, url: &str, body: impl Into<reqwest::Body>) -> Result<Reply, SinkError> {
         let response = self
             .client
             .post(url)

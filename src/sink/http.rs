@@ -175,7 +175,7 @@ fn header_map(key: &str, headers: &[(String, Secret)]) -> Result<HeaderMap, Conf
 }
 
 fn json_array(batch: &Batch) -> Vec<u8> {
-    let mut body = Vec::with_capacity(batch.bytes.len() + batch.len() + 2);
+    let mut body = Vec::with_capacity(batch.bytes().len() + batch.len() + 2);
     body.push(b'[');
     for (i, message) in batch.messages().enumerate() {
         if i > 0 {
@@ -188,7 +188,7 @@ fn json_array(batch: &Batch) -> Vec<u8> {
 }
 
 fn ndjson(batch: &Batch) -> Vec<u8> {
-    let mut body = Vec::with_capacity(batch.bytes.len() + batch.len());
+    let mut body = Vec::with_capacity(batch.bytes().len() + batch.len());
     for message in batch.messages() {
         body.extend_from_slice(message);
         body.push(b'\n');
@@ -210,8 +210,7 @@ mod tests {
     fn batch(messages: &[&str]) -> Batch {
         let mut batch = Batch::default();
         for message in messages {
-            batch.bytes.extend_from_slice(message.as_bytes());
-            batch.end_message();
+            batch.push_message(message.as_bytes());
         }
         batch
     }

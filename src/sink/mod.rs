@@ -19,6 +19,7 @@ pub mod tls;
 
 use std::io;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
@@ -90,21 +91,56 @@ pub enum SendOutcome {
     AllRejected { reason: String },
 }
 
-/// A batch of framed messages: `bytes` contains them back to back and `ends[i]`
-/// is the offset just past message `i`.
+/// A batch of framed messages: its bytes contain them back to back and
+/// `ends[i]` is the offset just past message `i`.
+///
+/// The bytes sit behind an `Arc`, so a transport that writes on another
+/// thread (the file sink) or hands the body to an HTTP client (HEC) shares
+/// them instead of copying the batch.
 #[derive(Debug, Default)]
 pub struct Batch {
-    pub bytes: Vec<u8>,
+    bytes: Arc<Vec<u8>>,
     pub ends: Vec<usize>,
+}
+
+/// The bytes of a [`Batch`], shared without copying.
+#[derive(Debug, Clone)]
+pub struct SharedBytes(Arc<Vec<u8>>);
+
+impl AsRef<[u8]> for SharedBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
 }
 
 impl Batch {
     pub fn clear(&mut self) {
-        self.bytes.clear();
+        self.buffer().clear();
         self.ends.clear();
     }
 
-    /// Marks the end of the message just appended to `bytes`.
+    /// All messages, back to back.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The buffer to append the next message to. It is copied first only
+    /// while an abandoned send still writes the previous contents.
+    pub fn buffer(&mut self) -> &mut Vec<u8> {
+        Arc::make_mut(&mut self.bytes)
+    }
+
+    pub fn shared_bytes(&self) -> SharedBytes {
+        SharedBytes(Arc::clone(&self.bytes))
+    }
+
+    /// Appends one message, for callers that have it whole.
+    pub fn push_message(&mut self, message: &[u8]) {
+        self.buffer().extend_from_slice(message);
+        self.end_message();
+    }
+
+    /// Marks the end of the message just appended to the buffer.
     pub fn end_message(&mut self) {
         self.ends.push(self.bytes.len());
     }
@@ -125,7 +161,8 @@ impl Batch {
     /// Removes the last message.
     pub fn pop_message(&mut self) {
         self.ends.pop();
-        self.bytes.truncate(self.ends.last().copied().unwrap_or(0));
+        let end = self.ends.last().copied().unwrap_or(0);
+        self.buffer().truncate(end);
     }
 }
 
@@ -146,7 +183,7 @@ impl Transport {
             Transport::File(t) => t.send(batch).await.map(|()| SendOutcome::Delivered),
             Transport::Stdout => {
                 let mut out = tokio::io::stdout();
-                out.write_all(&batch.bytes).await.map_err(SinkError::Stdout)?;
+                out.write_all(batch.bytes()).await.map_err(SinkError::Stdout)?;
                 out.flush().await.map_err(SinkError::Stdout)?;
                 Ok(SendOutcome::Delivered)
             }
@@ -211,5 +248,36 @@ impl UdpTransport {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_refill_leaves_shared_bytes_intact() {
+        let mut batch = Batch::default();
+        batch.push_message(b"first\n");
+        let in_flight = batch.shared_bytes();
+
+        batch.clear();
+        batch.push_message(b"second\n");
+
+        assert_eq!(in_flight.as_ref(), b"first\n", "an abandoned send still writes the old batch");
+        assert_eq!(batch.bytes(), b"second\n");
+        assert_eq!(batch.messages().collect::<Vec<_>>(), [b"second\n".as_slice()]);
+    }
+
+    #[test]
+    fn batch_pop_message_truncates_bytes() {
+        let mut batch = Batch::default();
+        batch.push_message(b"a\n");
+        batch.push_message(b"bb\n");
+
+        batch.pop_message();
+
+        assert_eq!(batch.bytes(), b"a\n");
+        assert_eq!(batch.len(), 1);
     }
 }

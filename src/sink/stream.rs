@@ -208,7 +208,7 @@ impl StreamTransport {
         let stream = self.connect().await?;
         let deadline = Instant::now() + write_timeout;
         let timed_out = || SinkError::SendTimeout { address: address.clone(), secs: write_timeout.as_secs() };
-        timeout(write_timeout, stream.write_and_flush(&batch.bytes))
+        timeout(write_timeout, stream.write_and_flush(batch.bytes()))
             .await
             .map_err(|_| timed_out())?
             .map_err(|source| SinkError::Send { address: address.clone(), source })?;
@@ -396,8 +396,7 @@ mod tests {
         let settings = TlsSettings::new(config, ServerName::try_from("localhost").unwrap()).watching(no_certificate);
         let mut transport = StreamTransport::new(address.to_string(), Some(settings), Duration::from_secs(5), Duration::from_secs(5));
         let mut batch = Batch::default();
-        batch.bytes.extend_from_slice(b"first\n");
-        batch.end_message();
+        batch.push_message(b"first\n");
 
         transport.send(&batch).await.expect("an optional request accepts the session");
         assert!(wait_until_received(&received, b"first\n").await, "the first batch arrives");
