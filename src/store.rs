@@ -42,9 +42,11 @@
 //!
 //! # Damaged spool records
 //! A batch whose spool record cannot be read back as written (see
-//! [`crate::spool`]) would stop every sink at it forever. [`Store::read_after`]
-//! instead moves such a batch to dead letters of [`SPOOL_SINK`] with the
-//! bytes that remain, deletes its outbox entry and reads on. The letters
+//! [`crate::spool`]) would stop every sink at it forever. So would a record
+//! that passes its CRC check but is not a valid batch with as many
+//! detections as its outbox entry. [`Store::read_after`] instead moves such
+//! a batch to dead letters of [`SPOOL_SINK`] with the bytes that remain,
+//! deletes its outbox entry and reads on. The letters
 //! are written before the entry is deleted, so a crash in between keeps the
 //! batch and stores its letters again at worst.
 
@@ -308,29 +310,55 @@ struct BatchView<'a> {
 }
 
 impl<'a> BatchView<'a> {
-    fn decode(bytes: &'a [u8]) -> Option<Self> {
-        let (&version, rest) = bytes.split_first()?;
+    /// Decodes the head of a batch, or describes why `bytes` do not start
+    /// with one.
+    fn decode(bytes: &'a [u8]) -> Result<Self, String> {
+        let Some((&version, rest)) = bytes.split_first() else {
+            return Err("the record is empty".into());
+        };
         if version != BATCH_CHECKED && version != BATCH_UNCHECKED {
-            return None;
+            return Err(format!("unknown batch format version {version}"));
         }
-        let (tenant, rest) = take_string(rest)?;
-        let (target, rest) = take_string(rest)?;
-        let count = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+        let (tenant, rest) = take_string(rest).ok_or("the tenant name is cut short or not valid UTF-8")?;
+        let (target, rest) = take_string(rest).ok_or("the target sink name is cut short or not valid UTF-8")?;
+        let count = rest.get(..4).ok_or("the detection count is cut short")?;
+        let count = u32::from_be_bytes([count[0], count[1], count[2], count[3]]) as usize;
         let only_sink = (!target.is_empty()).then_some(target);
-        Some(Self { tenant, checked: version == BATCH_CHECKED, only_sink, count, items: &rest[4..] })
+        Ok(Self { tenant, checked: version == BATCH_CHECKED, only_sink, count, items: &rest[4..] })
     }
 
-    /// The detections' texts in order; `None` for one that is cut short or
-    /// not UTF-8.
-    fn raws(&self) -> impl Iterator<Item = Option<&'a str>> + 'a {
+    /// Returns the detections' texts in order, or describes the first one
+    /// that is cut short or not UTF-8, or the bytes left after the last.
+    fn texts(&self) -> Result<Vec<&'a str>, String> {
+        let mut texts = Vec::with_capacity(self.count.min(MAX_BATCH_ITEMS));
         let mut rest = self.items;
-        (0..self.count).map(move |_| {
-            let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
-            let text = std::str::from_utf8(rest.get(4..4 + len)?).ok()?;
+        for item in 0..self.count {
+            let cut = || format!("detection {item} of {} is cut short", self.count);
+            let len = rest.get(..4).ok_or_else(cut)?;
+            let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+            let bytes = rest.get(4..).and_then(|text| text.get(..len)).ok_or_else(cut)?;
+            let text = std::str::from_utf8(bytes)
+                .map_err(|e| format!("detection {item} of {} is not valid UTF-8 ({e})", self.count))?;
+            texts.push(text);
             rest = &rest[4 + len..];
-            Some(text)
-        })
+        }
+        match rest.len() {
+            0 => Ok(texts),
+            1 => Err("1 byte follows the last detection".into()),
+            left => Err(format!("{left} bytes follow the last detection")),
+        }
     }
+}
+
+/// Decodes a spooled batch of `count` detections, or describes why the
+/// bytes are not one.
+fn decode_batch(payload: &[u8], count: usize) -> Result<QueuedBatch, String> {
+    let view = BatchView::decode(payload)?;
+    if view.count != count {
+        return Err(format!("the batch holds {} detections, the outbox index {count}", view.count));
+    }
+    let detections = view.texts()?.into_iter().map(|text| Detection::from_checked_string(text.to_string())).collect();
+    Ok(QueuedBatch { tenant: view.tenant, only_sink: view.only_sink, checked: view.checked, detections })
 }
 
 fn take_string(bytes: &[u8]) -> Option<(String, &[u8])> {
@@ -710,22 +738,22 @@ impl Store {
     ///
     /// The spool is read without the lock held, so a sink reading from disk
     /// never holds up the poller's queuing, which takes the lock too.
-    fn queued_batch(&self, seq: u64, record: RecordRef) -> Result<Arc<QueuedBatch>, StoreError> {
+    ///
+    /// A record that passes its CRC check but is not a valid batch of the
+    /// index's size is [`SpoolError::Damaged`] too: reading it again cannot
+    /// help either.
+    fn queued_batch(&self, seq: u64, index: IndexEntry) -> Result<Arc<QueuedBatch>, StoreError> {
         let remembered = |recent: &BatchMemory| recent.queued.get(seq).or_else(|| recent.read.get(seq));
         if let Some(batch) = remembered(&self.recent.lock().unwrap_or_else(|e| e.into_inner())) {
             return Ok(batch);
         }
-        let payload = self.spool.read(record)?;
-        let view = BatchView::decode(&payload).ok_or_else(|| self.corrupt("spooled batch", format!("sequence {seq}")))?;
-        let detections = view
-            .raws()
-            .enumerate()
-            .map(|(index, raw)| {
-                raw.map(|raw| Detection::from_checked_string(raw.to_string()))
-                    .ok_or_else(|| self.corrupt("outbox entry", format!("sequence {seq} item {index}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let batch = Arc::new(QueuedBatch { tenant: view.tenant, only_sink: view.only_sink, checked: view.checked, detections });
+        let payload = self.spool.read(index.record)?;
+        let batch = decode_batch(&payload, index.count).map_err(|detail| SpoolError::Damaged {
+            path: self.spool.segment_path(index.record.segment),
+            offset: index.record.offset,
+            detail: format!("its CRC matches, but it is not a valid outbox batch: {detail}"),
+        })?;
+        let batch = Arc::new(batch);
         let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         // Another sink may have read the same batch meanwhile.
         if let Some(kept) = remembered(&recent) {
@@ -771,7 +799,7 @@ impl Store {
             if skip >= index.count {
                 continue;
             }
-            let queued = match self.queued_batch(seq, index.record) {
+            let queued = match self.queued_batch(seq, index) {
                 Ok(queued) => queued,
                 Err(StoreError::Spool(damage @ SpoolError::Damaged { .. })) => {
                     self.set_aside_damaged(seq, &value, index, &damage)?;
@@ -834,8 +862,8 @@ impl Store {
         let target = self.requeued.get(seq.to_be_bytes()).map_err(|e| self.io(e))?;
         let target = target.map(|sink| format!(", a requeued dead letter for sink {}", String::from_utf8_lossy(&sink)));
         let origin = format!("outbox batch {seq} ({} detections{}): {damage}", index.count, target.unwrap_or_default());
-        let split = BatchView::decode(bytes).and_then(|view| {
-            let raws: Option<Vec<&str>> = view.raws().collect();
+        let split = BatchView::decode(bytes).ok().and_then(|view| {
+            let raws = view.texts().ok();
             raws.filter(|raws| raws.len() == index.count).map(|raws| (view.tenant, raws))
         });
 
@@ -850,7 +878,7 @@ impl Store {
                 Ok((tenant, ids))
             }
             None => {
-                let tenant = BatchView::decode(bytes).map_or_else(|| "(unknown)".to_string(), |view| view.tenant);
+                let tenant = BatchView::decode(bytes).map_or_else(|_| "(unknown)".to_string(), |view| view.tenant);
                 let reason = format!(
                     "damaged spool record; this letter keeps the {} bytes that could be read, in the spool's batch format, not one detection; {origin}",
                     bytes.len()
@@ -1371,8 +1399,7 @@ mod tests {
         assert_eq!(payload.parts().concat(), expected);
         let view = BatchView::decode(expected).unwrap();
         assert_eq!((view.tenant.as_str(), view.only_sink.as_deref(), view.checked), ("t", Some("s"), true));
-        let raws: Vec<Option<&str>> = view.raws().collect();
-        assert_eq!(raws, [Some("{}"), Some("ab")]);
+        assert_eq!(view.texts().unwrap(), ["{}", "ab"]);
     }
 
     #[test]
@@ -1610,6 +1637,89 @@ mod tests {
         assert!(letters[0].detection.is_empty());
         assert!(letters[0].reason.contains("before the record's 8-byte header"), "{}", letters[0].reason);
         assert!(letters[0].reason.contains("outbox batch 3 (2 detections)"), "{}", letters[0].reason);
+    }
+
+    /// Changes the payload of `record` with `change` and writes a CRC that
+    /// matches the new bytes, so only the batch format can tell.
+    fn rewrite_with_valid_crc(store: &Store, record: RecordRef, change: impl FnOnce(&mut [u8])) {
+        let path = store.spool.segment_path(record.segment);
+        let mut bytes = fs::read(&path).unwrap();
+        let start = record.offset as usize + 8;
+        let payload = &mut bytes[start..start + record.len as usize];
+        change(payload);
+        let crc = crc32fast::hash(payload).to_be_bytes();
+        bytes[start - 4..start].copy_from_slice(&crc);
+        fs::write(&path, bytes).unwrap();
+    }
+
+    #[tokio::test]
+    async fn undecodable_batch_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, records) = three_spooled_batches(dir.path()).await;
+        rewrite_with_valid_crc(&store, records[1], |payload| payload[0] = 9);
+        let path = store.spool.segment_path(records[1].segment);
+
+        assert_eq!(read_ids(&store), ["b0:0", "b0:1", "b2:0", "b2:1"], "the sinks read past the batch");
+        let letters = store.dead_letters().unwrap();
+        assert_eq!(letters.len(), 1, "one letter with the whole record");
+        assert_eq!(letters[0].sink, SPOOL_SINK);
+        assert_eq!(letters[0].detection_bytes().unwrap().len(), records[1].len as usize);
+        let reason = &letters[0].reason;
+        assert!(reason.contains(&path.display().to_string()), "{reason}");
+        assert!(reason.contains(&format!("offset {}", records[1].offset)), "{reason}");
+        assert!(reason.contains("outbox batch 2 (2 detections)"), "{reason}");
+        assert!(reason.contains("unknown batch format version 9"), "{reason}");
+        let err = store.requeue_dead_letters(&[]).unwrap_err();
+        assert!(matches!(err, StoreError::RequeueDamaged { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn non_utf8_text_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, records) = three_spooled_batches(dir.path()).await;
+        rewrite_with_valid_crc(&store, records[1], |payload| {
+            let at = memchr::memmem::find(payload, b"b1:1").unwrap();
+            payload[at] = 0xff;
+        });
+
+        assert_eq!(read_ids(&store), ["b0:0", "b0:1", "b2:0", "b2:1"]);
+        let letters = store.dead_letters().unwrap();
+        assert_eq!(letters.len(), 1);
+        assert!(!letters[0].is_utf8(), "the bytes are kept exactly");
+        assert_eq!(letters[0].tenant, "t");
+        assert!(letters[0].reason.contains("detection 1 of 2 is not valid UTF-8"), "{}", letters[0].reason);
+    }
+
+    #[tokio::test]
+    async fn count_mismatch_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, records) = three_spooled_batches(dir.path()).await;
+        // The count follows the version byte and the two names "t" and "",
+        // each after its 2-byte length.
+        rewrite_with_valid_crc(&store, records[2], |payload| payload[6..10].copy_from_slice(&1u32.to_be_bytes()));
+
+        assert_eq!(read_ids(&store), ["b0:0", "b0:1", "b1:0", "b1:1"], "no detection of the batch is sent");
+        let letters = store.dead_letters().unwrap();
+        assert_eq!(letters.len(), 1);
+        assert!(letters[0].reason.contains("the batch holds 1 detections, the outbox index 2"), "{}", letters[0].reason);
+    }
+
+    #[tokio::test]
+    async fn trailing_bytes_are_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, records) = three_spooled_batches(dir.path()).await;
+        // The last detection's length shrinks by one, so its closing brace
+        // is left over after it; every text stays valid UTF-8.
+        rewrite_with_valid_crc(&store, records[0], |payload| {
+            let at = memchr::memmem::rfind(payload, b"{").unwrap();
+            let len = u32::from_be_bytes(payload[at - 4..at].try_into().unwrap()) - 1;
+            payload[at - 4..at].copy_from_slice(&len.to_be_bytes());
+        });
+
+        assert_eq!(read_ids(&store), ["b1:0", "b1:1", "b2:0", "b2:1"]);
+        let letters = store.dead_letters().unwrap();
+        assert_eq!(letters.len(), 1);
+        assert!(letters[0].reason.contains("1 byte follows the last detection"), "{}", letters[0].reason);
     }
 
     #[test]
