@@ -38,7 +38,10 @@
 //! queued. A sink's cursor is written only after the sink
 //! acknowledged the batch, and sled recovers a prefix of its log, so a cursor
 //! never survives a crash that lost the entries it points past. The only
-//! repeats after a crash are batches sent but not yet acknowledged.
+//! repeats after a crash are batches sent but not yet acknowledged. The dead
+//! letters a sink stores for a batch are written in the same transaction
+//! as its cursor move past them, so neither a crash nor a retry after a
+//! failed write stores a letter twice.
 //!
 //! # Damaged spool records
 //! A batch whose spool record cannot be read back as written (see
@@ -481,6 +484,9 @@ pub struct Store {
     seen: SeenSet,
     /// One lock per tenant, held for a whole enqueue.
     tenant_locks: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<std::sync::Mutex<()>>>>,
+    /// Makes the next cursor write fail, as a full disk would.
+    #[cfg(test)]
+    fail_next_cursor_write: std::sync::atomic::AtomicBool,
     _lock: File,
 }
 
@@ -536,6 +542,8 @@ impl Store {
             outbox_bytes: AtomicU64::new(0),
             seen,
             tenant_locks: std::sync::Mutex::default(),
+            #[cfg(test)]
+            fail_next_cursor_write: std::sync::atomic::AtomicBool::new(false),
             _lock: lock,
         };
         let bytes = store
@@ -719,10 +727,7 @@ impl Store {
             }
             Ok::<_, ConflictableTransactionError<()>>(())
         });
-        result.map_err(|e| match e {
-            TransactionError::Storage(source) => self.io(source),
-            TransactionError::Abort(()) => self.io(sled::Error::Unsupported("transaction aborted".into())),
-        })?;
+        result.map_err(|e| self.transaction_error(e))?;
         if let Some(seq) = queued_seq.get() {
             let batch = QueuedBatch { tenant: tenant.to_string(), only_sink: None, checked: true, detections: fresh };
             // The guard of `recent` is a temporary of this statement.
@@ -909,6 +914,7 @@ impl Store {
 
     /// Records that `sink` acknowledged everything up to position `seq`.
     pub fn set_cursor(&self, sink: &str, seq: u64) -> Result<(), StoreError> {
+        self.injected_cursor_failure().map_err(|e| self.io(e))?;
         self.cursors.insert(sink, &seq.to_be_bytes()).map_err(|e| self.io(e))?;
         Ok(())
     }
@@ -920,6 +926,59 @@ impl Store {
         let released = self.release()?;
         self.flush().await?;
         Ok(released)
+    }
+
+    /// Stores `rejected` (entries with the reason each was rejected for
+    /// good) as dead letters of `sink` and moves its cursor to `position`,
+    /// in one transaction. Then it releases and flushes like [`Store::ack`].
+    ///
+    /// The letters and the cursor are stored together or not at all, also
+    /// across a crash, so a sink that retries after a failure never stores
+    /// a letter twice.
+    pub async fn ack_with_dead_letters(&self, sink: &str, position: u64, rejected: &[(&OutboxEntry, &str)]) -> Result<usize, StoreError> {
+        if rejected.is_empty() {
+            return self.ack(sink, position).await;
+        }
+        let letters = rejected
+            .iter()
+            .map(|(entry, reason)| self.encode_dead_letter(&DeadLetter::new(sink, entry.tenant(), entry.raw().as_bytes(), reason)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let trees = (&self.dead_letters, &self.cursors);
+        let result = trees.transaction(|(dead_letters, cursors)| {
+            for letter in &letters {
+                let id = dead_letters.generate_id()?;
+                dead_letters.insert(&id.to_be_bytes(), letter.as_slice())?;
+            }
+            self.injected_cursor_failure()?;
+            cursors.insert(sink, &position.to_be_bytes())?;
+            Ok::<_, ConflictableTransactionError<()>>(())
+        });
+        result.map_err(|e| self.transaction_error(e))?;
+        let released = self.release()?;
+        self.flush().await?;
+        Ok(released)
+    }
+
+    fn transaction_error(&self, error: TransactionError<()>) -> StoreError {
+        match error {
+            TransactionError::Storage(source) => self.io(source),
+            TransactionError::Abort(()) => self.io(sled::Error::Unsupported("transaction aborted".into())),
+        }
+    }
+
+    /// Makes the next cursor write fail with an I/O error.
+    #[cfg(test)]
+    pub(crate) fn fail_next_cursor_write(&self) {
+        self.fail_next_cursor_write.store(true, Ordering::SeqCst);
+    }
+
+    /// Returns the failure [`Store::fail_next_cursor_write`] asked for, once.
+    fn injected_cursor_failure(&self) -> Result<(), sled::Error> {
+        #[cfg(test)]
+        if self.fail_next_cursor_write.swap(false, Ordering::SeqCst) {
+            return Err(sled::Error::Io(std::io::Error::other("cursor write failed on purpose (test)")));
+        }
+        Ok(())
     }
 
     /// Makes the cursors match the configured sinks: a new sink starts at the
@@ -1100,13 +1159,17 @@ impl Store {
 
     fn store_dead_letter(&self, letter: DeadLetter) -> Result<u64, StoreError> {
         let id = self.db.generate_id().map_err(|e| self.io(e))?;
-        let bytes = serde_json::to_vec(&letter).map_err(|e| StoreError::Corrupt {
+        let bytes = self.encode_dead_letter(&letter)?;
+        self.dead_letters.insert(id.to_be_bytes(), bytes).map_err(|e| self.io(e))?;
+        Ok(id)
+    }
+
+    fn encode_dead_letter(&self, letter: &DeadLetter) -> Result<Vec<u8>, StoreError> {
+        serde_json::to_vec(letter).map_err(|e| StoreError::Corrupt {
             path: self.dir.clone(),
             what: "dead letter",
             detail: e.to_string(),
-        })?;
-        self.dead_letters.insert(id.to_be_bytes(), bytes).map_err(|e| self.io(e))?;
-        Ok(id)
+        })
     }
 
     pub fn dead_letter_count(&self) -> usize {
@@ -1765,6 +1828,34 @@ mod tests {
         store.set_cursor("siem", last).unwrap();
         assert_eq!(store.release().unwrap(), 1);
         assert!(store.requeued.is_empty());
+    }
+
+    #[tokio::test]
+    async fn letters_and_cursor_commit_together() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.sync_cursors(&["a", "b"]).unwrap();
+            let pair = vec![detection("x:1", "2026-01-01T00:00:00Z"), detection("x:2", "2026-01-01T00:00:00Z")];
+            store.enqueue("t", pair, None, Utc::now()).await.unwrap();
+            let read = store.read_after(0, 10).unwrap();
+            let rejected: Vec<(&OutboxEntry, &str)> = read.iter().map(|(_, entry)| (entry, "HTTP 400")).collect();
+
+            store.fail_next_cursor_write();
+            assert!(store.ack_with_dead_letters("a", read[1].0, &rejected).await.is_err());
+            assert_eq!(store.dead_letter_count(), 0, "no letter without the cursor move");
+            assert_eq!(store.cursor("a").unwrap(), Some(0));
+
+            store.ack_with_dead_letters("a", read[1].0, &rejected).await.unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.cursor("a").unwrap(), Some(position(1, 1)), "flushed with the letters");
+        let letters = store.dead_letters().unwrap();
+        assert_eq!(letters.len(), 2);
+        assert!(letters.iter().all(|l| l.sink == "a" && l.tenant == "t" && l.reason == "HTTP 400"));
+        assert!(letters[0].detection.contains("x:1"), "{}", letters[0].detection);
+        assert!(letters[1].detection.contains("x:2"), "{}", letters[1].detection);
+        assert_eq!(store.pending("b").unwrap().0, 2, "the other sink still has both");
     }
 
     #[tokio::test]
