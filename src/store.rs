@@ -972,7 +972,7 @@ impl Store {
         self.fail_next_cursor_write.store(true, Ordering::SeqCst);
     }
 
-    /// Returns the failure [`Store::fail_next_cursor_write`] asked for, once.
+    /// Returns the failure that [`Store::fail_next_cursor_write`] requested, once.
     fn injected_cursor_failure(&self) -> Result<(), sled::Error> {
         #[cfg(test)]
         if self.fail_next_cursor_write.swap(false, Ordering::SeqCst) {
@@ -1216,20 +1216,36 @@ impl Store {
             let payload = BatchPayload::new(&letter.tenant, target, false, std::iter::once(letter.detection.as_str()));
             let _order = self.append_order.lock().unwrap_or_else(|e| e.into_inner());
             let record = self.spool.append_parts(&payload.parts())?;
-            let seq = self.db.generate_id().map_err(|e| self.io(e))? + 1;
-            self.outbox_bytes.fetch_add(u64::from(record.len), Ordering::Relaxed);
-            let index = IndexEntry { record, count: 1 };
-            // Written first: a crash before the outbox entry leaves a mark
-            // that nothing refers to, which the next removal deletes.
-            if let Some(sink) = target {
-                self.requeued.insert(seq.to_be_bytes(), sink.as_bytes()).map_err(|e| self.io(e))?;
+            if self.queue_dead_letter(letter.id, target, IndexEntry { record, count: 1 })? {
+                self.outbox_bytes.fetch_add(u64::from(record.len), Ordering::Relaxed);
+                count += 1;
             }
-            self.outbox.insert(seq.to_be_bytes(), index.encode()).map_err(|e| self.io(e))?;
-            self.dead_letters.remove(letter.id.to_be_bytes()).map_err(|e| self.io(e))?;
-            count += 1;
         }
         self.db.flush().map_err(|e| self.io(e))?;
         Ok(count)
+    }
+
+    /// Indexes the spooled copy of dead letter `id` in the outbox, for
+    /// `target` only when given, and deletes the letter, in one transaction.
+    /// A letter is thus never both queued and kept, not even after a crash.
+    /// Returns false, and changes nothing, when the letter is already gone
+    /// (another requeue or a purge took it). Its spool record is then
+    /// deleted with its segment.
+    fn queue_dead_letter(&self, id: u64, target: Option<&str>, index: IndexEntry) -> Result<bool, StoreError> {
+        let trees = (&self.outbox, &self.requeued, &self.dead_letters);
+        let result = trees.transaction(|(outbox, requeued, dead_letters)| {
+            if dead_letters.remove(&id.to_be_bytes())?.is_none() {
+                return Ok(false);
+            }
+            // Sequence numbers start at 1: position 0 means nothing acknowledged.
+            let seq = outbox.generate_id()? + 1;
+            if let Some(sink) = target {
+                requeued.insert(&seq.to_be_bytes(), sink.as_bytes())?;
+            }
+            outbox.insert(&seq.to_be_bytes(), index.encode())?;
+            Ok::<_, ConflictableTransactionError<()>>(true)
+        });
+        result.map_err(|e| self.transaction_error(e))
     }
 
     /// Deletes dead letters (all when `ids` is empty). Returns the count.
@@ -1856,6 +1872,30 @@ mod tests {
         assert!(letters[0].detection.contains("x:1"), "{}", letters[0].detection);
         assert!(letters[1].detection.contains("x:2"), "{}", letters[1].detection);
         assert_eq!(store.pending("b").unwrap().0, 2, "the other sink still has both");
+    }
+
+    /// Two requeues of the same letters at once queue each letter once.
+    /// The directory lock keeps a second process out, so only two callers
+    /// in one process can race like this.
+    #[test]
+    fn concurrent_requeues_queue_each_letter_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        store.sync_cursors(&["a"]).unwrap();
+        const LETTERS: usize = 50;
+        for i in 0..LETTERS {
+            store.dead_letter("a", "t", &format!(r#"{{"FullId":"x:{i}"}}"#), "HTTP 400").unwrap();
+        }
+        let requeues: Vec<_> = (0..2)
+            .map(|_| {
+                let store = store.clone();
+                std::thread::spawn(move || store.requeue_dead_letters(&[]).unwrap())
+            })
+            .collect();
+        let queued: usize = requeues.into_iter().map(|requeue| requeue.join().unwrap()).sum();
+        assert_eq!(queued, LETTERS);
+        assert_eq!(store.pending("a").unwrap().0, LETTERS);
+        assert_eq!(store.dead_letter_count(), 0);
     }
 
     #[tokio::test]
