@@ -49,9 +49,9 @@
 //! that passes its CRC check but is not a valid batch with as many
 //! detections as its outbox entry. [`Store::read_after`] instead moves such
 //! a batch to dead letters of [`SPOOL_SINK`] with the bytes that remain,
-//! deletes its outbox entry and reads on. The letters
-//! are written before the entry is deleted, so a crash in between keeps the
-//! batch and stores its letters again at worst.
+//! deletes its outbox entry and reads on. The letters are written in the
+//! transaction that deletes the entry, so each is stored once, also when a
+//! write fails or the process crashes.
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
@@ -484,9 +484,10 @@ pub struct Store {
     seen: SeenSet,
     /// One lock per tenant, held for a whole enqueue.
     tenant_locks: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<std::sync::Mutex<()>>>>,
-    /// Makes the next cursor write fail, as a full disk would.
+    /// Makes the next cursor write, or the next removal of a damaged
+    /// batch, fail as a full disk would.
     #[cfg(test)]
-    fail_next_cursor_write: std::sync::atomic::AtomicBool,
+    fail_next_write: std::sync::atomic::AtomicBool,
     _lock: File,
 }
 
@@ -543,7 +544,7 @@ impl Store {
             seen,
             tenant_locks: std::sync::Mutex::default(),
             #[cfg(test)]
-            fail_next_cursor_write: std::sync::atomic::AtomicBool::new(false),
+            fail_next_write: std::sync::atomic::AtomicBool::new(false),
             _lock: lock,
         };
         let bytes = store
@@ -839,12 +840,31 @@ impl Store {
             return Ok(());
         }
         let bytes = self.spool.read_damaged(index.record)?;
-        let (tenant, ids) = self.store_damaged_batch(seq, index, &bytes, damage)?;
+        let (tenant, letters) = self.damaged_batch_letters(seq, index, &bytes, damage)?;
 
-        let mut removal = sled::Batch::default();
-        removal.remove(&seq.to_be_bytes());
-        self.outbox.apply_batch(removal).map_err(|e| self.io(e))?;
-        self.requeued.remove(seq.to_be_bytes()).map_err(|e| self.io(e))?;
+        // One transaction, so a failed write or a crash never leaves the
+        // letters stored while the batch stays queued to be set aside again.
+        let trees = (&self.dead_letters, &self.outbox, &self.requeued);
+        let result = trees.transaction(|(dead_letters, outbox, requeued)| {
+            if outbox.get(&seq.to_be_bytes())?.as_deref() != Some(value) {
+                return Ok(None);
+            }
+            outbox.remove(&seq.to_be_bytes())?;
+            requeued.remove(&seq.to_be_bytes())?;
+            let mut ids = Vec::with_capacity(letters.len());
+            for letter in &letters {
+                let id = dead_letters.generate_id()?;
+                dead_letters.insert(&id.to_be_bytes(), letter.as_slice())?;
+                ids.push(id);
+            }
+            self.injected_write_failure()?;
+            Ok::<_, ConflictableTransactionError<()>>(Some(ids))
+        });
+        let Some(ids) = result.map_err(|e| self.transaction_error(e))? else {
+            // Removed or changed since the check above, and the
+            // transaction wrote nothing.
+            return Ok(());
+        };
         self.db.flush().map_err(|e| self.io(e))?;
         self.outbox_bytes.fetch_sub(u64::from(index.record.len).min(self.outbox_bytes()), Ordering::Relaxed);
 
@@ -860,10 +880,10 @@ impl Store {
         Ok(())
     }
 
-    /// Stores the readable bytes of the damaged batch `seq` as dead letters
-    /// of [`SPOOL_SINK`] (see [`Store::set_aside_damaged`]) and returns the
-    /// batch's tenant and the letters' ids.
-    fn store_damaged_batch(&self, seq: u64, index: IndexEntry, bytes: &[u8], damage: &SpoolError) -> Result<(String, Vec<u64>), StoreError> {
+    /// Builds the dead letters of [`SPOOL_SINK`] for the readable bytes of
+    /// the damaged batch `seq` (see [`Store::set_aside_damaged`]), encoded
+    /// for the `dead_letters` tree, and returns them with the batch's tenant.
+    fn damaged_batch_letters(&self, seq: u64, index: IndexEntry, bytes: &[u8], damage: &SpoolError) -> Result<(String, Vec<Vec<u8>>), StoreError> {
         let target = self.requeued.get(seq.to_be_bytes()).map_err(|e| self.io(e))?;
         let target = target.map(|sink| format!(", a requeued dead letter for sink {}", String::from_utf8_lossy(&sink)));
         let origin = format!("outbox batch {seq} ({} detections{}): {damage}", index.count, target.unwrap_or_default());
@@ -875,12 +895,12 @@ impl Store {
         match split {
             Some((tenant, raws)) => {
                 let window = replay_window(&raws);
-                let mut ids = Vec::with_capacity(raws.len());
+                let mut letters = Vec::with_capacity(raws.len());
                 for (item, raw) in raws.iter().enumerate() {
                     let reason = format!("damaged spool record, so this text may differ from what was received; detection {item} of {origin}{window}");
-                    ids.push(self.store_dead_letter(DeadLetter::new(SPOOL_SINK, &tenant, raw.as_bytes(), &reason))?);
+                    letters.push(self.encode_dead_letter(&DeadLetter::new(SPOOL_SINK, &tenant, raw.as_bytes(), &reason))?);
                 }
-                Ok((tenant, ids))
+                Ok((tenant, letters))
             }
             None => {
                 let tenant = BatchView::decode(bytes).map_or_else(|_| "(unknown)".to_string(), |view| view.tenant);
@@ -888,8 +908,8 @@ impl Store {
                     "damaged spool record; this letter keeps the {} bytes that could be read, in the spool's batch format, not one detection; {origin}",
                     bytes.len()
                 );
-                let id = self.store_dead_letter(DeadLetter::new(SPOOL_SINK, &tenant, bytes, &reason))?;
-                Ok((tenant, vec![id]))
+                let letter = self.encode_dead_letter(&DeadLetter::new(SPOOL_SINK, &tenant, bytes, &reason))?;
+                Ok((tenant, vec![letter]))
             }
         }
     }
@@ -914,7 +934,7 @@ impl Store {
 
     /// Records that `sink` acknowledged everything up to position `seq`.
     pub fn set_cursor(&self, sink: &str, seq: u64) -> Result<(), StoreError> {
-        self.injected_cursor_failure().map_err(|e| self.io(e))?;
+        self.injected_write_failure().map_err(|e| self.io(e))?;
         self.cursors.insert(sink, &seq.to_be_bytes()).map_err(|e| self.io(e))?;
         Ok(())
     }
@@ -949,7 +969,7 @@ impl Store {
                 let id = dead_letters.generate_id()?;
                 dead_letters.insert(&id.to_be_bytes(), letter.as_slice())?;
             }
-            self.injected_cursor_failure()?;
+            self.injected_write_failure()?;
             cursors.insert(sink, &position.to_be_bytes())?;
             Ok::<_, ConflictableTransactionError<()>>(())
         });
@@ -966,17 +986,18 @@ impl Store {
         }
     }
 
-    /// Makes the next cursor write fail with an I/O error.
+    /// Makes the next cursor write, or the next removal of a damaged
+    /// batch, fail with an I/O error.
     #[cfg(test)]
-    pub(crate) fn fail_next_cursor_write(&self) {
-        self.fail_next_cursor_write.store(true, Ordering::SeqCst);
+    pub(crate) fn fail_next_write(&self) {
+        self.fail_next_write.store(true, Ordering::SeqCst);
     }
 
-    /// Returns the failure that [`Store::fail_next_cursor_write`] requested, once.
-    fn injected_cursor_failure(&self) -> Result<(), sled::Error> {
+    /// Returns the failure that [`Store::fail_next_write`] requested, once.
+    fn injected_write_failure(&self) -> Result<(), sled::Error> {
         #[cfg(test)]
-        if self.fail_next_cursor_write.swap(false, Ordering::SeqCst) {
-            return Err(sled::Error::Io(std::io::Error::other("cursor write failed on purpose (test)")));
+        if self.fail_next_write.swap(false, Ordering::SeqCst) {
+            return Err(sled::Error::Io(std::io::Error::other("write failed on purpose (test)")));
         }
         Ok(())
     }
@@ -1686,6 +1707,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn failed_set_aside_stores_letters_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, records) = three_spooled_batches(dir.path()).await;
+        let path = store.spool.segment_path(records[2].segment);
+        OpenOptions::new().write(true).open(&path).unwrap().set_len(records[2].offset + 3).unwrap();
+
+        store.fail_next_write();
+        assert!(store.read_after(0, 100).is_err());
+        assert_eq!(store.dead_letter_count(), 0, "no letter while the batch is still queued");
+
+        assert_eq!(read_ids(&store), ["b0:0", "b0:1", "b1:0", "b1:1"], "the read after the failure sets the batch aside");
+        assert_eq!(store.dead_letter_count(), 1);
+        assert_eq!(store.dead_letters().unwrap()[0].sink, SPOOL_SINK);
+    }
+
+    #[tokio::test]
     async fn truncated_spool_moves_batch_to_dead_letters() {
         let dir = tempfile::tempdir().unwrap();
         let (store, records) = three_spooled_batches(dir.path()).await;
@@ -1857,7 +1894,7 @@ mod tests {
             let read = store.read_after(0, 10).unwrap();
             let rejected: Vec<(&OutboxEntry, &str)> = read.iter().map(|(_, entry)| (entry, "HTTP 400")).collect();
 
-            store.fail_next_cursor_write();
+            store.fail_next_write();
             assert!(store.ack_with_dead_letters("a", read[1].0, &rejected).await.is_err());
             assert_eq!(store.dead_letter_count(), 0, "no letter without the cursor move");
             assert_eq!(store.cursor("a").unwrap(), Some(0));

@@ -578,7 +578,7 @@ mod tests {
         let mut worker = routed_worker(store.clone(), crate::format::PayloadFormat::Cef);
         let rejected = SendOutcome::AllRejected { reason: "HTTP 400: bad event".into() };
 
-        store.fail_next_cursor_write();
+        store.fail_next_write();
         let entries = store.read_after(0, 10).unwrap();
         let prepared = worker.prepare(&entries, &mut Batch::default());
         assert_eq!(prepared.message_entries, [0, 2]);
