@@ -45,6 +45,8 @@ pub enum SpoolError {
     #[error("spool {path}: {source}; check free space and permissions; the operation is retried")]
     Io { path: PathBuf, source: io::Error },
     /// The record cannot be read back as written; reading again cannot help.
+    /// The store also reports a record that passes its CRC check but is
+    /// not a valid outbox batch this way.
     #[error("spool segment file {path}: the record at offset {offset} is damaged: {detail}")]
     Damaged { path: PathBuf, offset: u64, detail: String },
 }

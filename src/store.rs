@@ -38,15 +38,20 @@
 //! queued. A sink's cursor is written only after the sink
 //! acknowledged the batch, and sled recovers a prefix of its log, so a cursor
 //! never survives a crash that lost the entries it points past. The only
-//! repeats after a crash are batches sent but not yet acknowledged.
+//! repeats after a crash are batches sent but not yet acknowledged. The dead
+//! letters a sink stores for a batch are written in the same transaction
+//! as its cursor move past them, so neither a crash nor a retry after a
+//! failed write stores a letter twice.
 //!
 //! # Damaged spool records
 //! A batch whose spool record cannot be read back as written (see
-//! [`crate::spool`]) would stop every sink at it forever. [`Store::read_after`]
-//! instead moves such a batch to dead letters of [`SPOOL_SINK`] with the
-//! bytes that remain, deletes its outbox entry and reads on. The letters
-//! are written before the entry is deleted, so a crash in between keeps the
-//! batch and stores its letters again at worst.
+//! [`crate::spool`]) would stop every sink at it forever. So would a record
+//! that passes its CRC check but is not a valid batch with as many
+//! detections as its outbox entry. [`Store::read_after`] instead moves such
+//! a batch to dead letters of [`SPOOL_SINK`] with the bytes that remain,
+//! deletes its outbox entry and reads on. The letters are written in the
+//! transaction that deletes the entry, so each is stored once, also when a
+//! write fails or the process crashes.
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
@@ -308,29 +313,55 @@ struct BatchView<'a> {
 }
 
 impl<'a> BatchView<'a> {
-    fn decode(bytes: &'a [u8]) -> Option<Self> {
-        let (&version, rest) = bytes.split_first()?;
+    /// Decodes the head of a batch, or describes why `bytes` do not start
+    /// with one.
+    fn decode(bytes: &'a [u8]) -> Result<Self, String> {
+        let Some((&version, rest)) = bytes.split_first() else {
+            return Err("the record is empty".into());
+        };
         if version != BATCH_CHECKED && version != BATCH_UNCHECKED {
-            return None;
+            return Err(format!("unknown batch format version {version}"));
         }
-        let (tenant, rest) = take_string(rest)?;
-        let (target, rest) = take_string(rest)?;
-        let count = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+        let (tenant, rest) = take_string(rest).ok_or("the tenant name is cut short or not valid UTF-8")?;
+        let (target, rest) = take_string(rest).ok_or("the target sink name is cut short or not valid UTF-8")?;
+        let count = rest.get(..4).ok_or("the detection count is cut short")?;
+        let count = u32::from_be_bytes([count[0], count[1], count[2], count[3]]) as usize;
         let only_sink = (!target.is_empty()).then_some(target);
-        Some(Self { tenant, checked: version == BATCH_CHECKED, only_sink, count, items: &rest[4..] })
+        Ok(Self { tenant, checked: version == BATCH_CHECKED, only_sink, count, items: &rest[4..] })
     }
 
-    /// The detections' texts in order; `None` for one that is cut short or
-    /// not UTF-8.
-    fn raws(&self) -> impl Iterator<Item = Option<&'a str>> + 'a {
+    /// Returns the detections' texts in order, or describes the first one
+    /// that is cut short or not UTF-8, or the bytes left after the last.
+    fn texts(&self) -> Result<Vec<&'a str>, String> {
+        let mut texts = Vec::with_capacity(self.count.min(MAX_BATCH_ITEMS));
         let mut rest = self.items;
-        (0..self.count).map(move |_| {
-            let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
-            let text = std::str::from_utf8(rest.get(4..4 + len)?).ok()?;
+        for item in 0..self.count {
+            let cut = || format!("detection {item} of {} is cut short", self.count);
+            let len = rest.get(..4).ok_or_else(cut)?;
+            let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+            let bytes = rest.get(4..).and_then(|text| text.get(..len)).ok_or_else(cut)?;
+            let text = std::str::from_utf8(bytes)
+                .map_err(|e| format!("detection {item} of {} is not valid UTF-8 ({e})", self.count))?;
+            texts.push(text);
             rest = &rest[4 + len..];
-            Some(text)
-        })
+        }
+        match rest.len() {
+            0 => Ok(texts),
+            1 => Err("1 byte follows the last detection".into()),
+            left => Err(format!("{left} bytes follow the last detection")),
+        }
     }
+}
+
+/// Decodes a spooled batch of `count` detections, or describes why the
+/// bytes are not one.
+fn decode_batch(payload: &[u8], count: usize) -> Result<QueuedBatch, String> {
+    let view = BatchView::decode(payload)?;
+    if view.count != count {
+        return Err(format!("the batch holds {} detections, the outbox index {count}", view.count));
+    }
+    let detections = view.texts()?.into_iter().map(|text| Detection::from_checked_string(text.to_string())).collect();
+    Ok(QueuedBatch { tenant: view.tenant, only_sink: view.only_sink, checked: view.checked, detections })
 }
 
 fn take_string(bytes: &[u8]) -> Option<(String, &[u8])> {
@@ -453,6 +484,10 @@ pub struct Store {
     seen: SeenSet,
     /// One lock per tenant, held for a whole enqueue.
     tenant_locks: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<std::sync::Mutex<()>>>>,
+    /// Makes the next cursor write, or the next removal of a damaged
+    /// batch, fail as a full disk would.
+    #[cfg(test)]
+    fail_next_write: std::sync::atomic::AtomicBool,
     _lock: File,
 }
 
@@ -508,6 +543,8 @@ impl Store {
             outbox_bytes: AtomicU64::new(0),
             seen,
             tenant_locks: std::sync::Mutex::default(),
+            #[cfg(test)]
+            fail_next_write: std::sync::atomic::AtomicBool::new(false),
             _lock: lock,
         };
         let bytes = store
@@ -691,10 +728,7 @@ impl Store {
             }
             Ok::<_, ConflictableTransactionError<()>>(())
         });
-        result.map_err(|e| match e {
-            TransactionError::Storage(source) => self.io(source),
-            TransactionError::Abort(()) => self.io(sled::Error::Unsupported("transaction aborted".into())),
-        })?;
+        result.map_err(|e| self.transaction_error(e))?;
         if let Some(seq) = queued_seq.get() {
             let batch = QueuedBatch { tenant: tenant.to_string(), only_sink: None, checked: true, detections: fresh };
             // The guard of `recent` is a temporary of this statement.
@@ -710,22 +744,22 @@ impl Store {
     ///
     /// The spool is read without the lock held, so a sink reading from disk
     /// never holds up the poller's queuing, which takes the lock too.
-    fn queued_batch(&self, seq: u64, record: RecordRef) -> Result<Arc<QueuedBatch>, StoreError> {
+    ///
+    /// A record that passes its CRC check but is not a valid batch of the
+    /// index's size is [`SpoolError::Damaged`] too: reading it again cannot
+    /// help either.
+    fn queued_batch(&self, seq: u64, index: IndexEntry) -> Result<Arc<QueuedBatch>, StoreError> {
         let remembered = |recent: &BatchMemory| recent.queued.get(seq).or_else(|| recent.read.get(seq));
         if let Some(batch) = remembered(&self.recent.lock().unwrap_or_else(|e| e.into_inner())) {
             return Ok(batch);
         }
-        let payload = self.spool.read(record)?;
-        let view = BatchView::decode(&payload).ok_or_else(|| self.corrupt("spooled batch", format!("sequence {seq}")))?;
-        let detections = view
-            .raws()
-            .enumerate()
-            .map(|(index, raw)| {
-                raw.map(|raw| Detection::from_checked_string(raw.to_string()))
-                    .ok_or_else(|| self.corrupt("outbox entry", format!("sequence {seq} item {index}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let batch = Arc::new(QueuedBatch { tenant: view.tenant, only_sink: view.only_sink, checked: view.checked, detections });
+        let payload = self.spool.read(index.record)?;
+        let batch = decode_batch(&payload, index.count).map_err(|detail| SpoolError::Damaged {
+            path: self.spool.segment_path(index.record.segment),
+            offset: index.record.offset,
+            detail: format!("its CRC matches, but it is not a valid outbox batch: {detail}"),
+        })?;
+        let batch = Arc::new(batch);
         let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         // Another sink may have read the same batch meanwhile.
         if let Some(kept) = remembered(&recent) {
@@ -771,7 +805,7 @@ impl Store {
             if skip >= index.count {
                 continue;
             }
-            let queued = match self.queued_batch(seq, index.record) {
+            let queued = match self.queued_batch(seq, index) {
                 Ok(queued) => queued,
                 Err(StoreError::Spool(damage @ SpoolError::Damaged { .. })) => {
                     self.set_aside_damaged(seq, &value, index, &damage)?;
@@ -806,12 +840,31 @@ impl Store {
             return Ok(());
         }
         let bytes = self.spool.read_damaged(index.record)?;
-        let (tenant, ids) = self.store_damaged_batch(seq, index, &bytes, damage)?;
+        let (tenant, letters) = self.damaged_batch_letters(seq, index, &bytes, damage)?;
 
-        let mut removal = sled::Batch::default();
-        removal.remove(&seq.to_be_bytes());
-        self.outbox.apply_batch(removal).map_err(|e| self.io(e))?;
-        self.requeued.remove(seq.to_be_bytes()).map_err(|e| self.io(e))?;
+        // One transaction, so a failed write or a crash never leaves the
+        // letters stored while the batch stays queued to be set aside again.
+        let trees = (&self.dead_letters, &self.outbox, &self.requeued);
+        let result = trees.transaction(|(dead_letters, outbox, requeued)| {
+            if outbox.get(&seq.to_be_bytes())?.as_deref() != Some(value) {
+                return Ok(None);
+            }
+            outbox.remove(&seq.to_be_bytes())?;
+            requeued.remove(&seq.to_be_bytes())?;
+            let mut ids = Vec::with_capacity(letters.len());
+            for letter in &letters {
+                let id = dead_letters.generate_id()?;
+                dead_letters.insert(&id.to_be_bytes(), letter.as_slice())?;
+                ids.push(id);
+            }
+            self.injected_write_failure()?;
+            Ok::<_, ConflictableTransactionError<()>>(Some(ids))
+        });
+        let Some(ids) = result.map_err(|e| self.transaction_error(e))? else {
+            // Removed or changed since the check above, and the
+            // transaction wrote nothing.
+            return Ok(());
+        };
         self.db.flush().map_err(|e| self.io(e))?;
         self.outbox_bytes.fetch_sub(u64::from(index.record.len).min(self.outbox_bytes()), Ordering::Relaxed);
 
@@ -827,36 +880,36 @@ impl Store {
         Ok(())
     }
 
-    /// Stores the readable bytes of the damaged batch `seq` as dead letters
-    /// of [`SPOOL_SINK`] (see [`Store::set_aside_damaged`]) and returns the
-    /// batch's tenant and the letters' ids.
-    fn store_damaged_batch(&self, seq: u64, index: IndexEntry, bytes: &[u8], damage: &SpoolError) -> Result<(String, Vec<u64>), StoreError> {
+    /// Builds the dead letters of [`SPOOL_SINK`] for the readable bytes of
+    /// the damaged batch `seq` (see [`Store::set_aside_damaged`]), encoded
+    /// for the `dead_letters` tree, and returns them with the batch's tenant.
+    fn damaged_batch_letters(&self, seq: u64, index: IndexEntry, bytes: &[u8], damage: &SpoolError) -> Result<(String, Vec<Vec<u8>>), StoreError> {
         let target = self.requeued.get(seq.to_be_bytes()).map_err(|e| self.io(e))?;
         let target = target.map(|sink| format!(", a requeued dead letter for sink {}", String::from_utf8_lossy(&sink)));
         let origin = format!("outbox batch {seq} ({} detections{}): {damage}", index.count, target.unwrap_or_default());
-        let split = BatchView::decode(bytes).and_then(|view| {
-            let raws: Option<Vec<&str>> = view.raws().collect();
+        let split = BatchView::decode(bytes).ok().and_then(|view| {
+            let raws = view.texts().ok();
             raws.filter(|raws| raws.len() == index.count).map(|raws| (view.tenant, raws))
         });
 
         match split {
             Some((tenant, raws)) => {
                 let window = replay_window(&raws);
-                let mut ids = Vec::with_capacity(raws.len());
+                let mut letters = Vec::with_capacity(raws.len());
                 for (item, raw) in raws.iter().enumerate() {
                     let reason = format!("damaged spool record, so this text may differ from what was received; detection {item} of {origin}{window}");
-                    ids.push(self.store_dead_letter(DeadLetter::new(SPOOL_SINK, &tenant, raw.as_bytes(), &reason))?);
+                    letters.push(self.encode_dead_letter(&DeadLetter::new(SPOOL_SINK, &tenant, raw.as_bytes(), &reason))?);
                 }
-                Ok((tenant, ids))
+                Ok((tenant, letters))
             }
             None => {
-                let tenant = BatchView::decode(bytes).map_or_else(|| "(unknown)".to_string(), |view| view.tenant);
+                let tenant = BatchView::decode(bytes).map_or_else(|_| "(unknown)".to_string(), |view| view.tenant);
                 let reason = format!(
                     "damaged spool record; this letter keeps the {} bytes that could be read, in the spool's batch format, not one detection; {origin}",
                     bytes.len()
                 );
-                let id = self.store_dead_letter(DeadLetter::new(SPOOL_SINK, &tenant, bytes, &reason))?;
-                Ok((tenant, vec![id]))
+                let letter = self.encode_dead_letter(&DeadLetter::new(SPOOL_SINK, &tenant, bytes, &reason))?;
+                Ok((tenant, vec![letter]))
             }
         }
     }
@@ -881,6 +934,7 @@ impl Store {
 
     /// Records that `sink` acknowledged everything up to position `seq`.
     pub fn set_cursor(&self, sink: &str, seq: u64) -> Result<(), StoreError> {
+        self.injected_write_failure().map_err(|e| self.io(e))?;
         self.cursors.insert(sink, &seq.to_be_bytes()).map_err(|e| self.io(e))?;
         Ok(())
     }
@@ -892,6 +946,60 @@ impl Store {
         let released = self.release()?;
         self.flush().await?;
         Ok(released)
+    }
+
+    /// Stores `rejected` (entries with the reason each was rejected for
+    /// good) as dead letters of `sink` and moves its cursor to `position`,
+    /// in one transaction. Then it releases and flushes like [`Store::ack`].
+    ///
+    /// The letters and the cursor are stored together or not at all, also
+    /// across a crash, so a sink that retries after a failure never stores
+    /// a letter twice.
+    pub async fn ack_with_dead_letters(&self, sink: &str, position: u64, rejected: &[(&OutboxEntry, &str)]) -> Result<usize, StoreError> {
+        if rejected.is_empty() {
+            return self.ack(sink, position).await;
+        }
+        let letters = rejected
+            .iter()
+            .map(|(entry, reason)| self.encode_dead_letter(&DeadLetter::new(sink, entry.tenant(), entry.raw().as_bytes(), reason)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let trees = (&self.dead_letters, &self.cursors);
+        let result = trees.transaction(|(dead_letters, cursors)| {
+            for letter in &letters {
+                let id = dead_letters.generate_id()?;
+                dead_letters.insert(&id.to_be_bytes(), letter.as_slice())?;
+            }
+            self.injected_write_failure()?;
+            cursors.insert(sink, &position.to_be_bytes())?;
+            Ok::<_, ConflictableTransactionError<()>>(())
+        });
+        result.map_err(|e| self.transaction_error(e))?;
+        let released = self.release()?;
+        self.flush().await?;
+        Ok(released)
+    }
+
+    fn transaction_error(&self, error: TransactionError<()>) -> StoreError {
+        match error {
+            TransactionError::Storage(source) => self.io(source),
+            TransactionError::Abort(()) => self.io(sled::Error::Unsupported("transaction aborted".into())),
+        }
+    }
+
+    /// Makes the next cursor write, or the next removal of a damaged
+    /// batch, fail with an I/O error.
+    #[cfg(test)]
+    pub(crate) fn fail_next_write(&self) {
+        self.fail_next_write.store(true, Ordering::SeqCst);
+    }
+
+    /// Returns the failure that [`Store::fail_next_write`] requested, once.
+    fn injected_write_failure(&self) -> Result<(), sled::Error> {
+        #[cfg(test)]
+        if self.fail_next_write.swap(false, Ordering::SeqCst) {
+            return Err(sled::Error::Io(std::io::Error::other("write failed on purpose (test)")));
+        }
+        Ok(())
     }
 
     /// Makes the cursors match the configured sinks: a new sink starts at the
@@ -1072,13 +1180,17 @@ impl Store {
 
     fn store_dead_letter(&self, letter: DeadLetter) -> Result<u64, StoreError> {
         let id = self.db.generate_id().map_err(|e| self.io(e))?;
-        let bytes = serde_json::to_vec(&letter).map_err(|e| StoreError::Corrupt {
+        let bytes = self.encode_dead_letter(&letter)?;
+        self.dead_letters.insert(id.to_be_bytes(), bytes).map_err(|e| self.io(e))?;
+        Ok(id)
+    }
+
+    fn encode_dead_letter(&self, letter: &DeadLetter) -> Result<Vec<u8>, StoreError> {
+        serde_json::to_vec(letter).map_err(|e| StoreError::Corrupt {
             path: self.dir.clone(),
             what: "dead letter",
             detail: e.to_string(),
-        })?;
-        self.dead_letters.insert(id.to_be_bytes(), bytes).map_err(|e| self.io(e))?;
-        Ok(id)
+        })
     }
 
     pub fn dead_letter_count(&self) -> usize {
@@ -1125,20 +1237,36 @@ impl Store {
             let payload = BatchPayload::new(&letter.tenant, target, false, std::iter::once(letter.detection.as_str()));
             let _order = self.append_order.lock().unwrap_or_else(|e| e.into_inner());
             let record = self.spool.append_parts(&payload.parts())?;
-            let seq = self.db.generate_id().map_err(|e| self.io(e))? + 1;
-            self.outbox_bytes.fetch_add(u64::from(record.len), Ordering::Relaxed);
-            let index = IndexEntry { record, count: 1 };
-            // Written first: a crash before the outbox entry leaves a mark
-            // that nothing refers to, which the next removal deletes.
-            if let Some(sink) = target {
-                self.requeued.insert(seq.to_be_bytes(), sink.as_bytes()).map_err(|e| self.io(e))?;
+            if self.queue_dead_letter(letter.id, target, IndexEntry { record, count: 1 })? {
+                self.outbox_bytes.fetch_add(u64::from(record.len), Ordering::Relaxed);
+                count += 1;
             }
-            self.outbox.insert(seq.to_be_bytes(), index.encode()).map_err(|e| self.io(e))?;
-            self.dead_letters.remove(letter.id.to_be_bytes()).map_err(|e| self.io(e))?;
-            count += 1;
         }
         self.db.flush().map_err(|e| self.io(e))?;
         Ok(count)
+    }
+
+    /// Indexes the spooled copy of dead letter `id` in the outbox, for
+    /// `target` only when given, and deletes the letter, in one transaction.
+    /// A letter is thus never both queued and kept, not even after a crash.
+    /// Returns false, and changes nothing, when the letter is already gone
+    /// (another requeue or a purge took it). Its spool record is then
+    /// deleted with its segment.
+    fn queue_dead_letter(&self, id: u64, target: Option<&str>, index: IndexEntry) -> Result<bool, StoreError> {
+        let trees = (&self.outbox, &self.requeued, &self.dead_letters);
+        let result = trees.transaction(|(outbox, requeued, dead_letters)| {
+            if dead_letters.remove(&id.to_be_bytes())?.is_none() {
+                return Ok(false);
+            }
+            // Sequence numbers start at 1: position 0 means nothing acknowledged.
+            let seq = outbox.generate_id()? + 1;
+            if let Some(sink) = target {
+                requeued.insert(&seq.to_be_bytes(), sink.as_bytes())?;
+            }
+            outbox.insert(&seq.to_be_bytes(), index.encode())?;
+            Ok::<_, ConflictableTransactionError<()>>(true)
+        });
+        result.map_err(|e| self.transaction_error(e))
     }
 
     /// Deletes dead letters (all when `ids` is empty). Returns the count.
@@ -1371,8 +1499,7 @@ mod tests {
         assert_eq!(payload.parts().concat(), expected);
         let view = BatchView::decode(expected).unwrap();
         assert_eq!((view.tenant.as_str(), view.only_sink.as_deref(), view.checked), ("t", Some("s"), true));
-        let raws: Vec<Option<&str>> = view.raws().collect();
-        assert_eq!(raws, [Some("{}"), Some("ab")]);
+        assert_eq!(view.texts().unwrap(), ["{}", "ab"]);
     }
 
     #[test]
@@ -1580,6 +1707,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn failed_set_aside_stores_letters_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, records) = three_spooled_batches(dir.path()).await;
+        let path = store.spool.segment_path(records[2].segment);
+        OpenOptions::new().write(true).open(&path).unwrap().set_len(records[2].offset + 3).unwrap();
+
+        store.fail_next_write();
+        assert!(store.read_after(0, 100).is_err());
+        assert_eq!(store.dead_letter_count(), 0, "no letter while the batch is still queued");
+
+        assert_eq!(read_ids(&store), ["b0:0", "b0:1", "b1:0", "b1:1"], "the read after the failure sets the batch aside");
+        assert_eq!(store.dead_letter_count(), 1);
+        assert_eq!(store.dead_letters().unwrap()[0].sink, SPOOL_SINK);
+    }
+
+    #[tokio::test]
     async fn truncated_spool_moves_batch_to_dead_letters() {
         let dir = tempfile::tempdir().unwrap();
         let (store, records) = three_spooled_batches(dir.path()).await;
@@ -1610,6 +1753,89 @@ mod tests {
         assert!(letters[0].detection.is_empty());
         assert!(letters[0].reason.contains("before the record's 8-byte header"), "{}", letters[0].reason);
         assert!(letters[0].reason.contains("outbox batch 3 (2 detections)"), "{}", letters[0].reason);
+    }
+
+    /// Changes the payload of `record` with `change` and writes a CRC that
+    /// matches the new bytes, so only the batch format can tell.
+    fn rewrite_with_valid_crc(store: &Store, record: RecordRef, change: impl FnOnce(&mut [u8])) {
+        let path = store.spool.segment_path(record.segment);
+        let mut bytes = fs::read(&path).unwrap();
+        let start = record.offset as usize + 8;
+        let payload = &mut bytes[start..start + record.len as usize];
+        change(payload);
+        let crc = crc32fast::hash(payload).to_be_bytes();
+        bytes[start - 4..start].copy_from_slice(&crc);
+        fs::write(&path, bytes).unwrap();
+    }
+
+    #[tokio::test]
+    async fn undecodable_batch_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, records) = three_spooled_batches(dir.path()).await;
+        rewrite_with_valid_crc(&store, records[1], |payload| payload[0] = 9);
+        let path = store.spool.segment_path(records[1].segment);
+
+        assert_eq!(read_ids(&store), ["b0:0", "b0:1", "b2:0", "b2:1"], "the sinks read past the batch");
+        let letters = store.dead_letters().unwrap();
+        assert_eq!(letters.len(), 1, "one letter with the whole record");
+        assert_eq!(letters[0].sink, SPOOL_SINK);
+        assert_eq!(letters[0].detection_bytes().unwrap().len(), records[1].len as usize);
+        let reason = &letters[0].reason;
+        assert!(reason.contains(&path.display().to_string()), "{reason}");
+        assert!(reason.contains(&format!("offset {}", records[1].offset)), "{reason}");
+        assert!(reason.contains("outbox batch 2 (2 detections)"), "{reason}");
+        assert!(reason.contains("unknown batch format version 9"), "{reason}");
+        let err = store.requeue_dead_letters(&[]).unwrap_err();
+        assert!(matches!(err, StoreError::RequeueDamaged { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn non_utf8_text_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, records) = three_spooled_batches(dir.path()).await;
+        rewrite_with_valid_crc(&store, records[1], |payload| {
+            let at = memchr::memmem::find(payload, b"b1:1").unwrap();
+            payload[at] = 0xff;
+        });
+
+        assert_eq!(read_ids(&store), ["b0:0", "b0:1", "b2:0", "b2:1"]);
+        let letters = store.dead_letters().unwrap();
+        assert_eq!(letters.len(), 1);
+        assert!(!letters[0].is_utf8(), "the bytes are kept exactly");
+        assert_eq!(letters[0].tenant, "t");
+        assert!(letters[0].reason.contains("detection 1 of 2 is not valid UTF-8"), "{}", letters[0].reason);
+    }
+
+    #[tokio::test]
+    async fn count_mismatch_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, records) = three_spooled_batches(dir.path()).await;
+        // The count follows the version byte and the two names "t" and "",
+        // each after its 2-byte length.
+        rewrite_with_valid_crc(&store, records[2], |payload| payload[6..10].copy_from_slice(&1u32.to_be_bytes()));
+
+        assert_eq!(read_ids(&store), ["b0:0", "b0:1", "b1:0", "b1:1"], "no detection of the batch is sent");
+        let letters = store.dead_letters().unwrap();
+        assert_eq!(letters.len(), 1);
+        assert!(letters[0].reason.contains("the batch holds 1 detections, the outbox index 2"), "{}", letters[0].reason);
+    }
+
+    #[tokio::test]
+    async fn trailing_bytes_are_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, records) = three_spooled_batches(dir.path()).await;
+        // The last detection's length shrinks by one, so its closing brace
+        // is left over after it; every text stays valid UTF-8.
+        rewrite_with_valid_crc(&store, records[0], |payload| {
+            let at = memchr::memmem::rfind(payload, b"{").unwrap();
+            let len = u32::from_be_bytes(payload[at - 4..at].try_into().unwrap()) - 1;
+            payload[at - 4..at].copy_from_slice(&len.to_be_bytes());
+        });
+
+        assert_eq!(read_ids(&store), ["b1:0", "b1:1", "b2:0", "b2:1"]);
+        let letters = store.dead_letters().unwrap();
+        assert_eq!(letters.len(), 1);
+        assert!(letters[0].reason.contains("1 byte follows the last detection"), "{}", letters[0].reason);
     }
 
     #[test]
@@ -1655,6 +1881,58 @@ mod tests {
         store.set_cursor("siem", last).unwrap();
         assert_eq!(store.release().unwrap(), 1);
         assert!(store.requeued.is_empty());
+    }
+
+    #[tokio::test]
+    async fn letters_and_cursor_commit_together() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.sync_cursors(&["a", "b"]).unwrap();
+            let pair = vec![detection("x:1", "2026-01-01T00:00:00Z"), detection("x:2", "2026-01-01T00:00:00Z")];
+            store.enqueue("t", pair, None, Utc::now()).await.unwrap();
+            let read = store.read_after(0, 10).unwrap();
+            let rejected: Vec<(&OutboxEntry, &str)> = read.iter().map(|(_, entry)| (entry, "HTTP 400")).collect();
+
+            store.fail_next_write();
+            assert!(store.ack_with_dead_letters("a", read[1].0, &rejected).await.is_err());
+            assert_eq!(store.dead_letter_count(), 0, "no letter without the cursor move");
+            assert_eq!(store.cursor("a").unwrap(), Some(0));
+
+            store.ack_with_dead_letters("a", read[1].0, &rejected).await.unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.cursor("a").unwrap(), Some(position(1, 1)), "flushed with the letters");
+        let letters = store.dead_letters().unwrap();
+        assert_eq!(letters.len(), 2);
+        assert!(letters.iter().all(|l| l.sink == "a" && l.tenant == "t" && l.reason == "HTTP 400"));
+        assert!(letters[0].detection.contains("x:1"), "{}", letters[0].detection);
+        assert!(letters[1].detection.contains("x:2"), "{}", letters[1].detection);
+        assert_eq!(store.pending("b").unwrap().0, 2, "the other sink still has both");
+    }
+
+    /// Two requeues of the same letters at once queue each letter once.
+    /// The directory lock keeps a second process out, so only two callers
+    /// in one process can race like this.
+    #[test]
+    fn concurrent_requeues_queue_each_letter_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        store.sync_cursors(&["a"]).unwrap();
+        const LETTERS: usize = 50;
+        for i in 0..LETTERS {
+            store.dead_letter("a", "t", &format!(r#"{{"FullId":"x:{i}"}}"#), "HTTP 400").unwrap();
+        }
+        let requeues: Vec<_> = (0..2)
+            .map(|_| {
+                let store = store.clone();
+                std::thread::spawn(move || store.requeue_dead_letters(&[]).unwrap())
+            })
+            .collect();
+        let queued: usize = requeues.into_iter().map(|requeue| requeue.join().unwrap()).sum();
+        assert_eq!(queued, LETTERS);
+        assert_eq!(store.pending("a").unwrap().0, LETTERS);
+        assert_eq!(store.dead_letter_count(), 0);
     }
 
     #[tokio::test]

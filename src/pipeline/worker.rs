@@ -111,6 +111,14 @@ pub struct SinkWorker {
     pub(crate) mode: watch::Receiver<WorkerMode>,
 }
 
+/// The outcome of settling a read: where the sink's cursor may move, and
+/// the entries it passes that become dead letters, each with its reason.
+/// Every such entry is before `position`, so there are none without one.
+struct Settlement<'a> {
+    position: Option<u64>,
+    dead_letters: Vec<(&'a OutboxEntry, &'a str)>,
+}
+
 enum Delivery {
     Done(SendOutcome),
     Stopped,
@@ -183,12 +191,7 @@ impl SinkWorker {
                     }
                 }
             };
-            let acked = match self.settle(&entries, &prepared, outcome) {
-                Ok(Some(position)) => self.store.ack(&self.name, position).await.map(|_| ()),
-                Ok(None) => Ok(()),
-                Err(e) => Err(e),
-            };
-            if let Err(source) = acked {
+            if let Err(source) = self.settle_and_ack(&entries, &prepared, outcome).await {
                 // The batch is delivered but the cursor may not be stored: it
                 // may be sent again after a restart, never lost.
                 if let Some(suppressed) = crate::telemetry::should_log(&format!("cursor {}: {source}", self.name)) {
@@ -312,48 +315,64 @@ impl SinkWorker {
         Added::Message
     }
 
-    /// Dead-letters what the receiver rejected and what this sink cannot
-    /// encode, up to where the cursor may move, and returns the sequence
-    /// number the cursor may move to, if any.
-    fn settle(&self, entries: &[(u64, OutboxEntry)], prepared: &Prepared, outcome: SendOutcome) -> Result<Option<u64>, StoreError> {
-        let through = self.settle_messages(entries, prepared, outcome)?;
+    /// Settles a read after its send: stores its dead letters and moves the
+    /// cursor past what is settled, in one store transaction. When that
+    /// fails, neither is stored, so the retry adds no second copy of a letter.
+    async fn settle_and_ack(&self, entries: &[(u64, OutboxEntry)], prepared: &Prepared, outcome: SendOutcome) -> Result<(), StoreError> {
+        let settlement = self.settle(entries, prepared, &outcome);
+        let Some(position) = settlement.position else {
+            return Ok(());
+        };
+        self.store.ack_with_dead_letters(&self.name, position, &settlement.dead_letters).await.map(drop)
+    }
+
+    /// Returns where the cursor may move and the entries it passes that
+    /// become dead letters: those the receiver rejected and those this sink
+    /// cannot encode.
+    fn settle<'a>(&self, entries: &'a [(u64, OutboxEntry)], prepared: &'a Prepared, outcome: &'a SendOutcome) -> Settlement<'a> {
+        let mut dead_letters = Vec::new();
+        let through = self.settle_messages(entries, prepared, outcome, &mut dead_letters);
         for (index, reason) in prepared.unencodable.iter().filter(|(index, _)| *index < through) {
             let entry = &entries[*index].1;
             tracing::warn!(sink = %self.name, tenant = %entry.tenant(), reason = %reason, "detection moved to dead letters");
-            self.store.dead_letter(&self.name, entry.tenant(), entry.raw(), reason)?;
+            dead_letters.push((entry, reason.as_str()));
         }
-        Ok(through.checked_sub(1).map(|i| entries[i].0))
+        Settlement { position: through.checked_sub(1).map(|i| entries[i].0), dead_letters }
     }
 
-    /// Dead-letters what the receiver rejected and returns how many entries
-    /// of the read the cursor may move past.
-    fn settle_messages(&self, entries: &[(u64, OutboxEntry)], prepared: &Prepared, outcome: SendOutcome) -> Result<usize, StoreError> {
+    /// Adds what the receiver rejected to `dead_letters` and returns how
+    /// many entries of the read the cursor may move past.
+    fn settle_messages<'a>(
+        &self,
+        entries: &'a [(u64, OutboxEntry)],
+        prepared: &Prepared,
+        outcome: &'a SendOutcome,
+        dead_letters: &mut Vec<(&'a OutboxEntry, &'a str)>,
+    ) -> usize {
         match outcome {
-            SendOutcome::Delivered => Ok(prepared.consumed),
+            SendOutcome::Delivered => prepared.consumed,
             SendOutcome::AllRejected { reason } => {
                 tracing::warn!(sink = %self.name, events = prepared.message_entries.len(), reason = %reason, "receiver rejected the batch; its detections moved to dead letters");
                 for &index in &prepared.message_entries {
-                    let entry = &entries[index].1;
-                    self.store.dead_letter(&self.name, entry.tenant(), entry.raw(), &reason)?;
+                    dead_letters.push((&entries[index].1, reason.as_str()));
                 }
-                Ok(prepared.consumed)
+                prepared.consumed
             }
             SendOutcome::Rejected { delivered, reason } => {
-                let Some(&rejected) = prepared.message_entries.get(delivered) else {
+                let Some(&rejected) = prepared.message_entries.get(*delivered) else {
                     tracing::warn!(sink = %self.name, delivered, reason = %reason, "receiver rejected a message the batch does not have; counting the batch as delivered");
-                    return Ok(prepared.consumed);
+                    return prepared.consumed;
                 };
                 let entry = &entries[rejected].1;
                 tracing::warn!(sink = %self.name, tenant = %entry.tenant(), delivered, reason = %reason, "receiver rejected one detection; it moved to dead letters and the rest of the batch is sent again");
-                self.store.dead_letter(&self.name, entry.tenant(), entry.raw(), &reason)?;
+                dead_letters.push((entry, reason.as_str()));
                 // Entries up to the next message were filtered out or cannot
                 // be encoded (dead-lettered by the caller), so the cursor
                 // may pass them too.
-                let through = match prepared.message_entries.get(delivered + 1) {
+                match prepared.message_entries.get(delivered + 1) {
                     Some(&next) => next,
                     None => prepared.consumed,
-                };
-                Ok(through)
+                }
             }
         }
     }
@@ -512,22 +531,22 @@ mod tests {
 
     /// Prepares [`broken_table_entries`] for a High-only sink of `payload`,
     /// and settles the batch as delivered.
-    fn prepare_broken_tables(payload: crate::format::PayloadFormat) -> (tempfile::TempDir, Arc<Store>, Prepared) {
+    async fn prepare_broken_tables(payload: crate::format::PayloadFormat) -> (tempfile::TempDir, Arc<Store>, Prepared) {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
         let entries = broken_table_entries(&store);
         let mut worker = routed_worker(store.clone(), payload);
         let prepared = worker.prepare(&entries, &mut Batch::default());
-        let cursor = worker.settle(&entries, &prepared, SendOutcome::Delivered).unwrap();
-        assert_eq!(cursor, Some(entries[1].0), "the cursor passes both entries");
+        worker.settle_and_ack(&entries, &prepared, SendOutcome::Delivered).await.unwrap();
+        assert_eq!(store.cursor("high").unwrap(), Some(entries[1].0), "the cursor passes both entries");
         (dir, store, prepared)
     }
 
     /// A batch whose send fails is prepared again. Its detections that
     /// cannot be encoded become dead letters once, when the cursor passes
     /// them, not each time the batch is prepared.
-    #[test]
-    fn failed_sends_dead_letter_once() {
+    #[tokio::test]
+    async fn failed_sends_dead_letter_once() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
         let entries = broken_table_entries(&store);
@@ -538,21 +557,57 @@ mod tests {
         }
         assert_eq!(store.dead_letter_count(), 0, "nothing is stored before the cursor moves");
         let prepared = worker.prepare(&entries, &mut Batch::default());
-        worker.settle(&entries, &prepared, SendOutcome::Delivered).unwrap();
+        worker.settle_and_ack(&entries, &prepared, SendOutcome::Delivered).await.unwrap();
         assert_eq!(store.dead_letter_count(), 1);
     }
 
-    #[test]
-    fn routing_reads_severity_of_broken_tables() {
-        let (_dir, store, prepared) = prepare_broken_tables(crate::format::PayloadFormat::Json);
+    /// A batch rejected for good whose cursor write fails is read, sent
+    /// and rejected again. Its detections still become one dead letter each.
+    #[tokio::test]
+    async fn failed_ack_stores_letters_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        store.sync_cursors(&["high"]).unwrap();
+        let texts = [
+            r#"{"FullId":"a:1","Severity":"High"}"#,
+            r#"{"FullId":"b:1","Severity":"High","Title":"x\ud800"}"#,
+            r#"{"FullId":"c:1","Severity":"High"}"#,
+        ];
+        let detections = texts.iter().map(|text| Detection::from_json_text(text).unwrap()).collect();
+        store.enqueue_blocking("t", detections, None, Utc::now()).unwrap();
+        let mut worker = routed_worker(store.clone(), crate::format::PayloadFormat::Cef);
+        let rejected = SendOutcome::AllRejected { reason: "HTTP 400: bad event".into() };
+
+        store.fail_next_write();
+        let entries = store.read_after(0, 10).unwrap();
+        let prepared = worker.prepare(&entries, &mut Batch::default());
+        assert_eq!(prepared.message_entries, [0, 2]);
+        assert!(worker.settle_and_ack(&entries, &prepared, rejected.clone()).await.is_err());
+        assert_eq!(store.cursor("high").unwrap(), Some(0), "the cursor did not move");
+        assert_eq!(store.dead_letter_count(), 0, "and no letter is stored without it");
+
+        // The next round of the worker's loop.
+        let entries = store.read_after(0, 10).unwrap();
+        let prepared = worker.prepare(&entries, &mut Batch::default());
+        worker.settle_and_ack(&entries, &prepared, rejected).await.unwrap();
+        assert_eq!(store.cursor("high").unwrap(), Some(entries[2].0));
+        let mut ids: Vec<String> =
+            store.dead_letters().unwrap().iter().map(|l| Detection::from_json_text(&l.detection).unwrap().full_id().unwrap().into_owned()).collect();
+        ids.sort();
+        assert_eq!(ids, ["a:1", "b:1", "c:1"], "one letter per detection");
+    }
+
+    #[tokio::test]
+    async fn routing_reads_severity_of_broken_tables() {
+        let (_dir, store, prepared) = prepare_broken_tables(crate::format::PayloadFormat::Json).await;
         assert_eq!(prepared.message_entries, [0], "the High detection is sent, the Low one is not");
         assert_eq!(prepared.consumed, 2);
         assert_eq!(store.dead_letter_count(), 0);
     }
 
-    #[test]
-    fn unrouted_detections_never_become_dead_letters() {
-        let (_dir, store, prepared) = prepare_broken_tables(crate::format::PayloadFormat::Cef);
+    #[tokio::test]
+    async fn unrouted_detections_never_become_dead_letters() {
+        let (_dir, store, prepared) = prepare_broken_tables(crate::format::PayloadFormat::Cef).await;
         assert!(prepared.message_entries.is_empty());
         assert_eq!(prepared.consumed, 2);
         let letters = store.dead_letters().unwrap();
