@@ -211,6 +211,12 @@ impl Spool {
         Ok(payload)
     }
 
+    /// Returns whether [`Spool::remove_below`] with `keep_from` may delete
+    /// a segment file.
+    pub fn has_segments_below(&self, keep_from: u64) -> bool {
+        keep_from > *self.lowest_segment.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Deletes every segment below `keep_from`, except the one being written.
     pub fn remove_below(&self, keep_from: u64) -> Result<usize, SpoolError> {
         let mut lowest = self.lowest_segment.lock().unwrap_or_else(|e| e.into_inner());

@@ -1071,6 +1071,13 @@ impl Store {
                 Some((key, value)) => (seq_from(&key), self.index_entry(seq_from(&key), &value)?.record.segment),
                 None => (u64::MAX, u64::MAX),
             };
+            if self.spool.has_segments_below(oldest_segment) {
+                // The removed entries must be gone on disk before their
+                // records are. Otherwise sled could bring them back after a
+                // crash, and every sink would find a missing segment and
+                // dead-letter detections it had already delivered.
+                self.db.flush().map_err(|e| self.io(e))?;
+            }
             self.spool.remove_below(oldest_segment)?;
             for key in self.requeued.range(..oldest_seq.to_be_bytes()).keys() {
                 self.requeued.remove(key.map_err(|e| self.io(e))?).map_err(|e| self.io(e))?;
@@ -2042,6 +2049,56 @@ mod tests {
         assert_eq!(places.len(), 120);
         assert!(places.windows(2).all(|w| w[0] < w[1]), "{places:?}");
         assert_eq!(store.read_after(0, 1000).unwrap().len(), 120);
+    }
+
+    /// A crash right after a release that deleted a segment must not bring
+    /// back index entries of that segment. The copy of the state directory
+    /// is what a crash would leave: sled writes nothing without a flush.
+    #[tokio::test]
+    async fn release_flushes_before_deleting_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let options = StoreOptions { spool_segment_bytes: 512, ..StoreOptions::default() };
+        let store = Store::open_with(&state, options).unwrap();
+        store.sync_cursors(&["sink"]).unwrap();
+        for i in 0..20 {
+            let d = [detection(&format!("id-{i}"), "2026-01-01T00:00:00Z")];
+            store.enqueue("t", d.to_vec(), None, Utc::now()).await.unwrap();
+        }
+        let read = store.read_after(0, 1000).unwrap();
+        assert_eq!(read.len(), 20);
+        let segments_before = std::fs::read_dir(state.join("spool")).unwrap().count();
+
+        store.set_cursor("sink", read[17].0).unwrap();
+        store.release().unwrap();
+        let segments_after = std::fs::read_dir(state.join("spool")).unwrap().count();
+        assert!(segments_after < segments_before, "the release deleted a segment ({segments_before} -> {segments_after})");
+
+        let image = dir.path().join("image");
+        copy_dir(&state, &image);
+        std::fs::remove_file(image.join(LOCK_FILE)).ok();
+        let reopened = Store::open_with(&image, options).unwrap();
+        let left: Vec<String> = reopened
+            .read_after(0, 1000)
+            .unwrap()
+            .iter()
+            .map(|(_, entry)| entry.detection().full_id().unwrap_or_default().into_owned())
+            .collect();
+        assert_eq!(left, ["id-18", "id-19"], "only what the sink had not acknowledged comes back");
+        assert_eq!(reopened.dead_letter_count(), 0, "no entry points at a deleted segment");
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for item in std::fs::read_dir(from).unwrap() {
+            let item = item.unwrap();
+            let target = to.join(item.file_name());
+            if item.file_type().unwrap().is_dir() {
+                copy_dir(&item.path(), &target);
+            } else {
+                std::fs::copy(item.path(), target).unwrap();
+            }
+        }
     }
 
     /// A sink that keeps up releases the outbox to empty while the poller
