@@ -18,6 +18,7 @@ use crate::timefmt;
 
 mod fields;
 mod scan;
+mod unescape;
 
 use scan::{Kind, Member, Members, SyntaxError};
 

@@ -18,6 +18,7 @@ use std::sync::LazyLock;
 use hashbrown::HashTable;
 
 use super::scan::{Kind, Member, Members};
+use super::unescape::{unescape_into, UnescapeError};
 
 /// The place of a name or value: a byte range of the raw text, or of the
 /// decoded strings for a string that had escapes. Offsets are `u32` to keep
@@ -208,28 +209,30 @@ impl Fields {
     /// end of the decoded strings, and returns its span there.
     ///
     /// `json` is a byte slice because the split builds tables before the
-    /// object's UTF-8 is checked, so serde_json checks the string's UTF-8.
-    fn decode(&mut self, json: &[u8]) -> Result<Span, serde_json::Error> {
+    /// object's UTF-8 is checked, so the decoder checks the string's UTF-8.
+    fn decode(&mut self, json: &[u8]) -> Result<Span, UnescapeError> {
         if self.decoded.capacity() == 0 {
             // Room for the usual few escaped paths and command lines at once,
             // instead of growing the string a step at a time.
             self.decoded.reserve(json.len().max(256));
         }
         let start = self.decoded.len();
-        let mut deserializer = serde_json::Deserializer::from_slice(json);
-        serde::Deserializer::deserialize_str(&mut deserializer, AppendTo(&mut self.decoded))?;
-        deserializer.end()?;
+        if let Err(error) = unescape_into(json, &mut self.decoded) {
+            self.decoded.truncate(start);
+            return Err(error);
+        }
         Ok(Span::of(start..self.decoded.len()))
     }
 
     /// Sorts one member's value into its slot. A string is decoded only when
     /// it has escapes; an object or array is parsed once to check it.
-    fn slot(&mut self, raw: &[u8], member: &Member) -> Result<(Slot, Span), serde_json::Error> {
+    fn slot(&mut self, raw: &[u8], member: &Member) -> Result<(Slot, Span), String> {
         let value = Span::of(member.value.clone());
         let slot = match member.kind {
             Kind::String => return Ok((Slot::String, Span::of(member.value_inner()))),
             Kind::EscapedString => {
-                return Ok((Slot::DecodedString, self.decode(&raw[member.value.clone()])?));
+                let decoded = self.decode(&raw[member.value.clone()]).map_err(|e| e.to_string())?;
+                return Ok((Slot::DecodedString, decoded));
             }
             Kind::Nested => {
                 // The scanner only found the value's end. Parsing it inside an
@@ -240,7 +243,7 @@ impl Fields {
                 wrapped.push(b'[');
                 wrapped.extend_from_slice(value);
                 wrapped.push(b']');
-                serde_json::from_slice::<serde_json::Value>(&wrapped)?;
+                serde_json::from_slice::<serde_json::Value>(&wrapped).map_err(|e| e.to_string())?;
                 Slot::Nested
             }
             Kind::True => Slot::Bool(true),
@@ -338,25 +341,12 @@ impl<'a> FieldRef<'a> {
 
 /// Appends the string serde_json decoded to a `String`, without a string
 /// of its own in between.
-struct AppendTo<'a>(&'a mut String);
-
-impl<'de> serde::de::Visitor<'de> for AppendTo<'_> {
-    type Value = ();
-
-    fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.write_str("a JSON string")
-    }
-
-    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<(), E> {
-        self.0.push_str(text);
-        Ok(())
-    }
-}
-
 /// Decodes a JSON string with escapes, given with its quotes; fails on a
 /// lone UTF-16 surrogate.
-pub(super) fn decode_string(json: &[u8]) -> Result<Box<str>, serde_json::Error> {
-    serde_json::from_slice::<String>(json).map(String::into_boxed_str)
+pub(super) fn decode_string(json: &[u8]) -> Result<Box<str>, UnescapeError> {
+    let mut text = String::new();
+    unescape_into(json, &mut text)?;
+    Ok(text.into_boxed_str())
 }
 
 #[cfg(test)]
