@@ -384,6 +384,13 @@ async fn pull_to_output(config: &Config, args: &PullArgs, mut window: crate::pul
         pages = pulled.pages,
         "pull complete"
     );
+    if pulled.invalid > 0 {
+        tracing::warn!(
+            tenant = %name,
+            invalid = pulled.invalid,
+            "response elements that are not detections were written as [\"utf-8\", TEXT] or [\"base64\", BYTES] lines that contain their exact bytes; see docs/cli.md"
+        );
+    }
     Ok(())
 }
 

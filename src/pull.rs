@@ -9,10 +9,21 @@
 //! its oldest detection (`untilTimeUtc`), as the poller does. Detections at
 //! exactly that boundary come back in both pages and are written once.
 //! Pages come newest first, so the output is ascending within a page only.
+//!
+//! Every line is one JSON value, and no element is changed on the way. A
+//! detection is a valid JSON object, so a line break in it can only be
+//! whitespace between tokens, and turning it into a space keeps the value.
+//! Any other element may hold line breaks that are data (in a string with
+//! raw control characters, say), so it is written as a JSON array that
+//! contains its exact bytes: `["utf-8", TEXT]` with its text as a JSON string,
+//! or `["base64", BYTES]` when it is not valid UTF-8. A detection line
+//! starts with `{` and such a line with `[`, so the two cannot be confused.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
@@ -49,7 +60,8 @@ pub struct PullReport {
     pub written: usize,
     /// Detections returned by two pages at their boundary and written once.
     pub repeated: usize,
-    /// Elements that are not detections; they are written too.
+    /// Elements that are not detections; they are written too, wrapped
+    /// (see the module documentation).
     pub invalid: usize,
     pub pages: usize,
 }
@@ -121,7 +133,7 @@ async fn read_page(
         buffer.clear();
         for element in elements {
             summary.count += 1;
-            let raw = match &element {
+            match &element {
                 Element::Detection(detection) => {
                     let full_id = detection.full_id().map(|id| id.into_owned());
                     if let Some(time) = detection.last_processed() {
@@ -131,14 +143,13 @@ async fn read_page(
                         report.repeated += 1;
                         continue;
                     }
-                    detection.raw().as_bytes()
+                    write_detection_line(&mut buffer, detection.raw());
                 }
                 Element::Invalid { raw, .. } => {
                     report.invalid += 1;
-                    raw.as_slice()
+                    write_invalid_line(&mut buffer, raw);
                 }
-            };
-            write_line(&mut buffer, raw);
+            }
             report.written += 1;
         }
         out.write_all(&buffer).await?;
@@ -156,12 +167,23 @@ fn track_oldest(summary: &mut PageSummary, time: DateTime<Utc>, full_id: Option<
     summary.at_oldest.extend(full_id);
 }
 
-/// Appends `raw` as one line. A line break in valid JSON can only be
-/// whitespace between tokens (inside strings it is escaped), so turning it
-/// into a space keeps the value and makes the element one line. An element
-/// that is not UTF-8 is written with its bytes as received.
-fn write_line(buffer: &mut Vec<u8>, raw: &[u8]) {
-    buffer.extend(raw.iter().copied().map(|b| if b == b'\n' || b == b'\r' { b' ' } else { b }));
+/// Appends a detection as one line. The detection passed a full JSON
+/// syntax check, so a line break in it is whitespace between tokens (inside
+/// strings it is escaped), and a space in its place keeps the value.
+fn write_detection_line(buffer: &mut Vec<u8>, raw: &str) {
+    buffer.extend(raw.bytes().map(|b| if b == b'\n' || b == b'\r' { b' ' } else { b }));
+    buffer.push(b'\n');
+}
+
+/// Appends an element that is not a detection as one line that contains
+/// its exact bytes: `["utf-8", TEXT]`, or `["base64", BYTES]` when the element
+/// is not valid UTF-8 and so cannot be a JSON string.
+fn write_invalid_line(buffer: &mut Vec<u8>, raw: &[u8]) {
+    let wrapped = match std::str::from_utf8(raw) {
+        Ok(text) => serde_json::json!(["utf-8", text]),
+        Err(_) => serde_json::json!(["base64", BASE64.encode(raw)]),
+    };
+    buffer.extend(wrapped.to_string().into_bytes());
     buffer.push(b'\n');
 }
 
@@ -172,8 +194,41 @@ mod tests {
     #[test]
     fn line_breaks_between_tokens_become_spaces() {
         let mut buffer = Vec::new();
-        write_line(&mut buffer, b"{\r\n  \"a\": \"x\\ny\"\n}");
+        write_detection_line(&mut buffer, "{\r\n  \"a\": \"x\\ny\"\n}");
         assert_eq!(String::from_utf8(buffer).unwrap(), "{    \"a\": \"x\\ny\" }\n");
+    }
+
+    /// Returns the element bytes that an invalid-element line contains.
+    fn unwrap_invalid_line(line: &[u8]) -> Vec<u8> {
+        let value: serde_json::Value = serde_json::from_slice(line).unwrap();
+        let text = value[1].as_str().unwrap();
+        match value[0].as_str().unwrap() {
+            "utf-8" => text.as_bytes().to_vec(),
+            "base64" => BASE64.decode(text).unwrap(),
+            other => panic!("unknown encoding {other}"),
+        }
+    }
+
+    #[test]
+    fn invalid_elements_keep_every_byte_on_one_line() {
+        let cases: [&[u8]; 6] = [
+            b"{\"a\":\"x\r\ny\"}",
+            b"\"raw\nbreak\"",
+            b"[1,\r\n2]",
+            b"tru\te \\ \"",
+            b"{\"a\":\"\xff\n\xfe\"}",
+            b"\xc3",
+        ];
+        for raw in cases {
+            let mut buffer = Vec::new();
+            write_invalid_line(&mut buffer, raw);
+            let (line, end) = buffer.split_at(buffer.len() - 1);
+            assert_eq!(end, b"\n", "{raw:?}");
+            assert!(!line.contains(&b'\n'), "{raw:?}");
+            assert!(!line.contains(&b'\r'), "{raw:?}");
+            assert_eq!(line[0], b'[', "{raw:?}");
+            assert_eq!(unwrap_invalid_line(line), raw, "{raw:?}");
+        }
     }
 
     #[test]

@@ -625,6 +625,56 @@ async fn pull_keeps_raw_text_and_honours_until() {
     assert!(request.query.iter().any(|(k, v)| k == "untilTimeUtc" && v.starts_with("2020-01-02T00:00:00")), "{:?}", request.query);
 }
 
+/// Starts an API on 127.0.0.1 that responds to every alerts request with `body`,
+/// and returns the `[[tenant]]` table that points at it.
+async fn api_serving(body: String) -> (common::http_server::HttpReceiver, String) {
+    let api = common::http_server::HttpReceiver::start(move |request| {
+        if request.path.contains("/token") {
+            common::http_server::Answer::new(200, r#"{"token_type":"Bearer","expires_in":3599,"access_token":"opaque"}"#)
+        } else {
+            common::http_server::Answer::new(200, body.clone()).with_header("content-type", "application/json")
+        }
+    })
+    .await;
+    let tenant = tenant_with("contoso", &(secret_line(CLIENT_SECRET) + &urls(&api.url())));
+    (api, tenant)
+}
+
+/// Elements that are not detections may hold line breaks that are data.
+/// Each becomes one line that gives back its exact text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_keeps_invalid_elements_exact() {
+    let time = now_text();
+    let detection = format!("{{\r\n\"FullId\":\"ok:1\",\n\"LastProcessedTimeUtc\":\"{time}\",\"T\":\"a\\nb\"}}");
+    let invalid = [
+        format!("{{\"FullId\":\"raw:1\",\"LastProcessedTimeUtc\":\"{time}\",\"Cmd\":\"line1\r\nline2\"}}"),
+        "\"lone\nstring\"".to_string(),
+        "[1,\r\n2]".to_string(),
+        "42".to_string(),
+    ];
+    let body = format!("[{detection},{}]", invalid.join(","));
+    let (_api, tenant) = api_serving(body).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "", &tenant, &file_sink_toml("a", &dir.path().join("a")));
+    let out = dir.path().join("pulled.jsonl");
+
+    let output = run_cli(&pull_args(config.to_str().unwrap(), out.to_str().unwrap(), &["--ago", "P1D"])).await;
+
+    assert_success(&output);
+    let text = std::fs::read_to_string(&out).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 5, "{text}");
+    assert_eq!(lines[0], detection.replace(['\r', '\n'], " "), "a detection keeps its bytes but for whitespace");
+    for (line, element) in lines[1..].iter().zip(&invalid) {
+        let wrapped: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(wrapped, serde_json::json!(["utf-8", element]), "{line}");
+    }
+    let log = stderr(&output);
+    assert!(log.contains("invalid=4"), "{log}");
+    assert!(log.contains("WARN"), "{log}");
+    assert!(log.contains("not detections"), "{log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_runs_while_daemon_holds_state() {
     let emulator = emulator_with_samples(EmulatorOptions::default()).await;
