@@ -187,7 +187,7 @@ pub fn main(cli: Cli) -> ExitCode {
         }
     };
     let log_format = cli.log_format;
-    let code = match cli.command {
+    let mut code = match cli.command {
         Command::Run(args) => runtime.block_on(run(args, log_format)),
         Command::Pull(args) => runtime.block_on(pull(args, log_format)),
         Command::Demo(args) => runtime.block_on(demo(args, log_format)),
@@ -219,6 +219,10 @@ pub fn main(cli: Cli) -> ExitCode {
     // to a stalled standard output (a full pipe) never ends. The command's
     // own work is done (the store is flushed), so waiting longer gains nothing.
     runtime.shutdown_timeout(RUNTIME_SHUTDOWN_WAIT);
+    // A write error other than a closed pipe was reported when it happened.
+    if crate::output::write_failed() && code == ExitCode::SUCCESS {
+        code = ExitCode::from(EXIT_FAILURE);
+    }
     code
 }
 
@@ -366,14 +370,25 @@ async fn pull_to_output(config: &Config, args: &PullArgs, mut window: crate::pul
                 .await
                 .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
             let mut out = tokio::io::BufWriter::new(file);
-            crate::pull::pull(http, tenant, max_bytes, &window, &mut out).await
+            crate::pull::pull(http, tenant, max_bytes, &window, &mut out).await.map_err(|e| match e {
+                crate::pull::PullError::Write(e) => format!("cannot write {}: {e}", path.display()),
+                e => e.to_string(),
+            })
         }
         None => {
             let mut out = tokio::io::BufWriter::new(tokio::io::stdout());
-            crate::pull::pull(http, tenant, max_bytes, &window, &mut out).await
+            match crate::pull::pull(http, tenant, max_bytes, &window, &mut out).await {
+                Err(crate::pull::PullError::Write(e)) if crate::output::is_closed_pipe(&e) => {
+                    // The reader has all it wants, as under `| head`.
+                    tracing::debug!(tenant = %name, "pull stopped: standard output was closed");
+                    return Ok(());
+                }
+                Err(crate::pull::PullError::Write(e)) => Err(format!("cannot write to standard output: {e}")),
+                result => result.map_err(|e| e.to_string()),
+            }
         }
     };
-    let pulled = result.map_err(|e| e.to_string())?;
+    let pulled = result?;
     tracing::info!(
         tenant = %name,
         since = %timefmt::format_query(window.since),
@@ -663,10 +678,11 @@ fn write_raw_letter(letters: &[&DeadLetter]) -> Result<(), String> {
     };
     let bytes = letter.detection_bytes().map_err(|e| format!("dead letter {}: detection_base64 is not valid base64: {e}", letter.id))?;
     let mut stdout = std::io::stdout().lock();
-    stdout
-        .write_all(&bytes)
-        .and_then(|()| stdout.flush())
-        .map_err(|e| format!("cannot write dead letter {} to standard output: {e}", letter.id))
+    if let Err(e) = stdout.write_all(&bytes).and_then(|()| stdout.flush()) {
+        // Sets the exit code, unless the reader only closed the pipe.
+        crate::output::record_error(&e);
+    }
+    Ok(())
 }
 
 /// Rejects ids that name no dead letter, before anything changes, so a
