@@ -561,7 +561,7 @@ fn state_action(config: &Config, store: &Store, action: StateAction) -> Result<(
                 out!("tenant {tenant}: forgot {forgotten} forwarded detections; the replay sends them again");
             }
             store.set_checkpoint(&tenant, Some(parsed)).map_err(|e| e.to_string())?;
-            out!("tenant {tenant}: checkpoint set to {}", timefmt::format_exact(parsed));
+            out!("tenant {tenant}: checkpoint set to {}", timefmt::format_api_time(parsed));
             Ok(())
         }
         StateAction::ResetCheckpoint { tenant } => {
@@ -727,8 +727,15 @@ fn show_state(config: &Config, store: &Store) -> Result<(), crate::store::StoreE
     out!("checkpoints:");
     let checkpoints = store.checkpoints()?;
     for tenant in &config.tenants {
-        let value = checkpoints.iter().find(|(name, _)| *name == tenant.name).map(|(_, v)| v.as_str());
-        out!("  {}: {}", tenant.name, value.unwrap_or("none (first poll looks back initial_lookback_secs)"));
+        let stored = checkpoints.iter().find(|(name, _)| *name == tenant.name).map(|(_, text)| text.as_str());
+        let value = match stored {
+            None => "none (first poll looks back initial_lookback_secs)".to_string(),
+            Some(text) => match timefmt::parse(text) {
+                Some(time) => timefmt::format_api_time(time),
+                None => format!("{} (not a valid time; set it again with set-checkpoint)", table_cell(text)),
+            },
+        };
+        out!("  {}: {value}", tenant.name);
     }
     out!("outbox: {} bytes", store.outbox_bytes());
     for sink in &config.sinks {
