@@ -643,8 +643,9 @@ const JSON_MARKER: &str = "json:";
 /// A string FullId is shown as it is. Any other FullId (a number, an
 /// object, a string with an invalid escape) is shown as its JSON text
 /// after [`JSON_MARKER`], so `42` and `"42"` differ as they do in the
-/// dedupe set. A string that itself starts with the marker gets a leading
-/// backslash, which [`table_cell`] never leaves single. For a letter that
+/// dedupe set. A string that itself starts with the marker, or is `-`,
+/// gets a leading backslash, which [`table_cell`] never leaves single. An
+/// empty string counts as no FullId, as in the dedupe set. For a letter that
 /// is not UTF-8, a FullId that contains U+FFFD may not be the one received,
 /// so it is shown as `-`.
 fn full_id_cell(letter: &DeadLetter) -> String {
@@ -663,7 +664,7 @@ fn full_id_cell(letter: &DeadLetter) -> String {
         return format!("{JSON_MARKER}{}", table_cell(&full_id));
     }
     let cell = table_cell(&full_id);
-    if cell.starts_with(JSON_MARKER) {
+    if cell.starts_with(JSON_MARKER) || cell == "-" {
         return format!("\\{cell}");
     }
     cell
@@ -791,6 +792,9 @@ mod tests {
             (r#"{"FullId":"\ud800"}"#, r#"json:"\\ud800""#),
             (r#"{"FullId":"a\tb"}"#, "a\\tb"),
             (r#"{"Title":"no id"}"#, "-"),
+            (r#"{"FullId":"-"}"#, "\\-"),
+            (r#"{"FullId":"\\-"}"#, "\\\\-"),
+            (r#"{"FullId":""}"#, "-"),
             ("[1]", "-"),
         ];
         for (detection, expected) in cases {
