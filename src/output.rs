@@ -6,10 +6,15 @@
 //! Rust ignores SIGPIPE, so a write to a closed pipe returns EPIPE instead
 //! of killing the process. After the first failed write, later writes are
 //! skipped, but the command finishes its work: a `state` command that
-//! prints a line before its last change still makes that change.
+//! prints a line before its last change still makes that change. `demo`,
+//! which runs until stopped, stops when its stdout sink finds the pipe
+//! closed (see [`closed_pipe_signal`]).
 
 use std::io::{self, Write as _};
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
+
+use tokio::sync::watch;
 
 const OPEN: u8 = 0;
 const CLOSED_PIPE: u8 = 1;
@@ -17,6 +22,19 @@ const FAILED: u8 = 2;
 
 /// The state of standard output: `OPEN`, `CLOSED_PIPE` or `FAILED`.
 static STATE: AtomicU8 = AtomicU8::new(OPEN);
+
+/// Sender of the channel that [`closed_pipe_signal`] returns.
+static CLOSED_PIPE_SENDER: OnceLock<watch::Sender<bool>> = OnceLock::new();
+
+fn closed_pipe_sender() -> &'static watch::Sender<bool> {
+    CLOSED_PIPE_SENDER.get_or_init(|| watch::channel(false).0)
+}
+
+/// Returns a channel that turns true once a write to standard output has
+/// found the pipe closed.
+pub fn closed_pipe_signal() -> watch::Receiver<bool> {
+    closed_pipe_sender().subscribe()
+}
 
 /// Writes one line, as the `out!` macro does. Writes nothing once the
 /// output is closed or has failed.
@@ -43,6 +61,7 @@ pub fn is_closed_pipe(error: &io::Error) -> bool {
 pub fn record_error(error: &io::Error) {
     if is_closed_pipe(error) {
         let _ = STATE.compare_exchange(OPEN, CLOSED_PIPE, Ordering::Relaxed, Ordering::Relaxed);
+        closed_pipe_sender().send_replace(true);
         return;
     }
     if STATE.swap(FAILED, Ordering::Relaxed) != FAILED {

@@ -621,6 +621,28 @@ async fn demo_deletes_its_state_after_two_signals() {
     assert!(!state.exists(), "{} left behind", state.display());
 }
 
+/// A demo whose standard output is closed, as under `demo | head -1`, stops
+/// by itself, deletes its state and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_stops_when_output_is_closed() {
+    let scratch = tempfile::tempdir().unwrap();
+    let child = tokio::process::Command::new(binary())
+        .args(["demo", "--interval-secs", "1", "--add-every-secs", "0"])
+        .env("TMPDIR", scratch.path())
+        .stdout(Stdio::from(closed_pipe()))
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+
+    let output = tokio::time::timeout(WAIT, child.wait_with_output()).await.expect("the demo stops by itself").unwrap();
+
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(stderr(&output).contains("standard output was closed"), "{}", stderr(&output));
+    let left: Vec<_> = std::fs::read_dir(scratch.path()).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 /// One SIGTERM ends the demo even while it is blocked writing to a full
 /// pipe on standard output: the exit does not wait for that write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
