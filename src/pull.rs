@@ -6,9 +6,13 @@
 //!
 //! With a `limit`, the API returns only the most recent `limit` detections
 //! of a window, so a full page is followed by a request for the part before
-//! its oldest detection (`untilTimeUtc`), as the poller does. Detections at
-//! exactly that boundary come back in both pages and are written once.
-//! Pages come newest first, so the output is ascending within a page only.
+//! its oldest detection, as the poller does. `untilTimeUtc` is that time
+//! rounded up to the API's 100 ns tick, so a detection stamped between two
+//! ticks is not skipped. The detections of a page up to that bound come back
+//! in the next page too, and are written once. The dedupe key recognises
+//! them: it differs for a number `FullId` and the same digits as a string,
+//! and is the whole text for a detection without a `FullId`. Pages come
+//! newest first, so the output is ascending within a page only.
 //!
 //! Every line is one JSON value, and no element is changed on the way. A
 //! detection is a valid JSON object, so a line break in it can only be
@@ -86,8 +90,10 @@ pub async fn pull(
         cloud_created_machine_tags: tenant.cloud_created_machine_tags.clone(),
     };
     let mut report = PullReport::default();
-    // FullIds at the previous page's oldest time: the next page repeats them.
-    let mut boundary: HashSet<String> = HashSet::new();
+    // Dedupe keys of the previous page's detections up to the next page's
+    // `untilTimeUtc`: the next page repeats them.
+    let mut boundary: HashSet<Vec<u8>> = HashSet::new();
+    let mut previous_oldest: Option<DateTime<Utc>> = None;
     loop {
         let page = read_page(&client, &query, &boundary, out, &mut report).await?;
         report.pages += 1;
@@ -97,15 +103,17 @@ pub async fn pull(
         let Some(oldest) = page.oldest else {
             return Err(PullError::PagingUnreadable { tenant: tenant.name.clone(), count: window.limit });
         };
-        if query.until.is_some_and(|until| oldest >= until) {
+        // No progress: the whole page shares the previous page's oldest time.
+        if previous_oldest.is_some_and(|previous| oldest >= previous) {
             return Err(PullError::PagingStuck {
                 tenant: tenant.name.clone(),
                 count: window.limit,
                 time: crate::timefmt::format_query(oldest),
             });
         }
-        query.until = Some(oldest);
-        boundary = page.at_oldest;
+        previous_oldest = Some(oldest);
+        query.until = Some(crate::timefmt::ceil_tick(oldest));
+        boundary = page.near_oldest.into_iter().map(|(_, key)| key).collect();
     }
     out.flush().await?;
     Ok(report)
@@ -115,14 +123,15 @@ pub async fn pull(
 struct PageSummary {
     count: usize,
     oldest: Option<DateTime<Utc>>,
-    /// FullIds of the detections at `oldest`.
-    at_oldest: HashSet<String>,
+    /// Times and dedupe keys of the detections no later than `oldest`
+    /// rounded up to a tick, which the next page returns again.
+    near_oldest: Vec<(DateTime<Utc>, Vec<u8>)>,
 }
 
 async fn read_page(
     client: &AlertsClient,
     query: &Query,
-    skip: &HashSet<String>,
+    skip: &HashSet<Vec<u8>>,
     out: &mut (impl AsyncWrite + Unpin),
     report: &mut PullReport,
 ) -> Result<PageSummary, PullError> {
@@ -135,11 +144,11 @@ async fn read_page(
             summary.count += 1;
             match &element {
                 Element::Detection(detection) => {
-                    let full_id = detection.full_id().map(|id| id.into_owned());
+                    let key = detection.dedupe_id();
                     if let Some(time) = detection.last_processed() {
-                        track_oldest(&mut summary, time, full_id.clone());
+                        track_oldest(&mut summary, time, &key);
                     }
-                    if full_id.is_some_and(|id| skip.contains(&id)) {
+                    if skip.contains(key.as_ref()) {
                         report.repeated += 1;
                         continue;
                     }
@@ -157,14 +166,20 @@ async fn read_page(
     Ok(summary)
 }
 
-fn track_oldest(summary: &mut PageSummary, time: DateTime<Utc>, full_id: Option<String>) {
-    match summary.oldest {
-        Some(oldest) if time > oldest => return,
-        Some(oldest) if time < oldest => summary.at_oldest.clear(),
-        _ => {}
+fn track_oldest(summary: &mut PageSummary, time: DateTime<Utc>, key: &[u8]) {
+    if summary.oldest.map_or(true, |oldest| time < oldest) {
+        let bound = crate::timefmt::ceil_tick(time);
+        // Only a lower bound drops keys, and a key is visited by at most two
+        // such drops, so a page costs time linear in its size.
+        if summary.oldest.map(crate::timefmt::ceil_tick) != Some(bound) {
+            summary.near_oldest.retain(|(kept, _)| *kept <= bound);
+        }
+        summary.oldest = Some(time);
     }
-    summary.oldest = Some(time);
-    summary.at_oldest.extend(full_id);
+    let bound = summary.oldest.map(crate::timefmt::ceil_tick);
+    if bound.is_some_and(|bound| time <= bound) {
+        summary.near_oldest.push((time, key.to_vec()));
+    }
 }
 
 /// Appends a detection as one line. The detection passed a full JSON
@@ -231,17 +246,33 @@ mod tests {
         }
     }
 
+    fn near_oldest_keys(summary: PageSummary) -> Vec<String> {
+        let mut keys: Vec<String> = summary.near_oldest.into_iter().map(|(_, key)| String::from_utf8(key).unwrap()).collect();
+        keys.sort();
+        keys
+    }
+
     #[test]
-    fn oldest_keeps_every_id_at_that_time() {
+    fn oldest_keeps_every_key_at_that_time() {
         let mut summary = PageSummary::default();
         let t = |s: &str| crate::timefmt::parse(s).unwrap();
-        track_oldest(&mut summary, t("2026-01-01T00:00:02Z"), Some("b".into()));
-        track_oldest(&mut summary, t("2026-01-01T00:00:01Z"), Some("a1".into()));
-        track_oldest(&mut summary, t("2026-01-01T00:00:01Z"), Some("a2".into()));
-        track_oldest(&mut summary, t("2026-01-01T00:00:03Z"), Some("c".into()));
+        track_oldest(&mut summary, t("2026-01-01T00:00:02Z"), b"b");
+        track_oldest(&mut summary, t("2026-01-01T00:00:01Z"), b"a1");
+        track_oldest(&mut summary, t("2026-01-01T00:00:01Z"), b"a2");
+        track_oldest(&mut summary, t("2026-01-01T00:00:03Z"), b"c");
         assert_eq!(summary.oldest, Some(t("2026-01-01T00:00:01Z")));
-        let mut ids: Vec<_> = summary.at_oldest.into_iter().collect();
-        ids.sort();
-        assert_eq!(ids, ["a1", "a2"]);
+        assert_eq!(near_oldest_keys(summary), ["a1", "a2"]);
+    }
+
+    #[test]
+    fn oldest_keeps_keys_in_its_tick() {
+        let mut summary = PageSummary::default();
+        let t = |s: &str| crate::timefmt::parse(s).unwrap();
+        track_oldest(&mut summary, t("2026-01-01T00:00:00.000000250Z"), b"next tick");
+        track_oldest(&mut summary, t("2026-01-01T00:00:00.000000199Z"), b"same tick, later");
+        track_oldest(&mut summary, t("2026-01-01T00:00:00.000000150Z"), b"oldest");
+        track_oldest(&mut summary, t("2026-01-01T00:00:00.000000200Z"), b"tick bound");
+        assert_eq!(summary.oldest, Some(t("2026-01-01T00:00:00.000000150Z")));
+        assert_eq!(near_oldest_keys(summary), ["oldest", "same tick, later", "tick bound"]);
     }
 }
