@@ -106,7 +106,7 @@ pub struct PullArgs {
     /// The window ending now, as an ISO 8601 duration such as PT4H or P1D.
     #[arg(long, value_name = "DURATION")]
     pub ago: Option<String>,
-    /// File to write; standard output by default. An existing file is replaced.
+    /// File to write; standard output by default. An existing file is replaced once the pull has succeeded.
     #[arg(long, short = 'o', value_name = "FILE")]
     pub output: Option<PathBuf>,
 }
@@ -366,14 +366,24 @@ async fn pull_to_output(config: &Config, args: &PullArgs, mut window: crate::pul
     let max_bytes = config.poll.max_response_bytes;
     let result = match &args.output {
         Some(path) => {
-            let file = tokio::fs::File::create(path)
+            let mut output = crate::pull::OutputFile::create(path)
                 .await
                 .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-            let mut out = tokio::io::BufWriter::new(file);
-            crate::pull::pull(http, tenant, max_bytes, &window, &mut out).await.map_err(|e| match e {
-                crate::pull::PullError::Write(e) => format!("cannot write {}: {e}", path.display()),
-                e => e.to_string(),
-            })
+            let unchanged = if output.keeps_path_on_failure() { format!("; {} is unchanged", path.display()) } else { String::new() };
+            match crate::pull::pull(http, tenant, max_bytes, &window, output.writer()).await {
+                Ok(pulled) => {
+                    output.commit().await.map_err(|e| format!("cannot write {}: {e}{unchanged}", path.display()))?;
+                    Ok(pulled)
+                }
+                Err(crate::pull::PullError::Write(e)) => {
+                    output.discard().await;
+                    Err(format!("cannot write {}: {e}{unchanged}", path.display()))
+                }
+                Err(e) => {
+                    output.discard().await;
+                    Err(format!("{e}{unchanged}"))
+                }
+            }
         }
         None => {
             let mut out = tokio::io::BufWriter::new(tokio::io::stdout());

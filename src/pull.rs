@@ -24,6 +24,7 @@
 //! starts with `{` and such a line with `[`, so the two cannot be confused.
 
 use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -117,6 +118,83 @@ pub async fn pull(
     }
     out.flush().await?;
     Ok(report)
+}
+
+/// The `--output` file of a pull.
+///
+/// A regular file, or a path that does not exist yet, is written under a
+/// temporary name beside it and renamed over it only after the pull has
+/// succeeded, so a failed pull leaves an earlier export as it was. The new
+/// file gets the mode of the one it replaces. Any other path, such as a
+/// symbolic link, a FIFO or `/dev/stdout`, is written in place.
+pub struct OutputFile {
+    path: PathBuf,
+    /// The temporary file, `None` when `path` is written in place.
+    partial: Option<PathBuf>,
+    writer: tokio::io::BufWriter<tokio::fs::File>,
+}
+
+impl OutputFile {
+    /// Creates the file that the pull writes to.
+    pub async fn create(path: &Path) -> std::io::Result<Self> {
+        let existing = tokio::fs::symlink_metadata(path).await.ok();
+        if existing.as_ref().is_some_and(|m| !m.is_file()) {
+            let file = tokio::fs::File::create(path).await?;
+            return Ok(Self { path: path.to_path_buf(), partial: None, writer: tokio::io::BufWriter::new(file) });
+        }
+        let partial = partial_path(path);
+        let file = tokio::fs::File::create(&partial).await?;
+        if let Some(existing) = existing {
+            file.set_permissions(existing.permissions()).await?;
+        }
+        Ok(Self { path: path.to_path_buf(), partial: Some(partial), writer: tokio::io::BufWriter::new(file) })
+    }
+
+    pub fn writer(&mut self) -> &mut tokio::io::BufWriter<tokio::fs::File> {
+        &mut self.writer
+    }
+
+    /// Returns whether a failed pull leaves the requested path unchanged,
+    /// which it does unless the path is written in place.
+    pub fn keeps_path_on_failure(&self) -> bool {
+        self.partial.is_some()
+    }
+
+    /// Flushes and syncs the file, then renames it to the requested path.
+    /// On failure the temporary file is deleted.
+    pub async fn commit(mut self) -> std::io::Result<()> {
+        let result = self.finish_writing().await;
+        if result.is_err() {
+            self.discard().await;
+        }
+        result
+    }
+
+    async fn finish_writing(&mut self) -> std::io::Result<()> {
+        self.writer.flush().await?;
+        if let Some(partial) = &self.partial {
+            self.writer.get_ref().sync_all().await?;
+            tokio::fs::rename(partial, &self.path).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the temporary file after a failed pull.
+    pub async fn discard(self) {
+        let Some(partial) = &self.partial else {
+            return;
+        };
+        drop(self.writer);
+        if let Err(e) = tokio::fs::remove_file(partial).await {
+            tracing::warn!(file = %partial.display(), error = %e, "cannot delete the partial output of a failed pull");
+        }
+    }
+}
+
+/// Returns `.NAME.PID.partial` in the directory of `path`.
+fn partial_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.{}.partial", std::process::id()))
 }
 
 #[derive(Default)]
