@@ -350,6 +350,9 @@ fn pull_window(args: &PullArgs, now: chrono::DateTime<chrono::Utc>) -> Result<cr
     if until.is_some_and(|until| until < since) {
         return Err("--until is before --since".into());
     }
+    // `untilTimeUtc` has whole ticks, and a bound rounded down would leave
+    // out a detection stamped between the tick and `--until`.
+    let until = until.map(timefmt::ceil_tick);
     Ok(crate::pull::PullWindow { since, until, limit: 0 })
 }
 

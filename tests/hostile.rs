@@ -144,6 +144,27 @@ async fn pull_keeps_detections_between_ticks() {
     assert_eq!(ids, ["b", "c1", "c2", "d", "x"]);
 }
 
+/// `pull --until` with more digits than the API's 100 ns ticks still
+/// includes a detection stamped at that time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_until_keeps_its_own_tick() {
+    let emulator = Emulator::start("127.0.0.1:0".parse().unwrap(), EmulatorOptions::default()).await.unwrap();
+    emulator.add_tenant(TENANT_ID, tenant_spec());
+    let at = chrono::Timelike::with_nanosecond(&(chrono::Utc::now() - chrono::Duration::minutes(5)), 123_456_789).unwrap();
+    let until = at.format("%Y-%m-%dT%H:%M:%S%.9fZ").to_string();
+    emulator.push_detection(TENANT_ID, json!({"FullId": "at-until", "LastProcessedTimeUtc": until}));
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &file_sink_toml("archive", &dir.path().join("a.jsonl")));
+    let out = dir.path().join("pulled.jsonl");
+    let since = mde_forwarder::timefmt::format_query(at - chrono::Duration::hours(1));
+    let args = ["pull", "--config", config.to_str().unwrap(), "--tenant", "contoso", "--since", &since, "--until", &until, "--output", out.to_str().unwrap()];
+
+    let output = run_cli(&args).await;
+
+    assert_success(&output);
+    assert_eq!(full_ids(&read_json_lines(&out)), ["at-until"]);
+}
+
 /// A number `FullId` and the same digits as a string are two detections,
 /// and one without a `FullId` is one, also when they come back in two pages
 /// of `pull`.
