@@ -1,9 +1,10 @@
 //! The commands behind `mde-forwarder`: run, pull, demo, emulate,
 //! check-config, state, health.
 //!
-//! Exit codes: 0 success; 1 a run failed, a probe failed or the health check
-//! failed (the reason is on stderr); 2 invalid command-line arguments;
-//! 64 invalid configuration.
+//! Exit codes: 0 success, also when the reader closed standard output early;
+//! 1 a run failed, a probe failed, the health check failed or a write to
+//! standard output failed (the reason is on stderr); 2 invalid command-line
+//! arguments; 64 invalid configuration.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -26,7 +27,7 @@ pub const EXIT_CONFIG: u8 = 64;
     name = "mde-forwarder",
     version,
     about = "Forwards Microsoft Defender for Endpoint detections from the SIEM REST API to syslog, file and HTTP sinks",
-    after_help = "Exit codes: 0 success; 1 a run, probe or health check failed (reason on stderr); 2 invalid arguments; 64 invalid config."
+    after_help = "Exit codes: 0 success, also when the reader closed standard output early (as under | head); 1 a run, probe, health check or write to standard output failed (reason on stderr); 2 invalid arguments; 64 invalid config."
 )]
 pub struct Cli {
     /// Log format on standard error: text or json (one JSON object per line); overrides [service] log_format.
