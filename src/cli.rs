@@ -1,9 +1,10 @@
 //! The commands behind `mde-forwarder`: run, pull, demo, emulate,
 //! check-config, state, health.
 //!
-//! Exit codes: 0 success; 1 a run failed, a probe failed or the health check
-//! failed (the reason is on stderr); 2 invalid command-line arguments;
-//! 64 invalid configuration.
+//! Exit codes: 0 success, also when the reader closed standard output early;
+//! 1 a run failed, a probe failed, the health check failed or a write to
+//! standard output failed (the reason is on stderr); 2 invalid command-line
+//! arguments; 64 invalid configuration.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -26,7 +27,7 @@ pub const EXIT_CONFIG: u8 = 64;
     name = "mde-forwarder",
     version,
     about = "Forwards Microsoft Defender for Endpoint detections from the SIEM REST API to syslog, file and HTTP sinks",
-    after_help = "Exit codes: 0 success; 1 a run, probe or health check failed (reason on stderr); 2 invalid arguments; 64 invalid config."
+    after_help = "Exit codes: 0 success, also when the reader closed standard output early (as under | head); 1 a run, probe, health check or write to standard output failed (reason on stderr); 2 invalid arguments; 64 invalid config."
 )]
 pub struct Cli {
     /// Log format on standard error: text or json (one JSON object per line); overrides [service] log_format.
@@ -106,7 +107,7 @@ pub struct PullArgs {
     /// The window ending now, as an ISO 8601 duration such as PT4H or P1D.
     #[arg(long, value_name = "DURATION")]
     pub ago: Option<String>,
-    /// File to write; standard output by default. An existing file is replaced.
+    /// File to write; standard output by default. An existing file is replaced once the pull has succeeded.
     #[arg(long, short = 'o', value_name = "FILE")]
     pub output: Option<PathBuf>,
 }
@@ -187,7 +188,7 @@ pub fn main(cli: Cli) -> ExitCode {
         }
     };
     let log_format = cli.log_format;
-    let code = match cli.command {
+    let mut code = match cli.command {
         Command::Run(args) => runtime.block_on(run(args, log_format)),
         Command::Pull(args) => runtime.block_on(pull(args, log_format)),
         Command::Demo(args) => runtime.block_on(demo(args, log_format)),
@@ -219,6 +220,10 @@ pub fn main(cli: Cli) -> ExitCode {
     // to a stalled standard output (a full pipe) never ends. The command's
     // own work is done (the store is flushed), so waiting longer gains nothing.
     runtime.shutdown_timeout(RUNTIME_SHUTDOWN_WAIT);
+    // A write error other than a closed pipe was reported when it happened.
+    if crate::output::write_failed() && code == ExitCode::SUCCESS {
+        code = ExitCode::from(EXIT_FAILURE);
+    }
     code
 }
 
@@ -346,6 +351,9 @@ fn pull_window(args: &PullArgs, now: chrono::DateTime<chrono::Utc>) -> Result<cr
     if until.is_some_and(|until| until < since) {
         return Err("--until is before --since".into());
     }
+    // `untilTimeUtc` has whole ticks, and a bound rounded down would leave
+    // out a detection stamped between the tick and `--until`.
+    let until = until.map(timefmt::ceil_tick);
     Ok(crate::pull::PullWindow { since, until, limit: 0 })
 }
 
@@ -362,18 +370,39 @@ async fn pull_to_output(config: &Config, args: &PullArgs, mut window: crate::pul
     let max_bytes = config.poll.max_response_bytes;
     let result = match &args.output {
         Some(path) => {
-            let file = tokio::fs::File::create(path)
+            let mut output = crate::pull::OutputFile::create(path)
                 .await
                 .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-            let mut out = tokio::io::BufWriter::new(file);
-            crate::pull::pull(http, tenant, max_bytes, &window, &mut out).await
+            let unchanged = if output.keeps_path_on_failure() { format!("; {} is unchanged", path.display()) } else { String::new() };
+            match crate::pull::pull(http, tenant, max_bytes, &window, output.writer()).await {
+                Ok(pulled) => {
+                    output.commit().await.map_err(|e| format!("cannot write {}: {e}{unchanged}", path.display()))?;
+                    Ok(pulled)
+                }
+                Err(crate::pull::PullError::Write(e)) => {
+                    output.discard().await;
+                    Err(format!("cannot write {}: {e}{unchanged}", path.display()))
+                }
+                Err(e) => {
+                    output.discard().await;
+                    Err(format!("{e}{unchanged}"))
+                }
+            }
         }
         None => {
             let mut out = tokio::io::BufWriter::new(tokio::io::stdout());
-            crate::pull::pull(http, tenant, max_bytes, &window, &mut out).await
+            match crate::pull::pull(http, tenant, max_bytes, &window, &mut out).await {
+                Err(crate::pull::PullError::Write(e)) if crate::output::is_closed_pipe(&e) => {
+                    // The reader has all it wants, as under `| head`.
+                    tracing::debug!(tenant = %name, "pull stopped: standard output was closed");
+                    return Ok(());
+                }
+                Err(crate::pull::PullError::Write(e)) => Err(format!("cannot write to standard output: {e}")),
+                result => result.map_err(|e| e.to_string()),
+            }
         }
     };
-    let pulled = result.map_err(|e| e.to_string())?;
+    let pulled = result?;
     tracing::info!(
         tenant = %name,
         since = %timefmt::format_query(window.since),
@@ -384,6 +413,13 @@ async fn pull_to_output(config: &Config, args: &PullArgs, mut window: crate::pul
         pages = pulled.pages,
         "pull complete"
     );
+    if pulled.invalid > 0 {
+        tracing::warn!(
+            tenant = %name,
+            invalid = pulled.invalid,
+            "response elements that are not detections were written as [\"utf-8\", TEXT] or [\"base64\", BYTES] lines that contain their exact bytes; see docs/cli.md"
+        );
+    }
     Ok(())
 }
 
@@ -539,7 +575,7 @@ fn state_action(config: &Config, store: &Store, action: StateAction) -> Result<(
                 out!("tenant {tenant}: forgot {forgotten} forwarded detections; the replay sends them again");
             }
             store.set_checkpoint(&tenant, Some(parsed)).map_err(|e| e.to_string())?;
-            out!("tenant {tenant}: checkpoint set to {}", timefmt::format_exact(parsed));
+            out!("tenant {tenant}: checkpoint set to {}", timefmt::format_api_time(parsed));
             Ok(())
         }
         StateAction::ResetCheckpoint { tenant } => {
@@ -621,8 +657,9 @@ const JSON_MARKER: &str = "json:";
 /// A string FullId is shown as it is. Any other FullId (a number, an
 /// object, a string with an invalid escape) is shown as its JSON text
 /// after [`JSON_MARKER`], so `42` and `"42"` differ as they do in the
-/// dedupe set. A string that itself starts with the marker gets a leading
-/// backslash, which [`table_cell`] never leaves single. For a letter that
+/// dedupe set. A string that itself starts with the marker, or is `-`,
+/// gets a leading backslash, which [`table_cell`] never leaves single. An
+/// empty string counts as no FullId, as in the dedupe set. For a letter that
 /// is not UTF-8, a FullId that contains U+FFFD may not be the one received,
 /// so it is shown as `-`.
 fn full_id_cell(letter: &DeadLetter) -> String {
@@ -641,7 +678,7 @@ fn full_id_cell(letter: &DeadLetter) -> String {
         return format!("{JSON_MARKER}{}", table_cell(&full_id));
     }
     let cell = table_cell(&full_id);
-    if cell.starts_with(JSON_MARKER) {
+    if cell.starts_with(JSON_MARKER) || cell == "-" {
         return format!("\\{cell}");
     }
     cell
@@ -656,10 +693,11 @@ fn write_raw_letter(letters: &[&DeadLetter]) -> Result<(), String> {
     };
     let bytes = letter.detection_bytes().map_err(|e| format!("dead letter {}: detection_base64 is not valid base64: {e}", letter.id))?;
     let mut stdout = std::io::stdout().lock();
-    stdout
-        .write_all(&bytes)
-        .and_then(|()| stdout.flush())
-        .map_err(|e| format!("cannot write dead letter {} to standard output: {e}", letter.id))
+    if let Err(e) = stdout.write_all(&bytes).and_then(|()| stdout.flush()) {
+        // Sets the exit code, unless the reader only closed the pipe.
+        crate::output::record_error(&e);
+    }
+    Ok(())
 }
 
 /// Rejects ids that name no dead letter, before anything changes, so a
@@ -704,8 +742,15 @@ fn show_state(config: &Config, store: &Store) -> Result<(), crate::store::StoreE
     out!("checkpoints:");
     let checkpoints = store.checkpoints()?;
     for tenant in &config.tenants {
-        let value = checkpoints.iter().find(|(name, _)| *name == tenant.name).map(|(_, v)| v.as_str());
-        out!("  {}: {}", tenant.name, value.unwrap_or("none (first poll looks back initial_lookback_secs)"));
+        let stored = checkpoints.iter().find(|(name, _)| *name == tenant.name).map(|(_, text)| text.as_str());
+        let value = match stored {
+            None => "none (first poll looks back initial_lookback_secs)".to_string(),
+            Some(text) => match timefmt::parse(text) {
+                Some(time) => timefmt::format_api_time(time),
+                None => format!("{} (not a valid time; set it again with set-checkpoint)", table_cell(text)),
+            },
+        };
+        out!("  {}: {value}", tenant.name);
     }
     out!("outbox: {} bytes", store.outbox_bytes());
     for sink in &config.sinks {
@@ -761,6 +806,9 @@ mod tests {
             (r#"{"FullId":"\ud800"}"#, r#"json:"\\ud800""#),
             (r#"{"FullId":"a\tb"}"#, "a\\tb"),
             (r#"{"Title":"no id"}"#, "-"),
+            (r#"{"FullId":"-"}"#, "\\-"),
+            (r#"{"FullId":"\\-"}"#, "\\\\-"),
+            (r#"{"FullId":""}"#, "-"),
             ("[1]", "-"),
         ];
         for (detection, expected) in cases {

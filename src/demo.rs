@@ -56,10 +56,25 @@ pub async fn run(state_dir: PathBuf, interval_secs: u64, add_every_secs: u64, st
     }
     tracing::info!(emulator = %emulator.url(), state = %state_dir.display(), "demo: forwarding the emulator's detections to standard output as CEF; Ctrl-C stops");
     let config = demo_config(&emulator, state_dir.clone(), interval_secs);
-    let result = crate::cli::run_config(&config, Mode::Daemon, stop).await;
+    let result = crate::cli::run_config(&config, Mode::Daemon, stop_on_closed_output(stop)).await;
     emulator.shutdown().await;
     let _ = std::fs::remove_dir_all(&state_dir);
     result
+}
+
+/// Returns a stop channel that turns true when `stop` does, or when the
+/// reader of standard output has closed the pipe, as under `demo | head`.
+fn stop_on_closed_output(mut stop: watch::Receiver<bool>) -> watch::Receiver<bool> {
+    let mut closed = crate::output::closed_pipe_signal();
+    let (sender, receiver) = watch::channel(false);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => {}
+            _ = closed.wait_for(|c| *c) => tracing::info!("demo: standard output was closed; stopping"),
+        }
+        sender.send_replace(true);
+    });
+    receiver
 }
 
 fn demo_config(emulator: &Emulator, dir: PathBuf, interval_secs: u64) -> Config {

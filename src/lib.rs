@@ -1,17 +1,12 @@
 //! mde-forwarder: pulls Microsoft Defender for Endpoint detections from the
 //! SIEM REST API and forwards them to syslog, file and HTTP sinks.
 
-/// Writes a line to standard output, like `println!`. When the output is
-/// closed, as under `| head`, the command ends with exit code 1 and a
-/// message instead of a panic.
+/// Writes a line to standard output, like `println!`, without a panic when
+/// the write fails (see [`output`] for what a closed pipe and other errors do).
 macro_rules! out {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
-            eprintln!("error: cannot write the output: {e}");
-            std::process::exit(1);
-        }
-    }};
+    ($($arg:tt)*) => {
+        $crate::output::write_line(format_args!($($arg)*))
+    };
 }
 
 pub mod detection;
@@ -35,3 +30,4 @@ pub mod emulator;
 pub mod seen;
 pub mod spool;
 pub mod redact;
+pub mod output;

@@ -6,13 +6,29 @@
 //!
 //! With a `limit`, the API returns only the most recent `limit` detections
 //! of a window, so a full page is followed by a request for the part before
-//! its oldest detection (`untilTimeUtc`), as the poller does. Detections at
-//! exactly that boundary come back in both pages and are written once.
-//! Pages come newest first, so the output is ascending within a page only.
+//! its oldest detection, as the poller does. `untilTimeUtc` is that time
+//! rounded up to the API's 100 ns tick, so a detection stamped between two
+//! ticks is not skipped. The detections of a page up to that bound come back
+//! in the next page too, and are written once. The dedupe key recognises
+//! them: it differs for a number `FullId` and the same digits as a string,
+//! and is the whole text for a detection without a `FullId`. Pages come
+//! newest first, so the output is ascending within a page only.
+//!
+//! Every line is one JSON value, and no element is changed on the way. A
+//! detection is a valid JSON object, so a line break in it can only be
+//! whitespace between tokens, and turning it into a space keeps the value.
+//! Any other element may hold line breaks that are data (in a string with
+//! raw control characters, say), so it is written as a JSON array that
+//! contains its exact bytes: `["utf-8", TEXT]` with its text as a JSON string,
+//! or `["base64", BYTES]` when it is not valid UTF-8. A detection line
+//! starts with `{` and such a line with `[`, so the two cannot be confused.
 
 use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
@@ -49,7 +65,8 @@ pub struct PullReport {
     pub written: usize,
     /// Detections returned by two pages at their boundary and written once.
     pub repeated: usize,
-    /// Elements that are not detections; they are written too.
+    /// Elements that are not detections; they are written too, wrapped
+    /// (see the module documentation).
     pub invalid: usize,
     pub pages: usize,
 }
@@ -74,8 +91,10 @@ pub async fn pull(
         cloud_created_machine_tags: tenant.cloud_created_machine_tags.clone(),
     };
     let mut report = PullReport::default();
-    // FullIds at the previous page's oldest time: the next page repeats them.
-    let mut boundary: HashSet<String> = HashSet::new();
+    // Dedupe keys of the previous page's detections up to the next page's
+    // `untilTimeUtc`: the next page repeats them.
+    let mut boundary: HashSet<Vec<u8>> = HashSet::new();
+    let mut previous_oldest: Option<DateTime<Utc>> = None;
     loop {
         let page = read_page(&client, &query, &boundary, out, &mut report).await?;
         report.pages += 1;
@@ -85,32 +104,112 @@ pub async fn pull(
         let Some(oldest) = page.oldest else {
             return Err(PullError::PagingUnreadable { tenant: tenant.name.clone(), count: window.limit });
         };
-        if query.until.is_some_and(|until| oldest >= until) {
+        // No progress: the whole page shares the previous page's oldest time.
+        if previous_oldest.is_some_and(|previous| oldest >= previous) {
             return Err(PullError::PagingStuck {
                 tenant: tenant.name.clone(),
                 count: window.limit,
                 time: crate::timefmt::format_query(oldest),
             });
         }
-        query.until = Some(oldest);
-        boundary = page.at_oldest;
+        previous_oldest = Some(oldest);
+        query.until = Some(crate::timefmt::ceil_tick(oldest));
+        boundary = page.near_oldest.into_iter().map(|(_, key)| key).collect();
     }
     out.flush().await?;
     Ok(report)
+}
+
+/// The `--output` file of a pull.
+///
+/// A regular file, or a path that does not exist yet, is written under a
+/// temporary name beside it and renamed over it only after the pull has
+/// succeeded, so a failed pull leaves an earlier export as it was. The new
+/// file gets the mode of the one it replaces. Any other path, such as a
+/// symbolic link, a FIFO or `/dev/stdout`, is written in place.
+pub struct OutputFile {
+    path: PathBuf,
+    /// The temporary file, `None` when `path` is written in place.
+    partial: Option<PathBuf>,
+    writer: tokio::io::BufWriter<tokio::fs::File>,
+}
+
+impl OutputFile {
+    /// Creates the file that the pull writes to.
+    pub async fn create(path: &Path) -> std::io::Result<Self> {
+        let existing = tokio::fs::symlink_metadata(path).await.ok();
+        if existing.as_ref().is_some_and(|m| !m.is_file()) {
+            let file = tokio::fs::File::create(path).await?;
+            return Ok(Self { path: path.to_path_buf(), partial: None, writer: tokio::io::BufWriter::new(file) });
+        }
+        let partial = partial_path(path);
+        let file = tokio::fs::File::create(&partial).await?;
+        if let Some(existing) = existing {
+            file.set_permissions(existing.permissions()).await?;
+        }
+        Ok(Self { path: path.to_path_buf(), partial: Some(partial), writer: tokio::io::BufWriter::new(file) })
+    }
+
+    pub fn writer(&mut self) -> &mut tokio::io::BufWriter<tokio::fs::File> {
+        &mut self.writer
+    }
+
+    /// Returns whether a failed pull leaves the requested path unchanged,
+    /// which it does unless the path is written in place.
+    pub fn keeps_path_on_failure(&self) -> bool {
+        self.partial.is_some()
+    }
+
+    /// Flushes and syncs the file, then renames it to the requested path.
+    /// On failure the temporary file is deleted.
+    pub async fn commit(mut self) -> std::io::Result<()> {
+        let result = self.finish_writing().await;
+        if result.is_err() {
+            self.discard().await;
+        }
+        result
+    }
+
+    async fn finish_writing(&mut self) -> std::io::Result<()> {
+        self.writer.flush().await?;
+        if let Some(partial) = &self.partial {
+            self.writer.get_ref().sync_all().await?;
+            tokio::fs::rename(partial, &self.path).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the temporary file after a failed pull.
+    pub async fn discard(self) {
+        let Some(partial) = &self.partial else {
+            return;
+        };
+        drop(self.writer);
+        if let Err(e) = tokio::fs::remove_file(partial).await {
+            tracing::warn!(file = %partial.display(), error = %e, "cannot delete the partial output of a failed pull");
+        }
+    }
+}
+
+/// Returns `.NAME.PID.partial` in the directory of `path`.
+fn partial_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.{}.partial", std::process::id()))
 }
 
 #[derive(Default)]
 struct PageSummary {
     count: usize,
     oldest: Option<DateTime<Utc>>,
-    /// FullIds of the detections at `oldest`.
-    at_oldest: HashSet<String>,
+    /// Times and dedupe keys of the detections no later than `oldest`
+    /// rounded up to a tick, which the next page returns again.
+    near_oldest: Vec<(DateTime<Utc>, Vec<u8>)>,
 }
 
 async fn read_page(
     client: &AlertsClient,
     query: &Query,
-    skip: &HashSet<String>,
+    skip: &HashSet<Vec<u8>>,
     out: &mut (impl AsyncWrite + Unpin),
     report: &mut PullReport,
 ) -> Result<PageSummary, PullError> {
@@ -121,24 +220,23 @@ async fn read_page(
         buffer.clear();
         for element in elements {
             summary.count += 1;
-            let raw = match &element {
+            match &element {
                 Element::Detection(detection) => {
-                    let full_id = detection.full_id().map(|id| id.into_owned());
+                    let key = detection.dedupe_id();
                     if let Some(time) = detection.last_processed() {
-                        track_oldest(&mut summary, time, full_id.clone());
+                        track_oldest(&mut summary, time, &key);
                     }
-                    if full_id.is_some_and(|id| skip.contains(&id)) {
+                    if skip.contains(key.as_ref()) {
                         report.repeated += 1;
                         continue;
                     }
-                    detection.raw().as_bytes()
+                    write_detection_line(&mut buffer, detection.raw());
                 }
                 Element::Invalid { raw, .. } => {
                     report.invalid += 1;
-                    raw.as_slice()
+                    write_invalid_line(&mut buffer, raw);
                 }
-            };
-            write_line(&mut buffer, raw);
+            }
             report.written += 1;
         }
         out.write_all(&buffer).await?;
@@ -146,22 +244,39 @@ async fn read_page(
     Ok(summary)
 }
 
-fn track_oldest(summary: &mut PageSummary, time: DateTime<Utc>, full_id: Option<String>) {
-    match summary.oldest {
-        Some(oldest) if time > oldest => return,
-        Some(oldest) if time < oldest => summary.at_oldest.clear(),
-        _ => {}
+fn track_oldest(summary: &mut PageSummary, time: DateTime<Utc>, key: &[u8]) {
+    if summary.oldest.map_or(true, |oldest| time < oldest) {
+        let bound = crate::timefmt::ceil_tick(time);
+        // Only a lower bound drops keys, and a key is visited by at most two
+        // such drops, so a page costs time linear in its size.
+        if summary.oldest.map(crate::timefmt::ceil_tick) != Some(bound) {
+            summary.near_oldest.retain(|(kept, _)| *kept <= bound);
+        }
+        summary.oldest = Some(time);
     }
-    summary.oldest = Some(time);
-    summary.at_oldest.extend(full_id);
+    let bound = summary.oldest.map(crate::timefmt::ceil_tick);
+    if bound.is_some_and(|bound| time <= bound) {
+        summary.near_oldest.push((time, key.to_vec()));
+    }
 }
 
-/// Appends `raw` as one line. A line break in valid JSON can only be
-/// whitespace between tokens (inside strings it is escaped), so turning it
-/// into a space keeps the value and makes the element one line. An element
-/// that is not UTF-8 is written with its bytes as received.
-fn write_line(buffer: &mut Vec<u8>, raw: &[u8]) {
-    buffer.extend(raw.iter().copied().map(|b| if b == b'\n' || b == b'\r' { b' ' } else { b }));
+/// Appends a detection as one line. The detection passed a full JSON
+/// syntax check, so a line break in it is whitespace between tokens (inside
+/// strings it is escaped), and a space in its place keeps the value.
+fn write_detection_line(buffer: &mut Vec<u8>, raw: &str) {
+    buffer.extend(raw.bytes().map(|b| if b == b'\n' || b == b'\r' { b' ' } else { b }));
+    buffer.push(b'\n');
+}
+
+/// Appends an element that is not a detection as one line that contains
+/// its exact bytes: `["utf-8", TEXT]`, or `["base64", BYTES]` when the element
+/// is not valid UTF-8 and so cannot be a JSON string.
+fn write_invalid_line(buffer: &mut Vec<u8>, raw: &[u8]) {
+    let wrapped = match std::str::from_utf8(raw) {
+        Ok(text) => serde_json::json!(["utf-8", text]),
+        Err(_) => serde_json::json!(["base64", BASE64.encode(raw)]),
+    };
+    buffer.extend(wrapped.to_string().into_bytes());
     buffer.push(b'\n');
 }
 
@@ -172,21 +287,70 @@ mod tests {
     #[test]
     fn line_breaks_between_tokens_become_spaces() {
         let mut buffer = Vec::new();
-        write_line(&mut buffer, b"{\r\n  \"a\": \"x\\ny\"\n}");
+        write_detection_line(&mut buffer, "{\r\n  \"a\": \"x\\ny\"\n}");
         assert_eq!(String::from_utf8(buffer).unwrap(), "{    \"a\": \"x\\ny\" }\n");
     }
 
+    /// Returns the element bytes that an invalid-element line contains.
+    fn unwrap_invalid_line(line: &[u8]) -> Vec<u8> {
+        let value: serde_json::Value = serde_json::from_slice(line).unwrap();
+        let text = value[1].as_str().unwrap();
+        match value[0].as_str().unwrap() {
+            "utf-8" => text.as_bytes().to_vec(),
+            "base64" => BASE64.decode(text).unwrap(),
+            other => panic!("unknown encoding {other}"),
+        }
+    }
+
     #[test]
-    fn oldest_keeps_every_id_at_that_time() {
+    fn invalid_elements_keep_every_byte_on_one_line() {
+        let cases: [&[u8]; 6] = [
+            b"{\"a\":\"x\r\ny\"}",
+            b"\"raw\nbreak\"",
+            b"[1,\r\n2]",
+            b"tru\te \\ \"",
+            b"{\"a\":\"\xff\n\xfe\"}",
+            b"\xc3",
+        ];
+        for raw in cases {
+            let mut buffer = Vec::new();
+            write_invalid_line(&mut buffer, raw);
+            let (line, end) = buffer.split_at(buffer.len() - 1);
+            assert_eq!(end, b"\n", "{raw:?}");
+            assert!(!line.contains(&b'\n'), "{raw:?}");
+            assert!(!line.contains(&b'\r'), "{raw:?}");
+            assert_eq!(line[0], b'[', "{raw:?}");
+            assert_eq!(unwrap_invalid_line(line), raw, "{raw:?}");
+        }
+    }
+
+    fn near_oldest_keys(summary: PageSummary) -> Vec<String> {
+        let mut keys: Vec<String> = summary.near_oldest.into_iter().map(|(_, key)| String::from_utf8(key).unwrap()).collect();
+        keys.sort();
+        keys
+    }
+
+    #[test]
+    fn oldest_keeps_every_key_at_that_time() {
         let mut summary = PageSummary::default();
         let t = |s: &str| crate::timefmt::parse(s).unwrap();
-        track_oldest(&mut summary, t("2026-01-01T00:00:02Z"), Some("b".into()));
-        track_oldest(&mut summary, t("2026-01-01T00:00:01Z"), Some("a1".into()));
-        track_oldest(&mut summary, t("2026-01-01T00:00:01Z"), Some("a2".into()));
-        track_oldest(&mut summary, t("2026-01-01T00:00:03Z"), Some("c".into()));
+        track_oldest(&mut summary, t("2026-01-01T00:00:02Z"), b"b");
+        track_oldest(&mut summary, t("2026-01-01T00:00:01Z"), b"a1");
+        track_oldest(&mut summary, t("2026-01-01T00:00:01Z"), b"a2");
+        track_oldest(&mut summary, t("2026-01-01T00:00:03Z"), b"c");
         assert_eq!(summary.oldest, Some(t("2026-01-01T00:00:01Z")));
-        let mut ids: Vec<_> = summary.at_oldest.into_iter().collect();
-        ids.sort();
-        assert_eq!(ids, ["a1", "a2"]);
+        assert_eq!(near_oldest_keys(summary), ["a1", "a2"]);
+    }
+
+    #[test]
+    fn oldest_keeps_keys_in_its_tick() {
+        let mut summary = PageSummary::default();
+        let t = |s: &str| crate::timefmt::parse(s).unwrap();
+        track_oldest(&mut summary, t("2026-01-01T00:00:00.000000250Z"), b"next tick");
+        track_oldest(&mut summary, t("2026-01-01T00:00:00.000000199Z"), b"same tick, later");
+        track_oldest(&mut summary, t("2026-01-01T00:00:00.000000150Z"), b"oldest");
+        track_oldest(&mut summary, t("2026-01-01T00:00:00.000000200Z"), b"tick bound");
+        assert_eq!(summary.oldest, Some(t("2026-01-01T00:00:00.000000150Z")));
+        assert_eq!(near_oldest_keys(summary), ["oldest", "same tick, later", "tick bound"]);
     }
 }

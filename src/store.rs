@@ -1326,8 +1326,8 @@ fn replay_window(raws: &[&str]) -> String {
     match (times.iter().min(), times.iter().max()) {
         (Some(first), Some(last)) => format!(
             "; the batch's LastProcessedTimeUtc runs from {} to {}",
-            timefmt::format_exact(*first),
-            timefmt::format_exact(*last)
+            timefmt::format_api_time(*first),
+            timefmt::format_api_time(*last)
         ),
         _ => String::new(),
     }
@@ -1703,7 +1703,7 @@ mod tests {
         assert!(reason.contains(&format!("offset {}", records[1].offset)), "{reason}");
         assert!(reason.contains("detection 0 of outbox batch 2 (2 detections)"), "{reason}");
         assert!(reason.contains("CRC mismatch"), "{reason}");
-        assert!(reason.contains("LastProcessedTimeUtc runs from 2026-01-01T00:00:01.000000000Z to 2026-01-01T00:00:01.100000000Z"), "{reason}");
+        assert!(reason.contains("LastProcessedTimeUtc runs from 2026-01-01T00:00:01.0000000Z to 2026-01-01T00:00:01.1000000Z"), "{reason}");
         let err = store.requeue_dead_letters(&[]).unwrap_err();
         assert!(matches!(err, StoreError::RequeueDamaged { .. }), "{err}");
 

@@ -45,6 +45,18 @@ pub fn format_exact(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Nanos, true)
 }
 
+/// Formats a checkpoint or a detection time for an operator, as the API
+/// writes `LastProcessedTimeUtc`: UTC, `Z`, seven fractional digits. A time
+/// between two ticks (a checkpoint capped at the local clock, say) keeps all
+/// nine digits, so the text shown always parses back to the stored time.
+pub fn format_api_time(t: DateTime<Utc>) -> String {
+    if t.timestamp_subsec_nanos() % 100 == 0 {
+        format_query(t)
+    } else {
+        format_exact(t)
+    }
+}
+
 /// Parses an ISO 8601 duration such as `PT10M`, `P1D` or `P1DT2H30M5.5S`.
 ///
 /// Years count as 365 days and months as 30 days, as .NET's
@@ -151,6 +163,20 @@ mod tests {
         assert_eq!(format_query(ceil_tick(between)), "2026-01-01T00:00:00.1234568Z");
         let exact = parse("2026-01-01T00:00:00.1234567Z").unwrap();
         assert_eq!(ceil_tick(exact), exact);
+    }
+
+    #[test]
+    fn format_api_time_has_seven_digits_on_ticks() {
+        for text in ["2026-12-01T00:00:00.0000000Z", "2020-09-30T14:11:44.0779765Z", "2020-09-30T14:11:44.1000000Z"] {
+            assert_eq!(format_api_time(parse(text).unwrap()), text);
+        }
+    }
+
+    #[test]
+    fn format_api_time_keeps_nanoseconds_between_ticks() {
+        let t = parse("2020-09-30T14:11:44.123456789Z").unwrap();
+        assert_eq!(format_api_time(t), "2020-09-30T14:11:44.123456789Z");
+        assert_eq!(parse(&format_api_time(t)).unwrap(), t);
     }
 
     #[test]

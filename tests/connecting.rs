@@ -625,6 +625,115 @@ async fn pull_keeps_raw_text_and_honours_until() {
     assert!(request.query.iter().any(|(k, v)| k == "untilTimeUtc" && v.starts_with("2020-01-02T00:00:00")), "{:?}", request.query);
 }
 
+/// Starts an API on 127.0.0.1 that responds to every alerts request with `body`,
+/// and returns the `[[tenant]]` table that points at it.
+async fn api_serving(body: String) -> (common::http_server::HttpReceiver, String) {
+    let api = common::http_server::HttpReceiver::start(move |request| {
+        if request.path.contains("/token") {
+            common::http_server::Answer::new(200, r#"{"token_type":"Bearer","expires_in":3599,"access_token":"opaque"}"#)
+        } else {
+            common::http_server::Answer::new(200, body.clone()).with_header("content-type", "application/json")
+        }
+    })
+    .await;
+    let tenant = tenant_with("contoso", &(secret_line(CLIENT_SECRET) + &urls(&api.url())));
+    (api, tenant)
+}
+
+/// Elements that are not detections may hold line breaks that are data.
+/// Each becomes one line that gives back its exact text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_keeps_invalid_elements_exact() {
+    let time = now_text();
+    let detection = format!("{{\r\n\"FullId\":\"ok:1\",\n\"LastProcessedTimeUtc\":\"{time}\",\"T\":\"a\\nb\"}}");
+    let invalid = [
+        format!("{{\"FullId\":\"raw:1\",\"LastProcessedTimeUtc\":\"{time}\",\"Cmd\":\"line1\r\nline2\"}}"),
+        "\"lone\nstring\"".to_string(),
+        "[1,\r\n2]".to_string(),
+        "42".to_string(),
+    ];
+    let body = format!("[{detection},{}]", invalid.join(","));
+    let (_api, tenant) = api_serving(body).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "", &tenant, &file_sink_toml("a", &dir.path().join("a")));
+    let out = dir.path().join("pulled.jsonl");
+
+    let output = run_cli(&pull_args(config.to_str().unwrap(), out.to_str().unwrap(), &["--ago", "P1D"])).await;
+
+    assert_success(&output);
+    let text = std::fs::read_to_string(&out).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 5, "{text}");
+    assert_eq!(lines[0], detection.replace(['\r', '\n'], " "), "a detection keeps its bytes but for whitespace");
+    for (line, element) in lines[1..].iter().zip(&invalid) {
+        let wrapped: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(wrapped, serde_json::json!(["utf-8", element]), "{line}");
+    }
+    let log = stderr(&output);
+    assert!(log.contains("invalid=4"), "{log}");
+    assert!(log.contains("WARN"), "{log}");
+    assert!(log.contains("not detections"), "{log}");
+}
+
+/// Returns the names in `dir` that start with `.` (partial pull outputs).
+fn hidden_files(dir: &Path) -> Vec<String> {
+    let names = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned());
+    names.filter(|name| name.starts_with('.')).collect()
+}
+
+/// A pull that fails leaves an earlier export as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_pull_keeps_earlier_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = format!("http://{}", closed_addr());
+    let tenant = tenant_with("contoso", &(secret_line(CLIENT_SECRET) + &urls(&api)));
+    let config = write_config(dir.path(), "", &tenant, &file_sink_toml("a", &dir.path().join("a")));
+    let exports = dir.path().join("exports");
+    std::fs::create_dir(&exports).unwrap();
+    let out = exports.join("day.jsonl");
+    std::fs::write(&out, "{\"FullId\":\"earlier\"}\n").unwrap();
+
+    let output = run_cli(&pull_args(config.to_str().unwrap(), out.to_str().unwrap(), &["--ago", "P1D"])).await;
+
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(stderr(&output).contains(&format!("{} is unchanged", out.display())), "{}", stderr(&output));
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "{\"FullId\":\"earlier\"}\n");
+    assert_eq!(hidden_files(&exports), Vec::<String>::new(), "no partial file is left");
+}
+
+/// A successful pull replaces the file and keeps its mode, and writes
+/// through a symbolic link instead of replacing the link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_replaces_output_keeping_mode() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &file_sink_toml("a", &dir.path().join("a")));
+    let exports = dir.path().join("exports");
+    std::fs::create_dir(&exports).unwrap();
+    let out = exports.join("day.jsonl");
+    std::fs::write(&out, "earlier\n").unwrap();
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let link = exports.join("latest.jsonl");
+    std::os::unix::fs::symlink(&out, &link).unwrap();
+    let config = config.to_str().unwrap();
+
+    let direct = run_cli(&pull_args(config, out.to_str().unwrap(), &["--ago", "P1D"])).await;
+
+    assert_success(&direct);
+    assert_eq!(read_json_lines(&out).len(), 46);
+    assert_eq!(std::fs::metadata(&out).unwrap().permissions().mode() & 0o777, 0o640);
+    assert_eq!(hidden_files(&exports), Vec::<String>::new(), "no partial file is left");
+
+    std::fs::write(&out, "earlier\n").unwrap();
+    let linked = run_cli(&pull_args(config, link.to_str().unwrap(), &["--ago", "P1D"])).await;
+
+    assert_success(&linked);
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "the link stays a link");
+    assert_eq!(read_json_lines(&out).len(), 46);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_runs_while_daemon_holds_state() {
     let emulator = emulator_with_samples(EmulatorOptions::default()).await;

@@ -298,6 +298,40 @@ async fn state_command_replays_from_a_checkpoint() {
     assert!(stderr(&unknown).contains("no tenant named \"nobody\""));
 }
 
+/// `set-checkpoint`, `show` and the poll log print a checkpoint alike, with
+/// the seven fractional digits of the API's timestamps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_output_has_api_precision() {
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &file_sink_toml("archive", &dir.path().join("a.jsonl")));
+    let cfg = config.to_str().unwrap();
+
+    let set = run_cli(&["state", "--config", cfg, "set-checkpoint", "--tenant", "contoso", "--time", "2026-12-01T00:00:00Z"]).await;
+    assert_success(&set);
+    assert_eq!(stdout(&set), "tenant contoso: checkpoint set to 2026-12-01T00:00:00.0000000Z\n");
+    let show = stdout(&run_cli(&["state", "--config", cfg, "show"]).await);
+    assert!(show.contains("  contoso: 2026-12-01T00:00:00.0000000Z\n"), "{show}");
+
+    let precise = run_cli(&["state", "--config", cfg, "set-checkpoint", "--tenant", "contoso", "--time", "2026-12-01T00:00:00.123456789Z"]).await;
+    assert_eq!(stdout(&precise), "tenant contoso: checkpoint set to 2026-12-01T00:00:00.123456789Z\n", "digits between ticks are kept");
+
+    let reset = run_cli(&["state", "--config", cfg, "reset-checkpoint", "--tenant", "contoso"]).await;
+    assert_success(&reset);
+    let run = run_once(&config).await;
+    assert_success(&run);
+    let newest = newest_time(&read_json_lines(&dir.path().join("a.jsonl")));
+    let show = stdout(&run_cli(&["state", "--config", cfg, "show"]).await);
+    assert!(show.contains(&format!("  contoso: {newest}\n")), "{newest}: {show}");
+    assert!(stderr(&run).contains(&format!("checkpoint={newest}")), "{newest}: {}", stderr(&run));
+}
+
+/// Returns the highest `LastProcessedTimeUtc` of `detections`, as written.
+fn newest_time(detections: &[serde_json::Value]) -> String {
+    let times = detections.iter().filter_map(|d| d["LastProcessedTimeUtc"].as_str());
+    times.max_by_key(|text| mde_forwarder::timefmt::parse(text)).unwrap().to_string()
+}
+
 /// Mounts a tmpfs of `size` at `path`; tests that need it run as root (as CI does).
 fn mount_tmpfs(path: &Path, options: &str) -> bool {
     std::fs::create_dir_all(path).unwrap();

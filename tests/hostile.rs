@@ -118,6 +118,85 @@ async fn paging_keeps_detections_between_ticks() {
     assert_eq!(ids, ["b", "c1", "c2", "d", "x"]);
 }
 
+/// `pull` pages like the poller: a detection stamped between two 100 ns
+/// ticks, next to the oldest of a full page, is in the next page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_keeps_detections_between_ticks() {
+    let emulator = Emulator::start("127.0.0.1:0".parse().unwrap(), EmulatorOptions::default()).await.unwrap();
+    emulator.add_tenant(TENANT_ID, tenant_spec());
+    let base = chrono::Utc::now() - chrono::Duration::minutes(5);
+    let at = |offset_ns: i64| (base + chrono::Duration::nanoseconds(offset_ns)).format("%Y-%m-%dT%H:%M:%S%.9fZ").to_string();
+    // With limit 3 the first page ends at x, inside the tick that also contains b.
+    let rows = [("c1", 2_000_000_000), ("c2", 1_000_000_000), ("x", 123_456_789), ("b", 123_456_750), ("d", -3_600_000_000_000)];
+    for (id, offset) in rows {
+        emulator.push_detection(TENANT_ID, json!({"FullId": id, "LastProcessedTimeUtc": at(offset)}));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "limit = 3", &tenant_toml("contoso", TENANT_ID, &emulator), &file_sink_toml("archive", &dir.path().join("a.jsonl")));
+    let out = dir.path().join("pulled.jsonl");
+    let args = ["pull", "--config", config.to_str().unwrap(), "--tenant", "contoso", "--ago", "P1D", "--output", out.to_str().unwrap()];
+
+    let output = tokio::time::timeout(Duration::from_secs(20), run_cli(&args)).await.expect("pull ends");
+
+    assert_success(&output);
+    let mut ids = full_ids(&read_json_lines(&out));
+    ids.sort();
+    assert_eq!(ids, ["b", "c1", "c2", "d", "x"]);
+}
+
+/// `pull --until` with more digits than the API's 100 ns ticks still
+/// includes a detection stamped at that time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_until_keeps_its_own_tick() {
+    let emulator = Emulator::start("127.0.0.1:0".parse().unwrap(), EmulatorOptions::default()).await.unwrap();
+    emulator.add_tenant(TENANT_ID, tenant_spec());
+    let at = chrono::Timelike::with_nanosecond(&(chrono::Utc::now() - chrono::Duration::minutes(5)), 123_456_789).unwrap();
+    let until = at.format("%Y-%m-%dT%H:%M:%S%.9fZ").to_string();
+    emulator.push_detection(TENANT_ID, json!({"FullId": "at-until", "LastProcessedTimeUtc": until}));
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &file_sink_toml("archive", &dir.path().join("a.jsonl")));
+    let out = dir.path().join("pulled.jsonl");
+    let since = mde_forwarder::timefmt::format_query(at - chrono::Duration::hours(1));
+    let args = ["pull", "--config", config.to_str().unwrap(), "--tenant", "contoso", "--since", &since, "--until", &until, "--output", out.to_str().unwrap()];
+
+    let output = run_cli(&args).await;
+
+    assert_success(&output);
+    assert_eq!(full_ids(&read_json_lines(&out)), ["at-until"]);
+}
+
+/// A number `FullId` and the same digits as a string are two detections,
+/// and one without a `FullId` is one, also when they come back in two pages
+/// of `pull`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_pages_by_dedupe_key() {
+    let emulator = Emulator::start("127.0.0.1:0".parse().unwrap(), EmulatorOptions::default()).await.unwrap();
+    emulator.add_tenant(TENANT_ID, tenant_spec());
+    let minutes_ago = |m: i64| mde_forwarder::timefmt::format_query(chrono::Utc::now() - chrono::Duration::minutes(m));
+    for (m, id) in [(1, "new:1"), (2, "new:2"), (3, "new:3"), (20, "old:1")] {
+        emulator.push_detection(TENANT_ID, json!({"FullId": id, "LastProcessedTimeUtc": minutes_ago(m), "Kind": id}));
+    }
+    // With limit 4 the first page ends inside this group, and the second
+    // page returns the whole group again.
+    let boundary = minutes_ago(10);
+    emulator.push_detection(TENANT_ID, json!({"FullId": 42, "LastProcessedTimeUtc": boundary, "Kind": "number"}));
+    emulator.push_detection(TENANT_ID, json!({"FullId": "42", "LastProcessedTimeUtc": boundary, "Kind": "string"}));
+    emulator.push_detection(TENANT_ID, json!({"LastProcessedTimeUtc": boundary, "Kind": "no id"}));
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "limit = 4", &tenant_toml("contoso", TENANT_ID, &emulator), &file_sink_toml("archive", &dir.path().join("a.jsonl")));
+    let out = dir.path().join("pulled.jsonl");
+    let args = ["pull", "--config", config.to_str().unwrap(), "--tenant", "contoso", "--ago", "P1D", "--output", out.to_str().unwrap()];
+
+    let output = tokio::time::timeout(Duration::from_secs(20), run_cli(&args)).await.expect("pull ends");
+
+    assert_success(&output);
+    let pulled = read_json_lines(&out);
+    let mut kinds: Vec<&str> = pulled.iter().filter_map(|d| d["Kind"].as_str()).collect();
+    kinds.sort();
+    assert_eq!(kinds, ["new:1", "new:2", "new:3", "no id", "number", "old:1", "string"]);
+    assert!(emulator.requests().len() >= 2, "the test needs a page boundary");
+}
+
 /// Starts a server that replies to every request with `status` and a body
 /// that repeats the whole request, as a misbehaving proxy might.
 async fn echo_server(status: u16) -> std::net::SocketAddr {

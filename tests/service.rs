@@ -428,37 +428,123 @@ async fn check_config_exit_codes() {
     assert_eq!(missing.status.code(), Some(64));
 }
 
-/// Output cut short by a closed pipe, as under `| head`, ends a command
-/// with exit code 1 and a message instead of a panic.
-#[test]
-fn closed_output_is_an_error_not_a_panic() {
+/// Returns the write end of a pipe whose read end is already closed, so
+/// every write to it fails with EPIPE, as behind `| head` once it exits.
+fn closed_pipe() -> std::os::fd::OwnedFd {
     use std::os::fd::{FromRawFd, OwnedFd};
 
+    let mut fds = [0; 2];
+    // SAFETY: pipe fills the two descriptors it is given.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: each descriptor is owned once, and the read end is closed here.
+    let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(read_end);
+    write_end
+}
+
+/// Runs `mde-forwarder ARGS` with standard output sent to `stdout`.
+async fn run_with_stdout(args: &[&str], stdout: Stdio) -> std::process::Output {
+    // Not `output()`: tokio's replaces the standard output with a new pipe.
+    let child = tokio::process::Command::new(binary())
+        .args(args)
+        .env_remove("RUST_BACKTRACE")
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.wait_with_output().await.unwrap()
+}
+
+/// Writes a config for the output tests, with the emulator's tenant and a
+/// file sink, stores two dead letters and returns the config path.
+async fn config_with_dead_letters(dir: &Path, emulator: &mde_forwarder::emulator::Emulator) -> String {
+    let config = write_config(dir, "", &tenant_toml("contoso", TENANT_ID, emulator), &file_sink_toml("archive", &dir.join("a.jsonl")));
+    let store = open_store(dir);
+    store.dead_letter("archive", "contoso", r#"{"FullId":"dead:1"}"#, "HTTP 400").unwrap();
+    store.dead_letter("archive", "contoso", r#"{"FullId":"dead:2"}"#, "HTTP 400").unwrap();
+    drop(store);
+    config.to_str().unwrap().to_string()
+}
+
+/// Returns each command that writes to standard output, with its arguments.
+fn output_commands(config: &str) -> Vec<Vec<&str>> {
+    vec![
+        vec!["check-config", "--config", config],
+        vec!["state", "--config", config, "show"],
+        vec!["state", "--config", config, "dead-letters"],
+        vec!["state", "--config", config, "dead-letters", "--id", "1", "--raw"],
+        vec!["pull", "--config", config, "--tenant", "contoso", "--ago", "P1D"],
+    ]
+}
+
+/// Output cut short by a closed pipe, as under `| head -1`, ends a command
+/// quietly with exit code 0, as Unix tools do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_pipe_ends_output_quietly() {
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let tenant = "[[tenant]]\nname = \"contoso\"\ntenant_id = \"t\"\nclient_id = \"c\"\nclient_secret = \"s\"\n\
-                  api_url = \"http://127.0.0.1:9\"\nlogin_url = \"http://127.0.0.1:9\"\n";
-    let config = write_config(dir.path(), "", tenant, &file_sink_toml("archive", &dir.path().join("a.jsonl")));
-    let config = config.to_str().unwrap();
-    for args in [vec!["check-config", "--config", config], vec!["state", "--config", config, "show"]] {
-        let mut fds = [0; 2];
-        // SAFETY: pipe fills the two descriptors it is given.
-        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-        // SAFETY: each descriptor is owned once; the read end is closed at
-        // once, so every write to the other end fails with EPIPE.
-        let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        drop(read_end);
-        let output = std::process::Command::new(binary())
-            .args(&args)
-            .env_remove("RUST_BACKTRACE")
-            .stdout(std::process::Stdio::from(write_end))
-            .stderr(std::process::Stdio::piped())
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
-        assert!(stderr.contains("cannot write the output"), "{args:?}: {stderr}");
+    let config = config_with_dead_letters(dir.path(), &emulator).await;
+
+    for args in output_commands(&config) {
+        let output = run_with_stdout(&args, Stdio::from(closed_pipe())).await;
+
+        let stderr = stderr(&output);
+        assert_eq!(output.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(!stderr.contains("error"), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
+}
+
+/// A closed pipe stops the output but not the work: a `state` command that
+/// prints a line before its last change still makes that change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_pipe_still_sets_checkpoint() {
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_with_dead_letters(dir.path(), &emulator).await;
+    let args = ["state", "--config", &config, "set-checkpoint", "--tenant", "contoso", "--time", "2026-01-02T03:04:05Z", "--resend"];
+
+    let output = run_with_stdout(&args, Stdio::from(closed_pipe())).await;
+
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let checkpoint = open_store(dir.path()).checkpoint("contoso").unwrap();
+    assert_eq!(checkpoint, mde_forwarder::timefmt::parse("2026-01-02T03:04:05Z"));
+}
+
+/// Any other write error, such as a full disk under `> FILE`, is still an
+/// error: exit code 1 and a message on standard error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_disk_output_is_an_error() {
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_with_dead_letters(dir.path(), &emulator).await;
+
+    for args in output_commands(&config) {
+        // Every write to /dev/full fails with ENOSPC.
+        let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+        let output = run_with_stdout(&args, Stdio::from(full)).await;
+
+        let stderr = stderr(&output);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains("cannot write to standard output"), "{args:?}: {stderr}");
+        assert!(stderr.contains("No space left on device"), "{args:?}: {stderr}");
+        assert_eq!(stderr.matches("cannot write").count(), 1, "{args:?}: reported once: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
+/// `pull --output FILE` names the file when writing it fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_names_output_file_on_error() {
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_with_dead_letters(dir.path(), &emulator).await;
+
+    let output = run_cli(&["pull", "--config", &config, "--tenant", "contoso", "--ago", "P1D", "--output", "/dev/full"]).await;
+
+    let stderr = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot write /dev/full"), "{stderr}");
 }
 
 /// Standard output of a demo, kept open but not read any further.
@@ -533,6 +619,28 @@ async fn demo_deletes_its_state_after_two_signals() {
     }
     tokio::time::timeout(WAIT, child.wait()).await.expect("the demo exits").unwrap();
     assert!(!state.exists(), "{} left behind", state.display());
+}
+
+/// A demo whose standard output is closed, as under `demo | head -1`, stops
+/// by itself, deletes its state and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_stops_when_output_is_closed() {
+    let scratch = tempfile::tempdir().unwrap();
+    let child = tokio::process::Command::new(binary())
+        .args(["demo", "--interval-secs", "1", "--add-every-secs", "0"])
+        .env("TMPDIR", scratch.path())
+        .stdout(Stdio::from(closed_pipe()))
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+
+    let output = tokio::time::timeout(WAIT, child.wait_with_output()).await.expect("the demo stops by itself").unwrap();
+
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(stderr(&output).contains("standard output was closed"), "{}", stderr(&output));
+    let left: Vec<_> = std::fs::read_dir(scratch.path()).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 /// One SIGTERM ends the demo even while it is blocked writing to a full

@@ -168,7 +168,7 @@ impl Poller {
                         duplicates = report.duplicates,
                         invalid = report.invalid,
                         pages = report.pages,
-                        checkpoint = %report.checkpoint.map(crate::timefmt::format_exact).unwrap_or_default(),
+                        checkpoint = %report.checkpoint.map(crate::timefmt::format_api_time).unwrap_or_default(),
                         duration_ms = started.elapsed().as_millis() as u64,
                         "poll complete"
                     );

@@ -183,8 +183,17 @@ impl Transport {
             Transport::File(t) => t.send(batch).await.map(|()| SendOutcome::Delivered),
             Transport::Stdout => {
                 let mut out = tokio::io::stdout();
-                out.write_all(batch.bytes()).await.map_err(SinkError::Stdout)?;
-                out.flush().await.map_err(SinkError::Stdout)?;
+                let written = match out.write_all(batch.bytes()).await {
+                    Ok(()) => out.flush().await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = written {
+                    // The batch stays queued. Only `demo` stops on a closed pipe.
+                    if crate::output::is_closed_pipe(&e) {
+                        crate::output::record_error(&e);
+                    }
+                    return Err(SinkError::Stdout(e));
+                }
                 Ok(SendOutcome::Delivered)
             }
             Transport::Http(t) => t.send(batch).await,
