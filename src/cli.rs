@@ -517,9 +517,9 @@ fn describe_sink(sink: &crate::config::SinkConfig) -> String {
         SinkConfig::File(f) => format!("file {} (format {})", f.path.display(), config_word(&f.format, '-')),
         SinkConfig::Stdout(s) => format!("standard output (format {})", config_word(&s.format, '-')),
         SinkConfig::Http(h) => {
-            format!("HTTP POST to {} (body_format {}, gzip {})", h.url, config_word(&h.body_format, '_'), h.gzip)
+            format!("HTTP POST to {} (body_format {}, gzip {})", crate::redact::url(&h.url), config_word(&h.body_format, '_'), h.gzip)
         }
-        SinkConfig::SplunkHec(h) => format!("Splunk HEC at {} (ack {})", h.url, h.ack),
+        SinkConfig::SplunkHec(h) => format!("Splunk HEC at {} (ack {})", crate::redact::url(&h.url), h.ack),
     }
 }
 

@@ -876,7 +876,8 @@ fn checked_sink_url(key: &str, text: &str) -> Result<(), ConfigError> {
     let url = url::Url::parse(text.trim())
         .map_err(|e| invalid(key, format!("{text:?} is not a URL ({e}); write it like https://host[:port]/path")))?;
     if url.scheme() != "http" && url.scheme() != "https" {
-        return Err(invalid(key, format!("{text:?} must start with https:// (or http:// for a local test server)")));
+        let redacted = crate::redact::url(text);
+        return Err(invalid(key, format!("{redacted:?} must start with https:// (or http:// for a local test server)")));
     }
     Ok(())
 }
@@ -1221,11 +1222,12 @@ fn check_proxy_url(proxy: &Secret) -> Result<(), ConfigError> {
 fn checked_base_url(key: &str, text: &str) -> Result<String, ConfigError> {
     let url = url::Url::parse(text.trim())
         .map_err(|e| invalid(key, format!("{text:?} is not a URL ({e}); write it like https://host[:port]")))?;
+    let redacted = crate::redact::url(text);
     if url.scheme() != "http" && url.scheme() != "https" {
-        return Err(invalid(key, format!("{text:?} must start with https:// (or http:// for a local test server)")));
+        return Err(invalid(key, format!("{redacted:?} must start with https:// (or http:// for a local test server)")));
     }
     if url.query().is_some() || url.fragment().is_some() {
-        return Err(invalid(key, format!("{text:?} must not contain a query string or fragment")));
+        return Err(invalid(key, format!("{redacted:?} must not contain a query string or fragment")));
     }
     Ok(text.trim().trim_end_matches('/').to_string())
 }

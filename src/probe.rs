@@ -91,9 +91,10 @@ async fn connect_tcp(address: &str, limit: Duration) -> Result<(), String> {
 
 /// Opens a TCP connection to the host and port of an HTTP(S) URL.
 async fn probe_url(url: &str, limit: Duration) -> Result<String, String> {
-    let parsed = url::Url::parse(url).map_err(|e| format!("invalid URL {url}: {e}"))?;
-    let host = parsed.host_str().ok_or_else(|| format!("URL {url} has no host"))?;
-    let port = parsed.port_or_known_default().ok_or_else(|| format!("URL {url} has no port"))?;
+    let redacted = crate::redact::url(url);
+    let parsed = url::Url::parse(url).map_err(|e| format!("invalid URL {redacted}: {e}"))?;
+    let host = parsed.host_str().ok_or_else(|| format!("URL {redacted} has no host"))?;
+    let port = parsed.port_or_known_default().ok_or_else(|| format!("URL {redacted} has no port"))?;
     let address = format!("{host}:{port}");
     connect_tcp(&address, limit).await?;
     Ok(format!("TCP connection to {address} opened (no request is sent)"))

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use common::http_server::{hec_events, Answer, HttpReceiver};
 use common::*;
 use mde_forwarder::emulator::{sample_detections, EmulatorOptions};
+use base64::Engine;
 use serde_json::Value;
 
 const HEC_TOKEN: &str = "11111111-hec-token-secret-2222";
@@ -457,4 +458,42 @@ async fn hec_echoed_token_redacted() {
         assert!(letters.contains("authorization: [redacted]"), "{letters}");
         assert!(!letters.contains(HEC_TOKEN), "token in a dead-letter reason");
     }
+}
+
+/// A password, user name or query token in a sink URL never reaches the
+/// log or `check-config`: neither in a status error nor in a connection
+/// error, whose reqwest message would repeat the URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn url_credentials_not_logged() {
+    const USER: &str = "url-user-secret";
+    const PASSWORD: &str = "url-password-secret";
+    const TOKEN: &str = "url-query-secret";
+    let receiver = HttpReceiver::start(|request| if request.index == 0 { Answer::new(500, "busy") } else { Answer::new(200, "ok") }).await;
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let with_secrets = |base: &str| base.replacen("http://", &format!("http://{USER}:{PASSWORD}@"), 1) + &format!("/ingest?token={TOKEN}");
+    let cases = [("answering", with_secrets(&receiver.url()), true), ("refusing", with_secrets(&format!("http://127.0.0.1:{closed_port}")), false)];
+    for (name, url, delivers) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let sinks = format!("[[sink]]\nname = \"collector\"\ntype = \"http\"\nurl = \"{url}\"\nretry_initial_ms = 50\nretry_max_secs = 1\n");
+        let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+        let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &sinks);
+        let cfg = config.to_str().unwrap();
+
+        let checked = run_cli(&["check-config", "--config", cfg]).await;
+        assert_success(&checked);
+        let output = run_cli(&["run", "--once", "--config", cfg]).await;
+        assert_eq!(output.status.success(), delivers, "{name}: {}", stderr(&output));
+
+        let log = stderr(&output);
+        assert!(log.contains("redacted"), "{name}: the log shows the URL without its secrets: {log}");
+        for text in [stdout(&checked), stderr(&checked), log] {
+            for secret in [USER, PASSWORD, TOKEN] {
+                assert!(!text.contains(secret), "{name}: {secret} shown: {text}");
+            }
+        }
+    }
+    let requests = receiver.requests_to("/ingest");
+    assert_eq!(requests.len(), 2, "the answering receiver got the retry");
+    let basic = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}")));
+    assert_eq!(requests[0].header("authorization"), Some(basic.as_str()), "the user and password go out as Basic authentication");
 }

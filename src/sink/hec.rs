@@ -113,7 +113,7 @@ impl HecTransport {
                 }
             },
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(SinkError::InvalidToken {
-                url: self.event_url.clone(),
+                url: crate::redact::url(&self.event_url),
                 status: reply.status.as_u16(),
                 body: reply.excerpt(&self.redactor),
             }),
@@ -137,7 +137,7 @@ impl HecTransport {
             .body(body)
             .send()
             .await
-            .map_err(|source| SinkError::Http { url: url.to_string(), source })?;
+            .map_err(|source| SinkError::http(url, source))?;
         Reply::read(response, url).await
     }
 
@@ -158,7 +158,7 @@ impl HecTransport {
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(SinkError::AckTimeout { url: self.ack_url.clone(), ack_id, secs: limit.as_secs() });
+                return Err(SinkError::AckTimeout { url: crate::redact::url(&self.ack_url), ack_id, secs: limit.as_secs() });
             }
             // The last poll happens at the deadline, not a pause before it.
             tokio::time::sleep(pause.min(deadline - now)).await;
@@ -168,7 +168,7 @@ impl HecTransport {
 
     fn bad_response(&self, reply: &Reply, what: &str) -> SinkError {
         SinkError::BadResponse {
-            url: self.event_url.clone(),
+            url: crate::redact::url(&self.event_url),
             status: reply.status.as_u16(),
             body: format!("{what}: {}", reply.excerpt(&self.redactor)),
         }

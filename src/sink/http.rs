@@ -75,7 +75,7 @@ impl HttpTransport {
         } else {
             request = request.body(body);
         }
-        let response = request.send().await.map_err(|source| SinkError::Http { url: self.url.clone(), source })?;
+        let response = request.send().await.map_err(|source| SinkError::http(&self.url, source))?;
         let reply = Reply::read(response, &self.url).await?;
         if reply.status.is_success() {
             return Ok(SendOutcome::Delivered);
@@ -108,7 +108,7 @@ impl Reply {
             match response.chunk().await {
                 Ok(Some(chunk)) => body.extend_from_slice(&chunk),
                 Ok(None) => break,
-                Err(source) => return Err(SinkError::Http { url: url.to_string(), source }),
+                Err(source) => return Err(SinkError::http(url, source)),
             }
         }
         Ok(Self { status, retry_after, body })
@@ -126,7 +126,7 @@ impl Reply {
 
     pub fn into_error(self, url: &str, redactor: &Redactor) -> SinkError {
         SinkError::HttpStatus {
-            url: url.to_string(),
+            url: crate::redact::url(url),
             status: self.status.as_u16(),
             body: self.excerpt(redactor),
             retry_after: self.retry_after,

@@ -65,6 +65,13 @@ pub enum SinkError {
 }
 
 impl SinkError {
+    /// Wraps a failed HTTP request. The URL is shown without its user,
+    /// password and query (see [`crate::redact::url`]) and removed from
+    /// reqwest's own message, which would repeat it whole.
+    pub fn http(url: &str, source: reqwest::Error) -> Self {
+        SinkError::Http { url: crate::redact::url(url), source: source.without_url() }
+    }
+
     /// The wait the receiver asked for (`Retry-After`), if any.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
@@ -119,12 +126,12 @@ impl Batch {
         self.ends.clear();
     }
 
-    /// All messages, back to back.
+    /// Returns all messages, back to back.
     pub fn bytes(&self) -> &[u8] {
         &self.bytes
     }
 
-    /// The buffer to append the next message to. It is copied first only
+    /// Returns the buffer to append the next message to. It is copied first only
     /// while an abandoned send still writes the previous contents.
     pub fn buffer(&mut self) -> &mut Vec<u8> {
         Arc::make_mut(&mut self.bytes)
