@@ -1,10 +1,12 @@
 //! The commands behind `mde-forwarder`: run, pull, demo, emulate,
 //! check-config, state, health.
 //!
-//! Exit codes: 0 success, also when the reader closed standard output early;
-//! 1 a run failed, a probe failed, the health check failed or a write to
-//! standard output failed (the reason is on stderr); 2 invalid command-line
-//! arguments; 64 invalid configuration.
+//! Exit codes:
+//! - 0: success, also when the reader closed standard output early.
+//! - 1: a run, a probe, the health check or a write to standard output
+//!   failed (the reason is on stderr).
+//! - 2: invalid command-line arguments.
+//! - 64: invalid configuration.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
