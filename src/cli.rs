@@ -518,10 +518,22 @@ fn describe_sink(sink: &crate::config::SinkConfig) -> String {
         ),
         SinkConfig::File(f) => format!("file {} (format {})", f.path.display(), config_word(&f.format, '-')),
         SinkConfig::Stdout(s) => format!("standard output (format {})", config_word(&s.format, '-')),
-        SinkConfig::Http(h) => {
-            format!("HTTP POST to {} (body_format {}, gzip {})", crate::redact::url(&h.url), config_word(&h.body_format, '_'), h.gzip)
-        }
-        SinkConfig::SplunkHec(h) => format!("Splunk HEC at {} (ack {})", crate::redact::url(&h.url), h.ack),
+        SinkConfig::Http(h) => format!(
+            "HTTP POST to {} (body_format {}, gzip {}{})",
+            crate::redact::url(&h.url),
+            config_word(&h.body_format, '_'),
+            h.gzip,
+            describe_proxy(&h.proxy)
+        ),
+        SinkConfig::SplunkHec(h) => format!("Splunk HEC at {} (ack {}{})", crate::redact::url(&h.url), h.ack, describe_proxy(&h.proxy)),
+    }
+}
+
+/// Returns ", proxy URL" for a sink with its own proxy, credentials hidden.
+fn describe_proxy(proxy: &crate::config::SinkProxyConfig) -> String {
+    match &proxy.proxy_url {
+        Some(url) => format!(", proxy {}", crate::redact::url(url.expose())),
+        None => String::new(),
     }
 }
 

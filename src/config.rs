@@ -389,6 +389,20 @@ pub struct TlsConfig {
     pub tls_insecure_skip_verify: bool,
 }
 
+/// The proxy of an HTTP or Splunk HEC sink. Without `proxy_url`, reqwest
+/// reads `HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY` and `NO_PROXY` from the
+/// environment, as for the API. `[poll] proxy_url` does not apply to sinks.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SinkProxyConfig {
+    /// Proxy for this sink's requests, such as `http://proxy.example:3128`
+    /// (user and password may be in the URL).
+    #[serde(default)]
+    pub proxy_url: Option<Secret>,
+    /// Hosts that bypass `proxy_url`, comma-separated, in `NO_PROXY` syntax.
+    #[serde(default)]
+    pub no_proxy: Option<String>,
+}
+
 /// The layout of a batch in one HTTP request body.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -430,6 +444,8 @@ pub struct HttpSinkConfig {
     #[serde(flatten)]
     pub tls: TlsConfig,
     #[serde(flatten)]
+    pub proxy: SinkProxyConfig,
+    #[serde(flatten)]
     pub common: SinkCommon,
 }
 
@@ -464,6 +480,8 @@ pub struct SplunkHecSinkConfig {
     pub timeout_secs: u64,
     #[serde(flatten)]
     pub tls: TlsConfig,
+    #[serde(flatten)]
+    pub proxy: SinkProxyConfig,
     #[serde(flatten)]
     pub common: SinkCommon,
 }
@@ -787,6 +805,9 @@ impl HttpSinkConfig {
     fn validate(&self, key: &str) -> Result<(), ConfigError> {
         checked_sink_url(&format!("{key}.url"), &self.url)?;
         check_http_limits(key, self.max_batch_bytes, self.timeout_secs)?;
+        if let Some(proxy) = &self.proxy.proxy_url {
+            check_proxy_url(&format!("{key}.proxy_url"), proxy)?;
+        }
         let mut seen = HashSet::new();
         let names = self
             .headers
@@ -810,6 +831,9 @@ impl SplunkHecSinkConfig {
     fn validate(&self, key: &str) -> Result<(), ConfigError> {
         checked_base_url(&format!("{key}.url"), &self.url)?;
         check_http_limits(key, self.max_batch_bytes, self.timeout_secs)?;
+        if let Some(proxy) = &self.proxy.proxy_url {
+            check_proxy_url(&format!("{key}.proxy_url"), proxy)?;
+        }
         let sources = [self.token.is_some(), self.token_file.is_some(), self.token_env.is_some()];
         match sources.iter().filter(|set| **set).count() {
             0 => return Err(invalid(format!("{key}.token"), "missing: set token, token_file or token_env")),
@@ -1000,7 +1024,7 @@ impl Config {
             tenant.credential_source(&key)?;
         }
         if let Some(proxy) = &self.poll.proxy_url {
-            check_proxy_url(proxy)?;
+            check_proxy_url("poll.proxy_url", proxy)?;
         }
         let mut names = HashSet::new();
         for (i, sink) in self.sinks.iter().enumerate() {
@@ -1204,9 +1228,9 @@ fn api_base(url: &str) -> &str {
     base
 }
 
-/// Checks `[poll] proxy_url` without echoing it, since it may hold a password.
-fn check_proxy_url(proxy: &Secret) -> Result<(), ConfigError> {
-    let key = "poll.proxy_url";
+/// Checks a proxy URL (`[poll]` or a sink's) without echoing it, since it
+/// may hold a password. `key` names it in errors.
+fn check_proxy_url(key: &str, proxy: &Secret) -> Result<(), ConfigError> {
     let url = url::Url::parse(proxy.expose().trim())
         .map_err(|e| invalid(key, format!("is not a URL ({e}); write it like http://proxy.example:3128")))?;
     if !matches!(url.scheme(), "http" | "https") {

@@ -497,3 +497,37 @@ async fn url_credentials_not_logged() {
     let basic = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}")));
     assert_eq!(requests[0].header("authorization"), Some(basic.as_str()), "the user and password go out as Basic authentication");
 }
+
+/// An HTTP sink with `proxy_url` sends through that proxy, whatever the
+/// proxy environment variables say, and a bad proxy URL is a config error
+/// that names the key and hides the password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_sink_uses_its_proxy() {
+    let proxy = HttpReceiver::start(|_| Answer::new(200, "ok")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sinks = format!(
+        "[[sink]]\nname = \"collector\"\ntype = \"http\"\nurl = \"http://collector.invalid/ingest\"\nproxy_url = \"{}\"\nretry_initial_ms = 50\nretry_max_secs = 1\n",
+        proxy.url()
+    );
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &sinks);
+    let cfg = config.to_str().unwrap();
+    // The environment's proxy is closed: only the sink's own proxy_url works.
+    let env = [("HTTP_PROXY", "http://127.0.0.1:1"), ("http_proxy", "http://127.0.0.1:1"), ("NO_PROXY", "127.0.0.1"), ("no_proxy", "127.0.0.1")];
+    let output = run_cli_env(&["run", "--once", "--config", cfg], &env).await;
+    assert_success(&output);
+
+    let requests = proxy.requests_to("/ingest");
+    assert_eq!(requests.len(), 1, "{}", stderr(&output));
+    assert_eq!(requests[0].header("host"), Some("collector.invalid"), "the request went to the proxy for the sink's host");
+    let forwarded: Vec<Value> = serde_json::from_slice(&requests[0].body).unwrap();
+    assert_eq!(forwarded.len(), sample_detections().len());
+
+    let bad = sinks.replace(&proxy.url(), "ftp://user:proxy-pass-123@proxy.example");
+    let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &bad);
+    let checked = run_cli(&["check-config", "--config", config.to_str().unwrap()]).await;
+    assert!(!checked.status.success());
+    let message = stderr(&checked);
+    assert!(message.contains("proxy_url"), "{message}");
+    assert!(!message.contains("proxy-pass-123"), "{message}");
+}

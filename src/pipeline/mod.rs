@@ -162,7 +162,7 @@ pub fn build_sink(key: &str, sink: &SinkConfig) -> Result<(Transport, EventEncod
         SinkConfig::Stdout(s) => (Transport::Stdout, plain(s.format, Framing::Newline)),
         SinkConfig::Http(h) => {
             warn_if_insecure(sink.name(), h.tls.tls_insecure_skip_verify);
-            let client = crate::sink::build_http_client(key, &h.tls, Duration::from_secs(h.timeout_secs), connect)?;
+            let client = crate::sink::build_http_client(key, &h.tls, &h.proxy, Duration::from_secs(h.timeout_secs), connect)?;
             let settings = HttpSettings {
                 url: h.url.trim().to_string(),
                 body_format: h.body_format,
@@ -174,7 +174,7 @@ pub fn build_sink(key: &str, sink: &SinkConfig) -> Result<(Transport, EventEncod
         }
         SinkConfig::SplunkHec(h) => {
             warn_if_insecure(sink.name(), h.tls.tls_insecure_skip_verify);
-            let client = crate::sink::build_http_client(key, &h.tls, Duration::from_secs(h.timeout_secs), connect)?;
+            let client = crate::sink::build_http_client(key, &h.tls, &h.proxy, Duration::from_secs(h.timeout_secs), connect)?;
             let settings = HecSettings {
                 url: h.url.trim().trim_end_matches('/').to_string(),
                 token: h.resolve_token(key)?,

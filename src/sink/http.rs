@@ -14,7 +14,7 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_ENCODING, CONT
 use reqwest::StatusCode;
 
 use super::{Batch, Redactor, SendOutcome, SinkError};
-use crate::config::{BodyFormat, ConfigError, Secret, TlsConfig};
+use crate::config::{BodyFormat, ConfigError, Secret, SinkProxyConfig, TlsConfig};
 
 /// The part of a response body kept in errors and dead-letter reasons.
 const REASON_BODY_BYTES: usize = 1024;
@@ -140,11 +140,30 @@ pub(super) fn is_retryable(status: StatusCode) -> bool {
 }
 
 /// Builds the client of an HTTP or HEC sink with its TLS settings.
-pub fn build_client(key: &str, tls: &TlsConfig, timeout: Duration, connect_timeout: Duration) -> Result<reqwest::Client, ConfigError> {
+///
+/// With `proxy.proxy_url` the client sends every request through that proxy
+/// (except to `no_proxy` hosts) and ignores the proxy environment variables.
+/// Without it, reqwest reads them.
+pub fn build_client(
+    key: &str,
+    tls: &TlsConfig,
+    proxy: &SinkProxyConfig,
+    timeout: Duration,
+    connect_timeout: Duration,
+) -> Result<reqwest::Client, ConfigError> {
     let mut builder = reqwest::Client::builder()
         .user_agent(concat!("mde-forwarder/", env!("CARGO_PKG_VERSION")))
         .timeout(timeout)
         .connect_timeout(connect_timeout);
+    if let Some(proxy_url) = &proxy.proxy_url {
+        // reqwest's error text may repeat the URL, and with it a password.
+        let all = reqwest::Proxy::all(proxy_url.expose().trim()).map_err(|_| ConfigError::Invalid {
+            key: format!("{key}.proxy_url"),
+            message: "is not a usable proxy URL".into(),
+        })?;
+        let no_proxy = proxy.no_proxy.as_deref().and_then(reqwest::NoProxy::from_string);
+        builder = builder.proxy(all.no_proxy(no_proxy));
+    }
     if tls.tls_ca_file.is_some() || tls.tls_insecure_skip_verify {
         let mut config = (*super::tls::client_config(key, tls, None)?).clone();
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
