@@ -897,10 +897,10 @@ fn check_http_limits(key: &str, max_batch_bytes: usize, timeout_secs: u64) -> Re
 
 /// Validates the URL of an HTTP sink, where a query string is allowed.
 fn checked_sink_url(key: &str, text: &str) -> Result<(), ConfigError> {
+    let redacted = crate::redact::url(text);
     let url = url::Url::parse(text.trim())
-        .map_err(|e| invalid(key, format!("{text:?} is not a URL ({e}); write it like https://host[:port]/path")))?;
+        .map_err(|e| invalid(key, format!("{redacted:?} is not a URL ({e}); write it like https://host[:port]/path")))?;
     if url.scheme() != "http" && url.scheme() != "https" {
-        let redacted = crate::redact::url(text);
         return Err(invalid(key, format!("{redacted:?} must start with https:// (or http:// for a local test server)")));
     }
     Ok(())
@@ -1244,9 +1244,9 @@ fn check_proxy_url(key: &str, proxy: &Secret) -> Result<(), ConfigError> {
 
 /// Validates an http(s) URL and returns it without a trailing slash.
 fn checked_base_url(key: &str, text: &str) -> Result<String, ConfigError> {
-    let url = url::Url::parse(text.trim())
-        .map_err(|e| invalid(key, format!("{text:?} is not a URL ({e}); write it like https://host[:port]")))?;
     let redacted = crate::redact::url(text);
+    let url = url::Url::parse(text.trim())
+        .map_err(|e| invalid(key, format!("{redacted:?} is not a URL ({e}); write it like https://host[:port]")))?;
     if url.scheme() != "http" && url.scheme() != "https" {
         return Err(invalid(key, format!("{redacted:?} must start with https:// (or http:// for a local test server)")));
     }

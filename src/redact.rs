@@ -22,7 +22,7 @@ pub fn redact(text: &str, secrets: &[&str]) -> String {
 /// credential. Text that is not a URL is returned as it is.
 pub fn url(text: &str) -> String {
     let Ok(mut url) = url::Url::parse(text.trim()) else {
-        return text.to_string();
+        return unparsed_url(text);
     };
     // Both setters fail only for URLs that cannot have a user (no host),
     // and such a URL has none to hide.
@@ -39,6 +39,57 @@ pub fn url(text: &str) -> String {
         url.set_fragment(Some("redacted"));
     }
     url.to_string()
+}
+
+/// Hides the parts of text that failed to parse as a URL where a URL keeps
+/// credentials: everything between `://` and the last `@`, and everything
+/// after the first `?`.
+fn unparsed_url(text: &str) -> String {
+    let mut redacted = text.to_string();
+    if let Some(query) = redacted.find('?') {
+        redacted.replace_range(query + 1.., "redacted");
+    }
+    if let (Some(scheme_end), Some(at)) = (redacted.find("://"), redacted.rfind('@')) {
+        if at > scheme_end + 3 {
+            redacted.replace_range(scheme_end + 3..at, "redacted");
+        }
+    }
+    redacted
+}
+
+/// Returns the parts of the URL `text` that may be credentials, for a
+/// redactor of response text: the user name, the password, `user:password`
+/// (sent base64-encoded as Basic authentication), the query string and
+/// each query value, decoded and as written. Parts shorter than 4
+/// characters are left out, because they would match by chance.
+pub fn url_secrets(text: &str) -> Vec<String> {
+    let Ok(url) = url::Url::parse(text.trim()) else {
+        return Vec::new();
+    };
+    let decode = |part: &str| percent_encoding::percent_decode_str(part).decode_utf8_lossy().into_owned();
+    let mut secrets = Vec::new();
+    let user = url.username();
+    let password = url.password().unwrap_or("");
+    for part in [user, password] {
+        secrets.push(part.to_string());
+        secrets.push(decode(part));
+    }
+    if !user.is_empty() || !password.is_empty() {
+        secrets.push(format!("{}:{}", decode(user), decode(password)));
+    }
+    if let Some(query) = url.query() {
+        secrets.push(query.to_string());
+        for (_, value) in url.query_pairs() {
+            secrets.push(value.into_owned());
+        }
+        for pair in query.split('&') {
+            secrets.push(pair.split_once('=').map_or(pair, |(_, value)| value).to_string());
+        }
+    }
+    secrets.retain(|secret| secret.len() >= 4);
+    secrets.sort();
+    secrets.dedup();
+    secrets
 }
 
 /// An error and its sources on one line ("error sending request: connection
@@ -77,6 +128,23 @@ mod tests {
         assert_eq!(url("https://TOKEN@collector.example/"), "https://redacted@collector.example/");
         assert_eq!(url("http://127.0.0.1:8088"), "http://127.0.0.1:8088/");
         assert_eq!(url("not a url"), "not a url");
+    }
+
+    #[test]
+    fn unparsable_url_hides_user_and_query() {
+        let shown = url("https://alice:pw-secret-123@collector.example:99999/ingest?token=q-secret");
+        assert_eq!(shown, "https://redacted@collector.example:99999/ingest?redacted");
+        assert_eq!(url("https://a:b@c@splunk example:8088"), "https://redacted@splunk example:8088");
+    }
+
+    #[test]
+    fn url_secrets_cover_basic_auth_and_query() {
+        let secrets = url_secrets("https://alice:p%40ss-word@collector.example/ingest?token=query-secret&id=xy");
+        for expected in ["alice", "p%40ss-word", "p@ss-word", "alice:p@ss-word", "token=query-secret&id=xy", "query-secret"] {
+            assert!(secrets.iter().any(|s| s == expected), "{expected} missing from {secrets:?}");
+        }
+        assert!(!secrets.iter().any(|s| s == "xy"), "short values are left out: {secrets:?}");
+        assert!(url_secrets("https://collector.example/ingest").is_empty());
     }
 
     #[test]

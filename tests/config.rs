@@ -118,6 +118,28 @@ fn invalid_values_name_key_and_fix() {
     }
 }
 
+/// A sink URL that is not valid is named in the error without the user,
+/// password and query it may carry.
+#[test]
+fn invalid_sink_url_error_hides_credentials() {
+    let hec_token = "token = \"t0ken-value\"\n";
+    let urls = [
+        ("http", "", "https://alice:pw-secret-123@collector.example:99999/ingest?token=q-secret-456"),
+        ("http", "", "ftp://alice:pw-secret-123@collector.example/ingest?token=q-secret-456"),
+        ("splunk_hec", hec_token, "https://alice:pw-secret-123@splunk example:8088"),
+        ("splunk_hec", hec_token, "https://alice:pw-secret-123@splunk.example:8088/?token=q-secret-456"),
+    ];
+    for (kind, extra, url) in urls {
+        let sink = format!("[[sink]]\nname = \"collector\"\ntype = \"{kind}\"\n{extra}url = \"{url}\"\n");
+        let text = BASE.replace("[[sink]]\nname = \"siem\"\ntype = \"syslog\"\naddress = \"127.0.0.1:514\"\n", &sink);
+        let err = load(&text, &[]).unwrap_err();
+        assert!(err.contains("sink[0].url"), "{url}: {err}");
+        for secret in ["alice", "pw-secret-123", "q-secret-456"] {
+            assert!(!err.contains(secret), "{url}: {secret} shown: {err}");
+        }
+    }
+}
+
 #[test]
 fn duplicate_names_are_rejected() {
     let text = BASE.to_string() + "\n[[sink]]\nname = \"siem\"\ntype = \"stdout\"\n";

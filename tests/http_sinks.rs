@@ -468,7 +468,19 @@ async fn url_credentials_not_logged() {
     const USER: &str = "url-user-secret";
     const PASSWORD: &str = "url-password-secret";
     const TOKEN: &str = "url-query-secret";
-    let receiver = HttpReceiver::start(|request| if request.index == 0 { Answer::new(500, "busy") } else { Answer::new(200, "ok") }).await;
+    // A retried 500, then a 400 that rejects the batch; both echo the
+    // request's query and headers, as some collectors do.
+    let receiver = HttpReceiver::start(|request| {
+        let status = match request.index {
+            0 => 500,
+            1 => 400,
+            _ => 200,
+        };
+        let mut answer = echo_headers(status, request);
+        answer.body = format!("query {:?}\n{}", request.query, answer.body);
+        answer
+    })
+    .await;
     let closed_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let with_secrets = |base: &str| base.replacen("http://", &format!("http://{USER}:{PASSWORD}@"), 1) + &format!("/ingest?token={TOKEN}");
     let cases = [("answering", with_secrets(&receiver.url()), true), ("refusing", with_secrets(&format!("http://127.0.0.1:{closed_port}")), false)];
@@ -483,23 +495,30 @@ async fn url_credentials_not_logged() {
         assert_success(&checked);
         let output = run_cli(&["run", "--once", "--config", cfg]).await;
         assert_eq!(output.status.success(), delivers, "{name}: {}", stderr(&output));
+        let letters = run_cli(&["state", "--config", cfg, "dead-letters"]).await;
+        assert_success(&letters);
 
         let log = stderr(&output);
         assert!(log.contains("redacted"), "{name}: the log shows the URL without its secrets: {log}");
-        for text in [stdout(&checked), stderr(&checked), log] {
+        if delivers {
+            assert!(stdout(&letters).contains("HTTP 400"), "{name}: the echoed rejection is a dead letter: {}", stdout(&letters));
+        }
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
+        for text in [stdout(&checked), stderr(&checked), log, stdout(&letters)] {
+            assert!(!text.contains(&basic), "{name}: Basic credentials shown: {text}");
             for secret in [USER, PASSWORD, TOKEN] {
                 assert!(!text.contains(secret), "{name}: {secret} shown: {text}");
             }
         }
     }
     let requests = receiver.requests_to("/ingest");
-    assert_eq!(requests.len(), 2, "the answering receiver got the retry");
+    assert_eq!(requests.len(), 2, "the answering receiver got the retry, then rejected the batch");
     let basic = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}")));
     assert_eq!(requests[0].header("authorization"), Some(basic.as_str()), "the user and password go out as Basic authentication");
 }
 
 /// An HTTP sink with `proxy_url` sends through that proxy, whatever the
-/// proxy environment variables say, and a bad proxy URL is a config error
+/// proxy environment variables contain, and a bad proxy URL is a config error
 /// that names the key and hides the password.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_sink_uses_its_proxy() {

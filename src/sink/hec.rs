@@ -72,7 +72,9 @@ impl HecTransport {
     pub fn new(key: &str, settings: HecSettings, client: reqwest::Client) -> Result<Self, ConfigError> {
         let mut headers = HeaderMap::new();
         let authorization_text = format!("Splunk {}", settings.token.expose());
-        let redactor = Redactor::new([settings.token.expose(), authorization_text.as_str()]);
+        let url_secrets = crate::redact::url_secrets(&settings.url);
+        let tokens = [settings.token.expose(), authorization_text.as_str()];
+        let redactor = Redactor::new(tokens.into_iter().chain(url_secrets.iter().map(String::as_str)));
         let mut authorization = HeaderValue::from_str(&authorization_text).map_err(|_| {
             ConfigError::Invalid { key: format!("{key}.token"), message: "contains characters not allowed in HTTP headers".into() }
         })?;

@@ -47,8 +47,11 @@ impl HttpTransport {
     pub fn new(key: &str, settings: HttpSettings, client: reqwest::Client) -> Result<Self, ConfigError> {
         let headers = header_map(key, &settings.headers)?;
         // Every configured header value counts as a secret, because the
-        // config cannot tell an API key from a harmless value.
-        let redactor = Redactor::new(settings.headers.iter().map(|(_, value)| value.expose()));
+        // config cannot tell an API key from a harmless value. So do the
+        // URL's user, password and query, which a receiver may echo.
+        let url_secrets = crate::redact::url_secrets(&settings.url);
+        let header_values = settings.headers.iter().map(|(_, value)| value.expose());
+        let redactor = Redactor::new(header_values.chain(url_secrets.iter().map(String::as_str)));
         Ok(Self {
             client,
             url: settings.url,

@@ -21,6 +21,8 @@ use tokio::task::JoinHandle;
 #[derive(Debug, Clone)]
 pub struct Recorded {
     pub path: String,
+    /// The query string, without the `?`.
+    pub query: Option<String>,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
     pub gzipped: bool,
@@ -127,7 +129,7 @@ async fn answer(request: Request<hyper::body::Incoming>, responder: &Responder, 
     };
     let record = {
         let mut all = recorded.lock().unwrap();
-        let record = Recorded { path: parts.uri.path().to_string(), headers, body, gzipped, index: all.len() };
+        let record = Recorded { path: parts.uri.path().to_string(), query: parts.uri.query().map(str::to_string), headers, body, gzipped, index: all.len() };
         all.push(record.clone());
         record
     };
