@@ -110,7 +110,7 @@ pub enum StoreError {
     Spool(#[from] SpoolError),
     #[error("dead letter {id} is not valid UTF-8 and the sinks send text, so a requeue would change it; export its exact bytes with `state dead-letters --id {id} --raw > FILE`, then purge it")]
     RequeueNotUtf8 { id: u64 },
-    #[error("dead letter {id} comes from a damaged spool record, so its text may differ from what was received; replay the detections from the API with `state set-checkpoint --resend` (the reason gives the window), then purge it")]
+    #[error("dead letter {id} comes from a damaged spool record, so its text may differ from what was received; replay the detections from the API with `state set-checkpoint --resend` (the reason gives the window when a detection of the batch could be read), then purge it")]
     RequeueDamaged { id: u64 },
     #[error("{0}; check free space and permissions; the operation is retried")]
     Seen(#[from] SeenError),
@@ -350,6 +350,27 @@ impl<'a> BatchView<'a> {
             1 => Err("1 byte follows the last detection".into()),
             left => Err(format!("{left} bytes follow the last detection")),
         }
+    }
+}
+
+impl<'a> BatchView<'a> {
+    /// Returns the texts that can still be read from a damaged batch, in
+    /// order: those before the first one cut short, except those that are
+    /// not UTF-8. The count may be the damaged part, so only the bytes
+    /// bound the reading.
+    fn readable_texts(&self) -> Vec<&'a str> {
+        let mut texts = Vec::new();
+        let mut rest = self.items;
+        while !rest.is_empty() {
+            let Some(len) = rest.get(..4) else { break };
+            let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+            let Some(bytes) = rest.get(4..).and_then(|text| text.get(..len)) else { break };
+            if let Ok(text) = std::str::from_utf8(bytes) {
+                texts.push(text);
+            }
+            rest = &rest[4 + len..];
+        }
+        texts
     }
 }
 
@@ -865,9 +886,9 @@ impl Store {
             // transaction wrote nothing.
             return Ok(());
         };
-        self.db.flush().map_err(|e| self.io(e))?;
+        // Reported before the flush: the batch is set aside from here on,
+        // and a failed flush must not make it vanish without a word.
         self.outbox_bytes.fetch_sub(u64::from(index.record.len).min(self.outbox_bytes()), Ordering::Relaxed);
-
         crate::telemetry::global().metrics.add(&crate::telemetry::SPOOL_DAMAGED, &[], 1.0);
         tracing::error!(
             tenant = %tenant,
@@ -877,6 +898,7 @@ impl Store {
             error = %damage,
             "damaged spool record: its batch moved to dead letters and the sinks skip it; see `state dead-letters`"
         );
+        self.db.flush().map_err(|e| self.io(e))?;
         Ok(())
     }
 
@@ -903,9 +925,12 @@ impl Store {
                 Ok((tenant, letters))
             }
             None => {
-                let tenant = BatchView::decode(bytes).map_or_else(|_| "(unknown)".to_string(), |view| view.tenant);
+                let view = BatchView::decode(bytes).ok();
+                let tenant = view.as_ref().map_or_else(|| "(unknown)".to_string(), |view| view.tenant.clone());
+                // The detections that still read give the window to replay.
+                let window = view.map(|view| replay_window(&view.readable_texts())).unwrap_or_default();
                 let reason = format!(
-                    "damaged spool record; this letter keeps the {} bytes that could be read, in the spool's batch format, not one detection; {origin}",
+                    "damaged spool record; this letter keeps the {} bytes that could be read, in the spool's batch format, not one detection; {origin}{window}",
                     bytes.len()
                 );
                 let letter = self.encode_dead_letter(&DeadLetter::new(SPOOL_SINK, &tenant, bytes, &reason))?;
@@ -1825,6 +1850,8 @@ mod tests {
         let letters = store.dead_letters().unwrap();
         assert_eq!(letters.len(), 1);
         assert!(letters[0].reason.contains("the batch holds 1 detections, the outbox index 2"), "{}", letters[0].reason);
+        let window = "LastProcessedTimeUtc runs from 2026-01-01T00:00:02.0000000Z to 2026-01-01T00:00:02.1000000Z";
+        assert!(letters[0].reason.contains(window), "the reason gives the window to replay: {}", letters[0].reason);
     }
 
     #[tokio::test]
@@ -1843,6 +1870,9 @@ mod tests {
         let letters = store.dead_letters().unwrap();
         assert_eq!(letters.len(), 1);
         assert!(letters[0].reason.contains("1 byte follows the last detection"), "{}", letters[0].reason);
+        // The cut detection no longer parses, so the window comes from the other.
+        let window = "LastProcessedTimeUtc runs from 2026-01-01T00:00:00.0000000Z to 2026-01-01T00:00:00.0000000Z";
+        assert!(letters[0].reason.contains(window), "{}", letters[0].reason);
     }
 
     #[test]

@@ -117,6 +117,35 @@ pub struct SinkWorker {
 struct Settlement<'a> {
     position: Option<u64>,
     dead_letters: Vec<(&'a OutboxEntry, &'a str)>,
+    /// Warnings about the dead letters, logged once they are stored.
+    notices: Vec<Notice<'a>>,
+}
+
+/// A warning about detections that moved to dead letters.
+enum Notice<'a> {
+    BatchRejected { events: usize, reason: &'a str },
+    OneRejected { tenant: &'a str, delivered: usize, reason: &'a str },
+    Unencodable { tenant: &'a str, reason: &'a str },
+}
+
+impl Notice<'_> {
+    fn log(&self, sink: &str) {
+        match self {
+            Notice::BatchRejected { events, reason } => {
+                tracing::warn!(sink = %sink, events, reason = %reason, "receiver rejected the batch; its detections moved to dead letters");
+            }
+            Notice::OneRejected { tenant, delivered, reason } => tracing::warn!(
+                sink = %sink,
+                tenant = %tenant,
+                delivered,
+                reason = %reason,
+                "receiver rejected one detection; it moved to dead letters and the rest of the batch is sent again"
+            ),
+            Notice::Unencodable { tenant, reason } => {
+                tracing::warn!(sink = %sink, tenant = %tenant, reason = %reason, "detection moved to dead letters");
+            }
+        }
+    }
 }
 
 enum Delivery {
@@ -192,8 +221,9 @@ impl SinkWorker {
                 }
             };
             if let Err(source) = self.settle_and_ack(&entries, &prepared, outcome).await {
-                // The batch is delivered but the cursor may not be stored: it
-                // may be sent again after a restart, never lost.
+                // The batch is delivered but the cursor may not have moved.
+                // Then the next round reads and sends the batch again: a
+                // repeat, never a loss.
                 if let Some(suppressed) = crate::telemetry::should_log(&format!("cursor {}: {source}", self.name)) {
                     tracing::error!(sink = %self.name, error = %source, suppressed, "cannot store the sink cursor");
                 }
@@ -318,12 +348,21 @@ impl SinkWorker {
     /// Settles a read after its send: stores its dead letters and moves the
     /// cursor past what is settled, in one store transaction. When that
     /// fails, neither is stored, so the retry adds no second copy of a letter.
+    /// The dead letters are logged once the transaction is committed.
     async fn settle_and_ack(&self, entries: &[(u64, OutboxEntry)], prepared: &Prepared, outcome: SendOutcome) -> Result<(), StoreError> {
         let settlement = self.settle(entries, prepared, &outcome);
         let Some(position) = settlement.position else {
             return Ok(());
         };
-        self.store.ack_with_dead_letters(&self.name, position, &settlement.dead_letters).await.map(drop)
+        let acked = self.store.ack_with_dead_letters(&self.name, position, &settlement.dead_letters).await;
+        // The commit comes before the release and the flush, so a failure
+        // there still leaves the letters stored.
+        if acked.is_ok() || self.store.cursor(&self.name).ok().flatten() == Some(position) {
+            for notice in &settlement.notices {
+                notice.log(&self.name);
+            }
+        }
+        acked.map(drop)
     }
 
     /// Returns where the cursor may move and the entries it passes that
@@ -331,13 +370,14 @@ impl SinkWorker {
     /// cannot encode.
     fn settle<'a>(&self, entries: &'a [(u64, OutboxEntry)], prepared: &'a Prepared, outcome: &'a SendOutcome) -> Settlement<'a> {
         let mut dead_letters = Vec::new();
-        let through = self.settle_messages(entries, prepared, outcome, &mut dead_letters);
+        let mut notices = Vec::new();
+        let through = self.settle_messages(entries, prepared, outcome, &mut dead_letters, &mut notices);
         for (index, reason) in prepared.unencodable.iter().filter(|(index, _)| *index < through) {
             let entry = &entries[*index].1;
-            tracing::warn!(sink = %self.name, tenant = %entry.tenant(), reason = %reason, "detection moved to dead letters");
+            notices.push(Notice::Unencodable { tenant: entry.tenant(), reason });
             dead_letters.push((entry, reason.as_str()));
         }
-        Settlement { position: through.checked_sub(1).map(|i| entries[i].0), dead_letters }
+        Settlement { position: through.checked_sub(1).map(|i| entries[i].0), dead_letters, notices }
     }
 
     /// Adds what the receiver rejected to `dead_letters` and returns how
@@ -348,11 +388,12 @@ impl SinkWorker {
         prepared: &Prepared,
         outcome: &'a SendOutcome,
         dead_letters: &mut Vec<(&'a OutboxEntry, &'a str)>,
+        notices: &mut Vec<Notice<'a>>,
     ) -> usize {
         match outcome {
             SendOutcome::Delivered => prepared.consumed,
             SendOutcome::AllRejected { reason } => {
-                tracing::warn!(sink = %self.name, events = prepared.message_entries.len(), reason = %reason, "receiver rejected the batch; its detections moved to dead letters");
+                notices.push(Notice::BatchRejected { events: prepared.message_entries.len(), reason });
                 for &index in &prepared.message_entries {
                     dead_letters.push((&entries[index].1, reason.as_str()));
                 }
@@ -364,7 +405,7 @@ impl SinkWorker {
                     return prepared.consumed;
                 };
                 let entry = &entries[rejected].1;
-                tracing::warn!(sink = %self.name, tenant = %entry.tenant(), delivered, reason = %reason, "receiver rejected one detection; it moved to dead letters and the rest of the batch is sent again");
+                notices.push(Notice::OneRejected { tenant: entry.tenant(), delivered: *delivered, reason });
                 dead_letters.push((entry, reason.as_str()));
                 // Entries up to the next message were filtered out or cannot
                 // be encoded (dead-lettered by the caller), so the cursor
@@ -578,6 +619,9 @@ mod tests {
         let mut worker = routed_worker(store.clone(), crate::format::PayloadFormat::Cef);
         let rejected = SendOutcome::AllRejected { reason: "HTTP 400: bad event".into() };
 
+        let log = CapturedLog::default();
+        let _subscriber = tracing::subscriber::set_default(tracing_subscriber::fmt().with_writer(log.clone()).with_ansi(false).finish());
+
         store.fail_next_write();
         let entries = store.read_after(0, 10).unwrap();
         let prepared = worker.prepare(&entries, &mut Batch::default());
@@ -595,6 +639,38 @@ mod tests {
             store.dead_letters().unwrap().iter().map(|l| Detection::from_json_text(&l.detection).unwrap().full_id().unwrap().into_owned()).collect();
         ids.sort();
         assert_eq!(ids, ["a:1", "b:1", "c:1"], "one letter per detection");
+        let text = log.text();
+        assert_eq!(text.matches("receiver rejected the batch").count(), 1, "logged once, when stored: {text}");
+        assert_eq!(text.matches("detection moved to dead letters").count(), 1, "{text}");
+    }
+
+    /// Log output kept in memory, for checking what a test logged.
+    #[derive(Clone, Default)]
+    struct CapturedLog(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl CapturedLog {
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+        }
+    }
+
+    impl std::io::Write for CapturedLog {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for CapturedLog {
+        type Writer = CapturedLog;
+
+        fn make_writer(&'a self) -> Self::Writer {
+            self.clone()
+        }
     }
 
     #[tokio::test]
