@@ -25,7 +25,9 @@ pub fn parse(text: &str) -> Option<DateTime<Utc>> {
 /// Formats a time for `sinceTimeUtc` and `untilTimeUtc`: UTC, `Z`, exactly
 /// seven fractional digits, truncated (never rounded) to whole ticks.
 pub fn format_query(t: DateTime<Utc>) -> String {
-    let ticks = t.timestamp_subsec_nanos() / 100;
+    // chrono keeps a leap second as 1e9 or more nanoseconds, and `%S`
+    // already writes it as second 60.
+    let ticks = t.timestamp_subsec_nanos() % 1_000_000_000 / 100;
     format!("{}.{:07}Z", t.format("%Y-%m-%dT%H:%M:%S"), ticks)
 }
 
@@ -128,6 +130,16 @@ fn scale_decimal(number: &str, unit: i128) -> Option<i128> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leap_second_keeps_seven_digits() {
+        let leap = parse("2016-12-31T23:59:60.5000000Z").expect("chrono parses a leap second");
+        assert_eq!(format_query(leap), "2016-12-31T23:59:60.5000000Z");
+        assert_eq!(format_api_time(leap), "2016-12-31T23:59:60.5000000Z");
+        assert_eq!(parse(&format_api_time(leap)), Some(leap), "the text parses back to the same time");
+        let between_ticks = leap + chrono::Duration::nanoseconds(1);
+        assert_eq!(parse(&format_api_time(between_ticks)), Some(between_ticks));
+    }
 
     #[test]
     fn parse_keeps_seven_fractional_digits() {
