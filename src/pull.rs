@@ -125,7 +125,9 @@ pub async fn pull(
 /// A regular file, or a path that does not exist yet, is written under a
 /// temporary name beside it and renamed over it only after the pull has
 /// succeeded, so a failed pull leaves an earlier export as it was. The new
-/// file gets the mode of the one it replaces. Any other path, such as a
+/// file gets the mode, and where allowed the owner, of the one it replaces.
+/// An existing file must be writable, as when it is written in place. A
+/// file with more than one hard link, and any other path, such as a
 /// symbolic link, a FIFO or `/dev/stdout`, is written in place.
 pub struct OutputFile {
     path: PathBuf,
@@ -137,15 +139,24 @@ pub struct OutputFile {
 impl OutputFile {
     /// Creates the file that the pull writes to.
     pub async fn create(path: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+
         let existing = tokio::fs::symlink_metadata(path).await.ok();
-        if existing.as_ref().is_some_and(|m| !m.is_file()) {
+        if existing.as_ref().is_some_and(|m| !m.is_file() || m.nlink() > 1) {
             let file = tokio::fs::File::create(path).await?;
             return Ok(Self { path: path.to_path_buf(), partial: None, writer: tokio::io::BufWriter::new(file) });
+        }
+        if existing.is_some() {
+            // Fails on a file the user may not write, as writing in place would.
+            tokio::fs::OpenOptions::new().write(true).open(path).await?;
         }
         let partial = partial_path(path);
         let file = tokio::fs::File::create(&partial).await?;
         if let Some(existing) = existing {
             file.set_permissions(existing.permissions()).await?;
+            // Only root may give a file away; others keep their own.
+            let std_file = file.try_clone().await?.into_std().await;
+            let _ = std::os::unix::fs::fchown(&std_file, Some(existing.uid()), Some(existing.gid()));
         }
         Ok(Self { path: path.to_path_buf(), partial: Some(partial), writer: tokio::io::BufWriter::new(file) })
     }
@@ -175,6 +186,9 @@ impl OutputFile {
         if let Some(partial) = &self.partial {
             self.writer.get_ref().sync_all().await?;
             tokio::fs::rename(partial, &self.path).await?;
+            // The rename is durable once the directory is synced.
+            let directory = self.path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            tokio::fs::File::open(directory).await?.sync_all().await?;
         }
         Ok(())
     }

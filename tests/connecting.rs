@@ -732,6 +732,16 @@ async fn pull_replaces_output_keeping_mode() {
     assert_success(&linked);
     assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "the link stays a link");
     assert_eq!(read_json_lines(&out).len(), 46);
+
+    // A file with a second hard link is written in place, so both names
+    // keep showing the same file.
+    std::fs::write(&out, "earlier\n").unwrap();
+    let second_name = exports.join("copy.jsonl");
+    std::fs::hard_link(&out, &second_name).unwrap();
+    let hard_linked = run_cli(&pull_args(config, out.to_str().unwrap(), &["--ago", "P1D"])).await;
+
+    assert_success(&hard_linked);
+    assert_eq!(read_json_lines(&second_name).len(), 46, "the other name sees the new export");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

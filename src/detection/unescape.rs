@@ -8,21 +8,21 @@
 //! and `\uXXXX` escapes whose UTF-16 surrogates come in pairs. The tests
 //! compare both decoders on 20,000 random strings.
 
-/// The reason a JSON string could not be decoded. The texts are
-/// serde_json's, so dead-letter reasons read the same as before.
+/// The reason a JSON string could not be decoded, worded as serde_json
+/// words it. Offsets count bytes from the string's opening quote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum UnescapeError {
-    #[error("EOF while parsing a string at byte {0}")]
+    #[error("EOF while parsing a string at byte {0} of the string")]
     Unterminated(usize),
-    #[error("control character (\\u0000-\\u001F) found while parsing a string at byte {0}")]
+    #[error("control character (\\u0000-\\u001F) found while parsing a string at byte {0} of the string")]
     ControlCharacter(usize),
-    #[error("invalid escape at byte {0}")]
+    #[error("invalid escape at byte {0} of the string")]
     InvalidEscape(usize),
-    #[error("lone leading surrogate in hex escape at byte {0}")]
+    #[error("lone leading surrogate in hex escape at byte {0} of the string")]
     LoneSurrogate(usize),
-    #[error("unexpected end of hex escape at byte {0}")]
+    #[error("unexpected end of hex escape at byte {0} of the string")]
     UnexpectedEndOfHexEscape(usize),
-    #[error("invalid unicode code point at byte {0}")]
+    #[error("invalid unicode code point at byte {0} of the string")]
     InvalidUtf8(usize),
 }
 

@@ -122,7 +122,12 @@ impl AsRef<[u8]> for SharedBytes {
 
 impl Batch {
     pub fn clear(&mut self) {
-        self.buffer().clear();
+        match Arc::get_mut(&mut self.bytes) {
+            Some(bytes) => bytes.clear(),
+            // An abandoned send still writes the old bytes: leave them to it
+            // instead of copying them only to clear the copy.
+            None => self.bytes = Arc::default(),
+        }
         self.ends.clear();
     }
 
