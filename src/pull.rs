@@ -18,9 +18,9 @@
 //! detection is a valid JSON object, so a line break in it can only be
 //! whitespace between tokens, and turning it into a space keeps the value.
 //! Any other element may hold line breaks that are data (in a string with
-//! raw control characters, say), so it is written as a JSON array that
-//! contains its exact bytes: `["utf-8", TEXT]` with its text as a JSON string,
-//! or `["base64", BYTES]` when it is not valid UTF-8. A detection line
+//! raw control characters, say). So it is written as a JSON array that
+//! contains its exact bytes: `["utf-8", TEXT]` with its text as a JSON
+//! string, or `["base64", BYTES]` when it is not valid UTF-8. A detection line
 //! starts with `{` and such a line with `[`, so the two cannot be confused.
 
 use std::collections::HashSet;
