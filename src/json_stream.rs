@@ -28,6 +28,11 @@ pub enum ArrayError {
 
 /// How much of a body error messages show.
 const PREVIEW_BYTES: usize = 120;
+
+/// Nesting levels whose bracket kind the byte scan remembers. serde_json
+/// rejects more than 128 levels anyway, so a deeper element is invalid and
+/// only counted beyond this.
+const TRACKED_LEVELS: usize = 1024;
 /// How much of a body that is not an array is kept before it is reported:
 /// enough to remove a whole secret before the preview is cut.
 const KEEP_BYTES: usize = 4096;
@@ -67,6 +72,9 @@ pub struct ArraySplitter {
     start: usize,
     state: State,
     depth: u32,
+    /// The open brackets of the element in the byte scan, innermost last,
+    /// up to [`TRACKED_LEVELS`] of them; `depth` counts all.
+    open: Vec<u8>,
     in_string: bool,
     escaped: bool,
     elements: usize,
@@ -110,6 +118,7 @@ impl ArraySplitter {
             start: 0,
             state: State::BeforeArray,
             depth: 0,
+            open: Vec::new(),
             in_string: false,
             escaped: false,
             elements: 0,
@@ -267,6 +276,7 @@ impl ArraySplitter {
         self.start = at;
         self.state = State::InElement;
         self.depth = 0;
+        self.open.clear();
         self.in_string = false;
         self.escaped = false;
         self.scan_element_byte(byte, at, out)
@@ -286,9 +296,14 @@ impl ArraySplitter {
         }
         match byte {
             b'"' => self.in_string = true,
-            b'{' | b'[' => self.depth += 1,
+            b'{' | b'[' => {
+                self.depth += 1;
+                if self.open.len() < TRACKED_LEVELS {
+                    self.open.push(byte);
+                }
+            }
             b'}' | b']' if self.depth > 0 => {
-                self.depth -= 1;
+                self.close(byte);
                 self.end_if_top(at + 1, out);
             }
             // A scalar at the top level ends at the separator that follows it.
@@ -323,6 +338,28 @@ impl ArraySplitter {
             }
             ObjectPrefix::Cut | ObjectPrefix::Invalid => Checked::ByteScan,
         }
+    }
+
+    /// Closes brackets for the closing `byte`. In an invalid element it may
+    /// close a bracket of the other kind: then it also closes every bracket
+    /// opened since a matching one, as if they had been closed, or else the
+    /// innermost one. The element stays whole and invalid, and the next one
+    /// starts where it would had the brackets matched. `{"X": [1, 2},`
+    /// thus ends at its `}` instead of taking in the elements after it.
+    fn close(&mut self, byte: u8) {
+        if self.depth as usize > self.open.len() {
+            // The innermost levels are past TRACKED_LEVELS: their kind is
+            // not remembered, so one of them closes.
+            self.depth -= 1;
+            return;
+        }
+        let opener = if byte == b'}' { b'{' } else { b'[' };
+        let levels = match self.open.iter().rposition(|&open| open == opener) {
+            Some(position) => self.open.len() - position,
+            None => 1,
+        };
+        self.open.truncate(self.open.len() - levels);
+        self.depth -= levels as u32;
     }
 
     fn end_if_top(&mut self, end: usize, out: &mut Vec<RawElement>) {
@@ -393,6 +430,31 @@ mod tests {
                 "chunk size {chunk}"
             );
         }
+    }
+
+    /// A bracket closed by the other kind makes its element invalid, but
+    /// the element still ends where its brackets say, so the elements after
+    /// it are split as usual.
+    #[test]
+    fn mismatched_brackets_end_their_element() {
+        let broken = [r#"{"FullId":"r2","X":[1,2}"#, r#"{"FullId":"r2","X":{"a":1]}"#, r#"{"FullId":"r2","X":[{"a":[1}]}"#, r#"{"FullId":"r2","X":[1,2]]"#];
+        for element in broken {
+            let body = format!("[{{\"FullId\":\"r1\"}},\n{element},\n{{\"FullId\":\"r3\"}}]");
+            for chunk in [1, 3, 16, body.len()] {
+                let elements = split_in_chunks(&body, chunk).unwrap();
+                assert_eq!(elements, [r#"{"FullId":"r1"}"#, element, r#"{"FullId":"r3"}"#], "{element} in chunks of {chunk}");
+            }
+        }
+    }
+
+    #[test]
+    fn nesting_past_tracked_levels_still_splits() {
+        let levels = TRACKED_LEVELS + 500;
+        let deep = "[".repeat(levels) + &"]".repeat(levels);
+        let body = format!("[{deep},{{\"FullId\":\"r3\"}}]");
+        let elements = split_in_chunks(&body, 4096).unwrap();
+        assert_eq!(elements.len(), 2);
+        assert_eq!(elements[0], deep);
     }
 
     #[test]

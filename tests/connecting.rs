@@ -675,6 +675,36 @@ async fn pull_keeps_invalid_elements_exact() {
     assert!(log.contains("not detections"), "{log}");
 }
 
+/// An element whose brackets do not match is set aside as a dead letter,
+/// and the elements after it are forwarded, instead of the whole response
+/// being read as cut short and retried forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mismatched_bracket_element_is_set_aside() {
+    let time = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ");
+    let detection = |id: &str, x: &str| format!(r#"{{"FullId": "{id}", "LastProcessedTimeUtc": "{time}", "X": {x}}}"#);
+    let broken = format!(r#"{{"FullId": "r2", "LastProcessedTimeUtc": "{time}", "X": [1, 2}}"#);
+    let body = format!("[{},\n{broken},\n{}]", detection("r1", "\"ok\""), detection("r3", "\"ok\""));
+    let (_api, tenant) = api_serving(body).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sink_file = dir.path().join("a");
+    let config = write_config(dir.path(), "", &tenant, &file_sink_toml("a", &sink_file));
+    let cfg = config.to_str().unwrap();
+
+    let output = run_cli(&["run", "--once", "--config", cfg]).await;
+
+    assert_success(&output);
+    let forwarded: Vec<String> = read_json_lines(&sink_file).iter().map(|d| d["FullId"].as_str().unwrap().to_string()).collect();
+    assert_eq!(forwarded, ["r1", "r3"], "{}", stderr(&output));
+    let listing = run_cli(&["state", "--config", cfg, "dead-letters"]).await;
+    assert_success(&listing);
+    let rows: Vec<String> = stdout(&listing).lines().skip(1).map(str::to_string).collect();
+    assert_eq!(rows.len(), 1, "one dead letter: {rows:?}");
+    let id = rows[0].split_whitespace().next().unwrap().to_string();
+    let letter = run_cli(&["state", "--config", cfg, "dead-letters", "--id", &id, "--raw"]).await;
+    assert_success(&letter);
+    assert_eq!(stdout(&letter), broken, "the dead letter keeps the element exactly");
+}
+
 /// Returns the names in `dir` that start with `.` (partial pull outputs).
 fn hidden_files(dir: &Path) -> Vec<String> {
     let names = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned());
