@@ -2,12 +2,12 @@
 //! one sled database, the outbox's batches in [`crate::spool`] files, and
 //! the dedupe set in [`crate::seen`] files. A single process owns it.
 //!
-//! # Layout (schema version 2)
+//! # Layout (schema version 3)
 //! | tree | key | value |
 //! | --- | --- | --- |
 //! | `meta` | `schema_version` | u32 big-endian |
 //! | `checkpoints` | tenant name | RFC 3339 text with nanoseconds |
-//! | `outbox` | sequence number u64 BE | index of one queued batch: spool segment, offset, length, count |
+//! | `outbox` | sequence number u64 BE | index of one queued batch: spool segment, offset, length, count, and the range of its `LastProcessedTimeUtc` (not in entries of version 2) |
 //! | `cursors` | sink name | last acknowledged position, u64 BE |
 //! | `dead_letters` | id u64 BE | JSON: sink, tenant, reason, time, detection, and `detection_base64` when the detection is not UTF-8 |
 //! | `requeued` | sequence number u64 BE | the one sink a requeued dead letter's batch is for |
@@ -23,7 +23,9 @@
 //! Schema version 1 kept the dedupe set in sled trees named
 //! `dedupe.<period>.<generation>`, keyed by tenant, 0x00, FullId. Opening
 //! such a database moves their keys into the seen files, drops the trees and
-//! writes version 2.
+//! writes version 3. Version 2 differs from 3 only in outbox entries without
+//! a window, which version 3 still reads, so opening it writes the new
+//! number and nothing else.
 //!
 //! # Why the write order is crash-safe
 //! A batch's spool record is on disk before anything points at it. Then its
@@ -73,7 +75,10 @@ use crate::seen::{Seen, SeenError, SeenSet, TenantTag};
 use crate::spool::{RecordRef, Spool, SpoolError};
 use crate::timefmt;
 
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
+/// The version before outbox index entries recorded their batch's window.
+/// Its entries still decode, so opening only writes the new number.
+const SCHEMA_VERSION_NO_WINDOW: u32 = 2;
 /// The version before the dedupe set moved out of sled; opening converts it.
 const SCHEMA_VERSION_SLED_DEDUPE: u32 = 1;
 /// The sink name of dead letters that came from the API response itself
@@ -116,32 +121,66 @@ pub enum StoreError {
     Seen(#[from] SeenError),
 }
 
-/// An outbox value: where the batch is spooled and how many detections it holds.
+/// An outbox value: where the batch is spooled, how many detections it
+/// holds, and the range of their `LastProcessedTimeUtc`. The range names the
+/// window to replay from the API when the spool record is lost or damaged.
 #[derive(Debug, Clone, Copy)]
 struct IndexEntry {
     record: RecordRef,
     count: usize,
+    /// Earliest and latest `LastProcessedTimeUtc` of the batch; `None` when
+    /// no detection has one, and for entries written by schema version 2.
+    window: Option<(DateTime<Utc>, DateTime<Utc>)>,
 }
 
+/// Format byte of an index entry without a window (schema version 2).
+const INDEX_FORMAT_NO_WINDOW: u8 = 3;
+/// Format byte of an index entry that may carry a window.
+const INDEX_FORMAT: u8 = 4;
+
 impl IndexEntry {
+    /// Indexes a record of `count` detections whose `LastProcessedTimeUtc`
+    /// values, as far as they parse, are `times`.
+    fn new(record: RecordRef, count: usize, times: impl Iterator<Item = DateTime<Utc>>) -> Self {
+        let window = times.fold(None, |window: Option<(DateTime<Utc>, DateTime<Utc>)>, time| match window {
+            None => Some((time, time)),
+            Some((first, last)) => Some((first.min(time), last.max(time))),
+        });
+        Self { record, count, window }
+    }
+
     fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(25);
-        out.push(3);
+        let mut out = Vec::with_capacity(50);
+        out.push(INDEX_FORMAT);
         out.extend_from_slice(&self.record.segment.to_be_bytes());
         out.extend_from_slice(&self.record.offset.to_be_bytes());
         out.extend_from_slice(&self.record.len.to_be_bytes());
         out.extend_from_slice(&(self.count as u32).to_be_bytes());
+        match self.window {
+            None => out.push(0),
+            Some((first, last)) => {
+                out.push(1);
+                for time in [first, last] {
+                    out.extend_from_slice(&time.timestamp().to_be_bytes());
+                    out.extend_from_slice(&time.timestamp_subsec_nanos().to_be_bytes());
+                }
+            }
+        }
         out
     }
 
     fn decode(bytes: &[u8]) -> Option<Self> {
-        if bytes.len() != 25 || bytes[0] != 3 {
-            return None;
-        }
         let u64_at = |i: usize| bytes.get(i..i + 8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
         let u32_at = |i: usize| bytes.get(i..i + 4).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes);
+        let time_at = |i: usize| DateTime::from_timestamp(u64_at(i)? as i64, u32_at(i + 8)?);
+        let window = match (bytes.first()?, bytes.len()) {
+            (&INDEX_FORMAT_NO_WINDOW, 25) => None,
+            (&INDEX_FORMAT, 26) if bytes[25] == 0 => None,
+            (&INDEX_FORMAT, 50) if bytes[25] == 1 => Some((time_at(26)?, time_at(38)?)),
+            _ => return None,
+        };
         let record = RecordRef { segment: u64_at(1)?, offset: u64_at(9)?, len: u32_at(17)? };
-        Some(Self { record, count: u32_at(21)? as usize })
+        Some(Self { record, count: u32_at(21)? as usize, window })
     }
 }
 
@@ -540,7 +579,13 @@ impl Store {
             tracing::warn!(
                 path = %db_path.display(),
                 converted,
-                "converted the state directory from schema version 1 to 2: the dedupe set moved into seen/ files, and releases before this one can no longer open the directory"
+                "converted the state directory from schema version 1 to 3: the dedupe set moved into seen/ files, and releases before this one can no longer open the directory"
+            );
+        }
+        if version == SCHEMA_VERSION_NO_WINDOW {
+            tracing::warn!(
+                path = %db_path.display(),
+                "upgraded the state directory from schema version 2 to 3: new outbox entries record their LastProcessedTimeUtc range, and releases before this one can no longer open the directory"
             );
         }
         if version != SCHEMA_VERSION {
@@ -730,7 +775,7 @@ impl Store {
         } else {
             let payload = BatchPayload::new(tenant, None, true, fresh.iter().map(Detection::raw));
             let record = self.spool.append_parts(&payload.parts())?;
-            Some(IndexEntry { record, count: fresh.len() })
+            Some(IndexEntry::new(record, fresh.len(), fresh.iter().filter_map(Detection::last_processed)))
         };
         let queued_seq = std::cell::Cell::new(None);
         let trees = (&self.outbox, &self.checkpoints);
@@ -916,7 +961,7 @@ impl Store {
 
         match split {
             Some((tenant, raws)) => {
-                let window = replay_window(&raws);
+                let window = replay_window(&index, &raws);
                 let mut letters = Vec::with_capacity(raws.len());
                 for (item, raw) in raws.iter().enumerate() {
                     let reason = format!("damaged spool record, so this text may differ from what was received; detection {item} of {origin}{window}");
@@ -928,7 +973,8 @@ impl Store {
                 let view = BatchView::decode(bytes).ok();
                 let tenant = view.as_ref().map_or_else(|| "(unknown)".to_string(), |view| view.tenant.clone());
                 // The detections that still read give the window to replay.
-                let window = view.map(|view| replay_window(&view.readable_texts())).unwrap_or_default();
+                let readable = view.map(|view| view.readable_texts()).unwrap_or_default();
+                let window = replay_window(&index, &readable);
                 let reason = format!(
                     "damaged spool record; this letter keeps the {} bytes that could be read, in the spool's batch format, not one detection; {origin}{window}",
                     bytes.len()
@@ -1257,11 +1303,13 @@ impl Store {
     pub fn requeue_dead_letters(&self, ids: &[u64]) -> Result<usize, StoreError> {
         let selected: Vec<DeadLetter> =
             self.dead_letters()?.into_iter().filter(|letter| ids.is_empty() || ids.contains(&letter.id)).collect();
-        if let Some(letter) = selected.iter().find(|letter| !letter.is_utf8()) {
-            return Err(StoreError::RequeueNotUtf8 { id: letter.id });
-        }
+        // A damaged record's letter is often not UTF-8 too, and replaying
+        // it is the fix to name.
         if let Some(letter) = selected.iter().find(|letter| letter.sink == SPOOL_SINK) {
             return Err(StoreError::RequeueDamaged { id: letter.id });
+        }
+        if let Some(letter) = selected.iter().find(|letter| !letter.is_utf8()) {
+            return Err(StoreError::RequeueNotUtf8 { id: letter.id });
         }
         let mut count = 0;
         for letter in selected {
@@ -1269,7 +1317,9 @@ impl Store {
             let payload = BatchPayload::new(&letter.tenant, target, false, std::iter::once(letter.detection.as_str()));
             let _order = self.append_order.lock().unwrap_or_else(|e| e.into_inner());
             let record = self.spool.append_parts(&payload.parts())?;
-            if self.queue_dead_letter(letter.id, target, IndexEntry { record, count: 1 })? {
+            let time = Detection::from_json_text(&letter.detection).ok().and_then(|d| d.last_processed());
+            let index = IndexEntry::new(record, 1, time.into_iter());
+            if self.queue_dead_letter(letter.id, target, index)? {
                 self.outbox_bytes.fetch_add(u64::from(record.len), Ordering::Relaxed);
                 count += 1;
             }
@@ -1345,16 +1395,22 @@ fn listed_ids(ids: &[u64]) -> String {
 
 /// Returns the LastProcessedTimeUtc range of `raws` as a reason's suffix,
 /// for a replay from the API; empty when no text has that field.
-fn replay_window(raws: &[&str]) -> String {
-    let times: Vec<DateTime<Utc>> =
-        raws.iter().filter_map(|raw| Detection::from_json_text(raw).ok()?.last_processed()).collect();
-    match (times.iter().min(), times.iter().max()) {
-        (Some(first), Some(last)) => format!(
+/// Describes the window to replay for a damaged batch: the range its index
+/// entry recorded when it was queued, or else the range of the detections
+/// in `raws` that still parse. Empty when neither is known.
+fn replay_window(index: &IndexEntry, raws: &[&str]) -> String {
+    let window = index.window.or_else(|| {
+        let times: Vec<DateTime<Utc>> =
+            raws.iter().filter_map(|raw| Detection::from_json_text(raw).ok()?.last_processed()).collect();
+        Some((*times.iter().min()?, *times.iter().max()?))
+    });
+    match window {
+        Some((first, last)) => format!(
             "; the batch's LastProcessedTimeUtc runs from {} to {}",
-            timefmt::format_api_time(*first),
-            timefmt::format_api_time(*last)
+            timefmt::format_api_time(first),
+            timefmt::format_api_time(last)
         ),
-        _ => String::new(),
+        None => String::new(),
     }
 }
 
@@ -1426,7 +1482,7 @@ fn check_schema(meta: &Tree, db: &sled::Db, path: &Path) -> Result<u32, StoreErr
         return Ok(SCHEMA_VERSION);
     };
     let found = u32::from_be_bytes(bytes.as_ref().try_into().unwrap_or([0xff; 4]));
-    if found != SCHEMA_VERSION && found != SCHEMA_VERSION_SLED_DEDUPE {
+    if ![SCHEMA_VERSION, SCHEMA_VERSION_NO_WINDOW, SCHEMA_VERSION_SLED_DEDUPE].contains(&found) {
         return Err(StoreError::Schema { path: path.to_path_buf(), found });
     }
     Ok(found)
@@ -1582,10 +1638,9 @@ mod tests {
         assert_eq!(again, EnqueueOutcome { queued: 0, duplicates: 1 });
         assert!(!store.keep_invalid("t", b"[1]", "not an object", Utc::now()).unwrap());
         assert!(!store.db.tree_names().iter().any(|name| name.starts_with(DEDUPE_PREFIX.as_bytes())));
-        drop(store);
-
-        let db = sled::open(dir.path().join("db")).unwrap();
-        let version = db.open_tree("meta").unwrap().get("schema_version").unwrap().unwrap();
+        // Read through the open store: sled's threads may hold the files a
+        // moment after a drop, so reopening could fail on its lock.
+        let version = store.db.open_tree("meta").unwrap().get("schema_version").unwrap().unwrap();
         assert_eq!(version.as_ref(), SCHEMA_VERSION.to_be_bytes());
     }
 
@@ -1785,6 +1840,32 @@ mod tests {
         assert!(letters[0].detection.is_empty());
         assert!(letters[0].reason.contains("before the record's 8-byte header"), "{}", letters[0].reason);
         assert!(letters[0].reason.contains("outbox batch 3 (2 detections)"), "{}", letters[0].reason);
+        // Nothing of the record is left, so the window comes from the index.
+        let window = "LastProcessedTimeUtc runs from 2026-01-01T00:00:02.0000000Z to 2026-01-01T00:00:02.1000000Z";
+        assert!(letters[0].reason.contains(window), "{}", letters[0].reason);
+    }
+
+    #[test]
+    fn index_entry_round_trips_with_and_without_window() {
+        let record = RecordRef { segment: 7, offset: 1 << 40, len: 513 };
+        let times = ["2026-01-01T00:00:02.1000000Z", "9999-12-31T23:59:59.9999999Z", "1601-01-01T00:00:00Z"].map(|t| timefmt::parse(t).unwrap());
+        let with = IndexEntry::new(record, 3, times.into_iter());
+        let decoded = IndexEntry::decode(&with.encode()).unwrap();
+        assert_eq!(decoded.window, Some((times[2], times[1])));
+        assert_eq!((decoded.record.segment, decoded.record.offset, decoded.record.len, decoded.count), (7, 1 << 40, 513, 3));
+
+        let without = IndexEntry::new(record, 1, std::iter::empty());
+        assert_eq!(IndexEntry::decode(&without.encode()).unwrap().window, None);
+
+        // Schema version 2 wrote format 3: 25 bytes, no window.
+        let mut old = vec![INDEX_FORMAT_NO_WINDOW];
+        old.extend_from_slice(&7u64.to_be_bytes());
+        old.extend_from_slice(&(1u64 << 40).to_be_bytes());
+        old.extend_from_slice(&513u32.to_be_bytes());
+        old.extend_from_slice(&3u32.to_be_bytes());
+        let decoded = IndexEntry::decode(&old).unwrap();
+        assert_eq!((decoded.count, decoded.window), (3, None));
+        assert!(IndexEntry::decode(&old[..24]).is_none(), "a cut entry is rejected");
     }
 
     /// Changes the payload of `record` with `change` and writes a CRC that
@@ -1836,6 +1917,8 @@ mod tests {
         assert!(!letters[0].is_utf8(), "the bytes are kept exactly");
         assert_eq!(letters[0].tenant, "t");
         assert!(letters[0].reason.contains("detection 1 of 2 is not valid UTF-8"), "{}", letters[0].reason);
+        let err = store.requeue_dead_letters(&[]).unwrap_err();
+        assert!(matches!(err, StoreError::RequeueDamaged { .. }), "the damage, not the encoding, is named: {err}");
     }
 
     #[tokio::test]
@@ -1854,6 +1937,23 @@ mod tests {
         assert!(letters[0].reason.contains(window), "the reason gives the window to replay: {}", letters[0].reason);
     }
 
+    /// An entry without a window (written by schema version 2) gets the
+    /// window from the detections that still read.
+    #[tokio::test]
+    async fn windowless_entry_reads_window_from_texts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, records) = three_spooled_batches(dir.path()).await;
+        let (key, value) = store.outbox.iter().nth(2).unwrap().unwrap();
+        let entry = IndexEntry { window: None, ..IndexEntry::decode(&value).unwrap() };
+        store.outbox.insert(key, entry.encode()).unwrap();
+        rewrite_with_valid_crc(&store, records[2], |payload| payload[6..10].copy_from_slice(&1u32.to_be_bytes()));
+
+        assert_eq!(read_ids(&store), ["b0:0", "b0:1", "b1:0", "b1:1"]);
+        let letters = store.dead_letters().unwrap();
+        let window = "LastProcessedTimeUtc runs from 2026-01-01T00:00:02.0000000Z to 2026-01-01T00:00:02.1000000Z";
+        assert!(letters[0].reason.contains(window), "{}", letters[0].reason);
+    }
+
     #[tokio::test]
     async fn trailing_bytes_are_set_aside() {
         let dir = tempfile::tempdir().unwrap();
@@ -1870,9 +1970,22 @@ mod tests {
         let letters = store.dead_letters().unwrap();
         assert_eq!(letters.len(), 1);
         assert!(letters[0].reason.contains("1 byte follows the last detection"), "{}", letters[0].reason);
-        // The cut detection no longer parses, so the window comes from the other.
-        let window = "LastProcessedTimeUtc runs from 2026-01-01T00:00:00.0000000Z to 2026-01-01T00:00:00.0000000Z";
+        // The index recorded the window of both detections when they were queued.
+        let window = "LastProcessedTimeUtc runs from 2026-01-01T00:00:00.0000000Z to 2026-01-01T00:00:00.1000000Z";
         assert!(letters[0].reason.contains(window), "{}", letters[0].reason);
+    }
+
+    #[test]
+    fn schema_version_2_opens_as_3() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path().join("db")).unwrap();
+            db.open_tree("meta").unwrap().insert("schema_version", &2u32.to_be_bytes()).unwrap();
+            db.flush().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let version = store.db.open_tree("meta").unwrap().get("schema_version").unwrap().unwrap();
+        assert_eq!(version.as_ref(), 3u32.to_be_bytes());
     }
 
     #[test]
