@@ -227,9 +227,17 @@ pub(super) fn write_extension(
         write_mapped(&mut writer, known, mapping);
     }
 
+    // The header turns line breaks into spaces, so a header field that has
+    // one is also written whole under its own name.
+    let d = known.detection();
+    for field in [Field::IoaDefinitionId, Field::AlertTitle] {
+        if let Some(text) = known.text(field).filter(|text| extension::has_line_break(text)) {
+            writer.custom(d, field.name(), &text, is_reserved_key, false);
+        }
+    }
+
     // The known fields are those of the header and the mapping, so none of
     // them is a custom key.
-    let d = known.detection();
     for (field, entry) in known.classified() {
         if field.is_some() {
             continue;
@@ -431,6 +439,23 @@ mod tests {
             assert_eq!(header[4], expected, "class id of {title:?}");
             assert_eq!(header[5], expected, "name of {title:?}");
         }
+    }
+
+    /// A line break the header turns into a space would change the value,
+    /// so the field is also written whole in the extension.
+    #[test]
+    fn header_fields_with_breaks_are_kept_whole() {
+        let json = serde_json::json!({ "AlertTitle": "one\r\ntwo", "IoaDefinitionId": "ioa\nX" }).to_string();
+        let line = cef(&json);
+        let (_, extension) = split_cef(&line);
+        assert!(extension.contains(r"IoaDefinitionId=ioa\nX"), "{extension}");
+        assert!(extension.contains(r"AlertTitle=one\r\ntwo"), "{extension}");
+
+        let plain = serde_json::json!({ "AlertTitle": "one two", "IoaDefinitionId": "ioa X" }).to_string();
+        let line = cef(&plain);
+        let (_, extension) = split_cef(&line);
+        assert!(!extension.contains("AlertTitle="), "only the header has it: {extension}");
+        assert!(!extension.contains("IoaDefinitionId="), "{extension}");
     }
 
     #[test]

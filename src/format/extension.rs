@@ -162,6 +162,12 @@ pub fn escape_value(text: &str, escape: ValueEscape, out: &mut Vec<u8>) {
     out.extend_from_slice(rest);
 }
 
+/// Returns whether `text` has a CR or LF, which [`escape_header`] turns
+/// into a space.
+pub fn has_line_break(text: &str) -> bool {
+    memchr::memchr2(b'\r', b'\n', text.as_bytes()).is_some()
+}
+
 /// Appends a header field: `\` → `\\`, `|` → `\|`, and a line break (CR, LF
 /// or CRLF) becomes one space. With `tab_to_space` a tab becomes a space too.
 pub fn escape_header(text: &str, tab_to_space: bool, out: &mut Vec<u8>) {

@@ -159,9 +159,11 @@ pub(super) fn write_attributes(
             writer.text(key, &text, None, keep);
         }
     }
-    // The header's EventID keeps only the first 255 characters, so a longer
-    // IoaDefinitionId is written whole as an attribute as well.
-    if let Some(id) = known.text(Field::IoaDefinitionId).filter(|id| id.chars().nth(MAX_EVENT_ID_CHARS).is_some()) {
+    // The header's EventID keeps only the first 255 characters and turns
+    // line breaks and tabs into spaces, so such an IoaDefinitionId is
+    // written whole as an attribute as well.
+    let changed_in_header = |id: &str| id.chars().nth(MAX_EVENT_ID_CHARS).is_some() || extension::has_line_break(id) || id.contains('\t');
+    if let Some(id) = known.text(Field::IoaDefinitionId).filter(|id| changed_in_header(id)) {
         writer.custom(d, "IoaDefinitionId", &id, is_reserved_key, false);
     }
 
@@ -285,6 +287,8 @@ mod tests {
     fn header_escapes_pipe_backslash_and_breaks() {
         let line = leef(r#"{"IoaDefinitionId":"a|b\\c\r\nd\te"}"#);
         assert!(line.contains(r"|2.0|a\|b\\c d e|x09|"), "{line}");
+        // The header changed it, so the attribute keeps it whole.
+        assert!(attributes(&line).contains(&r"IoaDefinitionId=a|b\\c\r\nd\te"), "{line}");
     }
 
     #[test]
