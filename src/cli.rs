@@ -376,7 +376,17 @@ async fn pull_to_output(config: &Config, args: &PullArgs, mut window: crate::pul
                 .await
                 .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
             let unchanged = if output.keeps_path_on_failure() { format!("; {} is unchanged", path.display()) } else { String::new() };
-            match crate::pull::pull(http, tenant, max_bytes, &window, output.writer()).await {
+            // A signal stops the pull like a failure, so the partial file goes.
+            let stop = shutdown_signal();
+            let pulled = tokio::select! {
+                pulled = crate::pull::pull(http, tenant, max_bytes, &window, output.writer()) => Some(pulled),
+                () = wait_stop(stop) => None,
+            };
+            let Some(pulled) = pulled else {
+                output.discard().await;
+                return Err(format!("pull stopped by a signal{unchanged}"));
+            };
+            match pulled {
                 Ok(pulled) => {
                     output.commit().await.map_err(|e| format!("cannot write {}: {e}{unchanged}", path.display()))?;
                     Ok(pulled)

@@ -705,6 +705,49 @@ async fn mismatched_bracket_element_is_set_aside() {
     assert_eq!(stdout(&letter), broken, "the dead letter keeps the element exactly");
 }
 
+/// SIGTERM during a pull with `--output` leaves the earlier export and no
+/// partial file. The API accepts connections and never answers, so the
+/// pull is still waiting when the signal comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_stopped_by_signal_leaves_no_partial_file() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = format!("http://{}", silent.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            open.push(socket);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let tenant = tenant_with("contoso", &(secret_line(CLIENT_SECRET) + &urls(&api)));
+    let config = write_config(dir.path(), "", &tenant, &file_sink_toml("a", &dir.path().join("a")));
+    let exports = dir.path().join("exports");
+    std::fs::create_dir(&exports).unwrap();
+    let out = exports.join("day.jsonl");
+    std::fs::write(&out, "earlier\n").unwrap();
+
+    let mut child = tokio::process::Command::new(binary())
+        .args(pull_args(config.to_str().unwrap(), out.to_str().unwrap(), &["--ago", "P1D"]))
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while hidden_files(&exports).is_empty() && started.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(hidden_files(&exports).len(), 1, "the pull writes a partial file");
+    // SAFETY: sends SIGTERM to our own child process.
+    unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
+    let output = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output()).await.expect("pull stops on SIGTERM").unwrap();
+
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("stopped by a signal"), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "earlier\n");
+    assert_eq!(hidden_files(&exports), Vec::<String>::new(), "the partial file is deleted");
+    held.abort();
+}
+
 /// Returns the names in `dir` that start with `.` (partial pull outputs).
 fn hidden_files(dir: &Path) -> Vec<String> {
     let names = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned());
