@@ -625,20 +625,6 @@ async fn pull_keeps_raw_text_and_honours_until() {
     assert!(request.query.iter().any(|(k, v)| k == "untilTimeUtc" && v.starts_with("2020-01-02T00:00:00")), "{:?}", request.query);
 }
 
-/// Starts an API on 127.0.0.1 that responds to every alerts request with `body`,
-/// and returns the `[[tenant]]` table that points at it.
-async fn api_serving(body: String) -> (common::http_server::HttpReceiver, String) {
-    let api = common::http_server::HttpReceiver::start(move |request| {
-        if request.path.contains("/token") {
-            common::http_server::Answer::new(200, r#"{"token_type":"Bearer","expires_in":3599,"access_token":"opaque"}"#)
-        } else {
-            common::http_server::Answer::new(200, body.clone()).with_header("content-type", "application/json")
-        }
-    })
-    .await;
-    let tenant = tenant_with("contoso", &(secret_line(CLIENT_SECRET) + &urls(&api.url())));
-    (api, tenant)
-}
 
 /// Elements that are not detections may hold line breaks that are data.
 /// Each becomes one line that gives back its exact text.
@@ -653,7 +639,7 @@ async fn pull_keeps_invalid_elements_exact() {
         "42".to_string(),
     ];
     let body = format!("[{detection},{}]", invalid.join(","));
-    let (_api, tenant) = api_serving(body).await;
+    let (_api, tenant) = api_answering(body).await;
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), "", &tenant, &file_sink_toml("a", &dir.path().join("a")));
     let out = dir.path().join("pulled.jsonl");
@@ -684,7 +670,7 @@ async fn mismatched_bracket_element_is_set_aside() {
     let detection = |id: &str, x: &str| format!(r#"{{"FullId": "{id}", "LastProcessedTimeUtc": "{time}", "X": {x}}}"#);
     let broken = format!(r#"{{"FullId": "r2", "LastProcessedTimeUtc": "{time}", "X": [1, 2}}"#);
     let body = format!("[{},\n{broken},\n{}]", detection("r1", "\"ok\""), detection("r3", "\"ok\""));
-    let (_api, tenant) = api_serving(body).await;
+    let (_api, tenant) = api_answering(body).await;
     let dir = tempfile::tempdir().unwrap();
     let sink_file = dir.path().join("a");
     let config = write_config(dir.path(), "", &tenant, &file_sink_toml("a", &sink_file));
@@ -726,7 +712,7 @@ async fn pull_stopped_by_signal_leaves_no_partial_file() {
     let out = exports.join("day.jsonl");
     std::fs::write(&out, "earlier\n").unwrap();
 
-    let mut child = tokio::process::Command::new(binary())
+    let child = tokio::process::Command::new(binary())
         .args(pull_args(config.to_str().unwrap(), out.to_str().unwrap(), &["--ago", "P1D"]))
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)

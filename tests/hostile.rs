@@ -95,18 +95,24 @@ async fn number_and_string_full_ids_are_both_forwarded() {
     assert!(titles.contains(&json!("string")));
 }
 
-/// Timestamps finer than the API's 100 ns ticks must not fall between pages.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn paging_keeps_detections_between_ticks() {
+/// Starts an emulator with five detections. With `limit = 3` the first
+/// page ends at `x`, inside the 100 ns tick that also contains `b`.
+async fn emulator_with_detections_in_one_tick() -> Emulator {
     let emulator = Emulator::start("127.0.0.1:0".parse().unwrap(), EmulatorOptions::default()).await.unwrap();
     emulator.add_tenant(TENANT_ID, tenant_spec());
     let base = chrono::Utc::now() - chrono::Duration::minutes(5);
     let at = |offset_ns: i64| (base + chrono::Duration::nanoseconds(offset_ns)).format("%Y-%m-%dT%H:%M:%S%.9fZ").to_string();
-    // With limit 3 the first page ends at x, inside the tick that also contains b.
     let rows = [("c1", 2_000_000_000), ("c2", 1_000_000_000), ("x", 123_456_789), ("b", 123_456_750), ("d", -3_600_000_000_000)];
     for (id, offset) in rows {
         emulator.push_detection(TENANT_ID, json!({"FullId": id, "LastProcessedTimeUtc": at(offset)}));
     }
+    emulator
+}
+
+/// Timestamps finer than the API's 100 ns ticks must not fall between pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paging_keeps_detections_between_ticks() {
+    let emulator = emulator_with_detections_in_one_tick().await;
     let dir = tempfile::tempdir().unwrap();
     let archive = dir.path().join("archive.jsonl");
     let config = write_config(dir.path(), "limit = 3", &tenant_toml("contoso", TENANT_ID, &emulator), &file_sink_toml("archive", &archive));
@@ -122,15 +128,7 @@ async fn paging_keeps_detections_between_ticks() {
 /// ticks, next to the oldest of a full page, is in the next page.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_keeps_detections_between_ticks() {
-    let emulator = Emulator::start("127.0.0.1:0".parse().unwrap(), EmulatorOptions::default()).await.unwrap();
-    emulator.add_tenant(TENANT_ID, tenant_spec());
-    let base = chrono::Utc::now() - chrono::Duration::minutes(5);
-    let at = |offset_ns: i64| (base + chrono::Duration::nanoseconds(offset_ns)).format("%Y-%m-%dT%H:%M:%S%.9fZ").to_string();
-    // With limit 3 the first page ends at x, inside the tick that also contains b.
-    let rows = [("c1", 2_000_000_000), ("c2", 1_000_000_000), ("x", 123_456_789), ("b", 123_456_750), ("d", -3_600_000_000_000)];
-    for (id, offset) in rows {
-        emulator.push_detection(TENANT_ID, json!({"FullId": id, "LastProcessedTimeUtc": at(offset)}));
-    }
+    let emulator = emulator_with_detections_in_one_tick().await;
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), "limit = 3", &tenant_toml("contoso", TENANT_ID, &emulator), &file_sink_toml("archive", &dir.path().join("a.jsonl")));
     let out = dir.path().join("pulled.jsonl");
@@ -286,20 +284,9 @@ async fn lone_surrogates_reach_json_sinks_unchanged() {
         format!(r#"{{"FullId":"plain:1","LastProcessedTimeUtc":"{time}","Title":"fine"}}"#),
     ];
     let body = format!("[{}]", detections.join(","));
-    let api = common::http_server::HttpReceiver::start(move |request| {
-        if request.path.contains("/token") {
-            common::http_server::Answer::new(200, r#"{"token_type":"Bearer","expires_in":3599,"access_token":"opaque"}"#)
-        } else {
-            common::http_server::Answer::new(200, body.clone()).with_header("content-type", "application/json")
-        }
-    })
-    .await;
+    let (_api, tenant) = api_answering(body).await;
     let receiver = LineReceiver::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let tenant = format!(
-        "[[tenant]]\nname = \"contoso\"\ntenant_id = \"{TENANT_ID}\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{CLIENT_SECRET}\"\napi_url = \"{url}\"\nlogin_url = \"{url}\"\n",
-        url = api.url()
-    );
     let config = write_config(dir.path(), "", &tenant, &file_and_cef_sinks(dir.path(), receiver.addr));
     assert_success(&run_once(&config).await);
 

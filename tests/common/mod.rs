@@ -56,6 +56,26 @@ login_url = "{url}"
 
 /// Writes a config file with fast retries and returns its path.
 /// `poll_extra` contains `[poll]` lines that replace the test defaults.
+/// Starts an API on 127.0.0.1 that responds to every alerts request with
+/// `body` as it is, for bodies the emulator cannot serve (it stores parsed
+/// detections). Returns it with a `[[tenant]]` table named `contoso` that
+/// points at it.
+pub async fn api_answering(body: String) -> (http_server::HttpReceiver, String) {
+    let api = http_server::HttpReceiver::start(move |request| {
+        if request.path.contains("/token") {
+            http_server::Answer::new(200, r#"{"token_type":"Bearer","expires_in":3599,"access_token":"opaque"}"#)
+        } else {
+            http_server::Answer::new(200, body.clone()).with_header("content-type", "application/json")
+        }
+    })
+    .await;
+    let tenant = format!(
+        "[[tenant]]\nname = \"contoso\"\ntenant_id = \"{TENANT_ID}\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{CLIENT_SECRET}\"\napi_url = \"{url}\"\nlogin_url = \"{url}\"\n",
+        url = api.url()
+    );
+    (api, tenant)
+}
+
 pub fn write_config(dir: &Path, poll_extra: &str, tenants: &str, sinks: &str) -> PathBuf {
     let state = dir.join("state");
     let defaults = [
