@@ -692,13 +692,13 @@ async fn mismatched_bracket_element_is_set_aside() {
 }
 
 /// SIGTERM during a pull with `--output` leaves the earlier export and no
-/// partial file. The API accepts connections and never answers, so the
+/// partial file. The API accepts connections and never responds, so the
 /// pull is still waiting when the signal comes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_stopped_by_signal_leaves_no_partial_file() {
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let api = format!("http://{}", silent.local_addr().unwrap());
-    let held = tokio::spawn(async move {
+    let accepting = tokio::spawn(async move {
         let mut open = Vec::new();
         while let Ok((socket, _)) = silent.accept().await {
             open.push(socket);
@@ -731,7 +731,7 @@ async fn pull_stopped_by_signal_leaves_no_partial_file() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("stopped by a signal"), "{}", String::from_utf8_lossy(&output.stderr));
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "earlier\n");
     assert_eq!(hidden_files(&exports), Vec::<String>::new(), "the partial file is deleted");
-    held.abort();
+    accepting.abort();
 }
 
 /// Returns the names in `dir` that start with `.` (partial pull outputs).
