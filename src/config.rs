@@ -403,6 +403,13 @@ pub struct SinkProxyConfig {
     pub no_proxy: Option<String>,
 }
 
+impl SinkProxyConfig {
+    /// Returns the parts of `proxy_url` that may be credentials.
+    pub fn secrets(&self) -> Vec<String> {
+        self.proxy_url.as_ref().map(|url| crate::redact::url_secrets(url.expose())).unwrap_or_default()
+    }
+}
+
 /// The layout of a batch in one HTTP request body.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -901,7 +908,7 @@ fn checked_sink_url(key: &str, text: &str) -> Result<(), ConfigError> {
     let url = url::Url::parse(text.trim())
         .map_err(|e| invalid(key, format!("{redacted:?} is not a URL ({e}); write it like https://host[:port]/path")))?;
     if url.scheme() != "http" && url.scheme() != "https" {
-        return Err(invalid(key, format!("{redacted:?} must start with https:// (or http:// for a local test server)")));
+        return Err(invalid(key, scheme_message(text, url.scheme())));
     }
     Ok(())
 }
@@ -1228,6 +1235,18 @@ fn api_base(url: &str) -> &str {
     base
 }
 
+/// Describes a sink URL whose scheme is not http or https. Without `//`,
+/// `user:password@host` reads as scheme `user`, so the scheme is shown only
+/// when the text has `://`, and the rest of the URL never.
+fn scheme_message(text: &str, scheme: &str) -> String {
+    let fix = "it must start with https:// (or http:// for a local test server)";
+    if text.contains("://") {
+        format!("has scheme {scheme:?}; {fix}")
+    } else {
+        format!("has no scheme followed by //; {fix}")
+    }
+}
+
 /// Checks a proxy URL (`[poll]` or a sink's) without echoing it, since it
 /// may hold a password. `key` names it in errors.
 fn check_proxy_url(key: &str, proxy: &Secret) -> Result<(), ConfigError> {
@@ -1248,7 +1267,7 @@ fn checked_base_url(key: &str, text: &str) -> Result<String, ConfigError> {
     let url = url::Url::parse(text.trim())
         .map_err(|e| invalid(key, format!("{redacted:?} is not a URL ({e}); write it like https://host[:port]")))?;
     if url.scheme() != "http" && url.scheme() != "https" {
-        return Err(invalid(key, format!("{redacted:?} must start with https:// (or http:// for a local test server)")));
+        return Err(invalid(key, scheme_message(text, url.scheme())));
     }
     if url.query().is_some() || url.fragment().is_some() {
         return Err(invalid(key, format!("{redacted:?} must not contain a query string or fragment")));

@@ -42,17 +42,19 @@ pub fn url(text: &str) -> String {
 }
 
 /// Hides the parts of text that failed to parse as a URL where a URL keeps
-/// credentials: everything between `://` and the last `@`, and everything
-/// after the first `?`.
+/// credentials: everything before the last `@` (after `://`, when the text
+/// has it), and everything after the first `?`.
 fn unparsed_url(text: &str) -> String {
     let mut redacted = text.to_string();
+    // The user part first: a password may contain the `?` of the query.
+    if let Some(at) = redacted.rfind('@') {
+        let user_start = redacted.find("://").map_or(0, |scheme_end| scheme_end + 3);
+        if at > user_start {
+            redacted.replace_range(user_start..at, "redacted");
+        }
+    }
     if let Some(query) = redacted.find('?') {
         redacted.replace_range(query + 1.., "redacted");
-    }
-    if let (Some(scheme_end), Some(at)) = (redacted.find("://"), redacted.rfind('@')) {
-        if at > scheme_end + 3 {
-            redacted.replace_range(scheme_end + 3..at, "redacted");
-        }
     }
     redacted
 }
@@ -135,6 +137,8 @@ mod tests {
         let shown = url("https://alice:pw-secret-123@collector.example:99999/ingest?token=q-secret");
         assert_eq!(shown, "https://redacted@collector.example:99999/ingest?redacted");
         assert_eq!(url("https://a:b@c@splunk example:8088"), "https://redacted@splunk example:8088");
+        assert_eq!(url("http://aliceUser:S3cret?Pass@127.0.0.1:1/"), "http://redacted@127.0.0.1:1/");
+        assert_eq!(url("T0ken-value@collector.example"), "redacted@collector.example");
     }
 
     #[test]

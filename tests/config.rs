@@ -128,6 +128,9 @@ fn invalid_sink_url_error_hides_credentials() {
         ("http", "", "ftp://alice:pw-secret-123@collector.example/ingest?token=q-secret-456"),
         ("splunk_hec", hec_token, "https://alice:pw-secret-123@splunk example:8088"),
         ("splunk_hec", hec_token, "https://alice:pw-secret-123@splunk.example:8088/?token=q-secret-456"),
+        ("http", "", "http://alice:pw-secret-123?more@127.0.0.1:1/"),
+        ("http", "", "alice:pw-secret-123@127.0.0.1:1"),
+        ("splunk_hec", hec_token, "alice:pw-secret-123@127.0.0.1:1"),
     ];
     for (kind, extra, url) in urls {
         let sink = format!("[[sink]]\nname = \"collector\"\ntype = \"{kind}\"\n{extra}url = \"{url}\"\n");

@@ -522,11 +522,12 @@ async fn url_credentials_not_logged() {
 /// that names the key and hides the password.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_sink_uses_its_proxy() {
-    let proxy = HttpReceiver::start(|_| Answer::new(200, "ok")).await;
+    // The proxy first fails and echoes the request's headers, as some do.
+    let proxy = HttpReceiver::start(|request| if request.index == 0 { echo_headers(502, request) } else { Answer::new(200, "ok") }).await;
     let dir = tempfile::tempdir().unwrap();
+    let proxy_url = proxy.url().replacen("http://", "http://proxy-user:proxy-pass-987@", 1);
     let sinks = format!(
-        "[[sink]]\nname = \"collector\"\ntype = \"http\"\nurl = \"http://collector.invalid/ingest\"\nproxy_url = \"{}\"\nretry_initial_ms = 50\nretry_max_secs = 1\n",
-        proxy.url()
+        "[[sink]]\nname = \"collector\"\ntype = \"http\"\nurl = \"http://collector.invalid/ingest\"\nproxy_url = \"{proxy_url}\"\nretry_initial_ms = 50\nretry_max_secs = 1\n"
     );
     let emulator = emulator_with_samples(EmulatorOptions::default()).await;
     let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &sinks);
@@ -537,12 +538,17 @@ async fn http_sink_uses_its_proxy() {
     assert_success(&output);
 
     let requests = proxy.requests_to("/ingest");
-    assert_eq!(requests.len(), 1, "{}", stderr(&output));
+    assert_eq!(requests.len(), 2, "{}", stderr(&output));
     assert_eq!(requests[0].header("host"), Some("collector.invalid"), "the request went to the proxy for the sink's host");
-    let forwarded: Vec<Value> = serde_json::from_slice(&requests[0].body).unwrap();
+    let basic = base64::engine::general_purpose::STANDARD.encode("proxy-user:proxy-pass-987");
+    assert_eq!(requests[0].header("proxy-authorization"), Some(format!("Basic {basic}").as_str()));
+    let log = stderr(&output);
+    assert!(log.contains("HTTP 502"), "the echo was logged: {log}");
+    assert!(!log.contains(&basic) && !log.contains("proxy-pass-987"), "the proxy credentials stay out of the log: {log}");
+    let forwarded: Vec<Value> = serde_json::from_slice(&requests[1].body).unwrap();
     assert_eq!(forwarded.len(), sample_detections().len());
 
-    let bad = sinks.replace(&proxy.url(), "ftp://user:proxy-pass-123@proxy.example");
+    let bad = sinks.replace(&proxy_url, "ftp://user:proxy-pass-123@proxy.example");
     let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &bad);
     let checked = run_cli(&["check-config", "--config", config.to_str().unwrap()]).await;
     assert!(!checked.status.success());

@@ -169,6 +169,7 @@ pub fn build_sink(key: &str, sink: &SinkConfig) -> Result<(Transport, EventEncod
                 gzip: h.gzip,
                 headers: h.resolve_headers(key)?,
                 max_batch_bytes: h.max_batch_bytes,
+                proxy_secrets: h.proxy.secrets(),
             };
             (Transport::Http(HttpTransport::new(key, settings, client)?), plain(PayloadFormat::Json, Framing::None))
         }
@@ -181,6 +182,7 @@ pub fn build_sink(key: &str, sink: &SinkConfig) -> Result<(Transport, EventEncod
                 ack: h.ack,
                 ack_timeout: Duration::from_secs(h.ack_timeout_secs),
                 max_batch_bytes: h.max_batch_bytes,
+                proxy_secrets: h.proxy.secrets(),
             };
             let options = HecOptions { source: h.source.clone(), sourcetype: h.sourcetype.clone(), index: h.index.clone() };
             (Transport::Hec(HecTransport::new(key, settings, client)?), EventEncoder::Hec(options))

@@ -38,6 +38,8 @@ pub struct HecSettings {
     pub ack: bool,
     pub ack_timeout: Duration,
     pub max_batch_bytes: usize,
+    /// Credentials of the sink's proxy, which a proxy may echo.
+    pub proxy_secrets: Vec<String>,
 }
 
 pub struct HecTransport {
@@ -74,7 +76,8 @@ impl HecTransport {
         let authorization_text = format!("Splunk {}", settings.token.expose());
         let url_secrets = crate::redact::url_secrets(&settings.url);
         let tokens = [settings.token.expose(), authorization_text.as_str()];
-        let redactor = Redactor::new(tokens.into_iter().chain(url_secrets.iter().map(String::as_str)));
+        let url_parts = url_secrets.iter().chain(&settings.proxy_secrets).map(String::as_str);
+        let redactor = Redactor::new(tokens.into_iter().chain(url_parts));
         let mut authorization = HeaderValue::from_str(&authorization_text).map_err(|_| {
             ConfigError::Invalid { key: format!("{key}.token"), message: "contains characters not allowed in HTTP headers".into() }
         })?;

@@ -29,6 +29,9 @@ pub struct HttpSettings {
     pub gzip: bool,
     pub headers: Vec<(String, Secret)>,
     pub max_batch_bytes: usize,
+    /// Credentials of the sink's proxy (see [`crate::redact::url_secrets`]),
+    /// which a proxy may echo in its responses.
+    pub proxy_secrets: Vec<String>,
 }
 
 pub struct HttpTransport {
@@ -51,7 +54,8 @@ impl HttpTransport {
         // URL's user, password and query, which a receiver may echo.
         let url_secrets = crate::redact::url_secrets(&settings.url);
         let header_values = settings.headers.iter().map(|(_, value)| value.expose());
-        let redactor = Redactor::new(header_values.chain(url_secrets.iter().map(String::as_str)));
+        let url_parts = url_secrets.iter().chain(&settings.proxy_secrets).map(String::as_str);
+        let redactor = Redactor::new(header_values.chain(url_parts));
         Ok(Self {
             client,
             url: settings.url,

@@ -77,9 +77,13 @@ impl Redactor {
 fn encoded_forms(secret: &str) -> Vec<String> {
     let bytes = secret.as_bytes();
     let json = serde_json::to_string(secret).unwrap_or_default();
+    let json = json.trim_matches('"').to_string();
+    // JSON may also escape `/` as `\/` (PHP's json_encode does by default).
+    let json_slashes = json.replace('/', "\\/");
     let mut forms = vec![
         secret.to_string(),
-        json.trim_matches('"').to_string(),
+        json,
+        json_slashes,
         percent_encode(bytes, true),
         percent_encode(bytes, false),
         url::form_urlencoded::byte_serialize(bytes).collect(),
@@ -136,6 +140,13 @@ mod tests {
         let redactor = Redactor::new(["quote\"back\\slash"]);
         let body = serde_json::json!({ "authorization": "quote\"back\\slash" }).to_string();
         assert_eq!(redactor.redact(&body), r#"{"authorization":"[redacted]"}"#);
+    }
+
+    #[test]
+    fn redacts_json_with_escaped_slashes() {
+        let redactor = Redactor::new(["Sig/val=="]);
+        let body = r#"{"params":{"sig":"Sig\/val=="}}"#;
+        assert_eq!(redactor.redact(body), r#"{"params":{"sig":"[redacted]"}}"#);
     }
 
     #[test]
