@@ -134,8 +134,8 @@ mod tests {
 
     #[test]
     fn unparsable_url_hides_user_and_query() {
-        let shown = url("https://alice:pw-secret-123@collector.example:99999/ingest?token=q-secret");
-        assert_eq!(shown, "https://redacted@collector.example:99999/ingest?redacted");
+        let redacted = url("https://alice:pw-secret-123@collector.example:99999/ingest?token=q-secret");
+        assert_eq!(redacted, "https://redacted@collector.example:99999/ingest?redacted");
         assert_eq!(url("https://a:b@c@splunk example:8088"), "https://redacted@splunk example:8088");
         assert_eq!(url("http://aliceUser:S3cret?Pass@127.0.0.1:1/"), "http://redacted@127.0.0.1:1/");
         assert_eq!(url("T0ken-value@collector.example"), "redacted@collector.example");
