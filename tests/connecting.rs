@@ -691,6 +691,32 @@ async fn mismatched_bracket_element_is_set_aside() {
     assert_eq!(stdout(&letter), broken, "the dead letter keeps the element exactly");
 }
 
+/// An unclosed bracket can make a broken element take in the detection
+/// after it. That detection is not lost silently: the dead letter's reason
+/// and an ERROR name its FullId.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swallowed_detection_is_named() {
+    let time = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ");
+    let detection = |id: &str| format!(r#"{{"FullId":"{id}","LastProcessedTimeUtc":"{time}"}}"#);
+    let body = format!(r#"[{},{{"FullId":"r2","X":[1,2,{},{{"b":1}}}},{}]"#, detection("v1"), detection("v2"), detection("v3"));
+    let (_api, tenant) = api_answering(body).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sink_file = dir.path().join("a");
+    let config = write_config(dir.path(), "", &tenant, &file_sink_toml("a", &sink_file));
+    let cfg = config.to_str().unwrap();
+
+    let output = run_cli(&["run", "--once", "--config", cfg]).await;
+
+    assert_success(&output);
+    let forwarded: Vec<String> = read_json_lines(&sink_file).iter().map(|d| d["FullId"].as_str().unwrap().to_string()).collect();
+    assert_eq!(forwarded, ["v1", "v3"]);
+    let log = stderr(&output);
+    assert!(log.contains("ERROR") && log.contains("r2, v2"), "{log}");
+    let letters = dead_letters(dir.path());
+    assert_eq!(letters.len(), 1);
+    assert!(letters[0].reason.contains("its text contains FullId r2, v2"), "{}", letters[0].reason);
+}
+
 /// SIGTERM during a pull with `--output` leaves the earlier export and no
 /// partial file. The API accepts connections and never responds, so the
 /// pull is still waiting when the signal comes.

@@ -332,10 +332,24 @@ impl Poller {
                 }
                 Element::Invalid { raw, reason } => {
                     report.invalid += 1;
-                    let letter_reason = format!("response element is not a detection: {reason}");
+                    // A broken element may have taken in the detections after
+                    // it, so the FullIds in its text are named.
+                    let full_ids = embedded_full_ids(&raw);
+                    let named = match full_ids.len() {
+                        0 => String::new(),
+                        _ => format!("; its text contains FullId {}", full_ids.join(", ")),
+                    };
+                    let letter_reason = format!("response element is not a detection: {reason}{named}");
                     let new = self.store.keep_invalid(tenant, &raw, &letter_reason, now).map_err(|e| self.store_error(e))?;
-                    if new {
-                        tracing::warn!(tenant = %tenant, reason = %reason, "response element is not a detection; kept as a dead letter");
+                    if new && full_ids.len() > 1 {
+                        tracing::error!(
+                            tenant = %tenant,
+                            reason = %reason,
+                            full_ids = %full_ids.join(", "),
+                            "response element is not a detection and its text contains several FullIds, so it may have taken in the detections after it; kept as a dead letter, replay its window with `state set-checkpoint --resend` once the API sends it whole"
+                        );
+                    } else if new {
+                        tracing::warn!(tenant = %tenant, reason = %reason, full_ids = %full_ids.join(", "), "response element is not a detection; kept as a dead letter");
                     }
                 }
             }
@@ -430,9 +444,39 @@ struct PageSummary {
     newest: Option<DateTime<Utc>>,
 }
 
+/// Returns the string values of every `"FullId"` key in `raw`, at any
+/// depth, up to ten, as text that may have lost bytes that are not UTF-8.
+/// For an element that is not valid JSON, which no parser can read.
+fn embedded_full_ids(raw: &[u8]) -> Vec<String> {
+    const MAX_LISTED: usize = 10;
+    let mut found = Vec::new();
+    for start in memchr::memmem::find_iter(raw, b"\"FullId\"") {
+        let rest = raw[start + 8..].trim_ascii_start();
+        let Some(rest) = rest.strip_prefix(b":").map(<[u8]>::trim_ascii_start) else { continue };
+        let Some(value) = rest.strip_prefix(b"\"") else { continue };
+        let mut end = 0;
+        while end < value.len() && value[end] != b'"' {
+            end += if value[end] == b'\\' { 2 } else { 1 };
+        }
+        found.push(String::from_utf8_lossy(&value[..end.min(value.len())]).into_owned());
+        if found.len() == MAX_LISTED {
+            break;
+        }
+    }
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn embedded_full_ids_found_at_any_depth() {
+        let broken = br#"{"FullId": "r2", "X":[1,2,{"FullId":"v2","T":"a\"b"},{"FullId" : "v\"3"}}"#;
+        assert_eq!(embedded_full_ids(broken), ["r2", "v2", r#"v\"3"#]);
+        assert_eq!(embedded_full_ids(br#"{"FullId":42,"Title":"x"}"#), Vec::<String>::new(), "only strings are listed");
+        assert_eq!(embedded_full_ids(br#"{"FullId":"cut"#), ["cut"]);
+    }
 
     #[test]
     fn rejection_delay_doubles_up_to_an_hour() {
