@@ -29,6 +29,10 @@ pub enum ArrayError {
 /// How much of a body error messages show.
 const PREVIEW_BYTES: usize = 120;
 
+/// Stray `]` in one response after which the splitter still reads on. More
+/// of them make the body more likely something other than a broken array.
+const MAX_STRAY_CLOSERS: usize = 100;
+
 /// Nesting levels whose bracket kind the byte scan remembers. serde_json
 /// rejects more than 128 levels anyway, so a deeper element is invalid and
 /// only counted beyond this.
@@ -95,6 +99,8 @@ pub struct ArraySplitter {
     drained: usize,
     /// Bytes of a byte order mark found at the start of the body.
     bom_bytes: usize,
+    /// Stray `]` taken for the end of the array so far.
+    strays: usize,
 }
 
 /// The outcome of [`ArraySplitter::check_object`] for one object.
@@ -131,6 +137,7 @@ impl ArraySplitter {
             ending: false,
             drained: 0,
             bom_bytes: 0,
+            strays: 0,
         }
     }
 
@@ -260,13 +267,23 @@ impl ArraySplitter {
                 b if b.is_ascii_whitespace() => {}
                 b',' => self.state = State::BeforeElement { first: false },
                 b']' => self.state = State::Done,
+                // A stray `}` after an element starts an invalid element of
+                // its own, up to the next separator, so the rest is kept.
+                b'}' => self.start_element(byte, at, out)?,
                 _ => return Err(self.syntax(byte)),
             },
-            State::Done => {
-                if !byte.is_ascii_whitespace() {
-                    return Err(ArrayError::Trailing(self.preview_of(&self.buffer[at..])));
+            State::Done => match byte {
+                b if b.is_ascii_whitespace() => {}
+                // More elements follow, so the `]` that seemed to end the
+                // array was a stray one: it becomes an invalid element.
+                b',' if self.strays < MAX_STRAY_CLOSERS => {
+                    self.strays += 1;
+                    out.push(RawElement { bytes: b"]".to_vec(), keys: None });
+                    self.elements += 1;
+                    self.state = State::BeforeElement { first: false };
                 }
-            }
+                _ => return Err(ArrayError::Trailing(self.preview_of(&self.buffer[at..]))),
+            },
         }
         Ok(())
     }
@@ -306,12 +323,12 @@ impl ArraySplitter {
                 self.close(byte);
                 self.end_if_top(at + 1, out);
             }
-            // A scalar at the top level ends at the separator that follows it.
+            // A scalar at the top level ends at the separator that follows
+            // it, and so does an invalid element that starts with `}`.
             b',' | b']' if self.depth == 0 => {
                 self.emit(at, out);
                 self.state = if byte == b',' { State::BeforeElement { first: false } } else { State::Done };
             }
-            b'}' => return Err(self.syntax(byte)),
             _ => {}
         }
         Ok(())
@@ -528,7 +545,23 @@ mod tests {
     fn misplaced_separators_are_errors() {
         assert!(matches!(split_in_chunks("[,1]", 1), Err(ArrayError::Syntax { .. })));
         assert!(matches!(split_in_chunks("[1,]", 1), Err(ArrayError::Syntax { .. })));
-        assert!(matches!(split_in_chunks(r#"[{"a":1}}]"#, 1), Err(ArrayError::Syntax { .. })));
+    }
+
+    /// A stray closing bracket between elements becomes an invalid element
+    /// of its own, so the elements after it are still split.
+    #[test]
+    fn stray_closers_between_elements_are_elements() {
+        let cases: &[(&str, &[&str])] = &[
+            (r#"[{"a":1}}]"#, &[r#"{"a":1}"#, "}"]),
+            (r#"[{"a":1}},{"b":2}]"#, &[r#"{"a":1}"#, "}", r#"{"b":2}"#]),
+            (r#"[{"a":1}] ,{"b":2}]"#, &[r#"{"a":1}"#, "]", r#"{"b":2}"#]),
+            (r#"[{"a":[1}},{"b":2}]"#, &[r#"{"a":[1}"#, "}", r#"{"b":2}"#]),
+        ];
+        for (body, expected) in cases {
+            for chunk in [1, 4, body.len()] {
+                assert_eq!(split_in_chunks(body, chunk).unwrap(), *expected, "{body} in chunks of {chunk}");
+            }
+        }
     }
 
     #[test]

@@ -691,6 +691,29 @@ async fn mismatched_bracket_element_is_set_aside() {
     assert_eq!(stdout(&letter), broken, "the dead letter keeps the element exactly");
 }
 
+/// A stray closing bracket between elements becomes a dead letter of its
+/// own, and the detections around it are forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stray_closing_brackets_are_set_aside() {
+    let time = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ");
+    let detection = |id: &str| format!(r#"{{"FullId":"{id}","LastProcessedTimeUtc":"{time}"}}"#);
+    let strays = [r#"{"FullId":"b","X":[1]]}"#.to_string(), r#"{"a":[1}}"#.to_string(), format!("{}}}", detection("b")), format!("{}]", detection("b"))];
+    for stray in strays {
+        let body = format!("[{},{stray},{}]", detection("v1"), detection("v2"));
+        let (_api, tenant) = api_answering(body).await;
+        let dir = tempfile::tempdir().unwrap();
+        let sink_file = dir.path().join("a");
+        let config = write_config(dir.path(), "", &tenant, &file_sink_toml("a", &sink_file));
+
+        let output = run_cli(&["run", "--once", "--config", config.to_str().unwrap()]).await;
+
+        assert_success(&output);
+        let forwarded: Vec<String> = read_json_lines(&sink_file).iter().map(|d| d["FullId"].as_str().unwrap().to_string()).collect();
+        assert!(forwarded.contains(&"v1".to_string()) && forwarded.contains(&"v2".to_string()), "{stray}: {forwarded:?}");
+        assert!(!dead_letters(dir.path()).is_empty(), "{stray}: the broken part is a dead letter");
+    }
+}
+
 /// An unclosed bracket can make a broken element take in the detection
 /// after it. That detection is not lost silently: the dead letter's reason
 /// and an ERROR name its FullId.
