@@ -450,7 +450,7 @@ mod tests {
     }
 
     /// A bracket closed by the other kind makes its element invalid, but
-    /// the element still ends where its brackets say, so the elements after
+    /// the element still ends where its brackets end, so the elements after
     /// it are split as usual.
     #[test]
     fn mismatched_brackets_end_their_element() {

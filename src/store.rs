@@ -7,7 +7,7 @@
 //! | --- | --- | --- |
 //! | `meta` | `schema_version` | u32 big-endian |
 //! | `checkpoints` | tenant name | RFC 3339 text with nanoseconds |
-//! | `outbox` | sequence number u64 BE | index of one queued batch: spool segment, offset, length, count, and the range of its `LastProcessedTimeUtc` (not in entries of version 2) |
+//! | `outbox` | sequence number u64 BE | index of one queued batch: spool segment, offset, length, count, and the range of its `LastProcessedTimeUtc` and its tenant (not in entries of version 2) |
 //! | `cursors` | sink name | last acknowledged position, u64 BE |
 //! | `dead_letters` | id u64 BE | JSON: sink, tenant, reason, time, detection, and `detection_base64` when the detection is not UTF-8 |
 //! | `requeued` | sequence number u64 BE | the one sink a requeued dead letter's batch is for |
@@ -115,7 +115,7 @@ pub enum StoreError {
     Spool(#[from] SpoolError),
     #[error("dead letter {id} is not valid UTF-8 and the sinks send text, so a requeue would change it; export its exact bytes with `state dead-letters --id {id} --raw > FILE`, then purge it")]
     RequeueNotUtf8 { id: u64 },
-    #[error("dead letter {id} comes from a damaged spool record, so its text may differ from what was received; replay the detections from the API with `state set-checkpoint --resend` (the reason gives the window when a detection of the batch could be read), then purge it")]
+    #[error("dead letter {id} comes from a damaged spool record, so its text may differ from what was received; replay the detections from the API with `state set-checkpoint --resend` (the reason gives the window when it is known), then purge it")]
     RequeueDamaged { id: u64 },
     #[error("{0}; check free space and permissions; the operation is retried")]
     Seen(#[from] SeenError),
@@ -149,8 +149,10 @@ impl IndexEntry {
         Self { record, count, window }
     }
 
-    fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(50);
+    /// Encodes the entry of a batch of `tenant`. The tenant is read back
+    /// only by [`IndexEntry::tenant_of`], for a batch whose record is lost.
+    fn encode(&self, tenant: &str) -> Vec<u8> {
+        let mut out = Vec::with_capacity(52 + tenant.len());
         out.push(INDEX_FORMAT);
         out.extend_from_slice(&self.record.segment.to_be_bytes());
         out.extend_from_slice(&self.record.offset.to_be_bytes());
@@ -166,17 +168,51 @@ impl IndexEntry {
                 }
             }
         }
+        // Tenant names are short; a longer one is cut at a character boundary.
+        let mut end = tenant.len().min(usize::from(u16::MAX));
+        while !tenant.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.extend_from_slice(&(end as u16).to_be_bytes());
+        out.extend_from_slice(&tenant.as_bytes()[..end]);
         out
+    }
+
+    /// Returns the tenant stored in an encoded entry; `None` for entries of
+    /// schema version 2, which have none.
+    fn tenant_of(bytes: &[u8]) -> Option<String> {
+        let start = Self::tenant_offset(bytes)?;
+        let len = usize::from(u16::from_be_bytes(bytes.get(start..start + 2)?.try_into().ok()?));
+        let name = bytes.get(start + 2..start + 2 + len)?;
+        String::from_utf8(name.to_vec()).ok()
+    }
+
+    /// Returns where the tenant's length starts in a format 4 entry.
+    fn tenant_offset(bytes: &[u8]) -> Option<usize> {
+        match (bytes.first()?, bytes.get(25)?) {
+            (&INDEX_FORMAT, 0) => Some(26),
+            (&INDEX_FORMAT, 1) => Some(50),
+            _ => None,
+        }
     }
 
     fn decode(bytes: &[u8]) -> Option<Self> {
         let u64_at = |i: usize| bytes.get(i..i + 8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
         let u32_at = |i: usize| bytes.get(i..i + 4).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes);
         let time_at = |i: usize| DateTime::from_timestamp(u64_at(i)? as i64, u32_at(i + 8)?);
-        let window = match (bytes.first()?, bytes.len()) {
-            (&INDEX_FORMAT_NO_WINDOW, 25) => None,
-            (&INDEX_FORMAT, 26) if bytes[25] == 0 => None,
-            (&INDEX_FORMAT, 50) if bytes[25] == 1 => Some((time_at(26)?, time_at(38)?)),
+        let window = match bytes.first()? {
+            &INDEX_FORMAT_NO_WINDOW if bytes.len() == 25 => None,
+            &INDEX_FORMAT => {
+                let tenant_start = Self::tenant_offset(bytes)?;
+                let tenant_len = usize::from(u16::from_be_bytes(bytes.get(tenant_start..tenant_start + 2)?.try_into().ok()?));
+                if bytes.len() != tenant_start + 2 + tenant_len {
+                    return None;
+                }
+                match bytes[25] {
+                    1 => Some((time_at(26)?, time_at(38)?)),
+                    _ => None,
+                }
+            }
             _ => return None,
         };
         let record = RecordRef { segment: u64_at(1)?, offset: u64_at(9)?, len: u32_at(17)? };
@@ -783,7 +819,7 @@ impl Store {
             if let Some(index) = index {
                 // Sequence numbers start at 1: position 0 means nothing acknowledged.
                 let seq = outbox.generate_id()? + 1;
-                outbox.insert(&seq.to_be_bytes(), index.encode())?;
+                outbox.insert(&seq.to_be_bytes(), index.encode(tenant))?;
                 queued_seq.set(Some(seq));
             }
             if let Some(new) = checkpoint {
@@ -906,7 +942,7 @@ impl Store {
             return Ok(());
         }
         let bytes = self.spool.read_damaged(index.record)?;
-        let (tenant, letters) = self.damaged_batch_letters(seq, index, &bytes, damage)?;
+        let (tenant, letters) = self.damaged_batch_letters(seq, value, &bytes, damage)?;
 
         // One transaction, so a failed write or a crash never leaves the
         // letters stored while the batch stays queued to be set aside again.
@@ -950,7 +986,8 @@ impl Store {
     /// Builds the dead letters of [`SPOOL_SINK`] for the readable bytes of
     /// the damaged batch `seq` (see [`Store::set_aside_damaged`]), encoded
     /// for the `dead_letters` tree, and returns them with the batch's tenant.
-    fn damaged_batch_letters(&self, seq: u64, index: IndexEntry, bytes: &[u8], damage: &SpoolError) -> Result<(String, Vec<Vec<u8>>), StoreError> {
+    fn damaged_batch_letters(&self, seq: u64, value: &[u8], bytes: &[u8], damage: &SpoolError) -> Result<(String, Vec<Vec<u8>>), StoreError> {
+        let index = self.index_entry(seq, value)?;
         let target = self.requeued.get(seq.to_be_bytes()).map_err(|e| self.io(e))?;
         let target = target.map(|sink| format!(", a requeued dead letter for sink {}", String::from_utf8_lossy(&sink)));
         let origin = format!("outbox batch {seq} ({} detections{}): {damage}", index.count, target.unwrap_or_default());
@@ -971,7 +1008,11 @@ impl Store {
             }
             None => {
                 let view = BatchView::decode(bytes).ok();
-                let tenant = view.as_ref().map_or_else(|| "(unknown)".to_string(), |view| view.tenant.clone());
+                let tenant = view
+                    .as_ref()
+                    .map(|view| view.tenant.clone())
+                    .or_else(|| IndexEntry::tenant_of(value))
+                    .unwrap_or_else(|| "(unknown)".to_string());
                 // The detections that still read give the window to replay.
                 let readable = view.map(|view| view.readable_texts()).unwrap_or_default();
                 let window = replay_window(&index, &readable);
@@ -1319,7 +1360,7 @@ impl Store {
             let record = self.spool.append_parts(&payload.parts())?;
             let time = Detection::from_json_text(&letter.detection).ok().and_then(|d| d.last_processed());
             let index = IndexEntry::new(record, 1, time.into_iter());
-            if self.queue_dead_letter(letter.id, target, index)? {
+            if self.queue_dead_letter(letter.id, target, index.encode(&letter.tenant))? {
                 self.outbox_bytes.fetch_add(u64::from(record.len), Ordering::Relaxed);
                 count += 1;
             }
@@ -1334,7 +1375,7 @@ impl Store {
     /// Returns false, and changes nothing, when the letter is already gone
     /// (another requeue or a purge took it). Its spool record is then
     /// deleted with its segment.
-    fn queue_dead_letter(&self, id: u64, target: Option<&str>, index: IndexEntry) -> Result<bool, StoreError> {
+    fn queue_dead_letter(&self, id: u64, target: Option<&str>, index: Vec<u8>) -> Result<bool, StoreError> {
         let trees = (&self.outbox, &self.requeued, &self.dead_letters);
         let result = trees.transaction(|(outbox, requeued, dead_letters)| {
             if dead_letters.remove(&id.to_be_bytes())?.is_none() {
@@ -1345,7 +1386,7 @@ impl Store {
             if let Some(sink) = target {
                 requeued.insert(&seq.to_be_bytes(), sink.as_bytes())?;
             }
-            outbox.insert(&seq.to_be_bytes(), index.encode())?;
+            outbox.insert(&seq.to_be_bytes(), index.as_slice())?;
             Ok::<_, ConflictableTransactionError<()>>(true)
         });
         result.map_err(|e| self.transaction_error(e))
@@ -1825,7 +1866,7 @@ mod tests {
         assert!(letters[0].reason.contains("the 5 bytes that could be read"), "{}", letters[0].reason);
         let head = fs::read(&path).unwrap()[records[2].offset as usize + 8..].to_vec();
         assert_eq!(letters[0].detection_bytes().unwrap().as_ref(), head.as_slice());
-        assert_eq!(letters[0].tenant, "(unknown)", "five bytes end inside the batch head");
+        assert_eq!(letters[0].tenant, "t", "five bytes end inside the batch head, so the index names the tenant");
     }
 
     #[tokio::test]
@@ -1840,9 +1881,11 @@ mod tests {
         assert!(letters[0].detection.is_empty());
         assert!(letters[0].reason.contains("before the record's 8-byte header"), "{}", letters[0].reason);
         assert!(letters[0].reason.contains("outbox batch 3 (2 detections)"), "{}", letters[0].reason);
-        // Nothing of the record is left, so the window comes from the index.
+        // Nothing of the record is left, so the window and the tenant come
+        // from the index.
         let window = "LastProcessedTimeUtc runs from 2026-01-01T00:00:02.0000000Z to 2026-01-01T00:00:02.1000000Z";
         assert!(letters[0].reason.contains(window), "{}", letters[0].reason);
+        assert_eq!(letters[0].tenant, "t");
     }
 
     #[test]
@@ -1850,12 +1893,15 @@ mod tests {
         let record = RecordRef { segment: 7, offset: 1 << 40, len: 513 };
         let times = ["2026-01-01T00:00:02.1000000Z", "9999-12-31T23:59:59.9999999Z", "1601-01-01T00:00:00Z"].map(|t| timefmt::parse(t).unwrap());
         let with = IndexEntry::new(record, 3, times.into_iter());
-        let decoded = IndexEntry::decode(&with.encode()).unwrap();
+        let encoded = with.encode("tenant-ü");
+        let decoded = IndexEntry::decode(&encoded).unwrap();
+        assert_eq!(IndexEntry::tenant_of(&encoded).as_deref(), Some("tenant-ü"));
         assert_eq!(decoded.window, Some((times[2], times[1])));
         assert_eq!((decoded.record.segment, decoded.record.offset, decoded.record.len, decoded.count), (7, 1 << 40, 513, 3));
 
         let without = IndexEntry::new(record, 1, std::iter::empty());
-        assert_eq!(IndexEntry::decode(&without.encode()).unwrap().window, None);
+        assert_eq!(IndexEntry::decode(&without.encode("t")).unwrap().window, None);
+        assert_eq!(IndexEntry::tenant_of(&without.encode("t")).as_deref(), Some("t"));
 
         // Schema version 2 wrote format 3: 25 bytes, no window.
         let mut old = vec![INDEX_FORMAT_NO_WINDOW];
@@ -1865,6 +1911,7 @@ mod tests {
         old.extend_from_slice(&3u32.to_be_bytes());
         let decoded = IndexEntry::decode(&old).unwrap();
         assert_eq!((decoded.count, decoded.window), (3, None));
+        assert_eq!(IndexEntry::tenant_of(&old), None);
         assert!(IndexEntry::decode(&old[..24]).is_none(), "a cut entry is rejected");
     }
 
@@ -1945,7 +1992,7 @@ mod tests {
         let (store, records) = three_spooled_batches(dir.path()).await;
         let (key, value) = store.outbox.iter().nth(2).unwrap().unwrap();
         let entry = IndexEntry { window: None, ..IndexEntry::decode(&value).unwrap() };
-        store.outbox.insert(key, entry.encode()).unwrap();
+        store.outbox.insert(key, entry.encode("t")).unwrap();
         rewrite_with_valid_crc(&store, records[2], |payload| payload[6..10].copy_from_slice(&1u32.to_be_bytes()));
 
         assert_eq!(read_ids(&store), ["b0:0", "b0:1", "b1:0", "b1:1"]);
