@@ -375,7 +375,7 @@ async fn pull_to_output(config: &Config, args: &PullArgs, mut window: crate::pul
             let mut output = crate::pull::OutputFile::create(path)
                 .await
                 .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-            let unchanged = if output.keeps_path_on_failure() { format!("; {} is unchanged", path.display()) } else { String::new() };
+            let unchanged = format!("; {}", output.state_on_failure());
             // A signal stops the pull like a failure, so the partial file goes.
             let stop = shutdown_signal();
             let pulled = tokio::select! {

@@ -133,6 +133,8 @@ pub struct OutputFile {
     path: PathBuf,
     /// The temporary file, `None` when `path` is written in place.
     partial: Option<PathBuf>,
+    /// `path` existed before the pull.
+    existed: bool,
     writer: tokio::io::BufWriter<tokio::fs::File>,
 }
 
@@ -144,7 +146,7 @@ impl OutputFile {
         let existing = tokio::fs::symlink_metadata(path).await.ok();
         if existing.as_ref().is_some_and(|m| !m.is_file() || m.nlink() > 1) {
             let file = tokio::fs::File::create(path).await?;
-            return Ok(Self { path: path.to_path_buf(), partial: None, writer: tokio::io::BufWriter::new(file) });
+            return Ok(Self { path: path.to_path_buf(), partial: None, existed: true, writer: tokio::io::BufWriter::new(file) });
         }
         if existing.is_some() {
             // Fails on a file the user may not write, as writing in place would.
@@ -152,23 +154,29 @@ impl OutputFile {
         }
         let partial = partial_path(path);
         let file = tokio::fs::File::create(&partial).await?;
+        let existed = existing.is_some();
         if let Some(existing) = existing {
             file.set_permissions(existing.permissions()).await?;
             // Only root may give a file away; others keep their own.
             let std_file = file.try_clone().await?.into_std().await;
             let _ = std::os::unix::fs::fchown(&std_file, Some(existing.uid()), Some(existing.gid()));
         }
-        Ok(Self { path: path.to_path_buf(), partial: Some(partial), writer: tokio::io::BufWriter::new(file) })
+        Ok(Self { path: path.to_path_buf(), partial: Some(partial), existed, writer: tokio::io::BufWriter::new(file) })
     }
 
     pub fn writer(&mut self) -> &mut tokio::io::BufWriter<tokio::fs::File> {
         &mut self.writer
     }
 
-    /// Returns whether a failed pull leaves the requested path unchanged,
-    /// which it does unless the path is written in place.
-    pub fn keeps_path_on_failure(&self) -> bool {
-        self.partial.is_some()
+    /// Describes what a failed pull leaves at the requested path, for its
+    /// error message.
+    pub fn state_on_failure(&self) -> String {
+        let path = self.path.display();
+        match (&self.partial, self.existed) {
+            (Some(_), true) => format!("{path} is unchanged"),
+            (Some(_), false) => format!("{path} was not created"),
+            (None, _) => format!("{path} is written in place and may hold part of the output"),
+        }
     }
 
     /// Flushes and syncs the file, then renames it to the requested path.

@@ -1451,7 +1451,7 @@ fn replay_window(index: &IndexEntry, raws: &[&str]) -> String {
             timefmt::format_api_time(first),
             timefmt::format_api_time(last)
         ),
-        None => String::new(),
+        None => "; the batch's LastProcessedTimeUtc range is unknown (no detection of it could be read, and releases before schema version 3 did not record it), so replay from before the time it was queued".to_string(),
     }
 }
 
@@ -1999,6 +1999,24 @@ mod tests {
         let letters = store.dead_letters().unwrap();
         let window = "LastProcessedTimeUtc runs from 2026-01-01T00:00:02.0000000Z to 2026-01-01T00:00:02.1000000Z";
         assert!(letters[0].reason.contains(window), "{}", letters[0].reason);
+    }
+
+    /// Without a window in the entry and nothing readable, the reason states
+    /// that the range is unknown.
+    #[tokio::test]
+    async fn windowless_lost_record_says_range_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, records) = three_spooled_batches(dir.path()).await;
+        let (key, value) = store.outbox.iter().nth(2).unwrap().unwrap();
+        let entry = IndexEntry { window: None, ..IndexEntry::decode(&value).unwrap() };
+        store.outbox.insert(key, entry.encode("t")).unwrap();
+        let path = store.spool.segment_path(records[2].segment);
+        OpenOptions::new().write(true).open(&path).unwrap().set_len(records[2].offset + 3).unwrap();
+
+        assert_eq!(read_ids(&store).len(), 4);
+        let letters = store.dead_letters().unwrap();
+        assert!(letters[0].reason.contains("LastProcessedTimeUtc range is unknown"), "{}", letters[0].reason);
+        assert_eq!(letters[0].tenant, "t");
     }
 
     #[tokio::test]
