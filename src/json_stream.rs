@@ -254,7 +254,10 @@ impl ArraySplitter {
             State::BeforeElement { first } => match byte {
                 b if b.is_ascii_whitespace() => {}
                 b']' if first => self.state = State::Done,
-                b']' | b',' => return Err(self.syntax(byte)),
+                // `[a,]`: the `]` ends the array, or is a stray one if more
+                // elements follow (see State::Done).
+                b']' => self.state = State::Done,
+                b',' => return Err(self.syntax(byte)),
                 b'{' if self.check_objects => match self.check_object(at, out) {
                     Checked::Emitted => {}
                     Checked::Wait => self.waiting = true,
@@ -267,21 +270,21 @@ impl ArraySplitter {
                 b if b.is_ascii_whitespace() => {}
                 b',' => self.state = State::BeforeElement { first: false },
                 b']' => self.state = State::Done,
-                // A stray `}` after an element starts an invalid element of
-                // its own, up to the next separator, so the rest is kept.
-                b'}' => self.start_element(byte, at, out)?,
-                _ => return Err(self.syntax(byte)),
+                // Anything else after an element (a stray `}`, the rest of an
+                // element a stray bracket ended, or the next element without
+                // a comma) starts an element of its own, so the rest is kept.
+                _ => self.start_element(byte, at, out)?,
             },
             State::Done => match byte {
                 b if b.is_ascii_whitespace() => {}
                 // More elements follow, so the `]` that seemed to end the
                 // array was a stray one: it becomes an invalid element.
                 b',' if self.strays < MAX_STRAY_CLOSERS => {
-                    self.strays += 1;
-                    out.push(RawElement { bytes: b"]".to_vec(), keys: None });
-                    self.elements += 1;
+                    self.stray_closer(out);
                     self.state = State::BeforeElement { first: false };
                 }
+                // `]]`: one of them is stray, and more may follow.
+                b']' if self.strays < MAX_STRAY_CLOSERS => self.stray_closer(out),
                 _ => return Err(ArrayError::Trailing(self.preview_of(&self.buffer[at..]))),
             },
         }
@@ -377,6 +380,13 @@ impl ArraySplitter {
         };
         self.open.truncate(self.open.len() - levels);
         self.depth -= levels as u32;
+    }
+
+    /// Emits a `]` that turned out not to end the array as an invalid element.
+    fn stray_closer(&mut self, out: &mut Vec<RawElement>) {
+        self.strays += 1;
+        out.push(RawElement { bytes: b"]".to_vec(), keys: None });
+        self.elements += 1;
     }
 
     fn end_if_top(&mut self, end: usize, out: &mut Vec<RawElement>) {
@@ -544,7 +554,7 @@ mod tests {
     #[test]
     fn misplaced_separators_are_errors() {
         assert!(matches!(split_in_chunks("[,1]", 1), Err(ArrayError::Syntax { .. })));
-        assert!(matches!(split_in_chunks("[1,]", 1), Err(ArrayError::Syntax { .. })));
+        assert!(matches!(split_in_chunks("[1,,2]", 1), Err(ArrayError::Syntax { .. })));
     }
 
     /// A stray closing bracket between elements becomes an invalid element
@@ -556,6 +566,13 @@ mod tests {
             (r#"[{"a":1}},{"b":2}]"#, &[r#"{"a":1}"#, "}", r#"{"b":2}"#]),
             (r#"[{"a":1}] ,{"b":2}]"#, &[r#"{"a":1}"#, "]", r#"{"b":2}"#]),
             (r#"[{"a":[1}},{"b":2}]"#, &[r#"{"a":[1}"#, "}", r#"{"b":2}"#]),
+            (r#"[{"a":1},],{"b":2}]"#, &[r#"{"a":1}"#, "]", r#"{"b":2}"#]),
+            (r#"[{"a":1}]]"#, &[r#"{"a":1}"#, "]"]),
+            (r#"[{"a":1}],],{"b":2}]"#, &[r#"{"a":1}"#, "]", "]", r#"{"b":2}"#]),
+            (r#"[{"a":1},]"#, &[r#"{"a":1}"#]),
+            (r#"[{"F":"b1",]"a":1},{"b":2}]"#, &[r#"{"F":"b1",]"#, r#""a""#, ":1}", r#"{"b":2}"#]),
+            (r#"[[1,}2],{"b":2}]"#, &[r#"[1,}"#, "2", "]", r#"{"b":2}"#]),
+            (r#"[{"a":1} {"b":2}]"#, &[r#"{"a":1}"#, r#"{"b":2}"#]),
         ];
         for (body, expected) in cases {
             for chunk in [1, 4, body.len()] {

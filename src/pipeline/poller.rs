@@ -345,11 +345,11 @@ impl Poller {
                         tracing::error!(
                             tenant = %tenant,
                             reason = %reason,
-                            full_ids = %full_ids.join(", "),
+                            full_ids = %listed_full_ids(&full_ids),
                             "response element is not a detection and its text contains several FullIds, so it may have taken in the detections after it; kept as a dead letter, replay its window with `state set-checkpoint --resend` once the API sends it whole"
                         );
                     } else if new {
-                        tracing::warn!(tenant = %tenant, reason = %reason, full_ids = %full_ids.join(", "), "response element is not a detection; kept as a dead letter");
+                        tracing::warn!(tenant = %tenant, reason = %reason, full_ids = %listed_full_ids(&full_ids), "response element is not a detection; kept as a dead letter");
                     }
                 }
             }
@@ -444,26 +444,44 @@ struct PageSummary {
     newest: Option<DateTime<Utc>>,
 }
 
-/// Returns the string values of every `"FullId"` key in `raw`, at any
-/// depth, up to ten, as text that may have lost bytes that are not UTF-8.
-/// For an element that is not valid JSON, which no parser can read.
+/// Returns the values of every `"FullId"` key in `raw`, at any depth: a
+/// string's text as written (escapes kept, bytes that are not UTF-8
+/// replaced), or another value's text up to the next `,`, `}` or `]`. For
+/// an element that is not valid JSON, which no parser can read. A key
+/// spelled with escapes is not found.
 fn embedded_full_ids(raw: &[u8]) -> Vec<String> {
-    const MAX_LISTED: usize = 10;
     let mut found = Vec::new();
     for start in memchr::memmem::find_iter(raw, b"\"FullId\"") {
         let rest = raw[start + 8..].trim_ascii_start();
         let Some(rest) = rest.strip_prefix(b":").map(<[u8]>::trim_ascii_start) else { continue };
-        let Some(value) = rest.strip_prefix(b"\"") else { continue };
-        let mut end = 0;
-        while end < value.len() && value[end] != b'"' {
-            end += if value[end] == b'\\' { 2 } else { 1 };
-        }
-        found.push(String::from_utf8_lossy(&value[..end.min(value.len())]).into_owned());
-        if found.len() == MAX_LISTED {
-            break;
+        let value = match rest.strip_prefix(b"\"") {
+            Some(text) => {
+                let mut end = 0;
+                while end < text.len() && text[end] != b'"' {
+                    end += if text[end] == b'\\' { 2 } else { 1 };
+                }
+                &text[..end.min(text.len())]
+            }
+            None => {
+                let end = rest.iter().position(|b| matches!(b, b',' | b'}' | b']')).unwrap_or(rest.len());
+                rest[..end].trim_ascii_end()
+            }
+        };
+        if !value.is_empty() {
+            found.push(String::from_utf8_lossy(value).into_owned());
         }
     }
     found
+}
+
+/// Lists `full_ids` for a log line: the first ten, and how many more.
+fn listed_full_ids(full_ids: &[String]) -> String {
+    const MAX_LOGGED: usize = 10;
+    let first = full_ids[..full_ids.len().min(MAX_LOGGED)].join(", ");
+    match full_ids.len().checked_sub(MAX_LOGGED) {
+        Some(more) if more > 0 => format!("{first} and {more} more (all in the dead letter's reason)"),
+        _ => first,
+    }
 }
 
 #[cfg(test)]
@@ -474,8 +492,12 @@ mod tests {
     fn embedded_full_ids_found_at_any_depth() {
         let broken = br#"{"FullId": "r2", "X":[1,2,{"FullId":"v2","T":"a\"b"},{"FullId" : "v\"3"}}"#;
         assert_eq!(embedded_full_ids(broken), ["r2", "v2", r#"v\"3"#]);
-        assert_eq!(embedded_full_ids(br#"{"FullId":42,"Title":"x"}"#), Vec::<String>::new(), "only strings are listed");
+        assert_eq!(embedded_full_ids(br#"{"FullId":42,"Title":"x"}"#), ["42"]);
         assert_eq!(embedded_full_ids(br#"{"FullId":"cut"#), ["cut"]);
+        let many: String = (0..25).map(|i| format!(r#"{{"FullId":"v{i}"}},"#)).collect();
+        let found = embedded_full_ids(many.as_bytes());
+        assert_eq!(found.len(), 25, "every FullId is listed");
+        assert!(listed_full_ids(&found).ends_with("v9 and 15 more (all in the dead letter's reason)"), "{}", listed_full_ids(&found));
     }
 
     #[test]
