@@ -101,6 +101,9 @@ pub struct ArraySplitter {
     bom_bytes: usize,
     /// Stray `]` taken for the end of the array so far.
     strays: usize,
+    /// What followed the first `]` that seemed to end the array, for the
+    /// error when the array does not end again.
+    trailing: Option<String>,
 }
 
 /// The outcome of [`ArraySplitter::check_object`] for one object.
@@ -138,6 +141,7 @@ impl ArraySplitter {
             drained: 0,
             bom_bytes: 0,
             strays: 0,
+            trailing: None,
         }
     }
 
@@ -219,7 +223,10 @@ impl ArraySplitter {
                 Err(ArrayError::Empty)
             }
             State::BeforeArray | State::NotArray => Err(ArrayError::NotArray(self.preview_of(&self.buffer))),
-            _ => Err(ArrayError::Truncated(self.elements)),
+            _ => match self.trailing.take() {
+                Some(preview) => Err(ArrayError::Trailing(preview)),
+                None => Err(ArrayError::Truncated(self.elements)),
+            },
         }
     }
 
@@ -285,6 +292,16 @@ impl ArraySplitter {
                 }
                 // `]]`: one of them is stray, and more may follow.
                 b']' if self.strays < MAX_STRAY_CLOSERS => self.stray_closer(out),
+                // Other text after the `]`: it was a stray one if the array
+                // goes on. If the body ends before another `]`, the text is
+                // reported as data after the array.
+                _ if self.strays < MAX_STRAY_CLOSERS => {
+                    if self.trailing.is_none() {
+                        self.trailing = Some(self.preview_of(&self.buffer[at..]));
+                    }
+                    self.stray_closer(out);
+                    self.start_element(byte, at, out)?;
+                }
                 _ => return Err(ArrayError::Trailing(self.preview_of(&self.buffer[at..]))),
             },
         }
@@ -573,6 +590,7 @@ mod tests {
             (r#"[{"F":"b1",]"a":1},{"b":2}]"#, &[r#"{"F":"b1",]"#, r#""a""#, ":1}", r#"{"b":2}"#]),
             (r#"[[1,}2],{"b":2}]"#, &[r#"[1,}"#, "2", "]", r#"{"b":2}"#]),
             (r#"[{"a":1} {"b":2}]"#, &[r#"{"a":1}"#, r#"{"b":2}"#]),
+            (r#"[{"a":1}]) ,{"b":2}]"#, &[r#"{"a":1}"#, "]", ")", r#"{"b":2}"#]),
         ];
         for (body, expected) in cases {
             for chunk in [1, 4, body.len()] {
