@@ -101,8 +101,8 @@ pub struct ArraySplitter {
     bom_bytes: usize,
     /// Stray `]` taken for the end of the array so far.
     strays: usize,
-    /// What followed the first `]` that seemed to end the array, for the
-    /// error when the array does not end again.
+    /// The start of the text after the first `]` that seemed to end the
+    /// array, for the error when the array does not end again.
     trailing: Option<String>,
 }
 
