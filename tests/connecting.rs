@@ -661,6 +661,22 @@ async fn pull_keeps_invalid_elements_exact() {
     assert!(log.contains("not detections"), "{log}");
 }
 
+/// Runs `run --once` against an API that responds with `body`, with a
+/// JSON file sink, after checking that it succeeded. Returns the state's
+/// directory (with `config.toml`), the output and the forwarded FullIds.
+async fn run_once_serving(body: String) -> (tempfile::TempDir, std::process::Output, Vec<String>) {
+    let (_api, tenant) = api_answering(body).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sink_file = dir.path().join("a");
+    let config = write_config(dir.path(), "", &tenant, &file_sink_toml("a", &sink_file));
+
+    let output = run_cli(&["run", "--once", "--config", config.to_str().unwrap()]).await;
+
+    assert_success(&output);
+    let forwarded = read_json_lines(&sink_file).iter().map(|d| d["FullId"].as_str().unwrap().to_string()).collect();
+    (dir, output, forwarded)
+}
+
 /// An element whose brackets do not match is set aside as a dead letter,
 /// and the elements after it are forwarded, instead of the whole response
 /// being read as cut short and retried forever.
@@ -670,16 +686,10 @@ async fn mismatched_bracket_element_is_set_aside() {
     let detection = |id: &str, x: &str| format!(r#"{{"FullId": "{id}", "LastProcessedTimeUtc": "{time}", "X": {x}}}"#);
     let broken = format!(r#"{{"FullId": "r2", "LastProcessedTimeUtc": "{time}", "X": [1, 2}}"#);
     let body = format!("[{},\n{broken},\n{}]", detection("r1", "\"ok\""), detection("r3", "\"ok\""));
-    let (_api, tenant) = api_answering(body).await;
-    let dir = tempfile::tempdir().unwrap();
-    let sink_file = dir.path().join("a");
-    let config = write_config(dir.path(), "", &tenant, &file_sink_toml("a", &sink_file));
+    let (dir, output, forwarded) = run_once_serving(body).await;
+    let config = dir.path().join("config.toml");
     let cfg = config.to_str().unwrap();
 
-    let output = run_cli(&["run", "--once", "--config", cfg]).await;
-
-    assert_success(&output);
-    let forwarded: Vec<String> = read_json_lines(&sink_file).iter().map(|d| d["FullId"].as_str().unwrap().to_string()).collect();
     assert_eq!(forwarded, ["r1", "r3"], "{}", stderr(&output));
     let listing = run_cli(&["state", "--config", cfg, "dead-letters"]).await;
     assert_success(&listing);
@@ -707,15 +717,7 @@ async fn stray_closing_brackets_are_set_aside() {
     ];
     for stray in strays {
         let body = format!("[{},{stray},{}]", detection("v1"), detection("v2"));
-        let (_api, tenant) = api_answering(body).await;
-        let dir = tempfile::tempdir().unwrap();
-        let sink_file = dir.path().join("a");
-        let config = write_config(dir.path(), "", &tenant, &file_sink_toml("a", &sink_file));
-
-        let output = run_cli(&["run", "--once", "--config", config.to_str().unwrap()]).await;
-
-        assert_success(&output);
-        let forwarded: Vec<String> = read_json_lines(&sink_file).iter().map(|d| d["FullId"].as_str().unwrap().to_string()).collect();
+        let (dir, _output, forwarded) = run_once_serving(body).await;
         assert!(forwarded.contains(&"v1".to_string()), "{stray}: {forwarded:?}");
         assert!(forwarded.contains(&"v2".to_string()), "{stray}: {forwarded:?}");
         assert!(!dead_letters(dir.path()).is_empty(), "{stray}: the broken part is a dead letter");
@@ -730,16 +732,8 @@ async fn swallowed_detection_is_named() {
     let time = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ");
     let detection = |id: &str| format!(r#"{{"FullId":"{id}","LastProcessedTimeUtc":"{time}"}}"#);
     let body = format!(r#"[{},{{"FullId":"r2","X":[1,2,{},{{"b":1}}}},{}]"#, detection("v1"), detection("v2"), detection("v3"));
-    let (_api, tenant) = api_answering(body).await;
-    let dir = tempfile::tempdir().unwrap();
-    let sink_file = dir.path().join("a");
-    let config = write_config(dir.path(), "", &tenant, &file_sink_toml("a", &sink_file));
-    let cfg = config.to_str().unwrap();
+    let (dir, output, forwarded) = run_once_serving(body).await;
 
-    let output = run_cli(&["run", "--once", "--config", cfg]).await;
-
-    assert_success(&output);
-    let forwarded: Vec<String> = read_json_lines(&sink_file).iter().map(|d| d["FullId"].as_str().unwrap().to_string()).collect();
     assert_eq!(forwarded, ["v1", "v3"]);
     let log = stderr(&output);
     assert!(log.contains("ERROR"), "{log}");
