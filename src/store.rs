@@ -847,9 +847,9 @@ impl Store {
     /// The spool is read without the lock held, so a sink reading from disk
     /// never holds up the poller's queuing, which takes the lock too.
     ///
-    /// A record that passes its CRC check but is not a valid batch of the
-    /// index's size is [`SpoolError::Damaged`] too: reading it again cannot
-    /// help either.
+    /// Returns [`SpoolError::Damaged`] also for a record that passes its CRC
+    /// check but is not a valid batch of the index's size, because reading
+    /// it again cannot help either.
     fn queued_batch(&self, seq: u64, index: IndexEntry) -> Result<Arc<QueuedBatch>, StoreError> {
         let remembered = |recent: &BatchMemory| recent.queued.get(seq).or_else(|| recent.read.get(seq));
         if let Some(batch) = remembered(&self.recent.lock().unwrap_or_else(|e| e.into_inner())) {
@@ -1984,15 +1984,21 @@ mod tests {
         assert!(letters[0].reason.contains(window), "the reason gives the window to replay: {}", letters[0].reason);
     }
 
+    /// Rewrites the third batch's outbox entry without its window, as
+    /// schema version 2 wrote entries.
+    fn drop_window_of_third_batch(store: &Store) {
+        let (key, value) = store.outbox.iter().nth(2).unwrap().unwrap();
+        let entry = IndexEntry { window: None, ..IndexEntry::decode(&value).unwrap() };
+        store.outbox.insert(key, entry.encode("t")).unwrap();
+    }
+
     /// An entry without a window (written by schema version 2) gets the
     /// window from the detections that still read.
     #[tokio::test]
     async fn windowless_entry_reads_window_from_texts() {
         let dir = tempfile::tempdir().unwrap();
         let (store, records) = three_spooled_batches(dir.path()).await;
-        let (key, value) = store.outbox.iter().nth(2).unwrap().unwrap();
-        let entry = IndexEntry { window: None, ..IndexEntry::decode(&value).unwrap() };
-        store.outbox.insert(key, entry.encode("t")).unwrap();
+        drop_window_of_third_batch(&store);
         rewrite_with_valid_crc(&store, records[2], |payload| payload[6..10].copy_from_slice(&1u32.to_be_bytes()));
 
         assert_eq!(read_ids(&store), ["b0:0", "b0:1", "b1:0", "b1:1"]);
@@ -2007,9 +2013,7 @@ mod tests {
     async fn windowless_lost_record_says_range_unknown() {
         let dir = tempfile::tempdir().unwrap();
         let (store, records) = three_spooled_batches(dir.path()).await;
-        let (key, value) = store.outbox.iter().nth(2).unwrap().unwrap();
-        let entry = IndexEntry { window: None, ..IndexEntry::decode(&value).unwrap() };
-        store.outbox.insert(key, entry.encode("t")).unwrap();
+        drop_window_of_third_batch(&store);
         let path = store.spool.segment_path(records[2].segment);
         OpenOptions::new().write(true).open(&path).unwrap().set_len(records[2].offset + 3).unwrap();
 
