@@ -176,6 +176,13 @@ impl ObjectKeys {
     }
 }
 
+/// Decodes the JSON string `json`, given with its quotes; `None` when it
+/// is not a valid JSON string.
+pub fn decode_json_string(json: &[u8]) -> Option<String> {
+    let mut text = String::new();
+    unescape::unescape_into(json, &mut text).ok().map(|()| text)
+}
+
 /// The result of the key check on a JSON object at the start of some bytes.
 pub enum ObjectPrefix {
     /// A valid object of this many bytes, and its key fields.

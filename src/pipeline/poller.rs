@@ -444,34 +444,73 @@ struct PageSummary {
     newest: Option<DateTime<Utc>>,
 }
 
-/// Returns the values of every `"FullId"` key in `raw`, at any depth: a
-/// string's text as written (escapes kept, bytes that are not UTF-8
-/// replaced), or another value's text up to the next `,`, `}` or `]`. For
-/// an element that is not valid JSON, which no parser can read. A key
-/// spelled with escapes is not found.
+/// Returns the values of every `"FullId"` key in `raw`, at any depth and
+/// whatever the alignment of its strings: a key is any quoted text that
+/// reads `FullId` once decoded (`"Full\u0049d"` included) and is followed
+/// by a colon. A string value is given decoded, or as written when it
+/// cannot be decoded (bytes that are not UTF-8 replaced); another value's
+/// text runs up to the next `,`, `}` or `]`. For an element that is not
+/// valid JSON, which no parser can read.
 fn embedded_full_ids(raw: &[u8]) -> Vec<String> {
     let mut found = Vec::new();
-    for start in memchr::memmem::find_iter(raw, b"\"FullId\"") {
-        let rest = raw[start + 8..].trim_ascii_start();
+    for start in memchr::memchr_iter(b'"', raw) {
+        let Some(key) = quoted_at(raw, start, MAX_KEY_BYTES) else { continue };
+        let is_key = key == b"\"FullId\""
+            || (key.contains(&b'\\') && crate::detection::decode_json_string(key).as_deref() == Some("FullId"));
+        if !is_key {
+            continue;
+        }
+        let rest = raw[start + key.len()..].trim_ascii_start();
         let Some(rest) = rest.strip_prefix(b":").map(<[u8]>::trim_ascii_start) else { continue };
-        let value = match rest.strip_prefix(b"\"") {
-            Some(text) => {
-                let mut end = 0;
-                while end < text.len() && text[end] != b'"' {
-                    end += if text[end] == b'\\' { 2 } else { 1 };
-                }
-                &text[..end.min(text.len())]
+        let value = if rest.first() == Some(&b'"') {
+            match quoted_at(rest, 0, usize::MAX) {
+                Some(string) => crate::detection::decode_json_string(string)
+                    .unwrap_or_else(|| String::from_utf8_lossy(&string[1..string.len() - 1]).into_owned()),
+                // Not closed: the text to the end.
+                None => String::from_utf8_lossy(&rest[1..]).into_owned(),
             }
-            None => {
-                let end = rest.iter().position(|b| matches!(b, b',' | b'}' | b']')).unwrap_or(rest.len());
-                rest[..end].trim_ascii_end()
-            }
+        } else {
+            let end = rest.iter().position(|b| matches!(b, b',' | b'}' | b']')).unwrap_or(rest.len());
+            String::from_utf8_lossy(rest[..end].trim_ascii_end()).into_owned()
         };
         if !value.is_empty() {
-            found.push(String::from_utf8_lossy(value).into_owned());
+            found.push(visible(&value));
         }
     }
     found
+}
+
+/// Escapes control characters (`\n` as `\\n`, others as `\\u{..}`), so a
+/// decoded value cannot split a log line or a reason.
+fn visible(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The longest spelling of `"FullId"` with escapes: six `\uXXXX` escapes
+/// and the quotes.
+const MAX_KEY_BYTES: usize = 6 * 6 + 2;
+
+/// Returns the quoted text that opens at `raw[start]`, quotes included,
+/// when it closes within `max` bytes; a backslash escapes the byte after it.
+fn quoted_at(raw: &[u8], start: usize, max: usize) -> Option<&[u8]> {
+    let text = &raw[start..];
+    let mut end = 1;
+    while end < text.len().min(max) {
+        match text[end] {
+            b'"' => return Some(&text[..=end]),
+            b'\\' => end += 2,
+            _ => end += 1,
+        }
+    }
+    None
 }
 
 /// Lists `full_ids` for a log line: the first ten, and how many more.
@@ -491,9 +530,15 @@ mod tests {
     #[test]
     fn embedded_full_ids_found_at_any_depth() {
         let broken = br#"{"FullId": "r2", "X":[1,2,{"FullId":"v2","T":"a\"b"},{"FullId" : "v\"3"}}"#;
-        assert_eq!(embedded_full_ids(broken), ["r2", "v2", r#"v\"3"#]);
+        assert_eq!(embedded_full_ids(broken), ["r2", "v2", r#"v"3"#]);
         assert_eq!(embedded_full_ids(br#"{"FullId":42,"Title":"x"}"#), ["42"]);
         assert_eq!(embedded_full_ids(br#"{"FullId":"cut"#), ["cut"]);
+        let escaped = br#"{"Full\u0049d": "e\u0031", "X": [{"\u0046\u0075\u006c\u006c\u0049\u0064":"e2"}, {"FullId":"a\nb"}, {"FullId":"\ud800"}]"#;
+        assert_eq!(embedded_full_ids(escaped), ["e1", "e2", "a\\nb", "\\ud800"]);
+        // A string left open does not hide the key after it, and text inside
+        // a string is no key.
+        assert_eq!(embedded_full_ids(br#"{"T":"open, "FullId":"x"}"#), ["x"]);
+        assert_eq!(embedded_full_ids(br#"{"T":"x\"FullId\":\"in\"", "FullId":"after"}"#), ["after"]);
         let many: String = (0..25).map(|i| format!(r#"{{"FullId":"v{i}"}},"#)).collect();
         let found = embedded_full_ids(many.as_bytes());
         assert_eq!(found.len(), 25, "every FullId is listed");
