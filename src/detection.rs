@@ -37,11 +37,13 @@ pub struct Detection {
     fields: OnceLock<Result<Fields, String>>,
 }
 
-/// The two fields the poller needs, as text.
+/// The two fields the poller needs: `FullId` as text, and
+/// `LastProcessedTimeUtc` parsed once, as the poller, the outbox index and
+/// the checkpoint all read it.
 #[derive(Debug, Clone, Default)]
 struct KeyFields {
     full_id: Option<FullId>,
-    last_processed: Option<KeyText>,
+    last_processed: Option<DateTime<Utc>>,
 }
 
 /// `FullId` as text, remembering what the API sent, so a number `42` and a
@@ -171,7 +173,7 @@ impl ObjectKeys {
 
     fn resolve(self, text: &str) -> (KeyFields, Option<Result<Fields, String>>) {
         let full_id = self.full_id.and_then(|m| key_text(text, &m)).map(|(text, kind)| FullId { text, kind });
-        let last_processed = self.last_processed.and_then(|m| key_text(text, &m)).map(|(text, _)| text);
+        let last_processed = self.last_processed.and_then(|m| key_text(text, &m)).and_then(|(key, _)| timefmt::parse(key.text(text)));
         (KeyFields { full_id, last_processed }, self.fields)
     }
 }
@@ -392,7 +394,7 @@ impl Detection {
 
     /// `LastProcessedTimeUtc`, the field the API filters `sinceTimeUtc` on.
     pub fn last_processed(&self) -> Option<DateTime<Utc>> {
-        self.key_fields().last_processed.as_ref().and_then(|text| timefmt::parse(text.text(&self.raw)))
+        self.key_fields().last_processed
     }
 
     pub fn alert_time(&self) -> Option<DateTime<Utc>> {
