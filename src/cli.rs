@@ -175,6 +175,12 @@ pub enum StateAction {
         #[arg(long = "id")]
         ids: Vec<u64>,
     },
+    /// Drop the detections still queued for a sink that is no longer in the config, and forget the sink.
+    DropSink {
+        /// Sink name, as `state show` lists it.
+        #[arg(long)]
+        sink: String,
+    },
 }
 
 /// How long the exit waits for blocking tasks still running, such as a
@@ -651,6 +657,20 @@ fn state_action(config: &Config, store: &Store, action: StateAction) -> Result<(
             out!("{} deleted", dead_letters_phrase(count));
             Ok(())
         }
+        StateAction::DropSink { sink } => {
+            if config.sinks.iter().any(|s| s.name() == sink) {
+                return Err(format!(
+                    "sink {sink:?} is in the config, and its detections are delivered when it runs; remove it from the config first to drop them"
+                ));
+            }
+            // Sets the cursors as a run would. A configured sink without one
+            // starts at the end, so what only the dropped sink held is released now.
+            let names: Vec<&str> = config.sinks.iter().map(|s| s.name()).collect();
+            store.sync_cursors(&names).map_err(|e| e.to_string())?;
+            let dropped = store.drop_sink(&sink).map_err(|e| e.to_string())?;
+            out!("sink {sink}: dropped; {dropped} detections were pending for it");
+            Ok(())
+        }
     }
 }
 
@@ -778,18 +798,41 @@ fn show_state(config: &Config, store: &Store) -> Result<(), crate::store::StoreE
     }
     out!("outbox: {} bytes", store.outbox_bytes());
     for sink in &config.sinks {
-        let (pending, oldest) = store.pending(sink.name())?;
-        let oldest = oldest
-            .map(|position| {
-                let (batch, item) = crate::store::split_position(position);
-                format!(", the oldest is item {item} of outbox batch {batch}")
-            })
-            .unwrap_or_default();
-        out!("  sink {}: {pending} pending{oldest}", sink.name());
+        if store.cursor(sink.name())?.is_none() {
+            out!("  sink {}: new; its first run starts it at the end of the outbox", sink.name());
+            continue;
+        }
+        out!("  sink {}: {}", sink.name(), pending_text(store, sink.name())?);
+    }
+    for (name, _) in store.cursors()? {
+        if config.sinks.iter().any(|s| s.name() == name) {
+            continue;
+        }
+        let name_cell = table_cell(&name);
+        if store.pending(&name)?.0 == 0 {
+            out!("  sink {name_cell} (not in the config): 0 pending; the next run forgets it");
+        } else {
+            out!(
+                "  sink {name_cell} (not in the config): {}; kept until a sink of this name is configured again, or `state drop-sink --sink NAME` drops them",
+                pending_text(store, &name)?
+            );
+        }
     }
     out!("dedupe entries: {}", store.dedupe_len());
     out!("dead letters: {}", store.dead_letters()?.len());
     Ok(())
+}
+
+/// Returns "N pending" for `sink` and where its oldest detection is.
+fn pending_text(store: &Store, sink: &str) -> Result<String, crate::store::StoreError> {
+    let (pending, oldest) = store.pending(sink)?;
+    let oldest = oldest
+        .map(|position| {
+            let (batch, item) = crate::store::split_position(position);
+            format!(", the oldest is item {item} of outbox batch {batch}")
+        })
+        .unwrap_or_default();
+    Ok(format!("{pending} pending{oldest}"))
 }
 
 async fn demo(args: DemoArgs, log_format: Option<LogFormat>) -> ExitCode {

@@ -119,6 +119,18 @@ pub enum StoreError {
     RequeueDamaged { id: u64 },
     #[error("{0}; check free space and permissions; the operation is retried")]
     Seen(#[from] SeenError),
+    #[error("the state directory has no sink named {0:?}; `state show` lists the sinks it has")]
+    UnknownSink(String),
+}
+
+/// The sinks that have a cursor in the store but are no longer configured,
+/// as [`Store::sync_cursors`] left them.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct UnconfiguredSinks {
+    /// Sinks with nothing pending, whose cursors were deleted.
+    pub released: Vec<String>,
+    /// Sinks with detections pending, whose cursors stay, and how many.
+    pub pending: Vec<(String, usize)>,
 }
 
 /// An outbox value: where the batch is spooled, how many detections it
@@ -1114,27 +1126,49 @@ impl Store {
         Ok(())
     }
 
-    /// Makes the cursors match the configured sinks: a new sink starts at the
-    /// end of the outbox, and a removed sink's cursor is deleted so that what
-    /// only it held is released.
-    pub fn sync_cursors(&self, sinks: &[&str]) -> Result<Vec<String>, StoreError> {
+    /// Makes the cursors match the configured sinks. A new sink starts at the
+    /// end of the outbox. The cursor of a sink that is no longer configured
+    /// is deleted only when it has nothing pending; otherwise it stays, so
+    /// its detections stay queued until a sink of that name is configured
+    /// again or [`Store::drop_sink`] drops them. A renamed sink is a new one
+    /// to the store, and silently releasing the old name's backlog would
+    /// lose it.
+    pub fn sync_cursors(&self, sinks: &[&str]) -> Result<UnconfiguredSinks, StoreError> {
         let end = self.last_seq()?;
         for sink in sinks {
             if self.cursor(sink)?.is_none() {
                 self.set_cursor(sink, end)?;
             }
         }
-        let mut removed = Vec::new();
-        for key in self.cursors.iter().keys() {
-            let key = key.map_err(|e| self.io(e))?;
-            let name = String::from_utf8_lossy(&key).into_owned();
-            if !sinks.contains(&name.as_str()) {
-                self.cursors.remove(&key).map_err(|e| self.io(e))?;
-                removed.push(name);
+        let mut unconfigured = UnconfiguredSinks::default();
+        for (name, _) in self.cursors()? {
+            if sinks.contains(&name.as_str()) {
+                continue;
+            }
+            match self.pending(&name)?.0 {
+                0 => {
+                    self.cursors.remove(name.as_bytes()).map_err(|e| self.io(e))?;
+                    unconfigured.released.push(name);
+                }
+                pending => unconfigured.pending.push((name, pending)),
             }
         }
         self.release()?;
-        Ok(removed)
+        Ok(unconfigured)
+    }
+
+    /// Deletes the cursor of `sink`, a sink that is no longer configured,
+    /// and releases what only it held. Returns how many detections were
+    /// pending for it.
+    pub fn drop_sink(&self, sink: &str) -> Result<usize, StoreError> {
+        if self.cursor(sink)?.is_none() {
+            return Err(StoreError::UnknownSink(sink.to_string()));
+        }
+        let (pending, _) = self.pending(sink)?;
+        self.cursors.remove(sink.as_bytes()).map_err(|e| self.io(e))?;
+        self.release()?;
+        self.db.flush().map_err(|e| self.io(e))?;
+        Ok(pending)
     }
 
     /// Returns the configured sinks' cursors, lowest first.
@@ -1608,7 +1642,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn new_sink_starts_at_end_and_removed_sink_releases() {
+    async fn new_sink_starts_at_end_and_removed_sink_keeps_its_backlog() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         store.sync_cursors(&["a"]).unwrap();
@@ -1616,8 +1650,33 @@ mod tests {
         store.sync_cursors(&["a", "b"]).unwrap();
         assert_eq!(store.pending("b").unwrap().0, 0);
         assert_eq!(store.pending("a").unwrap().0, 1);
-        store.sync_cursors(&["b"]).unwrap();
+
+        // "a" renamed or removed with one detection pending: it stays queued.
+        let unconfigured = store.sync_cursors(&["b"]).unwrap();
+        assert_eq!(unconfigured, UnconfiguredSinks { released: vec![], pending: vec![("a".into(), 1)] });
+        assert_eq!(store.read_after(0, 10).unwrap().len(), 1);
+        // Configured again, it still has it.
+        store.sync_cursors(&["a", "b"]).unwrap();
+        assert_eq!(store.pending("a").unwrap().0, 1);
+
+        assert_eq!(store.drop_sink("a").unwrap(), 1);
         assert_eq!(store.read_after(0, 10).unwrap().len(), 0);
+        assert_eq!(store.cursor("a").unwrap(), None);
+        assert!(matches!(store.drop_sink("a"), Err(StoreError::UnknownSink(name)) if name == "a"));
+    }
+
+    #[tokio::test]
+    async fn removed_sink_without_backlog_is_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.sync_cursors(&["a", "b"]).unwrap();
+        store.enqueue("t", vec![detection("x:1", "2026-01-01T00:00:00Z")], None, Utc::now()).await.unwrap();
+        let seq = store.read_after(0, 10).unwrap()[0].0;
+        store.set_cursor("a", seq).unwrap();
+        let unconfigured = store.sync_cursors(&["b"]).unwrap();
+        assert_eq!(unconfigured, UnconfiguredSinks { released: vec!["a".into()], pending: vec![] });
+        assert_eq!(store.cursor("a").unwrap(), None);
+        assert_eq!(store.pending("b").unwrap().0, 1);
     }
 
     #[test]

@@ -587,3 +587,81 @@ async fn damaged_spool_records_do_not_block_sinks() {
     let cut = letters[1].detection_bytes().unwrap();
     assert!(cut.ends_with(b"spoo"), "{:?}", String::from_utf8_lossy(&cut));
 }
+
+/// Queues the 46 samples with `run --once` for a TCP sink `siem` whose
+/// receiver is down. Returns the config path and the tenant's TOML.
+async fn backlog_for_siem(dir: &Path, emulator: &Emulator) -> (std::path::PathBuf, String) {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let tenant = tenant_toml("contoso", TENANT_ID, emulator);
+    let config = write_config(dir, "", &tenant, &tcp_sink_toml("siem", closed));
+    let first = run_once(&config).await;
+    assert!(!first.status.success(), "the sink is down: {}", stderr(&first));
+    assert_eq!(pending(dir, "siem"), 46);
+    (config, tenant)
+}
+
+/// Renaming a sink while it has a backlog keeps the backlog for the old
+/// name with a warning, and the old name configured again delivers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renamed_sink_keeps_the_old_names_backlog() {
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let receiver = LineReceiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, tenant) = backlog_for_siem(dir.path(), &emulator).await;
+
+    let config = write_config(dir.path(), "", &tenant, &tcp_sink_toml("arcsight", receiver.addr));
+    let cfg = config.to_str().unwrap();
+    let show = stdout(&run_cli(&["state", "--config", cfg, "show"]).await);
+    assert!(show.contains("sink arcsight: new; its first run starts it at the end of the outbox\n"), "{show}");
+    assert!(show.contains("sink siem (not in the config): 46 pending, the oldest is item 0 of outbox batch 1; kept"), "{show}");
+
+    let renamed = run_once(&config).await;
+    assert_success(&renamed);
+    let log = stderr(&renamed);
+    assert!(log.contains("sink no longer configured, but detections are pending for it"), "{log}");
+    assert!(log.contains("pending=46"), "{log}");
+    assert_eq!(pending(dir.path(), "siem"), 46, "the backlog is still queued");
+
+    let both = tcp_sink_toml("siem", receiver.addr) + &tcp_sink_toml("arcsight", receiver.addr);
+    let config = write_config(dir.path(), "", &tenant, &both);
+    assert_success(&run_once(&config).await);
+    let counts = count_full_ids(&receiver.wait_for(46, Duration::from_secs(10)).await);
+    assert_eq!(counts.len(), 46, "siem delivered its backlog: {counts:?}");
+
+    // Caught up, the old name is forgotten without a word of warning.
+    let config = write_config(dir.path(), "", &tenant, &tcp_sink_toml("arcsight", receiver.addr));
+    let removed = run_once(&config).await;
+    assert_success(&removed);
+    assert!(stderr(&removed).contains("sink no longer configured and nothing was pending for it"), "{}", stderr(&removed));
+    let show = stdout(&run_cli(&["state", "--config", config.to_str().unwrap(), "show"]).await);
+    assert!(!show.contains("sink siem"), "{show}");
+}
+
+/// `state drop-sink` drops the backlog of a sink that is no longer
+/// configured, and refuses a configured or unknown sink.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_sink_releases_an_unconfigured_sinks_backlog() {
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (config, tenant) = backlog_for_siem(dir.path(), &emulator).await;
+    let cfg = config.to_str().unwrap();
+
+    let configured = run_cli(&["state", "--config", cfg, "drop-sink", "--sink", "siem"]).await;
+    assert!(!configured.status.success());
+    assert!(stderr(&configured).contains("sink \"siem\" is in the config"), "{}", stderr(&configured));
+    assert_eq!(pending(dir.path(), "siem"), 46);
+
+    let archive = dir.path().join("archive.jsonl");
+    let config = write_config(dir.path(), "", &tenant, &file_sink_toml("archive", &archive));
+    let cfg = config.to_str().unwrap();
+    let unknown = run_cli(&["state", "--config", cfg, "drop-sink", "--sink", "nosuch"]).await;
+    assert!(!unknown.status.success());
+    assert!(stderr(&unknown).contains("no sink named \"nosuch\""), "{}", stderr(&unknown));
+
+    let dropped = run_cli(&["state", "--config", cfg, "drop-sink", "--sink", "siem"]).await;
+    assert_success(&dropped);
+    assert_eq!(stdout(&dropped), "sink siem: dropped; 46 detections were pending for it\n");
+    let show = stdout(&run_cli(&["state", "--config", cfg, "show"]).await);
+    assert!(!show.contains("sink siem"), "{show}");
+    assert!(show.contains("outbox: 0 bytes"), "{show}");
+}

@@ -263,8 +263,16 @@ fn start(config: &Config, store: &Arc<Store>, mode: Mode, stop: watch::Receiver<
     let tenants = config.resolve_tenants()?;
     let http = http_client(config)?;
     let sink_names: Vec<&str> = config.sinks.iter().map(|s| s.name()).collect();
-    for removed in store.sync_cursors(&sink_names)? {
-        tracing::info!(sink = %removed, "sink no longer configured; released what only it held");
+    let unconfigured = store.sync_cursors(&sink_names)?;
+    for removed in unconfigured.released {
+        tracing::info!(sink = %removed, "sink no longer configured and nothing was pending for it; its cursor is deleted");
+    }
+    for (sink, pending) in unconfigured.pending {
+        tracing::warn!(
+            sink = %sink,
+            pending,
+            "sink no longer configured, but detections are pending for it; they stay queued (and count towards max_outbox_bytes) until a sink of this name is configured again, or `state drop-sink --sink NAME` drops them. To rename a sink, let it catch up first"
+        );
     }
     crate::telemetry::global().configure(config);
     let (wake_tx, wake_rx) = watch::channel(0u64);

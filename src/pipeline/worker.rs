@@ -41,7 +41,7 @@ pub enum WorkerError {
     Send { sink: String, source: SinkError },
     #[error("sink {sink}: {source}")]
     Store { sink: String, source: StoreError },
-    #[error("sink {sink}: stopped with {pending} detections still queued in the state directory; the next start with that directory sends them")]
+    #[error("sink {sink}: stopped with {pending} detections still queued in the state directory; the next run with this sink configured sends them")]
     Stopped { sink: String, pending: usize },
 }
 
