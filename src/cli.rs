@@ -8,6 +8,7 @@
 //! - 2: invalid command-line arguments.
 //! - 64: invalid configuration.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -181,6 +182,33 @@ pub enum StateAction {
         #[arg(long)]
         sink: String,
     },
+}
+
+/// Parses the command line, or returns the exit code when the arguments
+/// are invalid or only ask for help or the version.
+///
+/// Clap's own exit ignores a failed write of the help or version text, so
+/// this function writes that text itself and handles a failure as for any
+/// other output. A closed pipe exits 0 quietly, and any other error is
+/// reported and exits 1. Usage errors still go to standard error with exit
+/// code 2.
+pub fn parse_args() -> Result<Cli, ExitCode> {
+    let error = match Cli::try_parse() {
+        Ok(cli) => return Ok(cli),
+        Err(error) => error,
+    };
+    if error.use_stderr() {
+        error.exit();
+    }
+    let written = error.print().and_then(|()| std::io::stdout().flush());
+    if let Err(e) = written {
+        crate::output::record_error(&e);
+    }
+    if crate::output::write_failed() {
+        Err(ExitCode::from(EXIT_FAILURE))
+    } else {
+        Err(ExitCode::SUCCESS)
+    }
 }
 
 /// How long the exit waits for blocking tasks still running, such as a

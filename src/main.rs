@@ -3,14 +3,14 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
-use mde_forwarder::cli::{self, Cli};
+use mde_forwarder::cli;
 
 fn main() -> ExitCode {
     // Before any thread starts, so every thread shares the two arenas.
     mde_forwarder::pipeline::limit_malloc_arenas();
-    let cli = Cli::parse();
-    cli::main(cli)
+    match cli::parse_args() {
+        Ok(cli) => cli::main(cli),
+        Err(code) => code,
+    }
 }
 

@@ -467,8 +467,13 @@ async fn config_with_dead_letters(dir: &Path, emulator: &mde_forwarder::emulator
 }
 
 /// Returns each command that writes to standard output, with its arguments.
+/// The help and version text take a path apart from the commands (see `cli::parse_args`).
 fn output_commands(config: &str) -> Vec<Vec<&str>> {
     vec![
+        vec!["--help"],
+        vec!["--version"],
+        vec!["help", "run"],
+        vec!["state", "--help"],
         vec!["check-config", "--config", config],
         vec!["state", "--config", config, "show"],
         vec!["state", "--config", config, "dead-letters"],
