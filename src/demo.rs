@@ -13,6 +13,7 @@ use crate::config::{
 };
 use crate::emulator::{sample_detections, Emulator, EmulatorOptions, TenantSpec};
 use crate::format::PayloadFormat;
+use crate::output::Failure;
 use crate::pipeline::Mode;
 
 const TENANT_ID: &str = "00000000-0000-0000-0000-000000000000";
@@ -56,21 +57,36 @@ pub async fn run(state_dir: PathBuf, interval_secs: u64, add_every_secs: u64, st
     }
     tracing::info!(emulator = %emulator.url(), state = %state_dir.display(), "demo: forwarding the emulator's detections to standard output as CEF; Ctrl-C stops");
     let config = demo_config(&emulator, state_dir.clone(), interval_secs);
-    let result = crate::cli::run_config(&config, Mode::Daemon, stop_on_closed_output(stop)).await;
+    let failure = crate::output::failure_signal();
+    let result = crate::cli::run_config(&config, Mode::Daemon, stop_on_output_failure(stop)).await;
     emulator.shutdown().await;
     let _ = std::fs::remove_dir_all(&state_dir);
-    result
+    result?;
+    // A closed pipe ends the demo as a success, as it ends the other commands.
+    let failed = failure.borrow().clone();
+    match failed {
+        Some(Failure::Error(message)) => Err(format!("cannot write to standard output: {message}")),
+        Some(Failure::ClosedPipe) | None => Ok(()),
+    }
 }
 
-/// Returns a stop channel that turns true when `stop` does, or when the
-/// reader of standard output has closed the pipe, as under `demo | head`.
-fn stop_on_closed_output(mut stop: watch::Receiver<bool>) -> watch::Receiver<bool> {
-    let mut closed = crate::output::closed_pipe_signal();
+/// Returns a stop channel that turns true when `stop` does or when a write
+/// to standard output fails, as under `demo | head` or `demo > /dev/full`.
+/// Without it, the stdout sink would retry a failed write until Ctrl-C.
+fn stop_on_output_failure(mut stop: watch::Receiver<bool>) -> watch::Receiver<bool> {
+    let mut failure = crate::output::failure_signal();
     let (sender, receiver) = watch::channel(false);
     tokio::spawn(async move {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => {}
-            _ = closed.wait_for(|c| *c) => tracing::info!("demo: standard output was closed; stopping"),
+            failed = failure.wait_for(Option::is_some) => {
+                let closed_pipe = failed.is_ok_and(|f| *f == Some(Failure::ClosedPipe));
+                if closed_pipe {
+                    tracing::info!("demo: standard output was closed; stopping");
+                } else {
+                    tracing::info!("demo: cannot write to standard output; stopping");
+                }
+            }
         }
         sender.send_replace(true);
     });

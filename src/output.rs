@@ -7,8 +7,8 @@
 //! of killing the process. After the first failed write, later writes are
 //! skipped, but the command finishes its work: a `state` command that
 //! prints a line before its last change still makes that change. `demo`,
-//! which runs until stopped, stops when its stdout sink finds the pipe
-//! closed (see [`closed_pipe_signal`]).
+//! which runs until stopped, stops when a write of its stdout sink fails
+//! (see [`failure_signal`]).
 
 use std::io::{self, Write as _};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -23,17 +23,39 @@ const FAILED: u8 = 2;
 /// The state of standard output: `OPEN`, `CLOSED_PIPE` or `FAILED`.
 static STATE: AtomicU8 = AtomicU8::new(OPEN);
 
-/// Sender of the channel that [`closed_pipe_signal`] returns.
-static CLOSED_PIPE_SENDER: OnceLock<watch::Sender<bool>> = OnceLock::new();
-
-fn closed_pipe_sender() -> &'static watch::Sender<bool> {
-    CLOSED_PIPE_SENDER.get_or_init(|| watch::channel(false).0)
+/// A failed write to standard output, as [`failure_signal`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// The reader closed the pipe (EPIPE).
+    ClosedPipe,
+    /// Any other write error, such as a full disk, as its message.
+    Error(String),
 }
 
-/// Returns a channel that turns true once a write to standard output has
-/// found the pipe closed.
-pub fn closed_pipe_signal() -> watch::Receiver<bool> {
-    closed_pipe_sender().subscribe()
+/// Sender of the channel that [`failure_signal`] returns.
+static FAILURE_SENDER: OnceLock<watch::Sender<Option<Failure>>> = OnceLock::new();
+
+fn failure_sender() -> &'static watch::Sender<Option<Failure>> {
+    FAILURE_SENDER.get_or_init(|| watch::channel(None).0)
+}
+
+/// Returns a channel that contains the first failed write to standard
+/// output, by a command or by a stdout sink, once there is one.
+pub fn failure_signal() -> watch::Receiver<Option<Failure>> {
+    failure_sender().subscribe()
+}
+
+/// Publishes `error` on the channel of [`failure_signal`], unless an
+/// earlier failure is there already.
+fn publish_failure(error: &io::Error) {
+    let failure = if is_closed_pipe(error) { Failure::ClosedPipe } else { Failure::Error(error.to_string()) };
+    failure_sender().send_if_modified(|first| {
+        if first.is_some() {
+            return false;
+        }
+        *first = Some(failure);
+        true
+    });
 }
 
 /// Writes one line, as the `out!` macro does. Writes nothing once the
@@ -59,13 +81,26 @@ pub fn is_closed_pipe(error: &io::Error) -> bool {
 /// Records a failed write to standard output. A closed pipe is recorded
 /// quietly, and any other error is printed on standard error once.
 pub fn record_error(error: &io::Error) {
+    publish_failure(error);
     if is_closed_pipe(error) {
         let _ = STATE.compare_exchange(OPEN, CLOSED_PIPE, Ordering::Relaxed, Ordering::Relaxed);
-        closed_pipe_sender().send_replace(true);
         return;
     }
     if STATE.swap(FAILED, Ordering::Relaxed) != FAILED {
         eprintln!("error: cannot write to standard output: {error}");
+    }
+}
+
+/// Records a failed write of a stdout sink, which keeps the batch and
+/// retries it. A closed pipe is recorded as [`record_error`] does. Any other
+/// error only goes to [`failure_signal`], which stops `demo`. It is not
+/// printed, because the sink worker logs it, and it does not set the exit
+/// code, because `run` keeps retrying.
+pub fn record_sink_error(error: &io::Error) {
+    if is_closed_pipe(error) {
+        record_error(error);
+    } else {
+        publish_failure(error);
     }
 }
 

@@ -626,24 +626,50 @@ async fn demo_deletes_its_state_after_two_signals() {
     assert!(!state.exists(), "{} left behind", state.display());
 }
 
+/// Runs `demo` with standard output sent to `stdout` and its temporary
+/// directory in `scratch` until it stops by itself, for at most [`WAIT`].
+async fn run_demo_with_stdout(scratch: &Path, stdout: Stdio) -> std::process::Output {
+    let child = tokio::process::Command::new(binary())
+        .args(["demo", "--interval-secs", "1", "--add-every-secs", "0"])
+        .env("TMPDIR", scratch)
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(WAIT, child.wait_with_output()).await.expect("the demo stops by itself").unwrap()
+}
+
 /// A demo whose standard output is closed, as under `demo | head -1`, stops
 /// by itself, deletes its state and exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_stops_when_output_is_closed() {
     let scratch = tempfile::tempdir().unwrap();
-    let child = tokio::process::Command::new(binary())
-        .args(["demo", "--interval-secs", "1", "--add-every-secs", "0"])
-        .env("TMPDIR", scratch.path())
-        .stdout(Stdio::from(closed_pipe()))
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
 
-    let output = tokio::time::timeout(WAIT, child.wait_with_output()).await.expect("the demo stops by itself").unwrap();
+    let output = run_demo_with_stdout(scratch.path(), Stdio::from(closed_pipe())).await;
 
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     assert!(stderr(&output).contains("standard output was closed"), "{}", stderr(&output));
+    let left: Vec<_> = std::fs::read_dir(scratch.path()).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// A demo whose standard output fails for another reason, such as a full
+/// disk under `demo > FILE`, stops by itself, deletes its state, names the
+/// error and exits 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_stops_when_output_fails() {
+    let scratch = tempfile::tempdir().unwrap();
+    // Every write to /dev/full fails with ENOSPC.
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+
+    let output = run_demo_with_stdout(scratch.path(), Stdio::from(full)).await;
+
+    let stderr = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("error: cannot write to standard output"), "{stderr}");
+    assert!(stderr.contains("No space left on device"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
     let left: Vec<_> = std::fs::read_dir(scratch.path()).unwrap().collect();
     assert!(left.is_empty(), "{left:?}");
 }

@@ -200,10 +200,8 @@ impl Transport {
                     Err(e) => Err(e),
                 };
                 if let Err(e) = written {
-                    // The batch stays queued. Only `demo` stops on a closed pipe.
-                    if crate::output::is_closed_pipe(&e) {
-                        crate::output::record_error(&e);
-                    }
+                    // The batch stays queued. Only `demo` stops on a failed write.
+                    crate::output::record_sink_error(&e);
                     return Err(SinkError::Stdout(e));
                 }
                 Ok(SendOutcome::Delivered)
