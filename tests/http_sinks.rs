@@ -557,3 +557,37 @@ async fn http_sink_uses_its_proxy() {
     assert!(message.contains("proxy_url"), "{message}");
     assert!(!message.contains("proxy-pass-123"), "{message}");
 }
+
+/// An HTTP or HEC sink whose proxy refuses the connection names the proxy,
+/// without its credentials, in the error, so the operator checks the proxy
+/// and not the receiver. So does a sink whose proxy comes from HTTP_PROXY.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_proxy_is_named() {
+    // Nothing listens on this port once the listener is dropped.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let proxy = format!("proxy_url = \"http://proxy-user:proxy-pass-987@{closed}\"");
+    let env_proxy = format!("http://proxy-user:proxy-pass-987@{closed}");
+    // NO_PROXY lets the forwarder reach the emulator directly.
+    let proxy_env = [("HTTP_PROXY", env_proxy.as_str()), ("http_proxy", env_proxy.as_str()), ("NO_PROXY", "127.0.0.1"), ("no_proxy", "127.0.0.1")];
+    let expected_proxy = format!("through proxy http://redacted:redacted@{closed}/");
+    let expected_env_proxy = format!("through proxy http://{closed}/");
+    let cases = [
+        ("http", http_sink_toml("http://collector.invalid", &proxy), &[][..], &expected_proxy),
+        ("splunk_hec", hec_sink_toml("http://splunk.invalid:8088", &proxy), &[][..], &expected_proxy),
+        ("http from HTTP_PROXY", http_sink_toml("http://collector.invalid", ""), &proxy_env[..], &expected_env_proxy),
+    ];
+    for (name, sinks, env, expected) in cases {
+        let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &sinks);
+
+        let output = run_cli_env(&["run", "--once", "--config", config.to_str().unwrap()], env).await;
+
+        let log = stderr(&output);
+        assert!(!output.status.success(), "{name}: {log}");
+        assert!(log.contains(expected.as_str()), "{name}: the proxy is named: {log}");
+        assert!(log.contains("Connection refused"), "{name}: {log}");
+        assert!(!log.contains("proxy-pass-987"), "{name}: the proxy password stays out of the log: {log}");
+        assert!(!log.contains("proxy-user"), "{name}: the proxy user stays out of the log: {log}");
+    }
+}

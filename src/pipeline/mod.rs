@@ -164,6 +164,7 @@ pub fn build_sink(key: &str, sink: &SinkConfig) -> Result<(Transport, EventEncod
             warn_if_insecure(sink.name(), h.tls.tls_insecure_skip_verify);
             let client = crate::sink::build_http_client(key, &h.tls, &h.proxy, Duration::from_secs(h.timeout_secs), connect)?;
             let settings = HttpSettings {
+                proxy: crate::sink::proxy_for(&h.url, &h.proxy),
                 url: h.url.trim().to_string(),
                 body_format: h.body_format,
                 gzip: h.gzip,
@@ -177,6 +178,7 @@ pub fn build_sink(key: &str, sink: &SinkConfig) -> Result<(Transport, EventEncod
             warn_if_insecure(sink.name(), h.tls.tls_insecure_skip_verify);
             let client = crate::sink::build_http_client(key, &h.tls, &h.proxy, Duration::from_secs(h.timeout_secs), connect)?;
             let settings = HecSettings {
+                proxy: crate::sink::proxy_for(&h.url, &h.proxy),
                 url: h.url.trim().trim_end_matches('/').to_string(),
                 token: h.resolve_token(key)?,
                 ack: h.ack,

@@ -40,6 +40,8 @@ pub struct HecSettings {
     pub max_batch_bytes: usize,
     /// Credentials of the sink's proxy, which a proxy may echo.
     pub proxy_secrets: Vec<String>,
+    /// The proxy that requests to `url` go through, redacted, for errors.
+    pub proxy: Option<String>,
 }
 
 pub struct HecTransport {
@@ -51,6 +53,8 @@ pub struct HecTransport {
     redactor: Redactor,
     ack_timeout: Option<Duration>,
     max_batch_bytes: usize,
+    /// The proxy that requests go through, redacted, for errors.
+    proxy: Option<String>,
 }
 
 /// The fields of a HEC response this sink reads.
@@ -99,6 +103,7 @@ impl HecTransport {
             redactor,
             ack_timeout: settings.ack.then_some(settings.ack_timeout),
             max_batch_bytes: settings.max_batch_bytes,
+            proxy: settings.proxy,
         })
     }
 
@@ -142,8 +147,8 @@ impl HecTransport {
             .body(body)
             .send()
             .await
-            .map_err(|source| SinkError::http(url, source))?;
-        Reply::read(response, url).await
+            .map_err(|source| SinkError::http(url, self.proxy.as_deref(), source))?;
+        Reply::read(response, url, self.proxy.as_deref()).await
     }
 
     /// Polls the acknowledgement endpoint until `ack_id` is indexed.

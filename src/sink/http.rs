@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use flate2::write::GzEncoder;
 use flate2::Compression;
+use hyper_util::client::proxy::matcher::Matcher;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::StatusCode;
 
@@ -32,6 +33,9 @@ pub struct HttpSettings {
     /// Credentials of the sink's proxy (see [`crate::redact::url_secrets`]),
     /// which a proxy may echo in its responses.
     pub proxy_secrets: Vec<String>,
+    /// The proxy that requests to `url` go through, redacted, for errors
+    /// (see [`proxy_for`]).
+    pub proxy: Option<String>,
 }
 
 pub struct HttpTransport {
@@ -43,6 +47,8 @@ pub struct HttpTransport {
     /// The header values, removed from response text in errors and reasons.
     redactor: Redactor,
     max_batch_bytes: usize,
+    /// The proxy that requests go through, redacted, for errors.
+    proxy: Option<String>,
 }
 
 impl HttpTransport {
@@ -64,6 +70,7 @@ impl HttpTransport {
             headers,
             redactor,
             max_batch_bytes: settings.max_batch_bytes,
+            proxy: settings.proxy,
         })
     }
 
@@ -82,8 +89,9 @@ impl HttpTransport {
         } else {
             request = request.body(body);
         }
-        let response = request.send().await.map_err(|source| SinkError::http(&self.url, source))?;
-        let reply = Reply::read(response, &self.url).await?;
+        let proxy = self.proxy.as_deref();
+        let response = request.send().await.map_err(|source| SinkError::http(&self.url, proxy, source))?;
+        let reply = Reply::read(response, &self.url, proxy).await?;
         if reply.status.is_success() {
             return Ok(SendOutcome::Delivered);
         }
@@ -102,7 +110,8 @@ pub(super) struct Reply {
 }
 
 impl Reply {
-    pub async fn read(mut response: reqwest::Response, url: &str) -> Result<Self, SinkError> {
+    /// Reads `response` to `url`. `proxy` is the proxy it came through, for errors.
+    pub async fn read(mut response: reqwest::Response, url: &str, proxy: Option<&str>) -> Result<Self, SinkError> {
         let status = response.status();
         let retry_after = response
             .headers()
@@ -115,7 +124,7 @@ impl Reply {
             match response.chunk().await {
                 Ok(Some(chunk)) => body.extend_from_slice(&chunk),
                 Ok(None) => break,
-                Err(source) => return Err(SinkError::http(url, source)),
+                Err(source) => return Err(SinkError::http(url, proxy, source)),
             }
         }
         Ok(Self { status, retry_after, body })
@@ -180,6 +189,24 @@ pub fn build_client(
         key: key.to_string(),
         message: format!("cannot build the HTTP client: {e}"),
     })
+}
+
+/// Returns the proxy that requests to `url` go through, with user, password
+/// and query hidden, or `None` for a direct request. With `proxy_url` set,
+/// that is `proxy_url` unless `no_proxy` exempts the URL's host. Without it,
+/// that is the proxy named by `HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY` and
+/// `NO_PROXY`. reqwest 0.12.28 decides with the same hyper-util matcher,
+/// built from the same values, so the two agree.
+pub fn proxy_for(url: &str, proxy: &SinkProxyConfig) -> Option<String> {
+    let destination: hyper::Uri = url.trim().parse().ok()?;
+    let Some(proxy_url) = &proxy.proxy_url else {
+        let intercept = Matcher::from_system().intercept(&destination)?;
+        return Some(crate::redact::url(&intercept.uri().to_string()));
+    };
+    let proxy_url = proxy_url.expose().trim();
+    let no_proxy = proxy.no_proxy.clone().unwrap_or_default();
+    Matcher::builder().all(proxy_url.to_string()).no(no_proxy).build().intercept(&destination)?;
+    Some(crate::redact::url(proxy_url))
 }
 
 fn header_map(key: &str, headers: &[(String, Secret)]) -> Result<HeaderMap, ConfigError> {
@@ -258,6 +285,23 @@ mod tests {
         let mut text = String::new();
         flate2::read::GzDecoder::new(&compressed[..]).read_to_string(&mut text).unwrap();
         assert_eq!(text, "hello hello hello");
+    }
+
+    #[test]
+    fn proxy_for_hides_credentials_and_honours_no_proxy() {
+        let with_proxy = |no_proxy: Option<&str>| SinkProxyConfig {
+            proxy_url: Some(Secret::new("http://user:pass-123@proxy.example:3128")),
+            no_proxy: no_proxy.map(String::from),
+        };
+        let url = "https://collector.example/ingest";
+
+        let proxied = proxy_for(url, &with_proxy(None));
+        let exempt = proxy_for(url, &with_proxy(Some("other.example, .collector.example")));
+        let other_exempt = proxy_for(url, &with_proxy(Some("other.example")));
+
+        assert_eq!(proxied.as_deref(), Some("http://redacted:redacted@proxy.example:3128/"));
+        assert_eq!(exempt, None);
+        assert_eq!(other_exempt.as_deref(), Some("http://redacted:redacted@proxy.example:3128/"));
     }
 
     #[test]

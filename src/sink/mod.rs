@@ -29,6 +29,7 @@ pub use file::FileTransport;
 pub use hec::{HecSettings, HecTransport};
 pub use http::{HttpSettings, HttpTransport};
 pub use http::build_client as build_http_client;
+pub use http::proxy_for;
 pub use redact::{Redactor, REDACTED};
 pub use stream::{StreamTransport, TlsSettings};
 
@@ -54,6 +55,8 @@ pub enum SinkError {
     ClientCertificateRequired { address: String },
     #[error("request to {url} failed: {}", crate::redact::error_chain(source))]
     Http { url: String, source: reqwest::Error },
+    #[error("request to {url} through proxy {proxy} failed: {}{}", crate::redact::error_chain(source), proxy_advice(source))]
+    HttpProxy { url: String, proxy: String, source: reqwest::Error },
     #[error("{url} returned HTTP {status}: {body}")]
     HttpStatus { url: String, status: u16, body: String, retry_after: Option<Duration> },
     #[error("Splunk HEC at {url} rejected the token (HTTP {status}: {body}); check the sink's token, token_file or token_env")]
@@ -67,9 +70,17 @@ pub enum SinkError {
 impl SinkError {
     /// Wraps a failed HTTP request. The URL is shown without its user,
     /// password and query (see [`crate::redact::url`]) and removed from
-    /// reqwest's own message, which would repeat it whole.
-    pub fn http(url: &str, source: reqwest::Error) -> Self {
-        SinkError::Http { url: crate::redact::url(url), source: source.without_url() }
+    /// reqwest's own message, which would repeat it whole. `proxy` is the
+    /// proxy that the request went through, already redacted. The message
+    /// names it, so that a proxy that is down is not taken for a receiver
+    /// that is down.
+    pub fn http(url: &str, proxy: Option<&str>, source: reqwest::Error) -> Self {
+        let url = crate::redact::url(url);
+        let source = source.without_url();
+        match proxy {
+            Some(proxy) => SinkError::HttpProxy { url, proxy: proxy.to_string(), source },
+            None => SinkError::Http { url, source },
+        }
     }
 
     /// The wait the receiver asked for (`Retry-After`), if any.
@@ -83,6 +94,19 @@ impl SinkError {
     /// True when retrying cannot help until an operator changes something.
     pub fn needs_operator(&self) -> bool {
         matches!(self, SinkError::InvalidToken { .. })
+    }
+}
+
+/// Returns the advice for a failed request through a proxy. A connect error
+/// there mostly means that the proxy refused or did not accept the
+/// connection in time, or rejected the tunnel to the receiver.
+// NOTE: a failed TLS handshake with the receiver inside the tunnel is a
+// connect error too; only the cause in the message tells it apart.
+fn proxy_advice(source: &reqwest::Error) -> &'static str {
+    if source.is_connect() {
+        "; check that the proxy is running and accepts connections"
+    } else {
+        ""
     }
 }
 
