@@ -31,7 +31,7 @@ use chrono::{DateTime, Utc};
 use hashbrown::HashTable;
 
 const RECORD_BYTES: usize = 24;
-const SUFFIX: &str = ".seen";
+pub(crate) const SUFFIX: &str = ".seen";
 const TEMPORARY_SUFFIX: &str = ".seen.tmp";
 
 #[derive(Debug, thiserror::Error)]

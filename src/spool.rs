@@ -28,7 +28,7 @@ use std::sync::Mutex;
 /// A segment is closed and a new one started past this size.
 pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 const HEADER_BYTES: u64 = 8;
-const SUFFIX: &str = ".spool";
+pub(crate) const SUFFIX: &str = ".spool";
 /// Slices per vectored write. Linux accepts at most 1024 (`IOV_MAX`).
 const MAX_SLICES: usize = 1024;
 

@@ -101,8 +101,10 @@ pub enum StoreError {
     CreateDir { path: PathBuf, source: std::io::Error },
     #[error("cannot lock {path}: {source}")]
     Lock { path: PathBuf, source: std::io::Error },
-    #[error("cannot open the database in {path}: {source}")]
+    #[error("cannot open the database in {path}: {source}; if it is damaged, move the state directory aside (keep it for a closer look) and start with an empty one: the first poll looks back initial_lookback_secs, and `state set-checkpoint --resend` replays an older window")]
     Open { path: PathBuf, source: sled::Error },
+    #[error("the state directory {dir} has {found} but no database (db/), which holds the outbox index, checkpoints and sink cursors; without it the queued detections cannot be found, and the dedupe set would skip them when polled again. Restore db/ if you have it; otherwise move the state directory aside and start with an empty one, then replay the missing window with `state set-checkpoint --resend`")]
+    MissingDatabase { dir: PathBuf, found: String },
     #[error("the database in {path} has schema version {found}, but this mde-forwarder reads version {SCHEMA_VERSION}; use the release that wrote it, or move the directory away to start over")]
     Schema { path: PathBuf, found: u32 },
     #[error("database in {path} failed: {source}; check free space and permissions; the operation is retried")]
@@ -609,6 +611,9 @@ impl Store {
         create_private_dir(dir)?;
         let lock = lock_dir(dir)?;
         let db_path = dir.join("db");
+        if !db_path.exists() {
+            check_no_orphans(dir)?;
+        }
         let db = sled::Config::new()
             .path(&db_path)
             .cache_capacity(options.cache_bytes)
@@ -1128,11 +1133,10 @@ impl Store {
 
     /// Makes the cursors match the configured sinks. A new sink starts at the
     /// end of the outbox. The cursor of a sink that is no longer configured
-    /// is deleted only when it has nothing pending; otherwise it stays, so
+    /// is deleted only when it has nothing pending. Otherwise it stays, and
     /// its detections stay queued until a sink of that name is configured
     /// again or [`Store::drop_sink`] drops them. A renamed sink is a new one
-    /// to the store, and silently releasing the old name's backlog would
-    /// lose it.
+    /// to the store, so releasing the old name's backlog would lose it.
     pub fn sync_cursors(&self, sinks: &[&str]) -> Result<UnconfiguredSinks, StoreError> {
         let end = self.last_seq()?;
         for sink in sinks {
@@ -1457,6 +1461,30 @@ impl Store {
     }
 }
 
+/// Fails when a state directory without a database still has spool
+/// segments or dedupe files: opening would create an empty database, and
+/// the queued detections would be lost without a word.
+fn check_no_orphans(dir: &Path) -> Result<(), StoreError> {
+    let count = |sub: &str, suffix: &str| {
+        fs::read_dir(dir.join(sub))
+            .map(|entries| entries.filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().ends_with(suffix)).count())
+            .unwrap_or(0)
+    };
+    let segments = count("spool", crate::spool::SUFFIX);
+    let dedupe_files = count("seen", crate::seen::SUFFIX);
+    let mut found = Vec::new();
+    if segments > 0 {
+        found.push(format!("{segments} spool segment(s) in spool/"));
+    }
+    if dedupe_files > 0 {
+        found.push(format!("{dedupe_files} dedupe file(s) in seen/"));
+    }
+    if found.is_empty() {
+        return Ok(());
+    }
+    Err(StoreError::MissingDatabase { dir: dir.to_path_buf(), found: found.join(" and ") })
+}
+
 /// Lists at most ten dead-letter ids for a log line, because a batch of
 /// hundreds of detections would make one very long line.
 fn listed_ids(ids: &[u64]) -> String {
@@ -1688,6 +1716,30 @@ mod tests {
         let view = BatchView::decode(expected).unwrap();
         assert_eq!((view.tenant.as_str(), view.only_sink.as_deref(), view.checked), ("t", Some("s"), true));
         assert_eq!(view.texts().unwrap(), ["{}", "ab"]);
+    }
+
+    #[tokio::test]
+    async fn open_without_database_keeps_orphaned_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.sync_cursors(&["a"]).unwrap();
+            store.enqueue("t", vec![detection("x:1", "2026-01-01T00:00:00Z")], None, Utc::now()).await.unwrap();
+        }
+        fs::remove_dir_all(dir.path().join("db")).unwrap();
+
+        let error = Store::open(dir.path()).err().unwrap().to_string();
+        assert!(error.contains("has 1 spool segment(s) in spool/ and 1 dedupe file(s) in seen/ but no database (db/)"), "{error}");
+        assert!(error.contains("state set-checkpoint --resend"), "{error}");
+        assert!(!dir.path().join("db").exists(), "nothing was created");
+
+        // Without the spool, the dedupe set alone would still skip them.
+        fs::remove_dir_all(dir.path().join("spool")).unwrap();
+        let error = Store::open(dir.path()).err().unwrap().to_string();
+        assert!(error.contains("has 1 dedupe file(s) in seen/ but no database"), "{error}");
+
+        fs::remove_dir_all(dir.path().join("seen")).unwrap();
+        assert!(Store::open(dir.path()).is_ok(), "an empty directory starts over");
     }
 
     #[test]
