@@ -6,6 +6,8 @@
 //! - 1: a run, a probe, the health check or a write to standard output
 //!   failed (the reason is on stderr).
 //! - 2: invalid command-line arguments.
+//! - 3: `run --once` delivered everything else, but detections became dead
+//!   letters during the run.
 //! - 64: invalid configuration.
 
 use std::io::Write as _;
@@ -23,6 +25,7 @@ use crate::store::{DeadLetter, Store};
 use crate::timefmt;
 
 pub const EXIT_FAILURE: u8 = 1;
+pub const EXIT_DEAD_LETTERS: u8 = 3;
 pub const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser, Debug)]
@@ -347,7 +350,17 @@ async fn run(args: RunArgs, log_format: Option<LogFormat>) -> ExitCode {
     init_logging(log_format.unwrap_or(config.service.log_format), &config.service.log_level);
     warn_inline_secret(&args.config.config);
     if args.once {
-        report(run_config(&config, Mode::Once, shutdown_signal()).await)
+        match run_config(&config, Mode::Once, shutdown_signal()).await {
+            Ok(RunSummary { new_dead_letters: 0 }) => ExitCode::SUCCESS,
+            Ok(RunSummary { new_dead_letters }) => {
+                eprintln!(
+                    "warning: this run stored {} (see the log for why); list them with `mde-forwarder state -c FILE dead-letters`",
+                    dead_letters_phrase(new_dead_letters)
+                );
+                ExitCode::from(EXIT_DEAD_LETTERS)
+            }
+            Err(message) => report(Err(message)),
+        }
     } else {
         report(crate::daemon::run(config, args.config.config).await)
     }
@@ -470,12 +483,19 @@ async fn pull_to_output(config: &Config, args: &PullArgs, mut window: crate::pul
 }
 
 /// Opens the store and runs the pipeline; shared by `run` and `demo`.
-pub async fn run_config(config: &Config, mode: Mode, stop: watch::Receiver<bool>) -> Result<(), String> {
+/// The outcome of a run that ended without an error.
+pub struct RunSummary {
+    /// Dead letters stored during the run.
+    pub new_dead_letters: usize,
+}
+
+pub async fn run_config(config: &Config, mode: Mode, stop: watch::Receiver<bool>) -> Result<RunSummary, String> {
     if let Err(e) = config.resolve_tenants() {
         return Err(e.to_string());
     }
     let store = Store::open_with(&config.state.dir, config.store_options()).map_err(|e| e.to_string())?;
     let store = Arc::new(store);
+    let letters_before = store.dead_letter_count();
     tracing::info!(
         state = %config.state.dir.display(),
         tenants = config.tenants.len(),
@@ -484,9 +504,11 @@ pub async fn run_config(config: &Config, mode: Mode, stop: watch::Receiver<bool>
         version = env!("CARGO_PKG_VERSION"),
         "mde-forwarder started"
     );
-    let result = pipeline::run(config, store, mode, stop).await.map_err(|e| e.to_string());
+    let result = pipeline::run(config, store.clone(), mode, stop).await.map_err(|e| e.to_string());
     tracing::info!("mde-forwarder stopped");
-    result
+    // Nothing deletes dead letters during a run, so the difference is
+    // what the run added.
+    result.map(|()| RunSummary { new_dead_letters: store.dead_letter_count().saturating_sub(letters_before) })
 }
 
 /// Logs a WARN when the config file contains a secret that others may read.

@@ -58,7 +58,7 @@ pub async fn run(state_dir: PathBuf, interval_secs: u64, add_every_secs: u64, st
     tracing::info!(emulator = %emulator.url(), state = %state_dir.display(), "demo: forwarding the emulator's detections to standard output as CEF; Ctrl-C stops");
     let config = demo_config(&emulator, state_dir.clone(), interval_secs);
     let failure = crate::output::failure_signal();
-    let result = crate::cli::run_config(&config, Mode::Daemon, stop_on_output_failure(stop)).await;
+    let result = crate::cli::run_config(&config, Mode::Daemon, stop_on_output_failure(stop)).await.map(drop);
     emulator.shutdown().await;
     let _ = std::fs::remove_dir_all(&state_dir);
     result?;

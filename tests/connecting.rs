@@ -661,9 +661,11 @@ async fn pull_keeps_invalid_elements_exact() {
     assert!(log.contains("not detections"), "{log}");
 }
 
-/// Runs `run --once` against an API that responds with `body`, with a
-/// JSON file sink, after checking that it succeeded. Returns the state's
-/// directory (with `config.toml`), the output and the forwarded FullIds.
+/// Runs `run --once` against an API that responds with `body`, which has
+/// elements that are not detections, with a JSON file sink. Checks that
+/// the run finished with exit code 3, which reports new dead letters.
+/// Returns the state's directory (with `config.toml`), the output and the
+/// forwarded FullIds.
 async fn run_once_serving(body: String) -> (tempfile::TempDir, std::process::Output, Vec<String>) {
     let (_api, tenant) = api_answering(body).await;
     let dir = tempfile::tempdir().unwrap();
@@ -672,7 +674,8 @@ async fn run_once_serving(body: String) -> (tempfile::TempDir, std::process::Out
 
     let output = run_cli(&["run", "--once", "--config", config.to_str().unwrap()]).await;
 
-    assert_success(&output);
+    assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
+    assert!(stderr(&output).contains("warning: this run stored "), "{}", stderr(&output));
     let forwarded = read_json_lines(&sink_file).iter().map(|d| d["FullId"].as_str().unwrap().to_string()).collect();
     (dir, output, forwarded)
 }
@@ -892,4 +895,23 @@ async fn pull_rejects_unknown_tenant_and_bad_times() {
     let both = run_cli(&["pull", "--config", config, "--tenant", "contoso", "--ago", "PT1H", "--until", "2026-01-01T00:00:00Z"]).await;
     assert_eq!(both.status.code(), Some(2));
     assert!(emulator.requests().is_empty());
+}
+
+/// `run --once` exits 3 when the run stores new dead letters, and 0 when
+/// a later run stores none, so a cron job can tell the two apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_exit_code_reports_new_dead_letters() {
+    let body = r#"[{"FullId":"good:1","LastProcessedTimeUtc":"2026-01-01T00:00:00Z"}, 42, "text"]"#.to_string();
+    let (_api, tenant) = api_answering(body).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "", &tenant, &file_sink_toml("a", &dir.path().join("a")));
+
+    let first = run_once(&config).await;
+    assert_eq!(first.status.code(), Some(3), "{}", stderr(&first));
+    assert!(stderr(&first).contains("warning: this run stored 2 dead letters"), "{}", stderr(&first));
+
+    // The same elements again are remembered, so nothing new is stored.
+    let second = run_once(&config).await;
+    assert_success(&second);
+    assert!(!stderr(&second).contains("dead letter"), "{}", stderr(&second));
 }
