@@ -745,8 +745,8 @@ impl SyslogSinkConfig {
                 format!("{:?} is not host:port, for example \"127.0.0.1:514\"", self.address),
             ));
         }
-        if self.protocol == Protocol::Udp && self.max_datagram_bytes < 480 {
-            return Err(invalid(format!("{key}.max_datagram_bytes"), "must be at least 480 (RFC 5426)"));
+        if self.protocol == Protocol::Udp {
+            check_datagram_size(&format!("{key}.max_datagram_bytes"), self.max_datagram_bytes)?;
         }
         match (self.protocol, self.framing) {
             (Protocol::Tcp | Protocol::Tls, Framing::None) => {
@@ -890,6 +890,27 @@ impl HttpSinkConfig {
         }
         Ok(headers)
     }
+}
+
+/// The smallest datagram every syslog receiver must accept (RFC 5426).
+const MIN_DATAGRAM_BYTES: usize = 480;
+
+/// The largest UDP payload over IPv4: 65535 bytes of IP packet less 20 of
+/// IP header and 8 of UDP header. The kernel rejects a longer datagram
+/// with `EMSGSIZE`.
+pub const MAX_DATAGRAM_BYTES: usize = 65_507;
+
+fn check_datagram_size(key: &str, bytes: usize) -> Result<(), ConfigError> {
+    let range = format!("use a value from {MIN_DATAGRAM_BYTES} to {MAX_DATAGRAM_BYTES}");
+    if bytes < MIN_DATAGRAM_BYTES {
+        let reason = format!("{bytes} is below {MIN_DATAGRAM_BYTES}, the size every syslog receiver must accept (RFC 5426)");
+        return Err(invalid(key, format!("{reason}; {range}")));
+    }
+    if bytes > MAX_DATAGRAM_BYTES {
+        let reason = format!("{bytes} is above {MAX_DATAGRAM_BYTES}, the largest UDP payload, so the kernel would reject such datagrams");
+        return Err(invalid(key, format!("{reason}; {range}")));
+    }
+    Ok(())
 }
 
 fn check_http_limits(key: &str, max_batch_bytes: usize, timeout_secs: u64) -> Result<(), ConfigError> {

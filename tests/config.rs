@@ -118,6 +118,20 @@ fn invalid_values_name_key_and_fix() {
     }
 }
 
+#[test]
+fn udp_datagram_size_limits() {
+    let udp = |bytes: usize| BASE.replace("type = \"syslog\"", &format!("type = \"syslog\"\nprotocol = \"udp\"\nmax_datagram_bytes = {bytes}"));
+    for bytes in [0, 479, 65_508, 70_000, 1_000_000] {
+        let err = load(&udp(bytes), &[]).unwrap_err();
+        assert!(err.contains("sink[0].max_datagram_bytes"), "{bytes}: {err}");
+        assert!(err.contains(&bytes.to_string()), "{bytes}: the value is named: {err}");
+        assert!(err.contains("from 480 to 65507"), "{bytes}: the allowed range is named: {err}");
+    }
+    for bytes in [480, 2048, 65_507] {
+        assert!(load(&udp(bytes), &[]).is_ok(), "{bytes} fits a UDP datagram");
+    }
+}
+
 /// A sink URL that is not valid is named in the error without the user,
 /// password and query it may carry.
 #[test]
