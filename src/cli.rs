@@ -574,14 +574,19 @@ async fn check_config(path: &Path, probe: bool) -> ExitCode {
 fn describe_sink(sink: &crate::config::SinkConfig) -> String {
     use crate::config::SinkConfig;
     match sink {
-        SinkConfig::Syslog(s) => format!(
-            "syslog {} to {} (format {}, header {}, framing {})",
-            config_word(&s.protocol, '-'),
-            s.address,
-            config_word(&s.format, '-'),
-            config_word(&s.header, '-'),
-            config_word(&s.framing, '-')
-        ),
+        SinkConfig::Syslog(s) => {
+            let framing = match s.protocol {
+                crate::config::Protocol::Udp => "one message per datagram".to_string(),
+                crate::config::Protocol::Tcp | crate::config::Protocol::Tls => format!("framing {}", config_word(&s.framing(), '-')),
+            };
+            format!(
+                "syslog {} to {} (format {}, header {}, {framing})",
+                config_word(&s.protocol, '-'),
+                s.address,
+                config_word(&s.format, '-'),
+                config_word(&s.header, '-'),
+            )
+        }
         SinkConfig::File(f) => format!("file {} (format {})", f.path.display(), config_word(&f.format, '-')),
         SinkConfig::Stdout(s) => format!("standard output (format {})", config_word(&s.format, '-')),
         SinkConfig::Http(h) => format!(
@@ -897,7 +902,29 @@ async fn demo(args: DemoArgs, log_format: Option<LogFormat>) -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::{full_id_cell, table_cell, DeadLetter};
+    use super::{describe_sink, full_id_cell, table_cell, DeadLetter};
+
+    /// Returns `check-config`'s line for a syslog sink with these extra keys.
+    fn describe_syslog(keys: &str) -> String {
+        let text = format!(
+            "[state]\ndir = \"/tmp/mde-forwarder-test-state\"\n\n[[tenant]]\nname = \"t\"\ntenant_id = \"tid\"\nclient_id = \"cid\"\nclient_secret = \"s\"\nregion = \"eu\"\n\n\
+             [[sink]]\nname = \"siem\"\ntype = \"syslog\"\naddress = \"127.0.0.1:514\"\n{keys}\n"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, text).unwrap();
+        let config = crate::config::Config::load_with_env(&path, &[]).unwrap();
+        describe_sink(&config.sinks[0])
+    }
+
+    #[test]
+    fn udp_sink_description_has_no_framing() {
+        let udp = describe_syslog("protocol = \"udp\"");
+        assert!(!udp.contains("framing"), "a datagram carries no framing: {udp}");
+        assert!(udp.contains("one message per datagram"), "{udp}");
+        let tcp = describe_syslog("protocol = \"tcp\"");
+        assert!(tcp.contains("framing newline"), "{tcp}");
+    }
 
     fn letter(detection: &str) -> DeadLetter {
         DeadLetter {

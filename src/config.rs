@@ -349,9 +349,10 @@ pub struct SyslogSinkConfig {
     pub format: PayloadFormat,
     #[serde(default = "default_header")]
     pub header: HeaderFormat,
-    /// TCP and TLS only; UDP sends one datagram per detection.
-    #[serde(default = "default_framing")]
-    pub framing: Framing,
+    /// TCP and TLS only, `newline` when not set (see [`Self::framing`]).
+    /// UDP sends one message per datagram, so the key is rejected there.
+    #[serde(default)]
+    pub framing: Option<Framing>,
     #[serde(default = "default_facility")]
     pub facility: Facility,
     /// HOSTNAME in the syslog header; the machine's host name by default.
@@ -600,9 +601,6 @@ fn default_file_format() -> PayloadFormat {
 fn default_header() -> HeaderFormat {
     HeaderFormat::Rfc5424
 }
-fn default_framing() -> Framing {
-    Framing::Newline
-}
 fn default_facility() -> Facility {
     Facility::LOCAL0
 }
@@ -749,13 +747,13 @@ impl SyslogSinkConfig {
             check_datagram_size(&format!("{key}.max_datagram_bytes"), self.max_datagram_bytes)?;
         }
         match (self.protocol, self.framing) {
-            (Protocol::Tcp | Protocol::Tls, Framing::None) => {
+            (Protocol::Tcp | Protocol::Tls, Some(Framing::None)) => {
                 return Err(invalid(
                     format!("{key}.framing"),
                     "\"none\" would run events together on a TCP stream; use \"newline\" or \"octet-counting\"",
                 ))
             }
-            (Protocol::Udp, Framing::OctetCounting) => {
+            (Protocol::Udp, Some(_)) => {
                 return Err(invalid(
                     format!("{key}.framing"),
                     "framing applies to tcp and tls; UDP sends one datagram per detection, so remove it",
@@ -792,6 +790,16 @@ impl SyslogSinkConfig {
                 )),
                 _ => Ok(()),
             },
+        }
+    }
+
+    /// Returns the framing of each message. TCP and TLS use the configured
+    /// one, `newline` by default. UDP uses none, because each message is
+    /// one datagram.
+    pub fn framing(&self) -> Framing {
+        match self.protocol {
+            Protocol::Udp => Framing::None,
+            Protocol::Tcp | Protocol::Tls => self.framing.unwrap_or(Framing::Newline),
         }
     }
 

@@ -132,6 +132,21 @@ fn udp_datagram_size_limits() {
     }
 }
 
+/// UDP sends one message per datagram, so every explicit framing is
+/// rejected the same way, the default one too.
+#[test]
+fn udp_rejects_any_framing() {
+    for framing in ["newline", "octet-counting", "none"] {
+        let text = BASE.replace("type = \"syslog\"", &format!("type = \"syslog\"\nprotocol = \"udp\"\nframing = \"{framing}\""));
+        let err = load(&text, &[]).unwrap_err();
+        assert!(err.contains("sink[0].framing"), "{framing}: {err}");
+        assert!(err.contains("framing applies to tcp and tls"), "{framing}: {err}");
+        assert!(err.contains("remove it"), "{framing}: {err}");
+    }
+    let text = BASE.replace("type = \"syslog\"", "type = \"syslog\"\nprotocol = \"udp\"");
+    assert!(load(&text, &[]).is_ok(), "UDP without framing loads");
+}
+
 /// A sink URL that is not valid is named in the error without the user,
 /// password and query it may carry.
 #[test]

@@ -140,7 +140,7 @@ pub fn build_sink(key: &str, sink: &SinkConfig) -> Result<(Transport, EventEncod
             let options = EncoderOptions {
                 payload: s.format,
                 header: s.header,
-                framing: if udp { Framing::None } else { s.framing },
+                framing: s.framing(),
                 facility: s.facility,
                 hostname: s.hostname.clone().unwrap_or_else(local_hostname),
                 app_name: "mde-forwarder".into(),
