@@ -105,40 +105,44 @@ async fn hec_sends_events_with_metadata() {
     assert!(!stderr(&output).contains(HEC_TOKEN), "token logged");
 }
 
+/// HEC names the first event it rejected with `invalid-event-number`,
+/// whatever the status code: the events before it are indexed, that one is
+/// rejected, and only the ones after it are sent again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hec_partial_rejection_dead_letters_one_event() {
-    let receiver = HttpReceiver::start(|request| {
-        if request.index == 0 {
-            Answer::new(400, r#"{"text":"Invalid data format","code":6,"invalid-event-number":5}"#)
-        } else {
-            hec_ok()
-        }
-    })
-    .await;
-    let (dir, output) = run_with(&hec_sink_toml(&receiver.url(), "")).await;
-    assert_success(&output);
+    let answers = [
+        (6, "Invalid data format"),
+        (12, "Event field is required"),
+        (13, "Event field cannot be blank"),
+    ];
+    for (code, text) in answers {
+        let body = format!(r#"{{"text":"{text}","code":{code},"invalid-event-number":5}}"#);
+        let receiver = HttpReceiver::start(move |request| if request.index == 0 { Answer::new(400, body.clone()) } else { hec_ok() }).await;
+        let (dir, output) = run_with(&hec_sink_toml(&receiver.url(), "")).await;
+        assert_success(&output);
 
-    let requests = receiver.requests_to(EVENT_PATH);
-    assert_eq!(requests.len(), 2);
-    let first = hec_events(&requests[0].body);
-    let second = hec_events(&requests[1].body);
-    assert_eq!(first.len(), 46);
-    assert_eq!(second.len(), 40, "only the events after the rejected one are sent again");
-    let rejected = full_id_of(&first[5]["event"]);
-    let mut delivered: Vec<String> = first[..5].iter().chain(&second).map(|e| full_id_of(&e["event"])).collect();
-    delivered.sort();
-    delivered.dedup();
-    assert_eq!(delivered.len(), 45);
-    assert!(!delivered.contains(&rejected));
+        let requests = receiver.requests_to(EVENT_PATH);
+        assert_eq!(requests.len(), 2, "code {code}");
+        let first = hec_events(&requests[0].body);
+        let second = hec_events(&requests[1].body);
+        assert_eq!(first.len(), 46, "code {code}");
+        assert_eq!(second.len(), 40, "code {code}: only the events after the rejected one are sent again");
+        let rejected = full_id_of(&first[5]["event"]);
+        let mut delivered: Vec<String> = first[..5].iter().chain(&second).map(|e| full_id_of(&e["event"])).collect();
+        delivered.sort();
+        delivered.dedup();
+        assert_eq!(delivered.len(), 45, "code {code}");
+        assert!(!delivered.contains(&rejected), "code {code}");
 
-    let letters = dead_letters(dir.path());
-    assert_eq!(letters.len(), 1);
-    assert_eq!(letters[0].sink, "splunk");
-    let letter: Value = serde_json::from_str(&letters[0].detection).unwrap();
-    assert_eq!(full_id_of(&letter), rejected);
-    assert!(letters[0].reason.contains("HTTP 400"), "{}", letters[0].reason);
-    assert!(letters[0].reason.contains("Invalid data format"), "{}", letters[0].reason);
-    assert_eq!(pending(dir.path(), "splunk"), 0);
+        let letters = dead_letters(dir.path());
+        assert_eq!(letters.len(), 1, "code {code}");
+        assert_eq!(letters[0].sink, "splunk");
+        let letter: Value = serde_json::from_str(&letters[0].detection).unwrap();
+        assert_eq!(full_id_of(&letter), rejected, "code {code}");
+        assert!(letters[0].reason.contains("HTTP 400"), "{}", letters[0].reason);
+        assert!(letters[0].reason.contains(text), "{}", letters[0].reason);
+        assert_eq!(pending(dir.path(), "splunk"), 0, "code {code}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

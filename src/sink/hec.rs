@@ -5,10 +5,11 @@
 //! carries an `ackId` and the batch counts as delivered only once
 //! `/services/collector/ack` reports it indexed; a timeout sends the batch again.
 //!
-//! HEC rejects a bad event with HTTP 400, code 6 and `invalid-event-number`:
-//! the events before it were accepted, that one is rejected for good, and the
-//! rest must be sent again. An invalid token (401, 403) is retried, because
-//! the events are not at fault.
+//! HEC rejects a bad event with HTTP 400 and `invalid-event-number`, whatever
+//! its code (6 "Invalid data format", 12 "Event field is required", 13
+//! "Event field cannot be blank" and others): the events before it were
+//! accepted, that one is rejected for good, and the rest must be sent again.
+//! An invalid token (401, 403) is retried, because the events are not at fault.
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
@@ -22,9 +23,6 @@ use tokio::time::Instant;
 use super::http::{is_retryable, Reply};
 use super::{Batch, Redactor, SendOutcome, SinkError};
 use crate::config::{ConfigError, Secret};
-
-/// HEC status code for "Invalid data format".
-const CODE_INVALID_DATA_FORMAT: u64 = 6;
 
 /// First and longest wait between two acknowledgement polls.
 const ACK_POLL_FIRST: Duration = Duration::from_millis(100);
@@ -60,8 +58,6 @@ pub struct HecTransport {
 /// The fields of a HEC response this sink reads.
 #[derive(Debug, Default, Deserialize)]
 struct HecResponse {
-    #[serde(default)]
-    code: Option<u64>,
     #[serde(default, rename = "invalid-event-number")]
     invalid_event_number: Option<u64>,
     #[serde(default, rename = "ackId")]
@@ -127,15 +123,16 @@ impl HecTransport {
                 status: reply.status.as_u16(),
                 body: reply.excerpt(&self.redactor),
             }),
+            // A retryable status sends the whole batch again, even with an
+            // event number: a repeat of the events before it, never a loss.
             status if is_retryable(status) => Err(reply.into_error(&self.event_url, &self.redactor)),
-            StatusCode::BAD_REQUEST if parsed.code == Some(CODE_INVALID_DATA_FORMAT) => {
+            _ => {
                 let reason = reply.reason(&self.redactor);
                 match parsed.invalid_event_number.and_then(|n| usize::try_from(n).ok()) {
                     Some(index) if index < batch.len() => Ok(SendOutcome::Rejected { delivered: index, reason }),
                     _ => Ok(SendOutcome::AllRejected { reason }),
                 }
             }
-            _ => Ok(SendOutcome::AllRejected { reason: reply.reason(&self.redactor) }),
         }
     }
 
