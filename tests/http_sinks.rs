@@ -595,3 +595,76 @@ async fn refused_proxy_is_named() {
         assert!(!log.contains("proxy-user"), "{name}: the proxy user stays out of the log: {log}");
     }
 }
+
+/// The largest request body the receivers of the 413 tests accept.
+const RECEIVER_MAX_BODY: usize = 20_000;
+
+/// Runs one sink against a receiver that responds with 413 to a body larger than
+/// [`RECEIVER_MAX_BODY`] or containing the tenth sample detection, which
+/// thus counts as too large even alone. Returns the FullIds the receiver
+/// accepted with their counts, the oversized detection's FullId, and the
+/// run's state directory.
+async fn run_against_size_limit(sink_toml: impl Fn(&str) -> String, path: &str, ok: Answer) -> (HashMap<String, usize>, String, tempfile::TempDir) {
+    let oversized = full_id_of(&sample_detections()[10]);
+    let marker = oversized.clone();
+    let accepts = move |body: &[u8]| body.len() <= RECEIVER_MAX_BODY && !String::from_utf8_lossy(body).contains(&marker);
+    let accepted_by_receiver = accepts.clone();
+    let ok = Arc::new(ok);
+    let receiver = HttpReceiver::start(move |request| {
+        if accepted_by_receiver(&request.body) {
+            Answer::new(ok.status, ok.body.clone())
+        } else {
+            Answer::new(413, "request entity too large")
+        }
+    })
+    .await;
+    let (dir, output) = run_with(&sink_toml(&receiver.url())).await;
+    // Exit code 3: the run stored a dead letter.
+    assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
+
+    let mut counts = HashMap::new();
+    for request in receiver.requests_to(path).iter().filter(|request| accepts(&request.body)) {
+        let events: Vec<Value> = if path == EVENT_PATH {
+            hec_events(&request.body).into_iter().map(|event| event["event"].clone()).collect()
+        } else {
+            serde_json::from_slice(&request.body).unwrap()
+        };
+        for event in &events {
+            *counts.entry(full_id_of(event)).or_insert(0) += 1;
+        }
+    }
+    let log = stderr(&output);
+    assert!(log.contains("413"), "the split is logged: {log}");
+    (counts, oversized, dir)
+}
+
+/// Checks the outcome of [`run_against_size_limit`]: every detection but
+/// the oversized one delivered once, and that one a dead letter whose
+/// reason names the fix.
+fn assert_split_delivery(counts: &HashMap<String, usize>, oversized: &str, dir: &std::path::Path, sink: &str) {
+    assert_eq!(counts.len(), 45, "every detection that fits is delivered");
+    assert!(counts.values().all(|count| *count == 1), "none twice: {counts:?}");
+    assert!(!counts.contains_key(oversized));
+
+    let letters = dead_letters(dir);
+    assert_eq!(letters.len(), 1, "only the detection too large alone is a dead letter");
+    let letter: Value = serde_json::from_str(&letters[0].detection).unwrap();
+    assert_eq!(full_id_of(&letter), oversized);
+    let reason = &letters[0].reason;
+    assert!(reason.contains("HTTP 413"), "{reason}");
+    assert!(reason.contains(" bytes"), "the reason names the size: {reason}");
+    assert!(reason.contains("raise the receiver's"), "the reason names the fix: {reason}");
+    assert_eq!(pending(dir, sink), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_payload_too_large_splits_batch() {
+    let (counts, oversized, dir) = run_against_size_limit(|url| http_sink_toml(url, ""), "/ingest", Answer::new(200, "ok")).await;
+    assert_split_delivery(&counts, &oversized, dir.path(), "collector");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hec_payload_too_large_splits_batch() {
+    let (counts, oversized, dir) = run_against_size_limit(|url| hec_sink_toml(url, ""), EVENT_PATH, hec_ok()).await;
+    assert_split_delivery(&counts, &oversized, dir.path(), "splunk");
+}

@@ -304,6 +304,7 @@ fn start(config: &Config, store: &Arc<Store>, mode: Mode, stop: watch::Receiver<
             encoder,
             routing: common.clone(),
             shortened: 0,
+            receiver_max_batch_bytes: None,
             batch_size: common.batch_size,
             retry_initial: Duration::from_millis(common.retry_initial_ms),
             retry_max: Duration::from_secs(common.retry_max_secs),

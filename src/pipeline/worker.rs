@@ -102,6 +102,10 @@ pub struct SinkWorker {
     pub(crate) routing: SinkCommon,
     /// Messages shortened to fit `max_datagram_bytes` since start.
     pub(crate) shortened: u64,
+    /// The size of the last batch part sent after the receiver rejected a
+    /// larger batch as too large (HTTP 413). Later batches stay under it
+    /// until the worker restarts (a reload or a restart of the daemon).
+    pub(crate) receiver_max_batch_bytes: Option<usize>,
     pub(crate) batch_size: usize,
     pub(crate) retry_initial: Duration,
     pub(crate) retry_max: Duration,
@@ -150,6 +154,8 @@ impl Notice<'_> {
 
 enum Delivery {
     Done(SendOutcome),
+    /// The receiver rejected the batch, of more than one message, as too large.
+    TooLarge(SinkError),
     Stopped,
 }
 
@@ -208,12 +214,14 @@ impl SinkWorker {
                 continue;
             }
             delivered_since_idle = true;
-            let prepared = self.prepare(&entries, &mut batch);
-            let outcome = if batch.is_empty() {
-                SendOutcome::Delivered
-            } else {
+            let mut prepared = self.prepare(&entries, &mut batch);
+            let outcome = loop {
+                if batch.is_empty() {
+                    break SendOutcome::Delivered;
+                }
                 match self.deliver(&batch).await? {
-                    Delivery::Done(outcome) => outcome,
+                    Delivery::Done(outcome) => break outcome,
+                    Delivery::TooLarge(error) => self.split_batch(&mut batch, &mut prepared, &error),
                     Delivery::Stopped => {
                         let pending = self.store.pending(&self.name).map(|(n, _)| n).unwrap_or(0);
                         return Err(WorkerError::Stopped { sink: self.name.clone(), pending });
@@ -328,7 +336,10 @@ impl SinkWorker {
         batch.end_message();
         // A full batch ends before the message that overflows it, unless
         // that message is the first: it is then sent alone.
-        let max_bytes = self.transport.max_batch_bytes();
+        let max_bytes = self.transport.max_batch_bytes().map(|max| match self.receiver_max_batch_bytes {
+            Some(found) => found.min(max),
+            None => max,
+        });
         if max_bytes.is_some_and(|max| batch.bytes().len() > max) && batch.len() > 1 {
             batch.pop_message();
             return Added::BatchFull;
@@ -343,6 +354,36 @@ impl SinkWorker {
             );
         }
         Added::Message
+    }
+
+    /// Keeps the first half of a batch that the receiver rejected as too
+    /// large, so that half is sent next and the rest is read again in the
+    /// next round. Later batches are capped at the size of the half, so
+    /// they fit once a half fits.
+    fn split_batch(&mut self, batch: &mut Batch, prepared: &mut Prepared, error: &SinkError) {
+        let rejected_events = batch.len();
+        let rejected_bytes = batch.bytes().len();
+        let keep = rejected_events / 2;
+        while batch.len() > keep {
+            batch.pop_message();
+        }
+        // The next round reads again from the entry of the first message left out.
+        prepared.consumed = prepared.message_entries[keep];
+        prepared.message_entries.truncate(keep);
+        let cap = batch.bytes().len();
+        self.receiver_max_batch_bytes = Some(cap);
+        if let Some(suppressed) = crate::telemetry::should_log(&format!("too large {}", self.name)) {
+            tracing::warn!(
+                sink = %self.name,
+                rejected_events,
+                rejected_bytes,
+                next_events = keep,
+                next_bytes = cap,
+                error = %error,
+                suppressed,
+                "receiver rejected the batch as too large; sending it in smaller parts. Lower max_batch_bytes of this sink to {cap} or less to save the rejected requests"
+            );
+        }
     }
 
     /// Settles a read after its send: stores its dead letters and moves the
@@ -450,6 +491,10 @@ impl SinkWorker {
                 }
                 Err(source) => {
                     crate::telemetry::global().metrics.add(&crate::telemetry::SINK_ERRORS, &[("sink", &self.name)], 1.0);
+                    // The transport rejects a single message that is too large itself.
+                    if source.payload_too_large() && batch.len() > 1 {
+                        return Ok(Delivery::TooLarge(source));
+                    }
                     if self.max_attempts.is_some_and(|max| attempt >= max) {
                         return Err(WorkerError::Send { sink: self.name.clone(), source });
                     }
@@ -548,6 +593,7 @@ mod tests {
             encoder: EventEncoder::Wire(encoder),
             routing,
             shortened: 0,
+            receiver_max_batch_bytes: None,
             batch_size: 10,
             retry_initial: Duration::from_millis(10),
             retry_max: Duration::from_millis(10),

@@ -126,6 +126,7 @@ impl HecTransport {
             // A retryable status sends the whole batch again, even with an
             // event number: a repeat of the events before it, never a loss.
             status if is_retryable(status) => Err(reply.into_error(&self.event_url, &self.redactor)),
+            StatusCode::PAYLOAD_TOO_LARGE => reply.too_large(&self.event_url, &self.redactor, batch.len(), batch.bytes().len()),
             _ => {
                 let reason = reply.reason(&self.redactor);
                 match parsed.invalid_event_number.and_then(|n| usize::try_from(n).ok()) {

@@ -1,7 +1,9 @@
 //! Generic HTTP sink: each batch is one POST of a JSON array or NDJSON body.
 //!
 //! 2xx acknowledges the batch. 408, 429, 5xx and network errors are retried
-//! (honouring `Retry-After`). Any other status means the receiver will never
+//! (honouring `Retry-After`). 413 means the request is too large, not its
+//! events bad: the worker sends the batch again in smaller parts (see
+//! [`Reply::too_large`]). Any other status means the receiver will never
 //! take this batch, so every event of it is rejected with the status and
 //! the start of the response body, header values redacted, as the reason.
 
@@ -84,16 +86,22 @@ impl HttpTransport {
             BodyFormat::Ndjson => (ndjson(batch), "application/x-ndjson"),
         };
         let mut request = self.client.post(&self.url).headers(self.headers.clone()).header(CONTENT_TYPE, content_type);
-        if self.gzip {
-            request = request.header(CONTENT_ENCODING, "gzip").body(gzip(&body));
+        let body = if self.gzip {
+            request = request.header(CONTENT_ENCODING, "gzip");
+            gzip(&body)
         } else {
-            request = request.body(body);
-        }
+            body
+        };
+        let sent_bytes = body.len();
+        request = request.body(body);
         let proxy = self.proxy.as_deref();
         let response = request.send().await.map_err(|source| SinkError::http(&self.url, proxy, source))?;
         let reply = Reply::read(response, &self.url, proxy).await?;
         if reply.status.is_success() {
             return Ok(SendOutcome::Delivered);
+        }
+        if reply.status == StatusCode::PAYLOAD_TOO_LARGE {
+            return reply.too_large(&self.url, &self.redactor, batch.len(), sent_bytes);
         }
         if is_retryable(reply.status) {
             return Err(reply.into_error(&self.url, &self.redactor));
@@ -138,6 +146,23 @@ impl Reply {
     /// Returns the start of the body, secrets redacted, for errors and reasons.
     pub fn excerpt(&self, redactor: &Redactor) -> String {
         redactor.excerpt(&self.body, REASON_BODY_BYTES)
+    }
+
+    /// Handles a 413 (payload too large) for a request of `events` messages
+    /// and `bytes` bytes of body. With more than one message the batch is
+    /// too large, not its events bad, so the returned error makes the worker
+    /// send it in smaller parts. A single message the receiver rejects even
+    /// alone is rejected for good, with a reason that names its size and the fix.
+    pub fn too_large(self, url: &str, redactor: &Redactor, events: usize, bytes: usize) -> Result<SendOutcome, SinkError> {
+        if events > 1 {
+            return Err(SinkError::PayloadTooLarge { url: crate::redact::url(url), events, bytes, body: self.excerpt(redactor) });
+        }
+        let reason = format!(
+            "{}; the receiver rejects this detection even alone, in a request body of {bytes} bytes, \
+             so raise the receiver's request size limit, then requeue it",
+            self.reason(redactor)
+        );
+        Ok(SendOutcome::AllRejected { reason })
     }
 
     pub fn into_error(self, url: &str, redactor: &Redactor) -> SinkError {

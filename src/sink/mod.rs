@@ -6,7 +6,9 @@
 //! file written and fsync'ed, stdout flushed, UDP datagrams handed to the
 //! kernel, an HTTP 2xx, or a Splunk indexer acknowledgement when enabled.
 //!
-//! An `Err` means "send the whole batch again". A receiver that rejects
+//! An `Err` means "send the whole batch again", except
+//! [`SinkError::PayloadTooLarge`], after which the worker sends the batch in
+//! smaller parts. A receiver that rejects
 //! messages for good (their content, not the connection, is at fault) is
 //! reported as a [`SendOutcome`] instead, so the worker can dead-letter them.
 
@@ -63,6 +65,8 @@ pub enum SinkError {
     InvalidToken { url: String, status: u16, body: String },
     #[error("Splunk HEC at {url} returned an unreadable response (HTTP {status}): {body}")]
     BadResponse { url: String, status: u16, body: String },
+    #[error("{url} rejected a request of {events} detections ({bytes} bytes) as too large (HTTP 413: {body}); the batch is sent again in smaller parts")]
+    PayloadTooLarge { url: String, events: usize, bytes: usize, body: String },
     #[error("Splunk HEC at {url} did not acknowledge ackId {ack_id} within {secs} s; the batch is sent again")]
     AckTimeout { url: String, ack_id: u64, secs: u64 },
 }
@@ -89,6 +93,12 @@ impl SinkError {
             SinkError::HttpStatus { retry_after, .. } => *retry_after,
             _ => None,
         }
+    }
+
+    /// True when the receiver rejected the request as too large (HTTP 413),
+    /// so the batch must be sent in smaller parts, not again whole.
+    pub fn payload_too_large(&self) -> bool {
+        matches!(self, SinkError::PayloadTooLarge { .. })
     }
 
     /// True when retrying cannot help until an operator changes something.
