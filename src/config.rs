@@ -855,8 +855,8 @@ impl SplunkHecSinkConfig {
             1 => {}
             _ => return Err(invalid(format!("{key}.token"), "set only one of token, token_file and token_env")),
         }
-        if self.ack && self.ack_timeout_secs == 0 {
-            return Err(invalid(format!("{key}.ack_timeout_secs"), "must be at least 1"));
+        if self.ack {
+            check_range(&format!("{key}.ack_timeout_secs"), self.ack_timeout_secs, 1, 3600)?;
         }
         for (field, value) in [("source", &self.source), ("sourcetype", &self.sourcetype)] {
             if value.trim().is_empty() {
@@ -925,10 +925,7 @@ fn check_http_limits(key: &str, max_batch_bytes: usize, timeout_secs: u64) -> Re
     if max_batch_bytes < 1024 {
         return Err(invalid(format!("{key}.max_batch_bytes"), "must be at least 1024"));
     }
-    if timeout_secs == 0 {
-        return Err(invalid(format!("{key}.timeout_secs"), "must be at least 1"));
-    }
-    Ok(())
+    check_range(&format!("{key}.timeout_secs"), timeout_secs, 1, 3600)
 }
 
 /// Validates the URL of an HTTP sink, where a query string is allowed.

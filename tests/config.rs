@@ -132,6 +132,27 @@ fn udp_datagram_size_limits() {
     }
 }
 
+/// A timeout far beyond any sensible wait would overflow the deadline the
+/// HEC sink computes for its acknowledgement polls, and stop the sink.
+#[test]
+fn http_sink_timeouts_have_a_maximum() {
+    let hec = "[[sink]]\nname = \"splunk\"\ntype = \"splunk_hec\"\nurl = \"https://splunk.example:8088\"\ntoken = \"t0ken\"\n";
+    let http = "[[sink]]\nname = \"collector\"\ntype = \"http\"\nurl = \"https://collector.example/ingest\"\n";
+    let cases = [
+        (hec, "ack = true\nack_timeout_secs = 9223372036854775807", "sink[1].ack_timeout_secs"),
+        (hec, "ack = true\nack_timeout_secs = 3601", "sink[1].ack_timeout_secs"),
+        (hec, "timeout_secs = 9223372036854775807", "sink[1].timeout_secs"),
+        (http, "timeout_secs = 3601", "sink[1].timeout_secs"),
+    ];
+    for (sink, keys, key) in cases {
+        let err = load(&format!("{BASE}\n{sink}{keys}\n"), &[]).unwrap_err();
+        assert!(err.contains(key), "{keys}: {err}");
+        assert!(err.contains("use a value from 1 to 3600"), "{keys}: {err}");
+    }
+    let loaded = load(&format!("{BASE}\n{hec}ack_timeout_secs = 0\n"), &[]);
+    assert!(loaded.is_ok(), "without ack the key is not used: {loaded:?}");
+}
+
 /// UDP sends one message per datagram, so every explicit framing is
 /// rejected the same way, the default one too.
 #[test]
