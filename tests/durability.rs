@@ -567,8 +567,8 @@ async fn damaged_spool_records_do_not_block_sinks() {
     std::fs::write(&segment, &bytes).unwrap();
 
     let run = run_once(&config).await;
-    // Exit code 3: the damaged batches became dead letters.
-    assert_eq!(run.status.code(), Some(3), "{}", stderr(&run));
+    // The damaged batches became dead letters.
+    assert_dead_letters_stored(&run);
     let log = stderr(&run);
     assert!(log.contains("damaged spool record"), "{log}");
     assert!(log.contains(&segment.display().to_string()), "{log}");

@@ -44,7 +44,7 @@ async fn unparsable_fields_become_dead_letters() {
     assert_eq!(stdout(&empty), "");
     assert!(stderr(&empty).contains("no dead letters"), "{}", stderr(&empty));
 
-    assert_success(&run_once(&config).await);
+    assert_dead_letters_stored(&run_once(&config).await);
 
     let listing = run_cli(&list_args).await;
     assert_success(&listing);
@@ -288,7 +288,7 @@ async fn lone_surrogates_reach_json_sinks_unchanged() {
     let receiver = LineReceiver::start().await;
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), "", &tenant, &file_and_cef_sinks(dir.path(), receiver.addr));
-    assert_success(&run_once(&config).await);
+    assert_dead_letters_stored(&run_once(&config).await);
 
     let archived = std::fs::read_to_string(dir.path().join("archive.jsonl")).unwrap();
     assert_eq!(archived.lines().collect::<Vec<_>>(), detections.iter().map(String::as_str).collect::<Vec<_>>());

@@ -119,7 +119,7 @@ async fn hec_partial_rejection_dead_letters_one_event() {
         let body = format!(r#"{{"text":"{text}","code":{code},"invalid-event-number":5}}"#);
         let receiver = HttpReceiver::start(move |request| if request.index == 0 { Answer::new(400, body.clone()) } else { hec_ok() }).await;
         let (dir, output) = run_with(&hec_sink_toml(&receiver.url(), "")).await;
-        assert_success(&output);
+        assert_dead_letters_stored(&output);
 
         let requests = receiver.requests_to(EVENT_PATH);
         assert_eq!(requests.len(), 2, "code {code}");
@@ -300,7 +300,7 @@ async fn http_client_error_dead_letters_batch() {
     let answer_body = long_body.clone();
     let receiver = HttpReceiver::start(move |_| Answer::new(400, answer_body.clone())).await;
     let (dir, output) = run_with(&http_sink_toml(&receiver.url(), "")).await;
-    assert_success(&output);
+    assert_dead_letters_stored(&output);
 
     assert_eq!(receiver.requests_to("/ingest").len(), 1, "a 400 is not retried");
     let letters = dead_letters(dir.path());
@@ -412,7 +412,7 @@ async fn http_echoed_headers_redacted() {
         );
         let sinks = http_sink_toml(&receiver.url(), &extra);
         let (output, letters) = run_echoed(dir.path(), &sinks, log_format, &[("MDE_TEST_HEADER", FROM_ENV)]).await;
-        assert_success(&output);
+        assert_dead_letters_stored(&output);
 
         let requests = receiver.requests_to("/ingest");
         assert_eq!(requests.len(), 2, "{log_format}");
@@ -447,7 +447,7 @@ async fn hec_echoed_token_redacted() {
         .await;
         let dir = tempfile::tempdir().unwrap();
         let (output, letters) = run_echoed(dir.path(), &hec_sink_toml(&receiver.url(), ""), log_format, &[]).await;
-        assert_success(&output);
+        assert_dead_letters_stored(&output);
 
         let requests = receiver.requests_to(EVENT_PATH);
         assert_eq!(requests.len(), 3, "{log_format}");
@@ -498,7 +498,9 @@ async fn url_credentials_not_logged() {
         let checked = run_cli(&["check-config", "--config", cfg]).await;
         assert_success(&checked);
         let output = run_cli(&["run", "--once", "--config", cfg]).await;
-        assert_eq!(output.status.success(), delivers, "{name}: {}", stderr(&output));
+        // Exit code 3 when the receiver answers: it rejects the batch for good.
+        let expected_code = if delivers { 3 } else { 1 };
+        assert_eq!(output.status.code(), Some(expected_code), "{name}: {}", stderr(&output));
         let letters = run_cli(&["state", "--config", cfg, "dead-letters"]).await;
         assert_success(&letters);
 
@@ -619,8 +621,7 @@ async fn run_against_size_limit(sink_toml: impl Fn(&str) -> String, path: &str, 
     })
     .await;
     let (dir, output) = run_with(&sink_toml(&receiver.url())).await;
-    // Exit code 3: the run stored a dead letter.
-    assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
+    assert_dead_letters_stored(&output);
 
     let mut counts = HashMap::new();
     for request in receiver.requests_to(path).iter().filter(|request| accepts(&request.body)) {

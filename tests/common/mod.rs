@@ -173,6 +173,13 @@ pub fn assert_success(output: &Output) {
     assert!(output.status.success(), "exit {:?}\nstderr:\n{}", output.status, stderr(output));
 }
 
+/// Checks that `run --once` finished with exit code 3, which reports dead
+/// letters stored during the run.
+pub fn assert_dead_letters_stored(output: &Output) {
+    assert_eq!(output.status.code(), Some(3), "stderr:\n{}", stderr(output));
+    assert!(stderr(output).contains("warning: this run stored "), "{}", stderr(output));
+}
+
 /// A TCP syslog receiver that keeps every newline-terminated line.
 pub struct LineReceiver {
     pub addr: SocketAddr,
