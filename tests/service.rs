@@ -197,6 +197,30 @@ async fn sighup_adds_sink_that_gets_new_detections() {
     assert_eq!(code, Some(0), "{log}");
 }
 
+/// A SIGTERM while a reload waits for a stuck sink ends the daemon after
+/// that one drain: the new config is not started only to be drained again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_reload_skips_the_new_config() {
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let tenant = tenant_toml("contoso", TENANT_ID, &emulator);
+    let config = write_config(dir.path(), "", &tenant, &tcp_sink_toml("siem", closed));
+    let daemon = Daemon::start(&config, &[]);
+    assert!(daemon.wait_for_log("poll complete").await, "{}", daemon.log());
+
+    // The sink cannot deliver, so the reload's drain lasts the whole grace period.
+    daemon.signal(libc::SIGHUP);
+    assert!(daemon.wait_for_log("SIGHUP: reloading the config").await, "{}", daemon.log());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (code, log) = daemon.terminate().await;
+
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("shutting down during a reload; the new config is not started"), "{log}");
+    assert!(!log.contains("config reloaded"), "{log}");
+    assert!(!log.contains("config reload rejected"), "{log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_with_invalid_config_keeps_old_pipeline() {
     let emulator = emulator_with_samples(EmulatorOptions::default()).await;

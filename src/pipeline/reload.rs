@@ -7,8 +7,8 @@
 //! dedupe set drops what was already queued. A batch not acknowledged within
 //! the grace period stays in the outbox after the sink's cursor, where the
 //! new worker for that sink name picks it up. A new sink's cursor starts at
-//! the end of the outbox, and a removed sink's cursor is deleted so that
-//! entries only it still needed are released.
+//! the end of the outbox. A removed sink's cursor is deleted only when
+//! nothing is pending for it, so its backlog is never released by a reload.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,6 +45,13 @@ pub async fn run_reloadable(
         generation_stop.send_replace(true);
         let flushed = stop_running(running, &store, grace(&config)).await;
         let Some(reload) = reload else { return flushed.map_err(PipelineError::from) };
+        if *stop.borrow() {
+            // A SIGTERM came during the reload's drain. Starting the new
+            // config only to drain it again would double the shutdown time.
+            // Dropping `reload` ends the SIGHUP handler without a message.
+            tracing::info!("shutting down during a reload; the new config is not started");
+            return flushed.map_err(PipelineError::from);
+        }
 
         let (sender, receiver) = watch::channel(false);
         generation_stop = sender;
