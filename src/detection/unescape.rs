@@ -8,8 +8,8 @@
 //! and `\uXXXX` escapes whose UTF-16 surrogates come in pairs. The tests
 //! compare both decoders on 20,000 random strings.
 
-/// The reason a JSON string could not be decoded, worded as serde_json
-/// words it. Offsets count bytes from the string's opening quote.
+/// The reason a JSON string could not be decoded, mostly in serde_json's
+/// words. Offsets count bytes from the string's opening quote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum UnescapeError {
     #[error("EOF while parsing a string at byte {0} of the string")]
@@ -18,9 +18,14 @@ pub enum UnescapeError {
     ControlCharacter(usize),
     #[error("invalid escape at byte {0} of the string")]
     InvalidEscape(usize),
-    #[error("lone leading surrogate in hex escape at byte {0} of the string")]
+    /// A low surrogate escape without a high one before it, or a high one
+    /// followed by a `\u` escape that is no low surrogate. serde_json calls
+    /// both a "lone leading surrogate", which misnames the first.
+    #[error("unpaired UTF-16 surrogate in a \\u escape at byte {0} of the string (JSON allows it, but it is not a character)")]
     LoneSurrogate(usize),
-    #[error("unexpected end of hex escape at byte {0} of the string")]
+    /// A high surrogate escape followed by no `\u` escape, which serde_json
+    /// reports as an "unexpected end of hex escape".
+    #[error("UTF-16 high surrogate escape not followed by a low surrogate escape at byte {0} of the string (JSON allows it, but it is not a character)")]
     UnexpectedEndOfHexEscape(usize),
     #[error("invalid unicode code point at byte {0} of the string")]
     InvalidUtf8(usize),
@@ -195,9 +200,11 @@ mod tests {
     }
 
     #[test]
-    fn unescape_error_text_matches_serde_json() {
+    fn unescape_error_text_names_the_problem() {
         let error = ours(br#""\udc00""#).unwrap_err().to_string();
-        assert!(error.starts_with("lone leading surrogate in hex escape"), "{error}");
+        assert!(error.starts_with("unpaired UTF-16 surrogate in a \\u escape at byte 6"), "{error}");
+        let error = ours(br#""x\ud800y""#).unwrap_err().to_string();
+        assert!(error.starts_with("UTF-16 high surrogate escape not followed by a low surrogate escape at byte 8"), "{error}");
         let error = ours(b"\"a\x01\"").unwrap_err().to_string();
         assert!(error.starts_with("control character (\\u0000-\\u001F) found while parsing a string"), "{error}");
     }
