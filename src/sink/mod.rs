@@ -225,7 +225,7 @@ impl Transport {
     pub async fn send(&mut self, batch: &Batch) -> Result<SendOutcome, SinkError> {
         match self {
             Transport::Stream(t) => t.send(batch).await.map(|()| SendOutcome::Delivered),
-            Transport::Udp(t) => t.send(batch).await,
+            Transport::Udp(t) => t.send(batch).await.map(|()| SendOutcome::Delivered),
             Transport::File(t) => t.send(batch).await.map(|()| SendOutcome::Delivered),
             Transport::Stdout => {
                 let mut out = tokio::io::stdout();
@@ -277,10 +277,7 @@ impl UdpTransport {
         Self { address, socket: None }
     }
 
-    /// Sends one datagram per message. A datagram the kernel rejects as too
-    /// long (`EMSGSIZE`) can never be sent, so that message is rejected for
-    /// good while the ones before it count as delivered.
-    async fn send(&mut self, batch: &Batch) -> Result<SendOutcome, SinkError> {
+    async fn send(&mut self, batch: &Batch) -> Result<(), SinkError> {
         let address = self.address.clone();
         if self.socket.is_none() {
             let target = tokio::net::lookup_host(&address)
@@ -296,31 +293,15 @@ impl UdpTransport {
             socket.connect(target).await.map_err(|source| SinkError::Connect { address: address.clone(), source })?;
             self.socket = Some(socket);
         }
-        let Some(socket) = &self.socket else { return Ok(SendOutcome::Delivered) };
-        for (index, message) in batch.messages().enumerate() {
-            match socket.send(message).await {
-                Ok(_) => {}
-                Err(source) if source.raw_os_error() == Some(libc::EMSGSIZE) => {
-                    return Ok(SendOutcome::Rejected { delivered: index, reason: datagram_too_long(message.len(), &source) });
-                }
-                Err(source) => {
-                    self.socket = None;
-                    return Err(SinkError::Send { address, source });
-                }
+        let Some(socket) = &self.socket else { return Ok(()) };
+        for message in batch.messages() {
+            if let Err(source) = socket.send(message).await {
+                self.socket = None;
+                return Err(SinkError::Send { address, source });
             }
         }
-        Ok(SendOutcome::Delivered)
+        Ok(())
     }
-}
-
-/// Formats the dead-letter reason of a message whose datagram the kernel rejected as too long.
-fn datagram_too_long(bytes: usize, source: &io::Error) -> String {
-    let max = crate::config::MAX_DATAGRAM_BYTES;
-    format!(
-        "the kernel rejected this detection's datagram of {bytes} bytes as too long ({source}); \
-         UDP carries at most {max} bytes and the network path may carry fewer, \
-         so lower max_datagram_bytes of this sink below {bytes}, then requeue it"
-    )
 }
 
 #[cfg(test)]
@@ -339,30 +320,6 @@ mod tests {
         assert_eq!(in_flight.as_ref(), b"first\n", "an abandoned send still writes the old batch");
         assert_eq!(batch.bytes(), b"second\n");
         assert_eq!(batch.messages().collect::<Vec<_>>(), [b"second\n".as_slice()]);
-    }
-
-    /// A datagram longer than UDP can carry is refused by the kernel
-    /// (`EMSGSIZE`). It is rejected alone: the datagrams before it count as
-    /// delivered and the ones after it are sent again.
-    #[tokio::test]
-    async fn udp_rejects_only_the_oversized_datagram() {
-        let receiver = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let mut transport = Transport::Udp(UdpTransport::new(receiver.local_addr().unwrap().to_string()));
-        let oversized = vec![b'x'; 70_000];
-        let mut batch = Batch::default();
-        batch.push_message(b"first");
-        batch.push_message(&oversized);
-        batch.push_message(b"third");
-
-        let outcome = transport.send(&batch).await.expect("an oversized datagram is no reason to send the batch again");
-
-        let SendOutcome::Rejected { delivered, reason } = outcome else { panic!("expected one rejection, got {outcome:?}") };
-        assert_eq!(delivered, 1, "the first datagram was sent");
-        assert!(reason.contains("70000 bytes"), "the reason names the size: {reason}");
-        assert!(reason.contains("65507"), "the reason names the limit: {reason}");
-        let mut buf = [0u8; 16];
-        let received = receiver.recv(&mut buf).await.unwrap();
-        assert_eq!(&buf[..received], b"first");
     }
 
     #[test]
