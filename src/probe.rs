@@ -76,8 +76,8 @@ async fn probe_sink(sink: &SinkConfig) -> Result<String, String> {
             Ok(format!("{} is writable", f.path.display()))
         }
         SinkConfig::Stdout(_) => Ok("standard output".into()),
-        SinkConfig::Http(h) => probe_url(&h.url, connect_timeout).await,
-        SinkConfig::SplunkHec(h) => probe_url(&h.url, connect_timeout).await,
+        SinkConfig::Http(h) => probe_http(&h.url, &h.proxy, connect_timeout).await,
+        SinkConfig::SplunkHec(h) => probe_http(&h.url, &h.proxy, connect_timeout).await,
     }
 }
 
@@ -87,6 +87,20 @@ async fn connect_tcp(address: &str, limit: Duration) -> Result<(), String> {
         .map_err(|_| format!("connect to {address} timed out after {} s", limit.as_secs()))?
         .map_err(|e| format!("connect to {address} failed: {e}"))?;
     Ok(())
+}
+
+/// Opens a TCP connection to the proxy that requests to `url` go through,
+/// or else to the URL's host and port.
+async fn probe_http(url: &str, proxy: &crate::config::SinkProxyConfig, limit: Duration) -> Result<String, String> {
+    let Some(route) = crate::sink::sink_proxy(url, proxy) else {
+        return probe_url(url, limit).await;
+    };
+    connect_tcp(&route.address, limit).await.map_err(|e| format!("proxy {}: {e}", route.redacted_url))?;
+    Ok(format!(
+        "TCP connection to proxy {} opened; {} is not reached through it (no request is sent)",
+        route.redacted_url,
+        crate::redact::url(url)
+    ))
 }
 
 /// Opens a TCP connection to the host and port of an HTTP(S) URL.

@@ -598,6 +598,33 @@ async fn refused_proxy_is_named() {
     }
 }
 
+/// `check-config --probe` connects to an HTTP or HEC sink's proxy, not to
+/// the receiver, and names the proxy without its credentials.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_connects_to_the_sink_proxy() {
+    let listening = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let open = listening.local_addr().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    for (proxy, reachable) in [(open, true), (closed, false)] {
+        let proxy_line = format!("proxy_url = \"http://proxy-user:proxy-pass-456@{proxy}\"");
+        // The receivers' hosts do not resolve: only the proxy can be reached.
+        let sinks = http_sink_toml("http://collector.invalid", &proxy_line) + &hec_sink_toml("http://splunk.invalid:8088", &proxy_line);
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &sinks);
+
+        let output = run_cli(&["check-config", "--probe", "--config", config.to_str().unwrap()]).await;
+
+        let text = stdout(&output) + &stderr(&output);
+        assert_eq!(output.status.success(), reachable, "{text}");
+        let shown = format!("http://redacted:redacted@{proxy}/");
+        let probed = if reachable { format!("TCP connection to proxy {shown} opened") } else { format!("proxy {shown}: connect to {proxy} failed") };
+        assert_eq!(text.matches(&probed).count(), 2, "both sinks probe the proxy: {text}");
+        assert!(!text.contains("proxy-pass-456"), "{text}");
+        assert!(!text.contains("proxy-user"), "{text}");
+    }
+}
+
 /// The largest request body the receivers of the 413 tests accept.
 const RECEIVER_MAX_BODY: usize = 20_000;
 

@@ -223,15 +223,42 @@ pub fn build_client(
 /// `NO_PROXY`. reqwest 0.12.28 decides with the same hyper-util matcher,
 /// built from the same values, so the two agree.
 pub fn proxy_for(url: &str, proxy: &SinkProxyConfig) -> Option<String> {
+    sink_proxy(url, proxy).map(|route| route.redacted_url)
+}
+
+/// The proxy that requests to a sink's URL go through.
+pub struct SinkProxy {
+    /// Its URL with user, password and query hidden, for messages.
+    pub redacted_url: String,
+    /// Its `host:port`, for the probe's connection.
+    pub address: String,
+}
+
+/// Returns the proxy that requests to `url` go through, as [`proxy_for`]
+/// decides, with its address.
+pub fn sink_proxy(url: &str, proxy: &SinkProxyConfig) -> Option<SinkProxy> {
     let destination: hyper::Uri = url.trim().parse().ok()?;
-    let Some(proxy_url) = &proxy.proxy_url else {
-        let intercept = Matcher::from_system().intercept(&destination)?;
-        return Some(crate::redact::url(&intercept.uri().to_string()));
+    let (intercept, redacted_url) = match &proxy.proxy_url {
+        None => {
+            let intercept = Matcher::from_system().intercept(&destination)?;
+            let redacted_url = crate::redact::url(&intercept.uri().to_string());
+            (intercept, redacted_url)
+        }
+        Some(proxy_url) => {
+            let proxy_url = proxy_url.expose().trim();
+            let no_proxy = proxy.no_proxy.clone().unwrap_or_default();
+            let intercept = Matcher::builder().all(proxy_url.to_string()).no(no_proxy).build().intercept(&destination)?;
+            (intercept, crate::redact::url(proxy_url))
+        }
     };
-    let proxy_url = proxy_url.expose().trim();
-    let no_proxy = proxy.no_proxy.clone().unwrap_or_default();
-    Matcher::builder().all(proxy_url.to_string()).no(no_proxy).build().intercept(&destination)?;
-    Some(crate::redact::url(proxy_url))
+    let uri = intercept.uri();
+    let default_port = match uri.scheme_str() {
+        Some("https") => 443,
+        Some("socks5" | "socks5h") => 1080,
+        _ => 80,
+    };
+    let address = format!("{}:{}", uri.host()?, uri.port_u16().unwrap_or(default_port));
+    Some(SinkProxy { redacted_url, address })
 }
 
 fn header_map(key: &str, headers: &[(String, Secret)]) -> Result<HeaderMap, ConfigError> {

@@ -31,7 +31,7 @@ pub use file::FileTransport;
 pub use hec::{HecSettings, HecTransport};
 pub use http::{HttpSettings, HttpTransport};
 pub use http::build_client as build_http_client;
-pub use http::proxy_for;
+pub use http::{proxy_for, sink_proxy};
 pub use redact::{Redactor, REDACTED};
 pub use stream::{StreamTransport, TlsSettings};
 
