@@ -718,11 +718,12 @@ fn state_action(config: &Config, store: &Store, action: StateAction) -> Result<(
                     "sink {sink:?} is in the config, and its detections are delivered when it runs; remove it from the config first to drop them"
                 ));
             }
-            // Sets the cursors as a run would. A configured sink without one
-            // starts at the end, so what only the dropped sink held is released now.
+            let dropped = store.drop_sink(&sink).map_err(|e| e.to_string())?;
+            // Then sets the cursors as a run would: a configured sink without
+            // one starts at the end, so what only the dropped sink held is
+            // released now.
             let names: Vec<&str> = config.sinks.iter().map(|s| s.name()).collect();
             store.sync_cursors(&names).map_err(|e| e.to_string())?;
-            let dropped = store.drop_sink(&sink).map_err(|e| e.to_string())?;
             out!("sink {sink}: dropped; {dropped} detections were pending for it");
             Ok(())
         }

@@ -753,7 +753,10 @@ impl SyslogSinkConfig {
                     "\"none\" would run events together on a TCP stream; use \"newline\" or \"octet-counting\"",
                 ))
             }
-            (Protocol::Udp, Some(_)) => {
+            // "newline" and "none" on UDP are accepted and ignored, as they
+            // were before: the example config once had `framing = "newline"`
+            // set, and a config switched to UDP must keep loading.
+            (Protocol::Udp, Some(Framing::OctetCounting)) => {
                 return Err(invalid(
                     format!("{key}.framing"),
                     "framing applies to tcp and tls; UDP sends one datagram per detection, so remove it",
@@ -905,7 +908,7 @@ const MIN_DATAGRAM_BYTES: usize = 480;
 
 /// The largest UDP payload over IPv4: 65535 bytes of IP packet less 20 of
 /// IP header and 8 of UDP header. The kernel rejects a longer datagram
-/// with `EMSGSIZE`.
+/// with `EMSGSIZE`, so a UDP sink never sends more.
 pub const MAX_DATAGRAM_BYTES: usize = 65_507;
 
 fn check_datagram_size(key: &str, bytes: usize) -> Result<(), ConfigError> {
@@ -914,10 +917,8 @@ fn check_datagram_size(key: &str, bytes: usize) -> Result<(), ConfigError> {
         let reason = format!("{bytes} is below {MIN_DATAGRAM_BYTES}, the size every syslog receiver must accept (RFC 5426)");
         return Err(invalid(key, format!("{reason}; {range}")));
     }
-    if bytes > MAX_DATAGRAM_BYTES {
-        let reason = format!("{bytes} is above {MAX_DATAGRAM_BYTES}, the largest UDP payload, so the kernel would reject such datagrams");
-        return Err(invalid(key, format!("{reason}; {range}")));
-    }
+    // A larger value loads, as it did in earlier releases, and the sink
+    // caps it at MAX_DATAGRAM_BYTES when it is built.
     Ok(())
 }
 

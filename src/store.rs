@@ -611,7 +611,9 @@ impl Store {
         create_private_dir(dir)?;
         let lock = lock_dir(dir)?;
         let db_path = dir.join("db");
-        if !db_path.exists() {
+        // sled keeps its log in the file `db` of its directory: without
+        // it, sled starts an empty database (also when db/ is empty).
+        if !db_path.join("db").exists() {
             check_no_orphans(dir)?;
         }
         let db = sled::Config::new()
@@ -1726,12 +1728,21 @@ mod tests {
             store.sync_cursors(&["a"]).unwrap();
             store.enqueue("t", vec![detection("x:1", "2026-01-01T00:00:00Z")], None, Utc::now()).await.unwrap();
         }
-        fs::remove_dir_all(dir.path().join("db")).unwrap();
-
+        // An emptied db/ is as good as none.
+        for entry in fs::read_dir(dir.path().join("db")).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                fs::remove_dir_all(path).unwrap();
+            } else {
+                fs::remove_file(path).unwrap();
+            }
+        }
         let error = Store::open(dir.path()).err().unwrap().to_string();
         assert!(error.contains("has 1 spool segment(s) in spool/ and 1 dedupe file(s) in seen/ but no database (db/)"), "{error}");
         assert!(error.contains("state set-checkpoint --resend"), "{error}");
-        assert!(!dir.path().join("db").exists(), "nothing was created");
+        assert!(!dir.path().join("db/db").exists(), "nothing was created");
+        fs::remove_dir_all(dir.path().join("db")).unwrap();
+        assert!(Store::open(dir.path()).is_err(), "a deleted db/ is refused too");
 
         // Without the spool, the dedupe set alone would still skip them.
         fs::remove_dir_all(dir.path().join("spool")).unwrap();

@@ -146,7 +146,7 @@ pub fn build_sink(key: &str, sink: &SinkConfig) -> Result<(Transport, EventEncod
                 app_name: "mde-forwarder".into(),
                 cef,
                 leef,
-                max_message_bytes: udp.then_some(s.max_datagram_bytes),
+                max_message_bytes: udp.then_some(s.max_datagram_bytes.min(crate::config::MAX_DATAGRAM_BYTES)),
             };
             let transport = match s.protocol {
                 Protocol::Udp => Transport::Udp(UdpTransport::new(s.address.clone())),

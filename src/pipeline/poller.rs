@@ -409,7 +409,7 @@ impl Poller {
                     outbox_bytes = self.store.outbox_bytes(),
                     max_outbox_bytes = limit,
                     sink = %slowest.unwrap_or_default(),
-                    "outbox is full; polling paused until this sink catches up"
+                    "outbox is full; polling paused until this sink catches up (if it is no longer in the config, configure it again or drop its backlog with `state drop-sink`)"
                 );
                 warned = true;
             }
