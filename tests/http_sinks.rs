@@ -498,7 +498,7 @@ async fn url_credentials_not_logged() {
         let checked = run_cli(&["check-config", "--config", cfg]).await;
         assert_success(&checked);
         let output = run_cli(&["run", "--once", "--config", cfg]).await;
-        // Exit code 3 when the receiver answers: it rejects the batch for good.
+        // Exit code 3 when the receiver responds: it rejects the batch for good.
         let expected_code = if delivers { 3 } else { 1 };
         assert_eq!(output.status.code(), Some(expected_code), "{name}: {}", stderr(&output));
         let letters = run_cli(&["state", "--config", cfg, "dead-letters"]).await;
@@ -617,8 +617,8 @@ async fn probe_connects_to_the_sink_proxy() {
 
         let text = stdout(&output) + &stderr(&output);
         assert_eq!(output.status.success(), reachable, "{text}");
-        let shown = format!("http://redacted:redacted@{proxy}/");
-        let probed = if reachable { format!("TCP connection to proxy {shown} opened") } else { format!("proxy {shown}: connect to {proxy} failed") };
+        let redacted_proxy = format!("http://redacted:redacted@{proxy}/");
+        let probed = if reachable { format!("TCP connection to proxy {redacted_proxy} opened") } else { format!("proxy {redacted_proxy}: connect to {proxy} failed") };
         assert_eq!(text.matches(&probed).count(), 2, "both sinks probe the proxy: {text}");
         assert!(!text.contains("proxy-pass-456"), "{text}");
         assert!(!text.contains("proxy-user"), "{text}");
@@ -683,6 +683,39 @@ fn assert_split_delivery(counts: &HashMap<String, usize>, oversized: &str, dir: 
     assert!(reason.contains(" bytes"), "the reason names the size: {reason}");
     assert!(reason.contains("raise the receiver's"), "the reason names the fix: {reason}");
     assert_eq!(pending(dir, sink), 0);
+}
+
+/// A detection that a receiver rejects as too large even alone, with no
+/// limit on the size of the others, does not shrink every later batch to
+/// one detection: only parts the receiver accepted set the batch size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_detection_leaves_batch_size() {
+    let oversized = full_id_of(&sample_detections()[10]);
+    let marker = oversized.clone();
+    let receiver = HttpReceiver::start(move |request| {
+        if String::from_utf8_lossy(&request.body).contains(&marker) {
+            Answer::new(413, "request entity too large")
+        } else {
+            Answer::new(200, "ok")
+        }
+    })
+    .await;
+    let (dir, output) = run_with(&http_sink_toml(&receiver.url(), "")).await;
+    assert_dead_letters_stored(&output);
+
+    let accepted: Vec<Vec<Value>> = receiver
+        .requests_to("/ingest")
+        .iter()
+        .filter(|request| !String::from_utf8_lossy(&request.body).contains(&oversized))
+        .map(|request| serde_json::from_slice(&request.body).unwrap())
+        .collect();
+    let delivered: usize = accepted.iter().map(Vec::len).sum();
+    assert_eq!(delivered, 45, "every other detection once");
+    assert_eq!(dead_letters(dir.path()).len(), 1);
+    // The 35 detections after the rejected one went in batches of the
+    // largest accepted part (5 detections), not one request each.
+    let single = accepted.iter().filter(|events| events.len() == 1).count();
+    assert!(single <= 2, "{single} requests of one detection: {:?}", accepted.iter().map(Vec::len).collect::<Vec<_>>());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -102,8 +102,8 @@ pub struct SinkWorker {
     pub(crate) routing: SinkCommon,
     /// Messages shortened to fit `max_datagram_bytes` since start.
     pub(crate) shortened: u64,
-    /// The size of the last batch part sent after the receiver rejected a
-    /// larger batch as too large (HTTP 413). Later batches stay under it
+    /// The largest batch part the receiver accepted after it rejected a
+    /// larger batch as too large (HTTP 413). Later batches stay within it
     /// until the worker restarts (a reload or a restart of the daemon).
     pub(crate) receiver_max_batch_bytes: Option<usize>,
     pub(crate) batch_size: usize,
@@ -215,13 +215,22 @@ impl SinkWorker {
             }
             delivered_since_idle = true;
             let mut prepared = self.prepare(&entries, &mut batch);
+            let mut split = false;
             let outcome = loop {
                 if batch.is_empty() {
                     break SendOutcome::Delivered;
                 }
                 match self.deliver(&batch).await? {
-                    Delivery::Done(outcome) => break outcome,
-                    Delivery::TooLarge(error) => self.split_batch(&mut batch, &mut prepared, &error),
+                    Delivery::Done(outcome) => {
+                        if split && matches!(outcome, SendOutcome::Delivered) {
+                            self.learn_batch_limit(batch.bytes().len());
+                        }
+                        break outcome;
+                    }
+                    Delivery::TooLarge(error) => {
+                        split = true;
+                        self.split_batch(&mut batch, &mut prepared, &error);
+                    }
                     Delivery::Stopped => {
                         let pending = self.store.pending(&self.name).map(|(n, _)| n).unwrap_or(0);
                         return Err(WorkerError::Stopped { sink: self.name.clone(), pending });
@@ -358,8 +367,7 @@ impl SinkWorker {
 
     /// Keeps the first half of a batch that the receiver rejected as too
     /// large, so that half is sent next and the rest is read again in the
-    /// next round. Later batches are capped at the size of the half, so
-    /// they fit once a half fits.
+    /// next round.
     fn split_batch(&mut self, batch: &mut Batch, prepared: &mut Prepared, error: &SinkError) {
         let rejected_events = batch.len();
         let rejected_bytes = batch.bytes().len();
@@ -370,20 +378,35 @@ impl SinkWorker {
         // The next round reads again from the entry of the first message left out.
         prepared.consumed = prepared.message_entries[keep];
         prepared.message_entries.truncate(keep);
-        let cap = batch.bytes().len();
-        self.receiver_max_batch_bytes = Some(cap);
         if let Some(suppressed) = crate::telemetry::should_log(&format!("too large {}", self.name)) {
             tracing::warn!(
                 sink = %self.name,
                 rejected_events,
                 rejected_bytes,
                 next_events = keep,
-                next_bytes = cap,
+                next_bytes = batch.bytes().len(),
                 error = %error,
                 suppressed,
-                "receiver rejected the batch as too large; sending it in smaller parts. Lower max_batch_bytes of this sink to {cap} or less to save the rejected requests"
+                "receiver rejected the batch as too large; sending it in smaller parts"
             );
         }
+    }
+
+    /// Remembers that the receiver accepted a batch part of `bytes` after a
+    /// split, so later batches stay within the largest such part. A part
+    /// that is rejected, such as one detection too large alone, teaches
+    /// nothing, so it cannot shrink every later batch.
+    fn learn_batch_limit(&mut self, bytes: usize) {
+        let limit = self.receiver_max_batch_bytes.map_or(bytes, |known| known.max(bytes));
+        if self.receiver_max_batch_bytes == Some(limit) {
+            return;
+        }
+        self.receiver_max_batch_bytes = Some(limit);
+        tracing::warn!(
+            sink = %self.name,
+            accepted_bytes = limit,
+            "receiver accepted a part of {limit} bytes after rejecting a larger batch as too large; later batches of this sink stay within that size until it restarts. Set max_batch_bytes to {limit} or less to save the rejected requests"
+        );
     }
 
     /// Settles a read after its send: stores its dead letters and moves the
