@@ -101,7 +101,7 @@ pub enum StoreError {
     CreateDir { path: PathBuf, source: std::io::Error },
     #[error("cannot lock {path}: {source}")]
     Lock { path: PathBuf, source: std::io::Error },
-    #[error("cannot open the database in {path}: {source}; if it is damaged, move the state directory aside (keep it for a closer look) and start with an empty one: the first poll looks back initial_lookback_secs, and `state set-checkpoint --resend` replays an older window")]
+    #[error("cannot open the database in {path}: {source}; check permissions and free space first; if the database is damaged, move the state directory aside (keep it for a closer look) and start with an empty one: the first poll looks back initial_lookback_secs, and `state set-checkpoint --resend` replays an older window")]
     Open { path: PathBuf, source: sled::Error },
     #[error("the state directory {dir} has {found} but no database (db/), which holds the outbox index, checkpoints and sink cursors; without it the queued detections cannot be found, and the dedupe set would skip them when polled again. Restore db/ if you have it; otherwise move the state directory aside and start with an empty one, then replay the missing window with `state set-checkpoint --resend`")]
     MissingDatabase { dir: PathBuf, found: String },
