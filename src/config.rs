@@ -350,7 +350,8 @@ pub struct SyslogSinkConfig {
     #[serde(default = "default_header")]
     pub header: HeaderFormat,
     /// TCP and TLS only, `newline` when not set (see [`Self::framing`]).
-    /// UDP sends one message per datagram, so the key is rejected there.
+    /// UDP sends one message per datagram, so `octet-counting` is rejected
+    /// there and the other values are ignored.
     #[serde(default)]
     pub framing: Option<Framing>,
     #[serde(default = "default_facility")]

@@ -447,10 +447,10 @@ struct PageSummary {
 /// Returns the values of every `"FullId"` key in `raw`, at any depth and
 /// whatever the alignment of its strings: a key is any quoted text that
 /// reads `FullId` once decoded (`"Full\u0049d"` included) and is followed
-/// by a colon. A string value is given decoded, or as written when it
-/// cannot be decoded (bytes that are not UTF-8 replaced); another value's
-/// text runs up to the next `,`, `}` or `]`. For an element that is not
-/// valid JSON, which no parser can read.
+/// by a colon. A string value is given decoded. One that cannot be decoded
+/// is given as written, with bytes that are not UTF-8 replaced. Another
+/// value's text runs up to the next `,`, `}` or `]`. For an element that is
+/// not valid JSON, which no parser can read.
 fn embedded_full_ids(raw: &[u8]) -> Vec<String> {
     let mut found = Vec::new();
     for start in memchr::memchr_iter(b'"', raw) {
@@ -494,8 +494,8 @@ fn visible(text: &str) -> String {
     out
 }
 
-/// The longest spelling of `"FullId"` with escapes: six `\uXXXX` escapes
-/// and the quotes.
+/// The maximum length of `"FullId"` spelled with escapes: six `\uXXXX`
+/// escapes and the quotes.
 const MAX_KEY_BYTES: usize = 6 * 6 + 2;
 
 /// Returns the quoted text that opens at `raw[start]`, quotes included,

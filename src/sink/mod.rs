@@ -111,10 +111,10 @@ impl SinkError {
 /// there mostly means that the proxy refused or did not accept the
 /// connection in time, or rejected the tunnel to the receiver.
 // NOTE: a failed TLS handshake with the receiver inside the tunnel is a
-// connect error too; only the cause in the message tells it apart.
+// connect error too. Only the cause in the message distinguishes it.
 fn proxy_advice(source: &reqwest::Error) -> &'static str {
     if source.is_connect() {
-        "; check that the proxy is running and accepts connections"
+        "; the proxy refused the connection, timed out, or rejected the tunnel to the receiver: check that it is running, its credentials and that it allows the receiver"
     } else {
         ""
     }
