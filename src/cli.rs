@@ -508,7 +508,15 @@ pub async fn run_config(config: &Config, mode: Mode, stop: watch::Receiver<bool>
     tracing::info!("mde-forwarder stopped");
     // Nothing deletes dead letters during a run, so the difference is
     // what the run added.
-    result.map(|()| RunSummary { new_dead_letters: store.dead_letter_count().saturating_sub(letters_before) })
+    let added = store.dead_letter_count().saturating_sub(letters_before);
+    match result {
+        Ok(()) => Ok(RunSummary { new_dead_letters: added }),
+        Err(message) if added > 0 => Err(format!(
+            "{message}; the run also stored {} (list them with `state dead-letters`)",
+            dead_letters_phrase(added)
+        )),
+        Err(message) => Err(message),
+    }
 }
 
 /// Logs a WARN when the config file contains a secret that others may read.

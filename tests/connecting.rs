@@ -914,3 +914,18 @@ async fn once_exit_code_reports_new_dead_letters() {
     assert_success(&second);
     assert!(!stderr(&second).contains("dead letter"), "{}", stderr(&second));
 }
+
+/// A `run --once` that fails still names the dead letters it stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_once_run_names_its_dead_letters() {
+    let body = r#"[{"FullId":"good:1","LastProcessedTimeUtc":"2026-01-01T00:00:00Z"}, 42]"#.to_string();
+    let (_api, tenant) = api_answering(body).await;
+    let dir = tempfile::tempdir().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let config = write_config(dir.path(), "", &tenant, &tcp_sink_toml("siem", closed));
+
+    let output = run_once(&config).await;
+
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(stderr(&output).contains("the run also stored 1 dead letter (list them with `state dead-letters`)"), "{}", stderr(&output));
+}
