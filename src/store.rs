@@ -1672,7 +1672,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn new_sink_starts_at_end_and_removed_sink_keeps_its_backlog() {
+    async fn removed_sink_keeps_its_backlog() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         store.sync_cursors(&["a"]).unwrap();

@@ -234,8 +234,8 @@ pub struct SinkProxy {
     pub address: String,
 }
 
-/// Returns the proxy that requests to `url` go through, as [`proxy_for`]
-/// decides, with its address.
+/// Returns the proxy that requests to `url` go through, with its address.
+/// [`proxy_for`] describes how the proxy is chosen.
 pub fn sink_proxy(url: &str, proxy: &SinkProxyConfig) -> Option<SinkProxy> {
     let destination: hyper::Uri = url.trim().parse().ok()?;
     let (intercept, redacted_url) = match &proxy.proxy_url {
