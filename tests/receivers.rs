@@ -469,6 +469,45 @@ async fn udp_messages_fit_max_datagram_bytes() {
     assert!(ids.contains_key("hostile-1:a=b|c\\d"));
 }
 
+/// A title or class ID longer than the datagram is cut in the CEF header,
+/// so the FullId still arrives whole. A FullId that cannot fit is a WARN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_shortening_keeps_full_id_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let rsyslog = Rsyslog::start(dir.path(), None);
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let mut long_title = hostile_detection();
+    long_title["FullId"] = json!("long-title:1");
+    long_title["AlertTitle"] = json!("T|".repeat(5000));
+    let mut long_class = hostile_detection();
+    long_class["FullId"] = json!("long-class:1");
+    long_class["IoaDefinitionId"] = json!("\\=".repeat(5000));
+    let mut long_id = hostile_detection();
+    let huge_id = format!("long-id:{}", "9".repeat(600));
+    long_id["FullId"] = json!(huge_id);
+    for detection in [long_title, long_class, long_id] {
+        emulator.push_detection(TENANT_ID, detection);
+    }
+    let sink = syslog_sink(rsyslog.udp, "udp", "max_datagram_bytes = 480");
+    let output = run_to(dir.path(), &emulator, &sink).await;
+    assert_success(&output);
+
+    let received = rsyslog.wait_for(49, WAIT);
+    assert_eq!(received.len(), 49);
+    let ids = by_full_id(&received);
+    let mut expected = sample_full_ids();
+    expected.extend(["long-title:1".to_string(), "long-class:1".to_string()]);
+    for id in &expected {
+        assert!(ids.contains_key(id), "{id} not received whole: {:?}", ids.keys());
+    }
+    assert!(!ids.contains_key(&huge_id), "a FullId longer than the datagram arrived whole");
+    let log = stderr(&output);
+    let warnings: Vec<&str> = log.lines().filter(|l| l.contains("lost its FullId")).collect();
+    assert_eq!(warnings.len(), 1, "{log}");
+    assert!(warnings[0].contains("WARN"), "{}", warnings[0]);
+    assert!(warnings[0].contains(&huge_id), "{}", warnings[0]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leef_over_tcp_reaches_rsyslog() {
     let dir = tempfile::tempdir().unwrap();

@@ -27,6 +27,9 @@ pub struct Entry {
     /// The value is a number, timestamp or address, which is dropped rather
     /// than cut: a cut one still looks valid (`rt=17964612`).
     whole: bool,
+    /// The detection's FullId, which a SIEM needs to match the event: the
+    /// last identifying entry to be truncated.
+    primary: bool,
 }
 
 impl Entry {
@@ -369,7 +372,21 @@ impl<'a> ExtensionWriter<'a> {
                 end: self.out.len(),
                 keep,
                 whole,
+                primary: false,
             });
+        }
+    }
+
+    /// Calls `write` and marks the pairs it writes as the detection's
+    /// FullId, which shortening truncates only after every other
+    /// identifying pair.
+    pub fn primary(&mut self, write: impl FnOnce(&mut Self)) {
+        let first = self.entries.as_deref().map_or(0, Vec::len);
+        write(self);
+        if let Some(entries) = self.entries.as_deref_mut() {
+            for entry in &mut entries[first..] {
+                entry.primary = true;
+            }
         }
     }
 }
@@ -444,11 +461,16 @@ fn utf8_sequence_len(first_byte: u8) -> usize {
 /// The message is the fixed part up to `extension_start` (syslog header and
 /// format header) followed by `entries` joined by `separator`. The steps:
 /// 1. drop optional entries, longest first, until the message fits;
-/// 2. truncate the value of the last kept entry at a safe boundary, and
-///    drop it and go on to the one before when even an empty value is too
-///    long (an entry is never written with an empty value) or when its
-///    value is `whole` (a number, timestamp or address);
-/// 3. when the fixed part alone is too long, cut it at a safe boundary.
+/// 2. drop identifying entries other than the FullId, from the last one,
+///    because a cut host name or ID still looks valid;
+/// 3. when the FullId alone does not fit, start again from step 2 with the
+///    FullId among them: its value is cut at a safe boundary instead of
+///    being dropped, when part of it fits;
+/// 4. put back dropped identifying entries that fit again;
+/// 5. when the fixed part alone is too long, cut it at a safe boundary.
+///
+/// Returns true when the FullId, if any, is still whole. Returns false when
+/// the FullId entry or the fixed part had to be cut, or the FullId dropped.
 pub fn shorten(
     out: &mut Vec<u8>,
     message_start: usize,
@@ -456,12 +478,20 @@ pub fn shorten(
     entries: &[Entry],
     separator: u8,
     budget: usize,
-) {
+) -> bool {
     let fixed_len = extension_start - message_start;
     let mut plan = Plan::new(entries, fixed_len);
 
     plan.drop_optional_longest_first(entries, budget);
-    plan.truncate_kept_from_last(out, entries, budget);
+    // The other identifying entries are dropped before the FullId is cut.
+    // When the FullId must be cut even without them, the entries are
+    // dropped from the last one again, the FullId among them.
+    let without_optional = plan.clone();
+    plan.shrink_kept_from_last(out, entries, budget, |entry| !entry.primary);
+    if plan.total > budget {
+        plan = without_optional;
+        plan.shrink_kept_from_last(out, entries, budget, |_| true);
+    }
 
     let mut message = Vec::with_capacity(budget);
     message.extend_from_slice(&out[message_start..extension_start]);
@@ -480,15 +510,18 @@ pub fn shorten(
         message.extend_from_slice(&out[entry.value_end..entry.end]);
     }
 
+    let mut full_id_whole = entries.iter().zip(&plan.actions).all(|(entry, action)| !entry.primary || *action == Action::Keep);
     if message.len() > budget {
         // NOTE: only reached when the syslog and format headers alone exceed
         // the budget. The cut message is no longer valid CEF or LEEF.
         let cut = safe_cut(&message, budget, false);
         message.truncate(cut);
+        full_id_whole = false;
     }
 
     out.truncate(message_start);
     out.extend_from_slice(&message);
+    full_id_whole
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -500,6 +533,7 @@ enum Action {
 }
 
 /// The shortening decision for each entry, with the resulting message length.
+#[derive(Clone)]
 struct Plan {
     actions: Vec<Action>,
     total: usize,
@@ -535,9 +569,12 @@ impl Plan {
         }
     }
 
-    fn truncate_kept_from_last(&mut self, out: &[u8], entries: &[Entry], budget: usize) {
+    /// Drops the kept entries for which `may_shrink` is true, from the last
+    /// one, until the message fits. The FullId is truncated instead when
+    /// part of it fits. Dropped entries that fit again are put back.
+    fn shrink_kept_from_last(&mut self, out: &[u8], entries: &[Entry], budget: usize, may_shrink: fn(&Entry) -> bool) {
         let mut dropped = Vec::new();
-        for i in (0..entries.len()).rev() {
+        for i in (0..entries.len()).rev().filter(|&i| may_shrink(&entries[i])) {
             if self.total <= budget {
                 break;
             }
@@ -548,7 +585,7 @@ impl Plan {
             let excess = self.total - budget;
             let value = &out[entry.value_start..entry.value_end];
             let cut = safe_cut(value, value.len().saturating_sub(excess), false);
-            if !entry.whole && excess < value.len() && cut > 0 {
+            if entry.primary && !entry.whole && excess < value.len() && cut > 0 {
                 self.actions[i] = Action::Truncate(cut);
                 self.total -= value.len() - cut;
                 break;

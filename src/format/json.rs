@@ -38,6 +38,9 @@ struct Member {
     /// Offset of the value inside `text`.
     value_start: usize,
     protected: bool,
+    /// The member is `FullId`, which a SIEM needs to match the event: the
+    /// last to be truncated or dropped.
+    full_id: bool,
     is_string: bool,
 }
 
@@ -75,24 +78,31 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawMembers<'a> {
 /// Unprotected members are dropped longest first. When the protected ones
 /// still do not fit, their string values are truncated, longest first, at
 /// boundaries that split no escape or UTF-8 sequence, and then the protected
-/// members are dropped too.
-pub(super) fn write_within(d: &Detection, out: &mut Vec<u8>, message_start: usize, budget: usize) {
+/// members are dropped too. `FullId` comes last in both steps.
+///
+/// Returns false when a `FullId` member was truncated or dropped, or the
+/// JSON left out.
+pub(super) fn write_within(d: &Detection, out: &mut Vec<u8>, message_start: usize, budget: usize) -> bool {
     let header_len = out.len() - message_start;
     if header_len + 2 > budget {
         // NOTE: the header leaves no room for even `{}`, so the message is
         // the header cut to the budget, without any JSON.
         let cut = safe_cut(&out[message_start..], budget, false);
         out.truncate(message_start + cut);
-        return;
+        return false;
     }
     let json_budget = budget - header_len;
 
     let mut members = members_of(d);
     let mut total = object_len(&members);
+    let full_id_before: Vec<Vec<u8>> = members.iter().filter(|m| m.full_id).map(|m| m.text.clone()).collect();
 
     drop_longest(&mut members, &mut total, json_budget, |m| !m.protected);
     truncate_protected_strings(&mut members, &mut total, json_budget);
+    drop_longest(&mut members, &mut total, json_budget, |m| !m.full_id);
     drop_longest(&mut members, &mut total, json_budget, |_| true);
+    let full_id_after: Vec<&Vec<u8>> = members.iter().filter(|m| m.full_id).map(|m| &m.text).collect();
+    let full_id_whole = full_id_after.len() == full_id_before.len() && full_id_after.iter().zip(&full_id_before).all(|(after, before)| *after == before);
 
     out.push(b'{');
     for (i, member) in members.iter().enumerate() {
@@ -102,6 +112,7 @@ pub(super) fn write_within(d: &Detection, out: &mut Vec<u8>, message_start: usiz
         out.extend_from_slice(&member.text);
     }
     out.push(b'}');
+    full_id_whole
 }
 
 fn members_of(d: &Detection) -> Vec<Member> {
@@ -119,6 +130,7 @@ fn members_of(d: &Detection) -> Vec<Member> {
             text.extend_from_slice(compact_json(value.get()).as_bytes());
             Member {
                 protected: PROTECTED_FIELDS.contains(&key.as_str()),
+                full_id: key == "FullId",
                 is_string: value.get().starts_with('"'),
                 text,
                 value_start,
@@ -155,7 +167,8 @@ fn truncate_protected_strings(members: &mut [Member], total: &mut usize, budget:
     let mut order: Vec<usize> = (0..members.len())
         .filter(|&i| members[i].is_string)
         .collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(members[i].text.len()));
+    // Longest first, FullId after all others.
+    order.sort_by_key(|&i| (members[i].full_id, std::cmp::Reverse(members[i].text.len())));
     for i in order {
         if *total <= budget {
             return;

@@ -173,7 +173,11 @@ pub(super) fn write_attributes(
         }
         if let Some(text) = entry.value().text() {
             let keep = field.is_some_and(is_identifying_field);
-            writer.custom(d, entry.name(), &text, is_reserved_key, keep);
+            if field == Some(Field::FullId) {
+                writer.primary(|writer| writer.custom(d, entry.name(), &text, is_reserved_key, keep));
+            } else {
+                writer.custom(d, entry.name(), &text, is_reserved_key, keep);
+            }
         }
     }
     writer.dropped_keys

@@ -93,6 +93,9 @@ pub struct EncoderOptions {
 pub struct EncodeOutcome {
     /// The message was shortened to fit `max_message_bytes`.
     pub shortened: bool,
+    /// Shortening had to cut or drop the detection's FullId (or the whole
+    /// message), so a SIEM cannot match the event to its detection.
+    pub full_id_cut: bool,
     /// Custom keys left out because the field name is not plain ASCII
     /// letters and digits (CEF and LEEF only).
     pub dropped_keys: u32,
@@ -143,35 +146,43 @@ impl Encoder {
         let message_start = out.len();
         self.header.write(d, now, out);
         let payload_start = out.len();
-        let dropped_keys = self.write_payload(d, out, None);
+        let dropped_keys = self.write_payload(d, out, None, cef::HeaderLimit::NONE);
 
         let mut shortened = false;
+        let mut full_id_cut = false;
         if let Some(max) = self.max_message_bytes {
             let budget = message_budget(max, self.framing);
             if out.len() - message_start > budget {
                 out.truncate(payload_start);
-                self.write_shortened(d, out, message_start, budget);
+                full_id_cut = !self.write_shortened(d, out, message_start, budget);
                 shortened = true;
             }
         }
 
         self.frame(out, message_start);
+        if out.len() == message_start && shortened {
+            full_id_cut = true;
+        }
         EncodeOutcome {
             shortened,
+            full_id_cut,
             dropped_keys,
         }
     }
 
+    /// Appends the payload, with the CEF header's class ID and name cut to
+    /// `header_limit`.
     fn write_payload(
         &self,
         d: &Detection,
         out: &mut Vec<u8>,
         entries: Option<&mut Vec<extension::Entry>>,
+        header_limit: cef::HeaderLimit,
     ) -> u32 {
         match self.payload {
             PayloadFormat::Cef => {
                 let known = known::KnownFields::read(d);
-                cef::write_header(&self.payload_prefix, &known, out);
+                cef::write_header(&self.payload_prefix, &known, header_limit, out);
                 cef::write_extension(&known, out, entries)
             }
             PayloadFormat::Leef => {
@@ -187,35 +198,46 @@ impl Encoder {
     }
 
     /// Writes the payload again, this time keeping only what fits `budget`
-    /// bytes counted from `message_start`.
+    /// bytes counted from `message_start`. Returns false when the FullId
+    /// had to be cut or dropped.
     fn write_shortened(
         &self,
         d: &Detection,
         out: &mut Vec<u8>,
         message_start: usize,
         budget: usize,
-    ) {
+    ) -> bool {
         let separator = match self.payload {
             PayloadFormat::Cef => cef::SEPARATOR,
             PayloadFormat::Leef => leef::SEPARATOR,
-            PayloadFormat::Json => {
-                json::write_within(d, out, message_start, budget);
-                return;
-            }
+            PayloadFormat::Json => return json::write_within(d, out, message_start, budget),
         };
+        let payload_start = out.len();
         let mut entries = Vec::new();
-        self.write_payload(d, out, Some(&mut entries));
-        // The extension starts where the first entry does, or at the end
-        // when the detection produced no pairs at all.
-        let extension_start = entries.first().map_or(out.len(), |e| e.start());
-        extension::shorten(
-            out,
-            message_start,
-            extension_start,
-            &entries,
-            separator,
-            budget,
-        );
+        let mut attempt = |out: &mut Vec<u8>, header_limit: cef::HeaderLimit| {
+            out.truncate(payload_start);
+            entries.clear();
+            self.write_payload(d, out, Some(&mut entries), header_limit);
+            // The extension starts where the first entry does, or at the end
+            // when the detection produced no pairs at all.
+            let extension_start = entries.first().map_or(out.len(), |e| e.start());
+            extension::shorten(out, message_start, extension_start, &entries, separator, budget)
+        };
+        if attempt(out, cef::HeaderLimit::NONE) {
+            return true;
+        }
+        // A long title or class ID in the CEF header can leave no room for
+        // the FullId, so those two are cut before the FullId is. When the
+        // FullId does not fit even so, the header stays whole.
+        if self.payload == PayloadFormat::Cef {
+            for header_limit in cef::HeaderLimit::SHORTER {
+                if attempt(out, header_limit) {
+                    return true;
+                }
+            }
+            attempt(out, cef::HeaderLimit::NONE);
+        }
+        false
     }
 
     fn frame(&self, out: &mut Vec<u8>, message_start: usize) {
@@ -437,6 +459,7 @@ mod tests {
             outcome,
             EncodeOutcome {
                 shortened: false,
+                full_id_cut: false,
                 dropped_keys: 0
             }
         );
@@ -825,6 +848,161 @@ mod tests {
         let (out, outcome) = encode(o, &d);
         assert_eq!(out, full);
         assert!(!outcome.shortened);
+    }
+
+    /// Returns the FullId pair as each format writes it whole, and what may
+    /// follow it.
+    fn whole_full_id(payload: PayloadFormat, full_id: &str) -> (String, &'static [&'static str]) {
+        match payload {
+            PayloadFormat::Cef => (format!("cs3={} cs3Label=FullId", full_id.replace('=', "\\=")), &[" ", ""]),
+            PayloadFormat::Leef => (format!("FullId={full_id}"), &["\t", ""]),
+            PayloadFormat::Json => (format!("\"FullId\":\"{full_id}\""), &[",", "}"]),
+        }
+    }
+
+    /// Returns whether `text` contains the FullId whole, not cut short.
+    fn has_whole_full_id(payload: PayloadFormat, text: &str, full_id: &str) -> bool {
+        let (pair, ends) = whole_full_id(payload, full_id);
+        let text = text.strip_suffix('\n').unwrap_or(text);
+        text.match_indices(&pair).any(|(at, _)| {
+            let rest = &text[at + pair.len()..];
+            ends.iter().any(|end| if end.is_empty() { rest.is_empty() } else { rest.starts_with(end) })
+        })
+    }
+
+    /// `full_id_cut` is exactly "the FullId is not in the message whole",
+    /// at every limit, in every format.
+    #[test]
+    fn full_id_cut_flag_matches_output() {
+        let d = hostile_detection();
+        let full_id = d.text("FullId").unwrap().into_owned();
+        for payload in [PayloadFormat::Cef, PayloadFormat::Leef, PayloadFormat::Json] {
+            let full_len = encode(options(payload, HeaderFormat::Rfc5424, Framing::Newline), &d).0.len();
+            let mut cut_seen = false;
+            for max in (0..=full_len + 1).rev() {
+                let mut o = options(payload, HeaderFormat::Rfc5424, Framing::Newline);
+                o.max_message_bytes = Some(max);
+                let (out, outcome) = encode(o, &d);
+                let text = String::from_utf8(out).unwrap();
+                assert_eq!(outcome.full_id_cut, !has_whole_full_id(payload, &text, &full_id), "{payload:?} max {max}: {text}");
+                assert_eq!(outcome.shortened, max < full_len, "{payload:?} max {max}");
+                // Once the FullId is cut, a smaller limit never brings it back.
+                assert!(!cut_seen || outcome.full_id_cut, "{payload:?} max {max}: {text}");
+                cut_seen |= outcome.full_id_cut;
+            }
+            assert!(cut_seen, "{payload:?}: the FullId was never cut");
+        }
+    }
+
+    /// A cut host name or ID still looks valid, so shortening drops those
+    /// identifying values and never cuts them, at every limit.
+    #[test]
+    fn udp_shortening_never_cuts_identifying_text() {
+        let d = hostile_detection();
+        let cases: [(PayloadFormat, char, &[(&str, &str)]); 2] = [
+            (
+                PayloadFormat::Cef,
+                ' ',
+                &[("externalId", "da637370718981685665_16349121"), ("shost", "mymachine1"), ("dvchost", "mymachine1.domain.com"), ("cat", "Malware"), ("Severity", "High")],
+            ),
+            (
+                PayloadFormat::Leef,
+                '\t',
+                &[("AlertId", "da637370718981685665_16349121"), ("resource", "mymachine1"), ("identHostName", "mymachine1.domain.com"), ("cat", "Malware"), ("Severity", "High")],
+            ),
+        ];
+        for (payload, separator, identifying) in cases {
+            let full_len = encode(options(payload, HeaderFormat::None, Framing::None), &d).0.len();
+            for max in 0..full_len {
+                let mut o = options(payload, HeaderFormat::None, Framing::None);
+                o.max_message_bytes = Some(max);
+                let text = String::from_utf8(encode(o, &d).0).unwrap();
+                for (key, value) in identifying {
+                    for prefix in [format!("{separator}{key}="), format!("|{key}=")] {
+                        for (at, _) in text.match_indices(&prefix) {
+                            let rest = &text[at + prefix.len()..];
+                            let written = rest.split(separator).next().unwrap();
+                            assert_eq!(written, *value, "{payload:?} max {max}: {text}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Identifying values longer than the limit are dropped before the
+    /// FullId is cut.
+    #[test]
+    fn udp_shortening_cuts_full_id_last() {
+        let full_id = "da637370718981685665_16349121:R4xEdgAvDb2LQl3BgHoA3NYqKmRSiIAG7dpxAJCYZhY=";
+        let d = detection(
+            &serde_json::json!({
+                "AlertId": "a".repeat(3000),
+                "FullId": full_id,
+                "MachineName": "m".repeat(3000),
+                "ComputerDnsName": "c".repeat(3000),
+                "Category": "k".repeat(3000),
+                "Severity": "s".repeat(3000),
+                "LastProcessedTimeUtc": "2020-09-30T14:11:44.0779765Z",
+                "AlertTime": "t".repeat(3000),
+            })
+            .to_string(),
+        );
+        for payload in [PayloadFormat::Cef, PayloadFormat::Leef, PayloadFormat::Json] {
+            let mut o = options(payload, HeaderFormat::Rfc5424, Framing::Newline);
+            o.max_message_bytes = Some(1024);
+            let (out, outcome) = encode(o, &d);
+            let text = String::from_utf8(out).unwrap();
+            assert!(text.len() <= 1024, "{payload:?}: {} bytes", text.len());
+            assert!(outcome.shortened, "{payload:?}: {outcome:?}");
+            assert!(!outcome.full_id_cut, "{payload:?}: {outcome:?}");
+            assert!(has_whole_full_id(payload, &text, full_id), "{payload:?}: {text}");
+        }
+    }
+
+    /// Counts the `|` in `text` that are not escaped as `\|`.
+    fn unescaped_pipes(text: &str) -> usize {
+        let mut count = 0;
+        let mut bytes = text.bytes();
+        while let Some(byte) = bytes.next() {
+            match byte {
+                b'\\' => {
+                    bytes.next();
+                }
+                b'|' => count += 1,
+                _ => {}
+            }
+        }
+        count
+    }
+
+    /// A title or class ID too long for the datagram is cut in the CEF
+    /// header, so the FullId still arrives.
+    #[test]
+    fn long_cef_title_cut_before_full_id() {
+        let full_id = "da637370718981685665_16349121:R4xEdgAvDb2LQl3BgHoA3NYqKmRSiIAG7dpxAJCYZhY=";
+        for (title, class_id) in [("T|".repeat(40_000), "Malware".to_owned()), ("Title".to_owned(), "\\".repeat(40_000))] {
+            let d = detection(
+                &serde_json::json!({
+                    "AlertTitle": title,
+                    "IoaDefinitionId": class_id,
+                    "FullId": full_id,
+                    "AlertId": "da637370718981685665_16349121",
+                    "Severity": "High",
+                })
+                .to_string(),
+            );
+            let mut o = options(PayloadFormat::Cef, HeaderFormat::Rfc5424, Framing::Newline);
+            o.max_message_bytes = Some(2048);
+            let (out, outcome) = encode(o, &d);
+            let text = String::from_utf8(out).unwrap();
+            assert!(text.len() <= 2048, "{} bytes", text.len());
+            assert!(outcome.shortened, "{outcome:?}: {text}");
+            assert!(!outcome.full_id_cut, "{outcome:?}: {text}");
+            assert!(has_whole_full_id(PayloadFormat::Cef, &text, full_id), "{text}");
+            assert_eq!(broken_escape(text.as_bytes()), None, "{text}");
+            assert_eq!(unescaped_pipes(&text), 7, "header fields: {text}");
+        }
     }
 
     #[test]

@@ -48,6 +48,7 @@ pub const OUTBOX_BYTES: Metric = Metric { name: "mde_forwarder_outbox_bytes", he
 pub const CHECKPOINT_LAG: Metric = Metric { name: "mde_forwarder_checkpoint_lag_seconds", help: "Seconds between now and the tenant's checkpoint (LastProcessedTimeUtc of the newest detection read); absent before the first detection.", kind: Kind::Gauge };
 pub const DEAD_LETTERS: Metric = Metric { name: "mde_forwarder_dead_letters", help: "Detections kept as dead letters in the store.", kind: Kind::Gauge };
 pub const SPOOL_DAMAGED: Metric = Metric { name: "mde_forwarder_spool_damaged_records_total", help: "Outbox batches whose spool record was damaged and that moved to dead letters.", kind: Kind::Counter };
+pub const SHORTENED: Metric = Metric { name: "mde_forwarder_events_shortened_total", help: "Events shortened to fit max_datagram_bytes, per sink and by what was lost (optional: other fields; full_id: the FullId was cut or dropped).", kind: Kind::Counter };
 pub const RELOADS: Metric = Metric { name: "mde_forwarder_config_reloads_total", help: "Config reloads on SIGHUP, by result (ok or rejected).", kind: Kind::Counter };
 pub const UP: Metric = Metric { name: "mde_forwarder_build_info", help: "Always 1; the version label is the running release.", kind: Kind::Gauge };
 
