@@ -143,9 +143,22 @@ impl Telemetry {
 
     /// Reads the gauges that live in the store: outbox depth and age per
     /// sink, checkpoint lag per tenant, dead letters.
+    ///
+    /// The outbox gauges cover the configured sinks and every removed sink
+    /// whose backlog the store keeps, so an alert on them includes that backlog.
     pub fn collect_store_gauges(&self, store: &Store) {
         let now = Utc::now();
-        let sinks = self.sinks.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        let mut sinks = self.sinks.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        match store.cursors() {
+            Ok(cursors) => {
+                for (name, _) in cursors {
+                    if !sinks.contains(&name) {
+                        sinks.push(name);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot list the sink cursors for /metrics"),
+        }
         self.metrics.clear(&OUTBOX_PENDING);
         self.metrics.clear(&OUTBOX_OLDEST_AGE);
         for sink in &sinks {
@@ -191,5 +204,39 @@ fn error_label(error: &CycleError) -> String {
         },
         CycleError::Store { .. } => "store".into(),
         CycleError::PagingStuck { .. } | CycleError::PagingUnreadable { .. } => "paging".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detection::Detection;
+
+    /// A removed sink whose backlog the store keeps has outbox gauges, so an
+    /// alert on `outbox_pending` includes detections no sink delivers.
+    #[tokio::test]
+    async fn removed_sink_backlog_in_gauges() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.sync_cursors(&["kept", "removed"]).unwrap();
+        let detection = Detection::from_json_text(r#"{"FullId":"g:1","LastProcessedTimeUtc":"2026-01-01T00:00:00Z"}"#).unwrap();
+        store.enqueue("t", vec![detection], None, Utc::now()).await.unwrap();
+        store.sync_cursors(&["kept"]).unwrap();
+
+        let telemetry = Telemetry {
+            metrics: Registry::default(),
+            tenants: health::Tenants::default(),
+            repeats: ratelimit::RepeatLimiter::new(REPEAT_LOG_WINDOW),
+            sinks: Mutex::new(vec!["kept".to_string()]),
+        };
+        telemetry.collect_store_gauges(&store);
+        assert_eq!(telemetry.metrics.value(&OUTBOX_PENDING, &[("sink", "kept")]), Some(1.0));
+        assert_eq!(telemetry.metrics.value(&OUTBOX_PENDING, &[("sink", "removed")]), Some(1.0));
+        assert!(telemetry.metrics.value(&OUTBOX_OLDEST_AGE, &[("sink", "removed")]).is_some_and(|age| age > 0.0));
+
+        // Once dropped, the removed sink's series disappear at the next scrape.
+        store.drop_sink("removed").unwrap();
+        telemetry.collect_store_gauges(&store);
+        assert_eq!(telemetry.metrics.value(&OUTBOX_PENDING, &[("sink", "removed")]), None);
     }
 }
