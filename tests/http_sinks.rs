@@ -145,6 +145,82 @@ async fn hec_partial_rejection_dead_letters_one_event() {
     }
 }
 
+/// FullIds of the detections in a HEC request body, in order.
+fn hec_full_ids(request: &common::http_server::Recorded) -> Vec<String> {
+    hec_events(&request.body).iter().map(|event| full_id_of(&event["event"])).collect()
+}
+
+/// With `ack`, the events HEC accepted before the one it rejected count as
+/// delivered only after a request of their own is acknowledged: the 400
+/// carries no `ackId`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hec_ack_confirms_events_before_rejected() {
+    let event_posts = Arc::new(AtomicUsize::new(0));
+    let posts = event_posts.clone();
+    let receiver = HttpReceiver::start(move |request| match request.path.as_str() {
+        EVENT_PATH => match posts.fetch_add(1, Ordering::SeqCst) {
+            0 => Answer::new(400, r#"{"text":"Invalid data format","code":6,"invalid-event-number":5}"#),
+            n => Answer::new(200, format!(r#"{{"text":"Success","code":0,"ackId":{n}}}"#)),
+        },
+        ACK_PATH => {
+            let query: Value = serde_json::from_slice(&request.body).unwrap();
+            let id = query["acks"][0].as_u64().unwrap();
+            Answer::new(200, format!(r#"{{"acks":{{"{id}":true}}}}"#))
+        }
+        _ => Answer::new(404, ""),
+    })
+    .await;
+    let (dir, output) = run_with(&hec_sink_toml(&receiver.url(), "ack = true\nack_timeout_secs = 10")).await;
+    assert_dead_letters_stored(&output);
+
+    let events = receiver.requests_to(EVENT_PATH);
+    assert_eq!(events.len(), 3, "the batch, its accepted events again, the rest");
+    let first = hec_full_ids(&events[0]);
+    assert_eq!(first.len(), 46);
+    assert_eq!(hec_full_ids(&events[1]), first[..5], "the accepted events are sent again alone");
+    assert_eq!(hec_full_ids(&events[2]), first[6..], "the events after the rejected one are sent again");
+
+    let acks = receiver.requests_to(ACK_PATH);
+    let first_ack = acks.iter().find(|ack| ack.text().contains("[1]")).expect("ackId 1 of the accepted events is polled");
+    assert!(first_ack.index < events[2].index, "the accepted events are confirmed before the rest is sent");
+
+    let letters = dead_letters(dir.path());
+    assert_eq!(letters.len(), 1);
+    let letter: Value = serde_json::from_str(&letters[0].detection).unwrap();
+    assert_eq!(full_id_of(&letter), first[5]);
+    assert!(letters[0].reason.contains("Invalid data format"), "{}", letters[0].reason);
+    assert_eq!(pending(dir.path(), "splunk"), 0);
+}
+
+/// With `ack`, events HEC accepted before a rejected one but never
+/// acknowledged are not delivered, and the rejected one is not
+/// dead-lettered yet: the whole batch stays queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hec_ack_unconfirmed_events_stay_queued() {
+    let receiver = HttpReceiver::start(|request| match request.path.as_str() {
+        EVENT_PATH if hec_events(&request.body).len() == 46 => {
+            Answer::new(400, r#"{"text":"Invalid data format","code":6,"invalid-event-number":5}"#)
+        }
+        EVENT_PATH => Answer::new(200, r#"{"text":"Success","code":0,"ackId":1}"#),
+        ACK_PATH => Answer::new(200, r#"{"acks":{"1":false}}"#),
+        _ => Answer::new(404, ""),
+    })
+    .await;
+    let (dir, output) = run_with(&hec_sink_toml(&receiver.url(), "ack = true\nack_timeout_secs = 1")).await;
+    assert_eq!(output.status.code(), Some(1), "stderr:\n{}", stderr(&output));
+
+    let events = receiver.requests_to(EVENT_PATH);
+    assert_eq!(events.len(), 10, "5 attempts of the batch and of its accepted events");
+    for pair in events.chunks(2) {
+        let whole = hec_full_ids(&pair[0]);
+        assert_eq!(whole.len(), 46);
+        assert_eq!(hec_full_ids(&pair[1]), whole[..5]);
+    }
+    assert!(dead_letters(dir.path()).is_empty(), "nothing is dead-lettered before the events before it are confirmed");
+    assert_eq!(pending(dir.path(), "splunk"), 46, "nothing counts as delivered");
+    assert!(stderr(&output).contains("did not acknowledge ackId 1"), "{}", stderr(&output));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hec_server_busy_is_retried() {
     let receiver = HttpReceiver::start(|request| {

@@ -9,6 +9,9 @@
 //! its code (6 "Invalid data format", 12 "Event field is required", 13
 //! "Event field cannot be blank" and others): the events before it were
 //! accepted, that one is rejected for good, and the rest must be sent again.
+//! HEC gives no `ackId` for the accepted events, so with `ack` they are sent
+//! again as a request of their own, and count as delivered only once that
+//! request's `ackId` is indexed. Splunk may then index them twice.
 //! An invalid token (401, 403) is retried, because the events are not at fault.
 
 use std::collections::hash_map::RandomState;
@@ -108,6 +111,18 @@ impl HecTransport {
     }
 
     pub async fn send(&mut self, batch: &Batch) -> Result<SendOutcome, SinkError> {
+        match self.send_request(batch).await? {
+            SendOutcome::Rejected { delivered, reason } if self.ack_timeout.is_some() && delivered > 0 => {
+                self.confirm_accepted(batch, delivered, reason).await
+            }
+            outcome => Ok(outcome),
+        }
+    }
+
+    /// Sends `batch` as one request. A [`SendOutcome::Rejected`] here means
+    /// that HEC accepted the events before the rejected one, not that it
+    /// indexed them: with `ack`, [`Self::confirm_accepted`] confirms them.
+    async fn send_request(&self, batch: &Batch) -> Result<SendOutcome, SinkError> {
         let reply = self.post(&self.event_url, bytes::Bytes::from_owner(batch.shared_bytes())).await?;
         let parsed: HecResponse = serde_json::from_slice(&reply.body).unwrap_or_default();
         match reply.status {
@@ -133,6 +148,36 @@ impl HecTransport {
                     Some(index) if index < batch.len() => Ok(SendOutcome::Rejected { delivered: index, reason }),
                     _ => Ok(SendOutcome::AllRejected { reason }),
                 }
+            }
+        }
+    }
+
+    /// Sends events `0..accepted` of `batch` again as a request of their own
+    /// and waits for its acknowledgement, after HEC accepted them but
+    /// rejected event `accepted` with `reason`. HEC returns no `ackId` with a
+    /// rejection, so only this request can confirm them indexed, and Splunk
+    /// may index them twice. An error sends the whole batch again.
+    async fn confirm_accepted(&self, batch: &Batch, mut accepted: usize, mut reason: String) -> Result<SendOutcome, SinkError> {
+        loop {
+            let mut part = Batch::default();
+            for message in batch.messages().take(accepted) {
+                part.push_message(message);
+            }
+            match self.send_request(&part).await? {
+                SendOutcome::Delivered => return Ok(SendOutcome::Rejected { delivered: accepted, reason }),
+                // HEC now rejects an earlier event. That one becomes the
+                // rejected event, and the events before it are confirmed in
+                // turn. The events after it, the first rejected one too,
+                // are sent again.
+                SendOutcome::Rejected { delivered, reason: earlier } if delivered > 0 => {
+                    accepted = delivered;
+                    reason = earlier;
+                }
+                SendOutcome::Rejected { delivered, reason: earlier } => return Ok(SendOutcome::Rejected { delivered, reason: earlier }),
+                // HEC rejected the whole part for good without naming an
+                // event. Only its first event is rejected, so the others
+                // are sent again instead of moving to dead letters untried.
+                SendOutcome::AllRejected { reason: all } => return Ok(SendOutcome::Rejected { delivered: 0, reason: all }),
             }
         }
     }
