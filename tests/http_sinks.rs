@@ -114,6 +114,7 @@ async fn hec_partial_rejection_dead_letters_one_event() {
         (6, "Invalid data format"),
         (12, "Event field is required"),
         (13, "Event field cannot be blank"),
+        (15, "Error in handling indexed fields"),
     ];
     for (code, text) in answers {
         let body = format!(r#"{{"text":"{text}","code":{code},"invalid-event-number":5}}"#);
@@ -219,6 +220,87 @@ async fn hec_ack_unconfirmed_events_stay_queued() {
     assert!(dead_letters(dir.path()).is_empty(), "nothing is dead-lettered before the events before it are confirmed");
     assert_eq!(pending(dir.path(), "splunk"), 46, "nothing counts as delivered");
     assert!(stderr(&output).contains("did not acknowledge ackId 1"), "{}", stderr(&output));
+}
+
+/// A HEC code that blames the sink's config or the receiver, not an event,
+/// dead-letters nothing: the batch is sent again, and an ERROR names the
+/// code, HEC's text and the fix. Unknown codes are treated the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hec_sink_fault_codes_retry_batch() {
+    let answers = [
+        (5, "No data", Some(0), "removes request bodies"),
+        (7, "Incorrect index", Some(0), "check the sink's index key"),
+        (7, "Incorrect index", None, "check the sink's index key"),
+        (10, "Data channel is missing", Some(0), "set ack = true"),
+        (11, "Invalid data channel", Some(0), "X-Splunk-Request-Channel"),
+        (14, "ACK is disabled", Some(0), "set ack = false"),
+        (16, "Query string authorization is not enabled", Some(0), "remove it from the sink's url"),
+        (42, "Some future error", Some(5), "does not know that code"),
+    ];
+    for (code, text, event_number, advice) in answers {
+        let number = event_number.map(|n| format!(r#","invalid-event-number":{n}"#)).unwrap_or_default();
+        let body = format!(r#"{{"text":"{text}","code":{code}{number}}}"#);
+        let receiver = HttpReceiver::start(move |request| if request.index < 2 { Answer::new(400, body.clone()) } else { hec_ok() }).await;
+        let (dir, output) = run_with(&hec_sink_toml(&receiver.url(), "")).await;
+        assert_success(&output);
+
+        let requests = receiver.requests_to(EVENT_PATH);
+        assert_eq!(requests.len(), 3, "code {code}");
+        for request in &requests {
+            assert_eq!(hec_events(&request.body).len(), 46, "code {code}: the whole batch is sent each time");
+        }
+        assert!(dead_letters(dir.path()).is_empty(), "code {code}");
+        assert_eq!(pending(dir.path(), "splunk"), 0, "code {code}");
+
+        let log = stderr(&output);
+        let error_lines: Vec<&str> = log.lines().filter(|l| l.contains("ERROR") && l.contains("splunk")).collect();
+        assert_eq!(error_lines.len(), 1, "code {code}: {log}");
+        assert!(error_lines[0].contains(&format!("code {code} \"{text}\"")), "code {code}: {log}");
+        assert!(error_lines[0].contains(advice), "code {code}: {log}");
+    }
+}
+
+/// An index that does not exist, or that the token may not write to, is no
+/// detection's fault: `run --once` gives up with every detection still
+/// queued, none delivered and none dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hec_incorrect_index_keeps_detections_queued() {
+    let receiver = HttpReceiver::start(|_| Answer::new(400, r#"{"text":"Incorrect index","code":7,"invalid-event-number":0}"#)).await;
+    let (dir, output) = run_with(&hec_sink_toml(&receiver.url(), "index = \"missing\"")).await;
+    assert_eq!(output.status.code(), Some(1), "stderr:\n{}", stderr(&output));
+
+    let requests = receiver.requests_to(EVENT_PATH);
+    assert_eq!(requests.len(), 5, "one request per attempt");
+    for request in &requests {
+        assert_eq!(hec_events(&request.body).len(), 46);
+    }
+    assert!(dead_letters(dir.path()).is_empty());
+    assert_eq!(pending(dir.path(), "splunk"), 46);
+    assert!(stderr(&output).contains("check the sink's index key"), "{}", stderr(&output));
+}
+
+/// HEC rejects an acknowledgement query with code 14 when the token has
+/// acknowledgement off. The error names the fix, and the batch is sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hec_ack_disabled_names_the_fix() {
+    let ack_queries = Arc::new(AtomicUsize::new(0));
+    let queries = ack_queries.clone();
+    let receiver = HttpReceiver::start(move |request| match request.path.as_str() {
+        EVENT_PATH => Answer::new(200, r#"{"text":"Success","code":0,"ackId":1}"#),
+        ACK_PATH if queries.fetch_add(1, Ordering::SeqCst) == 0 => Answer::new(400, r#"{"text":"ACK is disabled","code":14}"#),
+        ACK_PATH => Answer::new(200, r#"{"acks":{"1":true}}"#),
+        _ => Answer::new(404, ""),
+    })
+    .await;
+    let (dir, output) = run_with(&hec_sink_toml(&receiver.url(), "ack = true\nack_timeout_secs = 10")).await;
+    assert_success(&output);
+
+    let events = receiver.requests_to(EVENT_PATH);
+    assert_eq!(events.len(), 2, "the batch is sent again");
+    assert_eq!(hec_events(&events[1].body).len(), 46);
+    assert!(dead_letters(dir.path()).is_empty());
+    let log = stderr(&output);
+    assert!(log.contains("set ack = false on this sink"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,13 +5,21 @@
 //! carries an `ackId` and the batch counts as delivered only once
 //! `/services/collector/ack` reports it indexed; a timeout sends the batch again.
 //!
-//! HEC rejects a bad event with HTTP 400 and `invalid-event-number`, whatever
-//! its code (6 "Invalid data format", 12 "Event field is required", 13
-//! "Event field cannot be blank" and others): the events before it were
-//! accepted, that one is rejected for good, and the rest must be sent again.
-//! HEC gives no `ackId` for the accepted events, so with `ack` they are sent
-//! again as a request of their own, and count as delivered only once that
-//! request's `ackId` is indexed. Splunk may then index them twice.
+//! HEC rejects a request with HTTP 400, a status `code` and, for a batch,
+//! `invalid-event-number`: the first event it did not take. What follows
+//! depends on the code (see [`fault_of`]):
+//!
+//! - A malformed event (6 "Invalid data format", 12 "Event field is
+//!   required", 13 "Event field cannot be blank", 15 "Error in handling
+//!   indexed fields"): the events before it were accepted, that one is
+//!   rejected for good, and the rest must be sent again. HEC gives no
+//!   `ackId` for the accepted events, so with `ack` they are sent again as
+//!   a request of their own, and count as delivered only once that
+//!   request's `ackId` is indexed. Splunk may then index them twice.
+//! - Any other code, known or not (such as 7 "Incorrect index"): the sink's
+//!   config, its token or the receiver is at fault, so nothing is rejected
+//!   and the whole batch is sent again, with an error that names the fix.
+//!
 //! An invalid token (401, 403) is retried, because the events are not at fault.
 
 use std::collections::hash_map::RandomState;
@@ -30,6 +38,9 @@ use crate::config::{ConfigError, Secret};
 /// First and longest wait between two acknowledgement polls.
 const ACK_POLL_FIRST: Duration = Duration::from_millis(100);
 const ACK_POLL_MAX: Duration = Duration::from_secs(2);
+
+/// The maximum length in bytes of HEC's `text` kept in an error. Splunk's own texts are shorter.
+const HEC_TEXT_BYTES: usize = 200;
 
 /// Everything a HEC sink needs, resolved from its config.
 pub struct HecSettings {
@@ -61,6 +72,10 @@ pub struct HecTransport {
 /// The fields of a HEC response this sink reads.
 #[derive(Debug, Default, Deserialize)]
 struct HecResponse {
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    code: Option<u64>,
     #[serde(default, rename = "invalid-event-number")]
     invalid_event_number: Option<u64>,
     #[serde(default, rename = "ackId")]
@@ -143,6 +158,9 @@ impl HecTransport {
             status if is_retryable(status) => Err(reply.into_error(&self.event_url, &self.redactor)),
             StatusCode::PAYLOAD_TOO_LARGE => reply.too_large(&self.event_url, &self.redactor, batch.len(), batch.bytes().len()),
             _ => {
+                if let Some(error) = self.sink_fault(&self.event_url, &reply, &parsed) {
+                    return Err(error);
+                }
                 let reason = reply.reason(&self.redactor);
                 match parsed.invalid_event_number.and_then(|n| usize::try_from(n).ok()) {
                     Some(index) if index < batch.len() => Ok(SendOutcome::Rejected { delivered: index, reason }),
@@ -182,6 +200,18 @@ impl HecTransport {
         }
     }
 
+    /// Returns the error for a rejection whose `code` is not one event's
+    /// fault (see [`fault_of`]), or `None` when the code blames an event or
+    /// the response has no code.
+    fn sink_fault(&self, url: &str, reply: &Reply, parsed: &HecResponse) -> Option<SinkError> {
+        let code = parsed.code?;
+        let Fault::Sink { advice, needs_operator } = fault_of(code) else {
+            return None;
+        };
+        let text = parsed.text.as_deref().map(|text| self.redactor.excerpt(text.as_bytes(), HEC_TEXT_BYTES)).unwrap_or_default();
+        Some(SinkError::HecStatus { url: crate::redact::url(url), status: reply.status.as_u16(), code, text, advice, needs_operator })
+    }
+
     async fn post(&self, url: &str, body: impl Into<reqwest::Body>) -> Result<Reply, SinkError> {
         let response = self
             .client
@@ -202,7 +232,10 @@ impl HecTransport {
         loop {
             let reply = self.post(&self.ack_url, query.clone()).await?;
             if !reply.status.is_success() {
-                return Err(reply.into_error(&self.ack_url, &self.redactor));
+                // Such as code 14 "ACK is disabled", for a token without acknowledgement.
+                let parsed: HecResponse = serde_json::from_slice(&reply.body).unwrap_or_default();
+                let fault = if is_retryable(reply.status) { None } else { self.sink_fault(&self.ack_url, &reply, &parsed) };
+                return Err(fault.unwrap_or_else(|| reply.into_error(&self.ack_url, &self.redactor)));
             }
             let acks: AckResponse = serde_json::from_slice(&reply.body)
                 .map_err(|_| self.bad_response(&reply, "acknowledgement response without \"acks\""))?;
@@ -228,6 +261,47 @@ impl HecTransport {
     }
 }
 
+/// The party that a HEC rejection blames, read from its status code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// One event is malformed, so it is rejected for good.
+    Event,
+    /// The sink's config, its token or the receiver: nothing is rejected
+    /// and the batch is sent again. `advice` is the fix for the operator,
+    /// and `needs_operator` is false when the receiver may recover alone.
+    Sink { advice: &'static str, needs_operator: bool },
+}
+
+/// Classifies a HEC status code. The codes 0 to 16 and their texts are
+/// Splunk's, as HEC client libraries and Splunk admin tools list them.
+/// Splunk sends 1 to 4 with HTTP 401 or 403 and 8 and 9 with 500 or 503,
+/// which the sink handles before it reads a code.
+fn fault_of(code: u64) -> Fault {
+    let sink = |advice| Fault::Sink { advice, needs_operator: true };
+    match code {
+        // 6 "Invalid data format", 12 "Event field is required", 13 "Event
+        // field cannot be blank", 15 "Error in handling indexed fields".
+        6 | 12 | 13 | 15 => Fault::Event,
+        // "Token disabled", "Token is required", "Invalid authorization", "Invalid token".
+        1..=4 => sink("the token is missing, invalid or disabled: check the sink's token, token_file or token_env, and that the token is enabled in Splunk"),
+        5 => sink("HEC found no data in a request that carried events: check that no proxy between the sink and HEC removes request bodies"),
+        7 => sink("the index does not exist, or the token may not write to it: check the sink's index key against the token's allowed indexes in Splunk (without index, HEC uses the token's default index)"),
+        // "Internal server error", "Server is busy".
+        8 | 9 => Fault::Sink { advice: "the receiver failed or is busy, and may recover by itself", needs_operator: false },
+        10 => sink("the token has indexer acknowledgement on, so HEC requires a request channel: set ack = true on this sink, or turn acknowledgement off for the token"),
+        11 => sink("HEC rejected the X-Splunk-Request-Channel header of this sink: check that no proxy between them changes it"),
+        14 => sink("the token has indexer acknowledgement off: set ack = false on this sink, or turn acknowledgement on for the token"),
+        16 => sink("HEC rejects a token in the URL query: remove it from the sink's url, because the sink sends its token in the Authorization header"),
+        // A code this release does not know may blame the whole sink, as 7
+        // does. Dead-lettering would then move every detection out of the
+        // queue, one request at a time, while retrying keeps them queued
+        // and loses nothing.
+        // NOTE: an unknown code that does blame one event blocks the sink
+        // until a release classifies it.
+        _ => sink("this release does not know that code, so it keeps the batch queued instead of dead-lettering detections that may not be at fault: look the code up in Splunk's HEC documentation"),
+    }
+}
+
 /// Returns a random channel identifier in UUID form, new for each start of a sink.
 fn new_channel() -> String {
     // RandomState is seeded from the OS random source once per process and
@@ -245,6 +319,22 @@ fn new_channel() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn codes_that_blame_one_event() {
+        for code in [6, 12, 13, 15] {
+            assert_eq!(fault_of(code), Fault::Event, "code {code}");
+        }
+    }
+
+    #[test]
+    fn codes_that_blame_the_sink() {
+        for code in [0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 14, 16, 17, 99] {
+            assert!(matches!(fault_of(code), Fault::Sink { .. }), "code {code}");
+        }
+        assert!(matches!(fault_of(7), Fault::Sink { needs_operator: true, .. }));
+        assert!(matches!(fault_of(9), Fault::Sink { needs_operator: false, .. }));
+    }
 
     #[test]
     fn channel_is_uuid_shaped_and_varies() {

@@ -67,6 +67,10 @@ pub enum SinkError {
     BadResponse { url: String, status: u16, body: String },
     #[error("{url} rejected a request of {events} detections ({bytes} bytes) as too large (HTTP 413: {body}); the batch is sent again in smaller parts")]
     PayloadTooLarge { url: String, events: usize, bytes: usize, body: String },
+    /// A HEC rejection whose code blames the sink's config, its token or
+    /// the receiver, not an event, so nothing is dead-lettered for it.
+    #[error("Splunk HEC at {url} returned HTTP {status} with code {code} \"{text}\": {advice}. No detection is dead-lettered for it; the batch stays queued and is sent again")]
+    HecStatus { url: String, status: u16, code: u64, text: String, advice: &'static str, needs_operator: bool },
     #[error("Splunk HEC at {url} did not acknowledge ackId {ack_id} within {secs} s; the batch is sent again")]
     AckTimeout { url: String, ack_id: u64, secs: u64 },
 }
@@ -103,7 +107,11 @@ impl SinkError {
 
     /// True when retrying cannot help until an operator changes something.
     pub fn needs_operator(&self) -> bool {
-        matches!(self, SinkError::InvalidToken { .. })
+        match self {
+            SinkError::InvalidToken { .. } => true,
+            SinkError::HecStatus { needs_operator, .. } => *needs_operator,
+            _ => false,
+        }
     }
 }
 
