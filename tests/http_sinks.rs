@@ -105,44 +105,46 @@ async fn hec_sends_events_with_metadata() {
     assert!(!stderr(&output).contains(HEC_TOKEN), "token logged");
 }
 
-/// HEC names the first event it rejected with `invalid-event-number`,
-/// whatever the status code: the events before it are indexed, that one is
-/// rejected, and only the ones after it are sent again.
+/// HEC names the first event it rejected with `invalid-event-number`. With
+/// a code that blames that event, or with no code, the events before it are
+/// indexed, that one is rejected, and only the ones after it are sent again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hec_partial_rejection_dead_letters_one_event() {
     let answers = [
-        (6, "Invalid data format"),
-        (12, "Event field is required"),
-        (13, "Event field cannot be blank"),
-        (15, "Error in handling indexed fields"),
+        (Some(6), "Invalid data format"),
+        (Some(12), "Event field is required"),
+        (Some(13), "Event field cannot be blank"),
+        (Some(15), "Error in handling indexed fields"),
+        (None, "Bad event"),
     ];
     for (code, text) in answers {
-        let body = format!(r#"{{"text":"{text}","code":{code},"invalid-event-number":5}}"#);
+        let code_field = code.map(|code| format!(r#","code":{code}"#)).unwrap_or_default();
+        let body = format!(r#"{{"text":"{text}"{code_field},"invalid-event-number":5}}"#);
         let receiver = HttpReceiver::start(move |request| if request.index == 0 { Answer::new(400, body.clone()) } else { hec_ok() }).await;
         let (dir, output) = run_with(&hec_sink_toml(&receiver.url(), "")).await;
         assert_dead_letters_stored(&output);
 
         let requests = receiver.requests_to(EVENT_PATH);
-        assert_eq!(requests.len(), 2, "code {code}");
+        assert_eq!(requests.len(), 2, "code {code:?}");
         let first = hec_events(&requests[0].body);
         let second = hec_events(&requests[1].body);
-        assert_eq!(first.len(), 46, "code {code}");
-        assert_eq!(second.len(), 40, "code {code}: only the events after the rejected one are sent again");
+        assert_eq!(first.len(), 46, "code {code:?}");
+        assert_eq!(second.len(), 40, "code {code:?}: only the events after the rejected one are sent again");
         let rejected = full_id_of(&first[5]["event"]);
         let mut delivered: Vec<String> = first[..5].iter().chain(&second).map(|e| full_id_of(&e["event"])).collect();
         delivered.sort();
         delivered.dedup();
-        assert_eq!(delivered.len(), 45, "code {code}");
-        assert!(!delivered.contains(&rejected), "code {code}");
+        assert_eq!(delivered.len(), 45, "code {code:?}");
+        assert!(!delivered.contains(&rejected), "code {code:?}");
 
         let letters = dead_letters(dir.path());
-        assert_eq!(letters.len(), 1, "code {code}");
+        assert_eq!(letters.len(), 1, "code {code:?}");
         assert_eq!(letters[0].sink, "splunk");
         let letter: Value = serde_json::from_str(&letters[0].detection).unwrap();
-        assert_eq!(full_id_of(&letter), rejected, "code {code}");
+        assert_eq!(full_id_of(&letter), rejected, "code {code:?}");
         assert!(letters[0].reason.contains("HTTP 400"), "{}", letters[0].reason);
         assert!(letters[0].reason.contains(text), "{}", letters[0].reason);
-        assert_eq!(pending(dir.path(), "splunk"), 0, "code {code}");
+        assert_eq!(pending(dir.path(), "splunk"), 0, "code {code:?}");
     }
 }
 
@@ -191,6 +193,50 @@ async fn hec_ack_confirms_events_before_rejected() {
     assert_eq!(full_id_of(&letter), first[5]);
     assert!(letters[0].reason.contains("Invalid data format"), "{}", letters[0].reason);
     assert_eq!(pending(dir.path(), "splunk"), 0);
+}
+
+/// With `ack`, HEC may reject the resent accepted events too. An event it
+/// names then becomes the dead letter instead, and a rejection that names
+/// none makes only the first event one: everything after it is sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hec_ack_resent_events_rejected_again() {
+    let named = r#"{"text":"Invalid data format","code":6,"invalid-event-number":2}"#;
+    let unnamed = r#"{"text":"Invalid data format","code":6}"#;
+    // The response to the resent events, the dead letter's position in the
+    // batch, and the sizes of the event requests.
+    let cases = [(named, 2, vec![46, 5, 2, 43]), (unnamed, 0, vec![46, 5, 45])];
+    for (answer, rejected, sizes) in cases {
+        let event_posts = Arc::new(AtomicUsize::new(0));
+        let posts = event_posts.clone();
+        let receiver = HttpReceiver::start(move |request| match request.path.as_str() {
+            EVENT_PATH => match posts.fetch_add(1, Ordering::SeqCst) {
+                0 => Answer::new(400, r#"{"text":"Invalid data format","code":6,"invalid-event-number":5}"#),
+                1 => Answer::new(400, answer),
+                n => Answer::new(200, format!(r#"{{"text":"Success","code":0,"ackId":{n}}}"#)),
+            },
+            ACK_PATH => {
+                let query: Value = serde_json::from_slice(&request.body).unwrap();
+                let id = query["acks"][0].as_u64().unwrap();
+                Answer::new(200, format!(r#"{{"acks":{{"{id}":true}}}}"#))
+            }
+            _ => Answer::new(404, ""),
+        })
+        .await;
+        let (dir, output) = run_with(&hec_sink_toml(&receiver.url(), "ack = true\nack_timeout_secs = 10")).await;
+        assert_dead_letters_stored(&output);
+
+        let events = receiver.requests_to(EVENT_PATH);
+        let first = hec_full_ids(&events[0]);
+        let sent: Vec<usize> = events.iter().map(|request| hec_full_ids(request).len()).collect();
+        assert_eq!(sent, sizes, "{answer}");
+        assert_eq!(hec_full_ids(events.last().unwrap()), first[rejected + 1..], "{answer}: the events after the dead letter are sent again");
+
+        let letters = dead_letters(dir.path());
+        assert_eq!(letters.len(), 1, "{answer}");
+        let letter: Value = serde_json::from_str(&letters[0].detection).unwrap();
+        assert_eq!(full_id_of(&letter), first[rejected], "{answer}");
+        assert_eq!(pending(dir.path(), "splunk"), 0, "{answer}");
+    }
 }
 
 /// With `ack`, events HEC accepted before a rejected one but never
