@@ -61,13 +61,20 @@ pub async fn run(state_dir: PathBuf, interval_secs: u64, add_every_secs: u64, st
     let result = crate::cli::run_config(&config, Mode::Daemon, stop_on_output_failure(stop)).await.map(drop);
     emulator.shutdown().await;
     let _ = std::fs::remove_dir_all(&state_dir);
-    result?;
+    result.map_err(|e| without_next_run(&e))?;
     // A closed pipe ends the demo as a success, as it ends the other commands.
     let failed = failure.borrow().clone();
     match failed {
         Some(Failure::Error(message)) => Err(format!("cannot write to standard output: {message}")),
         Some(Failure::ClosedPipe) | None => Ok(()),
     }
+}
+
+/// Rewrites a failure of the demo's pipeline for a state directory that is
+/// gone: what a sink had not delivered was deleted with it, so no next run
+/// sends it.
+fn without_next_run(error: &str) -> String {
+    error.replace(crate::pipeline::STOPPED_ADVICE, "; the demo deleted its state directory with them")
 }
 
 /// Returns a stop channel that turns true when `stop` does or when a write
@@ -134,7 +141,18 @@ fn demo_config(emulator: &Emulator, dir: PathBuf, interval_secs: u64) -> Config 
 
 #[cfg(test)]
 mod tests {
-    use super::create_state_dir;
+    use super::{create_state_dir, without_next_run};
+    use crate::pipeline::WorkerError;
+
+    #[test]
+    fn stopped_demo_promises_no_next_run() {
+        let error = WorkerError::Stopped { sink: "stdout".into(), pending: 3 }.to_string();
+        let rewritten = without_next_run(&error);
+        assert!(error.contains("next run"), "{error}");
+        assert!(!rewritten.contains("next run"), "{rewritten}");
+        assert!(rewritten.contains("3 detections still queued"), "{rewritten}");
+        assert!(rewritten.contains("the demo deleted its state directory with them"), "{rewritten}");
+    }
 
     #[test]
     fn state_dirs_are_never_reused() {

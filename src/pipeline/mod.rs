@@ -33,7 +33,7 @@ use crate::store::{Store, StoreError};
 
 pub use poller::{CycleError, CycleReport, Poller};
 pub use reload::{run_reloadable, Reload};
-pub use worker::{EventEncoder, SinkWorker, WorkerError, WorkerMode};
+pub use worker::{EventEncoder, SinkWorker, WorkerError, WorkerMode, STOPPED_ADVICE};
 
 /// Attempts per batch for a sink in `--once` mode before the run fails.
 const ONCE_SINK_ATTEMPTS: u32 = 5;

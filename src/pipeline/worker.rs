@@ -41,9 +41,13 @@ pub enum WorkerError {
     Send { sink: String, source: SinkError },
     #[error("sink {sink}: {source}")]
     Store { sink: String, source: StoreError },
-    #[error("sink {sink}: stopped with {pending} detections still queued in the state directory; the next run with this sink configured sends them")]
+    #[error("sink {sink}: stopped with {pending} detections still queued in the state directory{}", STOPPED_ADVICE)]
     Stopped { sink: String, pending: usize },
 }
+
+/// The end of a [`WorkerError::Stopped`] message, which the demo replaces
+/// because it deletes its state directory.
+pub const STOPPED_ADVICE: &str = "; the next run with this sink configured sends them";
 
 /// Turns one detection into one message of a sink.
 #[derive(Clone, Debug)]
@@ -544,7 +548,7 @@ impl SinkWorker {
                         let events = batch.len();
                         let retry_in_ms = delay.as_millis() as u64;
                         if source.needs_operator() {
-                            tracing::error!(sink = %self.name, attempt, retry_in_ms, events, error = %source, suppressed, "delivery failed and needs a config change; retrying");
+                            tracing::error!(sink = %self.name, attempt, retry_in_ms, events, error = %source, suppressed, "delivery failed and needs an operator to act; retrying");
                         } else {
                             tracing::warn!(sink = %self.name, attempt, retry_in_ms, events, error = %source, suppressed, "delivery failed; retrying");
                         }
