@@ -991,13 +991,18 @@ impl Config {
             .build()
             .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         let mut builder = config::Config::builder().add_source(base.clone());
+        let mut overrides = Vec::new();
         for (name, value) in env {
             let Some(rest) = name.strip_prefix(ENV_PREFIX) else { continue };
             let key = override_key(&base, rest)?;
             builder = builder.set_override(&key, typed_override(&key, value)).map_err(ConfigError::Parse)?;
+            overrides.push((key, name.clone()));
         }
         let merged = builder.build().map_err(ConfigError::Parse)?;
-        let config: Config = merged.try_deserialize().map_err(ConfigError::Parse)?;
+        let config: Config = merged
+            .clone()
+            .try_deserialize()
+            .map_err(|error| type_errors::keyed_error(&merged, error, &overrides))?;
         config.validate()?;
         Ok(config)
     }
@@ -1420,6 +1425,8 @@ fn find_entry(base: &config::Config, array: &str, selector: &str) -> Option<usiz
             .is_some_and(|name| normalize(&name) == normalize(selector))
     })
 }
+
+mod type_errors;
 
 #[cfg(test)]
 mod tests;

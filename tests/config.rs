@@ -118,6 +118,65 @@ fn invalid_values_name_key_and_fix() {
     }
 }
 
+/// A second sink of type http, so that sink errors are checked at index 1.
+const HTTP_SINK: &str = "\n[[sink]]\nname = \"collector\"\ntype = \"http\"\nurl = \"https://collector.example/ingest\"\n";
+
+#[test]
+fn type_errors_name_key_and_type() {
+    let tenant = |line: &str| BASE.replace("region = \"eu\"", &format!("region = \"eu\"\n{line}"));
+    let poll = |line: &str| format!("{BASE}\n[poll]\n{line}\n");
+    let syslog = |line: &str| BASE.replace("type = \"syslog\"", &format!("type = \"syslog\"\nprotocol = \"udp\"\n{line}"));
+    let http = |line: &str| format!("{BASE}{HTTP_SINK}{line}\n");
+    // A number where a string belongs is a sink case only: the config crate
+    // turns `client_id = 42` in other sections into the string "42".
+    let cases = [
+        (tenant("limit = -1"), "tenant[0].limit", "an unsigned 64 bit or less integer"),
+        (tenant("token_refresh_margin_secs = \"soon\""), "tenant[0].token_refresh_margin_secs", "an integer"),
+        (tenant("resource = { url = 1 }"), "tenant[0].resource", "a string"),
+        (tenant("machine_groups = [\"servers\", [\"nested\"]]"), "tenant[0].machine_groups[1]", "a string"),
+        (poll("interval_secs = \"sixty\""), "poll.interval_secs", "an integer"),
+        (poll("interval_secs = -1"), "poll.interval_secs", "an unsigned 64 bit or less integer"),
+        (poll("connect_timeout_secs = { secs = 5 }"), "poll.connect_timeout_secs", "an integer"),
+        (BASE.replace("[state]", "[state]\nmax_outbox_bytes = -2"), "state.max_outbox_bytes", "an unsigned 64 bit or less integer"),
+        (syslog("max_datagram_bytes = -1"), "sink[0].max_datagram_bytes", "usize"),
+        (syslog("max_datagram_bytes = \"big\""), "sink[0].max_datagram_bytes", "usize"),
+        (syslog("hostname = 5"), "sink[0].hostname", "a string"),
+        (syslog("hostname = { name = \"x\" }"), "sink[0].hostname", "a string"),
+        (syslog("batch_size = -5"), "sink[0].batch_size", "usize"),
+        (syslog("batch_size = 1.5"), "sink[0].batch_size", "usize"),
+        (syslog("cef_vendor = 5"), "sink[0].cef_vendor", "a string"),
+        (syslog("tenants = [\"contoso-eu\", 3]"), "sink[0].tenants[1]", "a string"),
+        (syslog("tenants = \"contoso-eu\""), "sink[0].tenants", "a sequence"),
+        (syslog("tls_insecure_skip_verify = \"yes\""), "sink[0].tls_insecure_skip_verify", "a boolean"),
+        (http("gzip = \"yes\""), "sink[1].gzip", "a boolean"),
+        (http("proxy_url = 3128"), "sink[1].proxy_url", "a string"),
+        (http("timeout_secs = -30"), "sink[1].timeout_secs", "u64"),
+        (http("headers = { \"X-Id\" = [1] }"), "sink[1].headers.X-Id", "a string"),
+    ];
+    for (text, key, expected) in cases {
+        let err = load(&text, &[]).unwrap_err();
+        assert!(err.contains(&format!("`{key}`")), "{key}: the key is named: {err}");
+        assert!(err.contains(&format!("expected {expected}")), "{key}: the expected type is named: {err}");
+    }
+}
+
+#[test]
+fn type_errors_from_environment_name_variable() {
+    let udp = BASE.replace("type = \"syslog\"", "type = \"syslog\"\nprotocol = \"udp\"");
+    let cases = [
+        ("MDE_FORWARDER__POLL__INTERVAL_SECS", "sixty", "poll.interval_secs"),
+        ("MDE_FORWARDER__TENANT__CONTOSO_EU__LIMIT", "-1", "tenant[0].limit"),
+        ("MDE_FORWARDER__SINK__SIEM__BATCH_SIZE", "many", "sink[0].batch_size"),
+        ("MDE_FORWARDER__SINK__0__MAX_DATAGRAM_BYTES", "-1", "sink[0].max_datagram_bytes"),
+        ("MDE_FORWARDER__SINK__SIEM__TLS_INSECURE_SKIP_VERIFY", "maybe", "sink[0].tls_insecure_skip_verify"),
+    ];
+    for (variable, value, key) in cases {
+        let err = load(&udp, &[(variable, value)]).unwrap_err();
+        assert!(err.contains(&format!("`{key}`")), "{variable}: the key is named: {err}");
+        assert!(err.contains(variable), "{variable}: the variable is named: {err}");
+    }
+}
+
 #[test]
 fn udp_datagram_size_limits() {
     let udp = |bytes: usize| BASE.replace("type = \"syslog\"", &format!("type = \"syslog\"\nprotocol = \"udp\"\nmax_datagram_bytes = {bytes}"));

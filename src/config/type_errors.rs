@@ -1,0 +1,134 @@
+//! Names the key of a value that failed to deserialize, such as a string
+//! where a number belongs.
+//!
+//! The `config` crate names the key for `[state]`, `[poll]`, `[service]` and
+//! `[[tenant]]`. A `[[sink]]` entry is read through serde's internally tagged
+//! enum and flattened structs, which buffer the values and lose the key, so
+//! the crate reports only `sink[1]`. For such an error the entry is read
+//! again, part by part, from a `toml::Value` with the path tracked. That
+//! value is as strict as serde's buffer (neither turns the number 5 into
+//! the string "5"), so the second read fails where the first did.
+
+use config::ValueKind;
+use serde::de::DeserializeOwned;
+use toml::Value as Toml;
+
+use super::{
+    tidy_path, ConfigError, FileSinkConfig, HttpSinkConfig, SinkCommon, SinkProxyConfig, SplunkHecSinkConfig,
+    StdoutSinkConfig, SyslogSinkConfig, TlsConfig,
+};
+
+/// Converts an error of `try_deserialize` into one that names the full key
+/// and, when `overrides` set that key, the environment variable.
+/// `overrides` pairs each overridden key with its variable.
+pub(super) fn keyed_error(merged: &config::Config, error: config::ConfigError, overrides: &[(String, String)]) -> ConfigError {
+    let Some(key) = error_key(&error) else {
+        return ConfigError::Parse(error);
+    };
+    let located = sink_index(&key).and_then(|index| locate_in_sink(merged, index));
+    let (key, message) = located.unwrap_or_else(|| (key, error_message(&error)));
+    let variable = overrides.iter().find(|(overridden, _)| key_within(&key, overridden));
+    let message = match variable {
+        Some((_, variable)) => format!("{message} (set by the environment variable {variable})"),
+        None => message,
+    };
+    ConfigError::Invalid { key, message }
+}
+
+fn error_key(error: &config::ConfigError) -> Option<String> {
+    match error {
+        config::ConfigError::Type { key: Some(key), .. } | config::ConfigError::At { key: Some(key), .. } => {
+            Some(tidy_path(key))
+        }
+        _ => None,
+    }
+}
+
+/// Returns the message without the key and origin that the `config`
+/// crate appends, since the caller names the key itself.
+fn error_message(error: &config::ConfigError) -> String {
+    match error {
+        config::ConfigError::Type { unexpected, expected, .. } => format!("invalid type: {unexpected}, expected {expected}"),
+        config::ConfigError::At { error, .. } => error.to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// Returns N when `key` is exactly `sink[N]`.
+fn sink_index(key: &str) -> Option<usize> {
+    key.strip_prefix("sink[")?.strip_suffix(']')?.parse().ok()
+}
+
+/// True when `key` is `overridden` or lies inside it.
+fn key_within(key: &str, overridden: &str) -> bool {
+    match key.strip_prefix(overridden) {
+        Some(rest) => rest.is_empty() || rest.starts_with('.') || rest.starts_with('['),
+        None => false,
+    }
+}
+
+type Check = fn(&Toml) -> Option<serde_path_to_error::Error<toml::de::Error>>;
+
+/// Reads `[[sink]]` number `index` again and returns the full key and the
+/// message of its first error, or `None` when no part fails on its own.
+fn locate_in_sink(merged: &config::Config, index: usize) -> Option<(String, String)> {
+    let sinks = merged.get_array("sink").ok()?;
+    let mut table = to_toml(sinks.get(index)?)?;
+    let kind = table.as_table_mut()?.remove("type")?;
+
+    // The flattened parts come first, because they ignore the keys of other
+    // parts, while the sink's own struct loses the path inside its parts.
+    // NOTE: a part newly flattened into a sink type must be listed here too,
+    // or its errors name only `sink[N]`.
+    let checks: &[Check] = match kind.as_str()? {
+        "syslog" => &[first_error::<SinkCommon>, first_error::<TlsConfig>, first_error::<SyslogSinkConfig>],
+        "file" => &[first_error::<SinkCommon>, first_error::<FileSinkConfig>],
+        "stdout" => &[first_error::<SinkCommon>, first_error::<StdoutSinkConfig>],
+        "http" => &[
+            first_error::<SinkCommon>,
+            first_error::<TlsConfig>,
+            first_error::<SinkProxyConfig>,
+            first_error::<HttpSinkConfig>,
+        ],
+        "splunk_hec" => &[
+            first_error::<SinkCommon>,
+            first_error::<TlsConfig>,
+            first_error::<SinkProxyConfig>,
+            first_error::<SplunkHecSinkConfig>,
+        ],
+        _ => return None,
+    };
+
+    let error = checks.iter().find_map(|check| check(&table))?;
+    let path = error.path().to_string();
+    let key = if path == "." { format!("sink[{index}]") } else { format!("sink[{index}].{path}") };
+    // `message` leaves out the line that toml's Display adds to name the key.
+    Some((key, error.into_inner().message().to_string()))
+}
+
+fn first_error<T: DeserializeOwned>(table: &Toml) -> Option<serde_path_to_error::Error<toml::de::Error>> {
+    serde_path_to_error::deserialize::<_, T>(table.clone()).err()
+}
+
+/// Converts a value back to TOML, or `None` for an empty value, which TOML
+/// cannot hold and no source of this config produces.
+fn to_toml(value: &config::Value) -> Option<Toml> {
+    let converted = match &value.kind {
+        ValueKind::Nil => return None,
+        ValueKind::Boolean(flag) => Toml::Boolean(*flag),
+        ValueKind::I64(number) => Toml::Integer(*number),
+        // TOML integers are 64-bit signed, and so are the numbers that
+        // environment overrides produce. A larger one reads as a float,
+        // which every integer key rejects.
+        ValueKind::U64(number) => i64::try_from(*number).map_or(Toml::Float(*number as f64), Toml::Integer),
+        ValueKind::I128(number) => i64::try_from(*number).map_or(Toml::Float(*number as f64), Toml::Integer),
+        ValueKind::U128(number) => i64::try_from(*number).map_or(Toml::Float(*number as f64), Toml::Integer),
+        ValueKind::Float(number) => Toml::Float(*number),
+        ValueKind::String(text) => Toml::String(text.clone()),
+        ValueKind::Table(table) => {
+            Toml::Table(table.iter().filter_map(|(key, value)| Some((key.clone(), to_toml(value)?))).collect())
+        }
+        ValueKind::Array(items) => Toml::Array(items.iter().filter_map(to_toml).collect()),
+    };
+    Some(converted)
+}
