@@ -359,7 +359,8 @@ pub struct SyslogSinkConfig {
     /// HOSTNAME in the syslog header; the machine's host name by default.
     #[serde(default)]
     pub hostname: Option<String>,
-    /// UDP only: the largest datagram, header included.
+    /// UDP only: the largest datagram, header included. TCP and TLS ignore
+    /// it, with a warning at start for a value other than the default.
     #[serde(default = "default_max_datagram_bytes")]
     pub max_datagram_bytes: usize,
     #[serde(flatten)]
@@ -605,7 +606,7 @@ fn default_header() -> HeaderFormat {
 fn default_facility() -> Facility {
     Facility::LOCAL0
 }
-fn default_max_datagram_bytes() -> usize {
+pub(crate) fn default_max_datagram_bytes() -> usize {
     2048
 }
 fn default_max_batch_bytes() -> usize {

@@ -193,6 +193,32 @@ fn udp_datagram_size_limits() {
     }
 }
 
+#[test]
+fn datagram_size_loads_off_udp() {
+    let syslog = |protocol: &str, line: &str| {
+        BASE.replace("type = \"syslog\"", &format!("type = \"syslog\"\nprotocol = \"{protocol}\"\ntls_insecure_skip_verify = {}\n{line}", protocol == "tls"))
+    };
+    // Configs of earlier releases set the key on TCP sinks, and they keep
+    // loading: the sink ignores it with a warning at start.
+    for protocol in ["tcp", "tls"] {
+        for line in ["max_datagram_bytes = 480", "max_datagram_bytes = 2048", "max_datagram_bytes = 8192", ""] {
+            assert!(load(&syslog(protocol, line), &[]).is_ok(), "{protocol} {line:?} loads");
+        }
+    }
+    assert!(load(&syslog("tcp", ""), &[("MDE_FORWARDER__SINK__SIEM__MAX_DATAGRAM_BYTES", "4096")]).is_ok());
+    assert!(load(&syslog("udp", "max_datagram_bytes = 8192"), &[]).is_ok(), "udp takes the key");
+}
+
+#[test]
+fn datagram_size_unknown_off_syslog() {
+    let http = BASE.replace(
+        "type = \"syslog\"\naddress = \"127.0.0.1:514\"",
+        "type = \"http\"\nurl = \"https://collector.example/ingest\"\nmax_datagram_bytes = 2048",
+    );
+    let err = load(&http, &[]).unwrap_err();
+    assert!(err.contains("unknown field `max_datagram_bytes`"), "{err}");
+}
+
 /// A timeout far beyond any sensible wait would overflow the deadline the
 /// HEC sink computes for its acknowledgement polls, and stop the sink.
 #[test]

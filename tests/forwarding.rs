@@ -40,6 +40,27 @@ async fn samples_reach_tcp_syslog_and_file() {
     assert_eq!(archived_ids, samples_sorted());
 }
 
+/// A TCP sink never shortens a message, so a `max_datagram_bytes` other than
+/// the default is a warning at start, and every message arrives whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datagram_size_on_tcp_warns() {
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let receiver = LineReceiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sink = tcp_sink_toml("siem", receiver.addr) + "max_datagram_bytes = 480\n";
+    let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &sink);
+
+    let output = run_once(&config).await;
+    assert_success(&output);
+    let log = stderr(&output);
+    let warning = log.lines().find(|l| l.contains("max_datagram_bytes applies only")).unwrap_or_else(|| panic!("{log}"));
+    assert!(warning.contains("WARN"), "{warning}");
+    assert!(warning.contains("sink=siem"), "{warning}");
+    let lines = receiver.wait_for(46, Duration::from_secs(5)).await;
+    assert_eq!(lines.len(), 46);
+    assert!(lines.iter().any(|l| l.len() > 480), "no message was shortened");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn file_sink_keeps_every_field_as_received() {
     let emulator = emulator_with_samples(EmulatorOptions::default()).await;

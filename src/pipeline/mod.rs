@@ -137,6 +137,15 @@ pub fn build_sink(key: &str, sink: &SinkConfig) -> Result<(Transport, EventEncod
     let built = match sink {
         SinkConfig::Syslog(s) => {
             let udp = s.protocol == Protocol::Udp;
+            // Configs of earlier releases set the default on TCP sinks, as the
+            // example config did, so only another value is worth a warning.
+            if !udp && s.max_datagram_bytes != crate::config::default_max_datagram_bytes() {
+                tracing::warn!(
+                    sink = %s.name,
+                    max_datagram_bytes = s.max_datagram_bytes,
+                    "max_datagram_bytes applies only to protocol = \"udp\" and is ignored: TCP and TLS never shorten a message; remove the key"
+                );
+            }
             let options = EncoderOptions {
                 payload: s.format,
                 header: s.header,
