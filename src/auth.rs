@@ -29,12 +29,32 @@ pub enum AuthError {
     Rejected { tenant: String, status: u16, summary: String, hint: &'static str },
     #[error("token request for tenant {tenant} failed with HTTP {status}: {summary}")]
     Unavailable { tenant: String, status: u16, summary: String, retry_after: Option<Duration> },
-    #[error("token request for tenant {tenant} to {url} failed: {}", crate::redact::error_chain(source))]
-    Network { tenant: String, url: String, source: reqwest::Error },
+    /// `proxy` is the proxy the request went through, redacted.
+    #[error("token request for tenant {tenant} to {url}{} failed: {}{}", through_proxy(proxy.as_deref()), crate::redact::error_chain(source), proxy_advice(proxy.as_deref(), source))]
+    Network { tenant: String, url: String, proxy: Option<String>, source: reqwest::Error },
     #[error("token response for tenant {tenant} is invalid: {detail}")]
     Malformed { tenant: String, detail: String },
     #[error("tenant {tenant}: cannot build the client assertion: {source}")]
     Assertion { tenant: String, source: assertion::AssertionError },
+}
+
+/// Returns " through proxy URL" for a request that went through a proxy,
+/// so that a proxy that is down is not taken for the server being down.
+pub(crate) fn through_proxy(proxy: Option<&str>) -> String {
+    proxy.map(|proxy| format!(" through proxy {proxy}")).unwrap_or_default()
+}
+
+/// Returns the advice for a failed request through a proxy. A connect error
+/// there mostly means that the proxy refused or did not accept the
+/// connection in time, or rejected the tunnel to the server.
+// NOTE: a failed TLS handshake with the server inside the tunnel is a
+// connect error too. Only the cause in the message distinguishes them.
+pub(crate) fn proxy_advice(proxy: Option<&str>, source: &reqwest::Error) -> &'static str {
+    if proxy.is_some() && source.is_connect() {
+        "; the proxy refused the connection, timed out, or rejected the tunnel to the server: check that it is running, its credentials, and that it allows the host of the URL"
+    } else {
+        ""
+    }
 }
 
 impl AuthError {
@@ -142,6 +162,7 @@ impl TokenSource {
         let network = |source: reqwest::Error| AuthError::Network {
             tenant: tenant.name.clone(),
             url: tenant.token_url.clone(),
+            proxy: tenant.token_proxy.clone(),
             source: source.without_url(),
         };
         let response = self.http.post(&tenant.token_url).form(&form).send().await.map_err(network)?;

@@ -966,6 +966,11 @@ pub struct ResolvedTenant {
     pub cloud_created_machine_tags: Option<String>,
     /// The tenant's `limit`, or `None` to use `[poll] limit`.
     pub limit: Option<u32>,
+    /// The proxy of requests to `token_url`, redacted, for errors; `None`
+    /// for direct requests.
+    pub token_proxy: Option<String>,
+    /// The proxy of requests to `alerts_url`, redacted, for errors.
+    pub alerts_proxy: Option<String>,
 }
 
 impl ResolvedTenant {
@@ -1092,12 +1097,14 @@ impl Config {
         self.resolve_tenants_with(&|name| std::env::var_os(name))
     }
 
-    /// [`Config::resolve_tenants`] with `env` in place of the process environment.
+    /// [`Config::resolve_tenants`] with `env` in place of the process
+    /// environment for credentials. The proxy environment variables are
+    /// still read from the process, as the HTTP client reads them.
     pub fn resolve_tenants_with(&self, env: &dyn Fn(&str) -> Option<OsString>) -> Result<Vec<ResolvedTenant>, ConfigError> {
         self.tenants
             .iter()
             .enumerate()
-            .map(|(i, t)| t.resolve(&format!("tenant[{i}]"), env))
+            .map(|(i, t)| t.resolve(&format!("tenant[{i}]"), &self.poll, env))
             .collect()
     }
 }
@@ -1234,9 +1241,14 @@ impl TenantConfig {
         Ok((format!("{api}/api/alerts"), format!("{login}/{tenant_id}/{token_path}")))
     }
 
-    fn resolve(&self, key: &str, env: &dyn Fn(&str) -> Option<OsString>) -> Result<ResolvedTenant, ConfigError> {
+    fn resolve(&self, key: &str, poll: &PollConfig, env: &dyn Fn(&str) -> Option<OsString>) -> Result<ResolvedTenant, ConfigError> {
         let (alerts_url, token_url) = self.endpoints(key)?;
         let credential = self.resolve_credential(key, env)?;
+        // `[poll] proxy_url` and `no_proxy` work as a sink's do, and without
+        // them the proxy environment variables apply, as for sinks.
+        let proxy = SinkProxyConfig { proxy_url: poll.proxy_url.clone(), no_proxy: poll.no_proxy.clone() };
+        let token_proxy = crate::sink::proxy_for(&token_url, &proxy);
+        let alerts_proxy = crate::sink::proxy_for(&alerts_url, &proxy);
         Ok(ResolvedTenant {
             name: self.name.clone(),
             tenant_id: self.tenant_id.trim().to_string(),
@@ -1251,6 +1263,8 @@ impl TenantConfig {
             device_created_machine_tags: self.device_created_machine_tags.clone(),
             cloud_created_machine_tags: self.cloud_created_machine_tags.clone(),
             limit: self.limit,
+            token_proxy,
+            alerts_proxy,
         })
     }
 }

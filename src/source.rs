@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use reqwest::header::{HeaderMap, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::StatusCode;
 
-use crate::auth::{AuthError, TokenSource};
+use crate::auth::{proxy_advice, through_proxy, AuthError, TokenSource};
 use crate::config::{ResolvedTenant, Secret};
 use crate::detection::Detection;
 use crate::json_stream::{preview, ArrayError, ArraySplitter, RawElement};
@@ -69,8 +69,9 @@ pub enum SourceError {
     Server { tenant: String, status: u16, body: String, retry_after: Option<Duration> },
     #[error("tenant {tenant}: the API rejected the request {url} with HTTP {status}: {body}")]
     Rejected { tenant: String, status: u16, url: String, body: String },
-    #[error("tenant {tenant}: request to {url} failed: {}", crate::redact::error_chain(source))]
-    Network { tenant: String, url: String, source: reqwest::Error },
+    /// `proxy` is the proxy the request went through, redacted.
+    #[error("tenant {tenant}: request to {url}{} failed: {}{}", through_proxy(proxy.as_deref()), crate::redact::error_chain(source), proxy_advice(proxy.as_deref(), source))]
+    Network { tenant: String, url: String, proxy: Option<String>, source: reqwest::Error },
     #[error("tenant {tenant}: malformed response (HTTP {status}, content-type {content_type}): {detail}; nothing from it moves the checkpoint")]
     Malformed { tenant: String, status: u16, content_type: String, detail: ArrayError },
     #[error("tenant {tenant}: response is larger than {limit} bytes ([poll] max_response_bytes); it was cut off")]
@@ -182,6 +183,7 @@ impl AlertsClient {
         SourceError::Network {
             tenant: self.tenant.name.clone(),
             url: self.tenant.alerts_url.clone(),
+            proxy: self.tenant.alerts_proxy.clone(),
             source: source.without_url(),
         }
     }
@@ -202,6 +204,7 @@ impl AlertsClient {
                 received: 0,
                 limit: self.max_response_bytes,
                 tenant,
+                proxy: self.tenant.alerts_proxy.clone(),
                 status: status.as_u16(),
                 content_type,
             });
@@ -230,6 +233,8 @@ pub struct Page {
     received: u64,
     limit: u64,
     tenant: String,
+    /// The proxy the response came through, redacted, for errors.
+    proxy: Option<String>,
     status: u16,
     content_type: String,
 }
@@ -268,6 +273,7 @@ impl Page {
                 return Err(SourceError::Network {
                     tenant: self.tenant.clone(),
                     url: "response body".into(),
+                    proxy: self.proxy.clone(),
                     source: source.without_url(),
                 });
             }

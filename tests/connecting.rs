@@ -570,6 +570,63 @@ async fn no_proxy_environment_variable_bypasses_proxy() {
     assert_eq!(proxy.forwarded.load(Ordering::SeqCst) + proxy.connects.load(Ordering::SeqCst), 0);
 }
 
+/// A token or API request whose proxy refuses the connection names the
+/// proxy, without its credentials, so the operator checks the proxy and not
+/// Azure AD or the API. The proxy comes from `[poll] proxy_url` or from the
+/// environment, and `no_proxy` or `NO_PROXY` sends the token request direct.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_api_proxy_is_named() {
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let closed = closed_addr();
+    let proxy_url = format!("http://proxy-user:proxy-pass-987@{closed}");
+    let poll_proxy = format!("proxy_url = \"{proxy_url}\"");
+    let poll_proxy_no_login = format!("{poll_proxy}\nno_proxy = \"127.0.0.1\"");
+    let env_proxy = |[upper, lower]: [&'static str; 2], no_proxy: &str| {
+        vec![(upper, proxy_url.clone()), (lower, proxy_url.clone()), ("NO_PROXY", no_proxy.to_string()), ("no_proxy", no_proxy.to_string())]
+    };
+    let configured = format!("through proxy http://redacted:redacted@{closed}/");
+    // hyper-util's matcher moves the user and password of an environment
+    // proxy into a Basic authentication header, so the URL has none.
+    let from_env = format!("through proxy http://{closed}/");
+    // The token request goes direct to 127.0.0.1, which no_proxy exempts,
+    // and the API request goes through the proxy to localhost.
+    let api_lines = format!("api_url = \"{}\"\nlogin_url = \"{}\"\n", emulator.url().replace("127.0.0.1", "localhost"), emulator.url());
+    let token_lines = urls(&emulator.url());
+    let cases = [
+        ("token, [poll] proxy_url", poll_proxy.as_str(), token_lines.as_str(), vec![], &configured, "token request"),
+        ("token, HTTP_PROXY", "", token_lines.as_str(), env_proxy(["HTTP_PROXY", "http_proxy"], ""), &from_env, "token request"),
+        ("token, ALL_PROXY", "", token_lines.as_str(), env_proxy(["ALL_PROXY", "all_proxy"], ""), &from_env, "token request"),
+        ("API, [poll] proxy_url", poll_proxy_no_login.as_str(), api_lines.as_str(), vec![], &configured, "/api/alerts"),
+        ("API, HTTP_PROXY", "", api_lines.as_str(), env_proxy(["HTTP_PROXY", "http_proxy"], "127.0.0.1"), &from_env, "/api/alerts"),
+    ];
+    for (name, poll, lines, env, expected_proxy, expected_request) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let tenant = tenant_with("contoso", &(lines.to_string() + &secret_line(CLIENT_SECRET)));
+        let config = write_config(dir.path(), poll, &tenant, &file_sink_toml("archive", &dir.path().join("a.jsonl")));
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+
+        let output = run_cli_env(&["run", "--once", "--config", config.to_str().unwrap()], &env).await;
+
+        let log = all_output(&output);
+        assert!(!output.status.success(), "{name}: {log}");
+        assert!(log.contains(expected_request), "{name}: the failed request is named: {log}");
+        assert!(log.contains(expected_proxy.as_str()), "{name}: the proxy is named: {log}");
+        assert!(log.contains("Connection refused"), "{name}: {log}");
+        assert!(log.contains("check that it is running"), "{name}: the advice is given: {log}");
+        assert!(!log.contains("proxy-pass-987"), "{name}: the proxy password stays out of the log: {log}");
+        assert!(!log.contains("proxy-user"), "{name}: the proxy user stays out of the log: {log}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let tenant = tenant_with("contoso", &(token_lines.clone() + &secret_line(CLIENT_SECRET)));
+    let config = write_config(dir.path(), &poll_proxy, &tenant, &file_sink_toml("archive", &dir.path().join("a.jsonl")));
+    let probe = run_cli(&["check-config", "--probe", "--config", config.to_str().unwrap()]).await;
+    let text = all_output(&probe);
+    assert!(!probe.status.success(), "{text}");
+    assert!(text.contains(&configured), "the probe names the proxy: {text}");
+    assert!(!text.contains("proxy-pass-987"), "the probe hides the proxy password: {text}");
+}
+
 // ---------------------------------------------------------------- pull
 
 fn pull_args<'a>(config: &'a str, output: &'a str, window: &[&'a str]) -> Vec<&'a str> {
