@@ -153,18 +153,19 @@ fn hec_full_ids(request: &common::http_server::Recorded) -> Vec<String> {
     hec_events(&request.body).iter().map(|event| full_id_of(&event["event"])).collect()
 }
 
-/// With `ack`, the events HEC accepted before the one it rejected count as
-/// delivered only after a request of their own is acknowledged: the 400
-/// carries no `ackId`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hec_ack_confirms_events_before_rejected() {
-    let event_posts = Arc::new(AtomicUsize::new(0));
-    let posts = event_posts.clone();
-    let receiver = HttpReceiver::start(move |request| match request.path.as_str() {
-        EVENT_PATH => match posts.fetch_add(1, Ordering::SeqCst) {
-            0 => Answer::new(400, r#"{"text":"Invalid data format","code":6,"invalid-event-number":5}"#),
-            n => Answer::new(200, format!(r#"{{"text":"Success","code":0,"ackId":{n}}}"#)),
-        },
+/// Starts a HEC receiver that answers the first event requests with the
+/// HTTP 400 bodies of `rejections`, in turn, and later ones with an `ackId`
+/// that its acknowledgement endpoint reports indexed at once.
+async fn hec_rejecting_then_acking(rejections: Vec<&'static str>) -> HttpReceiver {
+    let posts = AtomicUsize::new(0);
+    HttpReceiver::start(move |request| match request.path.as_str() {
+        EVENT_PATH => {
+            let n = posts.fetch_add(1, Ordering::SeqCst);
+            match rejections.get(n) {
+                Some(body) => Answer::new(400, *body),
+                None => Answer::new(200, format!(r#"{{"text":"Success","code":0,"ackId":{n}}}"#)),
+            }
+        }
         ACK_PATH => {
             let query: Value = serde_json::from_slice(&request.body).unwrap();
             let id = query["acks"][0].as_u64().unwrap();
@@ -172,7 +173,15 @@ async fn hec_ack_confirms_events_before_rejected() {
         }
         _ => Answer::new(404, ""),
     })
-    .await;
+    .await
+}
+
+/// With `ack`, the events HEC accepted before the one it rejected count as
+/// delivered only after a request of their own is acknowledged: the 400
+/// carries no `ackId`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hec_ack_confirms_events_before_rejected() {
+    let receiver = hec_rejecting_then_acking(vec![r#"{"text":"Invalid data format","code":6,"invalid-event-number":5}"#]).await;
     let (dir, output) = run_with(&hec_sink_toml(&receiver.url(), "ack = true\nack_timeout_secs = 10")).await;
     assert_dead_letters_stored(&output);
 
@@ -206,22 +215,7 @@ async fn hec_ack_resent_events_rejected_again() {
     // batch, and the sizes of the event requests.
     let cases = [(named, 2, vec![46, 5, 2, 43]), (unnamed, 0, vec![46, 5, 45])];
     for (answer, rejected, sizes) in cases {
-        let event_posts = Arc::new(AtomicUsize::new(0));
-        let posts = event_posts.clone();
-        let receiver = HttpReceiver::start(move |request| match request.path.as_str() {
-            EVENT_PATH => match posts.fetch_add(1, Ordering::SeqCst) {
-                0 => Answer::new(400, r#"{"text":"Invalid data format","code":6,"invalid-event-number":5}"#),
-                1 => Answer::new(400, answer),
-                n => Answer::new(200, format!(r#"{{"text":"Success","code":0,"ackId":{n}}}"#)),
-            },
-            ACK_PATH => {
-                let query: Value = serde_json::from_slice(&request.body).unwrap();
-                let id = query["acks"][0].as_u64().unwrap();
-                Answer::new(200, format!(r#"{{"acks":{{"{id}":true}}}}"#))
-            }
-            _ => Answer::new(404, ""),
-        })
-        .await;
+        let receiver = hec_rejecting_then_acking(vec![r#"{"text":"Invalid data format","code":6,"invalid-event-number":5}"#, answer]).await;
         let (dir, output) = run_with(&hec_sink_toml(&receiver.url(), "ack = true\nack_timeout_secs = 10")).await;
         assert_dead_letters_stored(&output);
 
