@@ -153,9 +153,9 @@ fn hec_full_ids(request: &common::http_server::Recorded) -> Vec<String> {
     hec_events(&request.body).iter().map(|event| full_id_of(&event["event"])).collect()
 }
 
-/// Starts a HEC receiver that answers the first event requests with the
-/// HTTP 400 bodies of `rejections`, in turn, and later ones with an `ackId`
-/// that its acknowledgement endpoint reports indexed at once.
+/// Starts a HEC receiver that rejects the first event requests with the
+/// HTTP 400 bodies of `rejections`, in turn, and returns an `ackId` for
+/// later ones, which its acknowledgement endpoint reports indexed at once.
 async fn hec_rejecting_then_acking(rejections: Vec<&'static str>) -> HttpReceiver {
     let posts = AtomicUsize::new(0);
     HttpReceiver::start(move |request| match request.path.as_str() {
@@ -298,6 +298,62 @@ async fn hec_sink_fault_codes_retry_batch() {
         assert!(error_lines[0].contains(&format!("code {code} \"{text}\"")), "code {code}: {log}");
         assert!(error_lines[0].contains(advice), "code {code}: {log}");
     }
+}
+
+/// Responses that are not a HEC rejection of an event, or that contradict
+/// the batch, are retried: a field of an odd type, a body cut off or not
+/// JSON, a 404 page, an event number outside the batch. None moves a
+/// detection to dead letters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hec_odd_answers_retry_batch() {
+    let huge = format!(r#"{{"text":"Incorrect index","code":7,"padding":"{}"}}"#, "x".repeat(300_000));
+    let answers: Vec<(u16, String, &str)> = vec![
+        (400, r#"{"text":"Incorrect index","code":"7","invalid-event-number":0}"#.into(), "check the sink's index key"),
+        (400, r#"{"text":"Incorrect index","code":7,"invalid-event-number":-1}"#.into(), "check the sink's index key"),
+        (400, r#"{"text":7,"code":7}"#.into(), "check the sink's index key"),
+        (400, r#"{"text":"Invalid data format","code":6,"invalid-event-number":99999999999999999999999}"#.into(), "an invalid invalid-event-number"),
+        (400, r#"{"text":"Invalid data format","code":6,"invalid-event-number":99}"#.into(), "HEC named event 99 of a batch of 46"),
+        (400, huge, "not a detection in it"),
+        (400, "<html>bad request</html>".into(), "not a detection in it"),
+        (404, "<html><body>Not Found</body></html>".into(), "check the sink's url"),
+        (405, "".into(), "check the sink's url"),
+    ];
+    for (status, body, advice) in answers {
+        let answer = body.clone();
+        let receiver = HttpReceiver::start(move |request| if request.index < 2 { Answer::new(status, answer.clone()) } else { hec_ok() }).await;
+        let (dir, output) = run_with(&hec_sink_toml(&receiver.url(), "")).await;
+        let case = &body[..body.len().min(80)];
+        assert_success(&output);
+
+        let requests = receiver.requests_to(EVENT_PATH);
+        assert_eq!(requests.len(), 3, "{status} {case}");
+        for request in &requests {
+            assert_eq!(hec_events(&request.body).len(), 46, "{status} {case}: the whole batch is sent each time");
+        }
+        assert!(dead_letters(dir.path()).is_empty(), "{status} {case}");
+        let log = stderr(&output);
+        assert!(log.contains(advice), "{status} {case}: {log}");
+    }
+}
+
+/// A HEC token with indexer acknowledgement off returns 200 without an
+/// `ackId`: the error names the fix. `"true"` as a string counts as true.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hec_ack_answers_read_leniently() {
+    let receiver = HttpReceiver::start(|request| match request.path.as_str() {
+        EVENT_PATH if request.index == 0 => hec_ok(),
+        EVENT_PATH => Answer::new(200, r#"{"text":"Success","code":0,"ackId":"3"}"#),
+        ACK_PATH => Answer::new(200, r#"{"acks":{"3":"true"}}"#),
+        _ => Answer::new(404, ""),
+    })
+    .await;
+    let (dir, output) = run_with(&hec_sink_toml(&receiver.url(), "ack = true\nack_timeout_secs = 5")).await;
+    assert_success(&output);
+    let log = stderr(&output);
+    assert!(log.contains("no ackId although ack = true"), "{log}");
+    assert!(log.contains("set ack = false on this sink"), "{log}");
+    assert_eq!(receiver.requests_to(ACK_PATH).len(), 1, "{log}");
+    assert_eq!(pending(dir.path(), "splunk"), 0);
 }
 
 /// An index that does not exist, or that the token may not write to, is no
@@ -494,21 +550,51 @@ async fn http_ndjson_body() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_client_error_dead_letters_batch() {
-    let long_body = format!("schema mismatch: {}", "x".repeat(5000));
-    let answer_body = long_body.clone();
-    let receiver = HttpReceiver::start(move |_| Answer::new(400, answer_body.clone())).await;
-    let (dir, output) = run_with(&http_sink_toml(&receiver.url(), "")).await;
-    assert_dead_letters_stored(&output);
+    for status in [400, 422] {
+        let long_body = format!("schema mismatch: {}", "x".repeat(5000));
+        let answer_body = long_body.clone();
+        let receiver = HttpReceiver::start(move |_| Answer::new(status, answer_body.clone())).await;
+        let (dir, output) = run_with(&http_sink_toml(&receiver.url(), "")).await;
+        assert_dead_letters_stored(&output);
 
-    assert_eq!(receiver.requests_to("/ingest").len(), 1, "a 400 is not retried");
-    let letters = dead_letters(dir.path());
-    assert_eq!(letters.len(), 46);
-    for letter in &letters {
-        assert_eq!(letter.sink, "collector");
-        assert!(letter.reason.starts_with("HTTP 400: schema mismatch: xxx"), "{}", letter.reason);
-        assert!(letter.reason.len() < 1100, "reason is {} bytes", letter.reason.len());
+        assert_eq!(receiver.requests_to("/ingest").len(), 1, "a {status} is not retried");
+        let letters = dead_letters(dir.path());
+        assert_eq!(letters.len(), 46);
+        for letter in &letters {
+            assert_eq!(letter.sink, "collector");
+            assert!(letter.reason.starts_with(&format!("HTTP {status}: schema mismatch: xxx")), "{}", letter.reason);
+            assert!(letter.reason.len() < 1100, "reason is {} bytes", letter.reason.len());
+        }
+        assert_eq!(pending(dir.path(), "collector"), 0);
     }
-    assert_eq!(pending(dir.path(), "collector"), 0);
+}
+
+/// A status that rejects the request (credentials, URL, body format) is the
+/// sink's to fix: the batch stays queued, with an ERROR that names the fix,
+/// instead of every detection moving to dead letters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_request_errors_keep_batch() {
+    let cases = [
+        (401, "check the sink's token or headers"),
+        (403, "check the sink's token or headers"),
+        (404, "check the sink's url"),
+        (405, "check the sink's url"),
+        (415, "check the sink's body_format and gzip"),
+        (418, "not a detection in it"),
+    ];
+    for (status, advice) in cases {
+        let receiver = HttpReceiver::start(move |_| Answer::new(status, "no")).await;
+        let (dir, output) = run_with(&http_sink_toml(&receiver.url(), "")).await;
+        assert_eq!(output.status.code(), Some(1), "{status}: {}", stderr(&output));
+
+        assert_eq!(receiver.requests_to("/ingest").len(), 5, "{status}: one request per attempt");
+        assert!(dead_letters(dir.path()).is_empty(), "{status}");
+        assert_eq!(pending(dir.path(), "collector"), 46, "{status}");
+        let log = stderr(&output);
+        assert!(log.contains(&format!("HTTP {status}: no;")), "{status}: {log}");
+        assert!(log.contains(advice), "{status}: {log}");
+        assert!(log.contains("No detection is dead-lettered for it"), "{status}: {log}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -633,14 +719,15 @@ async fn http_echoed_headers_redacted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hec_echoed_token_redacted() {
     for log_format in ["text", "json"] {
-        // 403 and 503 are retried and logged, the final 400 dead-letters the batch.
-        let receiver = HttpReceiver::start(|request| {
-            let status = match request.index {
-                0 => 403,
-                1 => 503,
-                _ => 400,
-            };
-            echo_headers(status, request)
+        // 403 and 503 are retried and logged, the final 400 with code 6
+        // dead-letters the batch.
+        let receiver = HttpReceiver::start(|request| match request.index {
+            0 => echo_headers(403, request),
+            1 => echo_headers(503, request),
+            _ => {
+                let echoed = echo_headers(400, request).body;
+                Answer::new(400, serde_json::json!({ "text": echoed, "code": 6 }).to_string())
+            }
         })
         .await;
         let dir = tempfile::tempdir().unwrap();
@@ -656,7 +743,7 @@ async fn hec_echoed_token_redacted() {
         assert!(!log.contains(HEC_TOKEN), "{log_format}: token logged: {log}");
         // A header line, then one row per detection.
         assert_eq!(letters.lines().count(), 1 + 46, "{letters}");
-        assert!(letters.contains("HTTP 400: rejected request with headers"), "{letters}");
+        assert!(letters.contains("HTTP 400: {\"text\":\"rejected request with headers"), "{letters}");
         assert!(letters.contains("authorization: [redacted]"), "{letters}");
         assert!(!letters.contains(HEC_TOKEN), "token in a dead-letter reason");
     }

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::StatusCode;
-use serde::Deserialize;
+use serde_json::Value;
 use tokio::time::Instant;
 
 use super::http::{is_retryable, Reply};
@@ -70,21 +70,45 @@ pub struct HecTransport {
 }
 
 /// The fields of a HEC response this sink reads.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default)]
 struct HecResponse {
-    #[serde(default)]
     text: Option<String>,
-    #[serde(default)]
     code: Option<u64>,
-    #[serde(default, rename = "invalid-event-number")]
-    invalid_event_number: Option<u64>,
-    #[serde(default, rename = "ackId")]
+    /// `None` without the field, `Some(None)` when it is not a number of
+    /// events (negative, fractional, beyond 64 bits or not a number).
+    invalid_event_number: Option<Option<u64>>,
     ack_id: Option<u64>,
 }
 
-#[derive(Debug, Deserialize)]
-struct AckResponse {
-    acks: std::collections::HashMap<String, bool>,
+impl HecResponse {
+    /// Reads the fields from a response body. Each field is read on its own,
+    /// and a number may also come as a string of digits, so one field of an
+    /// unexpected type does not hide the others. A body that is not a JSON
+    /// object (cut off, HTML) has none.
+    fn read(body: &[u8]) -> Self {
+        let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(body) else {
+            return Self::default();
+        };
+        let number = |value: &Value| value.as_u64().or_else(|| value.as_str()?.trim().parse().ok());
+        Self {
+            text: fields.get("text").map(|text| text.as_str().map_or_else(|| text.to_string(), str::to_string)),
+            code: fields.get("code").and_then(number),
+            invalid_event_number: fields.get("invalid-event-number").map(number),
+            ack_id: fields.get("ackId").and_then(number),
+        }
+    }
+}
+
+/// Returns whether the acknowledgement response `body` reports `ack_id`
+/// indexed, or `None` when it has no `acks` object with a boolean (or the
+/// string `true` or `false`) for it.
+fn ack_indexed(body: &[u8], ack_id: u64) -> Option<bool> {
+    let response: Value = serde_json::from_slice(body).ok()?;
+    match response.get("acks")?.get(ack_id.to_string())? {
+        Value::Bool(indexed) => Some(*indexed),
+        Value::String(text) => text.trim().parse().ok(),
+        _ => None,
+    }
 }
 
 impl HecTransport {
@@ -139,12 +163,18 @@ impl HecTransport {
     /// indexed them: with `ack`, [`Self::confirm_accepted`] confirms them.
     async fn send_request(&self, batch: &Batch) -> Result<SendOutcome, SinkError> {
         let reply = self.post(&self.event_url, bytes::Bytes::from_owner(batch.shared_bytes())).await?;
-        let parsed: HecResponse = serde_json::from_slice(&reply.body).unwrap_or_default();
+        let parsed = HecResponse::read(&reply.body);
         match reply.status {
             status if status.is_success() => match self.ack_timeout {
                 None => Ok(SendOutcome::Delivered),
                 Some(limit) => {
-                    let ack_id = parsed.ack_id.ok_or_else(|| self.bad_response(&reply, "no ackId although ack = true"))?;
+                    let ack_id = parsed.ack_id.ok_or_else(|| {
+                        self.bad_response(
+                            &self.event_url,
+                            &reply,
+                            "no ackId although ack = true; a token with indexer acknowledgement off answers so: turn it on for the token, or set ack = false on this sink",
+                        )
+                    })?;
                     self.wait_for_ack(ack_id, limit).await
                 }
             },
@@ -157,14 +187,26 @@ impl HecTransport {
             // event number: a repeat of the events before it, never a loss.
             status if is_retryable(status) => Err(reply.into_error(&self.event_url, &self.redactor)),
             StatusCode::PAYLOAD_TOO_LARGE => reply.too_large(&self.event_url, &self.redactor, batch.len(), batch.bytes().len()),
+            // HEC rejects events with 400 only. Another status, such as a
+            // 404 from a server that is not HEC, blames the request.
+            status if status != StatusCode::BAD_REQUEST => Err(reply.request_rejected(&self.event_url, &self.redactor)),
             _ => {
                 if let Some(error) = self.sink_fault(&self.event_url, &reply, &parsed) {
                     return Err(error);
                 }
                 let reason = reply.reason(&self.redactor);
-                match parsed.invalid_event_number.and_then(|n| usize::try_from(n).ok()) {
-                    Some(index) if index < batch.len() => Ok(SendOutcome::Rejected { delivered: index, reason }),
-                    _ => Ok(SendOutcome::AllRejected { reason }),
+                match (parsed.code, parsed.invalid_event_number) {
+                    (_, Some(Some(index))) if index < batch.len() as u64 => {
+                        Ok(SendOutcome::Rejected { delivered: index as usize, reason })
+                    }
+                    (_, Some(number)) => {
+                        let number = number.map_or_else(|| "an invalid invalid-event-number".to_string(), |index| format!("event {index}"));
+                        Err(self.bad_response(&self.event_url, &reply, &format!("HEC named {number} of a batch of {} as invalid", batch.len())))
+                    }
+                    (Some(_), None) => Ok(SendOutcome::AllRejected { reason }),
+                    // A 400 without a code or an event number is not a HEC
+                    // rejection: a proxy or another server sent it.
+                    (None, None) => Err(reply.request_rejected(&self.event_url, &self.redactor)),
                 }
             }
         }
@@ -233,13 +275,14 @@ impl HecTransport {
             let reply = self.post(&self.ack_url, query.clone()).await?;
             if !reply.status.is_success() {
                 // Such as code 14 "ACK is disabled", for a token without acknowledgement.
-                let parsed: HecResponse = serde_json::from_slice(&reply.body).unwrap_or_default();
+                let parsed = HecResponse::read(&reply.body);
                 let fault = if is_retryable(reply.status) { None } else { self.sink_fault(&self.ack_url, &reply, &parsed) };
                 return Err(fault.unwrap_or_else(|| reply.into_error(&self.ack_url, &self.redactor)));
             }
-            let acks: AckResponse = serde_json::from_slice(&reply.body)
-                .map_err(|_| self.bad_response(&reply, "acknowledgement response without \"acks\""))?;
-            if acks.acks.get(&ack_id.to_string()).copied().unwrap_or(false) {
+            let indexed = ack_indexed(&reply.body, ack_id).ok_or_else(|| {
+                self.bad_response(&self.ack_url, &reply, &format!("acknowledgement response without true or false for ackId {ack_id} in \"acks\""))
+            })?;
+            if indexed {
                 return Ok(SendOutcome::Delivered);
             }
             let now = Instant::now();
@@ -252,9 +295,9 @@ impl HecTransport {
         }
     }
 
-    fn bad_response(&self, reply: &Reply, what: &str) -> SinkError {
+    fn bad_response(&self, url: &str, reply: &Reply, what: &str) -> SinkError {
         SinkError::BadResponse {
-            url: crate::redact::url(&self.event_url),
+            url: crate::redact::url(url),
             status: reply.status.as_u16(),
             body: format!("{what}: {}", reply.excerpt(&self.redactor)),
         }

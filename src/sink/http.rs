@@ -106,6 +106,13 @@ impl HttpTransport {
         if is_retryable(reply.status) {
             return Err(reply.into_error(&self.url, &self.redactor));
         }
+        // 400 and 422 reject the detections sent. Other statuses reject the
+        // request (its URL, credentials or format), so the batch stays queued
+        // for the operator to fix the sink, instead of every detection
+        // moving to dead letters.
+        if !matches!(reply.status, StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY) {
+            return Err(reply.request_rejected(&self.url, &self.redactor));
+        }
         Ok(SendOutcome::AllRejected { reason: reply.reason(&self.redactor) })
     }
 }
@@ -163,6 +170,19 @@ impl Reply {
             self.reason(redactor)
         );
         Ok(SendOutcome::AllRejected { reason })
+    }
+
+    /// Returns the error for a status that rejects the request itself, not
+    /// the detections in it, with what to check for that status.
+    pub fn request_rejected(&self, url: &str, redactor: &Redactor) -> SinkError {
+        let advice = match self.status.as_u16() {
+            401 | 403 => "the receiver rejected the credentials: check the sink's token or headers",
+            407 => "the proxy requires credentials: put them in the sink's proxy_url",
+            404 | 405 | 410 | 421 => "the receiver has no endpoint for this request: check the sink's url",
+            415 => "the receiver does not take this body: check the sink's body_format and gzip",
+            _ => "the receiver rejected the request, not a detection in it: check the sink's settings and the receiver's log",
+        };
+        SinkError::RequestRejected { url: crate::redact::url(url), status: self.status.as_u16(), body: self.excerpt(redactor), advice }
     }
 
     pub fn into_error(self, url: &str, redactor: &Redactor) -> SinkError {

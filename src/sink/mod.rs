@@ -63,6 +63,10 @@ pub enum SinkError {
     HttpStatus { url: String, status: u16, body: String, retry_after: Option<Duration> },
     #[error("Splunk HEC at {url} rejected the token (HTTP {status}: {body}); check the sink's token, token_file or token_env")]
     InvalidToken { url: String, status: u16, body: String },
+    /// A status that rejects the request, not the detections in it, so
+    /// nothing is dead-lettered for it.
+    #[error("{url} returned HTTP {status}: {body}; {advice}. No detection is dead-lettered for it; the batch stays queued and is sent again")]
+    RequestRejected { url: String, status: u16, body: String, advice: &'static str },
     #[error("Splunk HEC at {url} returned an unreadable response (HTTP {status}): {body}")]
     BadResponse { url: String, status: u16, body: String },
     #[error("{url} rejected a request of {events} detections ({bytes} bytes) as too large (HTTP 413: {body}); the batch is sent again in smaller parts")]
@@ -108,7 +112,7 @@ impl SinkError {
     /// True when retrying cannot help until an operator changes something.
     pub fn needs_operator(&self) -> bool {
         match self {
-            SinkError::InvalidToken { .. } => true,
+            SinkError::InvalidToken { .. } | SinkError::RequestRejected { .. } => true,
             SinkError::HecStatus { needs_operator, .. } => *needs_operator,
             _ => false,
         }
