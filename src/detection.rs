@@ -364,6 +364,12 @@ impl Detection {
         key_text(&self.raw, &found?).map(|(text, _)| Cow::Owned(text.text(&self.raw).to_string()))
     }
 
+    /// Returns the ranges in [`Detection::raw`] of each top-level member's
+    /// name (with its quotes) and value, in order, decoding nothing.
+    pub(crate) fn raw_members(&self) -> Option<Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>> {
+        Members::new(&self.raw).ok()?.map(|member| member.ok().map(|m| (m.name, m.value))).collect()
+    }
+
     /// `FullId` as text (a number or other non-string value as its JSON text).
     pub fn full_id(&self) -> Option<Cow<'_, str>> {
         self.key_fields().full_id.as_ref().map(|id| Cow::Borrowed(id.text.text(&self.raw)))

@@ -6,12 +6,6 @@
 //! fields, which would respell numbers (`1E400` as `1e+400`) and decode
 //! escapes.
 
-use std::fmt;
-
-use serde::de::{Deserializer, MapAccess, Visitor};
-use serde::Deserialize;
-use serde_json::value::RawValue;
-
 use super::extension::safe_cut;
 use crate::detection::{compact_json, Detection};
 
@@ -39,49 +33,24 @@ struct Member {
     value_start: usize,
     protected: bool,
     /// The member is `FullId`, which a SIEM needs to match the event: the
-    /// last to be truncated or dropped.
+    /// last to be cut or dropped.
     full_id: bool,
     is_string: bool,
-}
-
-/// The top-level members of an object in document order, values unparsed.
-struct RawMembers<'a>(Vec<(String, &'a RawValue)>);
-
-impl<'de: 'a, 'a> Deserialize<'de> for RawMembers<'a> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct MembersVisitor<'a>(std::marker::PhantomData<&'a ()>);
-
-        impl<'de: 'a, 'a> Visitor<'de> for MembersVisitor<'a> {
-            type Value = RawMembers<'a>;
-
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a JSON object")
-            }
-
-            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
-                let mut members = Vec::new();
-                while let Some(entry) = map.next_entry::<String, &'a RawValue>()? {
-                    members.push(entry);
-                }
-                Ok(RawMembers(members))
-            }
-        }
-
-        deserializer.deserialize_map(MembersVisitor(std::marker::PhantomData))
-    }
 }
 
 /// Appends the detection's JSON so that the message starting at
 /// `message_start` is at most `budget` bytes. The JSON stays valid, and is
 /// left out when the header leaves no room for `{}`.
 ///
-/// Unprotected members are dropped longest first. When the protected ones
-/// still do not fit, their string values are truncated, longest first, at
-/// boundaries that split no escape or UTF-8 sequence, and then the protected
-/// members are dropped too. `FullId` comes last in both steps.
+/// Unprotected members are dropped longest first, then protected members
+/// other than `FullId`, also longest first: they are never cut, because a
+/// cut ID or time still looks valid. When `FullId` alone is too long, its
+/// string value is cut at a boundary that splits no escape or UTF-8
+/// sequence, or it is dropped when no part fits. Protected members dropped
+/// before are then put back where they fit.
 ///
-/// Returns false when a `FullId` member was truncated or dropped, or the
-/// JSON left out.
+/// Returns false when a `FullId` member was cut or dropped, or the JSON
+/// left out.
 pub(super) fn write_within(d: &Detection, out: &mut Vec<u8>, message_start: usize, budget: usize) -> bool {
     let header_len = out.len() - message_start;
     if header_len + 2 > budget {
@@ -93,19 +62,26 @@ pub(super) fn write_within(d: &Detection, out: &mut Vec<u8>, message_start: usiz
     }
     let json_budget = budget - header_len;
 
-    let mut members = members_of(d);
-    let mut total = object_len(&members);
-    let full_id_before: Vec<Vec<u8>> = members.iter().filter(|m| m.full_id).map(|m| m.text.clone()).collect();
-
-    drop_longest(&mut members, &mut total, json_budget, |m| !m.protected);
-    truncate_protected_strings(&mut members, &mut total, json_budget);
-    drop_longest(&mut members, &mut total, json_budget, |m| !m.full_id);
-    drop_longest(&mut members, &mut total, json_budget, |_| true);
-    let full_id_after: Vec<&Vec<u8>> = members.iter().filter(|m| m.full_id).map(|m| &m.text).collect();
-    let full_id_whole = full_id_after.len() == full_id_before.len() && full_id_after.iter().zip(&full_id_before).all(|(after, before)| *after == before);
+    let Some(mut members) = members_of(d) else {
+        // `Detection` holds only JSON objects, which the scanner reads, so
+        // this branch is not expected to run. `{}` keeps the message valid.
+        out.extend_from_slice(b"{}");
+        return false;
+    };
+    let mut plan = Plan::new(&members);
+    plan.drop_longest(&members, json_budget, |m| !m.protected);
+    let dropped_protected = plan.drop_longest(&members, json_budget, |m| !m.full_id);
+    let mut full_id_whole = true;
+    if plan.total > json_budget {
+        full_id_whole = false;
+        plan.cut_full_id(&mut members, json_budget);
+        plan.drop_longest(&members, json_budget, |_| true);
+    }
+    plan.put_back(&members, &dropped_protected, json_budget);
 
     out.push(b'{');
-    for (i, member) in members.iter().enumerate() {
+    let kept = members.iter().zip(&plan.kept).filter(|(_, kept)| **kept);
+    for (i, (member, _)) in kept.enumerate() {
         if i > 0 {
             out.push(b',');
         }
@@ -115,78 +91,101 @@ pub(super) fn write_within(d: &Detection, out: &mut Vec<u8>, message_start: usiz
     full_id_whole
 }
 
-fn members_of(d: &Detection) -> Vec<Member> {
-    let Ok(RawMembers(raw_members)) = serde_json::from_str::<RawMembers<'_>>(d.raw()) else {
-        // `Detection` accepts only JSON objects, so this branch is not
-        // expected to run. An empty object still keeps the message valid.
-        return Vec::new();
-    };
-    raw_members
+/// Returns the top-level members of the detection's object, read from its
+/// raw text without decoding any string, so a name such as `"\ud800"`,
+/// which no Rust string can hold, keeps its member.
+fn members_of(d: &Detection) -> Option<Vec<Member>> {
+    let raw = d.raw();
+    let members = d.raw_members()?;
+    let members = members
         .into_iter()
-        .map(|(key, value)| {
-            let mut text = serde_json::to_vec(&key).unwrap_or_default();
+        .map(|(name, value)| {
+            let name_text = &raw[name];
+            // A name spelled with escapes (`"Full\u0049d"`) is still that name.
+            let decoded = crate::detection::decode_json_string(name_text.as_bytes());
+            let key = decoded.as_deref().unwrap_or("");
+            let value_text = compact_json(&raw[value]);
+            let mut text = Vec::with_capacity(name_text.len() + 1 + value_text.len());
+            text.extend_from_slice(name_text.as_bytes());
             text.push(b':');
             let value_start = text.len();
-            text.extend_from_slice(compact_json(value.get()).as_bytes());
+            text.extend_from_slice(value_text.as_bytes());
             Member {
-                protected: PROTECTED_FIELDS.contains(&key.as_str()),
+                protected: PROTECTED_FIELDS.contains(&key),
                 full_id: key == "FullId",
-                is_string: value.get().starts_with('"'),
+                is_string: value_text.starts_with('"'),
                 text,
                 value_start,
             }
         })
-        .collect()
-}
-
-/// Length of `{` members joined by `,` `}`.
-fn object_len(members: &[Member]) -> usize {
-    2 + members.iter().map(|m| m.text.len()).sum::<usize>() + members.len().saturating_sub(1)
-}
-
-fn drop_longest(
-    members: &mut Vec<Member>,
-    total: &mut usize,
-    budget: usize,
-    may_drop: fn(&Member) -> bool,
-) {
-    while *total > budget {
-        let longest = members
-            .iter()
-            .enumerate()
-            .filter(|(_, m)| may_drop(m))
-            .max_by_key(|(_, m)| m.text.len())
-            .map(|(i, _)| i);
-        let Some(i) = longest else { return };
-        let member = members.remove(i);
-        *total -= member.text.len() + usize::from(!members.is_empty());
-    }
-}
-
-fn truncate_protected_strings(members: &mut [Member], total: &mut usize, budget: usize) {
-    let mut order: Vec<usize> = (0..members.len())
-        .filter(|&i| members[i].is_string)
         .collect();
-    // Longest first, FullId after all others.
-    order.sort_by_key(|&i| (members[i].full_id, std::cmp::Reverse(members[i].text.len())));
-    for i in order {
-        if *total <= budget {
-            return;
+    Some(members)
+}
+
+/// Which members stay, with the length of `{` the kept members joined by
+/// `,` `}`.
+struct Plan {
+    kept: Vec<bool>,
+    total: usize,
+    remaining: usize,
+}
+
+impl Plan {
+    fn new(members: &[Member]) -> Self {
+        let total = 2 + members.iter().map(|m| m.text.len()).sum::<usize>() + members.len().saturating_sub(1);
+        Self { kept: vec![true; members.len()], total, remaining: members.len() }
+    }
+
+    /// Drops members for which `may_drop` is true, longest first, until the
+    /// object fits `budget`. Returns the dropped members' indexes.
+    fn drop_longest(&mut self, members: &[Member], budget: usize, may_drop: fn(&Member) -> bool) -> Vec<usize> {
+        let mut dropped = Vec::new();
+        while self.total > budget {
+            let longest = (0..members.len())
+                .filter(|&i| self.kept[i] && may_drop(&members[i]))
+                .max_by_key(|&i| members[i].text.len());
+            let Some(i) = longest else { break };
+            self.kept[i] = false;
+            self.remaining -= 1;
+            // Each member but the only one left brings one comma with it.
+            self.total -= members[i].text.len() + usize::from(self.remaining > 0);
+            dropped.push(i);
         }
-        let member = &mut members[i];
-        // The string's content lies between the quotes at both ends.
-        let content_start = member.value_start + 1;
-        let content_len = member.text.len() - 1 - content_start;
-        let excess = *total - budget;
-        let target = content_len.saturating_sub(excess);
-        let cut = safe_cut(
-            &member.text[content_start..member.text.len() - 1],
-            target,
-            true,
-        );
-        member.text.truncate(content_start + cut);
-        member.text.push(b'"');
-        *total -= content_len - cut;
+        dropped
+    }
+
+    /// Cuts the string value of each kept `FullId` member, so the object
+    /// fits `budget` where part of the value does.
+    fn cut_full_id(&mut self, members: &mut [Member], budget: usize) {
+        for (i, member) in members.iter_mut().enumerate() {
+            if self.total <= budget || !self.kept[i] || !member.full_id || !member.is_string {
+                continue;
+            }
+            // The string's content lies between the quotes at both ends.
+            let content_start = member.value_start + 1;
+            let content_len = member.text.len() - 1 - content_start;
+            let excess = self.total - budget;
+            let cut = safe_cut(&member.text[content_start..member.text.len() - 1], content_len.saturating_sub(excess), true);
+            if cut == 0 {
+                // An empty FullId matches no detection: `drop_longest` drops it.
+                continue;
+            }
+            member.text.truncate(content_start + cut);
+            member.text.push(b'"');
+            self.total -= content_len - cut;
+        }
+    }
+
+    /// Puts back the members of `dropped` that fit `budget` again.
+    fn put_back(&mut self, members: &[Member], dropped: &[usize], budget: usize) {
+        for &i in dropped.iter().rev() {
+            let added = members[i].text.len() + usize::from(self.remaining > 0);
+            if self.total + added <= budget {
+                self.kept[i] = true;
+                self.total += added;
+                self.remaining += 1;
+            }
+        }
     }
 }
 
@@ -256,6 +255,54 @@ mod tests {
                     String::from_utf8_lossy(&out)
                 );
             }
+        }
+    }
+
+    /// A name no Rust string can hold (a lone surrogate) keeps its member
+    /// and every other one: the object is read without decoding.
+    #[test]
+    fn shortened_json_reads_surrogate_names() {
+        let raw = format!(r#"{{"AlertId":"s1","FullId":"S-fid","\ud800k":"v","Description":"{}"}}"#, "p".repeat(2000));
+        let d = Detection::from_json_text(&raw).unwrap();
+        let mut out = Vec::new();
+        let whole = write_within(&d, &mut out, 0, 480);
+        assert!(whole);
+        assert_eq!(String::from_utf8(out).unwrap(), r#"{"AlertId":"s1","FullId":"S-fid","\ud800k":"v"}"#);
+    }
+
+    /// The other protected members go before the FullId is cut, so a FullId
+    /// that fits alone arrives whole.
+    #[test]
+    fn shortened_json_drops_others_before_full_id() {
+        let full_id = "J".repeat(450);
+        let raw = format!(r#"{{"AlertId":"a1","AlertTime":"2026-12-05T00:00:00Z","LastProcessedTimeUtc":"2026-12-05T00:00:01Z","FullId":"{full_id}"}}"#);
+        let d = Detection::from_json_text(&raw).unwrap();
+        let mut out = Vec::new();
+        let whole = write_within(&d, &mut out, 0, 480);
+        assert!(whole);
+        // The two times, longest first, make room; the short AlertId stays.
+        assert_eq!(String::from_utf8(out).unwrap(), format!(r#"{{"AlertId":"a1","FullId":"{full_id}"}}"#));
+    }
+
+    /// A protected value other than the FullId is whole or absent at every
+    /// limit, and the FullId is cut only when it alone does not fit.
+    #[test]
+    fn shortened_json_never_cuts_other_protected() {
+        let raw = r#"{"AlertId":"da637370718981685665_16349121","FullId":"da637370718981685665_16349121:R4xEdgAvDb2LQl3BgHoA3NYqKmRSiIAG7dpxAJCYZhY=","AlertTime":"2020-09-30T14:09:20.9999999Z","LastProcessedTimeUtc":"2020-09-30T14:11:44.0779765Z","Title":"t"}"#;
+        let original: serde_json::Value = serde_json::from_str(raw).unwrap();
+        let d = Detection::from_json_text(raw).unwrap();
+        let full_id_alone = r#"{"FullId":""}"#.len() + original["FullId"].as_str().unwrap().len();
+        for budget in 2..raw.len() {
+            let mut out = Vec::new();
+            let whole = write_within(&d, &mut out, 0, budget);
+            let text = String::from_utf8(out).unwrap();
+            assert!(text.len() <= budget, "budget {budget}: {text}");
+            let parsed: serde_json::Value = serde_json::from_str(&text).unwrap();
+            for key in ["AlertId", "AlertTime", "LastProcessedTimeUtc"] {
+                assert!(parsed.get(key).is_none_or(|value| *value == original[key]), "budget {budget}: {text}");
+            }
+            assert_eq!(whole, budget >= full_id_alone, "budget {budget}: {text}");
+            assert_eq!(whole, parsed.get("FullId") == Some(&original["FullId"]), "budget {budget}: {text}");
         }
     }
 }
