@@ -826,23 +826,9 @@ fn dead_letters_phrase(count: usize) -> String {
     }
 }
 
-/// Escapes backslashes, control characters (tabs and line feeds included),
-/// line and paragraph separators and the invisible characters that change
-/// text direction. A hostile value thus cannot split a row, reorder its
-/// columns on a terminal, or pass for another value.
+/// Escapes a table cell; see [`crate::output::printable`].
 fn table_cell(text: &str) -> String {
-    let invisible = |c: char| {
-        matches!(c, '\u{00ad}' | '\u{061c}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
-    };
-    let mut cell = String::with_capacity(text.len());
-    for c in text.chars() {
-        if c == '\\' || c.is_control() || invisible(c) {
-            cell.extend(c.escape_default());
-        } else {
-            cell.push(c);
-        }
-    }
-    cell
+    crate::output::printable(text)
 }
 
 fn show_state(config: &Config, store: &Store) -> Result<(), crate::store::StoreError> {

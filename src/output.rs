@@ -10,6 +10,25 @@
 //! which runs until stopped, stops when a write of its stdout sink fails
 //! (see [`failure_signal`]).
 
+/// Escapes backslashes, control characters (tabs and line feeds included),
+/// line and paragraph separators and the invisible characters that change
+/// text direction. A hostile value thus cannot split a row or a log line,
+/// reorder text on a terminal, or pass for another value.
+pub fn printable(text: &str) -> String {
+    let invisible = |c: char| {
+        matches!(c, '\u{00ad}' | '\u{061c}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
+    };
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c == '\\' || c.is_control() || invisible(c) {
+            escaped.extend(c.escape_default());
+        } else {
+            escaped.push(c);
+        }
+    }
+    escaped
+}
+
 use std::io::{self, Write as _};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;

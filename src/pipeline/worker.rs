@@ -361,7 +361,7 @@ impl SinkWorker {
             self.shortened += 1;
             let lost = if outcome.full_id_cut { "full_id" } else { "optional" };
             crate::telemetry::global().metrics.add(&crate::telemetry::SHORTENED, &[("sink", &self.name), ("lost", lost)], 1.0);
-            let full_id = detection.full_id().unwrap_or_default();
+            let full_id = loggable_full_id(&detection.full_id().unwrap_or_default());
             if outcome.full_id_cut {
                 // The receiver cannot match such an event to its detection,
                 // so it is a WARN with the FullId, one line a minute per sink.
@@ -593,6 +593,19 @@ async fn wait_for_stop(mode: &mut watch::Receiver<WorkerMode>) {
     }
 }
 
+/// The longest FullId written whole to a log line, in characters.
+const LOGGED_FULL_ID_CHARS: usize = 256;
+
+/// Returns a FullId for a log line: control, line-breaking and
+/// direction-changing characters escaped, so a hostile FullId cannot forge
+/// lines, and cut after [`LOGGED_FULL_ID_CHARS`] characters with its length.
+fn loggable_full_id(full_id: &str) -> String {
+    match full_id.char_indices().nth(LOGGED_FULL_ID_CHARS) {
+        Some((end, _)) => format!("{}... ({} bytes)", crate::output::printable(&full_id[..end]), full_id.len()),
+        None => crate::output::printable(full_id),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -601,6 +614,18 @@ mod tests {
         let detection = Detection::from_json_text(raw).unwrap();
         store.enqueue_blocking("t", vec![detection], None, Utc::now()).unwrap();
         store.read_after(0, 1).unwrap().remove(0).1
+    }
+
+    /// A FullId in a log line cannot forge a line or reorder text, and a
+    /// long one is cut with its length.
+    #[test]
+    fn logged_full_id_is_escaped_and_capped() {
+        let forged = "a\n2026-12-05T00:00:00Z ERROR forged\r\u{1b}[31m\u{202e}b";
+        let logged = loggable_full_id(forged);
+        assert_eq!(logged, "a\\n2026-12-05T00:00:00Z ERROR forged\\r\\u{1b}[31m\\u{202e}b");
+        assert_eq!(loggable_full_id("da:1"), "da:1");
+        let long = "9".repeat(600);
+        assert_eq!(loggable_full_id(&long), format!("{}... (600 bytes)", "9".repeat(256)));
     }
 
     #[test]
@@ -614,6 +639,16 @@ mod tests {
         assert!(!detection.field_table_built());
         assert_eq!(field_problem(detection, true), None);
         assert!(detection.field_table_built());
+    }
+
+    /// Keeps tests that log dead-letter notices from running at once. A log
+    /// call site first reached on a thread without a subscriber, while
+    /// another thread registers it, can stay disabled for the test that
+    /// captures its log (it then missed the notice in about one run in
+    /// three).
+    fn settling_alone() -> std::sync::MutexGuard<'static, ()> {
+        static SETTLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        SETTLING.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn routed_worker(store: Arc<Store>, payload: crate::format::PayloadFormat) -> SinkWorker {
@@ -663,6 +698,7 @@ mod tests {
     /// Prepares [`broken_table_entries`] for a High-only sink of `payload`,
     /// and settles the batch as delivered.
     async fn prepare_broken_tables(payload: crate::format::PayloadFormat) -> (tempfile::TempDir, Arc<Store>, Prepared) {
+        let _settling = settling_alone();
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
         let entries = broken_table_entries(&store);
@@ -678,6 +714,7 @@ mod tests {
     /// them, not each time the batch is prepared.
     #[tokio::test]
     async fn failed_sends_dead_letter_once() {
+        let _settling = settling_alone();
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
         let entries = broken_table_entries(&store);
@@ -696,6 +733,7 @@ mod tests {
     /// and rejected again. Its detections still become one dead letter each.
     #[tokio::test]
     async fn failed_ack_stores_letters_once() {
+        let _settling = settling_alone();
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
         store.sync_cursors(&["high"]).unwrap();
