@@ -166,7 +166,7 @@ fn is_reserved_key(key: &str) -> bool {
 pub fn encode_cef(d: &Detection, options: &CefOptions, out: &mut Vec<u8>) -> u32 {
     let prefix = header_prefix(options);
     let known = KnownFields::read(d);
-    write_header(&prefix, &known, HeaderLimit::NONE, out);
+    write_header(&prefix, &known, super::HeaderLimit::NONE, out);
     write_extension(&known, out, None)
 }
 
@@ -183,7 +183,7 @@ pub(super) fn header_prefix(options: &CefOptions) -> Vec<u8> {
 /// Appends the header from `prefix` on: Device Event Class ID, Name and
 /// numeric Severity, each followed by `|`. The class ID and Name are cut to
 /// the byte counts in `limit`.
-pub(super) fn write_header(prefix: &[u8], known: &KnownFields<'_>, limit: HeaderLimit, out: &mut Vec<u8>) {
+pub(super) fn write_header(prefix: &[u8], known: &KnownFields<'_>, limit: super::HeaderLimit, out: &mut Vec<u8>) {
     out.extend_from_slice(prefix);
     let class_id = known
         .text(Field::IoaDefinitionId)
@@ -197,33 +197,9 @@ pub(super) fn write_header(prefix: &[u8], known: &KnownFields<'_>, limit: Header
     out.push(b'|');
 }
 
-/// Maximum lengths in bytes, escapes included, of the header's Device Event
-/// Class ID and Name.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct HeaderLimit {
-    pub class_id: usize,
-    pub name: usize,
-}
-
-impl HeaderLimit {
-    /// Both fields whole.
-    pub const NONE: Self = Self { class_id: usize::MAX, name: usize::MAX };
-
-    /// Limits tried in turn when the header of a shortened message leaves no
-    /// room for the FullId. The name (title) is cut in steps. The class ID
-    /// is left out only at the end, because a cut one looks like another ID.
-    pub const SHORTER: [Self; 5] = [
-        Self { class_id: usize::MAX, name: 512 },
-        Self { class_id: usize::MAX, name: 128 },
-        Self { class_id: usize::MAX, name: 32 },
-        Self { class_id: usize::MAX, name: 0 },
-        Self { class_id: 0, name: 0 },
-    ];
-}
-
 /// Appends an escaped header field, cut to at most `cap` bytes at a
 /// boundary that splits no escape or UTF-8 sequence.
-fn write_header_field(text: &str, cap: usize, out: &mut Vec<u8>) {
+pub(super) fn write_header_field(text: &str, cap: usize, out: &mut Vec<u8>) {
     let start = out.len();
     extension::escape_header(text, false, out);
     if out.len() - start > cap {

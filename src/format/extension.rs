@@ -463,14 +463,12 @@ fn utf8_sequence_len(first_byte: u8) -> usize {
 /// 1. drop optional entries, longest first, until the message fits;
 /// 2. drop identifying entries other than the FullId, from the last one,
 ///    because a cut host name or ID still looks valid;
-/// 3. when the FullId alone does not fit, start again from step 2 with the
-///    FullId among them: its value is cut at a safe boundary instead of
-///    being dropped, when part of it fits;
+/// 3. when the FullId alone does not fit, cut its value at a safe boundary,
+///    or drop it when no part of it fits;
 /// 4. put back dropped identifying entries that fit again;
 /// 5. when the fixed part alone is too long, cut it at a safe boundary.
 ///
-/// Returns true when the FullId, if any, is still whole. Returns false when
-/// the FullId entry or the fixed part had to be cut, or the FullId dropped.
+/// Returns what the shortened message kept whole.
 pub fn shorten(
     out: &mut Vec<u8>,
     message_start: usize,
@@ -478,20 +476,16 @@ pub fn shorten(
     entries: &[Entry],
     separator: u8,
     budget: usize,
-) -> bool {
+) -> Kept {
     let fixed_len = extension_start - message_start;
     let mut plan = Plan::new(entries, fixed_len);
 
     plan.drop_optional_longest_first(entries, budget);
-    // The other identifying entries are dropped before the FullId is cut.
-    // When the FullId must be cut even without them, the entries are
-    // dropped from the last one again, the FullId among them.
-    let without_optional = plan.clone();
-    plan.shrink_kept_from_last(out, entries, budget, |entry| !entry.primary);
+    let dropped = plan.drop_identifying_from_last(entries, budget);
     if plan.total > budget {
-        plan = without_optional;
-        plan.shrink_kept_from_last(out, entries, budget, |_| true);
+        plan.cut_full_id(out, entries, budget);
     }
+    plan.put_back(entries, &dropped, budget);
 
     let mut message = Vec::with_capacity(budget);
     message.extend_from_slice(&out[message_start..extension_start]);
@@ -510,18 +504,31 @@ pub fn shorten(
         message.extend_from_slice(&out[entry.value_end..entry.end]);
     }
 
-    let mut full_id_whole = entries.iter().zip(&plan.actions).all(|(entry, action)| !entry.primary || *action == Action::Keep);
+    let mut kept = Kept {
+        full_id: entries.iter().zip(&plan.actions).all(|(entry, action)| !entry.primary || *action == Action::Keep),
+        header: true,
+    };
     if message.len() > budget {
         // NOTE: only reached when the syslog and format headers alone exceed
         // the budget. The cut message is no longer valid CEF or LEEF.
         let cut = safe_cut(&message, budget, false);
         message.truncate(cut);
-        full_id_whole = false;
+        kept = Kept { full_id: false, header: false };
     }
 
     out.truncate(message_start);
     out.extend_from_slice(&message);
-    full_id_whole
+    kept
+}
+
+/// The parts of a message that [`shorten`] kept whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kept {
+    /// The FullId entry, or true when the detection has none.
+    pub full_id: bool,
+    /// The syslog and format headers, so the message is still valid CEF or
+    /// LEEF.
+    pub header: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -533,7 +540,6 @@ enum Action {
 }
 
 /// The shortening decision for each entry, with the resulting message length.
-#[derive(Clone)]
 struct Plan {
     actions: Vec<Action>,
     total: usize,
@@ -569,32 +575,48 @@ impl Plan {
         }
     }
 
-    /// Drops the kept entries for which `may_shrink` is true, from the last
-    /// one, until the message fits. The FullId is truncated instead when
-    /// part of it fits. Dropped entries that fit again are put back.
-    fn shrink_kept_from_last(&mut self, out: &[u8], entries: &[Entry], budget: usize, may_shrink: fn(&Entry) -> bool) {
+    /// Drops kept entries other than the FullId, from the last one, until
+    /// the message fits. Returns the dropped entries' indexes.
+    fn drop_identifying_from_last(&mut self, entries: &[Entry], budget: usize) -> Vec<usize> {
         let mut dropped = Vec::new();
-        for i in (0..entries.len()).rev().filter(|&i| may_shrink(&entries[i])) {
+        for i in (0..entries.len()).rev() {
             if self.total <= budget {
                 break;
             }
-            if self.actions[i] == Action::Drop {
+            if self.actions[i] == Action::Drop || entries[i].primary {
                 continue;
             }
-            let entry = &entries[i];
+            self.drop_entry(i, &entries[i]);
+            dropped.push(i);
+        }
+        dropped
+    }
+
+    /// Cuts the value of the FullId entry where part of it fits the
+    /// budget, and drops it where none does (or where it is a number).
+    fn cut_full_id(&mut self, out: &[u8], entries: &[Entry], budget: usize) {
+        for (i, entry) in entries.iter().enumerate().rev() {
+            if self.total <= budget {
+                break;
+            }
+            if self.actions[i] == Action::Drop || !entry.primary {
+                continue;
+            }
             let excess = self.total - budget;
             let value = &out[entry.value_start..entry.value_end];
             let cut = safe_cut(value, value.len().saturating_sub(excess), false);
-            if entry.primary && !entry.whole && excess < value.len() && cut > 0 {
+            if !entry.whole && excess < value.len() && cut > 0 {
                 self.actions[i] = Action::Truncate(cut);
                 self.total -= value.len() - cut;
-                break;
+            } else {
+                self.drop_entry(i, entry);
             }
-            self.drop_entry(i, entry);
-            dropped.push(i);
         }
-        // Dropping a long whole entry may free more room than was missing,
-        // so identifying entries dropped before it may fit again.
+    }
+
+    /// Puts back the `dropped` entries that fit again: dropping a long
+    /// entry may free more room than was missing.
+    fn put_back(&mut self, entries: &[Entry], dropped: &[usize], budget: usize) {
         for &i in dropped.iter().rev() {
             let added = entries[i].len() + usize::from(self.remaining > 0);
             if self.total + added <= budget {

@@ -92,7 +92,7 @@ fn is_identifying_field(field: Field) -> bool {
 pub fn encode_leef(d: &Detection, options: &LeefOptions, out: &mut Vec<u8>) -> u32 {
     let prefix = header_prefix(options);
     let known = KnownFields::read(d);
-    write_header(&prefix, &known, out);
+    write_header(&prefix, &known, super::HeaderLimit::NONE, out);
     write_attributes(&known, out, None)
 }
 
@@ -107,9 +107,9 @@ pub(super) fn header_prefix(options: &LeefOptions) -> Vec<u8> {
 }
 
 /// Appends the header from `prefix` on: the EventID (`IoaDefinitionId`, else
-/// `ThreatName`, else `Category`, at most 255 characters) and the delimiter
-/// field `x09`.
-pub(super) fn write_header(prefix: &[u8], known: &KnownFields<'_>, out: &mut Vec<u8>) {
+/// `ThreatName`, else `Category`, at most 255 characters, and at most
+/// `limit.class_id` bytes) and the delimiter field `x09`.
+pub(super) fn write_header(prefix: &[u8], known: &KnownFields<'_>, limit: super::HeaderLimit, out: &mut Vec<u8>) {
     out.extend_from_slice(prefix);
     let event_id = known
         .text(Field::IoaDefinitionId)
@@ -120,7 +120,12 @@ pub(super) fn write_header(prefix: &[u8], known: &KnownFields<'_>, out: &mut Vec
         .char_indices()
         .nth(MAX_EVENT_ID_CHARS)
         .map_or(event_id.len(), |(i, _)| i);
+    let start = out.len();
     extension::escape_header(&event_id[..end], true, out);
+    if out.len() - start > limit.class_id {
+        let cut = extension::safe_cut(&out[start..], limit.class_id, false);
+        out.truncate(start + cut);
+    }
     out.extend_from_slice(b"|x09|");
 }
 

@@ -34,6 +34,35 @@ pub use json::encode_json;
 pub use leef::{encode_leef, LeefOptions};
 pub use syslog::{syslog_severity, Facility, FacilityError};
 
+/// Maximum lengths in bytes, escapes included, of the header fields taken
+/// from a detection: the CEF Device Event Class ID (the LEEF EventID) and
+/// the CEF Name.
+#[derive(Clone, Copy, Debug)]
+struct HeaderLimit {
+    class_id: usize,
+    name: usize,
+}
+
+impl HeaderLimit {
+    /// Both fields whole.
+    const NONE: Self = Self { class_id: usize::MAX, name: usize::MAX };
+
+    /// CEF limits tried in turn when the header of a shortened message
+    /// leaves no room for the FullId. The name (title) is cut in steps. The
+    /// class ID is left out only at the end, because a cut one looks like
+    /// another ID.
+    const CEF_SHORTER: [Self; 5] = [
+        Self { class_id: usize::MAX, name: 512 },
+        Self { class_id: usize::MAX, name: 128 },
+        Self { class_id: usize::MAX, name: 32 },
+        Self { class_id: usize::MAX, name: 0 },
+        Self { class_id: 0, name: 0 },
+    ];
+
+    /// The LEEF limit tried next: the EventID is left out.
+    const LEEF_SHORTER: [Self; 1] = [Self { class_id: 0, name: usize::MAX }];
+}
+
 /// The payload inside each message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -146,7 +175,7 @@ impl Encoder {
         let message_start = out.len();
         self.header.write(d, now, out);
         let payload_start = out.len();
-        let dropped_keys = self.write_payload(d, out, None, cef::HeaderLimit::NONE);
+        let dropped_keys = self.write_payload(d, out, None, HeaderLimit::NONE);
 
         let mut shortened = false;
         let mut full_id_cut = false;
@@ -170,14 +199,14 @@ impl Encoder {
         }
     }
 
-    /// Appends the payload, with the CEF header's class ID and name cut to
+    /// Appends the payload, with the CEF or LEEF header fields cut to
     /// `header_limit`.
     fn write_payload(
         &self,
         d: &Detection,
         out: &mut Vec<u8>,
         entries: Option<&mut Vec<extension::Entry>>,
-        header_limit: cef::HeaderLimit,
+        header_limit: HeaderLimit,
     ) -> u32 {
         match self.payload {
             PayloadFormat::Cef => {
@@ -187,7 +216,7 @@ impl Encoder {
             }
             PayloadFormat::Leef => {
                 let known = known::KnownFields::read(d);
-                leef::write_header(&self.payload_prefix, &known, out);
+                leef::write_header(&self.payload_prefix, &known, header_limit, out);
                 leef::write_attributes(&known, out, entries)
             }
             PayloadFormat::Json => {
@@ -214,7 +243,7 @@ impl Encoder {
         };
         let payload_start = out.len();
         let mut entries = Vec::new();
-        let mut attempt = |out: &mut Vec<u8>, header_limit: cef::HeaderLimit| {
+        let mut attempt = |out: &mut Vec<u8>, header_limit: HeaderLimit| {
             out.truncate(payload_start);
             entries.clear();
             self.write_payload(d, out, Some(&mut entries), header_limit);
@@ -223,20 +252,27 @@ impl Encoder {
             let extension_start = entries.first().map_or(out.len(), |e| e.start());
             extension::shorten(out, message_start, extension_start, &entries, separator, budget)
         };
-        if attempt(out, cef::HeaderLimit::NONE) {
-            return true;
-        }
-        // A long title or class ID in the CEF header can leave no room for
-        // the FullId, so those two are cut before the FullId is. When the
-        // FullId does not fit even so, the header stays whole.
-        if self.payload == PayloadFormat::Cef {
-            for header_limit in cef::HeaderLimit::SHORTER {
-                if attempt(out, header_limit) {
-                    return true;
-                }
+        // A long title or class ID in the header can leave no room for the
+        // FullId, so those are cut before the FullId is.
+        let shorter: &[HeaderLimit] = match self.payload {
+            PayloadFormat::Cef => &HeaderLimit::CEF_SHORTER,
+            _ => &HeaderLimit::LEEF_SHORTER,
+        };
+        let limits = std::iter::once(HeaderLimit::NONE).chain(shorter.iter().copied());
+        // When the FullId does not fit even so, the message keeps the first
+        // (longest) header that leaves it valid, with as much of the
+        // identifying pairs and the FullId as fits after it.
+        let mut fallback = None;
+        for header_limit in limits {
+            let kept = attempt(out, header_limit);
+            if kept.full_id {
+                return true;
             }
-            attempt(out, cef::HeaderLimit::NONE);
+            if kept.header && fallback.is_none() {
+                fallback = Some(header_limit);
+            }
         }
+        attempt(out, fallback.unwrap_or(HeaderLimit::NONE));
         false
     }
 
@@ -694,7 +730,7 @@ mod tests {
     }
 
     #[test]
-    fn udp_shortening_truncates_last_kept_value() {
+    fn udp_shortening_gives_full_id_room() {
         let d = detection(&format!(
             r#"{{"AlertId":"a","FullId":"{}"}}"#,
             "使".repeat(100)
@@ -704,7 +740,9 @@ mod tests {
         let (out, _) = encode(o, &d);
         let text = String::from_utf8(out).unwrap();
         assert!(text.len() <= 120, "{} bytes", text.len());
-        assert!(text.contains("externalId=a cs3=使"), "{text}");
+        // The FullId gets all the room: a longer part of it matches better
+        // than the AlertId beside a shorter one.
+        assert!(text.contains("|5|cs3=使"), "{text}");
         assert!(text.ends_with(" cs3Label=FullId"), "{text}");
     }
 
@@ -1003,6 +1041,38 @@ mod tests {
             assert_eq!(broken_escape(text.as_bytes()), None, "{text}");
             assert_eq!(unescaped_pipes(&text), 7, "header fields: {text}");
         }
+    }
+
+    /// A LEEF EventID too long for the datagram is left out of the header,
+    /// so the FullId still arrives.
+    #[test]
+    fn long_leef_event_id_left_out() {
+        let d = detection(&serde_json::json!({ "IoaDefinitionId": "𝄞".repeat(255), "FullId": "C-fid", "Severity": "High" }).to_string());
+        let mut o = options(PayloadFormat::Leef, HeaderFormat::Rfc5424, Framing::Newline);
+        o.max_message_bytes = Some(1024);
+        let (out, outcome) = encode(o, &d);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.len() <= 1024, "{} bytes", text.len());
+        assert!(!outcome.full_id_cut, "{text}");
+        assert!(text.contains("|2.0||x09|"), "{text}");
+        assert!(has_whole_full_id(PayloadFormat::Leef, &text, "C-fid"), "{text}");
+    }
+
+    /// When the FullId alone is too long, the message still keeps a valid
+    /// CEF header and the start of the FullId, instead of a header cut off.
+    #[test]
+    fn doomed_full_id_keeps_valid_header() {
+        let full_id = "F".repeat(3000);
+        let d = detection(&serde_json::json!({ "AlertTitle": "T".repeat(3000), "FullId": full_id, "AlertId": "a-1", "Severity": "High" }).to_string());
+        let mut o = options(PayloadFormat::Cef, HeaderFormat::Rfc5424, Framing::Newline);
+        o.max_message_bytes = Some(2048);
+        let (out, outcome) = encode(o, &d);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.len() <= 2048, "{} bytes", text.len());
+        assert!(outcome.full_id_cut);
+        assert_eq!(unescaped_pipes(&text), 7, "{text}");
+        assert!(text.contains("|8|cs3=FFFF"), "{text}");
+        assert!(text.len() > 2000, "the FullId fills the datagram: {} bytes", text.len());
     }
 
     #[test]
