@@ -121,6 +121,20 @@ fn invalid_values_name_key_and_fix() {
 /// A second sink of type http, so that sink errors are checked at index 1.
 const HTTP_SINK: &str = "\n[[sink]]\nname = \"collector\"\ntype = \"http\"\nurl = \"https://collector.example/ingest\"\n";
 
+/// A header given as a string instead of a table names the key and type,
+/// but not the value, which holds a secret such as a bearer token.
+#[test]
+fn type_errors_hide_secret_values() {
+    let text = format!("{BASE}{HTTP_SINK}headers = \"Authorization: Bearer file-s3cret\"\n");
+    let err = load(&text, &[]).unwrap_err();
+    assert!(err.contains("sink[1].headers"), "{err}");
+    assert!(err.contains("expected a map"), "{err}");
+    assert!(!err.contains("file-s3cret"), "{err}");
+    let err = load(&format!("{BASE}{HTTP_SINK}"), &[("MDE_FORWARDER__SINK__COLLECTOR__HEADERS", "Authorization: Bearer env-s3cret")]).unwrap_err();
+    assert!(err.contains("MDE_FORWARDER__SINK__COLLECTOR__HEADERS"), "{err}");
+    assert!(!err.contains("env-s3cret"), "{err}");
+}
+
 #[test]
 fn type_errors_name_key_and_type() {
     let tenant = |line: &str| BASE.replace("region = \"eu\"", &format!("region = \"eu\"\n{line}"));

@@ -27,12 +27,48 @@ pub(super) fn keyed_error(merged: &config::Config, error: config::ConfigError, o
     };
     let located = sink_index(&key).and_then(|index| locate_in_sink(merged, index));
     let (key, message) = located.unwrap_or_else(|| (key, error_message(&error)));
+    let message = if may_hold_secret(&key) { without_string_value(&message) } else { message };
     let variable = overrides.iter().find(|(overridden, _)| key_within(&key, overridden));
     let message = match variable {
         Some((_, variable)) => format!("{message} (set by the environment variable {variable})"),
         None => message,
     };
     ConfigError::Invalid { key, message }
+}
+
+/// True for a key whose value may be a secret: a token, a client secret, a
+/// password, a header (`Authorization`) or a proxy URL with credentials.
+fn may_hold_secret(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["secret", "token", "password", "header", "proxy"].iter().any(|word| key.contains(word))
+}
+
+/// Replaces the quoted value of serde's `string "..."` in `message` with
+/// `a string`, so an error about a secret's type does not print the secret.
+fn without_string_value(message: &str) -> String {
+    let Some(start) = message.find("string \"") else {
+        return message.to_string();
+    };
+    let value_start = start + "string \"".len();
+    // The value is written with Rust's escapes, so `\"` does not end it.
+    let mut escaped = false;
+    let end = message[value_start..].char_indices().find_map(|(i, c)| match (escaped, c) {
+        (true, _) => {
+            escaped = false;
+            None
+        }
+        (false, '\\') => {
+            escaped = true;
+            None
+        }
+        (false, '"') => Some(value_start + i + 1),
+        _ => None,
+    });
+    match end {
+        Some(end) => format!("{}a string{}", &message[..start], &message[end..]),
+        // A value cut off: nothing after it is kept.
+        None => format!("{}a string", &message[..start]),
+    }
 }
 
 fn error_key(error: &config::ConfigError) -> Option<String> {
@@ -131,4 +167,19 @@ fn to_toml(value: &config::Value) -> Option<Toml> {
         ValueKind::Array(items) => Toml::Array(items.iter().filter_map(to_toml).collect()),
     };
     Some(converted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_string_values_hidden() {
+        let message = r#"invalid type: string "Authorization: Bearer s3\"cret", expected a map"#;
+        assert_eq!(without_string_value(message), "invalid type: a string, expected a map");
+        assert_eq!(without_string_value("invalid type: map, expected a string"), "invalid type: map, expected a string");
+        assert!(may_hold_secret("sink[0].headers"));
+        assert!(may_hold_secret("tenant[1].client_secret"));
+        assert!(!may_hold_secret("sink[0].max_datagram_bytes"));
+    }
 }
