@@ -60,8 +60,8 @@ pub async fn run(state_dir: PathBuf, interval_secs: u64, add_every_secs: u64, st
     let failure = crate::output::failure_signal();
     let result = crate::cli::run_config(&config, Mode::Daemon, stop_on_output_failure(stop)).await.map(drop);
     emulator.shutdown().await;
-    let _ = std::fs::remove_dir_all(&state_dir);
-    result.map_err(|e| without_next_run(&e))?;
+    let removed = std::fs::remove_dir_all(&state_dir).is_ok();
+    result.map_err(|e| if removed { without_next_run(&e) } else { e })?;
     // A closed pipe ends the demo as a success, as it ends the other commands.
     let failed = failure.borrow().clone();
     match failed {

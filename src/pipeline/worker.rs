@@ -361,14 +361,14 @@ impl SinkWorker {
             self.shortened += 1;
             let lost = if outcome.full_id_cut { "full_id" } else { "optional" };
             crate::telemetry::global().metrics.add(&crate::telemetry::SHORTENED, &[("sink", &self.name), ("lost", lost)], 1.0);
-            let full_id = loggable_full_id(&detection.full_id().unwrap_or_default());
+            let full_id = || loggable_full_id(&detection.full_id().unwrap_or_default());
             if outcome.full_id_cut {
                 // The receiver cannot match such an event to its detection,
                 // so it is a WARN with the FullId, one line a minute per sink.
                 if let Some(suppressed) = crate::telemetry::should_log(&format!("full id cut {}", self.name)) {
                     tracing::warn!(
                         sink = %self.name,
-                        full_id = %full_id,
+                        full_id = %full_id(),
                         shortened_total = self.shortened,
                         suppressed,
                         "event shortened to fit max_datagram_bytes lost its FullId; raise max_datagram_bytes or use TCP or TLS"
@@ -377,7 +377,7 @@ impl SinkWorker {
             } else {
                 tracing::debug!(
                     sink = %self.name,
-                    full_id = %full_id,
+                    full_id = %full_id(),
                     shortened_total = self.shortened,
                     "event shortened to fit the maximum message size"
                 );

@@ -157,7 +157,11 @@ impl Telemetry {
                     }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "cannot list the sink cursors for /metrics"),
+            Err(e) => {
+                if let Some(suppressed) = should_log(&format!("cursor list: {e}")) {
+                    tracing::warn!(error = %e, suppressed, "cannot list the sink cursors for /metrics");
+                }
+            }
         }
         self.metrics.clear(&OUTBOX_PENDING);
         self.metrics.clear(&OUTBOX_OLDEST_AGE);
