@@ -122,7 +122,7 @@ fn invalid_values_name_key_and_fix() {
 const HTTP_SINK: &str = "\n[[sink]]\nname = \"collector\"\ntype = \"http\"\nurl = \"https://collector.example/ingest\"\n";
 
 /// A header given as a string instead of a table names the key and type,
-/// but not the value, which holds a secret such as a bearer token.
+/// but not the value, which contains a secret such as a bearer token.
 #[test]
 fn type_errors_hide_secret_values() {
     let text = format!("{BASE}{HTTP_SINK}headers = \"Authorization: Bearer file-s3cret\"\n");
