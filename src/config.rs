@@ -737,7 +737,59 @@ impl SinkCommon {
     }
 }
 
+/// The fewest bytes a UDP datagram must have left after its syslog and
+/// format headers: room for a FullId of about 90 characters with its key.
+const MIN_ROOM_FOR_FIELDS: usize = 128;
+
 impl SyslogSinkConfig {
+    /// Returns the encoder options of this sink.
+    pub fn encoder_options(&self) -> crate::format::EncoderOptions {
+        let common = &self.common;
+        let cef = crate::format::CefOptions {
+            vendor: common.cef_vendor.clone(),
+            product: common.cef_product.clone(),
+            version: common.cef_version.clone(),
+        };
+        let leef = crate::format::LeefOptions {
+            vendor: common.cef_vendor.clone(),
+            product: common.cef_product.clone(),
+            version: common.cef_version.clone(),
+        };
+        crate::format::EncoderOptions {
+            payload: self.format,
+            header: self.header,
+            framing: self.framing(),
+            facility: self.facility,
+            hostname: self.hostname.clone().unwrap_or_else(crate::pipeline::local_hostname),
+            app_name: "mde-forwarder".into(),
+            cef,
+            leef,
+            max_message_bytes: (self.protocol == Protocol::Udp).then_some(self.max_datagram_bytes.min(MAX_DATAGRAM_BYTES)),
+        }
+    }
+
+    /// Rejects a UDP datagram size that the syslog and format headers alone
+    /// nearly fill: every message would lose its FullId.
+    fn check_room_for_fields(&self, key: &str) -> Result<(), ConfigError> {
+        let options = self.encoder_options();
+        let Some(max) = options.max_message_bytes else {
+            return Ok(());
+        };
+        let mut fixed = Vec::new();
+        let empty = crate::detection::Detection::from_checked_string("{}".to_string());
+        crate::format::Encoder::new(crate::format::EncoderOptions { max_message_bytes: None, ..options }).encode(&empty, chrono::Utc::now(), &mut fixed);
+        if fixed.len() + MIN_ROOM_FOR_FIELDS <= max {
+            return Ok(());
+        }
+        Err(invalid(
+            format!("{key}.max_datagram_bytes"),
+            format!(
+                "{max} bytes leave less than {MIN_ROOM_FOR_FIELDS} for a detection's fields after the {} bytes of the syslog and format headers, so every message would lose its FullId; raise max_datagram_bytes or shorten cef_vendor, cef_product, cef_version or hostname",
+                fixed.len()
+            ),
+        ))
+    }
+
     fn validate(&self, key: &str) -> Result<(), ConfigError> {
         if self.address.parse::<std::net::SocketAddr>().is_err() && !self.address.contains(':') {
             return Err(invalid(
@@ -747,6 +799,7 @@ impl SyslogSinkConfig {
         }
         if self.protocol == Protocol::Udp {
             check_datagram_size(&format!("{key}.max_datagram_bytes"), self.max_datagram_bytes)?;
+            self.check_room_for_fields(key)?;
         }
         match (self.protocol, self.framing) {
             (Protocol::Tcp | Protocol::Tls, Some(Framing::None)) => {

@@ -223,6 +223,26 @@ fn datagram_size_loads_off_udp() {
     assert!(load(&syslog("udp", "max_datagram_bytes = 8192"), &[]).is_ok(), "udp takes the key");
 }
 
+/// Headers that leave a UDP datagram no room for a FullId are a config
+/// error, not a stream of messages that all lose it.
+#[test]
+fn datagram_without_room_rejected() {
+    let udp = |lines: &str| BASE.replace("type = \"syslog\"", &format!("type = \"syslog\"\nprotocol = \"udp\"\n{lines}"));
+    let vendor = "V".repeat(600);
+    for format in ["cef", "leef"] {
+        let err = load(&udp(&format!("format = \"{format}\"\nmax_datagram_bytes = 480\ncef_vendor = \"{vendor}\"")), &[]).unwrap_err();
+        assert!(err.contains("`sink[0].max_datagram_bytes`"), "{format}: {err}");
+        assert!(err.contains("shorten cef_vendor"), "{format}: {err}");
+        assert!(load(&udp(&format!("format = \"{format}\"\nmax_datagram_bytes = 2048\ncef_vendor = \"{vendor}\"")), &[]).is_ok(), "{format}: a larger datagram has room");
+    }
+    // JSON has no vendor in its header.
+    assert!(load(&udp(&format!("format = \"json\"\nmax_datagram_bytes = 480\ncef_vendor = \"{vendor}\"")), &[]).is_ok());
+    let host = "h".repeat(300);
+    let err = load(&udp(&format!("max_datagram_bytes = 480\nhostname = \"{host}\"")), &[]).unwrap_err();
+    assert!(err.contains("`sink[0].max_datagram_bytes`"), "{err}");
+    assert!(load(&udp("max_datagram_bytes = 480"), &[]).is_ok(), "a usual header leaves room");
+}
+
 #[test]
 fn datagram_size_unknown_off_syslog() {
     let http = BASE.replace(

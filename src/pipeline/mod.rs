@@ -146,17 +146,7 @@ pub fn build_sink(key: &str, sink: &SinkConfig) -> Result<(Transport, EventEncod
                     "max_datagram_bytes applies only to protocol = \"udp\" and is ignored: TCP and TLS never shorten a message; remove the key"
                 );
             }
-            let options = EncoderOptions {
-                payload: s.format,
-                header: s.header,
-                framing: s.framing(),
-                facility: s.facility,
-                hostname: s.hostname.clone().unwrap_or_else(local_hostname),
-                app_name: "mde-forwarder".into(),
-                cef,
-                leef,
-                max_message_bytes: udp.then_some(s.max_datagram_bytes.min(crate::config::MAX_DATAGRAM_BYTES)),
-            };
+            let options = s.encoder_options();
             let transport = match s.protocol {
                 Protocol::Udp => Transport::Udp(UdpTransport::new(s.address.clone())),
                 Protocol::Tcp => Transport::Stream(StreamTransport::new(s.address.clone(), None, connect, write)),
