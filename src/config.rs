@@ -737,7 +737,7 @@ impl SinkCommon {
     }
 }
 
-/// The fewest bytes a UDP datagram must have left after its syslog and
+/// The minimum number of bytes a UDP datagram must have left after its syslog and
 /// format headers: room for a FullId of about 90 characters with its key.
 const MIN_ROOM_FOR_FIELDS: usize = 128;
 

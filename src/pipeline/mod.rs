@@ -272,7 +272,7 @@ fn start(config: &Config, store: &Arc<Store>, mode: Mode, stop: watch::Receiver<
         tracing::warn!(
             sink = %sink,
             pending,
-            "sink no longer configured, but detections are pending for it; they stay queued (and count towards max_outbox_bytes) until a sink of this name is configured again, or `state drop-sink --sink NAME` drops them. To rename a sink, let it catch up first"
+            "sink no longer configured, but detections are pending for it; they stay queued, with every detection queued after them, and count towards max_outbox_bytes until a sink of this name is configured again or `state drop-sink --sink NAME` drops them. To rename a sink, let it catch up first"
         );
     }
     crate::telemetry::global().configure(config);
