@@ -26,10 +26,31 @@ pub const ENV_PREFIX: &str = "MDE_FORWARDER__";
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
     Read { path: PathBuf, source: config::ConfigError },
+    #[error("invalid TOML in config file {path}: {message}")]
+    Syntax { path: PathBuf, message: String },
     #[error("invalid config: {}", tidy_path(&.0.to_string()))]
     Parse(config::ConfigError),
     #[error("invalid config key `{key}`: {message}")]
     Invalid { key: String, message: String },
+}
+
+/// Returns the TOML syntax error of the file at `path` with its line and
+/// column, which the `config` crate's error leaves out, or `None` when the
+/// file cannot be read or parses. The line's text is left out, because it
+/// may contain a secret.
+fn toml_syntax_error(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let error = toml::from_str::<toml::Table>(&text).err()?;
+    let message = error.message().trim_end();
+    match error.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            Some(format!("{message} at line {line}, column {column}"))
+        }
+        None => Some(message.to_string()),
+    }
 }
 
 /// Rejects a number outside `min..=max`; durations far beyond any sensible
@@ -1045,10 +1066,10 @@ impl Config {
 
     pub fn load_with_env(path: &Path, env: &[(String, String)]) -> Result<Self, ConfigError> {
         let file = config::File::from(path).format(config::FileFormat::Toml).required(true);
-        let base = config::Config::builder()
-            .add_source(file)
-            .build()
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let base = config::Config::builder().add_source(file).build().map_err(|source| match toml_syntax_error(path) {
+            Some(message) => ConfigError::Syntax { path: path.to_path_buf(), message },
+            None => ConfigError::Read { path: path.to_path_buf(), source },
+        })?;
         let mut builder = config::Config::builder().add_source(base.clone());
         let mut overrides = Vec::new();
         for (name, value) in env {

@@ -121,6 +121,20 @@ fn invalid_values_name_key_and_fix() {
 /// A second sink of type http, so that sink errors are checked at index 1.
 const HTTP_SINK: &str = "\n[[sink]]\nname = \"collector\"\ntype = \"http\"\nurl = \"https://collector.example/ingest\"\n";
 
+/// A TOML syntax error names its line and column, and not the line's text,
+/// which may contain a secret.
+#[test]
+fn syntax_errors_name_line_not_text() {
+    let text = format!("{BASE}\n[poll]\ninterval_secs = 99999999999999999999999\n");
+    let err = load(&text, &[]).unwrap_err();
+    let line = text.lines().position(|l| l.starts_with("interval_secs")).unwrap() + 1;
+    assert!(err.contains(&format!("at line {line}, column 17")), "{err}");
+    let text = format!("{BASE}\nclient_secret = \"unterminated-s3cret\n");
+    let err = load(&text, &[]).unwrap_err();
+    assert!(err.contains("invalid TOML"), "{err}");
+    assert!(!err.contains("unterminated-s3cret"), "{err}");
+}
+
 /// A header given as a string instead of a table names the key and type,
 /// but not the value, which contains a secret such as a bearer token.
 #[test]
