@@ -303,6 +303,7 @@ fn start(config: &Config, store: &Arc<Store>, mode: Mode, stop: watch::Receiver<
             encoder,
             routing: common.clone(),
             shortened: 0,
+            unreported_shortened: [0; 2],
             receiver_max_batch_bytes: None,
             batch_size: common.batch_size,
             retry_initial: Duration::from_millis(common.retry_initial_ms),

@@ -106,6 +106,9 @@ pub struct SinkWorker {
     pub(crate) routing: SinkCommon,
     /// Messages shortened to fit `max_datagram_bytes` since start.
     pub(crate) shortened: u64,
+    /// Shortened messages not yet added to the metric, with the FullId
+    /// whole and cut: the metric is updated once per batch.
+    pub(crate) unreported_shortened: [u64; 2],
     /// The largest batch part the receiver accepted after it rejected a
     /// larger batch as too large (HTTP 413). Later batches stay within it
     /// until the worker restarts (a reload or a restart of the daemon).
@@ -329,7 +332,19 @@ impl SinkWorker {
                 Added::BatchFull => break,
             }
         }
+        self.report_shortened();
         prepared
+    }
+
+    /// Adds the messages shortened since the last call to the metric.
+    fn report_shortened(&mut self) {
+        let metrics = &crate::telemetry::global().metrics;
+        for (count, lost) in self.unreported_shortened.iter_mut().zip(["optional", "full_id"]) {
+            if *count > 0 {
+                metrics.add(&crate::telemetry::SHORTENED, &[("sink", &self.name), ("lost", lost)], *count as f64);
+                *count = 0;
+            }
+        }
     }
 
     /// Returns whether this sink's routing takes the detection.
@@ -359,8 +374,7 @@ impl SinkWorker {
         }
         if outcome.shortened {
             self.shortened += 1;
-            let lost = if outcome.full_id_cut { "full_id" } else { "optional" };
-            crate::telemetry::global().metrics.add(&crate::telemetry::SHORTENED, &[("sink", &self.name), ("lost", lost)], 1.0);
+            self.unreported_shortened[usize::from(outcome.full_id_cut)] += 1;
             let full_id = || loggable_full_id(&detection.full_id().unwrap_or_default());
             if outcome.full_id_cut {
                 // The receiver cannot match such an event to its detection,
@@ -616,6 +630,43 @@ mod tests {
         store.read_after(0, 1).unwrap().remove(0).1
     }
 
+    /// Shortened messages reach the metric once per prepared batch, by
+    /// whether their FullId arrived whole.
+    #[test]
+    fn shortened_messages_counted_per_batch() {
+        use crate::format::{CefOptions, EncoderOptions, Facility, Framing, HeaderFormat, LeefOptions};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let texts = [
+            format!(r#"{{"FullId":"s:1","Severity":"High","Description":"{}"}}"#, "d".repeat(2000)),
+            format!(r#"{{"FullId":"s:2{}","Severity":"High"}}"#, "9".repeat(2000)),
+            r#"{"FullId":"s:3","Severity":"High"}"#.to_string(),
+        ];
+        let detections = texts.iter().map(|text| Detection::from_json_text(text).unwrap()).collect();
+        store.enqueue_blocking("t", detections, None, Utc::now()).unwrap();
+        let mut worker = routed_worker(store.clone(), crate::format::PayloadFormat::Cef);
+        worker.name = "shortening-metric".into();
+        worker.encoder = EventEncoder::Wire(Encoder::new(EncoderOptions {
+            payload: crate::format::PayloadFormat::Cef,
+            header: HeaderFormat::None,
+            framing: Framing::None,
+            facility: Facility::LOCAL0,
+            hostname: "collector01".to_owned(),
+            app_name: "mde-forwarder".to_owned(),
+            cef: CefOptions::default(),
+            leef: LeefOptions::default(),
+            max_message_bytes: Some(480),
+        }));
+        let entries = store.read_after(0, 10).unwrap();
+        let prepared = worker.prepare(&entries, &mut Batch::default());
+        assert_eq!(prepared.message_entries, [0, 1, 2]);
+        let metrics = &crate::telemetry::global().metrics;
+        let count = |lost| metrics.value(&crate::telemetry::SHORTENED, &[("sink", "shortening-metric"), ("lost", lost)]);
+        assert_eq!(count("optional"), Some(1.0));
+        assert_eq!(count("full_id"), Some(1.0));
+        assert_eq!(worker.unreported_shortened, [0, 0]);
+    }
+
     /// A FullId in a log line cannot forge a line or reorder text, and a
     /// long one is cut with its length.
     #[test]
@@ -672,6 +723,7 @@ mod tests {
             encoder: EventEncoder::Wire(encoder),
             routing,
             shortened: 0,
+            unreported_shortened: [0; 2],
             receiver_max_batch_bytes: None,
             batch_size: 10,
             retry_initial: Duration::from_millis(10),
