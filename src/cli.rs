@@ -546,6 +546,9 @@ async fn check_config(path: &Path, probe: bool) -> ExitCode {
         }
     };
     for (i, sink) in config.sinks.iter().enumerate() {
+        for warning in crate::pipeline::sink_warnings(sink) {
+            eprintln!("warning: sink {}: {warning}", sink.name());
+        }
         // Reads the TLS, token and header files, which validation alone does not.
         if let Err(e) = crate::pipeline::build_sink(&format!("sink[{i}]"), sink) {
             eprintln!("error: {e}");

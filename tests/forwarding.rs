@@ -50,10 +50,14 @@ async fn datagram_size_on_tcp_warns() {
     let sink = tcp_sink_toml("siem", receiver.addr) + "max_datagram_bytes = 480\n";
     let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &sink);
 
+    let checked = run_cli(&["check-config", "--config", config.to_str().unwrap()]).await;
+    assert_success(&checked);
+    assert!(stderr(&checked).contains("warning: sink siem: max_datagram_bytes = 480 applies only to protocol"), "{}", stderr(&checked));
+
     let output = run_once(&config).await;
     assert_success(&output);
     let log = stderr(&output);
-    let warning = log.lines().find(|l| l.contains("max_datagram_bytes applies only")).unwrap_or_else(|| panic!("{log}"));
+    let warning = log.lines().find(|l| l.contains("max_datagram_bytes = 480 applies only")).unwrap_or_else(|| panic!("{log}"));
     assert!(warning.contains("WARN"), "{warning}");
     assert!(warning.contains("sink=siem"), "{warning}");
     let lines = receiver.wait_for(46, Duration::from_secs(5)).await;

@@ -108,6 +108,9 @@ fn read_ca_file(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, Con
 /// sink's config position, such as `sink[0]`, for errors. Reads TLS and
 /// secret files, so a missing file fails here, before anything is sent.
 pub fn build_sink(key: &str, sink: &SinkConfig) -> Result<(Transport, EventEncoder), ConfigError> {
+    for warning in sink_warnings(sink) {
+        tracing::warn!(sink = %sink.name(), "{warning}");
+    }
     let common = sink.common();
     let cef = CefOptions {
         vendor: common.cef_vendor.clone(),
@@ -136,16 +139,6 @@ pub fn build_sink(key: &str, sink: &SinkConfig) -> Result<(Transport, EventEncod
     };
     let built = match sink {
         SinkConfig::Syslog(s) => {
-            let udp = s.protocol == Protocol::Udp;
-            // Configs of earlier releases set the default on TCP sinks, as the
-            // example config did, so only another value is worth a warning.
-            if !udp && s.max_datagram_bytes != crate::config::default_max_datagram_bytes() {
-                tracing::warn!(
-                    sink = %s.name,
-                    max_datagram_bytes = s.max_datagram_bytes,
-                    "max_datagram_bytes applies only to protocol = \"udp\" and is ignored: TCP and TLS never shorten a message; remove the key"
-                );
-            }
             let options = s.encoder_options();
             let transport = match s.protocol {
                 Protocol::Udp => Transport::Udp(UdpTransport::new(s.address.clone())),
@@ -160,7 +153,6 @@ pub fn build_sink(key: &str, sink: &SinkConfig) -> Result<(Transport, EventEncod
         SinkConfig::File(f) => (Transport::File(FileTransport::new(f.path.clone())), plain(f.format, Framing::Newline)),
         SinkConfig::Stdout(s) => (Transport::Stdout, plain(s.format, Framing::Newline)),
         SinkConfig::Http(h) => {
-            warn_if_insecure(sink.name(), h.tls.tls_insecure_skip_verify);
             let client = crate::sink::build_http_client(key, &h.tls, &h.proxy, Duration::from_secs(h.timeout_secs), connect)?;
             let settings = HttpSettings {
                 proxy: crate::sink::proxy_for(&h.url, &h.proxy),
@@ -174,7 +166,6 @@ pub fn build_sink(key: &str, sink: &SinkConfig) -> Result<(Transport, EventEncod
             (Transport::Http(HttpTransport::new(key, settings, client)?), plain(PayloadFormat::Json, Framing::None))
         }
         SinkConfig::SplunkHec(h) => {
-            warn_if_insecure(sink.name(), h.tls.tls_insecure_skip_verify);
             let client = crate::sink::build_http_client(key, &h.tls, &h.proxy, Duration::from_secs(h.timeout_secs), connect)?;
             let settings = HecSettings {
                 proxy: crate::sink::proxy_for(&h.url, &h.proxy),
@@ -193,7 +184,6 @@ pub fn build_sink(key: &str, sink: &SinkConfig) -> Result<(Transport, EventEncod
 }
 
 fn syslog_tls(key: &str, s: &SyslogSinkConfig) -> Result<TlsSettings, ConfigError> {
-    warn_if_insecure(&s.name, s.tls.tls_insecure_skip_verify);
     let identity = match (&s.tls_cert_file, &s.tls_key_file) {
         (Some(cert_file), Some(key_file)) => Some(ClientIdentity { cert_file, key_file }),
         _ => None,
@@ -207,10 +197,30 @@ fn syslog_tls(key: &str, s: &SyslogSinkConfig) -> Result<TlsSettings, ConfigErro
     Ok(TlsSettings::new(config, server_name).watching(no_certificate))
 }
 
-fn warn_if_insecure(sink: &str, insecure: bool) {
+/// Returns the warnings about settings of `sink` that load but weaken or
+/// do nothing. `check-config` prints them, and a sink logs them when built.
+pub fn sink_warnings(sink: &SinkConfig) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let insecure = match sink {
+        SinkConfig::Syslog(s) => s.protocol == Protocol::Tls && s.tls.tls_insecure_skip_verify,
+        SinkConfig::Http(h) => h.tls.tls_insecure_skip_verify,
+        SinkConfig::SplunkHec(h) => h.tls.tls_insecure_skip_verify,
+        _ => false,
+    };
     if insecure {
-        tracing::warn!(sink = %sink, "tls_insecure_skip_verify is set: the receiver's certificate is not checked, so anyone on the path can read and change what this sink sends");
+        warnings.push("tls_insecure_skip_verify is set: the receiver's certificate is not checked, so anyone on the path can read and change what this sink sends".to_string());
     }
+    // Configs of earlier releases set the default on TCP sinks, as the
+    // example config did, so only another value is worth a warning.
+    if let SinkConfig::Syslog(s) = sink {
+        if s.protocol != Protocol::Udp && s.max_datagram_bytes != crate::config::default_max_datagram_bytes() {
+            warnings.push(format!(
+                "max_datagram_bytes = {} applies only to protocol = \"udp\" and is ignored: TCP and TLS never shorten a message; remove the key",
+                s.max_datagram_bytes
+            ));
+        }
+    }
+    warnings
 }
 
 /// Returns the machine's host name, for syslog headers.
