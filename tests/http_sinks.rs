@@ -569,6 +569,33 @@ async fn http_client_error_dead_letters_batch() {
     }
 }
 
+/// A redirect is not followed: a POST turned into a GET whose 200 counted
+/// as delivered lost the batch. It is retried with an error that names
+/// where it points, for HTTP and HEC sinks alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sink_redirects_not_followed() {
+    for status in [301, 302, 303, 307, 308] {
+        let receiver = HttpReceiver::start(move |request| {
+            if request.path == "/moved" {
+                Answer::new(200, r#"{"text":"Success","code":0}"#)
+            } else {
+                Answer::new(status, "").with_header("location", "/moved")
+            }
+        })
+        .await;
+        for sink in [http_sink_toml(&receiver.url(), ""), hec_sink_toml(&receiver.url(), "")] {
+            let (dir, output) = run_with(&sink).await;
+            assert_eq!(output.status.code(), Some(1), "{status}: {}", stderr(&output));
+            assert!(receiver.requests_to("/moved").is_empty(), "{status}: the redirect was followed");
+            assert!(dead_letters(dir.path()).is_empty(), "{status}");
+            let name = if sink.contains("splunk_hec") { "splunk" } else { "collector" };
+            assert_eq!(pending(dir.path(), name), 46, "{status}");
+            let log = stderr(&output);
+            assert!(log.contains(&format!("redirected the request (HTTP {status}) to /moved")), "{status}: {log}");
+        }
+    }
+}
+
 /// A status that rejects the request (credentials, URL, body format) is the
 /// sink's to fix: the batch stays queued, with an ERROR that names the fix,
 /// instead of every detection moving to dead letters.

@@ -121,6 +121,8 @@ impl HttpTransport {
 pub(super) struct Reply {
     pub status: StatusCode,
     pub retry_after: Option<Duration>,
+    /// The `Location` of a redirect, without credentials and query.
+    pub location: Option<String>,
     pub body: Vec<u8>,
 }
 
@@ -134,6 +136,7 @@ impl Reply {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
+        let location = response.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok()).map(crate::redact::url);
         let mut body = Vec::new();
         while body.len() < MAX_RESPONSE_BYTES {
             match response.chunk().await {
@@ -142,7 +145,7 @@ impl Reply {
                 Err(source) => return Err(SinkError::http(url, proxy, source)),
             }
         }
-        Ok(Self { status, retry_after, body })
+        Ok(Self { status, retry_after, location, body })
     }
 
     /// Formats the status and the start of the body, secrets redacted, as a dead-letter reason.
@@ -175,6 +178,12 @@ impl Reply {
     /// Returns the error for a status that rejects the request itself, not
     /// the detections in it, with what to check for that status.
     pub fn request_rejected(&self, url: &str, redactor: &Redactor) -> SinkError {
+        if self.status.is_redirection() {
+            // Redirects are not followed: a POST turned into a GET, or sent to
+            // a host the config does not name, would count as delivered.
+            let location = self.location.as_deref().unwrap_or("no Location header");
+            return SinkError::Redirected { url: crate::redact::url(url), status: self.status.as_u16(), location: location.to_string() };
+        }
         let advice = match self.status.as_u16() {
             401 | 403 => "the receiver rejected the credentials: check the sink's token or headers",
             407 => "the proxy requires credentials: put them in the sink's proxy_url",
@@ -215,7 +224,10 @@ pub fn build_client(
     let mut builder = reqwest::Client::builder()
         .user_agent(concat!("mde-forwarder/", env!("CARGO_PKG_VERSION")))
         .timeout(timeout)
-        .connect_timeout(connect_timeout);
+        .connect_timeout(connect_timeout)
+        // A followed redirect turns a POST into a GET whose 200 would count
+        // as delivered, or sends the batch to a host the config does not name.
+        .redirect(reqwest::redirect::Policy::none());
     if let Some(proxy_url) = &proxy.proxy_url {
         // reqwest's error text may repeat the URL, and with it a password.
         let all = reqwest::Proxy::all(proxy_url.expose().trim()).map_err(|_| ConfigError::Invalid {

@@ -63,6 +63,9 @@ pub enum SinkError {
     HttpStatus { url: String, status: u16, body: String, retry_after: Option<Duration> },
     #[error("Splunk HEC at {url} rejected the token (HTTP {status}: {body}); check the sink's token, token_file or token_env")]
     InvalidToken { url: String, status: u16, body: String },
+    /// A redirect, which the sink does not follow.
+    #[error("{url} redirected the request (HTTP {status}) to {location}; a sink does not follow redirects, so set its url to the address that takes the request. No detection is dead-lettered for it; the batch stays queued and is sent again")]
+    Redirected { url: String, status: u16, location: String },
     /// A status that rejects the request, not the detections in it, so
     /// nothing is dead-lettered for it.
     #[error("{url} returned HTTP {status}: {body}; {advice}. No detection is dead-lettered for it; the batch stays queued and is sent again")]
@@ -112,7 +115,7 @@ impl SinkError {
     /// True when retrying cannot help until an operator changes something.
     pub fn needs_operator(&self) -> bool {
         match self {
-            SinkError::InvalidToken { .. } | SinkError::RequestRejected { .. } => true,
+            SinkError::InvalidToken { .. } | SinkError::RequestRejected { .. } | SinkError::Redirected { .. } => true,
             SinkError::HecStatus { needs_operator, .. } => *needs_operator,
             _ => false,
         }
