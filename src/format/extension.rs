@@ -428,13 +428,20 @@ fn unique_custom_key<'n>(
 /// Returns the largest length not above `max` at which `bytes` can be cut
 /// without splitting a UTF-8 sequence or a backslash escape.
 ///
-/// `json` selects JSON string escapes, where `\uXXXX` is six bytes long;
+/// `json` selects JSON string escapes, where `\uXXXX` is six bytes long,
+/// and a surrogate pair such as `\ud83d\ude00` (one character) twelve;
 /// otherwise every escape is two bytes.
 pub fn safe_cut(bytes: &[u8], max: usize, json: bool) -> usize {
     let mut i = 0;
     while i < bytes.len() {
         let token = match bytes[i] {
-            b'\\' if json && bytes.get(i + 1) == Some(&b'u') => 6,
+            b'\\' if json && bytes.get(i + 1) == Some(&b'u') => {
+                if is_surrogate_escape(&bytes[i..], 0xD800) && is_surrogate_escape(bytes.get(i + 6..).unwrap_or_default(), 0xDC00) {
+                    12
+                } else {
+                    6
+                }
+            }
             b'\\' => 2,
             byte => utf8_sequence_len(byte),
         };
@@ -444,6 +451,16 @@ pub fn safe_cut(bytes: &[u8], max: usize, json: bool) -> usize {
         i += token;
     }
     i.min(bytes.len())
+}
+
+/// Returns whether `bytes` starts with a `\uXXXX` escape whose code unit
+/// lies in the 1024 surrogates from `first` (0xD800 high, 0xDC00 low).
+fn is_surrogate_escape(bytes: &[u8], first: u16) -> bool {
+    let Some(hex) = bytes.get(2..6).filter(|_| bytes.starts_with(b"\\u")) else {
+        return false;
+    };
+    let unit = std::str::from_utf8(hex).ok().and_then(|hex| u16::from_str_radix(hex, 16).ok());
+    unit.is_some_and(|unit| (first..first + 0x400).contains(&unit))
 }
 
 fn utf8_sequence_len(first_byte: u8) -> usize {
@@ -708,6 +725,17 @@ mod tests {
             .map(|max| safe_cut(text, max, false))
             .collect();
         assert_eq!(boundaries, vec![0, 1, 1, 1, 4, 5]);
+    }
+
+    #[test]
+    fn safe_cut_keeps_surrogate_pairs_whole() {
+        let text = br#"ab\ud83d\ude00c"#;
+        for max in 2..14 {
+            assert_eq!(safe_cut(text, max, true), 2, "max {max}");
+        }
+        assert_eq!(safe_cut(text, 14, true), 14);
+        // A lone high surrogate is a six-byte escape of its own.
+        assert_eq!(safe_cut(br#"\ud83dx"#, 6, true), 6);
     }
 
     #[test]

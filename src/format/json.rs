@@ -305,4 +305,18 @@ mod tests {
             assert_eq!(whole, parsed.get("FullId") == Some(&original["FullId"]), "budget {budget}: {text}");
         }
     }
+
+    /// A FullId cut to fit never ends between the two escapes of one
+    /// character (`\ud83d\ude00`), which would leave invalid JSON.
+    #[test]
+    fn shortened_json_keeps_surrogate_pairs() {
+        let raw = format!(r#"{{"FullId":"{}"}}"#, r"\ud83d\ude00".repeat(20));
+        let d = Detection::from_json_text(&raw).unwrap();
+        for budget in 2..raw.len() {
+            let mut out = Vec::new();
+            write_within(&d, &mut out, 0, budget);
+            let text = String::from_utf8(out).unwrap();
+            assert!(serde_json::from_str::<serde_json::Value>(&text).is_ok(), "budget {budget}: {text}");
+        }
+    }
 }
