@@ -379,13 +379,16 @@ impl<'a> ExtensionWriter<'a> {
 
     /// Calls `write` and marks the pairs it writes as the detection's
     /// FullId, which shortening truncates only after every other
-    /// identifying pair.
+    /// identifying pair. A FullId that is a number is dropped rather than
+    /// cut, because a cut one is another valid number.
     pub fn primary(&mut self, write: impl FnOnce(&mut Self)) {
         let first = self.entries.as_deref().map_or(0, Vec::len);
         write(self);
         if let Some(entries) = self.entries.as_deref_mut() {
             for entry in &mut entries[first..] {
                 entry.primary = true;
+                let value = &self.out[entry.value_start..entry.value_end];
+                entry.whole |= !value.is_empty() && value.iter().all(|b| b"0123456789+-.eE".contains(b));
             }
         }
     }

@@ -1075,6 +1075,22 @@ mod tests {
         assert!(text.len() > 2000, "the FullId fills the datagram: {} bytes", text.len());
     }
 
+    /// A numeric FullId cut short is another valid number, so CEF and LEEF
+    /// drop it, as JSON does, instead of cutting it.
+    #[test]
+    fn numeric_full_id_never_cut() {
+        let full_id = "9".repeat(600);
+        let d = detection(&format!(r#"{{"FullId":{full_id},"AlertId":"a-1","Severity":"High"}}"#));
+        for payload in [PayloadFormat::Cef, PayloadFormat::Leef, PayloadFormat::Json] {
+            let mut o = options(payload, HeaderFormat::Rfc5424, Framing::Newline);
+            o.max_message_bytes = Some(480);
+            let (out, outcome) = encode(o, &d);
+            let text = String::from_utf8(out).unwrap();
+            assert!(outcome.full_id_cut, "{payload:?}: {text}");
+            assert!(!text.contains("999"), "{payload:?}: a cut number was sent: {text}");
+        }
+    }
+
     #[test]
     fn payload_formats_deserialize_lowercase() {
         let formats: Vec<PayloadFormat> = serde_json::from_str(r#"["cef","leef","json"]"#).unwrap();
