@@ -53,6 +53,28 @@ fn toml_syntax_error(path: &Path) -> Option<String> {
     }
 }
 
+/// Rejects a `log_level` that would turn logging off by mistake. A tracing
+/// filter reads a bare word that is not a level, such as `warning`, as
+/// the name of a module to log, so every line of the forwarder was left out.
+fn check_log_level(filter: &str) -> Result<(), ConfigError> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let fix = "use error, warn, info, debug or trace, or a tracing filter such as \"info,mde_forwarder=debug\"";
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = match directive.rsplit_once('=') {
+            Some((_, level)) => level,
+            None if directive.starts_with("mde_forwarder") => continue,
+            None => directive,
+        };
+        if !LEVELS.iter().any(|known| known.eq_ignore_ascii_case(level.trim())) {
+            return Err(invalid("service.log_level", format!("{level:?} in {filter:?} is not a log level; {fix}")));
+        }
+    }
+    if tracing_subscriber::EnvFilter::try_new(filter).is_err() {
+        return Err(invalid("service.log_level", format!("{filter:?} is not a valid tracing filter; {fix}")));
+    }
+    Ok(())
+}
+
 /// Rejects a number outside `min..=max`; durations far beyond any sensible
 /// setting would overflow timers instead of failing clearly.
 fn check_range(key: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
@@ -1105,6 +1127,7 @@ impl Config {
         check_range("poll.connect_timeout_secs", poll.connect_timeout_secs, 1, 3600)?;
         check_range("poll.request_timeout_secs", poll.request_timeout_secs, 1, 3600)?;
         check_range("service.shutdown_grace_secs", self.service.shutdown_grace_secs, 0, 3600)?;
+        check_log_level(&self.service.log_level)?;
         check_range("state.dedupe_retention_secs", self.state.dedupe_retention_secs, 1, 400 * DAY)?;
         for (i, tenant) in self.tenants.iter().enumerate() {
             check_range(&format!("tenant[{i}].token_refresh_margin_secs"), tenant.token_refresh_margin_secs, 0, 3600)?;

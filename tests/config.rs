@@ -121,6 +121,23 @@ fn invalid_values_name_key_and_fix() {
 /// A second sink of type http, so that sink errors are checked at index 1.
 const HTTP_SINK: &str = "\n[[sink]]\nname = \"collector\"\ntype = \"http\"\nurl = \"https://collector.example/ingest\"\n";
 
+/// A log level that a tracing filter would read as a module name, such as
+/// `warning`, turned every log line off; it is now a config error.
+#[test]
+fn unknown_log_level_rejected() {
+    let service = |level: &str| format!("{BASE}\n[service]\nlog_level = \"{level}\"\n");
+    for level in ["warning", "verbose", "info,hyper=loud"] {
+        let err = load(&service(level), &[]).unwrap_err();
+        assert!(err.contains("service.log_level"), "{level}: {err}");
+        assert!(err.contains("use error, warn, info, debug or trace"), "{level}: {err}");
+    }
+    for level in ["warn", "WARN", "info,mde_forwarder=debug", "mde_forwarder::pipeline=trace", "off"] {
+        assert!(load(&service(level), &[]).is_ok(), "{level}");
+    }
+    let err = load(&format!("{BASE}"), &[("MDE_FORWARDER__SERVICE__LOG_LEVEL", "warning")]).unwrap_err();
+    assert!(err.contains("service.log_level"), "{err}");
+}
+
 /// A TOML syntax error names its line and column, and not the line's text,
 /// which may contain a secret.
 #[test]
