@@ -664,6 +664,15 @@ fn state_action(config: &Config, store: &Store, action: StateAction) -> Result<(
             known_tenant(&tenant)?;
             let parsed = timefmt::parse(&time)
                 .ok_or_else(|| format!("invalid time {time:?}: write it like 2026-12-01T00:00:00Z"))?;
+            // A checkpoint ahead of the clock would make every poll ask for
+            // detections that have not happened yet.
+            let now = chrono::Utc::now();
+            if parsed > now {
+                return Err(format!(
+                    "time {time:?} is in the future (now is {}); the poller reads the detections after the checkpoint, so it would forward nothing until then: set a time in the past",
+                    timefmt::format_api_time(now)
+                ));
+            }
             // Forget first: if that fails, the checkpoint has not moved back
             // to a replay that would skip everything still remembered.
             if resend {

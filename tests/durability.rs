@@ -274,6 +274,39 @@ async fn state_command_refuses_while_daemon_runs() {
     assert!(stderr(&second).contains(&format!("in use by process {pid}")), "{}", stderr(&second));
 }
 
+/// A checkpoint in the future would make every poll read nothing:
+/// `set-checkpoint` rejects one, and a poller that finds one (a clock set
+/// back) moves it back to now with an ERROR, so new detections still come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn future_checkpoint_never_stops_polling() {
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let receiver = LineReceiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &tcp_sink_toml("siem", receiver.addr));
+    let cfg = config.to_str().unwrap();
+    assert_success(&run_once(&config).await);
+    receiver.wait_for(46, Duration::from_secs(5)).await;
+
+    let future = mde_forwarder::timefmt::format_query(chrono::Utc::now() + chrono::Duration::days(365));
+    let set = run_cli(&["state", "--config", cfg, "set-checkpoint", "--tenant", "contoso", "--time", &future]).await;
+    assert_eq!(set.status.code(), Some(1));
+    assert!(stderr(&set).contains("is in the future"), "{}", stderr(&set));
+
+    let ahead = chrono::Utc::now() + chrono::Duration::days(365);
+    open_store(dir.path()).set_checkpoint("contoso", Some(ahead)).unwrap();
+    emulator.push_detection(TENANT_ID, serde_json::json!({
+        "FullId": "after-clock:1", "AlertId": "after-clock", "Severity": "High",
+        "AlertTime": now_text(), "LastProcessedTimeUtc": now_text(),
+    }));
+    let output = run_once(&config).await;
+    assert_success(&output);
+    assert!(stderr(&output).contains("the checkpoint was ahead of this machine's clock"), "{}", stderr(&output));
+    let lines = receiver.wait_for(47, Duration::from_secs(5)).await;
+    assert!(lines.iter().any(|l| l.contains("after-clock:1")), "the new detection arrived");
+    let checkpoint = open_store(dir.path()).checkpoint("contoso").unwrap().unwrap();
+    assert!(checkpoint <= chrono::Utc::now(), "{checkpoint}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_command_replays_from_a_checkpoint() {
     let emulator = emulator_with_samples(EmulatorOptions::default()).await;

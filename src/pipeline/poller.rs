@@ -24,6 +24,10 @@ use crate::store::{EnqueueOutcome, Store, StoreError};
 const QUEUE_BATCH: usize = 250;
 
 /// One tick of the API's clock (100 ns). Every window starts one tick before
+/// How far a stored checkpoint may be ahead of the local clock before the
+/// poller reads from now instead: clocks of two machines differ by seconds.
+const FUTURE_CHECKPOINT_SLACK: chrono::Duration = chrono::Duration::minutes(5);
+
 /// `checkpoint - overlap`, so detections stamped exactly at the checkpoint are
 /// read again whether the API treats `sinceTimeUtc` as inclusive or not.
 const TICK: chrono::Duration = chrono::Duration::nanoseconds(100);
@@ -211,7 +215,19 @@ impl Poller {
     pub async fn run_cycle(&self) -> Result<CycleReport, CycleError> {
         let now = Utc::now();
         let tenant = self.client.tenant();
-        let checkpoint = self.store.checkpoint(&tenant.name).map_err(|e| self.store_error(e))?;
+        let mut checkpoint = self.store.checkpoint(&tenant.name).map_err(|e| self.store_error(e))?;
+        if let Some(ahead) = checkpoint.filter(|c| *c > now + FUTURE_CHECKPOINT_SLACK) {
+            // A checkpoint ahead of the clock (a clock set back, or a time
+            // stored before set-checkpoint checked it) would read nothing
+            // until then. It is moved back to now, so polls go on from here.
+            tracing::error!(
+                tenant = %tenant.name,
+                checkpoint = %crate::timefmt::format_api_time(ahead),
+                "the checkpoint was ahead of this machine's clock and is moved back to now; check the clock, and replay earlier detections with `state set-checkpoint` if needed"
+            );
+            self.store.set_checkpoint(&tenant.name, Some(now)).map_err(|e| self.store_error(e))?;
+            checkpoint = Some(now);
+        }
         let since = match checkpoint {
             Some(c) => c - chrono::Duration::seconds(self.poll.overlap_secs as i64) - TICK,
             None => now - chrono::Duration::seconds(self.poll.initial_lookback_secs as i64),
