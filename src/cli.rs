@@ -684,7 +684,12 @@ fn state_action(config: &Config, store: &Store, action: StateAction) -> Result<(
             Ok(())
         }
         StateAction::ResetCheckpoint { tenant } => {
-            known_tenant(&tenant)?;
+            // The checkpoint of a tenant no longer in the config may be
+            // deleted too, once it is not needed for a renamed tenant.
+            let stored = store.checkpoint(&tenant).map_err(|e| e.to_string())?.is_some();
+            if !stored {
+                known_tenant(&tenant)?;
+            }
             store.set_checkpoint(&tenant, None).map_err(|e| e.to_string())?;
             out!("tenant {tenant}: checkpoint deleted; the next poll looks back initial_lookback_secs");
             Ok(())
@@ -857,6 +862,12 @@ fn show_state(config: &Config, store: &Store) -> Result<(), crate::store::StoreE
             },
         };
         out!("  {}: {value}", tenant.name);
+    }
+    for (name, text) in &checkpoints {
+        if config.tenants.iter().all(|t| t.name != *name) {
+            let value = timefmt::parse(text).map_or_else(|| table_cell(text), timefmt::format_api_time);
+            out!("  {} (not in the config): {value}; if a tenant was renamed, set-checkpoint its new name to this time, else delete it with reset-checkpoint", table_cell(name));
+        }
     }
     out!("outbox: {} bytes", store.outbox_bytes());
     for sink in &config.sinks {

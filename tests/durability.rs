@@ -274,6 +274,36 @@ async fn state_command_refuses_while_daemon_runs() {
     assert!(stderr(&second).contains(&format!("in use by process {pid}")), "{}", stderr(&second));
 }
 
+/// A renamed tenant is a new one to the store, so its old checkpoint is
+/// shown and warned about, with the command that carries it over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renamed_tenant_checkpoint_named() {
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let receiver = LineReceiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sink = tcp_sink_toml("siem", receiver.addr);
+    let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &sink);
+    assert_success(&run_once(&config).await);
+
+    let config = write_config(dir.path(), "", &tenant_toml("contoso-eu", TENANT_ID, &emulator), &sink);
+    let cfg = config.to_str().unwrap();
+    let show = stdout(&run_cli(&["state", "--config", cfg, "show"]).await);
+    assert!(show.contains("  contoso (not in the config): "), "{show}");
+    assert!(show.contains("  contoso-eu: none"), "{show}");
+    let renamed = run_once(&config).await;
+    assert_success(&renamed);
+    let log = stderr(&renamed);
+    let warning = log.lines().find(|l| l.contains("a tenant no longer in the config has a checkpoint")).unwrap_or_else(|| panic!("{log}"));
+    assert!(warning.contains("tenant=contoso "), "{warning}");
+    assert!(warning.contains("new_tenants=contoso-eu"), "{warning}");
+    assert!(warning.contains("state set-checkpoint --tenant NEW_NAME"), "{warning}");
+
+    let reset = run_cli(&["state", "--config", cfg, "reset-checkpoint", "--tenant", "contoso"]).await;
+    assert_success(&reset);
+    let show = stdout(&run_cli(&["state", "--config", cfg, "show"]).await);
+    assert!(!show.contains("contoso (not in the config)"), "{show}");
+}
+
 /// A checkpoint in the future would make every poll read nothing:
 /// `set-checkpoint` rejects one, and a poller that finds one (a clock set
 /// back) moves it back to now with an ERROR, so new detections still come.

@@ -197,6 +197,32 @@ fn syslog_tls(key: &str, s: &SyslogSinkConfig) -> Result<TlsSettings, ConfigErro
     Ok(TlsSettings::new(config, server_name).watching(no_certificate))
 }
 
+/// Warns about checkpoints of tenants that are not in the config. A tenant
+/// renamed in the config is a new tenant to the store: without its old
+/// checkpoint it would look back only `initial_lookback_secs`, skipping
+/// what the API published between the old checkpoint and that window.
+fn warn_about_unconfigured_checkpoints(config: &Config, store: &Store) -> Result<(), PipelineError> {
+    let checkpoints = store.checkpoints()?;
+    let new_tenants: Vec<&str> =
+        config.tenants.iter().map(|t| t.name.as_str()).filter(|name| checkpoints.iter().all(|(stored, _)| stored != name)).collect();
+    for (name, time) in &checkpoints {
+        if config.tenants.iter().any(|t| t.name == *name) {
+            continue;
+        }
+        if new_tenants.is_empty() {
+            tracing::warn!(tenant = %name, checkpoint = %time, "a tenant no longer in the config still has a checkpoint; delete it with `state reset-checkpoint --tenant NAME` once it is not needed");
+        } else {
+            tracing::warn!(
+                tenant = %name,
+                checkpoint = %time,
+                new_tenants = %new_tenants.join(","),
+                "a tenant no longer in the config has a checkpoint while a tenant without one starts initial_lookback_secs back; if one was renamed to the other, stop and run `state set-checkpoint --tenant NEW_NAME --time CHECKPOINT`, or detections between the two are never read"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Returns the warnings about settings of `sink` that load but weaken or
 /// do nothing. `check-config` prints them, and a sink logs them when built.
 pub fn sink_warnings(sink: &SinkConfig) -> Vec<String> {
@@ -273,6 +299,7 @@ struct Running {
 fn start(config: &Config, store: &Arc<Store>, mode: Mode, stop: watch::Receiver<bool>) -> Result<Running, PipelineError> {
     let tenants = config.resolve_tenants()?;
     let http = http_client(config)?;
+    warn_about_unconfigured_checkpoints(config, store)?;
     let sink_names: Vec<&str> = config.sinks.iter().map(|s| s.name()).collect();
     let unconfigured = store.sync_cursors(&sink_names)?;
     for removed in unconfigured.released {
