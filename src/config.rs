@@ -1151,6 +1151,21 @@ impl Config {
                 ),
             ));
         }
+        // Two file sinks on one file would cut each other's lines when one
+        // of them undoes a failed write.
+        let mut files: Vec<(PathBuf, &str)> = Vec::new();
+        for (i, sink) in self.sinks.iter().enumerate() {
+            if let SinkConfig::File(f) = sink {
+                let path: PathBuf = f.path.components().collect();
+                if let Some((_, other)) = files.iter().find(|(seen, _)| *seen == path) {
+                    return Err(invalid(
+                        format!("sink[{i}].path"),
+                        format!("{} is also the path of file sink {other:?}; two sinks writing one file can corrupt it, so give each its own file", f.path.display()),
+                    ));
+                }
+                files.push((path, f.name.as_str()));
+            }
+        }
         let mut names = HashSet::new();
         for (i, tenant) in self.tenants.iter().enumerate() {
             let key = format!("tenant[{i}]");

@@ -121,6 +121,19 @@ fn invalid_values_name_key_and_fix() {
 /// A second sink of type http, so that sink errors are checked at index 1.
 const HTTP_SINK: &str = "\n[[sink]]\nname = \"collector\"\ntype = \"http\"\nurl = \"https://collector.example/ingest\"\n";
 
+/// Two file sinks on one file could corrupt it when one undoes a failed
+/// write over the other's lines, so the config rejects them.
+#[test]
+fn shared_file_path_rejected() {
+    let file = |name: &str, path: &str| format!("\n[[sink]]\nname = \"{name}\"\ntype = \"file\"\npath = \"{path}\"\n");
+    let text = format!("{BASE}{}{}", file("archive", "/var/log/mde/a.jsonl"), file("copy", "/var/log//mde/a.jsonl"));
+    let err = load(&text, &[]).unwrap_err();
+    assert!(err.contains("sink[2].path"), "{err}");
+    assert!(err.contains("file sink \"archive\""), "{err}");
+    let text = format!("{BASE}{}{}", file("archive", "/var/log/mde/a.jsonl"), file("copy", "/var/log/mde/b.jsonl"));
+    assert!(load(&text, &[]).is_ok());
+}
+
 /// A log level that a tracing filter would read as a module name, such as
 /// `warning`, turned every log line off; it is now a config error.
 #[test]
