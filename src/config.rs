@@ -41,7 +41,9 @@ pub enum ConfigError {
 fn toml_syntax_error(path: &Path) -> Option<String> {
     let text = std::fs::read_to_string(path).ok()?;
     let error = toml::from_str::<toml::Table>(&text).err()?;
-    let message = error.message().trim_end();
+    // A number too large for TOML is quoted in the message, and may be a
+    // secret written without quotes.
+    let message = type_errors::without_number_value(error.message().trim_end());
     match error.span() {
         Some(span) => {
             let before = &text[..span.start.min(text.len())];
@@ -964,6 +966,9 @@ impl SplunkHecSinkConfig {
                 return Err(invalid(format!("{key}.{field}"), "must not be empty; remove the key for the default"));
             }
         }
+        if self.index.as_deref().is_some_and(|index| index.trim().is_empty()) {
+            return Err(invalid(format!("{key}.index"), "must not be empty; remove the key for the token's default index"));
+        }
         Ok(())
     }
 
@@ -1105,7 +1110,13 @@ impl Config {
             .clone()
             .try_deserialize()
             .map_err(|error| type_errors::keyed_error(&merged, error, &overrides))?;
-        config.validate()?;
+        config.validate().map_err(|error| match error {
+            ConfigError::Invalid { key, message } => match overrides.iter().find(|(overridden, _)| type_errors::key_within(&key, overridden)) {
+                Some((_, variable)) => ConfigError::Invalid { key, message: format!("{message} (set by the environment variable {variable})") },
+                None => ConfigError::Invalid { key, message },
+            },
+            other => other,
+        })?;
         Ok(config)
     }
 

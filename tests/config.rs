@@ -121,6 +121,31 @@ fn invalid_values_name_key_and_fix() {
 /// A second sink of type http, so that sink errors are checked at index 1.
 const HTTP_SINK: &str = "\n[[sink]]\nname = \"collector\"\ntype = \"http\"\nurl = \"https://collector.example/ingest\"\n";
 
+/// A value an environment override set that fails validation names the
+/// variable, as a value of the wrong type does.
+#[test]
+fn range_errors_name_variable() {
+    let err = load(BASE, &[("MDE_FORWARDER__POLL__INTERVAL_SECS", "0")]).unwrap_err();
+    assert!(err.contains("poll.interval_secs"), "{err}");
+    assert!(err.contains("(set by the environment variable MDE_FORWARDER__POLL__INTERVAL_SECS)"), "{err}");
+    let udp = BASE.replace("type = \"syslog\"", "type = \"syslog\"\nprotocol = \"udp\"");
+    let err = load(&udp, &[("MDE_FORWARDER__SINK__SIEM__MAX_DATAGRAM_BYTES", "100")]).unwrap_err();
+    assert!(err.contains("sink[0].max_datagram_bytes"), "{err}");
+    assert!(err.contains("MDE_FORWARDER__SINK__SIEM__MAX_DATAGRAM_BYTES"), "{err}");
+    let err = load(&udp.replace("protocol = \"udp\"", "protocol = \"udp\"\nmax_datagram_bytes = 100"), &[]).unwrap_err();
+    assert!(!err.contains("environment variable"), "{err}");
+}
+
+/// An empty HEC `index` would be sent as `"index":""`, which Splunk
+/// rejects; it is a config error, as empty `source` and `sourcetype` are.
+#[test]
+fn empty_hec_index_rejected() {
+    let hec = format!("{BASE}\n[[sink]]\nname = \"splunk\"\ntype = \"splunk_hec\"\nurl = \"https://splunk.example:8088\"\ntoken = \"t\"\nindex = \" \"\n");
+    let err = load(&hec, &[]).unwrap_err();
+    assert!(err.contains("sink[1].index"), "{err}");
+    assert!(err.contains("must not be empty"), "{err}");
+}
+
 /// Two file sinks on one file could corrupt it when one undoes a failed
 /// write over the other's lines, so the config rejects them.
 #[test]
@@ -135,7 +160,7 @@ fn shared_file_path_rejected() {
 }
 
 /// A log level that a tracing filter would read as a module name, such as
-/// `warning`, turned every log line off; it is now a config error.
+/// `warning`, turned every log line off. It is now a config error.
 #[test]
 fn unknown_log_level_rejected() {
     let service = |level: &str| format!("{BASE}\n[service]\nlog_level = \"{level}\"\n");
@@ -174,6 +199,13 @@ fn type_errors_hide_secret_values() {
     assert!(err.contains("sink[1].headers"), "{err}");
     assert!(err.contains("expected a map"), "{err}");
     assert!(!err.contains("file-s3cret"), "{err}");
+    let text = format!("{BASE}{HTTP_SINK}headers = {{ Authorization = 987654321 }}\n");
+    let err = load(&text, &[]).unwrap_err();
+    assert!(err.contains("sink[1].headers"), "{err}");
+    assert!(!err.contains("987654321"), "{err}");
+    let text = BASE.replace("region = \"eu\"", "region = \"eu\"\nclient_secret = 123456789012345678901234567890");
+    let err = load(&text, &[]).unwrap_err();
+    assert!(!err.contains("123456789012345678901234567890"), "{err}");
     let err = load(&format!("{BASE}{HTTP_SINK}"), &[("MDE_FORWARDER__SINK__COLLECTOR__HEADERS", "Authorization: Bearer env-s3cret")]).unwrap_err();
     assert!(err.contains("MDE_FORWARDER__SINK__COLLECTOR__HEADERS"), "{err}");
     assert!(!err.contains("env-s3cret"), "{err}");

@@ -43,9 +43,29 @@ fn may_hold_secret(key: &str) -> bool {
     ["secret", "token", "password", "header", "proxy"].iter().any(|word| key.contains(word))
 }
 
-/// Replaces the quoted value of serde's `string "..."` in `message` with
-/// `a string`, so an error about a secret's type does not print the secret.
+/// Replaces the value in serde's `string "..."`, `integer `...`` and
+/// `floating point `...`` in `message`, so an error about a secret's type
+/// does not print the secret.
 fn without_string_value(message: &str) -> String {
+    let message = without_number_value(message);
+    without_quoted_string(&message)
+}
+
+/// Replaces the number in serde's "integer `42`" or "floating point `4.2`"
+/// with the type's name alone.
+pub(super) fn without_number_value(message: &str) -> String {
+    let mut out = message.to_string();
+    for kind in ["integer `", "floating point `"] {
+        while let Some(start) = out.find(kind) {
+            let value_start = start + kind.len();
+            let Some(length) = out[value_start..].find('`') else { break };
+            out.replace_range(start + kind.len() - 2..value_start + length + 1, "");
+        }
+    }
+    out
+}
+
+fn without_quoted_string(message: &str) -> String {
     let Some(start) = message.find("string \"") else {
         return message.to_string();
     };
@@ -96,7 +116,7 @@ fn sink_index(key: &str) -> Option<usize> {
 }
 
 /// True when `key` is `overridden` or lies inside it.
-fn key_within(key: &str, overridden: &str) -> bool {
+pub(super) fn key_within(key: &str, overridden: &str) -> bool {
     match key.strip_prefix(overridden) {
         Some(rest) => rest.is_empty() || rest.starts_with('.') || rest.starts_with('['),
         None => false,
@@ -178,6 +198,8 @@ mod tests {
         let message = r#"invalid type: string "Authorization: Bearer s3\"cret", expected a map"#;
         assert_eq!(without_string_value(message), "invalid type: a string, expected a map");
         assert_eq!(without_string_value("invalid type: map, expected a string"), "invalid type: map, expected a string");
+        assert_eq!(without_string_value("invalid type: integer `12345`, expected a string"), "invalid type: integer, expected a string");
+        assert_eq!(without_string_value("invalid type: floating point `1.5`, expected a string"), "invalid type: floating point, expected a string");
         assert!(may_hold_secret("sink[0].headers"));
         assert!(may_hold_secret("tenant[1].client_secret"));
         assert!(!may_hold_secret("sink[0].max_datagram_bytes"));
