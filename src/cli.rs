@@ -354,8 +354,9 @@ async fn run(args: RunArgs, log_format: Option<LogFormat>) -> ExitCode {
             Ok(RunSummary { new_dead_letters: 0 }) => ExitCode::SUCCESS,
             Ok(RunSummary { new_dead_letters }) => {
                 eprintln!(
-                    "warning: this run stored {} (see the log for why); list them with `mde-forwarder state -c FILE dead-letters`",
-                    dead_letters_phrase(new_dead_letters)
+                    "warning: this run stored {} (see the log for why); list them with `mde-forwarder state -c {} dead-letters`",
+                    dead_letters_phrase(new_dead_letters),
+                    args.config.config.display()
                 );
                 ExitCode::from(EXIT_DEAD_LETTERS)
             }

@@ -178,6 +178,8 @@ pub fn assert_success(output: &Output) {
 pub fn assert_dead_letters_stored(output: &Output) {
     assert_eq!(output.status.code(), Some(3), "stderr:\n{}", stderr(output));
     assert!(stderr(output).contains("warning: this run stored "), "{}", stderr(output));
+    assert!(stderr(output).contains("dead-letters`"), "{}", stderr(output));
+    assert!(!stderr(output).contains("-c FILE"), "the hint names the config path: {}", stderr(output));
 }
 
 /// A TCP syslog receiver that keeps every newline-terminated line.
