@@ -135,6 +135,17 @@ pub struct UnconfiguredSinks {
     pub pending: Vec<(String, usize)>,
 }
 
+/// What [`Store::drop_oldest`] deleted.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Dropped {
+    pub count: usize,
+    /// Earliest and latest `LastProcessedTimeUtc` of the dropped detections,
+    /// when their batches recorded one.
+    pub window: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    /// The tenants the dropped batches came from.
+    pub tenants: Vec<String>,
+}
+
 /// An outbox value: where the batch is spooled, how many detections it
 /// holds, and the range of their `LastProcessedTimeUtc`. The range names the
 /// window to replay from the API when the spool record is lost or damaged.
@@ -1239,10 +1250,10 @@ impl Store {
     }
 
     /// Deletes the oldest entries until the outbox is under `limit` bytes,
-    /// for the `drop_oldest` policy. Returns how many detections were dropped.
-    pub fn drop_oldest(&self, limit: u64) -> Result<usize, StoreError> {
+    /// for the `drop_oldest` policy. Returns what was dropped, for a replay.
+    pub fn drop_oldest(&self, limit: u64) -> Result<Dropped, StoreError> {
         let mut size = self.outbox_bytes();
-        let mut dropped = 0;
+        let mut dropped = Dropped::default();
         let mut removed = 0;
         let mut freed = 0;
         let mut batch = sled::Batch::default();
@@ -1254,7 +1265,17 @@ impl Store {
             let index = self.index_entry(seq_from(&key), &value)?;
             size = size.saturating_sub(index.record.len as u64);
             freed += index.record.len as u64;
-            dropped += index.count;
+            dropped.count += index.count;
+            if let Some((first, last)) = index.window {
+                let (from, to) = dropped.window.get_or_insert((first, last));
+                *from = (*from).min(first);
+                *to = (*to).max(last);
+            }
+            if let Some(tenant) = IndexEntry::tenant_of(&value) {
+                if !dropped.tenants.contains(&tenant) {
+                    dropped.tenants.push(tenant);
+                }
+            }
             batch.remove(key);
             removed += 1;
         }
@@ -2478,7 +2499,10 @@ mod tests {
         }
         let full = store.outbox_bytes();
         let dropped = store.drop_oldest(full / 2 + 1).unwrap();
-        assert_eq!(dropped, 10, "the two oldest batches of five");
+        assert_eq!(dropped.count, 10, "the two oldest batches of five");
+        let time = timefmt::parse("2026-01-01T00:00:00Z").unwrap();
+        assert_eq!(dropped.window, Some((time, time)));
+        assert_eq!(dropped.tenants, ["t"]);
         assert!(store.outbox_bytes() <= full / 2 + 1);
         let left = store.read_after(0, 100).unwrap();
         assert_eq!(left.len(), 10);

@@ -406,11 +406,15 @@ impl Poller {
                 // same: wait below as the pause policy does, instead of
                 // trying again at once.
                 match self.store.drop_oldest(limit - limit / 10) {
-                    Ok(dropped) if dropped > 0 => {
+                    Ok(dropped) if dropped.count > 0 => {
+                        let time = |t: Option<DateTime<Utc>>| t.map(crate::timefmt::format_api_time).unwrap_or_else(|| "unknown".into());
                         tracing::error!(
                             tenant = %self.name(),
-                            dropped,
-                            "outbox reached max_outbox_bytes; dropped the oldest undelivered detections (on_outbox_full = \"drop_oldest\")"
+                            dropped = dropped.count,
+                            from_tenants = %dropped.tenants.join(","),
+                            last_processed_from = %time(dropped.window.map(|w| w.0)),
+                            last_processed_to = %time(dropped.window.map(|w| w.1)),
+                            "outbox reached max_outbox_bytes; dropped the oldest undelivered detections (on_outbox_full = \"drop_oldest\"). Once the sinks catch up, replay them with `state set-checkpoint --tenant NAME --time FROM --resend`"
                         );
                         continue;
                     }
