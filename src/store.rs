@@ -135,7 +135,7 @@ pub struct UnconfiguredSinks {
     pub pending: Vec<(String, usize)>,
 }
 
-/// What [`Store::drop_oldest`] deleted.
+/// The detections that [`Store::drop_oldest`] deleted.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Dropped {
     pub count: usize,
