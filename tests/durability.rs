@@ -304,18 +304,25 @@ async fn renamed_tenant_checkpoint_named() {
     assert!(!show.contains("contoso (not in the config)"), "{show}");
 }
 
+/// Forwards the 46 samples of tenant `contoso` once to a TCP sink `siem`,
+/// and returns the parts for the test to go on with.
+async fn samples_forwarded_once() -> (Emulator, LineReceiver, tempfile::TempDir, std::path::PathBuf) {
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let receiver = LineReceiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &tcp_sink_toml("siem", receiver.addr));
+    assert_success(&run_once(&config).await);
+    receiver.wait_for(46, Duration::from_secs(5)).await;
+    (emulator, receiver, dir, config)
+}
+
 /// A checkpoint in the future would make every poll read nothing:
 /// `set-checkpoint` rejects one, and a poller that finds one (a clock set
 /// back) moves it back to now with an ERROR, so new detections still come.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn future_checkpoint_never_stops_polling() {
-    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
-    let receiver = LineReceiver::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &tcp_sink_toml("siem", receiver.addr));
+    let (emulator, receiver, dir, config) = samples_forwarded_once().await;
     let cfg = config.to_str().unwrap();
-    assert_success(&run_once(&config).await);
-    receiver.wait_for(46, Duration::from_secs(5)).await;
 
     let future = mde_forwarder::timefmt::format_query(chrono::Utc::now() + chrono::Duration::days(365));
     let set = run_cli(&["state", "--config", cfg, "set-checkpoint", "--tenant", "contoso", "--time", &future]).await;
@@ -339,13 +346,8 @@ async fn future_checkpoint_never_stops_polling() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_command_replays_from_a_checkpoint() {
-    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
-    let receiver = LineReceiver::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &tcp_sink_toml("siem", receiver.addr));
+    let (emulator, receiver, dir, config) = samples_forwarded_once().await;
     let cfg = config.to_str().unwrap();
-    assert_success(&run_once(&config).await);
-    receiver.wait_for(46, Duration::from_secs(5)).await;
 
     let show = run_cli(&["state", "--config", cfg, "show"]).await;
     assert!(stdout(&show).contains("dedupe entries: 46"), "{}", stdout(&show));

@@ -496,7 +496,7 @@ pub fn shorten(
     entries: &[Entry],
     separator: u8,
     budget: usize,
-) -> Kept {
+) -> WholeParts {
     let fixed_len = extension_start - message_start;
     let mut plan = Plan::new(entries, fixed_len);
 
@@ -524,7 +524,7 @@ pub fn shorten(
         message.extend_from_slice(&out[entry.value_end..entry.end]);
     }
 
-    let mut kept = Kept {
+    let mut whole = WholeParts {
         full_id: entries.iter().zip(&plan.actions).all(|(entry, action)| !entry.primary || *action == Action::Keep),
         header: true,
     };
@@ -533,17 +533,17 @@ pub fn shorten(
         // the budget. The cut message is no longer valid CEF or LEEF.
         let cut = safe_cut(&message, budget, false);
         message.truncate(cut);
-        kept = Kept { full_id: false, header: false };
+        whole = WholeParts { full_id: false, header: false };
     }
 
     out.truncate(message_start);
     out.extend_from_slice(&message);
-    kept
+    whole
 }
 
 /// The parts of a message that [`shorten`] kept whole.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Kept {
+pub struct WholeParts {
     /// The FullId entry, or true when the detection has none.
     pub full_id: bool,
     /// The syslog and format headers, so the message is still valid CEF or

@@ -80,8 +80,8 @@ pub(super) fn write_within(d: &Detection, out: &mut Vec<u8>, message_start: usiz
     plan.put_back(&members, &dropped_protected, json_budget);
 
     out.push(b'{');
-    let kept = members.iter().zip(&plan.kept).filter(|(_, kept)| **kept);
-    for (i, (member, _)) in kept.enumerate() {
+    let staying = members.iter().zip(&plan.stays).filter(|(_, stays)| **stays);
+    for (i, (member, _)) in staying.enumerate() {
         if i > 0 {
             out.push(b',');
         }
@@ -122,10 +122,10 @@ fn members_of(d: &Detection) -> Option<Vec<Member>> {
     Some(members)
 }
 
-/// Which members stay, with the length of `{` the kept members joined by
+/// The members that stay, with the length of `{` those members joined by
 /// `,` `}`.
 struct Plan {
-    kept: Vec<bool>,
+    stays: Vec<bool>,
     total: usize,
     remaining: usize,
 }
@@ -133,7 +133,7 @@ struct Plan {
 impl Plan {
     fn new(members: &[Member]) -> Self {
         let total = 2 + members.iter().map(|m| m.text.len()).sum::<usize>() + members.len().saturating_sub(1);
-        Self { kept: vec![true; members.len()], total, remaining: members.len() }
+        Self { stays: vec![true; members.len()], total, remaining: members.len() }
     }
 
     /// Drops members for which `may_drop` is true, longest first, until the
@@ -142,10 +142,10 @@ impl Plan {
         let mut dropped = Vec::new();
         while self.total > budget {
             let longest = (0..members.len())
-                .filter(|&i| self.kept[i] && may_drop(&members[i]))
+                .filter(|&i| self.stays[i] && may_drop(&members[i]))
                 .max_by_key(|&i| members[i].text.len());
             let Some(i) = longest else { break };
-            self.kept[i] = false;
+            self.stays[i] = false;
             self.remaining -= 1;
             // Each member but the only one left brings one comma with it.
             self.total -= members[i].text.len() + usize::from(self.remaining > 0);
@@ -158,7 +158,7 @@ impl Plan {
     /// fits `budget` where part of the value does.
     fn cut_full_id(&mut self, members: &mut [Member], budget: usize) {
         for (i, member) in members.iter_mut().enumerate() {
-            if self.total <= budget || !self.kept[i] || !member.full_id || !member.is_string {
+            if self.total <= budget || !self.stays[i] || !member.full_id || !member.is_string {
                 continue;
             }
             // The string's content lies between the quotes at both ends.
@@ -181,7 +181,7 @@ impl Plan {
         for &i in dropped.iter().rev() {
             let added = members[i].text.len() + usize::from(self.remaining > 0);
             if self.total + added <= budget {
-                self.kept[i] = true;
+                self.stays[i] = true;
                 self.total += added;
                 self.remaining += 1;
             }

@@ -264,11 +264,11 @@ impl Encoder {
         // identifying pairs and the FullId as fits after it.
         let mut fallback = None;
         for header_limit in limits {
-            let kept = attempt(out, header_limit);
-            if kept.full_id {
+            let whole = attempt(out, header_limit);
+            if whole.full_id {
                 return true;
             }
-            if kept.header && fallback.is_none() {
+            if whole.header && fallback.is_none() {
                 fallback = Some(header_limit);
             }
         }

@@ -634,7 +634,6 @@ mod tests {
     /// whether their FullId arrived whole.
     #[test]
     fn shortened_messages_counted_per_batch() {
-        use crate::format::{CefOptions, EncoderOptions, Facility, Framing, HeaderFormat, LeefOptions};
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
         let texts = [
@@ -646,20 +645,12 @@ mod tests {
         store.enqueue_blocking("t", detections, None, Utc::now()).unwrap();
         let mut worker = routed_worker(store.clone(), crate::format::PayloadFormat::Cef);
         worker.name = "shortening-metric".into();
-        worker.encoder = EventEncoder::Wire(Encoder::new(EncoderOptions {
-            payload: crate::format::PayloadFormat::Cef,
-            header: HeaderFormat::None,
-            framing: Framing::None,
-            facility: Facility::LOCAL0,
-            hostname: "collector01".to_owned(),
-            app_name: "mde-forwarder".to_owned(),
-            cef: CefOptions::default(),
-            leef: LeefOptions::default(),
-            max_message_bytes: Some(480),
-        }));
+        worker.encoder = EventEncoder::Wire(test_encoder(crate::format::PayloadFormat::Cef, Some(480)));
+
         let entries = store.read_after(0, 10).unwrap();
         let prepared = worker.prepare(&entries, &mut Batch::default());
         assert_eq!(prepared.message_entries, [0, 1, 2]);
+
         let metrics = &crate::telemetry::global().metrics;
         let count = |lost| metrics.value(&crate::telemetry::SHORTENED, &[("sink", "shortening-metric"), ("lost", lost)]);
         assert_eq!(count("optional"), Some(1.0));
@@ -702,9 +693,11 @@ mod tests {
         SETTLING.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn routed_worker(store: Arc<Store>, payload: crate::format::PayloadFormat) -> SinkWorker {
+    /// Returns an encoder without a syslog header, with newline framing and
+    /// `max_message_bytes`.
+    fn test_encoder(payload: crate::format::PayloadFormat, max_message_bytes: Option<usize>) -> Encoder {
         use crate::format::{CefOptions, EncoderOptions, Facility, Framing, HeaderFormat, LeefOptions};
-        let encoder = Encoder::new(EncoderOptions {
+        Encoder::new(EncoderOptions {
             payload,
             header: HeaderFormat::None,
             framing: Framing::Newline,
@@ -713,8 +706,12 @@ mod tests {
             app_name: "mde-forwarder".to_owned(),
             cef: CefOptions::default(),
             leef: LeefOptions::default(),
-            max_message_bytes: None,
-        });
+            max_message_bytes,
+        })
+    }
+
+    fn routed_worker(store: Arc<Store>, payload: crate::format::PayloadFormat) -> SinkWorker {
+        let encoder = test_encoder(payload, None);
         let routing = SinkCommon { min_severity: crate::config::SeverityLevel::High, ..SinkCommon::default() };
         SinkWorker {
             name: "high".into(),
