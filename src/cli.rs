@@ -284,9 +284,19 @@ fn load_config(path: &Path) -> Result<Config, ExitCode> {
 }
 
 pub fn init_logging(format: LogFormat, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // RUST_LOG wins over the config, unless it would leave out every line
+    // of the forwarder by mistake (`RUST_LOG=warning`).
+    let from_env = std::env::var("RUST_LOG").ok().filter(|filter| match crate::config::log_filter_problem(filter) {
+        Some(problem) => {
+            eprintln!("warning: RUST_LOG is ignored: {problem}");
+            false
+        }
+        None => true,
+    });
+    let filter = from_env
+        .and_then(|filter| tracing_subscriber::EnvFilter::try_new(filter).ok())
+        .or_else(|| tracing_subscriber::EnvFilter::try_new(level).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
     // Colours only on a terminal: journald and log files get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);

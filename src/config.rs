@@ -34,6 +34,49 @@ pub enum ConfigError {
     Invalid { key: String, message: String },
 }
 
+/// Rejects a `client_secret` written without quotes. The `config` crate
+/// turns a number into text by its value, so `1e3` would be sent as `1000`.
+fn check_quoted_secrets(path: &Path) -> Result<(), ConfigError> {
+    let Some(table) = std::fs::read_to_string(path).ok().and_then(|text| toml::from_str::<toml::Table>(&text).ok()) else {
+        return Ok(());
+    };
+    let tenants = table.get("tenant").and_then(toml::Value::as_array).map(Vec::as_slice).unwrap_or_default();
+    for (i, tenant) in tenants.iter().enumerate() {
+        if tenant.get("client_secret").is_some_and(|secret| !secret.is_str()) {
+            return Err(invalid(
+                format!("tenant[{i}].client_secret"),
+                "is not in quotes: write it as a string, such as client_secret = \"...\", since a number may be read as another value",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Returns one spelling of the file `path` names: absolute, with `.` and
+/// `..` resolved, and with the symbolic links of its directory resolved
+/// when the directory exists, so two spellings of one file compare equal.
+fn file_identity(path: &Path) -> PathBuf {
+    let absolute = match std::env::current_dir() {
+        Ok(dir) if path.is_relative() => dir.join(path),
+        _ => path.to_path_buf(),
+    };
+    let mut lexical = PathBuf::new();
+    for component in absolute.components() {
+        match component {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                lexical.pop();
+            }
+            other => lexical.push(other),
+        }
+    }
+    let resolved = lexical.parent().and_then(|dir| std::fs::canonicalize(dir).ok());
+    match (resolved, lexical.file_name()) {
+        (Some(dir), Some(name)) => dir.join(name),
+        _ => lexical,
+    }
+}
+
 /// Returns the TOML syntax error of the file at `path` with its line and
 /// column, which the `config` crate's error leaves out, or `None` when the
 /// file cannot be read or parses. The line's text is left out, because it
@@ -55,26 +98,49 @@ fn toml_syntax_error(path: &Path) -> Option<String> {
     }
 }
 
-/// Rejects a `log_level` that would turn logging off by mistake. A tracing
-/// filter reads a bare word that is not a level, such as `warning`, as
-/// the name of a module to log, so every line of the forwarder was left out.
+/// Rejects a `log_level` that would turn logging off by mistake.
 fn check_log_level(filter: &str) -> Result<(), ConfigError> {
+    match log_filter_problem(filter) {
+        Some(problem) => Err(invalid("service.log_level", problem)),
+        None => Ok(()),
+    }
+}
+
+/// Returns why a tracing filter (`log_level` or `RUST_LOG`) would leave out
+/// the forwarder's own log lines by mistake, or `None` when it logs them.
+/// A filter reads a bare word that is not a level, such as `warning`, as a
+/// module name, and the module is `mde_forwarder`, not `mde-forwarder`.
+pub fn log_filter_problem(filter: &str) -> Option<String> {
     const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
     let fix = "use error, warn, info, debug or trace, or a tracing filter such as \"info,mde_forwarder=debug\"";
+    let is_level = |word: &str| LEVELS.iter().any(|known| known.eq_ignore_ascii_case(word.trim()));
+    let mut logs_forwarder = false;
     for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
-        let level = match directive.rsplit_once('=') {
-            Some((_, level)) => level,
-            None if directive.starts_with("mde_forwarder") => continue,
-            None => directive,
+        let (target, level) = match directive.rsplit_once('=') {
+            Some((target, level)) => (target.trim(), level.trim()),
+            None if is_level(directive) => ("", directive),
+            None => (directive, "trace"),
         };
-        if !LEVELS.iter().any(|known| known.eq_ignore_ascii_case(level.trim())) {
-            return Err(invalid("service.log_level", format!("{level:?} in {filter:?} is not a log level; {fix}")));
+        if !is_level(level) {
+            return Some(format!("{level:?} in {filter:?} is not a log level; {fix}"));
+        }
+        if target.contains('-') {
+            return Some(format!("{target:?} in {filter:?} is not a module name (module names use _, as in mde_forwarder); {fix}"));
+        }
+        let forwarder = target.is_empty() || target.starts_with("mde_forwarder");
+        logs_forwarder |= forwarder;
+        if directive.eq_ignore_ascii_case("off") {
+            // Turning every line off on purpose is allowed.
+            logs_forwarder = true;
         }
     }
-    if tracing_subscriber::EnvFilter::try_new(filter).is_err() {
-        return Err(invalid("service.log_level", format!("{filter:?} is not a valid tracing filter; {fix}")));
+    if !logs_forwarder {
+        return Some(format!("{filter:?} sets no level for the forwarder's own lines, so it would log nothing; {fix}"));
     }
-    Ok(())
+    if tracing_subscriber::EnvFilter::try_new(filter).is_err() {
+        return Some(format!("{filter:?} is not a valid tracing filter; {fix}"));
+    }
+    None
 }
 
 /// Rejects a number outside `min..=max`; durations far beyond any sensible
@@ -1097,6 +1163,7 @@ impl Config {
             Some(message) => ConfigError::Syntax { path: path.to_path_buf(), message },
             None => ConfigError::Read { path: path.to_path_buf(), source },
         })?;
+        check_quoted_secrets(path)?;
         let mut builder = config::Config::builder().add_source(base.clone());
         let mut overrides = Vec::new();
         for (name, value) in env {
@@ -1146,6 +1213,9 @@ impl Config {
         if self.poll.retry_max_attempts == 0 {
             return Err(invalid("poll.retry_max_attempts", "must be at least 1"));
         }
+        if self.state.dir.as_os_str().is_empty() {
+            return Err(invalid("state.dir", "is empty: set the directory for the checkpoints and the outbox, such as /var/lib/mde-forwarder"));
+        }
         if self.state.max_outbox_bytes == 0 {
             return Err(invalid(
                 "state.max_outbox_bytes",
@@ -1167,7 +1237,7 @@ impl Config {
         let mut files: Vec<(PathBuf, &str)> = Vec::new();
         for (i, sink) in self.sinks.iter().enumerate() {
             if let SinkConfig::File(f) = sink {
-                let path: PathBuf = f.path.components().collect();
+                let path = file_identity(&f.path);
                 if let Some((_, other)) = files.iter().find(|(seen, _)| *seen == path) {
                     return Err(invalid(
                         format!("sink[{i}].path"),

@@ -146,6 +146,32 @@ fn empty_hec_index_rejected() {
     assert!(err.contains("must not be empty"), "{err}");
 }
 
+/// A value outside an enumeration names the values the key takes, not a
+/// Rust type, and an unquoted client_secret, which could be read as
+/// another number (`1e3` as `1000`), is rejected.
+#[test]
+fn enum_and_secret_values_explained() {
+    let err = load(&BASE.replace("[state]", "[state]\non_outbox_full = \"dropit\""), &[]).unwrap_err();
+    assert!(err.contains("state.on_outbox_full"), "{err}");
+    assert!(err.contains("unknown value \"dropit\": use pause or drop_oldest"), "{err}");
+    assert!(!err.contains("OutboxFullPolicy"), "{err}");
+    let err = load(&format!("{BASE}\n[service]\nlog_format = \"xml\"\n"), &[]).unwrap_err();
+    assert!(err.contains("unknown value \"xml\": use text or json"), "{err}");
+    let err = load(&BASE.replace("client_secret = \"from-file\"", "client_secret = 1e3"), &[]).unwrap_err();
+    assert!(err.contains("tenant[0].client_secret"), "{err}");
+    assert!(err.contains("is not in quotes"), "{err}");
+}
+
+/// An empty state directory passed check-config and failed only at run
+/// time, without naming the key.
+#[test]
+fn empty_state_dir_rejected() {
+    let err = load(&BASE.replace("dir = \"/tmp/mde-forwarder-test-state\"", "dir = \"\""), &[]).unwrap_err();
+    assert!(err.contains("state.dir"), "{err}");
+    let err = load(BASE, &[("MDE_FORWARDER__STATE__DIR", "")]).unwrap_err();
+    assert!(err.contains("MDE_FORWARDER__STATE__DIR"), "{err}");
+}
+
 /// Two file sinks on one file could corrupt it when one undoes a failed
 /// write over the other's lines, so the config rejects them.
 #[test]
@@ -155,8 +181,18 @@ fn shared_file_path_rejected() {
     let err = load(&text, &[]).unwrap_err();
     assert!(err.contains("sink[2].path"), "{err}");
     assert!(err.contains("file sink \"archive\""), "{err}");
+    let text = format!("{BASE}{}{}", file("archive", "/var/log/mde/a.jsonl"), file("copy", "/var/log/mde/sub/../a.jsonl"));
+    assert!(load(&text, &[]).unwrap_err().contains("sink[2].path"));
+    // A directory reached through a symbolic link is the same directory.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("real")).unwrap();
+    std::os::unix::fs::symlink(dir.path().join("real"), dir.path().join("link")).unwrap();
+    let (real, link) = (dir.path().join("real/a.jsonl"), dir.path().join("link/a.jsonl"));
+    let text = format!("{BASE}{}{}", file("archive", real.to_str().unwrap()), file("copy", link.to_str().unwrap()));
+    assert!(load(&text, &[]).unwrap_err().contains("sink[2].path"));
     let text = format!("{BASE}{}{}", file("archive", "/var/log/mde/a.jsonl"), file("copy", "/var/log/mde/b.jsonl"));
     assert!(load(&text, &[]).is_ok());
+
 }
 
 /// A log level that a tracing filter would read as a module name, such as
@@ -164,10 +200,10 @@ fn shared_file_path_rejected() {
 #[test]
 fn unknown_log_level_rejected() {
     let service = |level: &str| format!("{BASE}\n[service]\nlog_level = \"{level}\"\n");
-    for level in ["warning", "verbose", "info,hyper=loud"] {
+    for level in ["warning", "verbose", "info,hyper=loud", "mde-forwarder=debug", "", "hyper=debug"] {
         let err = load(&service(level), &[]).unwrap_err();
         assert!(err.contains("service.log_level"), "{level}: {err}");
-        assert!(err.contains("use error, warn, info, debug or trace"), "{level}: {err}");
+        assert!(err.contains("use error, warn, info, debug or trace"), "{level:?}: {err}");
     }
     for level in ["warn", "WARN", "info,mde_forwarder=debug", "mde_forwarder::pipeline=trace", "off"] {
         assert!(load(&service(level), &[]).is_ok(), "{level}");

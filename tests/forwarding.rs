@@ -65,6 +65,21 @@ async fn datagram_size_on_tcp_warns() {
     assert!(lines.iter().any(|l| l.len() > 480), "no message was shortened");
 }
 
+/// `RUST_LOG=warning` would turn every log line of the forwarder off (a
+/// filter reads the word as a module name), so it is ignored with a warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mistaken_rust_log_ignored() {
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("archive.jsonl");
+    let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &file_sink_toml("archive", &archive));
+    let output = run_cli_env(&["run", "--once", "--config", config.to_str().unwrap()], &[("RUST_LOG", "warning")]).await;
+    assert_success(&output);
+    let log = stderr(&output);
+    assert!(log.contains("warning: RUST_LOG is ignored"), "{log}");
+    assert!(log.contains("poll complete"), "the config's level applies: {log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn file_sink_keeps_every_field_as_received() {
     let emulator = emulator_with_samples(EmulatorOptions::default()).await;

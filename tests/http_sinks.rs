@@ -596,6 +596,24 @@ async fn sink_redirects_not_followed() {
     }
 }
 
+/// A redirect from the acknowledgement endpoint is not followed either: the
+/// batch stays queued and the ERROR names where it points.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hec_ack_redirect_not_followed() {
+    let receiver = HttpReceiver::start(|request| match request.path.as_str() {
+        EVENT_PATH => Answer::new(200, r#"{"text":"Success","code":0,"ackId":1}"#),
+        ACK_PATH => Answer::new(307, "").with_header("location", "/elsewhere"),
+        _ => Answer::new(200, r#"{"acks":{"1":true}}"#),
+    })
+    .await;
+    let (dir, output) = run_with(&hec_sink_toml(&receiver.url(), "ack = true\nack_timeout_secs = 5")).await;
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(receiver.requests_to("/elsewhere").is_empty(), "the redirect was followed");
+    assert_eq!(pending(dir.path(), "splunk"), 46);
+    let log = stderr(&output);
+    assert!(log.contains("redirected the request (HTTP 307) to /elsewhere"), "{log}");
+}
+
 /// A status that rejects the request (credentials, URL, body format) is the
 /// sink's to fix: the batch stays queued, with an ERROR that names the fix,
 /// instead of every detection moving to dead letters.

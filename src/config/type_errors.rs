@@ -103,11 +103,26 @@ fn error_key(error: &config::ConfigError) -> Option<String> {
 /// Returns the message without the key and origin that the `config`
 /// crate appends, since the caller names the key itself.
 fn error_message(error: &config::ConfigError) -> String {
-    match error {
+    let message = match error {
         config::ConfigError::Type { unexpected, expected, .. } => format!("invalid type: {unexpected}, expected {expected}"),
         config::ConfigError::At { error, .. } => error.to_string(),
         other => other.to_string(),
+    };
+    with_enum_values(&message)
+}
+
+/// Replaces the `config` crate's "enum OutboxFullPolicy does not have
+/// variant constructor X", which names a Rust type, with the values the
+/// key takes.
+fn with_enum_values(message: &str) -> String {
+    const ENUMS: [(&str, &str); 2] = [("OutboxFullPolicy", "pause or drop_oldest"), ("LogFormat", "text or json")];
+    for (name, values) in ENUMS {
+        let prefix = format!("enum {name} does not have variant constructor ");
+        if let Some(value) = message.strip_prefix(&prefix) {
+            return format!("unknown value {value:?}: use {values}");
+        }
     }
+    message.to_string()
 }
 
 /// Returns N when `key` is exactly `sink[N]`.

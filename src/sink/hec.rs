@@ -273,6 +273,9 @@ impl HecTransport {
         let mut pause = ACK_POLL_FIRST;
         loop {
             let reply = self.post(&self.ack_url, query.clone()).await?;
+            if reply.status.is_redirection() {
+                return Err(reply.request_rejected(&self.ack_url, &self.redactor));
+            }
             if !reply.status.is_success() {
                 // Such as code 14 "ACK is disabled", for a token without acknowledgement.
                 let parsed = HecResponse::read(&reply.body);

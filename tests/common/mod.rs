@@ -149,8 +149,8 @@ pub async fn run_cli(args: &[&str]) -> Output {
 pub async fn run_cli_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     tokio::process::Command::new(binary())
         .args(args)
-        .envs(env.iter().copied())
         .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
         .env_remove("RUST_BACKTRACE")
         .output()
         .await
