@@ -286,7 +286,7 @@ fn load_config(path: &Path) -> Result<Config, ExitCode> {
 pub fn init_logging(format: LogFormat, level: &str) {
     // RUST_LOG wins over the config, unless it would leave out every line
     // of the forwarder by mistake (`RUST_LOG=warning`).
-    let from_env = std::env::var("RUST_LOG").ok().filter(|filter| match crate::config::log_filter_problem(filter) {
+    let from_env = std::env::var("RUST_LOG").ok().filter(|filter| !filter.trim().is_empty()).filter(|filter| match crate::config::log_filter_problem(filter) {
         Some(problem) => {
             eprintln!("warning: RUST_LOG is ignored: {problem}");
             false
@@ -294,8 +294,8 @@ pub fn init_logging(format: LogFormat, level: &str) {
         None => true,
     });
     let filter = from_env
-        .and_then(|filter| tracing_subscriber::EnvFilter::try_new(filter).ok())
-        .or_else(|| tracing_subscriber::EnvFilter::try_new(level).ok())
+        .and_then(|filter| tracing_subscriber::EnvFilter::try_new(crate::config::normalized_log_filter(&filter)).ok())
+        .or_else(|| tracing_subscriber::EnvFilter::try_new(crate::config::normalized_log_filter(level)).ok())
         .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
     // Colours only on a terminal: journald and log files get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());

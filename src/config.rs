@@ -52,29 +52,39 @@ fn check_quoted_secrets(path: &Path) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// Returns one spelling of the file `path` names: absolute, with `.` and
-/// `..` resolved, and with the symbolic links of its directory resolved
-/// when the directory exists, so two spellings of one file compare equal.
+/// Returns one spelling of the file `path` names, so two spellings of one
+/// file compare equal: the longest part of the path that exists is
+/// resolved by the file system (symbolic links, `.` and `..`, the file
+/// itself when it exists), and the rest is appended with `.` and `..`
+/// resolved as text.
 fn file_identity(path: &Path) -> PathBuf {
     let absolute = match std::env::current_dir() {
         Ok(dir) if path.is_relative() => dir.join(path),
         _ => path.to_path_buf(),
     };
-    let mut lexical = PathBuf::new();
-    for component in absolute.components() {
-        match component {
-            std::path::Component::CurDir => {}
-            std::path::Component::ParentDir => {
-                lexical.pop();
+    let components: Vec<_> = absolute.components().collect();
+    for existing in (1..=components.len()).rev() {
+        let prefix: PathBuf = components[..existing].iter().collect();
+        let Ok(mut identity) = std::fs::canonicalize(&prefix) else { continue };
+        for component in &components[existing..] {
+            match component {
+                std::path::Component::CurDir => {}
+                std::path::Component::ParentDir => {
+                    identity.pop();
+                }
+                other => identity.push(other),
             }
-            other => lexical.push(other),
         }
+        return identity;
     }
-    let resolved = lexical.parent().and_then(|dir| std::fs::canonicalize(dir).ok());
-    match (resolved, lexical.file_name()) {
-        (Some(dir), Some(name)) => dir.join(name),
-        _ => lexical,
-    }
+    absolute
+}
+
+/// Returns the device and inode of an existing file, which two hard links
+/// to it share.
+fn file_inode(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|metadata| (metadata.dev(), metadata.ino()))
 }
 
 /// Returns the TOML syntax error of the file at `path` with its line and
@@ -113,11 +123,19 @@ fn check_log_level(filter: &str) -> Result<(), ConfigError> {
 pub fn log_filter_problem(filter: &str) -> Option<String> {
     const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
     let fix = "use error, warn, info, debug or trace, or a tracing filter such as \"info,mde_forwarder=debug\"";
-    let is_level = |word: &str| LEVELS.iter().any(|known| known.eq_ignore_ascii_case(word.trim()));
+    // Level names, the numbers 0 to 5 that tracing also reads, and an
+    // empty level, which tracing reads as trace.
+    let is_level = |word: &str| word.is_empty() || LEVELS.iter().any(|known| known.eq_ignore_ascii_case(word)) || matches!(word, "0" | "1" | "2" | "3" | "4" | "5");
+    let filter = normalized_log_filter(filter);
+    if filter.is_empty() {
+        return Some(format!("the filter is empty, so it would log nothing; {fix}"));
+    }
     let mut logs_forwarder = false;
-    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
-        let (target, level) = match directive.rsplit_once('=') {
-            Some((target, level)) => (target.trim(), level.trim()),
+    for directive in filter.split(',') {
+        // A span filter such as `[{tenant=a}]` may contain `=` itself.
+        let after_spans = directive.rfind(']').map_or(0, |end| end + 1);
+        let (target, level) = match directive[after_spans..].rfind('=') {
+            Some(at) => (&directive[..after_spans + at], &directive[after_spans + at + 1..]),
             None if is_level(directive) => ("", directive),
             None => (directive, "trace"),
         };
@@ -127,20 +145,25 @@ pub fn log_filter_problem(filter: &str) -> Option<String> {
         if target.contains('-') {
             return Some(format!("{target:?} in {filter:?} is not a module name (module names use _, as in mde_forwarder); {fix}"));
         }
-        let forwarder = target.is_empty() || target.starts_with("mde_forwarder");
-        logs_forwarder |= forwarder;
-        if directive.eq_ignore_ascii_case("off") {
-            // Turning every line off on purpose is allowed.
-            logs_forwarder = true;
-        }
+        // The forwarder opens no spans, so only a plain level or its own
+        // module path selects its lines.
+        let forwarder = target.is_empty() || target == "mde_forwarder" || target.starts_with("mde_forwarder::");
+        // Turning every line off on purpose is allowed.
+        logs_forwarder |= forwarder || directive.eq_ignore_ascii_case("off");
     }
     if !logs_forwarder {
         return Some(format!("{filter:?} sets no level for the forwarder's own lines, so it would log nothing; {fix}"));
     }
-    if tracing_subscriber::EnvFilter::try_new(filter).is_err() {
+    if tracing_subscriber::EnvFilter::try_new(&filter).is_err() {
         return Some(format!("{filter:?} is not a valid tracing filter; {fix}"));
     }
     None
+}
+
+/// Returns `filter` without blanks around its directives: tracing reads
+/// `"info "` as a module named `info ` and then logs nothing.
+pub fn normalized_log_filter(filter: &str) -> String {
+    filter.split(',').map(str::trim).filter(|directive| !directive.is_empty()).collect::<Vec<_>>().join(",")
 }
 
 /// Rejects a number outside `min..=max`; durations far beyond any sensible
@@ -1213,7 +1236,7 @@ impl Config {
         if self.poll.retry_max_attempts == 0 {
             return Err(invalid("poll.retry_max_attempts", "must be at least 1"));
         }
-        if self.state.dir.as_os_str().is_empty() {
+        if self.state.dir.to_str().is_some_and(|dir| dir.trim().is_empty()) {
             return Err(invalid("state.dir", "is empty: set the directory for the checkpoints and the outbox, such as /var/lib/mde-forwarder"));
         }
         if self.state.max_outbox_bytes == 0 {
@@ -1234,17 +1257,18 @@ impl Config {
         }
         // Two file sinks on one file would cut each other's lines when one
         // of them undoes a failed write.
-        let mut files: Vec<(PathBuf, &str)> = Vec::new();
+        let mut files: Vec<(PathBuf, Option<(u64, u64)>, &str)> = Vec::new();
         for (i, sink) in self.sinks.iter().enumerate() {
             if let SinkConfig::File(f) = sink {
                 let path = file_identity(&f.path);
-                if let Some((_, other)) = files.iter().find(|(seen, _)| *seen == path) {
+                let inode = file_inode(&f.path);
+                if let Some((_, _, other)) = files.iter().find(|(seen, seen_inode, _)| *seen == path || (inode.is_some() && *seen_inode == inode)) {
                     return Err(invalid(
                         format!("sink[{i}].path"),
                         format!("{} is also the path of file sink {other:?}; two sinks writing one file can corrupt it, so give each its own file", f.path.display()),
                     ));
                 }
-                files.push((path, f.name.as_str()));
+                files.push((path, inode, f.name.as_str()));
             }
         }
         let mut names = HashSet::new();

@@ -166,8 +166,10 @@ fn enum_and_secret_values_explained() {
 /// time, without naming the key.
 #[test]
 fn empty_state_dir_rejected() {
-    let err = load(&BASE.replace("dir = \"/tmp/mde-forwarder-test-state\"", "dir = \"\""), &[]).unwrap_err();
-    assert!(err.contains("state.dir"), "{err}");
+    for dir in ["", " "] {
+        let err = load(&BASE.replace("dir = \"/tmp/mde-forwarder-test-state\"", &format!("dir = \"{dir}\"")), &[]).unwrap_err();
+        assert!(err.contains("state.dir"), "{err}");
+    }
     let err = load(BASE, &[("MDE_FORWARDER__STATE__DIR", "")]).unwrap_err();
     assert!(err.contains("MDE_FORWARDER__STATE__DIR"), "{err}");
 }
@@ -190,6 +192,19 @@ fn shared_file_path_rejected() {
     let (real, link) = (dir.path().join("real/a.jsonl"), dir.path().join("link/a.jsonl"));
     let text = format!("{BASE}{}{}", file("archive", real.to_str().unwrap()), file("copy", link.to_str().unwrap()));
     assert!(load(&text, &[]).unwrap_err().contains("sink[2].path"));
+    // Directories that do not exist yet, reached through the link, and a
+    // file that is a link to the other sink's file.
+    let (real, link) = (dir.path().join("real/new/a.jsonl"), dir.path().join("link/new/a.jsonl"));
+    let text = format!("{BASE}{}{}", file("archive", real.to_str().unwrap()), file("copy", link.to_str().unwrap()));
+    assert!(load(&text, &[]).unwrap_err().contains("sink[2].path"));
+    std::fs::write(dir.path().join("real/x.jsonl"), "").unwrap();
+    std::os::unix::fs::symlink(dir.path().join("real/x.jsonl"), dir.path().join("real/y.jsonl")).unwrap();
+    std::fs::hard_link(dir.path().join("real/x.jsonl"), dir.path().join("real/z.jsonl")).unwrap();
+    for other in ["y.jsonl", "z.jsonl"] {
+        let (x, y) = (dir.path().join("real/x.jsonl"), dir.path().join("real").join(other));
+        let text = format!("{BASE}{}{}", file("archive", x.to_str().unwrap()), file("copy", y.to_str().unwrap()));
+        assert!(load(&text, &[]).unwrap_err().contains("sink[2].path"), "{other}");
+    }
     let text = format!("{BASE}{}{}", file("archive", "/var/log/mde/a.jsonl"), file("copy", "/var/log/mde/b.jsonl"));
     assert!(load(&text, &[]).is_ok());
 
@@ -200,12 +215,12 @@ fn shared_file_path_rejected() {
 #[test]
 fn unknown_log_level_rejected() {
     let service = |level: &str| format!("{BASE}\n[service]\nlog_level = \"{level}\"\n");
-    for level in ["warning", "verbose", "info,hyper=loud", "mde-forwarder=debug", "", "hyper=debug"] {
+    for level in ["warning", "verbose", "info,hyper=loud", "mde-forwarder=debug", "", "hyper=debug", "mde_forwarderx=debug", "mde_forwarder[poll]=debug"] {
         let err = load(&service(level), &[]).unwrap_err();
         assert!(err.contains("service.log_level"), "{level}: {err}");
         assert!(err.contains("use error, warn, info, debug or trace"), "{level:?}: {err}");
     }
-    for level in ["warn", "WARN", "info,mde_forwarder=debug", "mde_forwarder::pipeline=trace", "off"] {
+    for level in ["warn", "WARN", "info,mde_forwarder=debug", "mde_forwarder::pipeline=trace", "off", "info ", " warn", "info, mde_forwarder=debug", "mde_forwarder=4", "mde_forwarder="] {
         assert!(load(&service(level), &[]).is_ok(), "{level}");
     }
     let err = load(&format!("{BASE}"), &[("MDE_FORWARDER__SERVICE__LOG_LEVEL", "warning")]).unwrap_err();

@@ -78,6 +78,11 @@ async fn mistaken_rust_log_ignored() {
     let log = stderr(&output);
     assert!(log.contains("warning: RUST_LOG is ignored"), "{log}");
     assert!(log.contains("poll complete"), "the config's level applies: {log}");
+
+    // Blanks around a level would make tracing read a module name.
+    let output = run_cli_env(&["run", "--once", "--config", config.to_str().unwrap()], &[("RUST_LOG", "info ")]).await;
+    assert_success(&output);
+    assert!(stderr(&output).contains("mde-forwarder started"), "{}", stderr(&output));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

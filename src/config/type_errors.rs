@@ -121,6 +121,9 @@ fn with_enum_values(message: &str) -> String {
         if let Some(value) = message.strip_prefix(&prefix) {
             return format!("unknown value {value:?}: use {values}");
         }
+        if message.starts_with(&format!("value of enum {name} ")) {
+            return format!("not a string: use {values}, in quotes");
+        }
     }
     message.to_string()
 }
