@@ -126,6 +126,7 @@ pub fn log_filter_problem(filter: &str) -> Option<String> {
     // Level names, the numbers 0 to 5 that tracing also reads, and an
     // empty level, which tracing reads as trace.
     let is_level = |word: &str| word.is_empty() || LEVELS.iter().any(|known| known.eq_ignore_ascii_case(word)) || matches!(word, "0" | "1" | "2" | "3" | "4" | "5");
+
     let filter = normalized_log_filter(filter);
     if filter.is_empty() {
         return Some(format!("the filter is empty, so it would log nothing; {fix}"));
@@ -151,6 +152,7 @@ pub fn log_filter_problem(filter: &str) -> Option<String> {
         // Turning every line off on purpose is allowed.
         logs_forwarder |= forwarder || directive.eq_ignore_ascii_case("off");
     }
+
     if !logs_forwarder {
         return Some(format!("{filter:?} sets no level for the forwarder's own lines, so it would log nothing; {fix}"));
     }
