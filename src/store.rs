@@ -1854,7 +1854,7 @@ mod tests {
             assert!(store.keep_invalid("t", b"[\"a\xfe\"]", "not valid UTF-8", now).unwrap());
             assert!(!store.keep_invalid("t", b"[\"a\xfe\"]", "not valid UTF-8", now).unwrap());
         }
-        let store = Store::open(dir.path()).unwrap();
+        let store = reopen(dir.path());
         let letters = store.dead_letters().unwrap();
         assert_eq!(letters.len(), 2);
         assert!(!letters[0].is_utf8());
@@ -1930,9 +1930,24 @@ mod tests {
                 store.enqueue("t", pair, None, Utc::now()).await.unwrap();
             }
         }
-        let store = Store::open(dir).unwrap();
+        let store = reopen(dir);
         let records = store.outbox.iter().values().map(|v| IndexEntry::decode(&v.unwrap()).unwrap().record).collect();
         (store, records)
+    }
+
+    /// Opens a store that this process just dropped. sled's pool threads can
+    /// hold the database lock a moment longer, so this tries for up to five
+    /// seconds.
+    fn reopen(dir: &Path) -> Store {
+        let mut last_error = None;
+        for _ in 0..50 {
+            match Store::open(dir) {
+                Ok(store) => return store,
+                Err(e) => last_error = Some(e),
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("cannot open the store again: {last_error:?}");
     }
 
     fn read_ids(store: &Store) -> Vec<String> {
@@ -1972,7 +1987,7 @@ mod tests {
         assert!(matches!(err, StoreError::RequeueDamaged { .. }), "{err}");
 
         drop(store);
-        let store = Store::open(dir.path()).unwrap();
+        let store = reopen(dir.path());
         assert_eq!(read_ids(&store), ["b0:0", "b0:1", "b2:0", "b2:1"], "set aside for good");
         assert_eq!(store.dead_letters().unwrap().len(), 2, "and only once");
     }
@@ -2195,7 +2210,7 @@ mod tests {
             db.open_tree("meta").unwrap().insert("schema_version", &2u32.to_be_bytes()).unwrap();
             db.flush().unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
+        let store = reopen(dir.path());
         let version = store.db.open_tree("meta").unwrap().get("schema_version").unwrap().unwrap();
         assert_eq!(version.as_ref(), 3u32.to_be_bytes());
     }
@@ -2208,7 +2223,17 @@ mod tests {
             db.open_tree("meta").unwrap().insert("schema_version", &7u32.to_be_bytes()).unwrap();
             db.flush().unwrap();
         }
-        let err = Store::open(dir.path()).err().unwrap();
+        let err = (0..50)
+            .find_map(|_| match Store::open(dir.path()) {
+                Err(StoreError::Open { .. }) => {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    None
+                }
+                other => Some(other),
+            })
+            .unwrap()
+            .err()
+            .unwrap();
         assert!(matches!(err, StoreError::Schema { found: 7, .. }), "{err}");
     }
 
@@ -2263,7 +2288,7 @@ mod tests {
 
             store.ack_with_dead_letters("a", read[1].0, &rejected).await.unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
+        let store = reopen(dir.path());
         assert_eq!(store.cursor("a").unwrap(), Some(position(1, 1)), "flushed with the letters");
         let letters = store.dead_letters().unwrap();
         assert_eq!(letters.len(), 2);
