@@ -53,10 +53,9 @@ fn check_quoted_secrets(path: &Path) -> Result<(), ConfigError> {
 }
 
 /// Returns one spelling of the file `path` names, so two spellings of one
-/// file compare equal: the longest part of the path that exists is
-/// resolved by the file system (symbolic links, `.` and `..`, the file
-/// itself when it exists), and the rest is appended with `.` and `..`
-/// resolved as text.
+/// file compare equal. The file system resolves the longest part of the
+/// path that exists (symbolic links, `.` and `..`, the file itself when it
+/// exists). The rest is appended with `.` and `..` resolved as text.
 fn file_identity(path: &Path) -> PathBuf {
     let absolute = match std::env::current_dir() {
         Ok(dir) if path.is_relative() => dir.join(path),
