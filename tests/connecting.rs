@@ -43,7 +43,16 @@ fn certificate_lines() -> String {
 }
 
 /// Returns an address on 127.0.0.1 where nothing listens.
+/// Returns a loopback address that refuses connections (see
+/// [`refusing_addr`]; a proxy test once exited 0 when a port freed on
+/// 127.0.0.1 was taken by another test's server).
 fn closed_addr() -> SocketAddr {
+    refusing_addr()
+}
+
+/// Returns an address on 127.0.0.1, which the test certificates name, for
+/// a receiver that only a proxy reaches: nothing connects to it directly.
+fn unused_local_addr() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
 
@@ -505,7 +514,7 @@ async fn https_through_connect_proxy_with_ca_file() {
     let front = tls_front(emulator.addr()).await;
     let proxy = TestProxy::start(emulator.addr(), Some(front)).await;
     let dir = tempfile::tempdir().unwrap();
-    let unreachable = closed_addr();
+    let unreachable = unused_local_addr();
     let archive = dir.path().join("a.jsonl");
     let lines = urls(&format!("https://{unreachable}")) + &certificate_lines();
     let poll = format!("proxy_url = \"http://{}\"\nca_file = \"{}\"", proxy.addr, data("tls-ca.pem").display());
@@ -540,7 +549,7 @@ async fn https_proxy_environment_variable_is_used() {
     let proxy = TestProxy::start(emulator.addr(), Some(front)).await;
     let dir = tempfile::tempdir().unwrap();
     let archive = dir.path().join("a.jsonl");
-    let lines = urls(&format!("https://{}", closed_addr())) + &secret_line(CLIENT_SECRET);
+    let lines = urls(&format!("https://{}", unused_local_addr())) + &secret_line(CLIENT_SECRET);
     let poll = format!("ca_file = \"{}\"", data("tls-ca.pem").display());
     let config = write_config(dir.path(), &poll, &tenant_with("contoso", &lines), &file_sink_toml("archive", &archive));
     let proxy_url = format!("http://{}", proxy.addr);
@@ -978,7 +987,7 @@ async fn failed_once_run_names_its_dead_letters() {
     let body = r#"[{"FullId":"good:1","LastProcessedTimeUtc":"2026-01-01T00:00:00Z"}, 42]"#.to_string();
     let (_api, tenant) = api_answering(body).await;
     let dir = tempfile::tempdir().unwrap();
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let closed = refusing_addr();
     let config = write_config(dir.path(), "", &tenant, &tcp_sink_toml("siem", closed));
 
     let output = run_once(&config).await;

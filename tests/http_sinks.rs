@@ -900,7 +900,7 @@ async fn http_sink_uses_its_proxy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_proxy_is_named() {
     // Nothing listens on this port once the listener is dropped.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let closed = refusing_addr();
     let proxy = format!("proxy_url = \"http://proxy-user:proxy-pass-987@{closed}\"");
     let env_proxy = format!("http://proxy-user:proxy-pass-987@{closed}");
     // NO_PROXY lets the forwarder reach the emulator directly.
@@ -934,7 +934,7 @@ async fn refused_proxy_is_named() {
 async fn probe_connects_to_the_sink_proxy() {
     let listening = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let open = listening.local_addr().unwrap();
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let closed = refusing_addr();
     let emulator = emulator_with_samples(EmulatorOptions::default()).await;
     for (proxy, reachable) in [(open, true), (closed, false)] {
         let proxy_line = format!("proxy_url = \"http://proxy-user:proxy-pass-456@{proxy}\"");
