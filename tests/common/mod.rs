@@ -25,7 +25,7 @@ pub const CLIENT_SECRET: &str = "Sup3r-S3cret-Value-For-Tests";
 /// Returns a loopback address that refuses connections, for a receiver or
 /// proxy that is down. It is on 127.0.0.2, where no test listens: a port
 /// just freed on 127.0.0.1 could be taken by a server of a test running
-/// beside this one, which would then answer in its place.
+/// beside this one, which would then reply in its place.
 pub fn refusing_addr() -> std::net::SocketAddr {
     let port = std::net::TcpListener::bind("127.0.0.2:0").unwrap().local_addr().unwrap().port();
     std::net::SocketAddr::from(([127, 0, 0, 2], port))
