@@ -44,16 +44,12 @@ pub(crate) fn through_proxy(proxy: Option<&str>) -> String {
     proxy.map(|proxy| format!(" through proxy {proxy}")).unwrap_or_default()
 }
 
-/// Returns the advice for a failed request through a proxy. A connect error
-/// there mostly means that the proxy refused or did not accept the
-/// connection in time, or rejected the tunnel to the server.
-// NOTE: a failed TLS handshake with the server inside the tunnel is a
-// connect error too. Only the cause in the message distinguishes them.
-pub(crate) fn proxy_advice(proxy: Option<&str>, source: &reqwest::Error) -> &'static str {
-    if proxy.is_some() && source.is_connect() {
-        "; the proxy refused the connection, timed out, or rejected the tunnel to the server: check that it is running, its credentials, and that it allows the host of the URL"
-    } else {
-        ""
+/// Returns the advice for a token or API request that failed through a
+/// proxy (see [`crate::sink::proxy_advice`]), or nothing without a proxy.
+pub(crate) fn proxy_advice(proxy: Option<&str>, source: &reqwest::Error) -> String {
+    match proxy {
+        Some(_) => crate::sink::proxy_advice(source, "server", "host of the URL"),
+        None => String::new(),
     }
 }
 

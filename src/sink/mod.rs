@@ -57,7 +57,7 @@ pub enum SinkError {
     ClientCertificateRequired { address: String },
     #[error("request to {url} failed: {}", crate::redact::error_chain(source))]
     Http { url: String, source: reqwest::Error },
-    #[error("request to {url} through proxy {proxy} failed: {}{}", crate::redact::error_chain(source), proxy_advice(source))]
+    #[error("request to {url} through proxy {proxy} failed: {}{}", crate::redact::error_chain(source), proxy_advice(source, "receiver", "receiver"))]
     HttpProxy { url: String, proxy: String, source: reqwest::Error },
     #[error("{url} returned HTTP {status}: {body}")]
     HttpStatus { url: String, status: u16, body: String, retry_after: Option<Duration> },
@@ -124,14 +124,15 @@ impl SinkError {
 
 /// Returns the advice for a failed request through a proxy. A connect error
 /// there mostly means that the proxy refused or did not accept the
-/// connection in time, or rejected the tunnel to the receiver.
-// NOTE: a failed TLS handshake with the receiver inside the tunnel is a
+/// connection in time, or rejected the tunnel to `peer`, which the advice
+/// asks to check that the proxy allows as `allowed`.
+// NOTE: a failed TLS handshake with the peer inside the tunnel is a
 // connect error too. Only the cause in the message distinguishes it.
-fn proxy_advice(source: &reqwest::Error) -> &'static str {
+pub(crate) fn proxy_advice(source: &reqwest::Error, peer: &str, allowed: &str) -> String {
     if source.is_connect() {
-        "; the proxy refused the connection, timed out, or rejected the tunnel to the receiver: check that it is running, its credentials and that it allows the receiver"
+        format!("; the proxy refused the connection, timed out, or rejected the tunnel to the {peer}: check that it is running, its credentials, and that it allows the {allowed}")
     } else {
-        ""
+        String::new()
     }
 }
 
