@@ -43,12 +43,6 @@ fn certificate_lines() -> String {
 }
 
 /// Returns an address on 127.0.0.1 where nothing listens.
-/// Returns a loopback address that refuses connections (see
-/// [`refusing_addr`]; a proxy test once exited 0 when a port freed on
-/// 127.0.0.1 was taken by another test's server).
-fn closed_addr() -> SocketAddr {
-    refusing_addr()
-}
 
 /// Returns an address on 127.0.0.1, which the test certificates name, for
 /// a receiver that only a proxy reaches: nothing connects to it directly.
@@ -987,7 +981,7 @@ async fn failed_once_run_names_its_dead_letters() {
     let body = r#"[{"FullId":"good:1","LastProcessedTimeUtc":"2026-01-01T00:00:00Z"}, 42]"#.to_string();
     let (_api, tenant) = api_answering(body).await;
     let dir = tempfile::tempdir().unwrap();
-    let closed = refusing_addr();
+    let closed = closed_addr();
     let config = write_config(dir.path(), "", &tenant, &tcp_sink_toml("siem", closed));
 
     let output = run_once(&config).await;

@@ -140,7 +140,7 @@ fn cef_number(line: &str, key: &str) -> u64 {
 async fn dead_sink_blocks_neither_polling_nor_other_sinks() {
     let emulator = emulator_with_samples(EmulatorOptions::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let closed = refusing_addr();
+    let closed = closed_addr();
     let archive = dir.path().join("archive.jsonl");
     let sinks = tcp_sink_toml("siem", closed) + &file_sink_toml("archive", &archive);
     let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &sinks);
@@ -163,7 +163,7 @@ async fn dead_sink_blocks_neither_polling_nor_other_sinks() {
 async fn full_outbox_pauses_polling_and_names_the_sink() {
     let emulator = emulator_with_samples(EmulatorOptions::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let closed = refusing_addr();
+    let closed = closed_addr();
     let mut config_text = tenant_toml("contoso", TENANT_ID, &emulator);
     config_text.push('\n');
     let config = write_config(dir.path(), "", &config_text, &tcp_sink_toml("siem", closed));
@@ -581,7 +581,7 @@ async fn read_only_state_is_a_clear_error() {
 async fn sigint_stops_once_run_within_grace() {
     let emulator = emulator_with_samples(EmulatorOptions::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let closed = refusing_addr();
+    let closed = closed_addr();
     let sink = tcp_sink_toml("siem", closed).replace("retry_initial_ms = 50", "retry_initial_ms = 8000").replace("retry_max_secs = 1", "retry_max_secs = 60");
     let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &sink);
     let mut child = Command::new(binary())
@@ -657,7 +657,7 @@ async fn damaged_spool_records_do_not_block_sinks() {
 /// Queues the 46 samples with `run --once` for a TCP sink `siem` whose
 /// receiver is down. Returns the config path and the tenant's TOML.
 async fn backlog_for_siem(dir: &Path, emulator: &Emulator) -> (std::path::PathBuf, String) {
-    let closed = refusing_addr();
+    let closed = closed_addr();
     let tenant = tenant_toml("contoso", TENANT_ID, emulator);
     let config = write_config(dir, "", &tenant, &tcp_sink_toml("siem", closed));
     let first = run_once(&config).await;

@@ -356,7 +356,7 @@ async fn odd_values_never_sink_the_batch() {
 async fn dead_sink_fails_once_run_and_keeps_detections() {
     let emulator = emulator_with_samples(EmulatorOptions::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let closed = refusing_addr();
+    let closed = closed_addr();
     let archive = dir.path().join("archive.jsonl");
     let sinks = tcp_sink_toml("siem", closed) + &file_sink_toml("archive", &archive);
     let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &sinks);

@@ -280,16 +280,7 @@ async fn hec_sink_fault_codes_retry_batch() {
     for (code, text, event_number, advice) in answers {
         let number = event_number.map(|n| format!(r#","invalid-event-number":{n}"#)).unwrap_or_default();
         let body = format!(r#"{{"text":"{text}","code":{code}{number}}}"#);
-        let receiver = HttpReceiver::start(move |request| if request.index < 2 { Answer::new(400, body.clone()) } else { hec_ok() }).await;
-        let (dir, output) = run_with(&hec_sink_toml(&receiver.url(), "")).await;
-        assert_success(&output);
-
-        let requests = receiver.requests_to(EVENT_PATH);
-        assert_eq!(requests.len(), 3, "code {code}");
-        for request in &requests {
-            assert_eq!(hec_events(&request.body).len(), 46, "code {code}: the whole batch is sent each time");
-        }
-        assert!(dead_letters(dir.path()).is_empty(), "code {code}");
+        let (dir, output) = hec_retried_twice(400, body, &format!("code {code}")).await;
         assert_eq!(pending(dir.path(), "splunk"), 0, "code {code}");
 
         let log = stderr(&output);
@@ -319,21 +310,28 @@ async fn hec_odd_answers_retry_batch() {
         (405, "".into(), "check the sink's url"),
     ];
     for (status, body, advice) in answers {
-        let answer = body.clone();
-        let receiver = HttpReceiver::start(move |request| if request.index < 2 { Answer::new(status, answer.clone()) } else { hec_ok() }).await;
-        let (dir, output) = run_with(&hec_sink_toml(&receiver.url(), "")).await;
-        let case = &body[..body.len().min(80)];
-        assert_success(&output);
-
-        let requests = receiver.requests_to(EVENT_PATH);
-        assert_eq!(requests.len(), 3, "{status} {case}");
-        for request in &requests {
-            assert_eq!(hec_events(&request.body).len(), 46, "{status} {case}: the whole batch is sent each time");
-        }
-        assert!(dead_letters(dir.path()).is_empty(), "{status} {case}");
+        let case = format!("{status} {}", &body[..body.len().min(80)]);
+        let (_dir, output) = hec_retried_twice(status, body, &case).await;
         let log = stderr(&output);
-        assert!(log.contains(advice), "{status} {case}: {log}");
+        assert!(log.contains(advice), "{case}: {log}");
     }
+}
+
+/// Runs `--once` against a HEC receiver that returns `status` and `body` to
+/// the first two event requests and accepts the third. Checks that the
+/// whole batch was sent each time and nothing became a dead letter.
+async fn hec_retried_twice(status: u16, body: String, case: &str) -> (tempfile::TempDir, std::process::Output) {
+    let receiver = HttpReceiver::start(move |request| if request.index < 2 { Answer::new(status, body.clone()) } else { hec_ok() }).await;
+    let (dir, output) = run_with(&hec_sink_toml(&receiver.url(), "")).await;
+    assert_success(&output);
+
+    let requests = receiver.requests_to(EVENT_PATH);
+    assert_eq!(requests.len(), 3, "{case}");
+    for request in &requests {
+        assert_eq!(hec_events(&request.body).len(), 46, "{case}: the whole batch is sent each time");
+    }
+    assert!(dead_letters(dir.path()).is_empty(), "{case}");
+    (dir, output)
 }
 
 /// A HEC token with indexer acknowledgement off returns 200 without an
@@ -900,7 +898,7 @@ async fn http_sink_uses_its_proxy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_proxy_is_named() {
     // Nothing listens on this port once the listener is dropped.
-    let closed = refusing_addr();
+    let closed = closed_addr();
     let proxy = format!("proxy_url = \"http://proxy-user:proxy-pass-987@{closed}\"");
     let env_proxy = format!("http://proxy-user:proxy-pass-987@{closed}");
     // NO_PROXY lets the forwarder reach the emulator directly.
@@ -934,7 +932,7 @@ async fn refused_proxy_is_named() {
 async fn probe_connects_to_the_sink_proxy() {
     let listening = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let open = listening.local_addr().unwrap();
-    let closed = refusing_addr();
+    let closed = closed_addr();
     let emulator = emulator_with_samples(EmulatorOptions::default()).await;
     for (proxy, reachable) in [(open, true), (closed, false)] {
         let proxy_line = format!("proxy_url = \"http://proxy-user:proxy-pass-456@{proxy}\"");

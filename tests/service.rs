@@ -203,7 +203,7 @@ async fn sighup_adds_sink_that_gets_new_detections() {
 async fn sigterm_during_reload_skips_the_new_config() {
     let emulator = emulator_with_samples(EmulatorOptions::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let closed = refusing_addr();
+    let closed = closed_addr();
     let tenant = tenant_toml("contoso", TENANT_ID, &emulator);
     let config = write_config(dir.path(), "", &tenant, &tcp_sink_toml("siem", closed));
     let daemon = Daemon::start(&config, &[]);
@@ -339,7 +339,7 @@ async fn health_is_503_with_reason_for_failing_tenant() {
 async fn repeated_sink_errors_are_logged_once_per_window() {
     let emulator = emulator_with_samples(EmulatorOptions::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let closed = refusing_addr();
+    let closed = closed_addr();
     let config = write_config(dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &tcp_sink_toml("siem", closed));
     let daemon = Daemon::start(&config, &[]);
     // retry_initial_ms = 50 and retry_max_secs = 1: about ten attempts in 3 s.
@@ -381,7 +381,7 @@ async fn secrets_and_tokens_never_logged() {
     const WRONG_SECRET: &str = "Wr0ng-Secret-Value-Never-Logged";
     let emulator = emulator_with_samples(EmulatorOptions::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let closed = refusing_addr();
+    let closed = closed_addr();
     let archive = dir.path().join("a.jsonl");
     let sinks = tcp_sink_toml("siem", closed) + &file_sink_toml("archive", &archive);
     let good = tenant_toml("contoso", TENANT_ID, &emulator);
@@ -428,7 +428,7 @@ async fn check_config_exit_codes() {
     assert!(stdout(&probed).contains("tenant contoso: token ok"), "{}", stdout(&probed));
     assert!(stdout(&probed).contains(&format!("sink siem: connected to {}", receiver.addr)), "{}", stdout(&probed));
 
-    let closed = refusing_addr();
+    let closed = closed_addr();
     let dead_sink_dir = tempfile::tempdir().unwrap();
     let dead_sink = write_config(dead_sink_dir.path(), "", &tenant_toml("contoso", TENANT_ID, &emulator), &tcp_sink_toml("siem", closed));
     let failed = run_cli(&["check-config", "--probe", "--config", dead_sink.to_str().unwrap()]).await;

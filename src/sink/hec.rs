@@ -298,11 +298,11 @@ impl HecTransport {
         }
     }
 
-    fn bad_response(&self, url: &str, reply: &Reply, what: &str) -> SinkError {
+    fn bad_response(&self, url: &str, reply: &Reply, problem: &str) -> SinkError {
         SinkError::BadResponse {
             url: crate::redact::url(url),
             status: reply.status.as_u16(),
-            body: format!("{what}: {}", reply.excerpt(&self.redactor)),
+            body: format!("{problem}: {}", reply.excerpt(&self.redactor)),
         }
     }
 }

@@ -124,8 +124,8 @@ impl SinkError {
 
 /// Returns the advice for a failed request through a proxy. A connect error
 /// there mostly means that the proxy refused or did not accept the
-/// connection in time, or rejected the tunnel to `peer`, which the advice
-/// asks to check that the proxy allows as `allowed`.
+/// connection in time, or rejected the tunnel to `peer`. The advice names
+/// `allowed` as what the proxy must let through.
 // NOTE: a failed TLS handshake with the peer inside the tunnel is a
 // connect error too. Only the cause in the message distinguishes it.
 pub(crate) fn proxy_advice(source: &reqwest::Error, peer: &str, allowed: &str) -> String {

@@ -22,11 +22,11 @@ pub const TENANT_ID: &str = "11111111-2222-3333-4444-555555555555";
 pub const CLIENT_ID: &str = "test-client";
 pub const CLIENT_SECRET: &str = "Sup3r-S3cret-Value-For-Tests";
 
-/// Returns a loopback address that refuses connections, for a receiver or
+/// Returns a loopback address where nothing listens, for a receiver or
 /// proxy that is down. It is on 127.0.0.2, where no test listens: a port
 /// just freed on 127.0.0.1 could be taken by a server of a test running
 /// beside this one, which would then reply in its place.
-pub fn refusing_addr() -> std::net::SocketAddr {
+pub fn closed_addr() -> std::net::SocketAddr {
     let port = std::net::TcpListener::bind("127.0.0.2:0").unwrap().local_addr().unwrap().port();
     std::net::SocketAddr::from(([127, 0, 0, 2], port))
 }
