@@ -412,6 +412,34 @@ async fn tls_missing_client_certificate_fails() {
     assert_eq!(pending(dir.path(), "rsyslog"), 46, "nothing counted as delivered");
 }
 
+/// rsyslog requires a client certificate and does not trust the one the
+/// sink sends (signed by another CA). With TLS 1.3 the rejection comes after
+/// the sink's handshake: the run fails and every detection stays queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_untrusted_client_certificate_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = TestCerts::create(&dir.path().join("certs"));
+    let other = TestCerts::create(&dir.path().join("other-ca"));
+    let rsyslog = Rsyslog::start(dir.path(), Some((&certs, ClientAuth::Required)));
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let extra = format!(
+        "framing = \"octet-counting\"\n{}\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"",
+        tls_keys(&certs),
+        other.client_cert.display(),
+        other.client_key.display()
+    );
+    let sink = syslog_sink(rsyslog.tls.unwrap(), "tls", &extra);
+    let output = run_to(dir.path(), &emulator, &sink).await;
+
+    let log = stderr(&output);
+    assert!(!output.status.success(), "{log}");
+    assert!(log.contains("rejected this sink's client certificate"), "{log}");
+    assert!(!log.contains("delivery recovered"), "{log}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(rsyslog.received().is_empty());
+    assert_eq!(pending(dir.path(), "rsyslog"), 46, "nothing counted as delivered");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_untrusted_server_certificate_fails() {
     let dir = tempfile::tempdir().unwrap();

@@ -188,13 +188,13 @@ fn syslog_tls(key: &str, s: &SyslogSinkConfig) -> Result<TlsSettings, ConfigErro
         (Some(cert_file), Some(key_file)) => Some(ClientIdentity { cert_file, key_file }),
         _ => None,
     };
-    let (config, no_certificate) = client_config_watching(key, &s.tls, identity)?;
+    let (config, certificate) = client_config_watching(key, &s.tls, identity)?;
     let name = s.server_name();
     let server_name = rustls_pki_types::ServerName::try_from(name.clone()).map_err(|_| ConfigError::Invalid {
         key: format!("{key}.tls_server_name"),
         message: format!("{name:?} is not a DNS name or IP address; set tls_server_name to the name in the receiver's certificate"),
     })?;
-    Ok(TlsSettings::new(config, server_name).watching(no_certificate))
+    Ok(TlsSettings::new(config, server_name).watching(certificate))
 }
 
 /// Warns about checkpoints of tenants that are not in the config. A tenant

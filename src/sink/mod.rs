@@ -55,6 +55,8 @@ pub enum SinkError {
     Tls { address: String, source: io::Error },
     #[error("{address} requires a client certificate (mutual TLS) and rejected the session without one; set tls_cert_file and tls_key_file of this sink")]
     ClientCertificateRequired { address: String },
+    #[error("{address} rejected this sink's client certificate{alert}; check that the receiver trusts the CA that signed tls_cert_file, that the certificate has not expired, and that it is meant for client authentication")]
+    ClientCertificateRejected { address: String, alert: String },
     #[error("request to {url} failed: {}", crate::redact::error_chain(source))]
     Http { url: String, source: reqwest::Error },
     #[error("request to {url} through proxy {proxy} failed: {}{}", crate::redact::error_chain(source), proxy_advice(source, "receiver", "receiver"))]

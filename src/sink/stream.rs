@@ -17,35 +17,36 @@ use tokio::time::{timeout, Instant};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use super::tls::NoClientCertificate;
+use super::tls::SinkCertificate;
 use super::{Batch, SinkError};
 
 /// What TLS needs to open a session: settings and the name to verify.
 pub struct TlsSettings {
     pub connector: TlsConnector,
     pub server_name: ServerName<'static>,
-    /// The counter of the receiver's certificate requests, when the sink has no client certificate.
-    no_certificate: Option<Arc<NoClientCertificate>>,
+    /// The sink's client certificate, which counts the receiver's requests for it.
+    certificate: Option<Arc<SinkCertificate>>,
 }
 
 impl TlsSettings {
     pub fn new(config: Arc<rustls::ClientConfig>, server_name: ServerName<'static>) -> Self {
-        Self { connector: TlsConnector::from(config), server_name, no_certificate: None }
+        Self { connector: TlsConnector::from(config), server_name, certificate: None }
     }
 
-    /// Makes the sink wait for the receiver's verdict when it requested a
-    /// client certificate that the config does not set (see
-    /// [`NoClientCertificate`]).
-    pub fn watching(self, no_certificate: Option<Arc<NoClientCertificate>>) -> Self {
-        Self { no_certificate, ..self }
+    /// Makes the sink wait for the receiver's verdict on the client
+    /// certificate, or its absence, when the receiver requested one (see
+    /// [`SinkCertificate`]).
+    pub fn watching(self, certificate: Arc<SinkCertificate>) -> Self {
+        Self { certificate: Some(certificate), ..self }
     }
 }
 
-/// How long a sink without a client certificate waits, after a handshake in
-/// which the receiver requested one, for the receiver to reject the session
-/// before it writes. A TLS 1.3 receiver that requires the certificate
-/// rejects the session right after the handshake. One whose request is
-/// optional sends nothing, so each of its sessions starts this much later.
+/// How long a sink waits, after a TLS 1.3 handshake in which the receiver
+/// requested a client certificate, for the receiver to reject the session
+/// before it writes. A receiver that requires a certificate the sink does
+/// not have, or does not trust the one it sent, rejects the session right
+/// after the handshake. One that accepts sends nothing, so each of its
+/// sessions starts this much later.
 /// NOTE: a receiver that rejects later than this is not detected.
 const CLIENT_CERTIFICATE_VERDICT: Duration = Duration::from_secs(1);
 
@@ -147,15 +148,29 @@ impl StreamTransport {
         let Some(tls) = &self.tls else {
             return Ok((Connection::Plain(stream), false));
         };
-        let requests_before = tls.no_certificate.as_ref().map(|stand_in| stand_in.requests());
-        let requested = || tls.no_certificate.as_ref().map(|stand_in| stand_in.requests()) != requests_before;
+        let requests_before = tls.certificate.as_ref().map(|certificate| certificate.requests());
+        let requested = || tls.certificate.as_ref().map(|certificate| certificate.requests()) != requests_before;
         let session = match tls.connector.connect(tls.server_name.clone(), stream).await {
             Ok(session) => session,
-            // TLS 1.2 rejects a missing certificate inside the handshake.
-            Err(source) if requested() && rejected_by_peer(&source) => return Err(SinkError::ClientCertificateRequired { address }),
+            // TLS 1.2 checks the client's certificate inside the handshake.
+            Err(source) if requested() && rejected_by_peer(&source) => return Err(self.certificate_rejected(Some(&source))),
             Err(source) => return Err(SinkError::Tls { address, source }),
         };
-        Ok((Connection::Tls(Box::new(session)), requested()))
+        let tls13 = session.get_ref().1.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3);
+        Ok((Connection::Tls(Box::new(session)), tls13 && requested()))
+    }
+
+    /// The error for a receiver that rejected the session after it
+    /// requested a client certificate: the sink has none, or the receiver
+    /// does not accept the one it sent.
+    fn certificate_rejected(&self, source: Option<&io::Error>) -> SinkError {
+        let address = self.address.clone();
+        let present = self.tls.as_ref().and_then(|tls| tls.certificate.as_ref()).is_some_and(|certificate| certificate.present());
+        if !present {
+            return SinkError::ClientCertificateRequired { address };
+        }
+        let alert = source.and_then(received_alert).map(|alert| format!(" (TLS alert {alert:?})")).unwrap_or_default();
+        SinkError::ClientCertificateRejected { address, alert }
     }
 
     /// Waits up to [`CLIENT_CERTIFICATE_VERDICT`] for a receiver that
@@ -167,18 +182,18 @@ impl StreamTransport {
         let address = self.address.clone();
         let mut buf = [0u8; 512];
         match timeout(CLIENT_CERTIFICATE_VERDICT, session.read(&mut buf)).await {
-            Ok(Ok(0)) => Err(SinkError::ClientCertificateRequired { address }),
+            Ok(Ok(0)) => Err(self.certificate_rejected(None)),
             // Some receivers (rsyslog with GnuTLS) close without an alert.
             Ok(Err(source)) if rejected_by_peer(&source) || source.kind() == io::ErrorKind::UnexpectedEof => {
-                Err(SinkError::ClientCertificateRequired { address })
+                Err(self.certificate_rejected(Some(&source)))
             }
             Ok(Err(source)) => Err(SinkError::Send { address, source }),
             // Nothing, or data a syslog receiver should not send: the
             // session is accepted.
             Err(_) | Ok(Ok(_)) => {
-                let stand_in = self.tls.as_ref().and_then(|tls| tls.no_certificate.as_ref());
-                if let Some(stand_in) = stand_in.filter(|stand_in| !stand_in.accepted_without()) {
-                    stand_in.set_accepted_without();
+                let certificate = self.tls.as_ref().and_then(|tls| tls.certificate.as_ref());
+                if let Some(certificate) = certificate.filter(|c| !c.present() && !c.accepted_without()) {
+                    certificate.set_accepted_without();
                     tracing::info!(
                         address = %address,
                         "the receiver requested a client certificate and accepted this sink's session without one; set tls_cert_file and tls_key_file if it should get one. Each new session waits up to 1 s for the receiver to reject it"
@@ -233,7 +248,15 @@ impl StreamTransport {
 /// True when a failed handshake ended with an alert from the receiver, not
 /// with a check of this side (such as the receiver's certificate).
 fn rejected_by_peer(error: &io::Error) -> bool {
-    error.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()).is_some_and(|e| matches!(e, rustls::Error::AlertReceived(_)))
+    received_alert(error).is_some()
+}
+
+/// The alert the receiver sent, when the error is one.
+fn received_alert(error: &io::Error) -> Option<rustls::AlertDescription> {
+    match error.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::AlertReceived(alert)) => Some(*alert),
+        _ => None,
+    }
 }
 
 /// Reads (and discards) whatever the peer sent; true when it closed or reset.
@@ -337,13 +360,14 @@ mod tests {
 
     const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data");
 
-    /// Starts a TLS receiver that requests a client certificate, optional while
-    /// `required` is false, required after. It keeps the lines it receives.
+    /// Starts a TLS receiver that requests a client certificate signed by
+    /// `tls-client-ca.pem`, optional while `required` is false, required
+    /// after. It keeps the lines it receives.
     async fn receiver(required: Arc<AtomicBool>, received: Arc<std::sync::Mutex<Vec<u8>>>) -> std::net::SocketAddr {
         #[allow(deprecated)]
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = rustls::RootCertStore::empty();
-        roots.add(CertificateDer::from_pem_file(format!("{DATA}/tls-ca.pem")).unwrap()).unwrap();
+        roots.add(CertificateDer::from_pem_file(format!("{DATA}/tls-client-ca.pem")).unwrap()).unwrap();
         let roots = Arc::new(roots);
 
         let chain = vec![CertificateDer::from_pem_file(format!("{DATA}/tls-server-cert.pem")).unwrap()];
@@ -392,8 +416,8 @@ mod tests {
         let received = Arc::new(std::sync::Mutex::new(Vec::new()));
         let address = receiver(required.clone(), received.clone()).await;
         let tls = crate::config::TlsConfig { tls_ca_file: Some(format!("{DATA}/tls-ca.pem").into()), tls_insecure_skip_verify: false };
-        let (config, no_certificate) = crate::sink::tls::client_config_watching("sink[0]", &tls, None).unwrap();
-        let settings = TlsSettings::new(config, ServerName::try_from("localhost").unwrap()).watching(no_certificate);
+        let (config, certificate) = crate::sink::tls::client_config_watching("sink[0]", &tls, None).unwrap();
+        let settings = TlsSettings::new(config, ServerName::try_from("localhost").unwrap()).watching(certificate);
         let mut transport = StreamTransport::new(address.to_string(), Some(settings), Duration::from_secs(5), Duration::from_secs(5));
         let mut batch = Batch::default();
         batch.push_message(b"first\n");
@@ -408,6 +432,58 @@ mod tests {
         let error = transport.send(&batch).await.expect_err("every new session is checked");
         assert!(matches!(error, SinkError::ClientCertificateRequired { .. }), "{error}");
         assert_eq!(received.lock().unwrap().as_slice(), b"first\n");
+    }
+
+    /// A transport to `address` with the client certificate in
+    /// `tests/data/{name}-cert.pem` and its key.
+    fn transport_with_certificate(address: std::net::SocketAddr, name: &str) -> StreamTransport {
+        let tls = crate::config::TlsConfig { tls_ca_file: Some(format!("{DATA}/tls-ca.pem").into()), tls_insecure_skip_verify: false };
+        let (cert_file, key_file) = (format!("{DATA}/{name}-cert.pem"), format!("{DATA}/{name}-key.pem"));
+        let identity = crate::sink::tls::ClientIdentity { cert_file: cert_file.as_ref(), key_file: key_file.as_ref() };
+        let (config, certificate) = crate::sink::tls::client_config_watching("sink[0]", &tls, Some(identity)).unwrap();
+        let settings = TlsSettings::new(config, ServerName::try_from("localhost").unwrap()).watching(certificate);
+        StreamTransport::new(address.to_string(), Some(settings), Duration::from_secs(5), Duration::from_secs(5))
+    }
+
+    /// A TLS 1.3 receiver that does not trust the sink's client certificate
+    /// rejects it only after the sink's handshake is complete. No batch may
+    /// count as delivered into such a session.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn untrusted_client_certificate_delivers_nothing() {
+        let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let address = receiver(Arc::new(AtomicBool::new(true)), received.clone()).await;
+        // Self-signed, so the receiver does not trust it.
+        let mut transport = transport_with_certificate(address, "client");
+        let mut batch = Batch::default();
+        batch.push_message(b"line\n");
+        for _ in 0..10 {
+            let error = transport.send(&batch).await.expect_err("every session is rejected");
+            assert!(matches!(error, SinkError::ClientCertificateRejected { .. }), "{error}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rejection_names_the_receivers_alert() {
+        let address = receiver(Arc::new(AtomicBool::new(true)), Arc::default()).await;
+        let mut transport = transport_with_certificate(address, "client");
+        let mut batch = Batch::default();
+        batch.push_message(b"line\n");
+        let error = transport.send(&batch).await.expect_err("the session is rejected").to_string();
+        assert!(error.contains("alert"), "{error}");
+    }
+
+    /// The same receiver accepts a certificate signed by the CA it trusts,
+    /// after the sink waited for its verdict.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn trusted_client_certificate_delivers() {
+        let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let address = receiver(Arc::new(AtomicBool::new(true)), received.clone()).await;
+        let mut transport = transport_with_certificate(address, "tls-client");
+        let mut batch = Batch::default();
+        batch.push_message(b"line\n");
+        transport.send(&batch).await.expect("a trusted certificate is accepted");
+        transport.send(&batch).await.expect("the session stays open");
+        assert!(wait_until_received(&received, b"line\nline\n").await, "both batches arrive");
     }
 
     async fn wait_until_received(received: &std::sync::Mutex<Vec<u8>>, expected: &[u8]) -> bool {

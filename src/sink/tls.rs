@@ -21,25 +21,32 @@ pub struct ClientIdentity<'a> {
     pub key_file: &'a Path,
 }
 
-/// Stands in for the client certificate of a sink that has none, and counts
-/// the handshakes in which the receiver requested one.
+/// Hands the receiver the sink's client certificate, if the sink has one,
+/// and counts the handshakes in which the receiver requested it.
 ///
-/// In TLS 1.3 a receiver that requires a certificate rejects the session
-/// only after the client's handshake is complete, so a sink that wrote its
-/// batch at once would see it acknowledged by TCP and then discarded. The
-/// sink waits for the receiver's verdict before writing when the count grew.
+/// In TLS 1.3 a receiver checks the client's certificate (or its absence)
+/// only after the client's handshake is complete. A sink that wrote its
+/// batch at once would see it acknowledged by TCP and then discarded with
+/// the session, so the sink waits for the receiver's verdict before writing
+/// when the count grew.
 #[derive(Debug, Default)]
-pub struct NoClientCertificate {
+pub struct SinkCertificate {
+    key: Option<Arc<CertifiedKey>>,
     requests: AtomicU64,
     /// The receiver once accepted a session without a certificate, which
     /// is then logged no more.
     accepted_without: AtomicBool,
 }
 
-impl NoClientCertificate {
+impl SinkCertificate {
     /// Handshakes so far in which the receiver requested a certificate.
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
+    }
+
+    /// True when the sink has a certificate to send.
+    pub fn present(&self) -> bool {
+        self.key.is_some()
     }
 
     pub fn accepted_without(&self) -> bool {
@@ -51,14 +58,14 @@ impl NoClientCertificate {
     }
 }
 
-impl ResolvesClientCert for NoClientCertificate {
+impl ResolvesClientCert for SinkCertificate {
     fn resolve(&self, _root_hint_subjects: &[&[u8]], _sigschemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        None
+        self.key.clone()
     }
 
     fn has_certs(&self) -> bool {
-        false
+        self.key.is_some()
     }
 }
 
@@ -67,13 +74,13 @@ pub fn client_config(key: &str, tls: &TlsConfig, identity: Option<ClientIdentity
     client_config_watching(key, tls, identity).map(|(config, _)| config)
 }
 
-/// Builds the settings as [`client_config`] does. Without `identity`, also
-/// returns the stand-in that counts the receiver's certificate requests.
+/// Builds the settings as [`client_config`] does, and returns the client
+/// certificate's resolver, which counts the receiver's requests for it.
 pub fn client_config_watching(
     key: &str,
     tls: &TlsConfig,
     identity: Option<ClientIdentity<'_>>,
-) -> Result<(Arc<ClientConfig>, Option<Arc<NoClientCertificate>>), ConfigError> {
+) -> Result<(Arc<ClientConfig>, Arc<SinkCertificate>), ConfigError> {
     // rustls 0.23.48 marks the ring provider deprecated because it has no
     // post-quantum key exchange. This build keeps ring, which reqwest here
     // already uses, so that aws-lc and its C toolchain are not needed.
@@ -87,27 +94,25 @@ pub fn client_config_watching(
     } else {
         builder.with_root_certificates(root_store(key, tls.tls_ca_file.as_deref())?)
     };
-    let (config, stand_in) = match identity {
+    let key = match identity {
         Some(identity) => {
             let chain = read_certificates(key, "tls_cert_file", identity.cert_file)?;
             let private_key = PrivateKeyDer::from_pem_file(identity.key_file).map_err(|e| {
                 invalid(key, "tls_key_file", format!("cannot read a PEM private key from {}: {e}", identity.key_file.display()))
             })?;
-            let config = builder
-                .with_client_auth_cert(chain, private_key)
+            let certified = CertifiedKey::from_der(chain, private_key, builder.crypto_provider())
                 .map_err(|e| invalid(key, "tls_key_file", format!("does not match tls_cert_file: {e}")))?;
-            (config, None)
+            Some(Arc::new(certified))
         }
-        None => {
-            let stand_in = Arc::new(NoClientCertificate::default());
-            let mut config = builder.with_client_cert_resolver(stand_in.clone());
-            // A resumed TLS 1.3 session has no certificate request, so the
-            // sink could not tell that a receiver now requires one.
-            config.resumption = rustls::client::Resumption::disabled();
-            (config, Some(stand_in))
-        }
+        None => None,
     };
-    Ok((Arc::new(config), stand_in))
+    let certificate = Arc::new(SinkCertificate { key, ..SinkCertificate::default() });
+    let mut config = builder.with_client_cert_resolver(certificate.clone());
+    // A resumed TLS 1.3 session has no certificate request, so the sink
+    // could not tell that a receiver now requires a certificate, or no
+    // longer trusts this one.
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok((Arc::new(config), certificate))
 }
 
 fn root_store(key: &str, ca_file: Option<&Path>) -> Result<RootCertStore, ConfigError> {
