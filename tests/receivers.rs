@@ -412,6 +412,58 @@ async fn tls_missing_client_certificate_fails() {
     assert_eq!(pending(dir.path(), "rsyslog"), 46, "nothing counted as delivered");
 }
 
+/// Starts a TCP receiver that closes its first `refused` connections 50 ms
+/// after accepting them, without reading, as syslog-ng does at its
+/// `max-connections`. It reads the connections after those to the end.
+async fn refusing_receiver(refused: usize) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = received.clone();
+    tokio::spawn(async move {
+        let mut accepted = 0;
+        while let Ok((mut stream, _)) = listener.accept().await {
+            accepted += 1;
+            if accepted <= refused {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                drop(stream);
+                continue;
+            }
+            let kept = kept.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n @ 1..) = stream.read(&mut buf).await {
+                    kept.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+    });
+    (address, received)
+}
+
+/// Each refused connection had been acknowledged by TCP; none of its
+/// batches may count as delivered, so every detection arrives once the
+/// receiver reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_closed_unread_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let (address, received) = refusing_receiver(3).await;
+    let sink = syslog_sink(address, "tcp", "");
+
+    let output = run_to(dir.path(), &emulator, &sink).await;
+
+    assert_success(&output);
+    assert!(stderr(&output).contains("it is sent again"), "{}", stderr(&output));
+    let expected: std::collections::HashSet<String> = sample_full_ids().into_iter().collect();
+    let text = String::from_utf8(received.lock().unwrap().clone()).unwrap();
+    let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    let counts = count_full_ids(&lines);
+    assert_eq!(counts.keys().cloned().collect::<std::collections::HashSet<_>>(), expected);
+    assert!(counts.values().all(|&n| n == 1), "{counts:?}");
+}
+
 /// rsyslog requires a client certificate and does not trust the one the
 /// sink sends (signed by another CA). With TLS 1.3 the rejection comes after
 /// the sink's handshake: the run fails and every detection stays queued.

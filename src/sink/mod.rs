@@ -47,6 +47,10 @@ pub enum SinkError {
     SendTimeout { address: String, secs: u64 },
     #[error("{address} closed the connection before acknowledging the batch; it is sent again")]
     PeerClosed { address: String },
+    /// A receiver that reset a new connection after its TCP stack
+    /// acknowledged the first batch.
+    #[error("{address} accepted the connection and reset it without reading the batch; it is sent again. A receiver does this at its connection limit (syslog-ng max-connections, rsyslog MaxSessions) or when it refuses this host")]
+    ClosedUnread { address: String },
     #[error("write to {path} failed: {source}")]
     File { path: PathBuf, source: io::Error },
     #[error("write to standard output failed: {0}")]

@@ -50,6 +50,16 @@ impl TlsSettings {
 /// NOTE: a receiver that rejects later than this is not detected.
 const CLIENT_CERTIFICATE_VERDICT: Duration = Duration::from_secs(1);
 
+/// How long the first batch on a new connection must go without a reset,
+/// after the receiver's TCP stack acknowledged it, before it counts as
+/// delivered. A receiver at its connection limit, or one that refuses the
+/// sender's address, accepts the connection and closes it unread a moment
+/// later. Without the wait, the sink would count one batch per connection
+/// as delivered into it. Later batches on the connection do not wait.
+/// NOTE: a receiver that closes a new connection later than this is not
+/// detected.
+const NEW_CONNECTION_SETTLE: Duration = Duration::from_millis(250);
+
 enum Connection {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
@@ -85,12 +95,17 @@ impl Connection {
     }
 
     /// True only for a reset: a plain close (FIN) after reading is not a loss.
+    /// The socket's pending error comes first: a reset that followed a FIN
+    /// reads as a plain end of stream.
     fn peer_reset(&self) -> bool {
+        if socket_error(self.socket()).is_some() {
+            return true;
+        }
         match self {
             Connection::Plain(stream) => peer_reset(stream),
             // Reading the socket here would take bytes away from the TLS
-            // layer, so the reset is read from the socket's pending error.
-            Connection::Tls(stream) => socket_error(stream.get_ref().0).is_some(),
+            // layer.
+            Connection::Tls(_) => false,
         }
     }
 }
@@ -99,6 +114,8 @@ pub struct StreamTransport {
     address: String,
     tls: Option<TlsSettings>,
     stream: Option<Connection>,
+    /// True until the first batch on the current connection has settled.
+    fresh: bool,
     connect_timeout: Duration,
     write_timeout: Duration,
 }
@@ -106,7 +123,7 @@ pub struct StreamTransport {
 impl StreamTransport {
     /// A plain TCP transport when `tls` is `None`.
     pub fn new(address: String, tls: Option<TlsSettings>, connect_timeout: Duration, write_timeout: Duration) -> Self {
-        Self { address, tls, stream: None, connect_timeout, write_timeout }
+        Self { address, tls, stream: None, fresh: false, connect_timeout, write_timeout }
     }
 
     async fn connect(&mut self) -> Result<&mut Connection, SinkError> {
@@ -131,6 +148,7 @@ impl StreamTransport {
             }
             tracing::info!(address = %address, tls = self.tls.is_some(), "connected");
             self.stream = Some(connection);
+            self.fresh = true;
         }
         self.stream.as_mut().ok_or_else(|| SinkError::PeerClosed { address: self.address.clone() })
     }
@@ -231,15 +249,24 @@ impl StreamTransport {
         // batch still in our send queue is never counted as delivered.
         // An ioctl failure leaves the queue unknown, so the batch is sent again.
         while unacknowledged_bytes(stream.socket()).map_err(|source| SinkError::Send { address: address.clone(), source })? > 0 {
+            // A reset leaves the unacknowledged bytes in the count forever.
+            if socket_error(stream.socket()).is_some() {
+                return Err(SinkError::PeerClosed { address });
+            }
             if Instant::now() >= deadline {
                 return Err(timed_out());
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        // A reset right after the data was acknowledged means the receiver
+        let fresh = std::mem::take(&mut self.fresh);
+        if fresh {
+            tokio::time::sleep(NEW_CONNECTION_SETTLE).await;
+        }
+        let Some(stream) = self.stream.as_ref() else { return Err(SinkError::PeerClosed { address }) };
+        // A reset after the data was acknowledged means the receiver
         // closed without reading it; send the batch again.
         if stream.peer_reset() {
-            return Err(SinkError::PeerClosed { address });
+            return Err(if fresh { SinkError::ClosedUnread { address } } else { SinkError::PeerClosed { address } });
         }
         Ok(())
     }
@@ -494,6 +521,30 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         false
+    }
+
+    /// A receiver that accepts each connection and closes it a moment
+    /// later without reading, as one at its connection limit does.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn receiver_closing_unread_connections_gets_nothing_counted() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { return };
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    drop(stream);
+                });
+            }
+        });
+        let mut transport = StreamTransport::new(address.to_string(), None, Duration::from_secs(5), Duration::from_secs(5));
+        let mut batch = Batch::default();
+        batch.push_message(b"line\n");
+        for _ in 0..8 {
+            let error = transport.send(&batch).await.expect_err("no batch counts as delivered");
+            assert!(matches!(error, SinkError::ClosedUnread { .. } | SinkError::PeerClosed { .. }), "{error}");
+        }
     }
 
     #[test]
