@@ -209,6 +209,7 @@ impl SinkWorker {
                         Err(_) => {
                             // The batch buffer has grown to the largest batch sent.
                             batch = Batch::default();
+                            self.transport.release_memory();
                             self.store.forget_delivered_batches();
                             super::release_free_memory();
                             delivered_since_idle = false;

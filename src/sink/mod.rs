@@ -180,9 +180,10 @@ impl Batch {
     pub fn clear(&mut self) {
         match Arc::get_mut(&mut self.bytes) {
             Some(bytes) => bytes.clear(),
-            // An abandoned send still writes the old bytes: leave them to it
+            // An abandoned send still writes the old bytes, or a TCP sink
+            // keeps them to send again after a reset: leave them to it
             // instead of copying them only to clear the copy.
-            None => self.bytes = Arc::default(),
+            None => self.bytes = Arc::new(Vec::with_capacity(self.bytes.capacity())),
         }
         self.ends.clear();
     }
@@ -276,6 +277,13 @@ impl Transport {
             Transport::Udp(t) => t.socket = None,
             Transport::File(t) => t.close(),
             Transport::Stdout | Transport::Http(_) | Transport::Hec(_) => {}
+        }
+    }
+
+    /// Gives back memory kept for the next send, after a pause.
+    pub fn release_memory(&mut self) {
+        if let Transport::Stream(t) = self {
+            t.forget_recent();
         }
     }
 

@@ -5,6 +5,7 @@
 //! reset the connection right after. With TLS the writer is flushed first,
 //! then the same checks run on the socket under it.
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use super::tls::SinkCertificate;
-use super::{Batch, SinkError};
+use super::{Batch, SharedBytes, SinkError};
 
 /// What TLS needs to open a session: settings and the name to verify.
 pub struct TlsSettings {
@@ -60,6 +61,30 @@ const CLIENT_CERTIFICATE_VERDICT: Duration = Duration::from_secs(1);
 /// detected.
 const NEW_CONNECTION_SETTLE: Duration = Duration::from_millis(250);
 
+/// How much of what the sink sent on a connection lately it keeps, to send
+/// again when the receiver resets the connection. A receiver that stops or
+/// restarts with data unread in its socket resets the
+/// connection, and that data, though acknowledged by TCP, is gone. The
+/// sink notices the reset at its next batch and sends the kept batches
+/// again first. The receiver may have read some of them: those arrive
+/// twice.
+/// NOTE: a receiver whose socket held more unread data than this, or data
+/// sent longer ago than [`RECENT_WINDOW`], loses the rest unnoticed.
+const RECENT_MAX_BYTES: usize = 4 << 20;
+
+/// How long a batch stays among those sent again after a reset.
+const RECENT_WINDOW: Duration = Duration::from_secs(10);
+
+/// The state of the connection as the sink finds it before it writes.
+#[derive(Debug, PartialEq)]
+enum PeerState {
+    Open,
+    /// The receiver closed the connection after reading all of it (FIN).
+    Closed,
+    /// The receiver reset the connection, possibly with data unread.
+    Reset,
+}
+
 enum Connection {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
@@ -73,24 +98,29 @@ impl Connection {
         }
     }
 
-    async fn write_and_flush(&mut self, bytes: &[u8]) -> io::Result<()> {
+    /// Writes the pieces in order, then flushes.
+    async fn write_and_flush(&mut self, pieces: impl Iterator<Item = &[u8]>) -> io::Result<()> {
+        for bytes in pieces {
+            match self {
+                Connection::Plain(stream) => stream.write_all(bytes).await?,
+                Connection::Tls(stream) => stream.write_all(bytes).await?,
+            }
+        }
         match self {
-            Connection::Plain(stream) => {
-                stream.write_all(bytes).await?;
-                stream.flush().await
-            }
-            Connection::Tls(stream) => {
-                stream.write_all(bytes).await?;
-                stream.flush().await
-            }
+            Connection::Plain(stream) => stream.flush().await,
+            Connection::Tls(stream) => stream.flush().await,
         }
     }
 
-    /// Reads (and discards) whatever the peer sent; true when it closed or reset.
-    async fn peer_closed(&mut self) -> bool {
+    /// Reads (and discards) whatever the peer sent, and returns whether it
+    /// closed or reset the connection.
+    async fn peer_state(&mut self) -> PeerState {
+        if socket_error(self.socket()).is_some() {
+            return PeerState::Reset;
+        }
         match self {
-            Connection::Plain(stream) => peer_closed(stream),
-            Connection::Tls(stream) => tls_peer_closed(stream).await,
+            Connection::Plain(stream) => peer_state(stream),
+            Connection::Tls(stream) => tls_peer_state(stream).await,
         }
     }
 
@@ -116,6 +146,12 @@ pub struct StreamTransport {
     stream: Option<Connection>,
     /// True until the first batch on the current connection has settled.
     fresh: bool,
+    /// Batches delivered on the current connection lately, oldest first,
+    /// with the time each was acknowledged (see [`RECENT_MAX_BYTES`]).
+    recent: VecDeque<(Instant, SharedBytes)>,
+    recent_bytes: usize,
+    /// Batches to send again before the next one, after a reset.
+    resend: Vec<SharedBytes>,
     connect_timeout: Duration,
     write_timeout: Duration,
 }
@@ -123,7 +159,17 @@ pub struct StreamTransport {
 impl StreamTransport {
     /// A plain TCP transport when `tls` is `None`.
     pub fn new(address: String, tls: Option<TlsSettings>, connect_timeout: Duration, write_timeout: Duration) -> Self {
-        Self { address, tls, stream: None, fresh: false, connect_timeout, write_timeout }
+        Self {
+            address,
+            tls,
+            stream: None,
+            fresh: false,
+            recent: VecDeque::new(),
+            recent_bytes: 0,
+            resend: Vec::new(),
+            connect_timeout,
+            write_timeout,
+        }
     }
 
     async fn connect(&mut self) -> Result<&mut Connection, SinkError> {
@@ -131,9 +177,28 @@ impl StreamTransport {
             // Plain TCP has no application acknowledgement: a write into a
             // connection the peer already closed succeeds locally and is lost,
             // so a close that already arrived is detected before writing.
-            if stream.peer_closed().await {
-                tracing::info!(address = %self.address, "receiver closed the connection; reconnecting");
-                self.stream = None;
+            match stream.peer_state().await {
+                PeerState::Open => {}
+                PeerState::Closed => {
+                    tracing::info!(address = %self.address, "receiver closed the connection; reconnecting");
+                    self.recent.clear();
+                    self.recent_bytes = 0;
+                    self.stream = None;
+                }
+                PeerState::Reset => {
+                    self.stream = None;
+                    self.carry_recent();
+                    if !self.resend.is_empty() {
+                        tracing::warn!(
+                            address = %self.address,
+                            batches = self.resend.len(),
+                            bytes = self.resend.iter().map(|b| b.as_ref().len()).sum::<usize>(),
+                            "receiver reset the connection; the batches sent in the last seconds are sent again, because it may not have read them (the receiver may get some twice)"
+                        );
+                    } else {
+                        tracing::info!(address = %self.address, "receiver reset the connection; reconnecting");
+                    }
+                }
             }
         }
         if self.stream.is_none() {
@@ -178,7 +243,7 @@ impl StreamTransport {
         Ok((Connection::Tls(Box::new(session)), tls13 && requested()))
     }
 
-    /// The error for a receiver that rejected the session after it
+    /// Builds the error for a receiver that rejected the session after it
     /// requested a client certificate: the sink has none, or the receiver
     /// does not accept the one it sent.
     fn certificate_rejected(&self, source: Option<&io::Error>) -> SinkError {
@@ -222,15 +287,58 @@ impl StreamTransport {
         }
     }
 
-    /// Closes the connection; the next send opens a new one.
+    /// Closes the connection; the next send opens a new one. The receiver
+    /// reads what it has before it gets the close.
     pub fn close(&mut self) {
         self.stream = None;
+        self.forget_recent();
+    }
+
+    /// Forgets the batches kept for a reset (after a pause, when the
+    /// receiver had time to read them), so their memory is given back.
+    pub fn forget_recent(&mut self) {
+        self.recent = VecDeque::new();
+        self.recent_bytes = 0;
+    }
+
+    /// Moves the batches delivered lately on the connection just lost into
+    /// those sent again on the next one.
+    fn carry_recent(&mut self) {
+        let now = Instant::now();
+        let recent = std::mem::take(&mut self.recent);
+        self.recent_bytes = 0;
+        self.resend.extend(recent.into_iter().filter(|(at, _)| now.duration_since(*at) <= RECENT_WINDOW).map(|(_, bytes)| bytes));
+    }
+
+    /// Keeps `bytes`, just delivered, among the recent batches.
+    fn remember(&mut self, bytes: SharedBytes, at: Instant) {
+        self.recent_bytes += bytes.as_ref().len();
+        self.recent.push_back((at, bytes));
+        while self.recent_bytes > RECENT_MAX_BYTES || self.recent.front().is_some_and(|(sent, _)| at.duration_since(*sent) > RECENT_WINDOW) {
+            let Some((_, old)) = self.recent.pop_front() else { break };
+            self.recent_bytes -= old.as_ref().len();
+        }
     }
 
     pub async fn send(&mut self, batch: &Batch) -> Result<(), SinkError> {
         let result = self.try_send(batch).await;
-        if result.is_err() {
-            self.stream = None;
+        match &result {
+            Ok(()) => {
+                let now = Instant::now();
+                for bytes in std::mem::take(&mut self.resend) {
+                    self.remember(bytes, now);
+                }
+                self.remember(batch.shared_bytes(), now);
+            }
+            Err(error) => {
+                self.stream = None;
+                // A reset may have taken batches delivered before this one.
+                if matches!(error, SinkError::PeerClosed { .. } | SinkError::ClosedUnread { .. } | SinkError::Send { .. }) {
+                    self.carry_recent();
+                } else {
+                    self.forget_recent();
+                }
+            }
         }
         result
     }
@@ -238,10 +346,12 @@ impl StreamTransport {
     async fn try_send(&mut self, batch: &Batch) -> Result<(), SinkError> {
         let address = self.address.clone();
         let write_timeout = self.write_timeout;
-        let stream = self.connect().await?;
+        self.connect().await?;
+        let Some(stream) = self.stream.as_mut() else { return Err(SinkError::PeerClosed { address }) };
         let deadline = Instant::now() + write_timeout;
         let timed_out = || SinkError::SendTimeout { address: address.clone(), secs: write_timeout.as_secs() };
-        timeout(write_timeout, stream.write_and_flush(batch.bytes()))
+        let resend = self.resend.iter().map(|bytes| bytes.as_ref());
+        timeout(write_timeout, stream.write_and_flush(resend.chain(std::iter::once(batch.bytes()))))
             .await
             .map_err(|_| timed_out())?
             .map_err(|source| SinkError::Send { address: address.clone(), source })?;
@@ -278,7 +388,7 @@ fn rejected_by_peer(error: &io::Error) -> bool {
     received_alert(error).is_some()
 }
 
-/// The alert the receiver sent, when the error is one.
+/// Returns the alert the receiver sent, when the error is one.
 fn received_alert(error: &io::Error) -> Option<rustls::AlertDescription> {
     match error.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
         Some(rustls::Error::AlertReceived(alert)) => Some(*alert),
@@ -286,31 +396,33 @@ fn received_alert(error: &io::Error) -> Option<rustls::AlertDescription> {
     }
 }
 
-/// Reads (and discards) whatever the peer sent; true when it closed or reset.
-fn peer_closed(stream: &TcpStream) -> bool {
+/// Reads (and discards) whatever the peer sent, and returns whether it
+/// closed or reset the connection.
+fn peer_state(stream: &TcpStream) -> PeerState {
     let mut buf = [0u8; 512];
     loop {
         match stream.try_read(&mut buf) {
-            Ok(0) => return true,
+            Ok(0) => return PeerState::Closed,
             Ok(_) => continue,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-            Err(_) => return true,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return PeerState::Open,
+            Err(_) => return PeerState::Reset,
         }
     }
 }
 
 /// Reads through TLS whatever has arrived, so session tickets and alerts
-/// are processed; true when the peer closed (close_notify or FIN) or reset.
-async fn tls_peer_closed(stream: &mut TlsStream<TcpStream>) -> bool {
+/// are processed, and returns whether the peer closed (close_notify or FIN)
+/// or reset the connection. A TLS error counts as a reset.
+async fn tls_peer_state(stream: &mut TlsStream<TcpStream>) -> PeerState {
     let mut buf = [0u8; 512];
     loop {
         // `timeout` polls the read once before it looks at the zero
         // deadline, so this never waits for data that has not arrived.
         match timeout(Duration::ZERO, stream.read(&mut buf)).await {
-            Err(_) => return false,
-            Ok(Ok(0)) => return true,
+            Err(_) => return PeerState::Open,
+            Ok(Ok(0)) => return PeerState::Closed,
             Ok(Ok(_)) => continue,
-            Ok(Err(_)) => return true,
+            Ok(Err(_)) => return PeerState::Reset,
         }
     }
 }
@@ -461,7 +573,7 @@ mod tests {
         assert_eq!(received.lock().unwrap().as_slice(), b"first\n");
     }
 
-    /// A transport to `address` with the client certificate in
+    /// Builds a transport to `address` with the client certificate in
     /// `tests/data/{name}-cert.pem` and its key.
     fn transport_with_certificate(address: std::net::SocketAddr, name: &str) -> StreamTransport {
         let tls = crate::config::TlsConfig { tls_ca_file: Some(format!("{DATA}/tls-ca.pem").into()), tls_insecure_skip_verify: false };
@@ -545,6 +657,93 @@ mod tests {
             let error = transport.send(&batch).await.expect_err("no batch counts as delivered");
             assert!(matches!(error, SinkError::ClosedUnread { .. } | SinkError::PeerClosed { .. }), "{error}");
         }
+    }
+
+    /// Starts a receiver that keeps its first connection open, unread,
+    /// until `stop` is sent, then drops it (a reset, since data is unread),
+    /// as a receiver that restarts does. It reads later connections.
+    async fn restarting_receiver() -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>, Arc<std::sync::Mutex<Vec<u8>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = received.clone();
+        tokio::spawn(async move {
+            let (first, _) = listener.accept().await.unwrap();
+            let _ = stopped.await;
+            drop(first);
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let kept = kept.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n @ 1..) = stream.read(&mut buf).await {
+                        kept.lock().unwrap().extend_from_slice(&buf[..n]);
+                    }
+                });
+            }
+        });
+        (address, stop, received)
+    }
+
+    /// A receiver that resets the connection with a delivered batch unread
+    /// gets that batch again on the next connection, before the next batch.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reset_sends_recent_batches_again() {
+        let (address, stop, received) = restarting_receiver().await;
+        let mut transport = StreamTransport::new(address.to_string(), None, Duration::from_secs(5), Duration::from_secs(5));
+        let (mut first, mut second) = (Batch::default(), Batch::default());
+        first.push_message(b"first\n");
+        second.push_message(b"second\n");
+        transport.send(&first).await.expect("TCP acknowledges the first batch");
+
+        stop.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut sent = transport.send(&second).await;
+        // The reset may also arrive while the second batch is sent.
+        for _ in 0..3 {
+            if sent.is_ok() {
+                break;
+            }
+            sent = transport.send(&second).await;
+        }
+        sent.expect("the second batch goes out on a new connection");
+        assert!(wait_until_received(&received, b"first\nsecond\n").await, "{:?}", String::from_utf8_lossy(&received.lock().unwrap()));
+    }
+
+    /// A receiver that read everything and closed (FIN) gets nothing twice.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn clean_close_sends_nothing_again() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = received.clone();
+        tokio::spawn(async move {
+            let mut accepted = 0;
+            while let Ok((mut stream, _)) = listener.accept().await {
+                accepted += 1;
+                let kept = kept.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n @ 1..) = stream.read(&mut buf).await {
+                        kept.lock().unwrap().extend_from_slice(&buf[..n]);
+                        if accepted == 1 {
+                            // Read the first batch, then close.
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+
+        let mut transport = StreamTransport::new(address.to_string(), None, Duration::from_secs(5), Duration::from_secs(5));
+        let (mut first, mut second) = (Batch::default(), Batch::default());
+        first.push_message(b"first\n");
+        second.push_message(b"second\n");
+        transport.send(&first).await.unwrap();
+        assert!(wait_until_received(&received, b"first\n").await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        transport.send(&second).await.unwrap();
+        assert!(wait_until_received(&received, b"first\nsecond\n").await, "{:?}", String::from_utf8_lossy(&received.lock().unwrap()));
     }
 
     #[test]
