@@ -330,14 +330,11 @@ impl StreamTransport {
                 }
                 self.remember(batch.shared_bytes(), now);
             }
-            Err(error) => {
+            Err(_) => {
                 self.stream = None;
-                // A reset may have taken batches delivered before this one.
-                if matches!(error, SinkError::PeerClosed { .. } | SinkError::ClosedUnread { .. } | SinkError::Send { .. }) {
-                    self.carry_recent();
-                } else {
-                    self.forget_recent();
-                }
+                // A reset, or a receiver that stopped reading and is then
+                // restarted, may take batches delivered before this one.
+                self.carry_recent();
             }
         }
         result
