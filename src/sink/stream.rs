@@ -186,18 +186,9 @@ impl StreamTransport {
                     self.stream = None;
                 }
                 PeerState::Reset => {
+                    tracing::info!(address = %self.address, "receiver reset the connection; reconnecting");
                     self.stream = None;
                     self.carry_recent();
-                    if !self.resend.is_empty() {
-                        tracing::warn!(
-                            address = %self.address,
-                            batches = self.resend.len(),
-                            bytes = self.resend.iter().map(|b| b.as_ref().len()).sum::<usize>(),
-                            "receiver reset the connection; the batches sent in the last seconds are sent again, because it may not have read them (the receiver may get some twice)"
-                        );
-                    } else {
-                        tracing::info!(address = %self.address, "receiver reset the connection; reconnecting");
-                    }
                 }
             }
         }
@@ -325,6 +316,14 @@ impl StreamTransport {
         match &result {
             Ok(()) => {
                 let now = Instant::now();
+                if !self.resend.is_empty() {
+                    tracing::warn!(
+                        address = %self.address,
+                        batches = self.resend.len(),
+                        bytes = self.resend.iter().map(|b| b.as_ref().len()).sum::<usize>(),
+                        "sent again the batches of the last seconds on the lost connection, because the receiver may not have read them; it may get some twice"
+                    );
+                }
                 for bytes in std::mem::take(&mut self.resend) {
                     self.remember(bytes, now);
                 }
