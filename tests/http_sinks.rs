@@ -19,6 +19,13 @@ const HEC_TOKEN: &str = "11111111-hec-token-secret-2222";
 const EVENT_PATH: &str = "/services/collector/event";
 const ACK_PATH: &str = "/services/collector/ack";
 
+/// Requests a receiver that rejects every request (HTTP 400) gets for the
+/// 46 sample detections. Three times the batch is sent in halves down to
+/// one rejected detection (46, 23, 11, 5, 2, 1, then 45 and 44 the same
+/// way, 6 requests each). Then the sink gives up halving, and the
+/// remaining 43 are rejected in one request.
+const ALL_REJECTED_REQUESTS: usize = 3 * 6 + 1;
+
 fn hec_sink_toml(url: &str, extra: &str) -> String {
     format!(
         r#"
@@ -305,7 +312,7 @@ async fn hec_odd_answers_retry_batch() {
         (400, r#"{"text":"Invalid data format","code":6,"invalid-event-number":99999999999999999999999}"#.into(), "an invalid invalid-event-number"),
         (400, r#"{"text":"Invalid data format","code":6,"invalid-event-number":99}"#.into(), "HEC named event 99 of a batch of 46"),
         (400, huge, "not a detection in it"),
-        (400, "<html>bad request</html>".into(), "not a detection in it"),
+        (400, "<html>bad request</html>".into(), "an HTML page answered instead of the collector"),
         (404, "<html><body>Not Found</body></html>".into(), "check the sink's url"),
         (405, "".into(), "check the sink's url"),
     ];
@@ -555,7 +562,7 @@ async fn http_client_error_dead_letters_batch() {
         let (dir, output) = run_with(&http_sink_toml(&receiver.url(), "")).await;
         assert_dead_letters_stored(&output);
 
-        assert_eq!(receiver.requests_to("/ingest").len(), 1, "a {status} is not retried");
+        assert_eq!(receiver.requests_to("/ingest").len(), ALL_REJECTED_REQUESTS, "{status}");
         let letters = dead_letters(dir.path());
         assert_eq!(letters.len(), 46);
         for letter in &letters {
@@ -565,6 +572,48 @@ async fn http_client_error_dead_letters_batch() {
         }
         assert_eq!(pending(dir.path(), "collector"), 0);
     }
+}
+
+/// A collector that rejects one detection with a 400 (naming none) gets the
+/// batch in halves: only that detection becomes a dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_400_dead_letters_only_the_rejected_detection() {
+    let bad = sample_full_ids()[17].clone();
+    let needle = bad.clone();
+    let receiver = HttpReceiver::start(move |request| {
+        if request.text().contains(&needle) { Answer::new(400, "schema mismatch") } else { Answer::new(200, "ok") }
+    })
+    .await;
+    let (dir, output) = run_with(&http_sink_toml(&receiver.url(), "body_format = \"ndjson\"")).await;
+    assert_dead_letters_stored(&output);
+
+    let letters = dead_letters(dir.path());
+    assert_eq!(letters.iter().map(|l| full_id_of(&serde_json::from_str(&l.detection).unwrap())).collect::<Vec<_>>(), [bad.clone()]);
+    let mut accepted: Vec<String> = receiver
+        .requests_to("/ingest")
+        .iter()
+        .filter(|r| !r.text().contains(&bad))
+        .flat_map(|r| r.text().lines().map(|l| full_id_of(&serde_json::from_str(l).unwrap())).collect::<Vec<_>>())
+        .collect();
+    let mut expected = sample_full_ids();
+    expected.retain(|id| *id != bad);
+    accepted.sort();
+    expected.sort();
+    assert_eq!(accepted, expected, "every other detection delivered once");
+}
+
+/// A 400 that is an HTML page comes from a proxy or web server in front of
+/// the collector: nothing is dead-lettered and the batch stays queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn html_400_page_dead_letters_nothing() {
+    let page = "<!DOCTYPE html>\n<html><head><title>400 Bad Request</title></head><body>The plain HTTP request was sent to HTTPS port</body></html>";
+    let receiver = HttpReceiver::start(move |_| Answer::new(400, page)).await;
+    let (dir, output) = run_with(&http_sink_toml(&receiver.url(), "")).await;
+
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(stderr(&output).contains("an HTML page answered instead of the collector"), "{}", stderr(&output));
+    assert!(dead_letters(dir.path()).is_empty());
+    assert_eq!(pending(dir.path(), "collector"), 46);
 }
 
 /// A redirect is not followed: a POST turned into a GET whose 200 counted
@@ -742,7 +791,7 @@ async fn http_echoed_headers_redacted() {
         assert_dead_letters_stored(&output);
 
         let requests = receiver.requests_to("/ingest");
-        assert_eq!(requests.len(), 2, "{log_format}");
+        assert_eq!(requests.len(), 1 + ALL_REJECTED_REQUESTS, "{log_format}");
         assert_eq!(requests[1].header("x-literal"), Some(LITERAL), "the receiver saw the secret");
         let log = stderr(&output);
         assert!(log.contains("HTTP 500"), "{log_format}: {log}");
@@ -778,7 +827,7 @@ async fn hec_echoed_token_redacted() {
         assert_dead_letters_stored(&output);
 
         let requests = receiver.requests_to(EVENT_PATH);
-        assert_eq!(requests.len(), 3, "{log_format}");
+        assert_eq!(requests.len(), 2 + ALL_REJECTED_REQUESTS, "{log_format}");
         let log = stderr(&output);
         assert!(log.contains("HTTP 403"), "{log_format}: {log}");
         assert!(log.contains("HTTP 503"), "{log_format}: {log}");
@@ -800,14 +849,10 @@ async fn url_credentials_not_logged() {
     const USER: &str = "url-user-secret";
     const PASSWORD: &str = "url-password-secret";
     const TOKEN: &str = "url-query-secret";
-    // A retried 500, then a 400 that rejects the batch; both echo the
+    // A retried 500, then 400s that reject every detection; both echo the
     // request's query and headers, as some collectors do.
     let receiver = HttpReceiver::start(|request| {
-        let status = match request.index {
-            0 => 500,
-            1 => 400,
-            _ => 200,
-        };
+        let status = if request.index == 0 { 500 } else { 400 };
         let mut answer = echo_headers(status, request);
         answer.body = format!("query {:?}\n{}", request.query, answer.body);
         answer
@@ -846,7 +891,7 @@ async fn url_credentials_not_logged() {
         }
     }
     let requests = receiver.requests_to("/ingest");
-    assert_eq!(requests.len(), 2, "the answering receiver got the retry, then rejected the batch");
+    assert_eq!(requests.len(), 1 + ALL_REJECTED_REQUESTS, "the answering receiver got the retry, then rejected the batch");
     let basic = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}")));
     assert_eq!(requests[0].header("authorization"), Some(basic.as_str()), "the user and password go out as Basic authentication");
 }

@@ -342,6 +342,7 @@ fn start(config: &Config, store: &Arc<Store>, mode: Mode, stop: watch::Receiver<
             shortened: 0,
             unreported_shortened: [0; 2],
             receiver_max_batch_bytes: None,
+            rejected_alone: 0,
             batch_size: common.batch_size,
             retry_initial: Duration::from_millis(common.retry_initial_ms),
             retry_max: Duration::from_secs(common.retry_max_secs),

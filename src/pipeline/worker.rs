@@ -83,6 +83,25 @@ enum Added {
     BatchFull,
 }
 
+/// Detections rejected alone in a row after which a sink stops sending
+/// rejected batches in halves. A receiver that rejects every detection
+/// (a body format it does not take) would otherwise get about
+/// log2(batch_size) requests per detection. Its batches are then
+/// dead-lettered whole, until a detection is delivered.
+const BISECT_GIVE_UP: u32 = 3;
+
+/// Drops the second half of `batch`; the next round reads again from the
+/// entry of the first message left out. Returns the messages kept.
+fn keep_first_half(batch: &mut Batch, prepared: &mut Prepared) -> usize {
+    let keep = batch.len() / 2;
+    while batch.len() > keep {
+        batch.pop_message();
+    }
+    prepared.consumed = prepared.message_entries[keep];
+    prepared.message_entries.truncate(keep);
+    keep
+}
+
 /// A batch and where its messages came from in the outbox read.
 #[derive(Default)]
 struct Prepared {
@@ -113,6 +132,9 @@ pub struct SinkWorker {
     /// larger batch as too large (HTTP 413). Later batches stay within it
     /// until the worker restarts (a reload or a restart of the daemon).
     pub(crate) receiver_max_batch_bytes: Option<usize>,
+    /// Detections rejected alone in a row, with nothing delivered between
+    /// (see [`BISECT_GIVE_UP`]).
+    pub(crate) rejected_alone: u32,
     pub(crate) batch_size: usize,
     pub(crate) retry_initial: Duration,
     pub(crate) retry_max: Duration,
@@ -229,7 +251,19 @@ impl SinkWorker {
                     break SendOutcome::Delivered;
                 }
                 match self.deliver(&batch).await? {
+                    // A receiver that rejects a batch without naming a
+                    // detection may object to one detection only: the
+                    // batch is sent in halves until the rejected part is a
+                    // single detection, so the others are not dead-lettered.
+                    Delivery::Done(SendOutcome::AllRejected { reason }) if batch.len() > 1 && self.rejected_alone < BISECT_GIVE_UP => {
+                        self.bisect_rejected(&mut batch, &mut prepared, &reason);
+                    }
                     Delivery::Done(outcome) => {
+                        match &outcome {
+                            SendOutcome::AllRejected { .. } if batch.len() == 1 => self.rejected_alone += 1,
+                            SendOutcome::AllRejected { .. } => {}
+                            _ => self.rejected_alone = 0,
+                        }
                         if split && matches!(outcome, SendOutcome::Delivered) {
                             self.learn_batch_limit(batch.bytes().len());
                         }
@@ -407,13 +441,7 @@ impl SinkWorker {
     fn split_batch(&mut self, batch: &mut Batch, prepared: &mut Prepared, error: &SinkError) {
         let rejected_events = batch.len();
         let rejected_bytes = batch.bytes().len();
-        let keep = rejected_events / 2;
-        while batch.len() > keep {
-            batch.pop_message();
-        }
-        // The next round reads again from the entry of the first message left out.
-        prepared.consumed = prepared.message_entries[keep];
-        prepared.message_entries.truncate(keep);
+        let keep = keep_first_half(batch, prepared);
         if let Some(suppressed) = crate::telemetry::should_log(&format!("too large {}", self.name)) {
             tracing::warn!(
                 sink = %self.name,
@@ -424,6 +452,24 @@ impl SinkWorker {
                 error = %error,
                 suppressed,
                 "receiver rejected the batch as too large; sending it in smaller parts"
+            );
+        }
+    }
+
+    /// Keeps the first half of a batch that the receiver rejected for good
+    /// without naming a detection, so that half is sent next and the rest
+    /// is read again in the next round.
+    fn bisect_rejected(&mut self, batch: &mut Batch, prepared: &mut Prepared, reason: &str) {
+        let rejected_events = batch.len();
+        let keep = keep_first_half(batch, prepared);
+        if let Some(suppressed) = crate::telemetry::should_log(&format!("bisect {}", self.name)) {
+            tracing::warn!(
+                sink = %self.name,
+                rejected_events,
+                next_events = keep,
+                reason = %reason,
+                suppressed,
+                "receiver rejected the batch without naming a detection; sending it in halves, so only the detections it rejects alone become dead letters"
             );
         }
     }
@@ -723,6 +769,7 @@ mod tests {
             shortened: 0,
             unreported_shortened: [0; 2],
             receiver_max_batch_bytes: None,
+            rejected_alone: 0,
             batch_size: 10,
             retry_initial: Duration::from_millis(10),
             retry_max: Duration::from_millis(10),

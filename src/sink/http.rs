@@ -110,7 +110,9 @@ impl HttpTransport {
         // request (its URL, credentials or format), so the batch stays queued
         // for the operator to fix the sink, instead of every detection
         // moving to dead letters.
-        if !matches!(reply.status, StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY) {
+        // An HTML page is the error page of a proxy, load balancer or web
+        // server in front of the collector, not its verdict on the detections.
+        if !matches!(reply.status, StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY) || is_html_page(&reply.body) {
             return Err(reply.request_rejected(&self.url, &self.redactor));
         }
         Ok(SendOutcome::AllRejected { reason: reply.reason(&self.redactor) })
@@ -189,6 +191,7 @@ impl Reply {
             407 => "the proxy requires credentials: put them in the sink's proxy_url",
             404 | 405 | 410 | 421 => "the receiver has no endpoint for this request: check the sink's url",
             415 => "the receiver does not take this body: check the sink's body_format and gzip",
+            _ if is_html_page(&self.body) => "an HTML page answered instead of the collector, so a proxy, load balancer or web server in front of it rejected the request: check the sink's url, proxy and TLS settings (an https collector on an http url, say)",
             _ => "the receiver rejected the request, not a detection in it: check the sink's settings and the receiver's log",
         };
         SinkError::RequestRejected { url: crate::redact::url(url), status: self.status.as_u16(), body: self.excerpt(redactor), advice }
@@ -202,6 +205,12 @@ impl Reply {
             retry_after: self.retry_after,
         }
     }
+}
+
+/// True when `body` starts as an HTML page does.
+fn is_html_page(body: &[u8]) -> bool {
+    let start = String::from_utf8_lossy(&body[..body.len().min(256)]).trim_start().to_ascii_lowercase();
+    start.starts_with("<!doctype html") || start.starts_with("<html")
 }
 
 /// 408, 429 and 5xx may succeed later; other errors will not.
