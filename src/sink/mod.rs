@@ -180,10 +180,9 @@ impl Batch {
     pub fn clear(&mut self) {
         match Arc::get_mut(&mut self.bytes) {
             Some(bytes) => bytes.clear(),
-            // An abandoned send still writes the old bytes, or a TCP sink
-            // keeps them to send again after a reset: leave them to it
+            // An abandoned send still writes the old bytes: leave them to it
             // instead of copying them only to clear the copy.
-            None => self.bytes = Arc::new(Vec::with_capacity(self.bytes.capacity())),
+            None => self.bytes = Arc::default(),
         }
         self.ends.clear();
     }

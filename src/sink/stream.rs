@@ -19,7 +19,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use super::tls::SinkCertificate;
-use super::{Batch, SharedBytes, SinkError};
+use super::{Batch, SinkError};
 
 /// What TLS needs to open a session: settings and the name to verify.
 pub struct TlsSettings {
@@ -148,10 +148,12 @@ pub struct StreamTransport {
     fresh: bool,
     /// Batches delivered on the current connection lately, oldest first,
     /// with the time each was acknowledged (see [`RECENT_MAX_BYTES`]).
-    recent: VecDeque<(Instant, SharedBytes)>,
+    recent: VecDeque<(Instant, Vec<u8>)>,
     recent_bytes: usize,
+    /// Buffers of batches no longer kept, for the next ones to reuse.
+    spare: Vec<Vec<u8>>,
     /// Batches to send again before the next one, after a reset.
-    resend: Vec<SharedBytes>,
+    resend: Vec<Vec<u8>>,
     connect_timeout: Duration,
     write_timeout: Duration,
 }
@@ -166,6 +168,7 @@ impl StreamTransport {
             fresh: false,
             recent: VecDeque::new(),
             recent_bytes: 0,
+            spare: Vec::new(),
             resend: Vec::new(),
             connect_timeout,
             write_timeout,
@@ -181,8 +184,7 @@ impl StreamTransport {
                 PeerState::Open => {}
                 PeerState::Closed => {
                     tracing::info!(address = %self.address, "receiver closed the connection; reconnecting");
-                    self.recent.clear();
-                    self.recent_bytes = 0;
+                    self.forget_recent();
                     self.stream = None;
                 }
                 PeerState::Reset => {
@@ -290,6 +292,7 @@ impl StreamTransport {
     pub fn forget_recent(&mut self) {
         self.recent = VecDeque::new();
         self.recent_bytes = 0;
+        self.spare = Vec::new();
     }
 
     /// Moves the batches delivered lately on the connection just lost into
@@ -301,14 +304,27 @@ impl StreamTransport {
         self.resend.extend(recent.into_iter().filter(|(at, _)| now.duration_since(*at) <= RECENT_WINDOW).map(|(_, bytes)| bytes));
     }
 
-    /// Keeps `bytes`, just delivered, among the recent batches.
-    fn remember(&mut self, bytes: SharedBytes, at: Instant) {
-        self.recent_bytes += bytes.as_ref().len();
+    /// Keeps `bytes`, just delivered, among the recent batches. They are
+    /// copied into a buffer that an older batch no longer needs, so a busy
+    /// sink allocates nothing for them.
+    fn remember(&mut self, bytes: Vec<u8>, at: Instant) {
+        self.recent_bytes += bytes.len();
         self.recent.push_back((at, bytes));
         while self.recent_bytes > RECENT_MAX_BYTES || self.recent.front().is_some_and(|(sent, _)| at.duration_since(*sent) > RECENT_WINDOW) {
             let Some((_, old)) = self.recent.pop_front() else { break };
-            self.recent_bytes -= old.as_ref().len();
+            self.recent_bytes -= old.len();
+            if self.spare.len() < 2 {
+                self.spare.push(old);
+            }
         }
+    }
+
+    /// Returns a copy of `bytes` in a spare buffer, or a new one.
+    fn copy_of(&mut self, bytes: &[u8]) -> Vec<u8> {
+        let mut copy = self.spare.pop().unwrap_or_default();
+        copy.clear();
+        copy.extend_from_slice(bytes);
+        copy
     }
 
     pub async fn send(&mut self, batch: &Batch) -> Result<(), SinkError> {
@@ -320,14 +336,15 @@ impl StreamTransport {
                     tracing::warn!(
                         address = %self.address,
                         batches = self.resend.len(),
-                        bytes = self.resend.iter().map(|b| b.as_ref().len()).sum::<usize>(),
+                        bytes = self.resend.iter().map(Vec::len).sum::<usize>(),
                         "sent again the batches of the last seconds on the lost connection, because the receiver may not have read them; it may get some twice"
                     );
                 }
                 for bytes in std::mem::take(&mut self.resend) {
                     self.remember(bytes, now);
                 }
-                self.remember(batch.shared_bytes(), now);
+                let copy = self.copy_of(batch.bytes());
+                self.remember(copy, now);
             }
             Err(_) => {
                 self.stream = None;
@@ -346,7 +363,7 @@ impl StreamTransport {
         let Some(stream) = self.stream.as_mut() else { return Err(SinkError::PeerClosed { address }) };
         let deadline = Instant::now() + write_timeout;
         let timed_out = || SinkError::SendTimeout { address: address.clone(), secs: write_timeout.as_secs() };
-        let resend = self.resend.iter().map(|bytes| bytes.as_ref());
+        let resend = self.resend.iter().map(Vec::as_slice);
         timeout(write_timeout, stream.write_and_flush(resend.chain(std::iter::once(batch.bytes()))))
             .await
             .map_err(|_| timed_out())?
