@@ -190,6 +190,7 @@ enum Delivery {
 
 impl SinkWorker {
     pub async fn run(mut self) -> Result<(), WorkerError> {
+        self.transport.warm_up().await;
         let mut batch = Batch::default();
         let mut delivered_since_idle = false;
         let mut store_backoff = Backoff::new(self.retry_initial, self.retry_max);

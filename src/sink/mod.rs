@@ -47,9 +47,8 @@ pub enum SinkError {
     SendTimeout { address: String, secs: u64 },
     #[error("{address} closed the connection before acknowledging the batch; it is sent again")]
     PeerClosed { address: String },
-    /// A receiver that reset a new connection after its TCP stack
-    /// acknowledged the first batch.
-    #[error("{address} accepted the connection and reset it without reading the batch; it is sent again. A receiver does this at its connection limit (syslog-ng max-connections, rsyslog MaxSessions) or when it refuses this host")]
+    /// A receiver that closed a new connection before its first batch.
+    #[error("{address} accepted the connection and closed it before the sink wrote anything; the batch is sent on a new connection. A receiver does this at its connection limit (syslog-ng max-connections, rsyslog MaxSessions) or when it refuses this host")]
     ClosedUnread { address: String },
     #[error("write to {path} failed: {source}")]
     File { path: PathBuf, source: io::Error },
@@ -276,6 +275,13 @@ impl Transport {
             Transport::Udp(t) => t.socket = None,
             Transport::File(t) => t.close(),
             Transport::Stdout | Transport::Http(_) | Transport::Hec(_) => {}
+        }
+    }
+
+    /// Opens a TCP or TLS connection ahead of the first batch.
+    pub async fn warm_up(&mut self) {
+        if let Transport::Stream(t) = self {
+            t.warm_up().await;
         }
     }
 

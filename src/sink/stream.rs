@@ -51,15 +51,17 @@ impl TlsSettings {
 /// NOTE: a receiver that rejects later than this is not detected.
 const CLIENT_CERTIFICATE_VERDICT: Duration = Duration::from_secs(1);
 
-/// How long the first batch on a new connection must go without a reset,
-/// after the receiver's TCP stack acknowledged it, before it counts as
-/// delivered. A receiver at its connection limit, or one that refuses the
-/// sender's address, accepts the connection and closes it unread a moment
-/// later. Without the wait, the sink would count one batch per connection
-/// as delivered into it. Later batches on the connection do not wait.
-/// NOTE: a receiver that closes a new connection later than this is not
-/// detected.
-const NEW_CONNECTION_SETTLE: Duration = Duration::from_millis(250);
+/// The age a new connection must reach, without a close or reset, before
+/// the sink writes its first batch on it. A receiver at its connection limit,
+/// or one that refuses the sender's address, accepts the connection and
+/// closes it a moment later, reading nothing. A batch written at once would
+/// be acknowledged by TCP and then discarded, one batch per connection. The
+/// worker opens its connection when it starts (see
+/// [`StreamTransport::warm_up`]), so the first batch usually finds the
+/// connection old enough already.
+/// NOTE: a receiver that closes a new connection later than this is
+/// detected only by the reset after the batch (see [`RECENT_MAX_BYTES`]).
+const NEW_CONNECTION_SETTLE: Duration = Duration::from_millis(100);
 
 /// How much of what the sink sent on a connection lately it keeps, to send
 /// again when the receiver resets the connection. A receiver that stops or
@@ -70,7 +72,7 @@ const NEW_CONNECTION_SETTLE: Duration = Duration::from_millis(250);
 /// twice.
 /// NOTE: a receiver whose socket held more unread data than this, or data
 /// sent longer ago than [`RECENT_WINDOW`], loses the rest unnoticed.
-const RECENT_MAX_BYTES: usize = 4 << 20;
+const RECENT_MAX_BYTES: usize = 2 << 20;
 
 /// How long a batch stays among those sent again after a reset.
 const RECENT_WINDOW: Duration = Duration::from_secs(10);
@@ -144,8 +146,9 @@ pub struct StreamTransport {
     address: String,
     tls: Option<TlsSettings>,
     stream: Option<Connection>,
-    /// True until the first batch on the current connection has settled.
-    fresh: bool,
+    /// When the current connection was opened, until its first batch is
+    /// written (see [`NEW_CONNECTION_SETTLE`]).
+    fresh: Option<Instant>,
     /// Batches delivered on the current connection lately, oldest first,
     /// with the time each was acknowledged (see [`RECENT_MAX_BYTES`]).
     recent: VecDeque<(Instant, Vec<u8>)>,
@@ -165,7 +168,7 @@ impl StreamTransport {
             address,
             tls,
             stream: None,
-            fresh: false,
+            fresh: None,
             recent: VecDeque::new(),
             recent_bytes: 0,
             spare: Vec::new(),
@@ -206,7 +209,7 @@ impl StreamTransport {
             }
             tracing::info!(address = %address, tls = self.tls.is_some(), "connected");
             self.stream = Some(connection);
-            self.fresh = true;
+            self.fresh = Some(Instant::now());
         }
         self.stream.as_mut().ok_or_else(|| SinkError::PeerClosed { address: self.address.clone() })
     }
@@ -280,6 +283,15 @@ impl StreamTransport {
         }
     }
 
+    /// Opens the connection before the first batch, so the wait for a new
+    /// connection to settle passes while the poller reads the API. A
+    /// failure is left to the first send, which retries and reports it.
+    pub async fn warm_up(&mut self) {
+        if let Err(error) = self.connect().await {
+            tracing::debug!(address = %self.address, error = %error, "could not open the connection before the first batch");
+        }
+    }
+
     /// Closes the connection; the next send opens a new one. The receiver
     /// reads what it has before it gets the close.
     pub fn close(&mut self) {
@@ -313,7 +325,7 @@ impl StreamTransport {
         while self.recent_bytes > RECENT_MAX_BYTES || self.recent.front().is_some_and(|(sent, _)| at.duration_since(*sent) > RECENT_WINDOW) {
             let Some((_, old)) = self.recent.pop_front() else { break };
             self.recent_bytes -= old.len();
-            if self.spare.len() < 2 {
+            if self.spare.is_empty() {
                 self.spare.push(old);
             }
         }
@@ -360,6 +372,14 @@ impl StreamTransport {
         let address = self.address.clone();
         let write_timeout = self.write_timeout;
         self.connect().await?;
+        if let Some(opened) = self.fresh.take() {
+            tokio::time::sleep_until(opened + NEW_CONNECTION_SETTLE).await;
+            if let Some(stream) = self.stream.as_mut() {
+                if stream.peer_state().await != PeerState::Open {
+                    return Err(SinkError::ClosedUnread { address });
+                }
+            }
+        }
         let Some(stream) = self.stream.as_mut() else { return Err(SinkError::PeerClosed { address }) };
         let deadline = Instant::now() + write_timeout;
         let timed_out = || SinkError::SendTimeout { address: address.clone(), secs: write_timeout.as_secs() };
@@ -381,15 +401,10 @@ impl StreamTransport {
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        let fresh = std::mem::take(&mut self.fresh);
-        if fresh {
-            tokio::time::sleep(NEW_CONNECTION_SETTLE).await;
-        }
-        let Some(stream) = self.stream.as_ref() else { return Err(SinkError::PeerClosed { address }) };
         // A reset after the data was acknowledged means the receiver
         // closed without reading it; send the batch again.
         if stream.peer_reset() {
-            return Err(if fresh { SinkError::ClosedUnread { address } } else { SinkError::PeerClosed { address } });
+            return Err(SinkError::PeerClosed { address });
         }
         Ok(())
     }
