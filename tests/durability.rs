@@ -236,6 +236,9 @@ async fn sigterm_abandons_send_after_grace() {
     let mut child = spawn_daemon(&config, &log);
     let connected = wait_until(Duration::from_secs(20), || !accepted.lock().unwrap().is_empty()).await;
     assert!(connected, "the daemon never connected: {}", std::fs::read_to_string(&log).unwrap());
+    // The sink connects when it starts, before the poll queues the batch.
+    let polled = wait_until(Duration::from_secs(20), || std::fs::read_to_string(&log).unwrap_or_default().contains("poll complete")).await;
+    assert!(polled, "the daemon never polled: {}", std::fs::read_to_string(&log).unwrap());
     // Let the write fill the socket buffers.
     tokio::time::sleep(Duration::from_secs(1)).await;
 
