@@ -52,6 +52,47 @@ fn check_quoted_secrets(path: &Path) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Rejects a number with a fraction (`interval_secs = 1.5`). Every number
+/// in the config is whole, and the `config` crate rounds a fraction in
+/// some sections without a word.
+fn check_whole_numbers(path: &Path) -> Result<(), ConfigError> {
+    let Some(table) = std::fs::read_to_string(path).ok().and_then(|text| toml::from_str::<toml::Table>(&text).ok()) else {
+        return Ok(());
+    };
+    let mut found = None;
+    for (key, value) in &table {
+        find_fraction(key.clone(), value, &mut found);
+    }
+    match found {
+        Some((key, _)) if type_errors::may_hold_secret(&key) => {
+            Err(invalid(key, "is a number with a fraction; write it as a string in quotes if it is a secret or a name"))
+        }
+        Some((key, value)) => Err(invalid(key, format!("is {value}, a number with a fraction; write a whole number"))),
+        None => Ok(()),
+    }
+}
+
+/// Sets `found` to the first float under `value` at `key`, with its text.
+fn find_fraction(key: String, value: &toml::Value, found: &mut Option<(String, String)>) {
+    if found.is_some() {
+        return;
+    }
+    match value {
+        toml::Value::Float(number) => *found = Some((key, number.to_string())),
+        toml::Value::Table(table) => {
+            for (name, inner) in table {
+                find_fraction(format!("{key}.{name}"), inner, found);
+            }
+        }
+        toml::Value::Array(items) => {
+            for (i, inner) in items.iter().enumerate() {
+                find_fraction(format!("{key}[{i}]"), inner, found);
+            }
+        }
+        _ => {}
+    }
+}
+
 /// Returns one spelling of the file `path` names, so two spellings of one
 /// file compare equal. The file system resolves the longest part of the
 /// path that exists (symbolic links, `.` and `..`, the file itself when it
@@ -1188,6 +1229,7 @@ impl Config {
             None => ConfigError::Read { path: path.to_path_buf(), source },
         })?;
         check_quoted_secrets(path)?;
+        check_whole_numbers(path)?;
         let mut builder = config::Config::builder().add_source(base.clone());
         let mut overrides = Vec::new();
         for (name, value) in env {

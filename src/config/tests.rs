@@ -300,3 +300,26 @@ fn severity_routing_ignores_case_and_spaces() {
     }
     assert_eq!(SeverityLevel::from_api(None), SeverityLevel::Medium);
 }
+
+/// A fraction was rounded without a word in [poll], [state] and [service].
+#[test]
+fn fraction_in_poll_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let error = error_text(load(dir.path(), "region = \"eu\"\nclient_secret = \"s\"", "interval_secs = 1.5"));
+    assert!(error.contains("`poll.interval_secs`: is 1.5, a number with a fraction"), "{error}");
+}
+
+#[test]
+fn fraction_in_a_tenant_names_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let error = error_text(load(dir.path(), "region = \"eu\"\nclient_secret = \"s\"\ntoken_refresh_margin_secs = 60.5", ""));
+    assert!(error.contains("`tenant[0].token_refresh_margin_secs`"), "{error}");
+}
+
+#[test]
+fn fraction_in_a_secret_key_is_not_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let error = error_text(load(dir.path(), "region = \"eu\"\nclient_secret = \"s\"\nclient_secret_env = 12.25", ""));
+    assert!(error.contains("tenant[0].client_secret_env"), "{error}");
+    assert!(!error.contains("12.25"), "{error}");
+}

@@ -38,7 +38,7 @@ pub(super) fn keyed_error(merged: &config::Config, error: config::ConfigError, o
 
 /// True for a key whose value may be a secret: a token, a client secret, a
 /// password, a header (`Authorization`) or a proxy URL with credentials.
-fn may_hold_secret(key: &str) -> bool {
+pub(super) fn may_hold_secret(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
     ["secret", "token", "password", "header", "proxy"].iter().any(|word| key.contains(word))
 }
