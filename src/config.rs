@@ -1114,7 +1114,13 @@ impl SplunkHecSinkConfig {
             (None, None, None) => return Err(invalid(format!("{key}.token"), "missing")),
         };
         if token.expose().trim().is_empty() {
-            return Err(invalid(format!("{key}.token"), "is empty"));
+            let (field, origin) = match (&self.token, &self.token_file, &self.token_env) {
+                (Some(_), _, _) => ("token", String::new()),
+                (None, Some(path), _) => ("token_file", format!(": the file {} contains no token", path.display())),
+                (None, None, Some(var)) => ("token_env", format!(": the environment variable {var} is empty")),
+                (None, None, None) => ("token", String::new()),
+            };
+            return Err(invalid(format!("{key}.{field}"), format!("is empty{origin}")));
         }
         Ok(token)
     }
@@ -1429,7 +1435,16 @@ impl TenantConfig {
     }
 
     fn resolve_credential(&self, key: &str, env: &dyn Fn(&str) -> Option<OsString>) -> Result<ClientCredential, ConfigError> {
-        let secret = match self.credential_source(key)? {
+        let source = self.credential_source(key)?;
+        // An empty secret is reported under the key that points to it.
+        let (field, origin) = match source {
+            CredentialSource::Inline(_) => ("client_secret", String::new()),
+            CredentialSource::File(path) => ("client_secret_file", format!(": the file {} contains no secret", path.display())),
+            CredentialSource::Env(name) => ("client_secret_env", format!(": the environment variable {name} is empty")),
+            CredentialSource::SystemdCredential(name) => ("client_secret_credential", format!(": the credential {name} is empty")),
+            CredentialSource::Certificate { .. } => ("client_certificate_file", String::new()),
+        };
+        let secret = match source {
             CredentialSource::Inline(secret) => secret.clone(),
             CredentialSource::File(path) => read_secret_file(&format!("{key}.client_secret_file"), path)?,
             CredentialSource::Env(name) => {
@@ -1462,7 +1477,7 @@ impl TenantConfig {
             }
         };
         if secret.expose().trim().is_empty() {
-            return Err(invalid(format!("{key}.client_secret"), "is empty"));
+            return Err(invalid(format!("{key}.{field}"), format!("is empty{origin}")));
         }
         Ok(ClientCredential::Secret(secret))
     }

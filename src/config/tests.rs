@@ -323,3 +323,12 @@ fn fraction_in_a_secret_key_is_not_shown() {
     assert!(error.contains("tenant[0].client_secret_env"), "{error}");
     assert!(!error.contains("12.25"), "{error}");
 }
+
+#[test]
+fn empty_secret_file_names_the_file_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("secret");
+    std::fs::write(&file, "\n").unwrap();
+    let message = error_text(resolve_one(dir.path(), &format!("region = \"eu\"\nclient_secret_file = \"{}\"", file.display())));
+    assert!(message.contains("`tenant[0].client_secret_file`: is empty: the file"), "{message}");
+}
