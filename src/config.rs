@@ -34,8 +34,9 @@ pub enum ConfigError {
     Invalid { key: String, message: String },
 }
 
-/// Rejects a `client_secret` written without quotes. The `config` crate
-/// turns a number into text by its value, so `1e3` would be sent as `1000`.
+/// Rejects a `client_secret`, HEC `token` or header value written without
+/// quotes. The `config` crate turns a number into text by its value, so
+/// `1e3` would be sent as `1000`.
 fn check_quoted_secrets(path: &Path) -> Result<(), ConfigError> {
     let Some(table) = std::fs::read_to_string(path).ok().and_then(|text| toml::from_str::<toml::Table>(&text).ok()) else {
         return Ok(());
@@ -46,6 +47,21 @@ fn check_quoted_secrets(path: &Path) -> Result<(), ConfigError> {
             return Err(invalid(
                 format!("tenant[{i}].client_secret"),
                 "is not in quotes: write it as a string, such as client_secret = \"...\", since a number may be read as another value",
+            ));
+        }
+    }
+    // A HEC token or a header value is a secret too; the type error for a
+    // number would not say that quotes are the fix.
+    let sinks = table.get("sink").and_then(toml::Value::as_array).map(Vec::as_slice).unwrap_or_default();
+    for (i, sink) in sinks.iter().enumerate() {
+        if sink.get("token").is_some_and(|token| !token.is_str()) {
+            return Err(invalid(format!("sink[{i}].token"), "is not in quotes: write it as a string, such as token = \"...\""));
+        }
+        let headers = sink.get("headers").and_then(toml::Value::as_table);
+        if let Some((name, _)) = headers.and_then(|headers| headers.iter().find(|(_, value)| !value.is_str())) {
+            return Err(invalid(
+                format!("sink[{i}].headers.{name}"),
+                "is not in quotes: write the header's value as a string, such as { \"X-Name\" = \"...\" }",
             ));
         }
     }

@@ -332,3 +332,16 @@ fn empty_secret_file_names_the_file_key() {
     let message = error_text(resolve_one(dir.path(), &format!("region = \"eu\"\nclient_secret_file = \"{}\"", file.display())));
     assert!(message.contains("`tenant[0].client_secret_file`: is empty: the file"), "{message}");
 }
+
+#[test]
+fn unquoted_hec_token_asks_for_quotes() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[state]\ndir = \"{}\"\n[[tenant]]\nname = \"contoso\"\nregion = \"eu\"\ntenant_id = \"t-1\"\nclient_id = \"app-1\"\nclient_secret = \"s\"\n[[sink]]\nname = \"hec\"\ntype = \"splunk_hec\"\nurl = \"https://127.0.0.1:8088\"\ntoken = 1e3\n",
+        dir.path().join("state").display()
+    );
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, text).unwrap();
+    let error = error_text(Config::load_with_env(&path, &[]));
+    assert!(error.contains("`sink[0].token`: is not in quotes"), "{error}");
+}
