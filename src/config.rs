@@ -164,6 +164,13 @@ fn toml_syntax_error(path: &Path) -> Option<String> {
     }
 }
 
+/// The top-level modules of the crate, which a log filter may name. A test
+/// compares the list with `src/lib.rs`.
+const FORWARDER_MODULES: [&str; 22] = [
+    "auth", "cli", "config", "daemon", "demo", "detection", "emulator", "format", "json_stream", "output", "pipeline", "probe",
+    "pull", "redact", "retry", "seen", "sink", "source", "spool", "store", "telemetry", "timefmt",
+];
+
 /// Rejects a `log_level` that would turn logging off by mistake.
 fn check_log_level(filter: &str) -> Result<(), ConfigError> {
     match log_filter_problem(filter) {
@@ -201,6 +208,15 @@ pub fn log_filter_problem(filter: &str) -> Option<String> {
         }
         if target.contains('-') {
             return Some(format!("{target:?} in {filter:?} is not a module name (module names use _, as in mde_forwarder); {fix}"));
+        }
+        if let Some(module) = target.strip_prefix("mde_forwarder::") {
+            let top = module.split("::").next().unwrap_or(module);
+            if !FORWARDER_MODULES.contains(&top) {
+                return Some(format!(
+                    "{target:?} in {filter:?} names no module of the forwarder, so it would select nothing; its modules are mde_forwarder::{}",
+                    FORWARDER_MODULES.join(", mde_forwarder::")
+                ));
+            }
         }
         // The forwarder opens no spans, so only a plain level or its own
         // module path selects its lines.

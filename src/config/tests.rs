@@ -345,3 +345,18 @@ fn unquoted_hec_token_asks_for_quotes() {
     let error = error_text(Config::load_with_env(&path, &[]));
     assert!(error.contains("`sink[0].token`: is not in quotes"), "{error}");
 }
+
+#[test]
+fn log_filter_with_unknown_module_is_rejected() {
+    let problem = log_filter_problem("info,mde_forwarder::nosuch=debug").expect("a module that does not exist");
+    assert!(problem.contains("names no module of the forwarder"), "{problem}");
+    assert_eq!(log_filter_problem("info,mde_forwarder::sink::stream=debug"), None);
+}
+
+#[test]
+fn log_filter_modules_match_the_crate() {
+    let declared: Vec<&str> = include_str!("../lib.rs").lines().filter_map(|line| line.strip_prefix("pub mod ")?.strip_suffix(';')).collect();
+    let mut declared = declared;
+    declared.sort_unstable();
+    assert_eq!(declared, FORWARDER_MODULES);
+}
