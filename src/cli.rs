@@ -286,9 +286,10 @@ fn load_config(path: &Path) -> Result<Config, ExitCode> {
 pub fn init_logging(format: LogFormat, level: &str) {
     // RUST_LOG wins over the config, unless it would leave out every line
     // of the forwarder by mistake (`RUST_LOG=warning`).
+    let mut ignored = None;
     let from_env = std::env::var("RUST_LOG").ok().filter(|filter| !filter.trim().is_empty()).filter(|filter| match crate::config::log_filter_problem(filter) {
         Some(problem) => {
-            eprintln!("warning: RUST_LOG is ignored: {problem}");
+            ignored = Some(problem);
             false
         }
         None => true,
@@ -304,6 +305,11 @@ pub fn init_logging(format: LogFormat, level: &str) {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
     };
+    // Logged once the format is set, so JSON logs stay JSON; at ERROR, so
+    // a log_level of error still shows it.
+    if let Some(problem) = ignored {
+        tracing::error!("RUST_LOG is ignored: {problem}");
+    }
 }
 
 /// A channel that turns true on SIGTERM or SIGINT. A second signal exits at once.

@@ -76,8 +76,17 @@ async fn mistaken_rust_log_ignored() {
     let output = run_cli_env(&["run", "--once", "--config", config.to_str().unwrap()], &[("RUST_LOG", "warning")]).await;
     assert_success(&output);
     let log = stderr(&output);
-    assert!(log.contains("warning: RUST_LOG is ignored"), "{log}");
+    assert!(log.contains("RUST_LOG is ignored"), "{log}");
     assert!(log.contains("poll complete"), "the config's level applies: {log}");
+
+    // Under JSON logs the notice is a JSON line too.
+    let output = run_cli_env(&["--log-format", "json", "run", "--once", "--config", config.to_str().unwrap()], &[("RUST_LOG", "warning")]).await;
+    assert_success(&output);
+    let log = stderr(&output);
+    assert!(log.contains("RUST_LOG is ignored"), "{log}");
+    for line in log.lines() {
+        assert!(serde_json::from_str::<serde_json::Value>(line).is_ok(), "not JSON: {line}");
+    }
 
     // Blanks around a level would make tracing read a module name.
     let output = run_cli_env(&["run", "--once", "--config", config.to_str().unwrap()], &[("RUST_LOG", "info ")]).await;
