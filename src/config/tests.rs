@@ -360,3 +360,14 @@ fn log_filter_modules_match_the_crate() {
     declared.sort_unstable();
     assert_eq!(declared, FORWARDER_MODULES);
 }
+
+#[test]
+fn unknown_key_from_env_names_the_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    load(dir.path(), "region = \"eu\"\nclient_secret = \"s\"", "").expect("the file alone is valid");
+    let path = dir.path().join("config.toml");
+    let env = [("MDE_FORWARDER__POLL__INTERVALSECS".to_string(), "30".to_string())];
+    let error = error_text(Config::load_with_env(&path, &env));
+    assert!(error.contains("unknown field `intervalsecs`"), "{error}");
+    assert!(error.contains("set by the environment variable MDE_FORWARDER__POLL__INTERVALSECS"), "{error}");
+}

@@ -28,7 +28,10 @@ pub(super) fn keyed_error(merged: &config::Config, error: config::ConfigError, o
     let located = sink_index(&key).and_then(|index| locate_in_sink(merged, index));
     let (key, message) = located.unwrap_or_else(|| (key, error_message(&error)));
     let message = if may_hold_secret(&key) { without_string_value(&message) } else { message };
-    let variable = overrides.iter().find(|(overridden, _)| key_within(&key, overridden));
+    // An unknown field is reported on its section, so the field's full key
+    // is what an override may have set.
+    let unknown = message.strip_prefix("unknown field `").and_then(|rest| rest.split('`').next()).map(|field| format!("{key}.{field}"));
+    let variable = overrides.iter().find(|(overridden, _)| key_within(&key, overridden) || unknown.as_deref() == Some(overridden.as_str()));
     let message = match variable {
         Some((_, variable)) => format!("{message} (set by the environment variable {variable})"),
         None => message,
