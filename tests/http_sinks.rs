@@ -404,6 +404,29 @@ async fn hec_ack_disabled_names_the_fix() {
     assert!(log.contains("set ack = false on this sink"), "{log}");
 }
 
+/// An acknowledgement poll that fails in a way that may pass is repeated:
+/// HEC has the events, so posting them again would index them twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hec_ack_poll_failure_posts_once() {
+    let ack_queries = Arc::new(AtomicUsize::new(0));
+    let queries = ack_queries.clone();
+    let receiver = HttpReceiver::start(move |request| match request.path.as_str() {
+        EVENT_PATH => Answer::new(200, r#"{"text":"Success","code":0,"ackId":1}"#),
+        ACK_PATH => match queries.fetch_add(1, Ordering::SeqCst) {
+            0 => Answer::new(503, r#"{"text":"Server is busy","code":9}"#),
+            1 => Answer::new(429, "slow down"),
+            _ => Answer::new(200, r#"{"acks":{"1":true}}"#),
+        },
+        _ => Answer::new(404, ""),
+    })
+    .await;
+    let (_dir, output) = run_with(&hec_sink_toml(&receiver.url(), "ack = true\nack_timeout_secs = 10")).await;
+    assert_success(&output);
+
+    assert_eq!(receiver.requests_to(EVENT_PATH).len(), 1, "the events are posted once");
+    assert_eq!(receiver.requests_to(ACK_PATH).len(), 3);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hec_server_busy_is_retried() {
     let receiver = HttpReceiver::start(|request| {

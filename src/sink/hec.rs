@@ -267,19 +267,40 @@ impl HecTransport {
     }
 
     /// Polls the acknowledgement endpoint until `ack_id` is indexed.
+    ///
+    /// A poll that fails in a way that may pass (a network error, 408, 429
+    /// or 5xx) is repeated until the deadline: HEC has the events, and
+    /// failing here would post them again, to be indexed twice.
     async fn wait_for_ack(&self, ack_id: u64, limit: Duration) -> Result<SendOutcome, SinkError> {
         let deadline = Instant::now() + limit;
         let query = format!("{{\"acks\":[{ack_id}]}}").into_bytes();
         let mut pause = ACK_POLL_FIRST;
         loop {
-            let reply = self.post(&self.ack_url, query.clone()).await?;
+            let transient = match self.post(&self.ack_url, query.clone()).await {
+                Ok(reply) if reply.status.is_success() || !is_retryable(reply.status) => Ok(reply),
+                Ok(reply) => Err(reply.into_error(&self.ack_url, &self.redactor)),
+                Err(error) => Err(error),
+            };
+            let reply = match transient {
+                Ok(reply) => reply,
+                Err(error) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Err(error);
+                    }
+                    tracing::debug!(url = %crate::redact::url(&self.ack_url), ack_id, error = %error, "acknowledgement poll failed; polling again");
+                    tokio::time::sleep(pause.min(deadline - now)).await;
+                    pause = (pause * 2).min(ACK_POLL_MAX);
+                    continue;
+                }
+            };
             if reply.status.is_redirection() {
                 return Err(reply.request_rejected(&self.ack_url, &self.redactor));
             }
             if !reply.status.is_success() {
                 // Such as code 14 "ACK is disabled", for a token without acknowledgement.
                 let parsed = HecResponse::read(&reply.body);
-                let fault = if is_retryable(reply.status) { None } else { self.sink_fault(&self.ack_url, &reply, &parsed) };
+                let fault = self.sink_fault(&self.ack_url, &reply, &parsed);
                 return Err(fault.unwrap_or_else(|| reply.into_error(&self.ack_url, &self.redactor)));
             }
             let indexed = ack_indexed(&reply.body, ack_id).ok_or_else(|| {
