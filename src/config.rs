@@ -54,11 +54,13 @@ fn check_quoted_secrets(path: &Path) -> Result<(), ConfigError> {
     // number would not say that quotes are the fix.
     let sinks = table.get("sink").and_then(toml::Value::as_array).map(Vec::as_slice).unwrap_or_default();
     for (i, sink) in sinks.iter().enumerate() {
-        if sink.get("token").is_some_and(|token| !token.is_str()) {
+        // Only a bare scalar: an array or table gets the usual type error.
+        let unquoted = |value: &toml::Value| matches!(value, toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_) | toml::Value::Datetime(_));
+        if sink.get("token").is_some_and(unquoted) {
             return Err(invalid(format!("sink[{i}].token"), "is not in quotes: write it as a string, such as token = \"...\""));
         }
         let headers = sink.get("headers").and_then(toml::Value::as_table);
-        if let Some((name, _)) = headers.and_then(|headers| headers.iter().find(|(_, value)| !value.is_str())) {
+        if let Some((name, _)) = headers.and_then(|headers| headers.iter().find(|(_, value)| unquoted(value))) {
             return Err(invalid(
                 format!("sink[{i}].headers.{name}"),
                 "is not in quotes: write the header's value as a string, such as { \"X-Name\" = \"...\" }",

@@ -284,7 +284,6 @@ fn type_errors_name_key_and_type() {
         (syslog("hostname = 5"), "sink[0].hostname", "a string"),
         (syslog("hostname = { name = \"x\" }"), "sink[0].hostname", "a string"),
         (syslog("batch_size = -5"), "sink[0].batch_size", "usize"),
-        (syslog("batch_size = 1.5"), "sink[0].batch_size", "usize"),
         (syslog("cef_vendor = 5"), "sink[0].cef_vendor", "a string"),
         (syslog("tenants = [\"contoso-eu\", 3]"), "sink[0].tenants[1]", "a string"),
         (syslog("tenants = \"contoso-eu\""), "sink[0].tenants", "a sequence"),
@@ -481,4 +480,10 @@ fn example_config_is_valid() {
     let config = Config::load_with_env(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
     assert!(!config.tenants.is_empty());
     assert!(!config.sinks.is_empty());
+}
+
+#[test]
+fn fraction_in_a_sink_is_rejected() {
+    let err = load(&BASE.replace("[[sink]]\nname", "[[sink]]\nbatch_size = 1.5\nname"), &[]).unwrap_err();
+    assert!(err.contains("`sink[0].batch_size`: is 1.5, a number with a fraction"), "{err}");
 }
