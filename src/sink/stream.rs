@@ -215,8 +215,8 @@ impl StreamTransport {
     }
 
     /// Opens a connection. The flag is true when the receiver requested a
-    /// client certificate this sink does not have, so the caller must wait
-    /// for its verdict before writing.
+    /// client certificate in a TLS 1.3 handshake, so the caller must wait
+    /// for its verdict on it before writing.
     async fn open(&self) -> Result<(Connection, bool), SinkError> {
         let address = self.address.clone();
         let stream = TcpStream::connect(&address)
