@@ -22,9 +22,9 @@ const ACK_PATH: &str = "/services/collector/ack";
 /// Requests a receiver that rejects every request (HTTP 400) gets for the
 /// 46 sample detections. Three times the batch is sent in halves down to
 /// one rejected detection (46, 23, 11, 5, 2, 1, then 45 and 44 the same
-/// way, 6 requests each). Then the sink gives up halving, and the
-/// remaining 43 are rejected in one request.
-const ALL_REJECTED_REQUESTS: usize = 3 * 6 + 1;
+/// way, 6 requests each). Then the sink sends one detection per request,
+/// so the remaining 43 take 43 requests.
+const ALL_REJECTED_REQUESTS: usize = 3 * 6 + 43;
 
 fn hec_sink_toml(url: &str, extra: &str) -> String {
     format!(
@@ -623,6 +623,31 @@ async fn http_400_dead_letters_only_the_rejected_detection() {
     accepted.sort();
     expected.sort();
     assert_eq!(accepted, expected, "every other detection delivered once");
+}
+
+/// A receiver with a size limit (413) that also rejects one detection (400):
+/// the halves sent to find that detection teach no size limit, so the
+/// detections after it still go in batches, not one per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_400_halving_learns_no_size_limit() {
+    let bad = sample_full_ids()[5].clone();
+    let needle = bad.clone();
+    let receiver = HttpReceiver::start(move |request| {
+        if request.body.len() > 40_000 {
+            Answer::new(413, "too large")
+        } else if request.text().contains(&needle) {
+            Answer::new(400, "schema mismatch")
+        } else {
+            Answer::new(200, "ok")
+        }
+    })
+    .await;
+    let (dir, output) = run_with(&http_sink_toml(&receiver.url(), "body_format = \"ndjson\"")).await;
+    assert_dead_letters_stored(&output);
+
+    assert_eq!(dead_letters(dir.path()).len(), 1);
+    let accepted_alone = receiver.requests_to("/ingest").iter().filter(|r| r.text().lines().count() == 1 && !r.text().contains(&bad)).count();
+    assert!(accepted_alone <= 2, "{accepted_alone} detections went alone: {}", stderr(&output));
 }
 
 /// A 400 that is an HTML page comes from a proxy or web server in front of

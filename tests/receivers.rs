@@ -455,7 +455,7 @@ async fn connections_closed_unread_lose_nothing() {
     let output = run_to(dir.path(), &emulator, &sink).await;
 
     assert_success(&output);
-    assert!(stderr(&output).contains("closed it before the sink wrote anything"), "{}", stderr(&output));
+    assert!(stderr(&output).contains("closed it without reading"), "{}", stderr(&output));
     let expected: std::collections::HashSet<String> = sample_full_ids().into_iter().collect();
     let text = String::from_utf8(received.lock().unwrap().clone()).unwrap();
     let lines: Vec<String> = text.lines().map(str::to_owned).collect();

@@ -83,23 +83,29 @@ enum Added {
     BatchFull,
 }
 
-/// Detections rejected alone in a row after which a sink stops sending
-/// rejected batches in halves. A receiver that rejects every detection
-/// (a body format it does not take) would otherwise get about
-/// log2(batch_size) requests per detection. Its batches are then
-/// dead-lettered whole, until a detection is delivered.
+/// Detections rejected alone in a row after which a sink sends one
+/// detection per request, until one is delivered. A receiver that rejects
+/// every detection (a body format it does not take) would otherwise get
+/// about log2(batch_size) requests per detection. Every dead letter is
+/// still a detection the receiver rejected alone.
 const BISECT_GIVE_UP: u32 = 3;
 
 /// Drops the second half of `batch`; the next round reads again from the
 /// entry of the first message left out. Returns the messages kept.
 fn keep_first_half(batch: &mut Batch, prepared: &mut Prepared) -> usize {
     let keep = batch.len() / 2;
+    keep_first(batch, prepared, keep);
+    keep
+}
+
+/// Keeps the first `keep` messages of `batch` (fewer than it has); the next
+/// round reads again from the entry of the first message left out.
+fn keep_first(batch: &mut Batch, prepared: &mut Prepared, keep: usize) {
     while batch.len() > keep {
         batch.pop_message();
     }
     prepared.consumed = prepared.message_entries[keep];
     prepared.message_entries.truncate(keep);
-    keep
 }
 
 /// A batch and where its messages came from in the outbox read.
@@ -132,8 +138,8 @@ pub struct SinkWorker {
     /// larger batch as too large (HTTP 413). Later batches stay within it
     /// until the worker restarts (a reload or a restart of the daemon).
     pub(crate) receiver_max_batch_bytes: Option<usize>,
-    /// Detections rejected alone in a row, with nothing delivered between
-    /// (see [`BISECT_GIVE_UP`]).
+    /// Rejections in a row that named no detection, with nothing
+    /// delivered between (see [`BISECT_GIVE_UP`]).
     pub(crate) rejected_alone: u32,
     pub(crate) batch_size: usize,
     pub(crate) retry_initial: Duration,
@@ -190,7 +196,13 @@ enum Delivery {
 
 impl SinkWorker {
     pub async fn run(mut self) -> Result<(), WorkerError> {
-        self.transport.warm_up().await;
+        // A receiver that never completes the handshake must not hold up a
+        // shutdown or reload.
+        let mut mode = self.mode.clone();
+        tokio::select! {
+            () = self.transport.warm_up() => {}
+            _ = mode.wait_for(|m| *m != WorkerMode::Run) => {}
+        }
         let mut batch = Batch::default();
         let mut delivered_since_idle = false;
         let mut store_backoff = Backoff::new(self.retry_initial, self.retry_max);
@@ -247,6 +259,12 @@ impl SinkWorker {
             delivered_since_idle = true;
             let mut prepared = self.prepare(&entries, &mut batch);
             let mut split = false;
+            // After several detections in a row were rejected alone, the
+            // receiver may reject everything: one detection goes at a time
+            // until one is delivered (see [`BISECT_GIVE_UP`]).
+            if self.rejected_alone >= BISECT_GIVE_UP && batch.len() > 1 {
+                keep_first(&mut batch, &mut prepared, 1);
+            }
             let outcome = loop {
                 if batch.is_empty() {
                     break SendOutcome::Delivered;
@@ -256,14 +274,16 @@ impl SinkWorker {
                     // detection may object to one detection only: the
                     // batch is sent in halves until the rejected part is a
                     // single detection, so the others are not dead-lettered.
-                    Delivery::Done(SendOutcome::AllRejected { reason }) if batch.len() > 1 && self.rejected_alone < BISECT_GIVE_UP => {
+                    Delivery::Done(SendOutcome::AllRejected { reason }) if batch.len() > 1 => {
+                        // A half that the receiver takes shows nothing of its size limit.
+                        split = false;
                         self.bisect_rejected(&mut batch, &mut prepared, &reason);
                     }
                     Delivery::Done(outcome) => {
                         match &outcome {
-                            SendOutcome::AllRejected { .. } if batch.len() == 1 => self.rejected_alone += 1,
-                            SendOutcome::AllRejected { .. } => {}
-                            _ => self.rejected_alone = 0,
+                            SendOutcome::AllRejected { .. } => self.rejected_alone += 1,
+                            SendOutcome::Rejected { delivered: 0, .. } => {}
+                            SendOutcome::Delivered | SendOutcome::Rejected { .. } => self.rejected_alone = 0,
                         }
                         if split && matches!(outcome, SendOutcome::Delivered) {
                             self.learn_batch_limit(batch.bytes().len());
@@ -589,7 +609,12 @@ impl SinkWorker {
             };
             match sent {
                 Ok(outcome) => {
-                    crate::telemetry::global().metrics.add(&crate::telemetry::FORWARDED, &[("sink", &self.name)], batch.len() as f64);
+                    let acknowledged = match &outcome {
+                        SendOutcome::Delivered => batch.len(),
+                        SendOutcome::AllRejected { .. } => 0,
+                        SendOutcome::Rejected { delivered, .. } => *delivered,
+                    };
+                    crate::telemetry::global().metrics.add(&crate::telemetry::FORWARDED, &[("sink", &self.name)], acknowledged as f64);
                     if attempt > 1 {
                         tracing::info!(sink = %self.name, attempt, "delivery recovered");
                     }

@@ -47,8 +47,9 @@ pub enum SinkError {
     SendTimeout { address: String, secs: u64 },
     #[error("{address} closed the connection before acknowledging the batch; it is sent again")]
     PeerClosed { address: String },
-    /// A receiver that closed a new connection before its first batch.
-    #[error("{address} accepted the connection and closed it before the sink wrote anything; the batch is sent on a new connection. A receiver does this at its connection limit (syslog-ng max-connections, rsyslog MaxSessions) or when it refuses this host")]
+    /// A receiver that closed a new connection before its first batch, or
+    /// soon after it without reading.
+    #[error("{address} accepted the connection and closed it without reading; the batch is sent on a new connection. A receiver does this at its connection limit (syslog-ng max-connections, rsyslog MaxSessions) or when it refuses this host")]
     ClosedUnread { address: String },
     #[error("write to {path} failed: {source}")]
     File { path: PathBuf, source: io::Error },
@@ -120,7 +121,7 @@ impl SinkError {
     /// True when retrying cannot help until an operator changes something.
     pub fn needs_operator(&self) -> bool {
         match self {
-            SinkError::InvalidToken { .. } | SinkError::RequestRejected { .. } | SinkError::Redirected { .. } => true,
+            SinkError::InvalidToken { .. } | SinkError::RequestRejected { .. } | SinkError::Redirected { .. } | SinkError::ClosedUnread { .. } => true,
             SinkError::HecStatus { needs_operator, .. } => *needs_operator,
             _ => false,
         }

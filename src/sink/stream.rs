@@ -63,19 +63,44 @@ const CLIENT_CERTIFICATE_VERDICT: Duration = Duration::from_secs(1);
 /// detected only by the reset after the batch (see [`RECENT_MAX_BYTES`]).
 const NEW_CONNECTION_SETTLE: Duration = Duration::from_millis(100);
 
-/// How much of what the sink sent on a connection lately it keeps, to send
-/// again when the receiver resets the connection. A receiver that stops or
-/// restarts with data unread in its socket resets the
-/// connection, and that data, though acknowledged by TCP, is gone. The
-/// sink notices the reset at its next batch and sends the kept batches
-/// again first. The receiver may have read some of them: those arrive
-/// twice.
-/// NOTE: a receiver whose socket held more unread data than this, or data
-/// sent longer ago than [`RECENT_WINDOW`], loses the rest unnoticed.
+/// The upper limit of what the sink keeps of what it sent on a connection
+/// and the receiver may not have read yet, to send again when the connection is
+/// lost. A receiver that stops or restarts with data unread in its socket
+/// closes or resets the connection, and that data, though acknowledged by
+/// TCP, is gone. The receive window the receiver advertises tells how much
+/// it may not have read: the largest window it advertised on the
+/// connection less the current one. The sink keeps the newest batches that
+/// cover that much, and sends them again first on the next connection. The
+/// receiver may have read some of them (it does not advertise every read):
+/// those arrive twice.
+/// NOTE: a receiver with more unread data than this loses the rest
+/// unnoticed; so does one whose kernel does not report the window
+/// (Linux before 6.2), beyond the batches sent last, up to this size.
 const RECENT_MAX_BYTES: usize = 2 << 20;
 
-/// How long a batch stays among those sent again after a reset.
-const RECENT_WINDOW: Duration = Duration::from_secs(10);
+/// How long the first batch on a connection that follows one the receiver
+/// closed without reading waits, after TCP acknowledged it, for a close or
+/// reset before it counts. A receiver that accepts connections and closes
+/// each unread some time later would otherwise have its batches counted
+/// on every connection while the kept batches grow past
+/// [`RECENT_MAX_BYTES`].
+/// NOTE: a receiver that waits longer than this before it closes is not
+/// detected.
+const UNREAD_CLOSE_SETTLE: Duration = Duration::from_secs(1);
+
+/// The age below which a connection lost with data unread makes the next
+/// one wait [`UNREAD_CLOSE_SETTLE`].
+const YOUNG_CONNECTION: Duration = Duration::from_secs(10);
+
+/// The way [`StreamTransport::confirm_read_as`] counts the unread bytes.
+#[derive(Clone, Copy)]
+enum Estimate {
+    /// Counts them at most: nothing unread is dropped.
+    Most,
+    /// Counts them at least, for a receiver that is known to have read
+    /// everything it could.
+    Least,
+}
 
 /// The state of the connection as the sink finds it before it writes.
 #[derive(Debug, PartialEq)]
@@ -149,9 +174,19 @@ pub struct StreamTransport {
     /// When the current connection was opened, until its first batch is
     /// written (see [`NEW_CONNECTION_SETTLE`]).
     fresh: Option<Instant>,
-    /// Batches delivered on the current connection lately, oldest first,
-    /// with the time each was acknowledged (see [`RECENT_MAX_BYTES`]).
-    recent: VecDeque<(Instant, Vec<u8>)>,
+    /// When the current connection was opened.
+    opened: Instant,
+    /// The upper bound of what the receiver's buffer on the current
+    /// connection can contain, from its windows (see [`StreamTransport::confirm_read`]).
+    capacity: Option<u64>,
+    /// The largest window the receiver advertised on the current
+    /// connection: a lower bound of what its buffer can contain.
+    max_window: u32,
+    /// The next connection's first batch waits [`UNREAD_CLOSE_SETTLE`].
+    wary: bool,
+    /// Batches delivered on the current connection that the receiver may
+    /// not have read, oldest first (see [`RECENT_MAX_BYTES`]).
+    recent: VecDeque<Vec<u8>>,
     recent_bytes: usize,
     /// Buffers of batches no longer kept, for the next ones to reuse.
     spare: Vec<Vec<u8>>,
@@ -169,6 +204,10 @@ impl StreamTransport {
             tls,
             stream: None,
             fresh: None,
+            opened: Instant::now(),
+            capacity: None,
+            max_window: 0,
+            wary: false,
             recent: VecDeque::new(),
             recent_bytes: 0,
             spare: Vec::new(),
@@ -187,13 +226,11 @@ impl StreamTransport {
                 PeerState::Open => {}
                 PeerState::Closed => {
                     tracing::info!(address = %self.address, "receiver closed the connection; reconnecting");
-                    self.forget_recent();
-                    self.stream = None;
+                    self.lose_connection(true);
                 }
                 PeerState::Reset => {
                     tracing::info!(address = %self.address, "receiver reset the connection; reconnecting");
-                    self.stream = None;
-                    self.carry_recent();
+                    self.lose_connection(false);
                 }
             }
         }
@@ -210,6 +247,9 @@ impl StreamTransport {
             tracing::info!(address = %address, tls = self.tls.is_some(), "connected");
             self.stream = Some(connection);
             self.fresh = Some(Instant::now());
+            self.opened = Instant::now();
+            self.capacity = None;
+            self.max_window = 0;
         }
         self.stream.as_mut().ok_or_else(|| SinkError::PeerClosed { address: self.address.clone() })
     }
@@ -299,36 +339,91 @@ impl StreamTransport {
         self.forget_recent();
     }
 
-    /// Forgets the batches kept for a reset (after a pause, when the
-    /// receiver had time to read them), so their memory is given back.
+    /// Drops the batches the receiver has read (as its window shows) and
+    /// gives their memory back when none is left, after a pause.
     pub fn forget_recent(&mut self) {
-        self.recent = VecDeque::new();
-        self.recent_bytes = 0;
-        self.spare = Vec::new();
+        self.confirm_read();
+        if self.recent.is_empty() || self.stream.is_none() {
+            self.recent = VecDeque::new();
+            self.recent_bytes = 0;
+            self.spare = Vec::new();
+        }
     }
 
-    /// Moves the batches delivered lately on the connection just lost into
-    /// those sent again on the next one.
-    fn carry_recent(&mut self) {
-        let now = Instant::now();
-        let recent = std::mem::take(&mut self.recent);
-        self.recent_bytes = 0;
-        self.resend.extend(recent.into_iter().filter(|(at, _)| now.duration_since(*at) <= RECENT_WINDOW).map(|(_, bytes)| bytes));
+    /// Drops the oldest kept batches that the receiver has read: all but
+    /// the newest that cover its unread bytes, as its advertised window
+    /// shows (see [`RECENT_MAX_BYTES`]). Without the window, only what
+    /// exceeds that size goes.
+    fn confirm_read(&mut self) {
+        self.confirm_read_as(Estimate::Most);
     }
 
-    /// Keeps `bytes`, just delivered, among the recent batches. They are
-    /// copied into a buffer that an older batch no longer needs, so a busy
-    /// sink allocates nothing for them.
-    fn remember(&mut self, bytes: Vec<u8>, at: Instant) {
-        self.recent_bytes += bytes.len();
-        self.recent.push_back((at, bytes));
-        while self.recent_bytes > RECENT_MAX_BYTES || self.recent.front().is_some_and(|(sent, _)| at.duration_since(*sent) > RECENT_WINDOW) {
-            let Some((_, old)) = self.recent.pop_front() else { break };
+    /// Drops the kept batches as [`StreamTransport::confirm_read`] does,
+    /// counting the unread bytes at most or at least.
+    fn confirm_read_as(&mut self, estimate: Estimate) {
+        let window = self.stream.as_ref().and_then(|stream| peer_window(stream.socket()));
+        // The receiver's buffer contains its unread bytes and the free space
+        // it advertises, so the unread bytes are its capacity less the
+        // window. The capacity is at most the window's right edge when TCP
+        // first acknowledged data (nothing read before), and at least any
+        // window advertised. A window moves in whole units, so less than
+        // one unit of unread bytes does not show, and a shrink by more is
+        // rounded up by one unit.
+        let unread = match &window {
+            Some(window) if window.acked > 0 => {
+                let capacity = self.capacity.get_or_insert(window.acked + u64::from(window.size));
+                *capacity = (*capacity).max(u64::from(window.size));
+                self.max_window = self.max_window.max(window.size);
+                let capacity = match estimate {
+                    Estimate::Most => *capacity,
+                    Estimate::Least => u64::from(self.max_window),
+                };
+                match capacity - u64::from(window.size) {
+                    shrunk if shrunk < u64::from(window.unit) => 0,
+                    shrunk => shrunk as usize + window.unit as usize,
+                }
+            }
+            // Nothing acknowledged yet, so nothing to drop.
+            Some(_) => return,
+            None => 0,
+        };
+        let limit = if window.is_some() { unread } else { RECENT_MAX_BYTES };
+        while let Some(front) = self.recent.front() {
+            let rest = self.recent_bytes - front.len();
+            // Keep enough to cover the unread bytes; never more than the cap.
+            if rest < limit && self.recent_bytes <= RECENT_MAX_BYTES {
+                break;
+            }
+            let Some(old) = self.recent.pop_front() else { break };
             self.recent_bytes -= old.len();
             if self.spare.is_empty() {
                 self.spare.push(old);
             }
         }
+    }
+
+    /// Moves what the receiver may not have read on the connection just
+    /// lost into the batches sent again on the next one. When the lost
+    /// connection was young, the next one waits for a close before its
+    /// first batch counts. `closed` is true for a close (FIN). A receiver
+    /// closes that way only when it left nothing unread in its socket
+    /// (Linux resets the connection otherwise), or when it only shut down
+    /// its sending side. So the unread bytes are counted at least.
+    fn lose_connection(&mut self, closed: bool) {
+        self.confirm_read_as(if closed { Estimate::Least } else { Estimate::Most });
+        self.stream = None;
+        if !self.recent.is_empty() && self.opened.elapsed() < YOUNG_CONNECTION {
+            self.wary = true;
+        }
+        self.recent_bytes = 0;
+        self.resend.extend(std::mem::take(&mut self.recent));
+    }
+
+    /// Keeps `bytes`, just delivered, among the batches the receiver may
+    /// not have read.
+    fn remember(&mut self, bytes: Vec<u8>) {
+        self.recent_bytes += bytes.len();
+        self.recent.push_back(bytes);
     }
 
     /// Returns a copy of `bytes` in a spare buffer, or a new one.
@@ -343,26 +438,25 @@ impl StreamTransport {
         let result = self.try_send(batch).await;
         match &result {
             Ok(()) => {
-                let now = Instant::now();
                 if !self.resend.is_empty() {
                     tracing::warn!(
                         address = %self.address,
                         batches = self.resend.len(),
                         bytes = self.resend.iter().map(Vec::len).sum::<usize>(),
-                        "sent again the batches of the last seconds on the lost connection, because the receiver may not have read them; it may get some twice"
+                        "sent again the batches that the receiver may not have read before the connection was lost; it may get some twice"
                     );
                 }
                 for bytes in std::mem::take(&mut self.resend) {
-                    self.remember(bytes, now);
+                    self.remember(bytes);
                 }
                 let copy = self.copy_of(batch.bytes());
-                self.remember(copy, now);
+                self.remember(copy);
+                self.confirm_read();
             }
             Err(_) => {
-                self.stream = None;
                 // A reset, or a receiver that stopped reading and is then
                 // restarted, may take batches delivered before this one.
-                self.carry_recent();
+                self.lose_connection(false);
             }
         }
         result
@@ -372,6 +466,7 @@ impl StreamTransport {
         let address = self.address.clone();
         let write_timeout = self.write_timeout;
         self.connect().await?;
+        let first = self.fresh.is_some();
         if let Some(opened) = self.fresh.take() {
             tokio::time::sleep_until(opened + NEW_CONNECTION_SETTLE).await;
             if let Some(stream) = self.stream.as_mut() {
@@ -405,6 +500,17 @@ impl StreamTransport {
         // closed without reading it; send the batch again.
         if stream.peer_reset() {
             return Err(SinkError::PeerClosed { address });
+        }
+        if first && self.wary {
+            tokio::time::sleep(UNREAD_CLOSE_SETTLE).await;
+            let open = match self.stream.as_mut() {
+                Some(stream) => stream.peer_state().await == PeerState::Open,
+                None => false,
+            };
+            if !open {
+                return Err(SinkError::ClosedUnread { address });
+            }
+            self.wary = false;
         }
         Ok(())
     }
@@ -466,6 +572,39 @@ fn peer_reset(stream: &TcpStream) -> bool {
             Err(_) => return true,
         }
     }
+}
+
+/// The receive window the peer advertised last, from `TCP_INFO`.
+struct PeerWindow {
+    /// `tcpi_snd_wnd`, in bytes.
+    size: u32,
+    /// The unit the window is advertised in (window scaling).
+    unit: u32,
+    /// `tcpi_bytes_acked`: data bytes the peer acknowledged on the connection.
+    acked: u64,
+}
+
+/// Returns the peer's advertised window, or `None` when the kernel does
+/// not report it.
+fn peer_window(stream: &TcpStream) -> Option<PeerWindow> {
+    // The fields' offsets in Linux's `struct tcp_info`; `tcpi_snd_wnd`
+    // came with Linux 6.2, and `libc::tcp_info` ends before it.
+    const BYTES_ACKED_OFFSET: usize = 120;
+    const SND_WND_OFFSET: usize = 228;
+    let mut info = [0u8; 256];
+    let mut len = info.len() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`; the fd is owned by `stream`.
+    let rc = unsafe {
+        libc::getsockopt(stream.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, info.as_mut_ptr() as *mut libc::c_void, &mut len)
+    };
+    if rc != 0 || (len as usize) < SND_WND_OFFSET + 4 {
+        return None;
+    }
+    let size: [u8; 4] = info[SND_WND_OFFSET..SND_WND_OFFSET + 4].try_into().ok()?;
+    let acked: [u8; 8] = info[BYTES_ACKED_OFFSET..BYTES_ACKED_OFFSET + 8].try_into().ok()?;
+    // `tcpi_snd_wscale` is the low four bits of byte 6.
+    let unit = 1u32 << (info[6] & 0x0f).min(14);
+    Some(PeerWindow { size: u32::from_ne_bytes(size), unit, acked: u64::from_ne_bytes(acked) })
 }
 
 /// The socket's pending error (`SO_ERROR`), such as `ECONNRESET` after a reset.
@@ -719,8 +858,10 @@ mod tests {
     async fn reset_sends_recent_batches_again() {
         let (address, stop, received) = restarting_receiver().await;
         let mut transport = StreamTransport::new(address.to_string(), None, Duration::from_secs(5), Duration::from_secs(5));
+        // A detection's size: the receive window shows it unread.
+        let line = format!("first {}\n", "x".repeat(2000));
         let (mut first, mut second) = (Batch::default(), Batch::default());
-        first.push_message(b"first\n");
+        first.push_message(line.as_bytes());
         second.push_message(b"second\n");
         transport.send(&first).await.expect("TCP acknowledges the first batch");
 
@@ -735,7 +876,92 @@ mod tests {
             sent = transport.send(&second).await;
         }
         sent.expect("the second batch goes out on a new connection");
-        assert!(wait_until_received(&received, b"first\nsecond\n").await, "{:?}", String::from_utf8_lossy(&received.lock().unwrap()));
+        let expected = format!("{line}second\n");
+        assert!(wait_until_received(&received, expected.as_bytes()).await, "{:?}", String::from_utf8_lossy(&received.lock().unwrap()));
+    }
+
+    /// A receiver stopped with a batch unread keeps the batch among those
+    /// sent again, even after the pause that gives memory back, because its
+    /// window shows the batch unread.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unread_batch_survives_an_idle_pause() {
+        let (address, stop, received) = restarting_receiver().await;
+        let mut transport = StreamTransport::new(address.to_string(), None, Duration::from_secs(5), Duration::from_secs(5));
+        let line = format!("first {}\n", "x".repeat(4000));
+        let (mut first, mut second) = (Batch::default(), Batch::default());
+        first.push_message(line.as_bytes());
+        second.push_message(b"second\n");
+        transport.send(&first).await.unwrap();
+        transport.forget_recent();
+
+        stop.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for _ in 0..4 {
+            if transport.send(&second).await.is_ok() {
+                break;
+            }
+        }
+        let expected = format!("{line}second\n");
+        assert!(wait_until_received(&received, expected.as_bytes()).await, "{:?}", String::from_utf8_lossy(&received.lock().unwrap()));
+    }
+
+    /// A receiver that accepts each connection and closes it unread 300 ms
+    /// later, three times, then reads: every batch arrives at least once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn late_unread_closes_lose_nothing() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = received.clone();
+        tokio::spawn(async move {
+            let mut accepted = 0;
+            while let Ok((mut stream, _)) = listener.accept().await {
+                accepted += 1;
+                let kept = kept.clone();
+                tokio::spawn(async move {
+                    if accepted <= 3 {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        drop(stream);
+                        return;
+                    }
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n @ 1..) = stream.read(&mut buf).await {
+                        kept.lock().unwrap().extend_from_slice(&buf[..n]);
+                    }
+                });
+            }
+        });
+        let mut transport = StreamTransport::new(address.to_string(), None, Duration::from_secs(5), Duration::from_secs(5));
+        let lines: Vec<String> = (0..6).map(|i| format!("batch-{i} {}\n", "x".repeat(2000))).collect();
+        for line in &lines {
+            let mut batch = Batch::default();
+            batch.push_message(line.as_bytes());
+            let mut sent = false;
+            for _ in 0..20 {
+                if transport.send(&batch).await.is_ok() {
+                    sent = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert!(sent, "{line:.8} never went out");
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        // The last batches count once TCP acknowledged them; give the
+        // receiver time to read them.
+        let done = wait_until_received_all(&received, &lines).await;
+        assert!(done, "{:?}", String::from_utf8_lossy(&received.lock().unwrap()).lines().map(|l| l.get(..8).unwrap_or(l).to_string()).collect::<Vec<_>>());
+    }
+
+    async fn wait_until_received_all(received: &std::sync::Mutex<Vec<u8>>, lines: &[String]) -> bool {
+        for _ in 0..100 {
+            let text = String::from_utf8_lossy(&received.lock().unwrap()).to_string();
+            if lines.iter().all(|line| text.contains(line.as_str())) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
     }
 
     /// A receiver that read everything and closed (FIN) gets nothing twice.
