@@ -412,7 +412,7 @@ async fn tls_missing_client_certificate_fails() {
     assert_eq!(pending(dir.path(), "rsyslog"), 46, "nothing counted as delivered");
 }
 
-/// Starts a TCP receiver that closes its first `refused` connections 50 ms
+/// Starts a TCP receiver that closes its first `refused` connections 20 ms
 /// after accepting them, without reading, as syslog-ng does at its
 /// `max-connections`. It reads the connections after those to the end.
 async fn refusing_receiver(refused: usize) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
@@ -426,7 +426,7 @@ async fn refusing_receiver(refused: usize) -> (SocketAddr, std::sync::Arc<std::s
         while let Ok((mut stream, _)) = listener.accept().await {
             accepted += 1;
             if accepted <= refused {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
                 drop(stream);
                 continue;
             }

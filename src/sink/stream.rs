@@ -61,7 +61,7 @@ const CLIENT_CERTIFICATE_VERDICT: Duration = Duration::from_secs(1);
 /// connection old enough already.
 /// NOTE: a receiver that closes a new connection later than this is
 /// detected only by the reset after the batch (see [`RECENT_MAX_BYTES`]).
-const NEW_CONNECTION_SETTLE: Duration = Duration::from_millis(100);
+const NEW_CONNECTION_SETTLE: Duration = Duration::from_millis(50);
 
 /// The upper limit of what the sink keeps of what it sent on a connection
 /// and the receiver may not have read yet, to send again when the connection is
