@@ -802,21 +802,53 @@ mod tests {
         false
     }
 
+    /// What a scripted receiver does with one connection.
+    #[derive(Clone, Copy)]
+    enum Plan {
+        /// Closes it unread after this many milliseconds.
+        CloseUnreadAfter(u64),
+        /// Reads once, then closes it.
+        ReadOnceThenClose,
+        /// Reads it to the end.
+        ReadAll,
+    }
+
+    /// Starts a receiver that handles connection N (from 1) as `plan(N)`
+    /// says, and keeps what it reads.
+    async fn scripted_receiver(plan: fn(usize) -> Plan) -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<u8>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = received.clone();
+        tokio::spawn(async move {
+            let mut accepted = 0;
+            while let Ok((mut stream, _)) = listener.accept().await {
+                accepted += 1;
+                let kept = kept.clone();
+                let plan = plan(accepted);
+                tokio::spawn(async move {
+                    if let Plan::CloseUnreadAfter(ms) = plan {
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                        return;
+                    }
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n @ 1..) = stream.read(&mut buf).await {
+                        kept.lock().unwrap().extend_from_slice(&buf[..n]);
+                        if matches!(plan, Plan::ReadOnceThenClose) {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (address, received)
+    }
+
     /// A receiver that accepts each connection and closes it a moment
     /// later without reading, as one at its connection limit does.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn receiver_closing_unread_connections_gets_nothing_counted() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else { return };
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                    drop(stream);
-                });
-            }
-        });
+        let (address, _) = scripted_receiver(|_| Plan::CloseUnreadAfter(5)).await;
         let mut transport = StreamTransport::new(address.to_string(), None, Duration::from_secs(5), Duration::from_secs(5));
         let mut batch = Batch::default();
         batch.push_message(b"line\n");
@@ -909,28 +941,7 @@ mod tests {
     /// later, three times, then reads: every batch arrives at least once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn late_unread_closes_lose_nothing() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let received = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let kept = received.clone();
-        tokio::spawn(async move {
-            let mut accepted = 0;
-            while let Ok((mut stream, _)) = listener.accept().await {
-                accepted += 1;
-                let kept = kept.clone();
-                tokio::spawn(async move {
-                    if accepted <= 3 {
-                        tokio::time::sleep(Duration::from_millis(300)).await;
-                        drop(stream);
-                        return;
-                    }
-                    let mut buf = [0u8; 4096];
-                    while let Ok(n @ 1..) = stream.read(&mut buf).await {
-                        kept.lock().unwrap().extend_from_slice(&buf[..n]);
-                    }
-                });
-            }
-        });
+        let (address, received) = scripted_receiver(|n| if n <= 3 { Plan::CloseUnreadAfter(300) } else { Plan::ReadAll }).await;
         let mut transport = StreamTransport::new(address.to_string(), None, Duration::from_secs(5), Duration::from_secs(5));
         let lines: Vec<String> = (0..6).map(|i| format!("batch-{i} {}\n", "x".repeat(2000))).collect();
         for line in &lines {
@@ -967,28 +978,7 @@ mod tests {
     /// A receiver that read everything and closed (FIN) gets nothing twice.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn clean_close_sends_nothing_again() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let received = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let kept = received.clone();
-        tokio::spawn(async move {
-            let mut accepted = 0;
-            while let Ok((mut stream, _)) = listener.accept().await {
-                accepted += 1;
-                let kept = kept.clone();
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 4096];
-                    while let Ok(n @ 1..) = stream.read(&mut buf).await {
-                        kept.lock().unwrap().extend_from_slice(&buf[..n]);
-                        if accepted == 1 {
-                            // Read the first batch, then close.
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-
+        let (address, received) = scripted_receiver(|n| if n == 1 { Plan::ReadOnceThenClose } else { Plan::ReadAll }).await;
         let mut transport = StreamTransport::new(address.to_string(), None, Duration::from_secs(5), Duration::from_secs(5));
         let (mut first, mut second) = (Batch::default(), Batch::default());
         first.push_message(b"first\n");
