@@ -67,9 +67,9 @@ const NEW_CONNECTION_SETTLE: Duration = Duration::from_millis(50);
 /// and the receiver may not have read yet, to send again when the connection is
 /// lost. A receiver that stops or restarts with data unread in its socket
 /// closes or resets the connection, and that data, though acknowledged by
-/// TCP, is gone. The receive window the receiver advertises tells how much
-/// it may not have read: the largest window it advertised on the
-/// connection less the current one. The sink keeps the newest batches that
+/// TCP, is gone. The receive window the receiver advertises shows how
+/// much it may not have read: its buffer's capacity less the current
+/// window (see [`StreamTransport::confirm_read`]). The sink keeps the newest batches that
 /// cover that much, and sends them again first on the next connection. The
 /// receiver may have read some of them (it does not advertise every read):
 /// those arrive twice.
@@ -802,7 +802,7 @@ mod tests {
         false
     }
 
-    /// What a scripted receiver does with one connection.
+    /// The handling of one connection by a scripted receiver.
     #[derive(Clone, Copy)]
     enum Plan {
         /// Closes it unread after this many milliseconds.
@@ -814,7 +814,7 @@ mod tests {
     }
 
     /// Starts a receiver that handles connection N (from 1) as `plan(N)`
-    /// says, and keeps what it reads.
+    /// describes, and keeps what it reads.
     async fn scripted_receiver(plan: fn(usize) -> Plan) -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<u8>>>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
