@@ -1659,6 +1659,9 @@ pub fn inline_secret_warning(path: &Path) -> Option<String> {
 }
 
 fn read_secret_file(key: &str, path: &Path) -> Result<Secret, ConfigError> {
+    if path.as_os_str().is_empty() {
+        return Err(invalid(key, "is empty; set the path of the file that contains the secret"));
+    }
     let text = std::fs::read_to_string(path)
         .map_err(|e| invalid(key, format!("cannot read secret file {}: {e}", path.display())))?;
     Ok(Secret::new(text.trim_end_matches(['\r', '\n'])))

@@ -371,3 +371,10 @@ fn unknown_key_from_env_names_the_variable() {
     assert!(error.contains("unknown field `intervalsecs`"), "{error}");
     assert!(error.contains("set by the environment variable MDE_FORWARDER__POLL__INTERVALSECS"), "{error}");
 }
+
+#[test]
+fn empty_secret_file_path_asks_for_a_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let message = error_text(resolve_one(dir.path(), "region = \"eu\"\nclient_secret_file = \"\""));
+    assert!(message.contains("`tenant[0].client_secret_file`: is empty; set the path"), "{message}");
+}

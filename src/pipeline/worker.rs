@@ -171,7 +171,11 @@ impl Notice<'_> {
     fn log(&self, sink: &str) {
         match self {
             Notice::BatchRejected { events, reason } => {
-                tracing::warn!(sink = %sink, events, reason = %reason, "receiver rejected the batch; its detections moved to dead letters");
+                // A receiver that rejects everything would log one line per
+                // detection, sent one at a time.
+                if let Some(suppressed) = crate::telemetry::should_log(&format!("rejected {sink}: {reason}")) {
+                    tracing::warn!(sink = %sink, events, reason = %reason, suppressed, "receiver rejected the batch; its detections moved to dead letters");
+                }
             }
             Notice::OneRejected { tenant, delivered, reason } => tracing::warn!(
                 sink = %sink,
