@@ -240,7 +240,7 @@ pub fn main(cli: Cli) -> ExitCode {
             })
         }
         Command::CheckConfig(args) => runtime.block_on(check_config(&args.config.config, args.probe)),
-        Command::State(args) => runtime.block_on(state(args)),
+        Command::State(args) => runtime.block_on(state(args, log_format)),
         Command::Health(args) => {
             let timeout = std::time::Duration::from_secs(args.timeout_secs);
             match runtime.block_on(crate::telemetry::server::check_health(&args.url, timeout)) {
@@ -650,13 +650,13 @@ fn config_word(value: &impl std::fmt::Debug, separator: char) -> String {
     word
 }
 
-async fn state(args: StateArgs) -> ExitCode {
+async fn state(args: StateArgs, log_format: Option<LogFormat>) -> ExitCode {
     let config = match load_config(&args.config.config) {
         Ok(config) => config,
         Err(code) => return code,
     };
     // Warnings only, such as the one-time conversion of an older state directory.
-    init_logging(config.service.log_format, "warn");
+    init_logging(log_format.unwrap_or(config.service.log_format), "warn");
     let store = match Store::open_with(&config.state.dir, config.store_options()) {
         Ok(store) => store,
         Err(e) => {
