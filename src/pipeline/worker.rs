@@ -232,6 +232,15 @@ impl SinkWorker {
                 }
             };
             if entries.is_empty() {
+                // A receiver closed or reset the connection with batches
+                // it may not have read: they go out now, not with the next
+                // batch, which may come much later or never.
+                if self.transport.resend_pending() {
+                    if let Delivery::Stopped = self.deliver(&Batch::default()).await? {
+                        return Ok(());
+                    }
+                    continue;
+                }
                 if mode != WorkerMode::Run {
                     return Ok(());
                 }
@@ -338,9 +347,17 @@ impl SinkWorker {
     /// more: entries queued just before the switch arrive together with it,
     /// and `select!` may see the mode change first.
     async fn wait_for_work(&mut self) -> bool {
-        tokio::select! {
-            changed = self.wake.changed() => changed.is_err(),
-            changed = self.mode.changed() => changed.is_err() || *self.mode.borrow() == WorkerMode::Stop,
+        loop {
+            tokio::select! {
+                changed = self.wake.changed() => return changed.is_err(),
+                changed = self.mode.changed() => return changed.is_err() || *self.mode.borrow() == WorkerMode::Stop,
+                // An idle connection the receiver closes or resets.
+                () = self.transport.readable() => {
+                    if self.transport.check_connection().await {
+                        return false;
+                    }
+                }
+            }
         }
     }
 

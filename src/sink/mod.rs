@@ -279,6 +279,29 @@ impl Transport {
         }
     }
 
+    /// Completes when a TCP or TLS connection has something to read (a
+    /// close, a reset or data); never for other transports.
+    pub async fn readable(&self) {
+        match self {
+            Transport::Stream(t) => t.readable().await,
+            _ => std::future::pending().await,
+        }
+    }
+
+    /// Looks at a TCP or TLS connection that became readable; true when
+    /// batches wait to be sent again.
+    pub async fn check_connection(&mut self) -> bool {
+        match self {
+            Transport::Stream(t) => t.check_connection().await,
+            _ => false,
+        }
+    }
+
+    /// True when a TCP or TLS sink has batches to send again.
+    pub fn resend_pending(&self) -> bool {
+        matches!(self, Transport::Stream(t) if t.resend_pending())
+    }
+
     /// Opens a TCP or TLS connection ahead of the first batch.
     pub async fn warm_up(&mut self) {
         if let Transport::Stream(t) = self {

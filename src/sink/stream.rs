@@ -182,8 +182,10 @@ pub struct StreamTransport {
     /// The largest window the receiver advertised on the current
     /// connection: a lower bound of what its buffer can contain.
     max_window: u32,
-    /// The next connection's first batch waits [`UNREAD_CLOSE_SETTLE`].
-    wary: bool,
+    /// How long the next connection's first batch waits for a close
+    /// after TCP acknowledged it: zero, or [`UNREAD_CLOSE_SETTLE`] doubled
+    /// for each young connection lost in a row with data unread.
+    wary: Duration,
     /// Batches delivered on the current connection that the receiver may
     /// not have read, oldest first (see [`RECENT_MAX_BYTES`]).
     recent: VecDeque<Vec<u8>>,
@@ -207,7 +209,7 @@ impl StreamTransport {
             opened: Instant::now(),
             capacity: None,
             max_window: 0,
-            wary: false,
+            wary: Duration::ZERO,
             recent: VecDeque::new(),
             recent_bytes: 0,
             spare: Vec::new(),
@@ -323,6 +325,42 @@ impl StreamTransport {
         }
     }
 
+    /// Completes when the connection has something to read: a close, a
+    /// reset or data. Never completes without a connection.
+    pub async fn readable(&self) {
+        match &self.stream {
+            Some(stream) => {
+                let _ = stream.socket().readable().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Looks at the connection after [`StreamTransport::readable`]: a
+    /// close or reset moves what the receiver may not have read to the
+    /// batches sent again. Returns true when there are such batches.
+    pub async fn check_connection(&mut self) -> bool {
+        if let Some(stream) = &mut self.stream {
+            match stream.peer_state().await {
+                PeerState::Open => {}
+                PeerState::Closed => {
+                    tracing::info!(address = %self.address, "receiver closed the idle connection");
+                    self.lose_connection(true);
+                }
+                PeerState::Reset => {
+                    tracing::info!(address = %self.address, "receiver reset the idle connection");
+                    self.lose_connection(false);
+                }
+            }
+        }
+        !self.resend.is_empty()
+    }
+
+    /// True when batches wait to be sent again after a lost connection.
+    pub fn resend_pending(&self) -> bool {
+        !self.resend.is_empty()
+    }
+
     /// Opens the connection before the first batch, so the wait for a new
     /// connection to settle passes while the poller reads the API. A
     /// failure is left to the first send, which retries and reports it.
@@ -412,9 +450,11 @@ impl StreamTransport {
     fn lose_connection(&mut self, closed: bool) {
         self.confirm_read_as(if closed { Estimate::Least } else { Estimate::Most });
         self.stream = None;
-        if !self.recent.is_empty() && self.opened.elapsed() < YOUNG_CONNECTION {
-            self.wary = true;
-        }
+        self.wary = if !self.recent.is_empty() && self.opened.elapsed() < YOUNG_CONNECTION {
+            (self.wary * 2).clamp(UNREAD_CLOSE_SETTLE, YOUNG_CONNECTION)
+        } else {
+            Duration::ZERO
+        };
         self.recent_bytes = 0;
         self.resend.extend(std::mem::take(&mut self.recent));
     }
@@ -449,8 +489,10 @@ impl StreamTransport {
                 for bytes in std::mem::take(&mut self.resend) {
                     self.remember(bytes);
                 }
-                let copy = self.copy_of(batch.bytes());
-                self.remember(copy);
+                if !batch.bytes().is_empty() {
+                    let copy = self.copy_of(batch.bytes());
+                    self.remember(copy);
+                }
                 self.confirm_read();
             }
             Err(_) => {
@@ -501,8 +543,8 @@ impl StreamTransport {
         if stream.peer_reset() {
             return Err(SinkError::PeerClosed { address });
         }
-        if first && self.wary {
-            tokio::time::sleep(UNREAD_CLOSE_SETTLE).await;
+        if first && !self.wary.is_zero() {
+            tokio::time::sleep(self.wary).await;
             let open = match self.stream.as_mut() {
                 Some(stream) => stream.peer_state().await == PeerState::Open,
                 None => false,
@@ -510,7 +552,6 @@ impl StreamTransport {
             if !open {
                 return Err(SinkError::ClosedUnread { address });
             }
-            self.wary = false;
         }
         Ok(())
     }
@@ -935,6 +976,44 @@ mod tests {
         }
         let expected = format!("{line}second\n");
         assert!(wait_until_received(&received, expected.as_bytes()).await, "{:?}", String::from_utf8_lossy(&received.lock().unwrap()));
+    }
+
+    /// A reset of an idle connection is seen at once, and the batch the
+    /// receiver had not read goes out again without waiting for another.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_reset_is_seen_without_a_batch() {
+        let (address, stop, received) = restarting_receiver().await;
+        let mut transport = StreamTransport::new(address.to_string(), None, Duration::from_secs(5), Duration::from_secs(5));
+        let line = format!("first {}\n", "x".repeat(4000));
+        let mut first = Batch::default();
+        first.push_message(line.as_bytes());
+        transport.send(&first).await.unwrap();
+
+        stop.send(()).unwrap();
+        timeout(Duration::from_secs(5), transport.readable()).await.expect("the reset makes the socket readable");
+        assert!(transport.check_connection().await, "the unread batch waits to be sent again");
+        transport.send(&Batch::default()).await.expect("the resend goes out on a new connection");
+        assert!(wait_until_received(&received, line.as_bytes()).await);
+    }
+
+    /// A receiver that closes every connection unread 1.2 s after accepting
+    /// it outlasts the first 1 s wait, not the doubled one after it: the
+    /// kept batch is then never counted again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn repeated_late_unread_closes_become_errors() {
+        let (address, _) = scripted_receiver(|_| Plan::CloseUnreadAfter(1200)).await;
+        let mut transport = StreamTransport::new(address.to_string(), None, Duration::from_secs(5), Duration::from_secs(5));
+        let mut batch = Batch::default();
+        batch.push_message(format!("only {}\n", "x".repeat(4000)).as_bytes());
+        transport.send(&batch).await.expect("nothing is known of the receiver yet");
+        timeout(Duration::from_secs(5), transport.readable()).await.unwrap();
+        assert!(transport.check_connection().await);
+        transport.send(&Batch::default()).await.expect("the close comes after the 1 s wait");
+        timeout(Duration::from_secs(5), transport.readable()).await.unwrap();
+        assert!(transport.check_connection().await);
+        let error = transport.send(&Batch::default()).await.expect_err("the 2 s wait sees the close");
+        assert!(matches!(error, SinkError::ClosedUnread { .. }), "{error}");
+        assert!(transport.resend_pending(), "the batch is still kept");
     }
 
     /// A receiver that accepts each connection and closes it unread 300 ms
