@@ -412,29 +412,29 @@ async fn tls_missing_client_certificate_fails() {
     assert_eq!(pending(dir.path(), "rsyslog"), 46, "nothing counted as delivered");
 }
 
-/// Starts a TCP receiver that closes its first `refused` connections 20 ms
+/// Starts a TCP receiver that closes its first `rejected` connections 20 ms
 /// after accepting them, without reading, as syslog-ng does at its
 /// `max-connections`. It reads the connections after those to the end.
-async fn refusing_receiver(refused: usize) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+async fn rejecting_receiver(rejected: usize) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
     use tokio::io::AsyncReadExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let kept = received.clone();
+    let store = received.clone();
     tokio::spawn(async move {
         let mut accepted = 0;
         while let Ok((mut stream, _)) = listener.accept().await {
             accepted += 1;
-            if accepted <= refused {
+            if accepted <= rejected {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 drop(stream);
                 continue;
             }
-            let kept = kept.clone();
+            let store = store.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 64 * 1024];
                 while let Ok(n @ 1..) = stream.read(&mut buf).await {
-                    kept.lock().unwrap().extend_from_slice(&buf[..n]);
+                    store.lock().unwrap().extend_from_slice(&buf[..n]);
                 }
             });
         }
@@ -442,14 +442,14 @@ async fn refusing_receiver(refused: usize) -> (SocketAddr, std::sync::Arc<std::s
     (address, received)
 }
 
-/// Each refused connection had been acknowledged by TCP; none of its
+/// Each rejected connection had been acknowledged by TCP; none of its
 /// batches may count as delivered, so every detection arrives once the
 /// receiver reads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_closed_unread_lose_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let emulator = emulator_with_samples(EmulatorOptions::default()).await;
-    let (address, received) = refusing_receiver(3).await;
+    let (address, received) = rejecting_receiver(3).await;
     let sink = syslog_sink(address, "tcp", "");
 
     let output = run_to(dir.path(), &emulator, &sink).await;

@@ -49,7 +49,7 @@ pub enum SinkError {
     PeerClosed { address: String },
     /// A receiver that closed a new connection before its first batch, or
     /// soon after it without reading.
-    #[error("{address} accepted the connection and closed it without reading; the batch is sent on a new connection. A receiver does this at its connection limit (syslog-ng max-connections, rsyslog MaxSessions) or when it refuses this host")]
+    #[error("{address} accepted the connection and closed it without reading; the batch is sent on a new connection. A receiver does this at its connection limit (syslog-ng max-connections, rsyslog MaxSessions) or when it rejects this host")]
     ClosedUnread { address: String },
     #[error("write to {path} failed: {source}")]
     File { path: PathBuf, source: io::Error },

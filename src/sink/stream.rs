@@ -53,7 +53,7 @@ const CLIENT_CERTIFICATE_VERDICT: Duration = Duration::from_secs(1);
 
 /// The age a new connection must reach, without a close or reset, before
 /// the sink writes its first batch on it. A receiver at its connection limit,
-/// or one that refuses the sender's address, accepts the connection and
+/// or one that rejects the sender's address, accepts the connection and
 /// closes it a moment later, reading nothing. A batch written at once would
 /// be acknowledged by TCP and then discarded, one batch per connection. The
 /// worker opens its connection when it starts (see
@@ -74,8 +74,8 @@ const NEW_CONNECTION_SETTLE: Duration = Duration::from_millis(50);
 /// receiver may have read some of them (it does not advertise every read):
 /// those arrive twice.
 /// NOTE: a receiver with more unread data than this loses the rest
-/// unnoticed; so does one whose kernel does not report the window
-/// (Linux before 6.2), beyond the batches sent last, up to this size.
+/// unnoticed. On an older kernel whose `TCP_INFO` lacks the window, the
+/// sink keeps the newest batches up to this size instead.
 const RECENT_MAX_BYTES: usize = 2 << 20;
 
 /// How long the first batch on a connection that follows one the receiver
@@ -628,8 +628,8 @@ struct PeerWindow {
 /// Returns the peer's advertised window, or `None` when the kernel does
 /// not report it.
 fn peer_window(stream: &TcpStream) -> Option<PeerWindow> {
-    // The fields' offsets in Linux's `struct tcp_info`; `tcpi_snd_wnd`
-    // came with Linux 6.2, and `libc::tcp_info` ends before it.
+    // The fields' offsets in Linux's `struct tcp_info`. Older kernels end
+    // it before `tcpi_snd_wnd`, and so does `libc::tcp_info`.
     const BYTES_ACKED_OFFSET: usize = 120;
     const SND_WND_OFFSET: usize = 228;
     let mut info = [0u8; 256];
@@ -860,12 +860,12 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let received = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let kept = received.clone();
+        let store = received.clone();
         tokio::spawn(async move {
             let mut accepted = 0;
             while let Ok((mut stream, _)) = listener.accept().await {
                 accepted += 1;
-                let kept = kept.clone();
+                let store = store.clone();
                 let plan = plan(accepted);
                 tokio::spawn(async move {
                     if let Plan::CloseUnreadAfter(ms) = plan {
@@ -874,7 +874,7 @@ mod tests {
                     }
                     let mut buf = [0u8; 4096];
                     while let Ok(n @ 1..) = stream.read(&mut buf).await {
-                        kept.lock().unwrap().extend_from_slice(&buf[..n]);
+                        store.lock().unwrap().extend_from_slice(&buf[..n]);
                         if matches!(plan, Plan::ReadOnceThenClose) {
                             return;
                         }
@@ -907,17 +907,17 @@ mod tests {
         let address = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let received = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let kept = received.clone();
+        let store = received.clone();
         tokio::spawn(async move {
             let (first, _) = listener.accept().await.unwrap();
             let _ = stopped.await;
             drop(first);
             while let Ok((mut stream, _)) = listener.accept().await {
-                let kept = kept.clone();
+                let store = store.clone();
                 tokio::spawn(async move {
                     let mut buf = [0u8; 4096];
                     while let Ok(n @ 1..) = stream.read(&mut buf).await {
-                        kept.lock().unwrap().extend_from_slice(&buf[..n]);
+                        store.lock().unwrap().extend_from_slice(&buf[..n]);
                     }
                 });
             }
