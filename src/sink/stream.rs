@@ -450,7 +450,10 @@ impl StreamTransport {
     fn lose_connection(&mut self, closed: bool) {
         self.confirm_read_as(if closed { Estimate::Least } else { Estimate::Most });
         self.stream = None;
-        self.wary = if !self.recent.is_empty() && self.opened.elapsed() < YOUNG_CONNECTION {
+        // Batches still to send again went out on this connection too,
+        // unless it failed before writing them.
+        let unread = !self.recent.is_empty() || !self.resend.is_empty();
+        self.wary = if unread && self.opened.elapsed() < YOUNG_CONNECTION {
             (self.wary * 2).clamp(UNREAD_CLOSE_SETTLE, YOUNG_CONNECTION)
         } else {
             Duration::ZERO
@@ -1014,6 +1017,9 @@ mod tests {
         let error = transport.send(&Batch::default()).await.expect_err("the 2 s wait sees the close");
         assert!(matches!(error, SinkError::ClosedUnread { .. }), "{error}");
         assert!(transport.resend_pending(), "the batch is still kept");
+        let error = transport.send(&Batch::default()).await.expect_err("the retry waits 4 s and sees the close");
+        assert!(matches!(error, SinkError::ClosedUnread { .. }), "{error}");
+        assert!(transport.resend_pending(), "the batch is kept after the retry");
     }
 
     /// A receiver that accepts each connection and closes it unread 300 ms
