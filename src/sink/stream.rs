@@ -560,6 +560,31 @@ impl StreamTransport {
     }
 }
 
+impl StreamTransport {
+    /// Returns the notice for batches to send again that a stop leaves
+    /// behind, or `None` when there are none.
+    fn unsent_notice(&self) -> Option<String> {
+        if self.resend.is_empty() {
+            return None;
+        }
+        let bytes: usize = self.resend.iter().map(Vec::len).sum();
+        Some(format!(
+            "{} batches ({bytes} bytes) that {} may not have read before it closed or reset the connection were not sent again before the stop. They are not in the outbox: replay the time since the receiver last restarted with `state set-checkpoint --resend`",
+            self.resend.len(),
+            self.address
+        ))
+    }
+}
+
+impl Drop for StreamTransport {
+    /// Logs the batches a stop leaves unsent, which only memory kept.
+    fn drop(&mut self) {
+        if let Some(notice) = self.unsent_notice() {
+            tracing::error!(address = %self.address, "{notice}");
+        }
+    }
+}
+
 /// True when a failed handshake ended with an alert from the receiver, not
 /// with a check of this side (such as the receiver's certificate).
 fn rejected_by_peer(error: &io::Error) -> bool {
@@ -1020,6 +1045,8 @@ mod tests {
         let error = transport.send(&Batch::default()).await.expect_err("the retry waits 4 s and sees the close");
         assert!(matches!(error, SinkError::ClosedUnread { .. }), "{error}");
         assert!(transport.resend_pending(), "the batch is kept after the retry");
+        let notice = transport.unsent_notice().expect("a stop now would leave the batch unsent");
+        assert!(notice.contains("set-checkpoint --resend"), "{notice}");
     }
 
     /// A receiver that accepts each connection and closes it unread 300 ms
