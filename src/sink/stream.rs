@@ -548,6 +548,9 @@ impl StreamTransport {
         }
         if first && !self.wary.is_zero() {
             tokio::time::sleep(self.wary).await;
+            // The connection's age counts from here, so a close seen at the
+            // end of a long wait, or soon after it, is still a young one.
+            self.opened = Instant::now();
             let open = match self.stream.as_mut() {
                 Some(stream) => stream.peer_state().await == PeerState::Open,
                 None => false,
@@ -1045,8 +1048,24 @@ mod tests {
         let error = transport.send(&Batch::default()).await.expect_err("the retry waits 4 s and sees the close");
         assert!(matches!(error, SinkError::ClosedUnread { .. }), "{error}");
         assert!(transport.resend_pending(), "the batch is kept after the retry");
+        // A close seen at the end of a wait keeps the next one from shrinking.
+        assert_eq!(transport.wary, Duration::from_secs(8));
         let notice = transport.unsent_notice().expect("a stop now would leave the batch unsent");
         assert!(notice.contains("set-checkpoint --resend"), "{notice}");
+    }
+
+    /// A close seen at the end of the longest wait still counts as one on a
+    /// young connection, so the wait stays at its longest instead of
+    /// falling back to none.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn longest_wait_stays_after_a_close() {
+        let (address, _) = scripted_receiver(|_| Plan::CloseUnreadAfter(200)).await;
+        let mut transport = StreamTransport::new(address.to_string(), None, Duration::from_secs(5), Duration::from_secs(5));
+        transport.resend.push(b"kept\n".to_vec());
+        transport.wary = YOUNG_CONNECTION;
+        let error = transport.send(&Batch::default()).await.expect_err("the wait sees the close");
+        assert!(matches!(error, SinkError::ClosedUnread { .. }), "{error}");
+        assert_eq!(transport.wary, YOUNG_CONNECTION);
     }
 
     /// A receiver that accepts each connection and closes it unread 300 ms
