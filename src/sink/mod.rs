@@ -312,7 +312,7 @@ impl Transport {
     /// Gives back memory kept for the next send, after a pause.
     pub fn release_memory(&mut self) {
         if let Transport::Stream(t) = self {
-            t.forget_recent();
+            t.release_memory();
         }
     }
 

@@ -171,10 +171,11 @@ pub struct StreamTransport {
     address: String,
     tls: Option<TlsSettings>,
     stream: Option<Connection>,
-    /// When the current connection was opened, until its first batch is
-    /// written (see [`NEW_CONNECTION_SETTLE`]).
+    /// The opening time of the current connection, until its first batch
+    /// is written (see [`NEW_CONNECTION_SETTLE`]).
     fresh: Option<Instant>,
-    /// When the current connection was opened.
+    /// The start of the current connection's age: its opening, or the end
+    /// of the wait for a close before its first batch counted.
     opened: Instant,
     /// The upper bound of what the receiver's buffer on the current
     /// connection can contain, from its windows (see [`StreamTransport::confirm_read`]).
@@ -182,9 +183,9 @@ pub struct StreamTransport {
     /// The largest window the receiver advertised on the current
     /// connection: a lower bound of what its buffer can contain.
     max_window: u32,
-    /// How long the next connection's first batch waits for a close
-    /// after TCP acknowledged it: zero, or [`UNREAD_CLOSE_SETTLE`] doubled
-    /// for each young connection lost in a row with data unread.
+    /// The wait of the next connection's first batch for a close after TCP
+    /// acknowledged it: zero, or [`UNREAD_CLOSE_SETTLE`] doubled for each
+    /// young connection lost in a row with data unread.
     wary: Duration,
     /// Batches delivered on the current connection that the receiver may
     /// not have read, oldest first (see [`RECENT_MAX_BYTES`]).
@@ -356,6 +357,20 @@ impl StreamTransport {
         !self.resend.is_empty()
     }
 
+    /// Returns the notice for batches to send again that a stop leaves
+    /// behind, or `None` when there are none.
+    fn unsent_notice(&self) -> Option<String> {
+        if self.resend.is_empty() {
+            return None;
+        }
+        let bytes: usize = self.resend.iter().map(Vec::len).sum();
+        Some(format!(
+            "{} batches ({bytes} bytes) that {} may not have read before it closed or reset the connection were not sent again before the stop. They are not in the outbox: replay the time since the receiver last restarted with `state set-checkpoint --resend`",
+            self.resend.len(),
+            self.address
+        ))
+    }
+
     /// True when batches wait to be sent again after a lost connection.
     pub fn resend_pending(&self) -> bool {
         !self.resend.is_empty()
@@ -374,18 +389,24 @@ impl StreamTransport {
     /// reads what it has before it gets the close.
     pub fn close(&mut self) {
         self.stream = None;
-        self.forget_recent();
+        self.free_recent();
     }
 
-    /// Drops the batches the receiver has read (as its window shows) and
-    /// gives their memory back when none is left, after a pause.
-    pub fn forget_recent(&mut self) {
+    /// Drops the batches the receiver has read (as its window shows), and
+    /// gives their memory back when none is left. The worker calls it
+    /// after a pause.
+    pub fn release_memory(&mut self) {
         self.confirm_read();
-        if self.recent.is_empty() || self.stream.is_none() {
-            self.recent = VecDeque::new();
-            self.recent_bytes = 0;
-            self.spare = Vec::new();
+        if self.recent.is_empty() {
+            self.free_recent();
         }
+    }
+
+    /// Forgets every delivered batch and gives the buffers back.
+    fn free_recent(&mut self) {
+        self.recent = VecDeque::new();
+        self.recent_bytes = 0;
+        self.spare = Vec::new();
     }
 
     /// Drops the oldest kept batches that the receiver has read: all but
@@ -560,22 +581,6 @@ impl StreamTransport {
             }
         }
         Ok(())
-    }
-}
-
-impl StreamTransport {
-    /// Returns the notice for batches to send again that a stop leaves
-    /// behind, or `None` when there are none.
-    fn unsent_notice(&self) -> Option<String> {
-        if self.resend.is_empty() {
-            return None;
-        }
-        let bytes: usize = self.resend.iter().map(Vec::len).sum();
-        Some(format!(
-            "{} batches ({bytes} bytes) that {} may not have read before it closed or reset the connection were not sent again before the stop. They are not in the outbox: replay the time since the receiver last restarted with `state set-checkpoint --resend`",
-            self.resend.len(),
-            self.address
-        ))
     }
 }
 
@@ -996,7 +1001,7 @@ mod tests {
         first.push_message(line.as_bytes());
         second.push_message(b"second\n");
         transport.send(&first).await.unwrap();
-        transport.forget_recent();
+        transport.release_memory();
 
         stop.send(()).unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
