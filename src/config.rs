@@ -37,10 +37,7 @@ pub enum ConfigError {
 /// Rejects a `client_secret`, HEC `token` or header value written without
 /// quotes. The `config` crate turns a number into text by its value, so
 /// `1e3` would be sent as `1000`.
-fn check_quoted_secrets(path: &Path) -> Result<(), ConfigError> {
-    let Some(table) = std::fs::read_to_string(path).ok().and_then(|text| toml::from_str::<toml::Table>(&text).ok()) else {
-        return Ok(());
-    };
+fn check_quoted_secrets(table: &toml::Table) -> Result<(), ConfigError> {
     let tenants = table.get("tenant").and_then(toml::Value::as_array).map(Vec::as_slice).unwrap_or_default();
     for (i, tenant) in tenants.iter().enumerate() {
         if tenant.get("client_secret").is_some_and(|secret| !secret.is_str()) {
@@ -73,12 +70,9 @@ fn check_quoted_secrets(path: &Path) -> Result<(), ConfigError> {
 /// Rejects a number with a fraction (`interval_secs = 1.5`). Every number
 /// in the config is whole, and the `config` crate rounds a fraction in
 /// some sections without a word.
-fn check_whole_numbers(path: &Path) -> Result<(), ConfigError> {
-    let Some(table) = std::fs::read_to_string(path).ok().and_then(|text| toml::from_str::<toml::Table>(&text).ok()) else {
-        return Ok(());
-    };
+fn check_whole_numbers(table: &toml::Table) -> Result<(), ConfigError> {
     let mut found = None;
-    for (key, value) in &table {
+    for (key, value) in table {
         find_fraction(key.clone(), value, &mut found);
     }
     match found {
@@ -1268,8 +1262,11 @@ impl Config {
             Some(message) => ConfigError::Syntax { path: path.to_path_buf(), message },
             None => ConfigError::Read { path: path.to_path_buf(), source },
         })?;
-        check_quoted_secrets(path)?;
-        check_whole_numbers(path)?;
+        // The file as TOML, for the checks the `config` crate cannot make.
+        if let Some(table) = std::fs::read_to_string(path).ok().and_then(|text| toml::from_str::<toml::Table>(&text).ok()) {
+            check_quoted_secrets(&table)?;
+            check_whole_numbers(&table)?;
+        }
         let mut builder = config::Config::builder().add_source(base.clone());
         let mut overrides = Vec::new();
         for (name, value) in env {
