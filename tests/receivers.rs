@@ -416,6 +416,13 @@ async fn tls_missing_client_certificate_fails() {
 /// after accepting them, without reading, as syslog-ng does at its
 /// `max-connections`. It reads the connections after those to the end.
 async fn rejecting_receiver(rejected: usize) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    closing_receiver(rejected, Duration::from_millis(20)).await
+}
+
+/// Starts a TCP receiver that closes its first `closed` connections
+/// `after` accepting them, without reading, and reads the ones after to
+/// the end.
+async fn closing_receiver(closed: usize, after: Duration) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
     use tokio::io::AsyncReadExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
@@ -425,12 +432,14 @@ async fn rejecting_receiver(rejected: usize) -> (SocketAddr, std::sync::Arc<std:
         let mut accepted = 0;
         while let Ok((mut stream, _)) = listener.accept().await {
             accepted += 1;
-            if accepted <= rejected {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                drop(stream);
+            let store = store.clone();
+            if accepted <= closed {
+                tokio::spawn(async move {
+                    tokio::time::sleep(after).await;
+                    drop(stream);
+                });
                 continue;
             }
-            let store = store.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 64 * 1024];
                 while let Ok(n @ 1..) = stream.read(&mut buf).await {
@@ -440,6 +449,51 @@ async fn rejecting_receiver(rejected: usize) -> (SocketAddr, std::sync::Arc<std:
         }
     });
     (address, received)
+}
+
+/// Counts each sample's FullId among the lines `received`, and checks
+/// that every one is there.
+fn every_sample_received(received: &std::sync::Mutex<Vec<u8>>) -> std::collections::HashMap<String, usize> {
+    let expected: std::collections::HashSet<String> = sample_full_ids().into_iter().collect();
+    let text = String::from_utf8(received.lock().unwrap().clone()).unwrap();
+    let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    let counts = count_full_ids(&lines);
+    assert_eq!(counts.keys().cloned().collect::<std::collections::HashSet<_>>(), expected);
+    counts
+}
+
+/// A receiver that never reads and closes each connection 1.5 s after
+/// accepting it gets every batch acknowledged by TCP, and reads none. No
+/// detection may count as delivered: the run fails and all stay queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_unread_closes_keep_everything_queued() {
+    let dir = tempfile::tempdir().unwrap();
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let (address, received) = closing_receiver(usize::MAX, Duration::from_millis(1500)).await;
+    let sink = syslog_sink(address, "tcp", "batch_size = 5");
+
+    let output = run_to(dir.path(), &emulator, &sink).await;
+
+    assert!(!output.status.success(), "{}", stderr(&output));
+    assert!(received.lock().unwrap().is_empty());
+    assert_eq!(pending(dir.path(), "rsyslog"), 46, "nothing counted as delivered: {}", stderr(&output));
+}
+
+/// A receiver that closes its first three connections unread 300 ms after
+/// accepting them, then reads: every detection arrives, and none stays
+/// queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_unread_closes_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let (address, received) = closing_receiver(3, Duration::from_millis(300)).await;
+    let sink = syslog_sink(address, "tcp", "batch_size = 5");
+
+    let output = run_to(dir.path(), &emulator, &sink).await;
+
+    assert_success(&output);
+    every_sample_received(&received);
+    assert_eq!(pending(dir.path(), "rsyslog"), 0);
 }
 
 /// Each rejected connection had been acknowledged by TCP; none of its
@@ -456,11 +510,7 @@ async fn connections_closed_unread_lose_nothing() {
 
     assert_success(&output);
     assert!(stderr(&output).contains("closed it without reading"), "{}", stderr(&output));
-    let expected: std::collections::HashSet<String> = sample_full_ids().into_iter().collect();
-    let text = String::from_utf8(received.lock().unwrap().clone()).unwrap();
-    let lines: Vec<String> = text.lines().map(str::to_owned).collect();
-    let counts = count_full_ids(&lines);
-    assert_eq!(counts.keys().cloned().collect::<std::collections::HashSet<_>>(), expected);
+    let counts = every_sample_received(&received);
     assert!(counts.values().all(|&n| n == 1), "{counts:?}");
 }
 

@@ -6,7 +6,15 @@
 //! good), or when the sink's routing filters it out. A receiver may settle
 //! only a prefix of a batch; the cursor then stops before the first unsettled
 //! entry, and the next read starts there.
+//!
+//! A syslog TCP or TLS receiver confirms reading a batch only later (see
+//! [`crate::sink::StreamTransport`]). Until it does, the read waits in
+//! [`SinkWorker::sent`], the next read starts after it, and the cursor
+//! stays before it. When the connection is lost first, the unconfirmed
+//! reads are dropped and read again from the cursor, so a stop or crash
+//! at any point leaves every unconfirmed detection queued.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,12 +25,17 @@ use crate::detection::Detection;
 use crate::config::SinkCommon;
 use crate::format::{encode_hec_event, EncodeOutcome, Encoder, HecOptions};
 use crate::retry::Backoff;
-use crate::sink::{Batch, SendOutcome, SinkError, Transport};
+use crate::sink::{Batch, Finish, SendOutcome, SinkError, Transport};
 use crate::store::{OutboxEntry, Store, StoreError};
 
 /// How long a worker that caught up waits for more before it gives the
 /// memory of its last batches back.
 const MEMORY_RELEASE_DELAY: Duration = Duration::from_secs(2);
+
+/// How long a worker with batches the receiver has not confirmed reading
+/// waits for more before it closes the connection to have them confirmed
+/// (see [`crate::sink::StreamTransport::finish`]).
+const IDLE_CLOSE_DELAY: Duration = Duration::from_secs(1);
 
 /// What the pipeline asks of a worker. Workers see only the latest value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +56,8 @@ pub enum WorkerError {
     Store { sink: String, source: StoreError },
     #[error("sink {sink}: stopped with {pending} detections still queued in the state directory{}", STOPPED_ADVICE)]
     Stopped { sink: String, pending: usize },
+    #[error("sink {sink}: the receiver did not confirm reading the last {detections} detections sent ({why}); they stay queued with the others ({pending} in all) and are sent again by the next run with this sink, so the receiver may get some twice")]
+    Unconfirmed { sink: String, detections: usize, pending: usize, why: &'static str },
 }
 
 /// The end of a [`WorkerError::Stopped`] message, which the demo replaces
@@ -141,6 +156,14 @@ pub struct SinkWorker {
     /// Rejections in a row that named no detection, with nothing
     /// delivered between (see [`BISECT_GIVE_UP`]).
     pub(crate) rejected_alone: u32,
+    /// Reads delivered to a receiver that has not confirmed reading them
+    /// yet, oldest first (see the module's documentation).
+    pub(crate) sent: VecDeque<Settlement>,
+    /// Times in a row the unconfirmed reads were sent again after a lost
+    /// connection without any being confirmed; limited by `max_attempts`.
+    pub(crate) rewinds: u32,
+    /// The detections sent again after the last lost connection.
+    pub(crate) rewound: usize,
     pub(crate) batch_size: usize,
     pub(crate) retry_initial: Duration,
     pub(crate) retry_max: Duration,
@@ -150,24 +173,28 @@ pub struct SinkWorker {
     pub(crate) mode: watch::Receiver<WorkerMode>,
 }
 
-/// The outcome of settling a read: where the sink's cursor may move, and
+/// The outcome of a read's send: where the sink's cursor may move, and
 /// the entries it passes that become dead letters, each with its reason.
 /// Every such entry is before `position`, so there are none without one.
-struct Settlement<'a> {
+/// It is settled (stored) once the receiver confirmed reading the batch.
+pub(crate) struct Settlement {
     position: Option<u64>,
-    dead_letters: Vec<(&'a OutboxEntry, &'a str)>,
+    dead_letters: Vec<(OutboxEntry, String)>,
     /// Warnings about the dead letters, logged once they are stored.
-    notices: Vec<Notice<'a>>,
+    notices: Vec<Notice>,
+    /// The messages the transport delivered for the read; none when every
+    /// entry was filtered out or dead-lettered.
+    messages: usize,
 }
 
 /// A warning about detections that moved to dead letters.
-enum Notice<'a> {
-    BatchRejected { events: usize, reason: &'a str },
-    OneRejected { tenant: &'a str, delivered: usize, reason: &'a str },
-    Unencodable { tenant: &'a str, reason: &'a str },
+enum Notice {
+    BatchRejected { events: usize, reason: String },
+    OneRejected { tenant: String, delivered: usize, reason: String },
+    Unencodable { tenant: String, reason: String },
 }
 
-impl Notice<'_> {
+impl Notice {
     fn log(&self, sink: &str) {
         match self {
             Notice::BatchRejected { events, reason } => {
@@ -196,6 +223,26 @@ enum Delivery {
     /// The receiver rejected the batch, of more than one message, as too large.
     TooLarge(SinkError),
     Stopped,
+    /// The connection was lost with delivered batches the receiver may
+    /// not have read: they are read again from the cursor.
+    Rewind,
+}
+
+/// Returns how many of the newest `sent` reads wait for the receiver:
+/// those of its newest `unconfirmed` batches, and any read after them.
+fn waiting_reads(sent: &VecDeque<Settlement>, unconfirmed: usize) -> usize {
+    let mut batches = 0;
+    let mut reads = 0;
+    for read in sent.iter().rev() {
+        if batches == unconfirmed {
+            break;
+        }
+        reads += 1;
+        if read.messages > 0 {
+            batches += 1;
+        }
+    }
+    reads
 }
 
 impl SinkWorker {
@@ -210,7 +257,18 @@ impl SinkWorker {
         let mut batch = Batch::default();
         let mut delivered_since_idle = false;
         let mut store_backoff = Backoff::new(self.retry_initial, self.retry_max);
-        loop {
+        'read: loop {
+            // Settle what the receiver confirmed since the last round, or
+            // read again what a lost connection took.
+            if let Err(source) = self.settle_confirmed().await {
+                if self.store_failed(source, &mut store_backoff).await? {
+                    return Ok(());
+                }
+                continue;
+            }
+            if self.max_attempts.is_some_and(|max| self.rewinds >= max) {
+                return Err(self.unconfirmed_error("it closed or reset the connection before confirming them, at every attempt"));
+            }
             // Read the mode before the outbox: Drain is set only after the
             // pollers stopped queuing, so an empty read after seeing Drain
             // really means there is nothing left.
@@ -232,17 +290,12 @@ impl SinkWorker {
                 }
             };
             if entries.is_empty() {
-                // A receiver closed or reset the connection with batches
-                // it may not have read: they go out now, not with the next
-                // batch, which may come much later or never.
-                if self.transport.resend_pending() {
-                    if let Delivery::Stopped = self.deliver(&Batch::default()).await? {
+                if mode != WorkerMode::Run {
+                    if self.sent.is_empty() {
                         return Ok(());
                     }
+                    self.finish().await?;
                     continue;
-                }
-                if mode != WorkerMode::Run {
-                    return Ok(());
                 }
                 if delivered_since_idle {
                     // A worker faster than the poller catches up after every
@@ -252,12 +305,11 @@ impl SinkWorker {
                     // Only a pause gives their memory back. A wake-up that
                     // brings nothing to read starts the wait again.
                     match tokio::time::timeout(MEMORY_RELEASE_DELAY, self.wait_for_work()).await {
-                        Ok(true) => return Ok(()),
+                        Ok(true) => return self.exit_idle().await,
                         Ok(false) => continue,
                         Err(_) => {
                             // The batch buffer has grown to the largest batch sent.
                             batch = Batch::default();
-                            self.transport.release_memory();
                             self.store.forget_delivered_batches();
                             super::release_free_memory();
                             delivered_since_idle = false;
@@ -265,7 +317,7 @@ impl SinkWorker {
                     }
                 }
                 if self.wait_for_work().await {
-                    return Ok(());
+                    return self.exit_idle().await;
                 }
                 continue;
             }
@@ -307,23 +359,15 @@ impl SinkWorker {
                         split = true;
                         self.split_batch(&mut batch, &mut prepared, &error);
                     }
-                    Delivery::Stopped => {
-                        let pending = self.store.pending(&self.name).map(|(n, _)| n).unwrap_or(0);
-                        return Err(WorkerError::Stopped { sink: self.name.clone(), pending });
-                    }
+                    Delivery::Rewind => continue 'read,
+                    Delivery::Stopped => return Err(self.stopped_error()),
                 }
             };
             if let Err(source) = self.settle_and_ack(&entries, &prepared, outcome).await {
-                // The batch is delivered but the cursor may not have moved.
-                // Then the next round reads and sends the batch again: a
-                // repeat, never a loss.
-                if let Some(suppressed) = crate::telemetry::should_log(&format!("cursor {}: {source}", self.name)) {
-                    tracing::error!(sink = %self.name, error = %source, suppressed, "cannot store the sink cursor");
-                }
-                if self.max_attempts.is_some() {
-                    return Err(WorkerError::Store { sink: self.name.clone(), source });
-                }
-                if self.sleep_or_stop(store_backoff.next_delay(None)).await {
+                // The batch is delivered but the cursor did not move. The
+                // read stays among those sent, and the next round tries
+                // to store it again.
+                if self.store_failed(source, &mut store_backoff).await? {
                     return Ok(());
                 }
                 continue;
@@ -332,13 +376,81 @@ impl SinkWorker {
         }
     }
 
+    /// Logs a failed cursor write and waits before the next round. Returns
+    /// true when the worker should exit.
+    async fn store_failed(&mut self, source: StoreError, backoff: &mut Backoff) -> Result<bool, WorkerError> {
+        if let Some(suppressed) = crate::telemetry::should_log(&format!("cursor {}: {source}", self.name)) {
+            tracing::error!(sink = %self.name, error = %source, suppressed, "cannot store the sink cursor");
+        }
+        if self.max_attempts.is_some() {
+            return Err(WorkerError::Store { sink: self.name.clone(), source });
+        }
+        Ok(self.sleep_or_stop(backoff.next_delay(None)).await)
+    }
+
+    fn stopped_error(&self) -> WorkerError {
+        let pending = self.store.pending(&self.name).map(|(n, _)| n).unwrap_or(0);
+        WorkerError::Stopped { sink: self.name.clone(), pending }
+    }
+
+    fn unconfirmed_error(&self, why: &'static str) -> WorkerError {
+        let pending = self.store.pending(&self.name).map(|(n, _)| n).unwrap_or(0);
+        let detections = match self.sent.iter().map(|read| read.messages).sum() {
+            0 => self.rewound,
+            sent => sent,
+        };
+        WorkerError::Unconfirmed { sink: self.name.clone(), detections, pending, why }
+    }
+
+    /// Exits a worker that waited for work. Reads still waiting for the
+    /// receiver are confirmed first, unless the mode is Stop.
+    async fn exit_idle(&mut self) -> Result<(), WorkerError> {
+        if self.sent.is_empty() {
+            return Ok(());
+        }
+        if self.current_mode() == WorkerMode::Stop {
+            return Err(self.unconfirmed_error("the shutdown grace period ended before it closed the connection"));
+        }
+        self.finish().await?;
+        if let Err(source) = self.settle_confirmed().await {
+            return Err(WorkerError::Store { sink: self.name.clone(), source });
+        }
+        match self.sent.is_empty() {
+            true => Ok(()),
+            false => Err(self.unconfirmed_error("it closed or reset the connection before confirming them")),
+        }
+    }
+
+    /// Closes the connection at the end of a drain, so that the receiver
+    /// confirms reading the batches it has not confirmed yet. A receiver
+    /// that resets the connection gets them again in the next rounds.
+    async fn finish(&mut self) -> Result<(), WorkerError> {
+        let mut mode = self.mode.clone();
+        let finished = tokio::select! {
+            biased;
+            () = wait_for_stop(&mut mode) => None,
+            finished = self.transport.finish() => Some(finished),
+        };
+        match finished {
+            Some(Finish::Read | Finish::Lost) => Ok(()),
+            Some(Finish::NoAnswer) => {
+                Err(self.unconfirmed_error("it did not close its side of the connection within write_timeout_secs after the sink closed its own"))
+            }
+            None => Err(self.unconfirmed_error("the shutdown grace period ended before it closed the connection")),
+        }
+    }
+
     fn current_mode(&self) -> WorkerMode {
         *self.mode.borrow()
     }
 
+    /// Reads the entries after the last read sent, or after the cursor.
     fn next_entries(&self) -> Result<Vec<(u64, OutboxEntry)>, StoreError> {
-        let cursor = self.store.cursor(&self.name)?.unwrap_or(0);
-        self.store.read_after(cursor, self.batch_size)
+        let after = match self.sent.iter().rev().find_map(|read| read.position) {
+            Some(position) => position,
+            None => self.store.cursor(&self.name)?.unwrap_or(0),
+        };
+        self.store.read_after(after, self.batch_size)
     }
 
     /// Waits for new entries or a mode change; true when the worker should exit.
@@ -346,7 +458,12 @@ impl SinkWorker {
     /// A switch to `Drain` returns false, so the caller reads the outbox once
     /// more: entries queued just before the switch arrive together with it,
     /// and `select!` may see the mode change first.
+    /// While reads wait for the receiver to confirm them, a pause of
+    /// [`IDLE_CLOSE_DELAY`] closes the connection to have them confirmed,
+    /// and returns false, so the caller settles them.
     async fn wait_for_work(&mut self) -> bool {
+        let close = tokio::time::sleep(IDLE_CLOSE_DELAY);
+        tokio::pin!(close);
         loop {
             tokio::select! {
                 changed = self.wake.changed() => return changed.is_err(),
@@ -356,6 +473,10 @@ impl SinkWorker {
                     if self.transport.check_connection().await {
                         return false;
                     }
+                }
+                () = &mut close, if !self.sent.is_empty() && self.transport.answers_close() => {
+                    self.transport.finish().await;
+                    return false;
                 }
             }
         }
@@ -533,22 +654,56 @@ impl SinkWorker {
         );
     }
 
-    /// Settles a read after its send: stores its dead letters and moves the
-    /// cursor past what is settled, in one store transaction. When that
-    /// fails, neither is stored, so the retry adds no second copy of a letter.
-    /// The dead letters are logged once the transaction is committed.
-    async fn settle_and_ack(&self, entries: &[(u64, OutboxEntry)], prepared: &Prepared, outcome: SendOutcome) -> Result<(), StoreError> {
+    /// Adds a read just sent to those waiting for the receiver, then
+    /// settles the ones it confirmed (see [`SinkWorker::settle_confirmed`]).
+    async fn settle_and_ack(&mut self, entries: &[(u64, OutboxEntry)], prepared: &Prepared, outcome: SendOutcome) -> Result<(), StoreError> {
         let settlement = self.settle(entries, prepared, &outcome);
-        let Some(position) = settlement.position else {
+        self.sent.push_back(settlement);
+        self.settle_confirmed().await
+    }
+
+    /// Settles the reads the receiver confirmed: stores their dead letters
+    /// and moves the cursor past them, in one store transaction. When that
+    /// fails, neither is stored and the reads stay, so the retry adds no
+    /// second copy of a letter. The dead letters are logged once the
+    /// transaction is committed.
+    ///
+    /// Reads a lost connection took are dropped first, so the next read
+    /// starts after the last confirmed one and sends them again.
+    async fn settle_confirmed(&mut self) -> Result<(), StoreError> {
+        let lost = self.transport.take_lost();
+        let waiting = waiting_reads(&self.sent, if lost > 0 { lost } else { self.transport.unconfirmed() });
+        let confirmed = self.sent.len() - waiting;
+        if lost > 0 {
+            let dropped = self.sent.split_off(confirmed);
+            self.rewound = dropped.iter().map(|read| read.messages).sum();
+            self.rewinds += 1;
+            tracing::warn!(
+                sink = %self.name,
+                batches = lost,
+                detections = self.rewound,
+                "the receiver closed or reset the connection before confirming that it read the last batches; sending them again from the outbox, so it may get some twice"
+            );
+        }
+        if confirmed == 0 {
+            return Ok(());
+        }
+        let Some(position) = self.sent.iter().take(confirmed).filter_map(|read| read.position).next_back() else {
+            self.sent.drain(..confirmed);
             return Ok(());
         };
-        let acked = self.store.ack_with_dead_letters(&self.name, position, &settlement.dead_letters).await;
+        let letters: Vec<(&OutboxEntry, &str)> =
+            self.sent.iter().take(confirmed).flat_map(|read| read.dead_letters.iter().map(|(entry, reason)| (entry, reason.as_str()))).collect();
+        let acked = self.store.ack_with_dead_letters(&self.name, position, &letters).await;
         // The commit comes before the release and the flush, so a failure
         // there still leaves the letters stored.
         if acked.is_ok() || self.store.cursor(&self.name).ok().flatten() == Some(position) {
-            for notice in &settlement.notices {
-                notice.log(&self.name);
+            for read in self.sent.drain(..confirmed) {
+                for notice in &read.notices {
+                    notice.log(&self.name);
+                }
             }
+            self.rewinds = 0;
         }
         acked.map(drop)
     }
@@ -556,34 +711,39 @@ impl SinkWorker {
     /// Returns where the cursor may move and the entries it passes that
     /// become dead letters: those the receiver rejected and those this sink
     /// cannot encode.
-    fn settle<'a>(&self, entries: &'a [(u64, OutboxEntry)], prepared: &'a Prepared, outcome: &'a SendOutcome) -> Settlement<'a> {
+    fn settle(&self, entries: &[(u64, OutboxEntry)], prepared: &Prepared, outcome: &SendOutcome) -> Settlement {
         let mut dead_letters = Vec::new();
         let mut notices = Vec::new();
         let through = self.settle_messages(entries, prepared, outcome, &mut dead_letters, &mut notices);
         for (index, reason) in prepared.unencodable.iter().filter(|(index, _)| *index < through) {
             let entry = &entries[*index].1;
-            notices.push(Notice::Unencodable { tenant: entry.tenant(), reason });
-            dead_letters.push((entry, reason.as_str()));
+            notices.push(Notice::Unencodable { tenant: entry.tenant().to_string(), reason: reason.clone() });
+            dead_letters.push((entry.clone(), reason.clone()));
         }
-        Settlement { position: through.checked_sub(1).map(|i| entries[i].0), dead_letters, notices }
+        Settlement {
+            position: through.checked_sub(1).map(|i| entries[i].0),
+            dead_letters,
+            notices,
+            messages: prepared.message_entries.len(),
+        }
     }
 
     /// Adds what the receiver rejected to `dead_letters` and returns how
     /// many entries of the read the cursor may move past.
-    fn settle_messages<'a>(
+    fn settle_messages(
         &self,
-        entries: &'a [(u64, OutboxEntry)],
+        entries: &[(u64, OutboxEntry)],
         prepared: &Prepared,
-        outcome: &'a SendOutcome,
-        dead_letters: &mut Vec<(&'a OutboxEntry, &'a str)>,
-        notices: &mut Vec<Notice<'a>>,
+        outcome: &SendOutcome,
+        dead_letters: &mut Vec<(OutboxEntry, String)>,
+        notices: &mut Vec<Notice>,
     ) -> usize {
         match outcome {
             SendOutcome::Delivered => prepared.consumed,
             SendOutcome::AllRejected { reason } => {
-                notices.push(Notice::BatchRejected { events: prepared.message_entries.len(), reason });
+                notices.push(Notice::BatchRejected { events: prepared.message_entries.len(), reason: reason.clone() });
                 for &index in &prepared.message_entries {
-                    dead_letters.push((&entries[index].1, reason.as_str()));
+                    dead_letters.push((entries[index].1.clone(), reason.clone()));
                 }
                 prepared.consumed
             }
@@ -593,8 +753,8 @@ impl SinkWorker {
                     return prepared.consumed;
                 };
                 let entry = &entries[rejected].1;
-                notices.push(Notice::OneRejected { tenant: entry.tenant(), delivered: *delivered, reason });
-                dead_letters.push((entry, reason.as_str()));
+                notices.push(Notice::OneRejected { tenant: entry.tenant().to_string(), delivered: *delivered, reason: reason.clone() });
+                dead_letters.push((entry.clone(), reason.clone()));
                 // Entries up to the next message were filtered out or cannot
                 // be encoded (dead-lettered by the caller), so the cursor
                 // may pass them too.
@@ -641,6 +801,9 @@ impl SinkWorker {
                     }
                     return Ok(Delivery::Done(outcome));
                 }
+                // The receiver lost batches delivered before this one: they
+                // are read again first, and the round that does logs it.
+                Err(SinkError::LostUnread { .. }) => return Ok(Delivery::Rewind),
                 Err(source) => {
                     crate::telemetry::global().metrics.add(&crate::telemetry::SINK_ERRORS, &[("sink", &self.name)], 1.0);
                     // The transport rejects a single message that is too large itself.
@@ -663,6 +826,10 @@ impl SinkWorker {
                     }
                     if self.sleep_or_stop(delay).await {
                         return Ok(Delivery::Stopped);
+                    }
+                    // The batch goes again after those the lost connection took.
+                    if self.transport.lost_pending() {
+                        return Ok(Delivery::Rewind);
                     }
                     attempt += 1;
                 }
@@ -817,6 +984,9 @@ mod tests {
             unreported_shortened: [0; 2],
             receiver_max_batch_bytes: None,
             rejected_alone: 0,
+            sent: Default::default(),
+            rewinds: 0,
+            rewound: 0,
             batch_size: 10,
             retry_initial: Duration::from_millis(10),
             retry_max: Duration::from_millis(10),
@@ -873,8 +1043,9 @@ mod tests {
         assert_eq!(store.dead_letter_count(), 1);
     }
 
-    /// A batch rejected for good whose cursor write fails is read, sent
-    /// and rejected again. Its detections still become one dead letter each.
+    /// A batch rejected for good whose cursor write fails stays among the
+    /// reads sent, and the next round stores it: each of its detections
+    /// becomes one dead letter.
     #[tokio::test]
     async fn failed_ack_stores_letters_once() {
         let _settling = settling_alone();
@@ -898,14 +1069,12 @@ mod tests {
         let entries = store.read_after(0, 10).unwrap();
         let prepared = worker.prepare(&entries, &mut Batch::default());
         assert_eq!(prepared.message_entries, [0, 2]);
-        assert!(worker.settle_and_ack(&entries, &prepared, rejected.clone()).await.is_err());
+        assert!(worker.settle_and_ack(&entries, &prepared, rejected).await.is_err());
         assert_eq!(store.cursor("high").unwrap(), Some(0), "the cursor did not move");
         assert_eq!(store.dead_letter_count(), 0, "and no letter is stored without it");
 
-        // The next round of the worker's loop.
-        let entries = store.read_after(0, 10).unwrap();
-        let prepared = worker.prepare(&entries, &mut Batch::default());
-        worker.settle_and_ack(&entries, &prepared, rejected).await.unwrap();
+        // The next round of the worker's loop stores the read it kept.
+        worker.settle_confirmed().await.unwrap();
         assert_eq!(store.cursor("high").unwrap(), Some(entries[2].0));
         let mut ids: Vec<String> =
             store.dead_letters().unwrap().iter().map(|l| Detection::from_json_text(&l.detection).unwrap().full_id().unwrap().into_owned()).collect();

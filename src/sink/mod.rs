@@ -5,6 +5,8 @@
 //! terms: TCP or TLS bytes written and acknowledged by the peer's TCP stack, a
 //! file written and fsync'ed, stdout flushed, UDP datagrams handed to the
 //! kernel, an HTTP 2xx, or a Splunk indexer acknowledgement when enabled.
+//! A TCP or TLS batch is settled only once the receiver also confirms
+//! reading it (see [`Transport::unconfirmed`]).
 //!
 //! An `Err` means "send the whole batch again", except
 //! [`SinkError::PayloadTooLarge`], after which the worker sends the batch in
@@ -33,7 +35,7 @@ pub use http::{HttpSettings, HttpTransport};
 pub use http::build_client as build_http_client;
 pub use http::{proxy_for, sink_proxy};
 pub use redact::{Redactor, REDACTED};
-pub use stream::{StreamTransport, TlsSettings};
+pub use stream::{Finish, StreamTransport, TlsSettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -47,6 +49,9 @@ pub enum SinkError {
     SendTimeout { address: String, secs: u64 },
     #[error("{address} closed the connection before acknowledging the batch; it is sent again")]
     PeerClosed { address: String },
+    /// A connection lost with batches the receiver had not confirmed reading.
+    #[error("{address} closed or reset the connection with {batches} batches it may not have read; they are sent again from the outbox, so it may get some twice")]
+    LostUnread { address: String, batches: usize },
     /// A receiver that closed a new connection before its first batch, or
     /// soon after it without reading.
     #[error("{address} accepted the connection and closed it without reading; the batch is sent on a new connection. A receiver does this at its connection limit (syslog-ng max-connections, rsyslog MaxSessions) or when it rejects this host")]
@@ -289,17 +294,12 @@ impl Transport {
     }
 
     /// Looks at a TCP or TLS connection that became readable; true when
-    /// batches wait to be sent again.
+    /// batches it delivered were lost with it and wait to be sent again.
     pub async fn check_connection(&mut self) -> bool {
         match self {
             Transport::Stream(t) => t.check_connection().await,
             _ => false,
         }
-    }
-
-    /// True when a TCP or TLS sink has batches to send again.
-    pub fn resend_pending(&self) -> bool {
-        matches!(self, Transport::Stream(t) if t.resend_pending())
     }
 
     /// Opens a TCP or TLS connection ahead of the first batch.
@@ -309,10 +309,46 @@ impl Transport {
         }
     }
 
-    /// Gives back memory kept for the next send, after a pause.
-    pub fn release_memory(&mut self) {
-        if let Transport::Stream(t) = self {
-            t.release_memory();
+    /// Returns how many of the newest delivered batches the receiver has
+    /// not confirmed reading: only TCP and TLS have such batches (see
+    /// [`StreamTransport`]). The older ones are confirmed.
+    pub fn unconfirmed(&mut self) -> usize {
+        match self {
+            Transport::Stream(t) => t.unconfirmed(),
+            _ => 0,
+        }
+    }
+
+    /// Returns, and resets, how many delivered batches were lost with a TCP
+    /// or TLS connection before the receiver confirmed reading them.
+    pub fn take_lost(&mut self) -> usize {
+        match self {
+            Transport::Stream(t) => t.take_lost(),
+            _ => 0,
+        }
+    }
+
+    /// True when delivered batches were lost with a connection (see
+    /// [`Transport::take_lost`]).
+    pub fn lost_pending(&self) -> bool {
+        matches!(self, Transport::Stream(t) if t.lost_pending())
+    }
+
+    /// Closes a TCP or TLS connection so that the receiver confirms
+    /// reading the unconfirmed batches (see [`StreamTransport::finish`]).
+    pub async fn finish(&mut self) -> Finish {
+        match self {
+            Transport::Stream(t) => t.finish().await,
+            _ => Finish::Read,
+        }
+    }
+
+    /// True while a pause may close a TCP or TLS connection to have the
+    /// last batches confirmed.
+    pub fn answers_close(&self) -> bool {
+        match self {
+            Transport::Stream(t) => t.answers_close(),
+            _ => true,
         }
     }
 

@@ -1,9 +1,11 @@
 //! Syslog over TCP or TLS: one long-lived connection, reopened on failure.
 //!
-//! Syslog has no application acknowledgement, so a batch counts as delivered
-//! when the receiver's TCP stack acknowledged every byte of it and did not
+//! Syslog has no application acknowledgement, so a send succeeds when the
+//! receiver's TCP stack acknowledged every byte of the batch and did not
 //! reset the connection right after. With TLS the writer is flushed first,
-//! then the same checks run on the socket under it.
+//! then the same checks run on the socket under it. The batch is then
+//! unconfirmed until the receiver shows that it read it (see
+//! [`StreamTransport`]).
 
 use std::collections::VecDeque;
 use std::io;
@@ -60,32 +62,25 @@ const CLIENT_CERTIFICATE_VERDICT: Duration = Duration::from_secs(1);
 /// [`StreamTransport::warm_up`]), so the first batch usually finds the
 /// connection old enough already.
 /// NOTE: a receiver that closes a new connection later than this is
-/// detected only by the reset after the batch (see [`RECENT_MAX_BYTES`]).
+/// detected by the close or reset after the batch, which is sent again
+/// (see [`StreamTransport`]).
 const NEW_CONNECTION_SETTLE: Duration = Duration::from_millis(50);
 
-/// The upper limit of what the sink keeps of what it sent on a connection
-/// and the receiver may not have read yet, to send again when the connection is
-/// lost. A receiver that stops or restarts with data unread in its socket
-/// closes or resets the connection, and that data, though acknowledged by
-/// TCP, is gone. The receive window the receiver advertises shows how
-/// much it may not have read: its buffer's capacity less the current
-/// window (see [`StreamTransport::confirm_read`]). The sink keeps the newest batches that
-/// cover that much, and sends them again first on the next connection. The
-/// receiver may have read some of them (it does not advertise every read):
-/// those arrive twice.
-/// NOTE: a receiver with more unread data than this loses the rest
-/// unnoticed. On an older kernel whose `TCP_INFO` lacks the window, the
-/// sink keeps the newest batches up to this size instead.
-const RECENT_MAX_BYTES: usize = 2 << 20;
+/// Without the receive window in `TCP_INFO` (kernels before 5.4), the
+/// sink cannot tell what the receiver read: the newest batches up to this
+/// size stay unconfirmed, so their outbox entries stay queued until the
+/// receiver confirms them by closing the connection after reading it (see
+/// [`StreamTransport::finish`]).
+const NO_WINDOW_UNCONFIRMED_BYTES: usize = 2 << 20;
 
 /// How long the first batch on a connection that follows one the receiver
 /// closed without reading waits, after TCP acknowledged it, for a close or
 /// reset before it counts. A receiver that accepts connections and closes
-/// each unread some time later would otherwise have its batches counted
-/// on every connection while the kept batches grow past
-/// [`RECENT_MAX_BYTES`].
-/// NOTE: a receiver that waits longer than this before it closes is not
-/// detected.
+/// each unread some time later would otherwise get batches on every
+/// connection that all have to be sent again.
+/// NOTE: a receiver that waits longer than this before it closes gets
+/// them all the same; nothing is lost, because the outbox keeps every
+/// batch until the receiver confirms reading it.
 const UNREAD_CLOSE_SETTLE: Duration = Duration::from_secs(1);
 
 /// The age below which a connection lost with data unread makes the next
@@ -95,7 +90,7 @@ const YOUNG_CONNECTION: Duration = Duration::from_secs(10);
 /// The way [`StreamTransport::confirm_read_as`] counts the unread bytes.
 #[derive(Clone, Copy)]
 enum Estimate {
-    /// Counts them at most: nothing unread is dropped.
+    /// Counts them at most: nothing unread is confirmed.
     Most,
     /// Counts them at least, for a receiver that is known to have read
     /// everything it could.
@@ -112,6 +107,20 @@ enum PeerState {
     Reset,
 }
 
+/// How the receiver answered the close at the end of a drain (see
+/// [`StreamTransport::finish`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Finish {
+    /// It read everything and closed its side: every batch is confirmed.
+    Read,
+    /// It reset the connection: the unconfirmed batches count as lost
+    /// (see [`StreamTransport::take_lost`]).
+    Lost,
+    /// It did not close its side in time: whether it read the last batches
+    /// is unknown, so they stay queued.
+    NoAnswer,
+}
+
 enum Connection {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
@@ -125,17 +134,16 @@ impl Connection {
         }
     }
 
-    /// Writes the pieces in order, then flushes.
-    async fn write_and_flush(&mut self, pieces: impl Iterator<Item = &[u8]>) -> io::Result<()> {
-        for bytes in pieces {
-            match self {
-                Connection::Plain(stream) => stream.write_all(bytes).await?,
-                Connection::Tls(stream) => stream.write_all(bytes).await?,
-            }
-        }
+    async fn write_and_flush(&mut self, bytes: &[u8]) -> io::Result<()> {
         match self {
-            Connection::Plain(stream) => stream.flush().await,
-            Connection::Tls(stream) => stream.flush().await,
+            Connection::Plain(stream) => {
+                stream.write_all(bytes).await?;
+                stream.flush().await
+            }
+            Connection::Tls(stream) => {
+                stream.write_all(bytes).await?;
+                stream.flush().await
+            }
         }
     }
 
@@ -165,8 +173,50 @@ impl Connection {
             Connection::Tls(_) => false,
         }
     }
+
+    /// Closes the sending side (TLS: close_notify first) and reads until
+    /// the receiver closes its side. `Ok` means it did, and so read
+    /// everything: a receiver that closes with data unread resets the
+    /// connection instead.
+    async fn close_and_read_to_end(&mut self) -> io::Result<()> {
+        let mut buf = [0u8; 512];
+        match self {
+            Connection::Plain(stream) => {
+                stream.shutdown().await?;
+                while stream.read(&mut buf).await? > 0 {}
+            }
+            Connection::Tls(stream) => {
+                stream.shutdown().await?;
+                loop {
+                    match stream.read(&mut buf).await {
+                        Ok(0) => break,
+                        Ok(_) => {}
+                        // A receiver may close the TCP connection without
+                        // a close_notify of its own.
+                        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+        // A reset that followed the FIN reads as a plain end of stream.
+        match socket_error(self.socket()) {
+            Some(code) => Err(io::Error::from_raw_os_error(code)),
+            None => Ok(()),
+        }
+    }
 }
 
+/// A syslog TCP or TLS transport.
+///
+/// TCP's acknowledgement does not mean that the receiver read a batch: a
+/// receiver that stops or restarts with data unread in its socket loses
+/// it. So a batch the transport delivered stays unconfirmed until the
+/// receiver's window shows it read (see [`StreamTransport::confirm_read`]),
+/// or until the receiver closes the connection after reading it (see
+/// [`StreamTransport::finish`]). The worker keeps the outbox entries of
+/// unconfirmed batches queued, and sends them again from the outbox when
+/// the connection is lost.
 pub struct StreamTransport {
     address: String,
     tls: Option<TlsSettings>,
@@ -187,14 +237,16 @@ pub struct StreamTransport {
     /// acknowledged it: zero, or [`UNREAD_CLOSE_SETTLE`] doubled for each
     /// young connection lost in a row with data unread.
     wary: Duration,
-    /// Batches delivered on the current connection that the receiver may
-    /// not have read, oldest first (see [`RECENT_MAX_BYTES`]).
-    recent: VecDeque<Vec<u8>>,
-    recent_bytes: usize,
-    /// Buffers of batches no longer kept, for the next ones to reuse.
-    spare: Vec<Vec<u8>>,
-    /// Batches to send again before the next one, after a reset.
-    resend: Vec<Vec<u8>>,
+    /// The sizes of the batches written on the current connection that the
+    /// receiver has not confirmed reading, oldest first.
+    unconfirmed: VecDeque<usize>,
+    unconfirmed_bytes: usize,
+    /// Batches written on lost connections that the receiver may not have
+    /// read, until the worker takes the count to send them again.
+    lost: usize,
+    /// False once the receiver did not close its side of the connection
+    /// after the sink closed its own (see [`StreamTransport::finish`]).
+    answers_close: bool,
     connect_timeout: Duration,
     write_timeout: Duration,
 }
@@ -211,10 +263,10 @@ impl StreamTransport {
             capacity: None,
             max_window: 0,
             wary: Duration::ZERO,
-            recent: VecDeque::new(),
-            recent_bytes: 0,
-            spare: Vec::new(),
-            resend: Vec::new(),
+            unconfirmed: VecDeque::new(),
+            unconfirmed_bytes: 0,
+            lost: 0,
+            answers_close: true,
             connect_timeout,
             write_timeout,
         }
@@ -338,8 +390,8 @@ impl StreamTransport {
     }
 
     /// Looks at the connection after [`StreamTransport::readable`]: a
-    /// close or reset moves what the receiver may not have read to the
-    /// batches sent again. Returns true when there are such batches.
+    /// close or reset counts the batches the receiver may not have read
+    /// as lost. Returns true when there are such batches.
     pub async fn check_connection(&mut self) -> bool {
         if let Some(stream) = &mut self.stream {
             match stream.peer_state().await {
@@ -354,26 +406,7 @@ impl StreamTransport {
                 }
             }
         }
-        !self.resend.is_empty()
-    }
-
-    /// Returns the notice for batches to send again that a stop leaves
-    /// behind, or `None` when there are none.
-    fn unsent_notice(&self) -> Option<String> {
-        if self.resend.is_empty() {
-            return None;
-        }
-        let bytes: usize = self.resend.iter().map(Vec::len).sum();
-        Some(format!(
-            "{} batches ({bytes} bytes) that {} may not have read before it closed or reset the connection were not sent again before the stop. They are not in the outbox: replay the time since the receiver last restarted with `state set-checkpoint --resend`",
-            self.resend.len(),
-            self.address
-        ))
-    }
-
-    /// True when batches wait to be sent again after a lost connection.
-    pub fn resend_pending(&self) -> bool {
-        !self.resend.is_empty()
+        self.lost > 0
     }
 
     /// Opens the connection before the first batch, so the wait for a new
@@ -385,41 +418,99 @@ impl StreamTransport {
         }
     }
 
-    /// Closes the connection; the next send opens a new one. The receiver
-    /// reads what it has before it gets the close.
+    /// Closes the connection after a send was abandoned; the next send
+    /// opens a new one. Its unconfirmed batches stay queued in the outbox.
     pub fn close(&mut self) {
         self.stream = None;
-        self.free_recent();
+        self.forget_unconfirmed();
     }
 
-    /// Drops the batches the receiver has read (as its window shows), and
-    /// gives their memory back when none is left. The worker calls it
-    /// after a pause.
-    pub fn release_memory(&mut self) {
+    fn forget_unconfirmed(&mut self) {
+        self.unconfirmed.clear();
+        self.unconfirmed_bytes = 0;
+    }
+
+    /// Returns the number of the newest batches delivered on the current
+    /// connection that the receiver has not confirmed reading; the older
+    /// ones are confirmed.
+    pub fn unconfirmed(&mut self) -> usize {
         self.confirm_read();
-        if self.recent.is_empty() {
-            self.free_recent();
+        self.unconfirmed.len()
+    }
+
+    /// Returns, and resets, the number of batches delivered on lost
+    /// connections that the receiver may not have read. The worker sends
+    /// them again from the outbox.
+    pub fn take_lost(&mut self) -> usize {
+        std::mem::take(&mut self.lost)
+    }
+
+    /// True when batches wait to be sent again after a lost connection.
+    pub fn lost_pending(&self) -> bool {
+        self.lost > 0
+    }
+
+    /// Closes the connection so that the receiver confirms it read the
+    /// unconfirmed batches: it closes its side once it has read everything.
+    /// The worker calls it at the end of a drain, and after a pause while
+    /// batches wait: the receiver's window seldom shows the last batches
+    /// read, because a receiver advertises no more than a limit of its
+    /// own, which grows only as data arrives.
+    ///
+    /// Waits up to the write timeout. A receiver that does not close its
+    /// side by then leaves the batches unknown: they count as lost, and
+    /// later pauses keep the connection open.
+    pub async fn finish(&mut self) -> Finish {
+        if self.unconfirmed() == 0 {
+            return Finish::Read;
+        }
+        let Some(stream) = self.stream.as_mut() else { return Finish::NoAnswer };
+        match timeout(self.write_timeout, stream.close_and_read_to_end()).await {
+            Ok(Ok(())) => {
+                self.stream = None;
+                self.forget_unconfirmed();
+                Finish::Read
+            }
+            Ok(Err(_)) => {
+                self.lose_connection(false);
+                Finish::Lost
+            }
+            Err(_) => {
+                tracing::warn!(
+                    address = %self.address,
+                    batches = self.unconfirmed.len(),
+                    timeout_secs = self.write_timeout.as_secs(),
+                    "the receiver did not close its side of the connection after the sink closed its own, so it cannot confirm reading the last batches; they are sent again and it may get them twice. From now on the connection stays open between batches, and the last ones are confirmed by the next or at the stop"
+                );
+                self.answers_close = false;
+                self.stream = None;
+                self.lost += self.unconfirmed.len();
+                self.forget_unconfirmed();
+                Finish::NoAnswer
+            }
         }
     }
 
-    /// Forgets every delivered batch and gives the buffers back.
-    fn free_recent(&mut self) {
-        self.recent = VecDeque::new();
-        self.recent_bytes = 0;
-        self.spare = Vec::new();
+    /// True while a pause may close the connection to have the last
+    /// batches confirmed (see [`StreamTransport::finish`]).
+    pub fn answers_close(&self) -> bool {
+        self.answers_close
     }
 
-    /// Drops the oldest kept batches that the receiver has read: all but
-    /// the newest that cover its unread bytes, as its advertised window
-    /// shows (see [`RECENT_MAX_BYTES`]). Without the window, only what
-    /// exceeds that size goes.
+    /// Confirms the oldest unconfirmed batches that the receiver has read:
+    /// all but the newest that cover its unread bytes, as its advertised
+    /// window shows. Without the window, all but the newest
+    /// [`NO_WINDOW_UNCONFIRMED_BYTES`].
     fn confirm_read(&mut self) {
         self.confirm_read_as(Estimate::Most);
     }
 
-    /// Drops the kept batches as [`StreamTransport::confirm_read`] does,
+    /// Confirms batches as [`StreamTransport::confirm_read`] does,
     /// counting the unread bytes at most or at least.
     fn confirm_read_as(&mut self, estimate: Estimate) {
+        if self.unconfirmed.is_empty() {
+            return;
+        }
         let window = self.stream.as_ref().and_then(|stream| peer_window(stream.socket()));
         // The receiver's buffer contains its unread bytes and the free space
         // it advertises, so the unread bytes are its capacity less the
@@ -442,88 +533,54 @@ impl StreamTransport {
                     shrunk => shrunk as usize + window.unit as usize,
                 }
             }
-            // Nothing acknowledged yet, so nothing to drop.
+            // Nothing acknowledged yet, so nothing read.
             Some(_) => return,
-            None => 0,
+            None => NO_WINDOW_UNCONFIRMED_BYTES,
         };
-        let limit = if window.is_some() { unread } else { RECENT_MAX_BYTES };
-        while let Some(front) = self.recent.front() {
-            let rest = self.recent_bytes - front.len();
-            // Keep enough to cover the unread bytes; never more than the cap.
-            if rest < limit && self.recent_bytes <= RECENT_MAX_BYTES {
+        // Keep the newest batches that cover the unread bytes.
+        while let Some(&front) = self.unconfirmed.front() {
+            if self.unconfirmed_bytes - front < unread {
                 break;
             }
-            let Some(old) = self.recent.pop_front() else { break };
-            self.recent_bytes -= old.len();
-            if self.spare.is_empty() {
-                self.spare.push(old);
-            }
+            self.unconfirmed.pop_front();
+            self.unconfirmed_bytes -= front;
         }
     }
 
-    /// Moves what the receiver may not have read on the connection just
-    /// lost into the batches sent again on the next one. When the lost
-    /// connection was young, the next one waits for a close before its
-    /// first batch counts. `closed` is true for a close (FIN). A receiver
-    /// closes that way only when it left nothing unread in its socket
-    /// (Linux resets the connection otherwise), or when it only shut down
-    /// its sending side. So the unread bytes are counted at least.
+    /// Counts the batches the receiver may not have read on the connection
+    /// just lost as lost. When the lost connection was young, the next one
+    /// waits for a close before its first batch counts. `closed` is true
+    /// for a close (FIN). A receiver closes that way only when it left
+    /// nothing unread in its socket (Linux resets the connection otherwise),
+    /// or when it only shut down its sending side. So the unread bytes are
+    /// counted at least.
     fn lose_connection(&mut self, closed: bool) {
         self.confirm_read_as(if closed { Estimate::Least } else { Estimate::Most });
         self.stream = None;
         // Batches still to send again went out on this connection too,
         // unless it failed before writing them.
-        let unread = !self.recent.is_empty() || !self.resend.is_empty();
+        let unread = !self.unconfirmed.is_empty() || self.lost > 0;
         self.wary = if unread && self.opened.elapsed() < YOUNG_CONNECTION {
             (self.wary * 2).clamp(UNREAD_CLOSE_SETTLE, YOUNG_CONNECTION)
         } else {
             Duration::ZERO
         };
-        self.recent_bytes = 0;
-        self.resend.extend(std::mem::take(&mut self.recent));
+        self.lost += self.unconfirmed.len();
+        self.forget_unconfirmed();
     }
 
-    /// Keeps `bytes`, just delivered, among the batches the receiver may
-    /// not have read.
-    fn remember(&mut self, bytes: Vec<u8>) {
-        self.recent_bytes += bytes.len();
-        self.recent.push_back(bytes);
-    }
-
-    /// Returns a copy of `bytes` in a spare buffer, or a new one.
-    fn copy_of(&mut self, bytes: &[u8]) -> Vec<u8> {
-        let mut copy = self.spare.pop().unwrap_or_default();
-        copy.clear();
-        copy.extend_from_slice(bytes);
-        copy
+    /// Returns the error for a send that found the connection lost with
+    /// batches the receiver may not have read.
+    fn unread_error(&self) -> SinkError {
+        SinkError::LostUnread { address: self.address.clone(), batches: self.lost }
     }
 
     pub async fn send(&mut self, batch: &Batch) -> Result<(), SinkError> {
         let result = self.try_send(batch).await;
-        match &result {
-            Ok(()) => {
-                if !self.resend.is_empty() {
-                    tracing::warn!(
-                        address = %self.address,
-                        batches = self.resend.len(),
-                        bytes = self.resend.iter().map(Vec::len).sum::<usize>(),
-                        "sent again the batches that the receiver may not have read before the connection was lost; it may get some twice"
-                    );
-                }
-                for bytes in std::mem::take(&mut self.resend) {
-                    self.remember(bytes);
-                }
-                if !batch.bytes().is_empty() {
-                    let copy = self.copy_of(batch.bytes());
-                    self.remember(copy);
-                }
-                self.confirm_read();
-            }
-            Err(_) => {
-                // A reset, or a receiver that stopped reading and is then
-                // restarted, may take batches delivered before this one.
-                self.lose_connection(false);
-            }
+        if result.is_err() {
+            // A reset, or a receiver that stopped reading and is then
+            // restarted, may take batches delivered before this one.
+            self.lose_connection(false);
         }
         result
     }
@@ -532,6 +589,11 @@ impl StreamTransport {
         let address = self.address.clone();
         let write_timeout = self.write_timeout;
         self.connect().await?;
+        // The batches that the lost connection may not have delivered go
+        // out again first, from the outbox.
+        if self.lost > 0 {
+            return Err(self.unread_error());
+        }
         let first = self.fresh.is_some();
         if let Some(opened) = self.fresh.take() {
             tokio::time::sleep_until(opened + NEW_CONNECTION_SETTLE).await;
@@ -544,11 +606,15 @@ impl StreamTransport {
         let Some(stream) = self.stream.as_mut() else { return Err(SinkError::PeerClosed { address }) };
         let deadline = Instant::now() + write_timeout;
         let timed_out = || SinkError::SendTimeout { address: address.clone(), secs: write_timeout.as_secs() };
-        let resend = self.resend.iter().map(Vec::as_slice);
-        timeout(write_timeout, stream.write_and_flush(resend.chain(std::iter::once(batch.bytes()))))
+        timeout(write_timeout, stream.write_and_flush(batch.bytes()))
             .await
             .map_err(|_| timed_out())?
             .map_err(|source| SinkError::Send { address: address.clone(), source })?;
+        // From here the receiver may hold the batch: a lost connection
+        // counts it with the others it may not have read.
+        self.unconfirmed.push_back(batch.bytes().len());
+        self.unconfirmed_bytes += batch.bytes().len();
+        let Some(stream) = self.stream.as_mut() else { return Err(SinkError::PeerClosed { address }) };
         // Wait until the peer's TCP stack has acknowledged every byte, so a
         // batch still in our send queue is never counted as delivered.
         // An ioctl failure leaves the queue unknown, so the batch is sent again.
@@ -581,15 +647,6 @@ impl StreamTransport {
             }
         }
         Ok(())
-    }
-}
-
-impl Drop for StreamTransport {
-    /// Logs the batches a stop leaves unsent, which only memory kept.
-    fn drop(&mut self) {
-        if let Some(notice) = self.unsent_notice() {
-            tracing::error!(address = %self.address, "{notice}");
-        }
     }
 }
 
@@ -888,6 +945,8 @@ mod tests {
         ReadOnceThenClose,
         /// Reads it to the end.
         ReadAll,
+        /// Reads it to the end and keeps its side open.
+        ReadKeepOpen,
     }
 
     /// Starts a receiver that handles connection N (from 1) as `plan(N)`
@@ -914,6 +973,9 @@ mod tests {
                         if matches!(plan, Plan::ReadOnceThenClose) {
                             return;
                         }
+                    }
+                    if matches!(plan, Plan::ReadKeepOpen) {
+                        tokio::time::sleep(Duration::from_secs(30)).await;
                     }
                 });
             }
@@ -962,9 +1024,10 @@ mod tests {
     }
 
     /// A receiver that resets the connection with a delivered batch unread
-    /// gets that batch again on the next connection, before the next batch.
+    /// makes the next send fail before it writes, with that batch counted
+    /// as lost, so the worker sends it again first.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn reset_sends_recent_batches_again() {
+    async fn reset_counts_unread_batch_lost() {
         let (address, stop, received) = restarting_receiver().await;
         let mut transport = StreamTransport::new(address.to_string(), None, Duration::from_secs(5), Duration::from_secs(5));
         // A detection's size: the receive window shows it unread.
@@ -973,52 +1036,39 @@ mod tests {
         first.push_message(line.as_bytes());
         second.push_message(b"second\n");
         transport.send(&first).await.expect("TCP acknowledges the first batch");
+        assert_eq!(transport.unconfirmed(), 1, "the receiver has not read it");
 
         stop.send(()).unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let mut sent = transport.send(&second).await;
-        // The reset may also arrive while the second batch is sent.
-        for _ in 0..3 {
-            if sent.is_ok() {
-                break;
-            }
-            sent = transport.send(&second).await;
-        }
-        sent.expect("the second batch goes out on a new connection");
+        let error = transport.send(&second).await.expect_err("the first batch goes again before the second");
+        assert!(matches!(error, SinkError::LostUnread { batches: 1, .. }), "{error}");
+        assert_eq!(transport.take_lost(), 1);
+        transport.send(&first).await.expect("the first batch goes out on a new connection");
+        transport.send(&second).await.unwrap();
         let expected = format!("{line}second\n");
         assert!(wait_until_received(&received, expected.as_bytes()).await, "{:?}", String::from_utf8_lossy(&received.lock().unwrap()));
     }
 
-    /// A receiver stopped with a batch unread keeps the batch among those
-    /// sent again, even after the pause that gives memory back, because its
-    /// window shows the batch unread.
+    /// A receiver that stops reading leaves its batch unconfirmed, however
+    /// long the sink waits.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn unread_batch_survives_an_idle_pause() {
-        let (address, stop, received) = restarting_receiver().await;
+    async fn stalled_receiver_confirms_nothing() {
+        let (address, _stop, _) = restarting_receiver().await;
         let mut transport = StreamTransport::new(address.to_string(), None, Duration::from_secs(5), Duration::from_secs(5));
-        let line = format!("first {}\n", "x".repeat(4000));
-        let (mut first, mut second) = (Batch::default(), Batch::default());
-        first.push_message(line.as_bytes());
-        second.push_message(b"second\n");
-        transport.send(&first).await.unwrap();
-        transport.release_memory();
-
-        stop.send(()).unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        for _ in 0..4 {
-            if transport.send(&second).await.is_ok() {
-                break;
-            }
+        let mut batch = Batch::default();
+        batch.push_message(format!("only {}\n", "x".repeat(4000)).as_bytes());
+        transport.send(&batch).await.unwrap();
+        for _ in 0..5 {
+            assert_eq!(transport.unconfirmed(), 1);
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        let expected = format!("{line}second\n");
-        assert!(wait_until_received(&received, expected.as_bytes()).await, "{:?}", String::from_utf8_lossy(&received.lock().unwrap()));
     }
 
     /// A reset of an idle connection is seen at once, and the batch the
-    /// receiver had not read goes out again without waiting for another.
+    /// receiver had not read counts as lost without waiting for another.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn idle_reset_is_seen_without_a_batch() {
-        let (address, stop, received) = restarting_receiver().await;
+        let (address, stop, _) = restarting_receiver().await;
         let mut transport = StreamTransport::new(address.to_string(), None, Duration::from_secs(5), Duration::from_secs(5));
         let line = format!("first {}\n", "x".repeat(4000));
         let mut first = Batch::default();
@@ -1028,13 +1078,40 @@ mod tests {
         stop.send(()).unwrap();
         timeout(Duration::from_secs(5), transport.readable()).await.expect("the reset makes the socket readable");
         assert!(transport.check_connection().await, "the unread batch waits to be sent again");
-        transport.send(&Batch::default()).await.expect("the resend goes out on a new connection");
-        assert!(wait_until_received(&received, line.as_bytes()).await);
+        assert_eq!(transport.take_lost(), 1);
+    }
+
+    /// At the end of a drain, a receiver that reads to the end and closes
+    /// confirms every batch; one that resets loses them; one that keeps its
+    /// side open leaves them unknown.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn finish_waits_for_the_receivers_close() {
+        let mut batch = Batch::default();
+        batch.push_message(format!("only {}\n", "x".repeat(4000)).as_bytes());
+
+        let (address, received) = scripted_receiver(|_| Plan::ReadAll).await;
+        let mut transport = StreamTransport::new(address.to_string(), None, Duration::from_secs(5), Duration::from_secs(5));
+        transport.send(&batch).await.unwrap();
+        assert_eq!(transport.finish().await, Finish::Read);
+        assert_eq!(received.lock().unwrap().as_slice(), batch.bytes());
+
+        let (address, stop, _) = restarting_receiver().await;
+        let mut transport = StreamTransport::new(address.to_string(), None, Duration::from_secs(5), Duration::from_secs(5));
+        transport.send(&batch).await.unwrap();
+        let finishing = tokio::spawn(async move { (transport.finish().await, transport.take_lost()) });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        stop.send(()).unwrap();
+        assert_eq!(finishing.await.unwrap(), (Finish::Lost, 1));
+
+        let (address, _) = scripted_receiver(|_| Plan::ReadKeepOpen).await;
+        let mut transport = StreamTransport::new(address.to_string(), None, Duration::from_secs(5), Duration::from_secs(1));
+        transport.send(&batch).await.unwrap();
+        assert_eq!(transport.finish().await, Finish::NoAnswer);
     }
 
     /// A receiver that closes every connection unread 1.2 s after accepting
     /// it outlasts the first 1 s wait, not the doubled one after it: the
-    /// kept batch is then never counted again.
+    /// batch then never counts as delivered again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn repeated_late_unread_closes_become_errors() {
         let (address, _) = scripted_receiver(|_| Plan::CloseUnreadAfter(1200)).await;
@@ -1044,19 +1121,19 @@ mod tests {
         transport.send(&batch).await.expect("nothing is known of the receiver yet");
         timeout(Duration::from_secs(5), transport.readable()).await.unwrap();
         assert!(transport.check_connection().await);
-        transport.send(&Batch::default()).await.expect("the close comes after the 1 s wait");
+        assert_eq!(transport.take_lost(), 1);
+        transport.send(&batch).await.expect("the close comes after the 1 s wait");
         timeout(Duration::from_secs(5), transport.readable()).await.unwrap();
         assert!(transport.check_connection().await);
-        let error = transport.send(&Batch::default()).await.expect_err("the 2 s wait sees the close");
+        assert_eq!(transport.take_lost(), 1);
+        let error = transport.send(&batch).await.expect_err("the 2 s wait sees the close");
         assert!(matches!(error, SinkError::ClosedUnread { .. }), "{error}");
-        assert!(transport.resend_pending(), "the batch is still kept");
-        let error = transport.send(&Batch::default()).await.expect_err("the retry waits 4 s and sees the close");
+        assert_eq!(transport.take_lost(), 1, "the batch went out and counts as lost");
+        let error = transport.send(&batch).await.expect_err("the retry waits 4 s and sees the close");
         assert!(matches!(error, SinkError::ClosedUnread { .. }), "{error}");
-        assert!(transport.resend_pending(), "the batch is kept after the retry");
+        assert_eq!(transport.take_lost(), 1);
         // A close seen at the end of a wait keeps the next one from shrinking.
         assert_eq!(transport.wary, Duration::from_secs(8));
-        let notice = transport.unsent_notice().expect("a stop now would leave the batch unsent");
-        assert!(notice.contains("set-checkpoint --resend"), "{notice}");
     }
 
     /// A close seen at the end of the longest wait still counts as one on a
@@ -1066,49 +1143,12 @@ mod tests {
     async fn longest_wait_stays_after_a_close() {
         let (address, _) = scripted_receiver(|_| Plan::CloseUnreadAfter(200)).await;
         let mut transport = StreamTransport::new(address.to_string(), None, Duration::from_secs(5), Duration::from_secs(5));
-        transport.resend.push(b"kept\n".to_vec());
         transport.wary = YOUNG_CONNECTION;
-        let error = transport.send(&Batch::default()).await.expect_err("the wait sees the close");
+        let mut batch = Batch::default();
+        batch.push_message(format!("kept {}\n", "x".repeat(4000)).as_bytes());
+        let error = transport.send(&batch).await.expect_err("the wait sees the close");
         assert!(matches!(error, SinkError::ClosedUnread { .. }), "{error}");
         assert_eq!(transport.wary, YOUNG_CONNECTION);
-    }
-
-    /// A receiver that accepts each connection and closes it unread 300 ms
-    /// later, three times, then reads: every batch arrives at least once.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn late_unread_closes_lose_nothing() {
-        let (address, received) = scripted_receiver(|n| if n <= 3 { Plan::CloseUnreadAfter(300) } else { Plan::ReadAll }).await;
-        let mut transport = StreamTransport::new(address.to_string(), None, Duration::from_secs(5), Duration::from_secs(5));
-        let lines: Vec<String> = (0..6).map(|i| format!("batch-{i} {}\n", "x".repeat(2000))).collect();
-        for line in &lines {
-            let mut batch = Batch::default();
-            batch.push_message(line.as_bytes());
-            let mut sent = false;
-            for _ in 0..20 {
-                if transport.send(&batch).await.is_ok() {
-                    sent = true;
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            assert!(sent, "{line:.8} never went out");
-            tokio::time::sleep(Duration::from_millis(150)).await;
-        }
-        // The last batches count once TCP acknowledged them; give the
-        // receiver time to read them.
-        let done = wait_until_received_all(&received, &lines).await;
-        assert!(done, "{:?}", String::from_utf8_lossy(&received.lock().unwrap()).lines().map(|l| l.get(..8).unwrap_or(l).to_string()).collect::<Vec<_>>());
-    }
-
-    async fn wait_until_received_all(received: &std::sync::Mutex<Vec<u8>>, lines: &[String]) -> bool {
-        for _ in 0..100 {
-            let text = String::from_utf8_lossy(&received.lock().unwrap()).to_string();
-            if lines.iter().all(|line| text.contains(line.as_str())) {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        false
     }
 
     /// A receiver that read everything and closed (FIN) gets nothing twice.
@@ -1123,6 +1163,7 @@ mod tests {
         assert!(wait_until_received(&received, b"first\n").await);
         tokio::time::sleep(Duration::from_millis(100)).await;
         transport.send(&second).await.unwrap();
+        assert_eq!(transport.take_lost(), 0, "nothing counts as lost");
         assert!(wait_until_received(&received, b"first\nsecond\n").await, "{:?}", String::from_utf8_lossy(&received.lock().unwrap()));
     }
 
