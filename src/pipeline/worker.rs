@@ -7,7 +7,8 @@
 //! only a prefix of a batch; the cursor then stops before the first unsettled
 //! entry, and the next read starts there.
 //!
-//! A syslog TCP or TLS receiver confirms reading a batch only later (see
+//! A syslog TCP or TLS receiver confirms reading a batch only later, by
+//! closing its side of the connection after the sink closed its own (see
 //! [`crate::sink::StreamTransport`]). Until it does, the read waits in
 //! [`SinkWorker::sent`], the next read starts after it, and the cursor
 //! stays before it. When the connection is lost first, the unconfirmed
@@ -475,7 +476,11 @@ impl SinkWorker {
                     }
                 }
                 () = &mut close, if !self.sent.is_empty() && self.transport.answers_close() => {
-                    self.transport.finish().await;
+                    let mut mode = self.mode.clone();
+                    tokio::select! {
+                        _ = self.transport.finish() => {}
+                        () = wait_for_stop(&mut mode) => {}
+                    }
                     return false;
                 }
             }

@@ -7,7 +7,6 @@
 //! unconfirmed until the receiver shows that it read it (see
 //! [`StreamTransport`]).
 
-use std::collections::VecDeque;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -66,12 +65,19 @@ const CLIENT_CERTIFICATE_VERDICT: Duration = Duration::from_secs(1);
 /// (see [`StreamTransport`]).
 const NEW_CONNECTION_SETTLE: Duration = Duration::from_millis(50);
 
-/// Without the receive window in `TCP_INFO` (kernels before 5.4), the
-/// sink cannot tell what the receiver read: the newest batches up to this
-/// size stay unconfirmed, so their outbox entries stay queued until the
-/// receiver confirms them by closing the connection after reading it (see
-/// [`StreamTransport::finish`]).
-const NO_WINDOW_UNCONFIRMED_BYTES: usize = 2 << 20;
+/// The unconfirmed bytes on a connection after which the sink closes it,
+/// before the next batch, so that the receiver confirms reading them (see
+/// [`StreamTransport`]). A crash sends at most about this much again.
+pub const CONFIRM_BYTES: usize = 8 << 20;
+
+/// The age of the oldest unconfirmed batch on a connection after which the
+/// sink closes it before the next batch, as for [`CONFIRM_BYTES`].
+pub const CONFIRM_AGE: Duration = Duration::from_secs(2);
+
+/// Closes answered with a reset in a row, after the receiver read
+/// everything it was sent, after which the sink stops closing connections
+/// to have batches confirmed (see [`StreamTransport::finish`]).
+const RESETS_ON_CLOSE_GIVE_UP: u32 = 3;
 
 /// How long the first batch on a connection that follows one the receiver
 /// closed without reading waits, after TCP acknowledged it, for a close or
@@ -87,27 +93,17 @@ const UNREAD_CLOSE_SETTLE: Duration = Duration::from_secs(1);
 /// one wait [`UNREAD_CLOSE_SETTLE`].
 const YOUNG_CONNECTION: Duration = Duration::from_secs(10);
 
-/// The way [`StreamTransport::confirm_read_as`] counts the unread bytes.
-#[derive(Clone, Copy)]
-enum Estimate {
-    /// Counts them at most: nothing unread is confirmed.
-    Most,
-    /// Counts them at least, for a receiver that is known to have read
-    /// everything it could.
-    Least,
-}
-
 /// The state of the connection as the sink finds it before it writes.
 #[derive(Debug, PartialEq)]
 enum PeerState {
     Open,
-    /// The receiver closed the connection after reading all of it (FIN).
+    /// The receiver closed the connection (FIN, or TLS close_notify).
     Closed,
     /// The receiver reset the connection, possibly with data unread.
     Reset,
 }
 
-/// How the receiver answered the close at the end of a drain (see
+/// How the receiver answered the sink's close (see
 /// [`StreamTransport::finish`]).
 #[derive(Debug, PartialEq, Eq)]
 pub enum Finish {
@@ -197,6 +193,10 @@ impl Connection {
                         Err(e) => return Err(e),
                     }
                 }
+                // A close_notify comes before the receiver's TCP close,
+                // which is a reset when it left data unread.
+                let socket = &mut stream.get_mut().0;
+                while socket.read(&mut buf).await? > 0 {}
             }
         }
         // A reset that followed the FIN reads as a plain end of stream.
@@ -211,12 +211,17 @@ impl Connection {
 ///
 /// TCP's acknowledgement does not mean that the receiver read a batch: a
 /// receiver that stops or restarts with data unread in its socket loses
-/// it. So a batch the transport delivered stays unconfirmed until the
-/// receiver's window shows it read (see [`StreamTransport::confirm_read`]),
-/// or until the receiver closes the connection after reading it (see
-/// [`StreamTransport::finish`]). The worker keeps the outbox entries of
-/// unconfirmed batches queued, and sends them again from the outbox when
-/// the connection is lost.
+/// it, and neither its window nor anything else the kernel reports shows
+/// how much it read. So every batch the transport delivered on a
+/// connection stays unconfirmed until the receiver closes its side of the
+/// connection after the sink closed its own (see
+/// [`StreamTransport::finish`]), or closes it first (a plain TCP close; a
+/// receiver that closes with data unread resets the connection instead).
+/// The worker keeps the outbox entries of unconfirmed batches queued, and
+/// sends them again from the outbox when the connection is lost. The sink
+/// closes the connection for this before a batch once [`CONFIRM_BYTES`]
+/// or [`CONFIRM_AGE`] is reached, and the worker after a pause and at the
+/// end of a drain.
 pub struct StreamTransport {
     address: String,
     tls: Option<TlsSettings>,
@@ -227,26 +232,28 @@ pub struct StreamTransport {
     /// The start of the current connection's age: its opening, or the end
     /// of the wait for a close before its first batch counted.
     opened: Instant,
-    /// The upper bound of what the receiver's buffer on the current
-    /// connection can contain, from its windows (see [`StreamTransport::confirm_read`]).
-    capacity: Option<u64>,
-    /// The largest window the receiver advertised on the current
-    /// connection: a lower bound of what its buffer can contain.
-    max_window: u32,
     /// The wait of the next connection's first batch for a close after TCP
     /// acknowledged it: zero, or [`UNREAD_CLOSE_SETTLE`] doubled for each
     /// young connection lost in a row with data unread.
     wary: Duration,
-    /// The sizes of the batches written on the current connection that the
-    /// receiver has not confirmed reading, oldest first.
-    unconfirmed: VecDeque<usize>,
+    /// Batches written on the current connection that the receiver has not
+    /// confirmed reading, their bytes, and when the oldest was written.
+    unconfirmed: usize,
     unconfirmed_bytes: usize,
+    unconfirmed_since: Option<Instant>,
     /// Batches written on lost connections that the receiver may not have
     /// read, until the worker takes the count to send them again.
     lost: usize,
-    /// False once the receiver did not close its side of the connection
-    /// after the sink closed its own (see [`StreamTransport::finish`]).
+    /// True when the next connection follows one the receiver closed after
+    /// reading everything: it skips the waits that catch a receiver that
+    /// rejects connections, because that receiver just accepted one.
+    rotated: bool,
+    /// False once the receiver did not answer the sink's close as expected
+    /// (see [`StreamTransport::finish`]): batches then count as delivered
+    /// once TCP acknowledged them.
     answers_close: bool,
+    /// Closes answered with a reset in a row (see [`RESETS_ON_CLOSE_GIVE_UP`]).
+    resets_on_close: u32,
     connect_timeout: Duration,
     write_timeout: Duration,
 }
@@ -260,13 +267,14 @@ impl StreamTransport {
             stream: None,
             fresh: None,
             opened: Instant::now(),
-            capacity: None,
-            max_window: 0,
             wary: Duration::ZERO,
-            unconfirmed: VecDeque::new(),
+            unconfirmed: 0,
             unconfirmed_bytes: 0,
+            unconfirmed_since: None,
             lost: 0,
+            rotated: false,
             answers_close: true,
+            resets_on_close: 0,
             connect_timeout,
             write_timeout,
         }
@@ -281,30 +289,38 @@ impl StreamTransport {
                 PeerState::Open => {}
                 PeerState::Closed => {
                     tracing::info!(address = %self.address, "receiver closed the connection; reconnecting");
-                    self.lose_connection(true);
+                    self.lose_closed_connection();
                 }
                 PeerState::Reset => {
                     tracing::info!(address = %self.address, "receiver reset the connection; reconnecting");
-                    self.lose_connection(false);
+                    self.lose_connection();
                 }
+            }
+            // The batches the lost connection may not have delivered go
+            // out again first, from the outbox.
+            if self.lost > 0 {
+                return Err(self.unread_error());
             }
         }
         if self.stream.is_none() {
             let address = self.address.clone();
             let secs = self.connect_timeout.as_secs();
+            let rotated = std::mem::take(&mut self.rotated);
             let (mut connection, verdict_needed) = timeout(self.connect_timeout, self.open())
                 .await
                 .map_err(|_| SinkError::ConnectTimeout { address: address.clone(), secs })??;
             // Outside the connect timeout, which may be as short as the wait.
-            if verdict_needed {
+            if verdict_needed && !rotated {
                 self.await_certificate_verdict(&mut connection).await?;
             }
-            tracing::info!(address = %address, tls = self.tls.is_some(), "connected");
+            if rotated {
+                tracing::debug!(address = %address, tls = self.tls.is_some(), "connected again after the receiver confirmed the last batches");
+            } else {
+                tracing::info!(address = %address, tls = self.tls.is_some(), "connected");
+            }
             self.stream = Some(connection);
-            self.fresh = Some(Instant::now());
+            self.fresh = (!rotated).then(Instant::now);
             self.opened = Instant::now();
-            self.capacity = None;
-            self.max_window = 0;
         }
         self.stream.as_mut().ok_or_else(|| SinkError::PeerClosed { address: self.address.clone() })
     }
@@ -398,11 +414,11 @@ impl StreamTransport {
                 PeerState::Open => {}
                 PeerState::Closed => {
                     tracing::info!(address = %self.address, "receiver closed the idle connection");
-                    self.lose_connection(true);
+                    self.lose_closed_connection();
                 }
                 PeerState::Reset => {
                     tracing::info!(address = %self.address, "receiver reset the idle connection");
-                    self.lose_connection(false);
+                    self.lose_connection();
                 }
             }
         }
@@ -426,16 +442,18 @@ impl StreamTransport {
     }
 
     fn forget_unconfirmed(&mut self) {
-        self.unconfirmed.clear();
+        self.unconfirmed = 0;
         self.unconfirmed_bytes = 0;
+        self.unconfirmed_since = None;
     }
 
-    /// Returns the number of the newest batches delivered on the current
-    /// connection that the receiver has not confirmed reading; the older
-    /// ones are confirmed.
+    /// Returns the number of the newest delivered batches that the
+    /// receiver has not confirmed reading; the older ones are confirmed.
     pub fn unconfirmed(&mut self) -> usize {
-        self.confirm_read();
-        self.unconfirmed.len()
+        if !self.answers_close {
+            self.forget_unconfirmed();
+        }
+        self.unconfirmed
     }
 
     /// Returns, and resets, the number of batches delivered on lost
@@ -450,16 +468,30 @@ impl StreamTransport {
         self.lost > 0
     }
 
+    /// True while the sink closes connections to have batches confirmed
+    /// (see [`StreamTransport::finish`]).
+    pub fn answers_close(&self) -> bool {
+        self.answers_close
+    }
+
+    /// True when the unconfirmed batches reached [`CONFIRM_BYTES`] or
+    /// [`CONFIRM_AGE`], so the next batch goes on a new connection after
+    /// the receiver confirmed them.
+    fn confirmation_due(&self) -> bool {
+        self.answers_close
+            && self.stream.is_some()
+            && (self.unconfirmed_bytes >= CONFIRM_BYTES || self.unconfirmed_since.is_some_and(|since| since.elapsed() >= CONFIRM_AGE))
+    }
+
     /// Closes the connection so that the receiver confirms it read the
-    /// unconfirmed batches: it closes its side once it has read everything.
-    /// The worker calls it at the end of a drain, and after a pause while
-    /// batches wait: the receiver's window seldom shows the last batches
-    /// read, because a receiver advertises no more than a limit of its
-    /// own, which grows only as data arrives.
+    /// unconfirmed batches: it closes its side once it has read
+    /// everything, and a receiver that closes with data unread resets the
+    /// connection instead. Waits up to the write timeout.
     ///
-    /// Waits up to the write timeout. A receiver that does not close its
-    /// side by then leaves the batches unknown: they count as lost, and
-    /// later pauses keep the connection open.
+    /// A receiver that does not close its side by then, or that resets
+    /// [`RESETS_ON_CLOSE_GIVE_UP`] closes in a row, cannot confirm batches
+    /// this way. Its batches are sent again once, and from then on count as
+    /// delivered once TCP acknowledged them, with a WARN.
     pub async fn finish(&mut self) -> Finish {
         if self.unconfirmed() == 0 {
             return Finish::Read;
@@ -469,104 +501,64 @@ impl StreamTransport {
             Ok(Ok(())) => {
                 self.stream = None;
                 self.forget_unconfirmed();
+                self.rotated = true;
+                self.resets_on_close = 0;
                 Finish::Read
             }
             Ok(Err(_)) => {
-                self.lose_connection(false);
+                self.resets_on_close += 1;
+                if self.resets_on_close >= RESETS_ON_CLOSE_GIVE_UP {
+                    self.stop_confirming("reset the connection each time the sink closed its side");
+                }
+                self.lose_connection();
                 Finish::Lost
             }
             Err(_) => {
-                tracing::warn!(
-                    address = %self.address,
-                    batches = self.unconfirmed.len(),
-                    timeout_secs = self.write_timeout.as_secs(),
-                    "the receiver did not close its side of the connection after the sink closed its own, so it cannot confirm reading the last batches; they are sent again and it may get them twice. From now on the connection stays open between batches, and the last ones are confirmed by the next or at the stop"
-                );
-                self.answers_close = false;
+                self.stop_confirming("did not close its side of the connection within write_timeout_secs after the sink closed its own");
                 self.stream = None;
-                self.lost += self.unconfirmed.len();
+                self.lost += self.unconfirmed;
                 self.forget_unconfirmed();
                 Finish::NoAnswer
             }
         }
     }
 
-    /// True while a pause may close the connection to have the last
-    /// batches confirmed (see [`StreamTransport::finish`]).
-    pub fn answers_close(&self) -> bool {
-        self.answers_close
-    }
-
-    /// Confirms the oldest unconfirmed batches that the receiver has read:
-    /// all but the newest that cover its unread bytes, as its advertised
-    /// window shows. Without the window, all but the newest
-    /// [`NO_WINDOW_UNCONFIRMED_BYTES`].
-    fn confirm_read(&mut self) {
-        self.confirm_read_as(Estimate::Most);
-    }
-
-    /// Confirms batches as [`StreamTransport::confirm_read`] does,
-    /// counting the unread bytes at most or at least.
-    fn confirm_read_as(&mut self, estimate: Estimate) {
-        if self.unconfirmed.is_empty() {
-            return;
-        }
-        let window = self.stream.as_ref().and_then(|stream| peer_window(stream.socket()));
-        // The receiver's buffer contains its unread bytes and the free space
-        // it advertises, so the unread bytes are its capacity less the
-        // window. The capacity is at most the window's right edge when TCP
-        // first acknowledged data (nothing read before), and at least any
-        // window advertised. A window moves in whole units, so less than
-        // one unit of unread bytes does not show, and a shrink by more is
-        // rounded up by one unit.
-        let unread = match &window {
-            Some(window) if window.acked > 0 => {
-                let capacity = self.capacity.get_or_insert(window.acked + u64::from(window.size));
-                *capacity = (*capacity).max(u64::from(window.size));
-                self.max_window = self.max_window.max(window.size);
-                let capacity = match estimate {
-                    Estimate::Most => *capacity,
-                    Estimate::Least => u64::from(self.max_window),
-                };
-                match capacity - u64::from(window.size) {
-                    shrunk if shrunk < u64::from(window.unit) => 0,
-                    shrunk => shrunk as usize + window.unit as usize,
-                }
-            }
-            // Nothing acknowledged yet, so nothing read.
-            Some(_) => return,
-            None => NO_WINDOW_UNCONFIRMED_BYTES,
-        };
-        // Keep the newest batches that cover the unread bytes.
-        while let Some(&front) = self.unconfirmed.front() {
-            if self.unconfirmed_bytes - front < unread {
-                break;
-            }
-            self.unconfirmed.pop_front();
-            self.unconfirmed_bytes -= front;
-        }
+    /// Stops having batches confirmed by closes, for a receiver that does
+    /// not answer them as expected.
+    fn stop_confirming(&mut self, what: &str) {
+        tracing::warn!(
+            address = %self.address,
+            "the receiver {what}, so it cannot confirm that it read what the sink sent. The batches it has not confirmed are sent again (it may get them twice); from now on this sink counts a batch as delivered once the receiver's TCP stack acknowledged it, and a receiver that stops with data unread loses that data. Configure the receiver to close a connection once the sender closed its side"
+        );
+        self.answers_close = false;
     }
 
     /// Counts the batches the receiver may not have read on the connection
     /// just lost as lost. When the lost connection was young, the next one
-    /// waits for a close before its first batch counts. `closed` is true
-    /// for a close (FIN). A receiver closes that way only when it left
-    /// nothing unread in its socket (Linux resets the connection otherwise),
-    /// or when it only shut down its sending side. So the unread bytes are
-    /// counted at least.
-    fn lose_connection(&mut self, closed: bool) {
-        self.confirm_read_as(if closed { Estimate::Least } else { Estimate::Most });
+    /// waits for a close before its first batch counts.
+    fn lose_connection(&mut self) {
         self.stream = None;
         // Batches still to send again went out on this connection too,
         // unless it failed before writing them.
-        let unread = !self.unconfirmed.is_empty() || self.lost > 0;
+        let unread = self.unconfirmed > 0 || self.lost > 0;
         self.wary = if unread && self.opened.elapsed() < YOUNG_CONNECTION {
             (self.wary * 2).clamp(UNREAD_CLOSE_SETTLE, YOUNG_CONNECTION)
         } else {
             Duration::ZERO
         };
-        self.lost += self.unconfirmed.len();
+        self.lost += self.unconfirmed;
         self.forget_unconfirmed();
+    }
+
+    /// Handles a connection the receiver closed. A plain TCP close (FIN)
+    /// confirms every batch: a receiver that closes with data unread resets
+    /// the connection instead. A TLS close_notify comes before the TCP
+    /// close, which may still be a reset, so it confirms nothing.
+    fn lose_closed_connection(&mut self) {
+        if self.tls.is_none() {
+            self.forget_unconfirmed();
+        }
+        self.lose_connection();
     }
 
     /// Returns the error for a send that found the connection lost with
@@ -577,10 +569,12 @@ impl StreamTransport {
 
     pub async fn send(&mut self, batch: &Batch) -> Result<(), SinkError> {
         let result = self.try_send(batch).await;
-        if result.is_err() {
+        match &result {
+            // The connection is gone already.
+            Err(SinkError::LostUnread { .. }) | Ok(()) => {}
             // A reset, or a receiver that stopped reading and is then
             // restarted, may take batches delivered before this one.
-            self.lose_connection(false);
+            Err(_) => self.lose_connection(),
         }
         result
     }
@@ -588,12 +582,10 @@ impl StreamTransport {
     async fn try_send(&mut self, batch: &Batch) -> Result<(), SinkError> {
         let address = self.address.clone();
         let write_timeout = self.write_timeout;
-        self.connect().await?;
-        // The batches that the lost connection may not have delivered go
-        // out again first, from the outbox.
-        if self.lost > 0 {
+        if self.confirmation_due() && self.finish().await != Finish::Read {
             return Err(self.unread_error());
         }
+        self.connect().await?;
         let first = self.fresh.is_some();
         if let Some(opened) = self.fresh.take() {
             tokio::time::sleep_until(opened + NEW_CONNECTION_SETTLE).await;
@@ -612,8 +604,9 @@ impl StreamTransport {
             .map_err(|source| SinkError::Send { address: address.clone(), source })?;
         // From here the receiver may hold the batch: a lost connection
         // counts it with the others it may not have read.
-        self.unconfirmed.push_back(batch.bytes().len());
+        self.unconfirmed += 1;
         self.unconfirmed_bytes += batch.bytes().len();
+        self.unconfirmed_since.get_or_insert_with(Instant::now);
         let Some(stream) = self.stream.as_mut() else { return Err(SinkError::PeerClosed { address }) };
         // Wait until the peer's TCP stack has acknowledged every byte, so a
         // batch still in our send queue is never counted as delivered.
@@ -706,39 +699,6 @@ fn peer_reset(stream: &TcpStream) -> bool {
             Err(_) => return true,
         }
     }
-}
-
-/// The receive window the peer advertised last, from `TCP_INFO`.
-struct PeerWindow {
-    /// `tcpi_snd_wnd`, in bytes.
-    size: u32,
-    /// The unit the window is advertised in (window scaling).
-    unit: u32,
-    /// `tcpi_bytes_acked`: data bytes the peer acknowledged on the connection.
-    acked: u64,
-}
-
-/// Returns the peer's advertised window, or `None` when the kernel does
-/// not report it.
-fn peer_window(stream: &TcpStream) -> Option<PeerWindow> {
-    // The fields' offsets in Linux's `struct tcp_info`. Older kernels end
-    // it before `tcpi_snd_wnd`, and so does `libc::tcp_info`.
-    const BYTES_ACKED_OFFSET: usize = 120;
-    const SND_WND_OFFSET: usize = 228;
-    let mut info = [0u8; 256];
-    let mut len = info.len() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `info`; the fd is owned by `stream`.
-    let rc = unsafe {
-        libc::getsockopt(stream.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, info.as_mut_ptr() as *mut libc::c_void, &mut len)
-    };
-    if rc != 0 || (len as usize) < SND_WND_OFFSET + 4 {
-        return None;
-    }
-    let size: [u8; 4] = info[SND_WND_OFFSET..SND_WND_OFFSET + 4].try_into().ok()?;
-    let acked: [u8; 8] = info[BYTES_ACKED_OFFSET..BYTES_ACKED_OFFSET + 8].try_into().ok()?;
-    // `tcpi_snd_wscale` is the low four bits of byte 6.
-    let unit = 1u32 << (info[6] & 0x0f).min(14);
-    Some(PeerWindow { size: u32::from_ne_bytes(size), unit, acked: u64::from_ne_bytes(acked) })
 }
 
 /// The socket's pending error (`SO_ERROR`), such as `ECONNRESET` after a reset.
@@ -1047,6 +1007,25 @@ mod tests {
         transport.send(&second).await.unwrap();
         let expected = format!("{line}second\n");
         assert!(wait_until_received(&received, expected.as_bytes()).await, "{:?}", String::from_utf8_lossy(&received.lock().unwrap()));
+    }
+
+    /// Unconfirmed batches older than [`CONFIRM_AGE`] make the next send
+    /// close the connection first: the receiver confirms them by closing
+    /// its side, and the next batch goes on a new connection.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn old_unconfirmed_batches_are_confirmed_by_a_close() {
+        let (address, received) = scripted_receiver(|_| Plan::ReadAll).await;
+        let mut transport = StreamTransport::new(address.to_string(), None, Duration::from_secs(5), Duration::from_secs(5));
+        let (mut first, mut second) = (Batch::default(), Batch::default());
+        first.push_message(b"first\n");
+        second.push_message(b"second\n");
+        transport.send(&first).await.unwrap();
+        transport.send(&second).await.unwrap();
+        assert_eq!(transport.unconfirmed(), 2);
+        transport.unconfirmed_since = Some(Instant::now() - CONFIRM_AGE);
+        transport.send(&first).await.unwrap();
+        assert_eq!(transport.unconfirmed(), 1, "only the batch on the new connection waits");
+        assert!(wait_until_received(&received, b"first\nsecond\nfirst\n").await);
     }
 
     /// A receiver that stops reading leaves its batch unconfirmed, however
