@@ -57,8 +57,8 @@ pub enum WorkerError {
     Store { sink: String, source: StoreError },
     #[error("sink {sink}: stopped with {pending} detections still queued in the state directory{}", STOPPED_ADVICE)]
     Stopped { sink: String, pending: usize },
-    #[error("sink {sink}: the receiver did not confirm reading the last {detections} detections sent ({why}); they stay queued with the others ({pending} in all) and are sent again by the next run with this sink, so the receiver may get some twice")]
-    Unconfirmed { sink: String, detections: usize, pending: usize, why: &'static str },
+    #[error("sink {sink}: the receiver did not confirm reading the last {detections} detections sent ({cause}); they stay queued with the others ({pending} in all) and are sent again by the next run with this sink, so the receiver may get some twice")]
+    Unconfirmed { sink: String, detections: usize, pending: usize, cause: &'static str },
 }
 
 /// The end of a [`WorkerError::Stopped`] message, which the demo replaces
@@ -394,13 +394,13 @@ impl SinkWorker {
         WorkerError::Stopped { sink: self.name.clone(), pending }
     }
 
-    fn unconfirmed_error(&self, why: &'static str) -> WorkerError {
+    fn unconfirmed_error(&self, cause: &'static str) -> WorkerError {
         let pending = self.store.pending(&self.name).map(|(n, _)| n).unwrap_or(0);
         let detections = match self.sent.iter().map(|read| read.messages).sum() {
             0 => self.rewound,
             sent => sent,
         };
-        WorkerError::Unconfirmed { sink: self.name.clone(), detections, pending, why }
+        WorkerError::Unconfirmed { sink: self.name.clone(), detections, pending, cause }
     }
 
     /// Exits a worker that waited for work. Reads still waiting for the
@@ -475,7 +475,7 @@ impl SinkWorker {
                         return false;
                     }
                 }
-                () = &mut close, if !self.sent.is_empty() && self.transport.answers_close() => {
+                () = &mut close, if !self.sent.is_empty() && self.transport.confirms_by_close() => {
                     let mut mode = self.mode.clone();
                     tokio::select! {
                         _ = self.transport.finish() => {}

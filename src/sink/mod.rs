@@ -345,9 +345,9 @@ impl Transport {
 
     /// True while a pause may close a TCP or TLS connection to have the
     /// last batches confirmed.
-    pub fn answers_close(&self) -> bool {
+    pub fn confirms_by_close(&self) -> bool {
         match self {
-            Transport::Stream(t) => t.answers_close(),
+            Transport::Stream(t) => t.confirms_by_close(),
             _ => true,
         }
     }

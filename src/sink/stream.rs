@@ -74,9 +74,9 @@ pub const CONFIRM_BYTES: usize = 8 << 20;
 /// sink closes it before the next batch, as for [`CONFIRM_BYTES`].
 pub const CONFIRM_AGE: Duration = Duration::from_secs(2);
 
-/// Closes answered with a reset in a row, after the receiver read
-/// everything it was sent, after which the sink stops closing connections
-/// to have batches confirmed (see [`StreamTransport::finish`]).
+/// The sink's closes in a row that the receiver met with a reset after
+/// reading everything, after which the sink stops closing connections to
+/// have batches confirmed (see [`StreamTransport::finish`]).
 const RESETS_ON_CLOSE_GIVE_UP: u32 = 3;
 
 /// How long the first batch on a connection that follows one the receiver
@@ -103,7 +103,7 @@ enum PeerState {
     Reset,
 }
 
-/// How the receiver answered the sink's close (see
+/// The receiver's response to the sink's close (see
 /// [`StreamTransport::finish`]).
 #[derive(Debug, PartialEq, Eq)]
 pub enum Finish {
@@ -248,11 +248,11 @@ pub struct StreamTransport {
     /// reading everything: it skips the waits that catch a receiver that
     /// rejects connections, because that receiver just accepted one.
     rotated: bool,
-    /// False once the receiver did not answer the sink's close as expected
-    /// (see [`StreamTransport::finish`]): batches then count as delivered
-    /// once TCP acknowledged them.
-    answers_close: bool,
-    /// Closes answered with a reset in a row (see [`RESETS_ON_CLOSE_GIVE_UP`]).
+    /// False once the receiver did not respond to the sink's close as
+    /// expected (see [`StreamTransport::finish`]). Batches then count as
+    /// delivered once TCP acknowledged them.
+    confirms_by_close: bool,
+    /// The sink's closes in a row that the receiver reset (see [`RESETS_ON_CLOSE_GIVE_UP`]).
     resets_on_close: u32,
     connect_timeout: Duration,
     write_timeout: Duration,
@@ -273,7 +273,7 @@ impl StreamTransport {
             unconfirmed_since: None,
             lost: 0,
             rotated: false,
-            answers_close: true,
+            confirms_by_close: true,
             resets_on_close: 0,
             connect_timeout,
             write_timeout,
@@ -450,7 +450,7 @@ impl StreamTransport {
     /// Returns the number of the newest delivered batches that the
     /// receiver has not confirmed reading; the older ones are confirmed.
     pub fn unconfirmed(&mut self) -> usize {
-        if !self.answers_close {
+        if !self.confirms_by_close {
             self.forget_unconfirmed();
         }
         self.unconfirmed
@@ -470,15 +470,15 @@ impl StreamTransport {
 
     /// True while the sink closes connections to have batches confirmed
     /// (see [`StreamTransport::finish`]).
-    pub fn answers_close(&self) -> bool {
-        self.answers_close
+    pub fn confirms_by_close(&self) -> bool {
+        self.confirms_by_close
     }
 
     /// True when the unconfirmed batches reached [`CONFIRM_BYTES`] or
     /// [`CONFIRM_AGE`], so the next batch goes on a new connection after
     /// the receiver confirmed them.
     fn confirmation_due(&self) -> bool {
-        self.answers_close
+        self.confirms_by_close
             && self.stream.is_some()
             && (self.unconfirmed_bytes >= CONFIRM_BYTES || self.unconfirmed_since.is_some_and(|since| since.elapsed() >= CONFIRM_AGE))
     }
@@ -524,13 +524,13 @@ impl StreamTransport {
     }
 
     /// Stops having batches confirmed by closes, for a receiver that does
-    /// not answer them as expected.
-    fn stop_confirming(&mut self, what: &str) {
+    /// not respond to them as expected.
+    fn stop_confirming(&mut self, behaviour: &str) {
         tracing::warn!(
             address = %self.address,
-            "the receiver {what}, so it cannot confirm that it read what the sink sent. The batches it has not confirmed are sent again (it may get them twice); from now on this sink counts a batch as delivered once the receiver's TCP stack acknowledged it, and a receiver that stops with data unread loses that data. Configure the receiver to close a connection once the sender closed its side"
+            "the receiver {behaviour}, so it cannot confirm that it read what the sink sent. The batches it has not confirmed are sent again (it may get them twice); from now on this sink counts a batch as delivered once the receiver's TCP stack acknowledged it, and a receiver that stops with data unread loses that data. Configure the receiver to close a connection once the sender closed its side"
         );
-        self.answers_close = false;
+        self.confirms_by_close = false;
     }
 
     /// Counts the batches the receiver may not have read on the connection
@@ -1013,7 +1013,7 @@ mod tests {
     /// close the connection first: the receiver confirms them by closing
     /// its side, and the next batch goes on a new connection.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn old_unconfirmed_batches_are_confirmed_by_a_close() {
+    async fn old_batches_confirmed_by_close() {
         let (address, received) = scripted_receiver(|_| Plan::ReadAll).await;
         let mut transport = StreamTransport::new(address.to_string(), None, Duration::from_secs(5), Duration::from_secs(5));
         let (mut first, mut second) = (Batch::default(), Batch::default());
