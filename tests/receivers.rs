@@ -419,38 +419,6 @@ async fn rejecting_receiver(rejected: usize) -> (SocketAddr, std::sync::Arc<std:
     closing_receiver(rejected, Duration::from_millis(20)).await
 }
 
-/// Starts a TCP receiver that closes its first `closed` connections
-/// `after` accepting them, without reading, and reads the ones after to
-/// the end.
-async fn closing_receiver(closed: usize, after: Duration) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
-    use tokio::io::AsyncReadExt;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let store = received.clone();
-    tokio::spawn(async move {
-        let mut accepted = 0;
-        while let Ok((mut stream, _)) = listener.accept().await {
-            accepted += 1;
-            let store = store.clone();
-            if accepted <= closed {
-                tokio::spawn(async move {
-                    tokio::time::sleep(after).await;
-                    drop(stream);
-                });
-                continue;
-            }
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 64 * 1024];
-                while let Ok(n @ 1..) = stream.read(&mut buf).await {
-                    store.lock().unwrap().extend_from_slice(&buf[..n]);
-                }
-            });
-        }
-    });
-    (address, received)
-}
-
 /// Counts each sample's FullId among the lines `received`, and checks
 /// that every one is there.
 fn every_sample_received(received: &std::sync::Mutex<Vec<u8>>) -> std::collections::HashMap<String, usize> {

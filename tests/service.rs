@@ -299,6 +299,40 @@ async fn health_and_metrics_report_polls_and_sinks() {
     assert_eq!(closed.status.code(), Some(1), "health of a stopped forwarder fails");
 }
 
+/// A receiver that closes its first connection unread gets the batch
+/// again; the forwarded metric counts each detection once, when the
+/// receiver confirmed reading it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resent_detections_counted_once() {
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    // The first batch goes out well before the close, and the close comes
+    // before the sink's own close after a 1 s pause.
+    let (address, received) = closing_receiver(1, Duration::from_millis(800)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let tenants = listen_line(port) + &tenant_toml("contoso", TENANT_ID, &emulator);
+    let config = write_config(dir.path(), "interval_secs = 60", &tenants, &tcp_sink_toml("siem", address));
+    let daemon = Daemon::start(&config, &[]);
+    let base = format!("http://127.0.0.1:{port}");
+    let arrived = wait_until(WAIT, || received.lock().unwrap().iter().filter(|&&b| b == b'\n').count() >= 46).await;
+    assert!(arrived, "{}", daemon.log());
+
+    let mut metrics = String::new();
+    let settled = wait_until(WAIT, || {
+        metrics = std::thread::scope(|s| s.spawn(|| blocking_get(&format!("{base}/metrics"))).join().unwrap());
+        metrics.contains("mde_forwarder_outbox_pending{sink=\"siem\"} 0\n")
+    })
+    .await;
+    assert!(settled, "{}", daemon.log());
+    let lines = String::from_utf8(received.lock().unwrap().clone()).unwrap();
+    assert_eq!(lines.lines().count(), 46, "the second connection got each detection once");
+    assert!(metrics.contains("mde_forwarder_detections_forwarded_total{sink=\"siem\"} 46\n"), "{metrics}");
+    let log = daemon.log();
+    assert!(log.contains("sending them again from the outbox"), "{log}");
+    let (code, log) = daemon.terminate().await;
+    assert_eq!(code, Some(0), "{log}");
+}
+
 fn blocking_get(url: &str) -> String {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async { http_get(url).await.1 })

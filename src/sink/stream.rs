@@ -112,8 +112,9 @@ pub enum Finish {
     /// It reset the connection: the unconfirmed batches count as lost
     /// (see [`StreamTransport::take_lost`]).
     Lost,
-    /// It did not close its side in time: whether it read the last batches
-    /// is unknown, so they stay queued.
+    /// It did not close its side in time, and did not reset the connection
+    /// either. The batches count as delivered, and later ones once TCP
+    /// acknowledged them.
     NoAnswer,
 }
 
@@ -490,8 +491,9 @@ impl StreamTransport {
     ///
     /// A receiver that does not close its side by then, or that resets
     /// [`RESETS_ON_CLOSE_GIVE_UP`] closes in a row, cannot confirm batches
-    /// this way. Its batches are sent again once, and from then on count as
-    /// delivered once TCP acknowledged them, with a WARN.
+    /// this way. From then on batches count as delivered once TCP
+    /// acknowledged them, with a WARN. The unconfirmed batches count as
+    /// delivered after a timeout, and as lost after a reset.
     pub async fn finish(&mut self) -> Finish {
         if self.unconfirmed() == 0 {
             return Finish::Read;
@@ -508,15 +510,16 @@ impl StreamTransport {
             Ok(Err(_)) => {
                 self.resets_on_close += 1;
                 if self.resets_on_close >= RESETS_ON_CLOSE_GIVE_UP {
-                    self.stop_confirming("reset the connection each time the sink closed its side");
+                    self.stop_confirming("reset the connection each time the sink closed its side. The batches it has not confirmed are sent again, so it may get them twice");
                 }
                 self.lose_connection();
                 Finish::Lost
             }
+            // The receiver is still there: a receiver that stopped with
+            // data unread would have reset the connection.
             Err(_) => {
-                self.stop_confirming("did not close its side of the connection within write_timeout_secs after the sink closed its own");
+                self.stop_confirming("did not close its side of the connection within write_timeout_secs after the sink closed its own. The batches it has not confirmed count as delivered");
                 self.stream = None;
-                self.lost += self.unconfirmed;
                 self.forget_unconfirmed();
                 Finish::NoAnswer
             }
@@ -528,7 +531,7 @@ impl StreamTransport {
     fn stop_confirming(&mut self, behaviour: &str) {
         tracing::warn!(
             address = %self.address,
-            "the receiver {behaviour}, so it cannot confirm that it read what the sink sent. The batches it has not confirmed are sent again (it may get them twice); from now on this sink counts a batch as delivered once the receiver's TCP stack acknowledged it, and a receiver that stops with data unread loses that data. Configure the receiver to close a connection once the sender closed its side"
+            "the receiver {behaviour}. It cannot confirm reading what the sink sends, so until the forwarder restarts or reloads this sink counts a batch as delivered once the receiver's TCP stack acknowledged it, and a receiver that stops with data unread loses that data. Configure the receiver to close a connection once the sender closed its side"
         );
         self.confirms_by_close = false;
     }
@@ -582,7 +585,7 @@ impl StreamTransport {
     async fn try_send(&mut self, batch: &Batch) -> Result<(), SinkError> {
         let address = self.address.clone();
         let write_timeout = self.write_timeout;
-        if self.confirmation_due() && self.finish().await != Finish::Read {
+        if self.confirmation_due() && self.finish().await == Finish::Lost {
             return Err(self.unread_error());
         }
         self.connect().await?;
@@ -1061,8 +1064,8 @@ mod tests {
     }
 
     /// At the end of a drain, a receiver that reads to the end and closes
-    /// confirms every batch; one that resets loses them; one that keeps its
-    /// side open leaves them unknown.
+    /// confirms every batch, and one that resets loses them. One that keeps
+    /// its side open makes the sink count batches once TCP acknowledged them.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn finish_waits_for_the_receivers_close() {
         let mut batch = Batch::default();
@@ -1086,6 +1089,9 @@ mod tests {
         let mut transport = StreamTransport::new(address.to_string(), None, Duration::from_secs(5), Duration::from_secs(1));
         transport.send(&batch).await.unwrap();
         assert_eq!(transport.finish().await, Finish::NoAnswer);
+        assert_eq!(transport.take_lost(), 0, "the receiver is still there");
+        transport.send(&batch).await.unwrap();
+        assert_eq!(transport.unconfirmed(), 0, "later batches count once TCP acknowledged them");
     }
 
     /// A receiver that closes every connection unread 1.2 s after accepting

@@ -264,6 +264,38 @@ impl LineReceiver {
     }
 }
 
+/// Starts a TCP receiver that closes its first `closed` connections
+/// `after` accepting them, without reading, and reads the ones after to
+/// the end.
+pub async fn closing_receiver(closed: usize, after: Duration) -> (SocketAddr, Arc<Mutex<Vec<u8>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let received = Arc::new(Mutex::new(Vec::new()));
+    let store = received.clone();
+    tokio::spawn(async move {
+        let mut accepted = 0;
+        while let Ok((mut stream, _)) = listener.accept().await {
+            accepted += 1;
+            let store = store.clone();
+            if accepted <= closed {
+                tokio::spawn(async move {
+                    tokio::time::sleep(after).await;
+                    drop(stream);
+                });
+                continue;
+            }
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n @ 1..) = stream.read(&mut buf).await {
+                    store.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+    });
+    (address, received)
+}
+
 pub async fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
     while tokio::time::Instant::now() < deadline {
