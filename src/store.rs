@@ -2382,7 +2382,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let options = StoreOptions { dedupe_retention_secs: 7 * 24 * 3600, ..StoreOptions::default() };
         let store = Store::open_with(dir.path(), options).unwrap();
-        let start = Utc::now();
+        // The start of a generation (half the retention, 302,400 s): four
+        // days later is then in the next one, whatever the clock says.
+        let start = DateTime::from_timestamp(302_400 * 5_800, 0).unwrap();
         let old = [detection("x:1", "2026-01-01T00:00:00Z")];
         store.enqueue("t", old.to_vec(), None, start).await.unwrap();
         let half_later = start + chrono::Duration::days(4);
