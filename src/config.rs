@@ -531,6 +531,20 @@ pub enum Protocol {
     Tls,
 }
 
+/// When a syslog TCP or TLS batch counts as delivered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Confirm {
+    /// Once the receiver closed its side of the connection after the sink
+    /// closed its own, which it does only after reading everything.
+    #[default]
+    Close,
+    /// Once the receiver's TCP stack acknowledged every byte, for a
+    /// receiver that keeps connections open after the sender closed its
+    /// side. A receiver that stops with data unread loses that data.
+    TcpAck,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum SinkConfig {
@@ -567,6 +581,9 @@ pub struct SyslogSinkConfig {
     /// it, with a warning at start for a value other than the default.
     #[serde(default = "default_max_datagram_bytes")]
     pub max_datagram_bytes: usize,
+    /// TCP and TLS only: when a batch counts as delivered (see [`Confirm`]).
+    #[serde(default)]
+    pub confirm: Option<Confirm>,
     #[serde(flatten)]
     pub tls: TlsConfig,
     /// Name checked against the receiver's certificate; the host part of
@@ -1022,6 +1039,9 @@ impl SyslogSinkConfig {
                 ))
             }
             _ => {}
+        }
+        if self.protocol == Protocol::Udp && self.confirm.is_some() {
+            return Err(invalid(format!("{key}.confirm"), "confirm applies to tcp and tls; UDP has no acknowledgement, so remove it"));
         }
         if self.protocol != Protocol::Tls {
             let tls_keys = [

@@ -417,6 +417,23 @@ fn udp_rejects_octet_counting_framing() {
     assert!(load(&text, &[]).is_ok(), "UDP without framing loads");
 }
 
+/// `confirm` takes "close" and "tcp-ack" on TCP and TLS, and is rejected
+/// on UDP, which has no acknowledgement.
+#[test]
+fn confirm_applies_to_tcp_and_tls() {
+    let with = |protocol: &str, confirm: &str| {
+        BASE.replace("type = \"syslog\"", &format!("type = \"syslog\"\nprotocol = \"{protocol}\"\nconfirm = \"{confirm}\""))
+    };
+    for confirm in ["close", "tcp-ack"] {
+        assert!(load(&with("tcp", confirm), &[]).is_ok(), "{confirm} on TCP loads");
+    }
+    let err = load(&with("udp", "tcp-ack"), &[]).unwrap_err();
+    assert!(err.contains("sink[0].confirm"), "{err}");
+    assert!(err.contains("remove it"), "{err}");
+    let err = load(&with("tcp", "fin"), &[]).unwrap_err();
+    assert!(err.contains("tcp-ack"), "the error lists the values: {err}");
+}
+
 /// A sink URL that is not valid is named in the error without the user,
 /// password and query it may carry.
 #[test]

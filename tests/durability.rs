@@ -108,6 +108,9 @@ async fn receiver_outage_delivers_everything_in_order_once() {
     let log = dir.path().join("daemon.log");
     let mut child = spawn_daemon(&config, &log);
     receiver.wait_for(46, Duration::from_secs(10)).await;
+    // The sink's close after a 1 s pause confirms them. A receiver that
+    // closes first confirms nothing, so it would get them again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
 
     let (addr, lines) = receiver.stop().await;
     let until = tokio::time::Instant::now() + outage;

@@ -21,7 +21,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::config::{Config, ConfigError, Protocol, SinkConfig, SyslogSinkConfig};
+use crate::config::{Config, ConfigError, Confirm, Protocol, SinkConfig, SyslogSinkConfig};
 use crate::format::{CefOptions, Encoder, EncoderOptions, Framing, HecOptions, HeaderFormat, LeefOptions, PayloadFormat};
 use crate::sink::tls::{client_config_watching, ClientIdentity};
 use crate::sink::{
@@ -140,13 +140,17 @@ pub fn build_sink(key: &str, sink: &SinkConfig) -> Result<(Transport, EventEncod
     let built = match sink {
         SinkConfig::Syslog(s) => {
             let options = s.encoder_options();
+            let stream = |tls| {
+                let transport = StreamTransport::new(s.address.clone(), tls, connect, write);
+                match s.confirm.unwrap_or_default() {
+                    Confirm::Close => transport,
+                    Confirm::TcpAck => transport.confirming_by_tcp_ack(),
+                }
+            };
             let transport = match s.protocol {
                 Protocol::Udp => Transport::Udp(UdpTransport::new(s.address.clone())),
-                Protocol::Tcp => Transport::Stream(StreamTransport::new(s.address.clone(), None, connect, write)),
-                Protocol::Tls => {
-                    let tls = syslog_tls(key, s)?;
-                    Transport::Stream(StreamTransport::new(s.address.clone(), Some(tls), connect, write))
-                }
+                Protocol::Tcp => Transport::Stream(stream(None)),
+                Protocol::Tls => Transport::Stream(stream(Some(syslog_tls(key, s)?))),
             };
             (transport, EventEncoder::Wire(Encoder::new(options)))
         }
@@ -345,7 +349,6 @@ fn start(config: &Config, store: &Arc<Store>, mode: Mode, stop: watch::Receiver<
             rejected_alone: 0,
             sent: Default::default(),
             rewinds: 0,
-            rewound: 0,
             batch_size: common.batch_size,
             retry_initial: Duration::from_millis(common.retry_initial_ms),
             retry_max: Duration::from_secs(common.retry_max_secs),

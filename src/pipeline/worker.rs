@@ -57,8 +57,8 @@ pub enum WorkerError {
     Store { sink: String, source: StoreError },
     #[error("sink {sink}: stopped with {pending} detections still queued in the state directory{}", STOPPED_ADVICE)]
     Stopped { sink: String, pending: usize },
-    #[error("sink {sink}: the receiver did not confirm reading the last {detections} detections sent ({cause}); they stay queued with the others ({pending} in all) and are sent again by the next run with this sink, so the receiver may get some twice")]
-    Unconfirmed { sink: String, detections: usize, pending: usize, cause: &'static str },
+    #[error("sink {sink}: the receiver did not confirm reading the last detections sent ({cause}); they stay queued with the others ({pending} in all) and are sent again by the next run with this sink, so the receiver may get some twice")]
+    Unconfirmed { sink: String, pending: usize, cause: &'static str },
 }
 
 /// The end of a [`WorkerError::Stopped`] message, which the demo replaces
@@ -163,8 +163,6 @@ pub struct SinkWorker {
     /// Times in a row the unconfirmed reads were sent again after a lost
     /// connection without any being confirmed; limited by `max_attempts`.
     pub(crate) rewinds: u32,
-    /// The detections sent again after the last lost connection.
-    pub(crate) rewound: usize,
     pub(crate) batch_size: usize,
     pub(crate) retry_initial: Duration,
     pub(crate) retry_max: Duration,
@@ -398,11 +396,7 @@ impl SinkWorker {
 
     fn unconfirmed_error(&self, cause: &'static str) -> WorkerError {
         let pending = self.store.pending(&self.name).map(|(n, _)| n).unwrap_or(0);
-        let detections = match self.sent.iter().map(|read| read.messages).sum() {
-            0 => self.rewound,
-            sent => sent,
-        };
-        WorkerError::Unconfirmed { sink: self.name.clone(), detections, pending, cause }
+        WorkerError::Unconfirmed { sink: self.name.clone(), pending, cause }
     }
 
     /// Exits a worker that waited for work. Reads still waiting for the
@@ -436,7 +430,10 @@ impl SinkWorker {
             finished = self.transport.finish() => Some(finished),
         };
         match finished {
-            Some(Finish::Read | Finish::Lost | Finish::NoAnswer) => Ok(()),
+            Some(Finish::Read | Finish::Lost) => Ok(()),
+            Some(Finish::NoAnswer) => Err(self.unconfirmed_error(
+                "it did not close its side of the connection within write_timeout_secs after the sink closed its own; if it keeps connections open by design, set confirm = \"tcp-ack\" for this sink",
+            )),
             None => Err(self.unconfirmed_error("the shutdown grace period ended before it closed the connection")),
         }
     }
@@ -680,14 +677,12 @@ impl SinkWorker {
         let waiting = waiting_reads(&self.sent, if lost > 0 { lost } else { self.transport.unconfirmed() });
         let confirmed = self.sent.len() - waiting;
         if lost > 0 {
-            let dropped = self.sent.split_off(confirmed);
-            self.rewound = dropped.iter().map(|read| read.messages).sum();
+            self.sent.truncate(confirmed);
             self.rewinds += 1;
             tracing::warn!(
                 sink = %self.name,
                 batches = lost,
-                detections = self.rewound,
-                "the receiver closed or reset the connection before confirming that it read the last batches; sending them again from the outbox, so it may get some twice"
+                "the connection was lost before the receiver confirmed that it read the last batches; sending them again from the outbox, so it may get some twice"
             );
         }
         if confirmed == 0 {
@@ -996,7 +991,6 @@ mod tests {
             rejected_alone: 0,
             sent: Default::default(),
             rewinds: 0,
-            rewound: 0,
             batch_size: 10,
             retry_initial: Duration::from_millis(10),
             retry_max: Duration::from_millis(10),

@@ -49,6 +49,9 @@ pub enum SinkError {
     SendTimeout { address: String, secs: u64 },
     #[error("{address} closed the connection before acknowledging the batch; it is sent again")]
     PeerClosed { address: String },
+    /// A receiver that did not confirm the last batches by closing its side.
+    #[error("{address} {behaviour}, so it did not confirm reading the last batches, and they are sent again. If the receiver keeps connections open or resets them by design, set confirm = \"tcp-ack\" for this sink: it then counts a batch as delivered once the receiver's TCP stack acknowledged it")]
+    CloseUnconfirmed { address: String, behaviour: &'static str },
     /// A connection lost with batches the receiver had not confirmed reading.
     #[error("{address} closed or reset the connection with {batches} batches it may not have read; they are sent again from the outbox, so it may get some twice")]
     LostUnread { address: String, batches: usize },
@@ -126,7 +129,11 @@ impl SinkError {
     /// True when retrying cannot help until an operator changes something.
     pub fn needs_operator(&self) -> bool {
         match self {
-            SinkError::InvalidToken { .. } | SinkError::RequestRejected { .. } | SinkError::Redirected { .. } | SinkError::ClosedUnread { .. } => true,
+            SinkError::InvalidToken { .. }
+            | SinkError::RequestRejected { .. }
+            | SinkError::Redirected { .. }
+            | SinkError::ClosedUnread { .. }
+            | SinkError::CloseUnconfirmed { .. } => true,
             SinkError::HecStatus { needs_operator, .. } => *needs_operator,
             _ => false,
         }

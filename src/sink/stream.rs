@@ -97,7 +97,8 @@ const YOUNG_CONNECTION: Duration = Duration::from_secs(10);
 #[derive(Debug, PartialEq)]
 enum PeerState {
     Open,
-    /// The receiver closed the connection (FIN, or TLS close_notify).
+    /// The receiver closed the connection (FIN, or TLS close_notify). It
+    /// may still reset it later, with data unread.
     Closed,
     /// The receiver reset the connection, possibly with data unread.
     Reset,
@@ -109,12 +110,11 @@ enum PeerState {
 pub enum Finish {
     /// It read everything and closed its side: every batch is confirmed.
     Read,
-    /// It reset the connection: the unconfirmed batches count as lost
-    /// (see [`StreamTransport::take_lost`]).
+    /// It reset the connection, or had closed it before: the unconfirmed
+    /// batches count as lost (see [`StreamTransport::take_lost`]).
     Lost,
-    /// It did not close its side in time, and did not reset the connection
-    /// either. The batches count as delivered, and later ones once TCP
-    /// acknowledged them.
+    /// It did not close its side in time: the unconfirmed batches count as
+    /// lost, and the next send fails first (see [`StreamTransport::finish`]).
     NoAnswer,
 }
 
@@ -249,12 +249,14 @@ pub struct StreamTransport {
     /// reading everything: it skips the waits that catch a receiver that
     /// rejects connections, because that receiver just accepted one.
     rotated: bool,
-    /// False once the receiver did not respond to the sink's close as
-    /// expected (see [`StreamTransport::finish`]). Batches then count as
-    /// delivered once TCP acknowledged them.
+    /// False for `confirm = "tcp-ack"`: batches count as delivered once TCP
+    /// acknowledged them.
     confirms_by_close: bool,
     /// The sink's closes in a row that the receiver reset (see [`RESETS_ON_CLOSE_GIVE_UP`]).
     resets_on_close: u32,
+    /// How the receiver failed to confirm the last batches by a close,
+    /// until the next send reports it (see [`StreamTransport::finish`]).
+    close_failed: Option<&'static str>,
     connect_timeout: Duration,
     write_timeout: Duration,
 }
@@ -276,9 +278,16 @@ impl StreamTransport {
             rotated: false,
             confirms_by_close: true,
             resets_on_close: 0,
+            close_failed: None,
             connect_timeout,
             write_timeout,
         }
+    }
+
+    /// Counts a batch as delivered once TCP acknowledged it, for
+    /// `confirm = "tcp-ack"`, instead of waiting for the receiver's close.
+    pub fn confirming_by_tcp_ack(self) -> Self {
+        Self { confirms_by_close: false, ..self }
     }
 
     async fn connect(&mut self) -> Result<&mut Connection, SinkError> {
@@ -290,7 +299,7 @@ impl StreamTransport {
                 PeerState::Open => {}
                 PeerState::Closed => {
                     tracing::info!(address = %self.address, "receiver closed the connection; reconnecting");
-                    self.lose_closed_connection();
+                    self.lose_connection();
                 }
                 PeerState::Reset => {
                     tracing::info!(address = %self.address, "receiver reset the connection; reconnecting");
@@ -415,7 +424,7 @@ impl StreamTransport {
                 PeerState::Open => {}
                 PeerState::Closed => {
                     tracing::info!(address = %self.address, "receiver closed the idle connection");
-                    self.lose_closed_connection();
+                    self.lose_connection();
                 }
                 PeerState::Reset => {
                     tracing::info!(address = %self.address, "receiver reset the idle connection");
@@ -469,8 +478,7 @@ impl StreamTransport {
         self.lost > 0
     }
 
-    /// True while the sink closes connections to have batches confirmed
-    /// (see [`StreamTransport::finish`]).
+    /// True unless `confirm = "tcp-ack"` (see [`StreamTransport::finish`]).
     pub fn confirms_by_close(&self) -> bool {
         self.confirms_by_close
     }
@@ -487,18 +495,23 @@ impl StreamTransport {
     /// Closes the connection so that the receiver confirms it read the
     /// unconfirmed batches: it closes its side once it has read
     /// everything, and a receiver that closes with data unread resets the
-    /// connection instead. Waits up to the write timeout.
+    /// connection instead. Waits up to the write timeout. A close from the
+    /// receiver that came first confirms nothing: a receiver may shut
+    /// down its side and reset the connection only later.
     ///
     /// A receiver that does not close its side by then, or that resets
-    /// [`RESETS_ON_CLOSE_GIVE_UP`] closes in a row, cannot confirm batches
-    /// this way. From then on batches count as delivered once TCP
-    /// acknowledged them, with a WARN. The unconfirmed batches count as
-    /// delivered after a timeout, and as lost after a reset.
+    /// [`RESETS_ON_CLOSE_GIVE_UP`] closes in a row, makes the next send fail
+    /// with an error that suggests `confirm = "tcp-ack"`, so the batches
+    /// are sent again after the worker's backoff, not at once.
     pub async fn finish(&mut self) -> Finish {
         if self.unconfirmed() == 0 {
             return Finish::Read;
         }
         let Some(stream) = self.stream.as_mut() else { return Finish::NoAnswer };
+        if stream.peer_state().await != PeerState::Open {
+            self.lose_connection();
+            return Finish::Lost;
+        }
         match timeout(self.write_timeout, stream.close_and_read_to_end()).await {
             Ok(Ok(())) => {
                 self.stream = None;
@@ -510,30 +523,17 @@ impl StreamTransport {
             Ok(Err(_)) => {
                 self.resets_on_close += 1;
                 if self.resets_on_close >= RESETS_ON_CLOSE_GIVE_UP {
-                    self.stop_confirming("reset the connection each time the sink closed its side. The batches it has not confirmed are sent again, so it may get them twice");
+                    self.close_failed = Some("reset the connection at each of the last 3 closes of the sink");
                 }
                 self.lose_connection();
                 Finish::Lost
             }
-            // The receiver is still there: a receiver that stopped with
-            // data unread would have reset the connection.
             Err(_) => {
-                self.stop_confirming("did not close its side of the connection within write_timeout_secs after the sink closed its own. The batches it has not confirmed count as delivered");
-                self.stream = None;
-                self.forget_unconfirmed();
+                self.close_failed = Some("did not close its side of the connection within write_timeout_secs after the sink closed its own");
+                self.lose_connection();
                 Finish::NoAnswer
             }
         }
-    }
-
-    /// Stops having batches confirmed by closes, for a receiver that does
-    /// not respond to them as expected.
-    fn stop_confirming(&mut self, behaviour: &str) {
-        tracing::warn!(
-            address = %self.address,
-            "the receiver {behaviour}. It cannot confirm reading what the sink sends, so until the forwarder restarts or reloads this sink counts a batch as delivered once the receiver's TCP stack acknowledged it, and a receiver that stops with data unread loses that data. Configure the receiver to close a connection once the sender closed its side"
-        );
-        self.confirms_by_close = false;
     }
 
     /// Counts the batches the receiver may not have read on the connection
@@ -551,17 +551,6 @@ impl StreamTransport {
         };
         self.lost += self.unconfirmed;
         self.forget_unconfirmed();
-    }
-
-    /// Handles a connection the receiver closed. A plain TCP close (FIN)
-    /// confirms every batch: a receiver that closes with data unread resets
-    /// the connection instead. A TLS close_notify comes before the TCP
-    /// close, which may still be a reset, so it confirms nothing.
-    fn lose_closed_connection(&mut self) {
-        if self.tls.is_none() {
-            self.forget_unconfirmed();
-        }
-        self.lose_connection();
     }
 
     /// Returns the error for a send that found the connection lost with
@@ -585,7 +574,10 @@ impl StreamTransport {
     async fn try_send(&mut self, batch: &Batch) -> Result<(), SinkError> {
         let address = self.address.clone();
         let write_timeout = self.write_timeout;
-        if self.confirmation_due() && self.finish().await == Finish::Lost {
+        if let Some(behaviour) = self.close_failed.take() {
+            return Err(SinkError::CloseUnconfirmed { address, behaviour });
+        }
+        if self.confirmation_due() && self.finish().await != Finish::Read {
             return Err(self.unread_error());
         }
         self.connect().await?;
@@ -1063,9 +1055,10 @@ mod tests {
         assert_eq!(transport.take_lost(), 1);
     }
 
-    /// At the end of a drain, a receiver that reads to the end and closes
-    /// confirms every batch, and one that resets loses them. One that keeps
-    /// its side open makes the sink count batches once TCP acknowledged them.
+    /// A receiver that reads to the end and closes after the sink's close
+    /// confirms every batch. One that resets, or closed first, loses them.
+    /// One that keeps its side open loses them too, and the next send
+    /// fails with advice before the retry sends them.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn finish_waits_for_the_receivers_close() {
         let mut batch = Batch::default();
@@ -1085,13 +1078,21 @@ mod tests {
         stop.send(()).unwrap();
         assert_eq!(finishing.await.unwrap(), (Finish::Lost, 1));
 
+        let (address, _) = scripted_receiver(|n| if n == 1 { Plan::ReadOnceThenClose } else { Plan::ReadAll }).await;
+        let mut transport = StreamTransport::new(address.to_string(), None, Duration::from_secs(5), Duration::from_secs(5));
+        transport.send(&batch).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(transport.finish().await, Finish::Lost, "a close that came first confirms nothing");
+
         let (address, _) = scripted_receiver(|_| Plan::ReadKeepOpen).await;
         let mut transport = StreamTransport::new(address.to_string(), None, Duration::from_secs(5), Duration::from_secs(1));
         transport.send(&batch).await.unwrap();
         assert_eq!(transport.finish().await, Finish::NoAnswer);
-        assert_eq!(transport.take_lost(), 0, "the receiver is still there");
-        transport.send(&batch).await.unwrap();
-        assert_eq!(transport.unconfirmed(), 0, "later batches count once TCP acknowledged them");
+        assert_eq!(transport.take_lost(), 1, "the batch goes again");
+        let error = transport.send(&batch).await.expect_err("the next send reports the missing close first");
+        assert!(matches!(error, SinkError::CloseUnconfirmed { .. }), "{error}");
+        assert!(error.to_string().contains("confirm = \"tcp-ack\""), "{error}");
+        transport.send(&batch).await.expect("the retry sends the batch");
     }
 
     /// A receiver that closes every connection unread 1.2 s after accepting
@@ -1136,9 +1137,11 @@ mod tests {
         assert_eq!(transport.wary, YOUNG_CONNECTION);
     }
 
-    /// A receiver that read everything and closed (FIN) gets nothing twice.
+    /// A receiver that closes first confirms nothing, because it may shut
+    /// down its side with data unread and reset the connection later: the
+    /// batch goes again, before the next one.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn clean_close_sends_nothing_again() {
+    async fn receivers_own_close_confirms_nothing() {
         let (address, received) = scripted_receiver(|n| if n == 1 { Plan::ReadOnceThenClose } else { Plan::ReadAll }).await;
         let mut transport = StreamTransport::new(address.to_string(), None, Duration::from_secs(5), Duration::from_secs(5));
         let (mut first, mut second) = (Batch::default(), Batch::default());
@@ -1147,9 +1150,25 @@ mod tests {
         transport.send(&first).await.unwrap();
         assert!(wait_until_received(&received, b"first\n").await);
         tokio::time::sleep(Duration::from_millis(100)).await;
+        let error = transport.send(&second).await.expect_err("the first batch goes again first");
+        assert!(matches!(error, SinkError::LostUnread { batches: 1, .. }), "{error}");
+        assert_eq!(transport.take_lost(), 1);
+        transport.send(&first).await.unwrap();
         transport.send(&second).await.unwrap();
-        assert_eq!(transport.take_lost(), 0, "nothing counts as lost");
-        assert!(wait_until_received(&received, b"first\nsecond\n").await, "{:?}", String::from_utf8_lossy(&received.lock().unwrap()));
+        assert!(wait_until_received(&received, b"first\nfirst\nsecond\n").await, "{:?}", String::from_utf8_lossy(&received.lock().unwrap()));
+    }
+
+    /// With `confirm = "tcp-ack"`, a batch counts once TCP acknowledged it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tcp_ack_confirms_at_once() {
+        let (address, _) = scripted_receiver(|_| Plan::ReadKeepOpen).await;
+        let mut transport =
+            StreamTransport::new(address.to_string(), None, Duration::from_secs(5), Duration::from_secs(5)).confirming_by_tcp_ack();
+        let mut batch = Batch::default();
+        batch.push_message(b"only\n");
+        transport.send(&batch).await.unwrap();
+        assert_eq!(transport.unconfirmed(), 0);
+        assert_eq!(transport.finish().await, Finish::Read, "nothing waits for a close");
     }
 
     #[test]
