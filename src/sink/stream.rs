@@ -74,9 +74,8 @@ pub const CONFIRM_BYTES: usize = 8 << 20;
 /// sink closes it before the next batch, as for [`CONFIRM_BYTES`].
 pub const CONFIRM_AGE: Duration = Duration::from_secs(2);
 
-/// The sink's closes in a row that the receiver met with a reset after
-/// reading everything, after which the sink stops closing connections to
-/// have batches confirmed (see [`StreamTransport::finish`]).
+/// The sink's closes in a row that the receiver met with a reset, after
+/// which the next send fails with advice first (see [`StreamTransport::finish`]).
 const RESETS_ON_CLOSE_GIVE_UP: u32 = 3;
 
 /// How long the first batch on a connection that follows one the receiver
@@ -85,8 +84,8 @@ const RESETS_ON_CLOSE_GIVE_UP: u32 = 3;
 /// each unread some time later would otherwise get batches on every
 /// connection that all have to be sent again.
 /// NOTE: a receiver that waits longer than this before it closes gets
-/// them all the same; nothing is lost, because the outbox keeps every
-/// batch until the receiver confirms reading it.
+/// them all the same. Nothing is lost: the outbox keeps every batch until
+/// the receiver confirms reading it.
 const UNREAD_CLOSE_SETTLE: Duration = Duration::from_secs(1);
 
 /// The age below which a connection lost with data unread makes the next
