@@ -447,6 +447,37 @@ async fn late_unread_closes_keep_everything_queued() {
     assert_eq!(pending(dir.path(), "rsyslog"), 46, "nothing counted as delivered: {}", stderr(&output));
 }
 
+/// A receiver that reads everything and resets each connection when the
+/// sink closes it (SO_LINGER 0) never confirms a batch: the run fails with
+/// advice to count TCP's acknowledgement, and everything stays queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resets_on_close_keep_everything_queued() {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(1..) = stream.read(&mut buf).await {}
+                // A zero linger makes the drop a reset at once; it does not block.
+                #[allow(deprecated)]
+                let _ = stream.set_linger(Some(Duration::ZERO));
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let sink = syslog_sink(address, "tcp", "");
+
+    let output = run_to(dir.path(), &emulator, &sink).await;
+
+    let log = stderr(&output);
+    assert!(!output.status.success(), "{log}");
+    assert!(log.contains("confirm = \"tcp-ack\""), "{log}");
+    assert_eq!(pending(dir.path(), "rsyslog"), 46, "nothing counted as delivered");
+}
+
 /// A receiver that closes its first three connections unread 300 ms after
 /// accepting them, then reads: every detection arrives, and none stays
 /// queued.

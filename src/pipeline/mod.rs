@@ -349,6 +349,7 @@ fn start(config: &Config, store: &Arc<Store>, mode: Mode, stop: watch::Receiver<
             rejected_alone: 0,
             sent: Default::default(),
             rewinds: 0,
+            close_backoff: crate::retry::Backoff::new(Duration::from_millis(common.retry_initial_ms), Duration::from_secs(common.retry_max_secs)),
             batch_size: common.batch_size,
             retry_initial: Duration::from_millis(common.retry_initial_ms),
             retry_max: Duration::from_secs(common.retry_max_secs),

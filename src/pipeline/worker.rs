@@ -163,6 +163,9 @@ pub struct SinkWorker {
     /// Times in a row the unconfirmed reads were sent again after a lost
     /// connection without any being confirmed; limited by `max_attempts`.
     pub(crate) rewinds: u32,
+    /// The retry delays after a receiver did not confirm by its close,
+    /// reset once it confirms something.
+    pub(crate) close_backoff: Backoff,
     pub(crate) batch_size: usize,
     pub(crate) retry_initial: Duration,
     pub(crate) retry_max: Duration,
@@ -268,7 +271,9 @@ impl SinkWorker {
                 continue;
             }
             if self.max_attempts.is_some_and(|max| self.rewinds >= max) {
-                return Err(self.unconfirmed_error("it closed or reset the connection before confirming them, at every attempt"));
+                return Err(self.unconfirmed_error(
+                    "it closed or reset the connection before confirming them, at every attempt; if it resets connections by design, set confirm = \"tcp-ack\" for this sink",
+                ));
             }
             // Read the mode before the outbox: Drain is set only after the
             // pollers stopped queuing, so an empty read after seeing Drain
@@ -705,6 +710,7 @@ impl SinkWorker {
             }
             self.count_forwarded(confirmed);
             self.rewinds = 0;
+            self.close_backoff.reset();
         }
         acked.map(drop)
     }
@@ -818,7 +824,13 @@ impl SinkWorker {
                     if self.max_attempts.is_some_and(|max| attempt >= max) {
                         return Err(WorkerError::Send { sink: self.name.clone(), source });
                     }
-                    let delay = backoff.next_delay(source.retry_after());
+                    // A receiver that does not confirm by its close gets the
+                    // batches again after each failure: the delay grows over
+                    // the sends between them until one is confirmed.
+                    let delay = match &source {
+                        SinkError::CloseUnconfirmed { .. } => self.close_backoff.next_delay(None),
+                        _ => backoff.next_delay(source.retry_after()),
+                    };
                     // A repeat of an error logged recently is counted, not printed.
                     if let Some(suppressed) = crate::telemetry::should_log(&format!("delivery {}: {source}", self.name)) {
                         let events = batch.len();
@@ -991,6 +1003,7 @@ mod tests {
             rejected_alone: 0,
             sent: Default::default(),
             rewinds: 0,
+            close_backoff: Backoff::new(Duration::from_millis(10), Duration::from_secs(1)),
             batch_size: 10,
             retry_initial: Duration::from_millis(10),
             retry_max: Duration::from_millis(10),
