@@ -2382,8 +2382,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let options = StoreOptions { dedupe_retention_secs: 7 * 24 * 3600, ..StoreOptions::default() };
         let store = Store::open_with(dir.path(), options).unwrap();
-        // The start of a generation (half the retention, 302,400 s): four
-        // days later is then in the next one, whatever the clock says.
+        // The start of a generation (half the retention, 302,400 s), so
+        // four days later is in the next one at any wall-clock time.
         let start = DateTime::from_timestamp(302_400 * 5_800, 0).unwrap();
         let old = [detection("x:1", "2026-01-01T00:00:00Z")];
         store.enqueue("t", old.to_vec(), None, start).await.unwrap();

@@ -84,8 +84,8 @@ const RESETS_ON_CLOSE_GIVE_UP: u32 = 3;
 /// each unread some time later would otherwise get batches on every
 /// connection that all have to be sent again.
 /// NOTE: a receiver that waits longer than this before it closes gets
-/// them all the same. Nothing is lost: the outbox keeps every batch until
-/// the receiver confirms reading it.
+/// them all the same, and they go again after its close, because the
+/// worker keeps them queued until the receiver confirms reading them.
 const UNREAD_CLOSE_SETTLE: Duration = Duration::from_secs(1);
 
 /// The age below which a connection lost with data unread makes the next
@@ -253,7 +253,7 @@ pub struct StreamTransport {
     confirms_by_close: bool,
     /// The sink's closes in a row that the receiver reset (see [`RESETS_ON_CLOSE_GIVE_UP`]).
     resets_on_close: u32,
-    /// How the receiver failed to confirm the last batches by a close,
+    /// The receiver's failure to confirm the last batches by a close,
     /// until the next send reports it (see [`StreamTransport::finish`]).
     close_failed: Option<&'static str>,
     connect_timeout: Duration,
@@ -498,10 +498,10 @@ impl StreamTransport {
     /// receiver that came first confirms nothing: a receiver may shut
     /// down its side and reset the connection only later.
     ///
-    /// A receiver that does not close its side by then, or that resets
-    /// [`RESETS_ON_CLOSE_GIVE_UP`] closes in a row, makes the next send fail
-    /// with an error that suggests `confirm = "tcp-ack"`, so the batches
-    /// are sent again after the worker's backoff, not at once.
+    /// A receiver may not close its side by then, or may reset
+    /// [`RESETS_ON_CLOSE_GIVE_UP`] closes in a row. Then the next send fails
+    /// with an error that suggests `confirm = "tcp-ack"`, so the batches go
+    /// again after the worker's retry delay, not at once.
     pub async fn finish(&mut self) -> Finish {
         if self.unconfirmed() == 0 {
             return Finish::Read;
