@@ -394,14 +394,17 @@ impl SinkWorker {
         Ok(self.sleep_or_stop(backoff.next_delay(None)).await)
     }
 
+    /// Returns the detections queued for this sink, for an error message.
+    fn pending(&self) -> usize {
+        self.store.pending(&self.name).map(|(n, _)| n).unwrap_or(0)
+    }
+
     fn stopped_error(&self) -> WorkerError {
-        let pending = self.store.pending(&self.name).map(|(n, _)| n).unwrap_or(0);
-        WorkerError::Stopped { sink: self.name.clone(), pending }
+        WorkerError::Stopped { sink: self.name.clone(), pending: self.pending() }
     }
 
     fn unconfirmed_error(&self, cause: &'static str) -> WorkerError {
-        let pending = self.store.pending(&self.name).map(|(n, _)| n).unwrap_or(0);
-        WorkerError::Unconfirmed { sink: self.name.clone(), pending, cause }
+        WorkerError::Unconfirmed { sink: self.name.clone(), pending: self.pending(), cause }
     }
 
     /// Exits a worker that waited for work. Reads still waiting for the

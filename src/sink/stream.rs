@@ -294,16 +294,10 @@ impl StreamTransport {
             // Plain TCP has no application acknowledgement: a write into a
             // connection the peer already closed succeeds locally and is lost,
             // so a close that already arrived is detected before writing.
-            match stream.peer_state().await {
-                PeerState::Open => {}
-                PeerState::Closed => {
-                    tracing::info!(address = %self.address, "receiver closed the connection; reconnecting");
-                    self.lose_connection();
-                }
-                PeerState::Reset => {
-                    tracing::info!(address = %self.address, "receiver reset the connection; reconnecting");
-                    self.lose_connection();
-                }
+            let state = stream.peer_state().await;
+            if state != PeerState::Open {
+                tracing::info!(address = %self.address, ?state, "receiver closed or reset the connection; reconnecting");
+                self.lose_connection();
             }
             // The batches the lost connection may not have delivered go
             // out again first, from the outbox.
@@ -419,16 +413,10 @@ impl StreamTransport {
     /// as lost. Returns true when there are such batches.
     pub async fn check_connection(&mut self) -> bool {
         if let Some(stream) = &mut self.stream {
-            match stream.peer_state().await {
-                PeerState::Open => {}
-                PeerState::Closed => {
-                    tracing::info!(address = %self.address, "receiver closed the idle connection");
-                    self.lose_connection();
-                }
-                PeerState::Reset => {
-                    tracing::info!(address = %self.address, "receiver reset the idle connection");
-                    self.lose_connection();
-                }
+            let state = stream.peer_state().await;
+            if state != PeerState::Open {
+                tracing::info!(address = %self.address, ?state, "receiver closed or reset the idle connection");
+                self.lose_connection();
             }
         }
         self.lost > 0
