@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use super::query::{self, AlertQuery};
 use super::server::{json_response, method_not_allowed, text_response, HttpResponse};
-use super::state::{Shared, State};
+use super::state::{CompressedRun, ServedJson, Shared, State};
 use super::{Fault, RecordedRequest};
 
 /// The page an intercepting proxy sends in place of the API's response.
@@ -177,7 +177,7 @@ fn authenticate(state: &State, parts: &Parts) -> Result<Caller, &'static str> {
 
 /// Returns the matching detections' JSON texts, ascending by
 /// `LastProcessedTimeUtc`.
-fn select(state: &State, tenant_key: &str, query: &AlertQuery) -> Vec<Arc<str>> {
+fn select(state: &State, tenant_key: &str, query: &AlertQuery) -> Vec<Arc<ServedJson>> {
     let Some(tenant) = state.tenants.get(tenant_key) else {
         return Vec::new();
     };
@@ -198,7 +198,7 @@ const CHUNK_BYTES: usize = 256 * 1024;
 /// written while it is sent, as a server streams a large result. Each chunk
 /// is written on the blocking pool, and waiting for a slow client holds no
 /// thread.
-fn array_response(detections: Vec<Arc<str>>, gzip: bool) -> HttpResponse {
+fn array_response(detections: Vec<Arc<ServedJson>>, gzip: bool) -> HttpResponse {
     let (sender, receiver) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
         let mut writer = ArrayWriter::new(detections, gzip);
@@ -230,7 +230,7 @@ fn array_response(detections: Vec<Arc<str>>, gzip: bool) -> HttpResponse {
 
 /// Writes a JSON array of detections chunk by chunk.
 struct ArrayWriter {
-    detections: Vec<Arc<str>>,
+    detections: Vec<Arc<ServedJson>>,
     /// Detections written so far.
     next: usize,
     /// `None` once the array is closed.
@@ -238,9 +238,9 @@ struct ArrayWriter {
 }
 
 impl ArrayWriter {
-    fn new(detections: Vec<Arc<str>>, gzip: bool) -> Self {
+    fn new(detections: Vec<Arc<ServedJson>>, gzip: bool) -> Self {
         let mut output = if gzip {
-            ArrayOutput::Gzip(Box::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast())))
+            ArrayOutput::Gzip(Box::new(GzipOutput::new()))
         } else {
             ArrayOutput::Plain(Vec::new())
         };
@@ -261,25 +261,133 @@ impl ArrayWriter {
             if self.next > 0 {
                 output.write(b",");
             }
-            output.write(json.as_bytes());
-            written += json.len() + 1;
+            if let ArrayOutput::Gzip(gzip) = output {
+                if let Some(run) = json.run.get().filter(|run| listed_in_order(run, &self.detections[self.next..])) {
+                    let texts = &self.detections[self.next..self.next + run.members.len()];
+                    gzip.splice(run, texts);
+                    written += texts.iter().map(|json| json.text.len() + 1).sum::<usize>();
+                    self.next += texts.len();
+                    continue;
+                }
+            }
+            output.write(json.text.as_bytes());
+            written += json.text.len() + 1;
             self.next += 1;
         }
         Some(output.take().into())
     }
 }
 
+/// Returns whether `listed` starts with the run's members in their order.
+fn listed_in_order(run: &CompressedRun, listed: &[Arc<ServedJson>]) -> bool {
+    run.members.len() <= listed.len()
+        && run.members.iter().zip(listed).all(|(member, json)| std::ptr::eq(member.as_ptr(), Arc::as_ptr(json)))
+}
+
+/// Compresses `run`'s texts joined by commas ahead of time, and records the
+/// blocks on its first member. Does nothing if compressing fails: the run
+/// is then compressed when served.
+pub(super) fn compress_run<'a>(run: impl Iterator<Item = &'a Arc<ServedJson>> + Clone) {
+    let Some(first) = run.clone().next() else { return };
+    let mut compress = flate2::Compress::new(flate2::Compression::fast(), false);
+    let mut blocks = Vec::new();
+    let mut deflated = Ok(());
+    for (index, json) in run.clone().enumerate() {
+        if index > 0 {
+            deflated = deflated.and_then(|()| deflate_into(&mut compress, b",", &mut blocks, flate2::FlushCompress::None));
+        }
+        deflated = deflated.and_then(|()| deflate_into(&mut compress, json.text.as_bytes(), &mut blocks, flate2::FlushCompress::None));
+    }
+    if deflated.and_then(|()| deflate_into(&mut compress, b"", &mut blocks, flate2::FlushCompress::Full)).is_ok() {
+        let members = run.map(Arc::downgrade).collect();
+        let _ = first.run.set(Arc::new(CompressedRun { members, blocks: blocks.into_boxed_slice() }));
+    }
+}
+
+/// Compresses all of `input` into `out` with `flush`, growing `out` as needed.
+fn deflate_into(
+    compress: &mut flate2::Compress,
+    input: &[u8],
+    out: &mut Vec<u8>,
+    flush: flate2::FlushCompress,
+) -> Result<(), flate2::CompressError> {
+    let start = compress.total_in();
+    loop {
+        let consumed = usize::try_from(compress.total_in() - start).unwrap_or(input.len()).min(input.len());
+        out.reserve(input.len() - consumed + 1024);
+        compress.compress_vec(&input[consumed..], out, flush)?;
+        // zlib is done once it consumed the input and left output room unused.
+        if compress.total_in() - start == input.len() as u64 && out.len() < out.capacity() {
+            return Ok(());
+        }
+    }
+}
+
+/// A gzip member header: deflate, no name or time, unknown OS.
+const GZIP_HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
+
+/// A gzip body compressed as it is written, into which runs compressed
+/// ahead of time can be spliced.
+struct GzipOutput {
+    compress: flate2::Compress,
+    out: Vec<u8>,
+    crc: flate2::Crc,
+    /// Whether text was compressed since the last full flush.
+    unflushed: bool,
+}
+
+impl GzipOutput {
+    fn new() -> Self {
+        Self {
+            compress: flate2::Compress::new(flate2::Compression::fast(), false),
+            out: GZIP_HEADER.to_vec(),
+            crc: flate2::Crc::new(),
+            unflushed: false,
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        self.crc.update(bytes);
+        self.unflushed = true;
+        // Compressing into a Vec fails only on a broken zlib state, and then
+        // the client sees a corrupt body.
+        let _ = deflate_into(&mut self.compress, bytes, &mut self.out, flate2::FlushCompress::None);
+    }
+
+    /// Appends a run's blocks after a full flush, so that nothing compressed
+    /// later refers back into them. `texts` are the run's members.
+    fn splice(&mut self, run: &CompressedRun, texts: &[Arc<ServedJson>]) {
+        if self.unflushed {
+            let _ = deflate_into(&mut self.compress, b"", &mut self.out, flate2::FlushCompress::Full);
+            self.unflushed = false;
+        }
+        self.out.extend_from_slice(&run.blocks);
+        for (index, json) in texts.iter().enumerate() {
+            if index > 0 {
+                self.crc.update(b",");
+            }
+            self.crc.update(json.text.as_bytes());
+        }
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        let _ = deflate_into(&mut self.compress, b"", &mut self.out, flate2::FlushCompress::Finish);
+        self.out.extend_from_slice(&self.crc.sum().to_le_bytes());
+        self.out.extend_from_slice(&self.crc.amount().to_le_bytes());
+        self.out
+    }
+}
+
 enum ArrayOutput {
     Plain(Vec<u8>),
-    Gzip(Box<flate2::write::GzEncoder<Vec<u8>>>),
+    Gzip(Box<GzipOutput>),
 }
 
 impl ArrayOutput {
     fn write(&mut self, bytes: &[u8]) {
         match self {
             ArrayOutput::Plain(out) => out.extend_from_slice(bytes),
-            // The encoder writes to a Vec, and Vec's `Write` returns no errors.
-            ArrayOutput::Gzip(encoder) => drop(std::io::Write::write_all(encoder.as_mut(), bytes)),
+            ArrayOutput::Gzip(gzip) => gzip.write(bytes),
         }
     }
 
@@ -287,14 +395,14 @@ impl ArrayOutput {
     fn take(&mut self) -> Vec<u8> {
         match self {
             ArrayOutput::Plain(out) => std::mem::take(out),
-            ArrayOutput::Gzip(encoder) => std::mem::take(encoder.get_mut()),
+            ArrayOutput::Gzip(gzip) => std::mem::take(&mut gzip.out),
         }
     }
 
     fn finish(self) -> Vec<u8> {
         match self {
             ArrayOutput::Plain(out) => out,
-            ArrayOutput::Gzip(encoder) => encoder.finish().unwrap_or_default(),
+            ArrayOutput::Gzip(gzip) => gzip.finish(),
         }
     }
 }

@@ -118,7 +118,7 @@ pub(super) fn new_detection(shared: &Shared, tenant_id: &str) -> Value {
             pick_sample(&mut state.rng)
         } else {
             let index = state.rng.below(existing.len() as u64) as usize;
-            serde_json::from_str(&existing[index].json).unwrap_or_else(|_| pick_sample(&mut state.rng))
+            serde_json::from_str(&existing[index].json.text).unwrap_or_else(|_| pick_sample(&mut state.rng))
         }
     };
 
@@ -136,6 +136,10 @@ pub(super) fn new_detection(shared: &Shared, tenant_id: &str) -> Value {
     detection
 }
 
+/// Generated detections compressed together ahead of time: about 32 KiB of
+/// JSON at the default size, the reach of deflate's back references.
+const COMPRESSED_RUN: usize = 64;
+
 /// Adds `count` synthetic detections of about `approx_bytes` of JSON each,
 /// processed at random times in the last hour.
 pub(super) fn generate(shared: &Shared, tenant_id: &str, count: usize, approx_bytes: usize) {
@@ -146,6 +150,12 @@ pub(super) fn generate(shared: &Shared, tenant_id: &str, count: usize, approx_by
     for _ in 0..count {
         let detection = synthesize(&mut state.rng, now, approx_bytes);
         stored.push(StoredDetection::new(&detection));
+    }
+    // In the order a query lists them, so that runs of them can be
+    // compressed ahead of time and served without compressing them again.
+    stored.sort_by_key(|detection| detection.last_processed);
+    for run in stored.chunks(COMPRESSED_RUN) {
+        super::alerts::compress_run(run.iter().map(|detection| &detection.json));
     }
     state.tenant_mut(tenant_id).detections.extend(stored);
 }

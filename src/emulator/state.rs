@@ -117,7 +117,7 @@ pub(super) struct IssuedToken {
 /// filters on, parsed once on insertion.
 pub(super) struct StoredDetection {
     /// Shared, so a response can be written after the state lock is released.
-    pub json: std::sync::Arc<str>,
+    pub json: std::sync::Arc<ServedJson>,
     /// `None` when `LastProcessedTimeUtc` is missing or unparsable; such a
     /// detection never matches a time window.
     pub last_processed: Option<DateTime<Utc>>,
@@ -135,7 +135,7 @@ impl StoredDetection {
         let detection = crate::detection::Detection::from_json_text(text).ok();
         let field = |name: &str| detection.as_ref().and_then(|d| d.text(name)).map(|text| text.into_owned()).unwrap_or_default();
         Self {
-            json: text.into(),
+            json: ServedJson::new(text.into()),
             last_processed: detection.as_ref().and_then(|d| d.last_processed()),
             machine_group: field("MachineGroup"),
             device_tags: field("DeviceCreatedMachineTags"),
@@ -148,13 +148,40 @@ impl StoredDetection {
             |name: &str| detection.get(name).and_then(json_value_text).map(|text| text.into_owned()).unwrap_or_default();
         let last_processed = timefmt::parse(&field("LastProcessedTimeUtc"));
         Self {
-            json: detection.to_string().into(),
+            json: ServedJson::new(detection.to_string().into()),
             last_processed,
             machine_group: field("MachineGroup"),
             device_tags: field("DeviceCreatedMachineTags"),
             cloud_tags: field("CloudCreatedMachineTags"),
         }
     }
+}
+
+/// A detection's JSON text as served.
+pub(super) struct ServedJson {
+    pub text: Box<str>,
+    /// Set on the first detection of a run compressed ahead of time.
+    pub run: std::sync::OnceLock<std::sync::Arc<CompressedRun>>,
+}
+
+impl ServedJson {
+    fn new(text: Box<str>) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self { text, run: std::sync::OnceLock::new() })
+    }
+}
+
+/// Detections that are often served one after another, joined by commas and
+/// compressed ahead of time. A gzip response that lists them in this order
+/// copies these blocks instead of compressing the texts again on the cores
+/// the forwarder runs on.
+pub(super) struct CompressedRun {
+    /// Weak, so the first member does not keep itself alive; a weak
+    /// reference also keeps a member's address from being reused.
+    pub members: Vec<std::sync::Weak<ServedJson>>,
+    /// Raw deflate blocks that end on a byte boundary without a final block
+    /// (a full flush), so they can be spliced into any deflate stream
+    /// after another full flush.
+    pub blocks: Box<[u8]>,
 }
 
 /// xorshift64* pseudo-random numbers for ids and tokens.
