@@ -23,6 +23,9 @@ use crate::store::{EnqueueOutcome, Store, StoreError};
 /// Detections read from a response before they are queued together.
 const QUEUE_BATCH: usize = 250;
 
+/// Batches split and waiting to be queued, at most.
+const QUEUE_DEPTH: usize = 2;
+
 /// One tick of the API's clock (100 ns). Every window starts one tick before
 /// How far a stored checkpoint may be ahead of the local clock before the
 /// poller reads from now instead: clocks of two machines differ by seconds.
@@ -284,17 +287,17 @@ impl Poller {
 
     /// Reads one response and queues its detections.
     ///
-    /// Queuing a batch (spool append, dedupe lookups, fsyncs) runs on the
-    /// blocking pool while the next batch is read and decoded, so the two
-    /// overlap. At most one batch is in flight, and batches are queued in
-    /// response order. An error waits for the batch in flight before it is
-    /// returned. A poller stopped or reloaded mid-page leaves its batch
-    /// running, and the store's per-tenant lock keeps the next poller of the
-    /// tenant from deciding what is new before that batch is done.
+    /// Queuing batches (spool append, dedupe lookups, fsyncs) runs on a
+    /// thread of the blocking pool while the next batches are read and
+    /// decoded, so the two overlap. Batches are queued in response order. An
+    /// error waits for the batches already split to be queued before it is
+    /// returned. A poller stopped or reloaded mid-page leaves those batches
+    /// being queued, and the store's per-tenant lock keeps the next poller
+    /// of the tenant from deciding what is new while one of them is.
     async fn read_page(&self, query: &Query, now: DateTime<Utc>, report: &mut CycleReport) -> Result<PageSummary, CycleError> {
         let mut page = self.client.open(query).await?;
         let mut summary = PageSummary::default();
-        let mut in_flight: Option<JoinHandle<Result<EnqueueOutcome, StoreError>>> = None;
+        let (batches, queuing) = self.start_queuing(now);
         let read: Result<(), CycleError> = loop {
             let elements = match page.next_batch(QUEUE_BATCH).await {
                 Ok(Some(elements)) => elements,
@@ -307,22 +310,52 @@ impl Poller {
                 Err(e) => break Err(e),
             };
             report.fetched += detections.len();
-            if let Some(previous) = in_flight.take() {
-                if let Err(e) = self.settle_enqueue(previous, report).await {
-                    break Err(e);
-                }
+            // A closed channel means queuing failed; its error comes below.
+            if batches.send(detections).await.is_err() {
+                break Ok(());
             }
-            let store = self.store.clone();
-            let tenant = self.name().to_string();
-            in_flight = Some(tokio::task::spawn_blocking(move || store.enqueue_blocking(&tenant, detections, None, now)));
         };
-        let settled = match in_flight {
-            Some(last) => self.settle_enqueue(last, report).await,
-            None => Ok(()),
-        };
+        drop(batches);
+        let settled = self.settle_queuing(queuing, report).await;
         read?;
         settled?;
         Ok(summary)
+    }
+
+    /// Starts a thread that queues the batches sent to it, in order, and
+    /// wakes the sinks after each flushed transaction. Up to `QUEUE_DEPTH`
+    /// batches wait, so the poller splits the next ones while earlier ones
+    /// are written and synced. Batches that waited are merged, up to twice
+    /// `QUEUE_BATCH`, to save a flush and its fsyncs. The thread ends when
+    /// the sender is dropped, after the batches sent so far, or at the first
+    /// error.
+    fn start_queuing(
+        &self,
+        now: DateTime<Utc>,
+    ) -> (tokio::sync::mpsc::Sender<Vec<Detection>>, JoinHandle<Result<EnqueueOutcome, StoreError>>) {
+        let (sender, mut receiver) = tokio::sync::mpsc::channel::<Vec<Detection>>(QUEUE_DEPTH);
+        let store = self.store.clone();
+        let tenant = self.name().to_string();
+        let wake_sinks = self.wake_sinks.clone();
+        let queuing = tokio::task::spawn_blocking(move || {
+            let mut total = EnqueueOutcome::default();
+            while let Some(mut detections) = receiver.blocking_recv() {
+                while detections.len() < QUEUE_BATCH * 2 {
+                    match receiver.try_recv() {
+                        Ok(more) => detections.extend(more),
+                        Err(_) => break,
+                    }
+                }
+                let outcome = store.enqueue_blocking(&tenant, detections, None, now)?;
+                total.queued += outcome.queued;
+                total.duplicates += outcome.duplicates;
+                if outcome.queued > 0 {
+                    wake_sinks.send_modify(|generation| *generation += 1);
+                }
+            }
+            Ok(total)
+        });
+        (sender, queuing)
     }
 
     /// Splits a batch of response elements into detections, updating the
@@ -373,13 +406,14 @@ impl Poller {
         Ok(detections)
     }
 
-    /// Waits for a batch queued on the blocking pool, counts it and wakes the sinks.
-    async fn settle_enqueue(
+    /// Waits for the queuing thread to finish the batches sent to it, and
+    /// counts them.
+    async fn settle_queuing(
         &self,
-        queued: JoinHandle<Result<EnqueueOutcome, StoreError>>,
+        queuing: JoinHandle<Result<EnqueueOutcome, StoreError>>,
         report: &mut CycleReport,
     ) -> Result<(), CycleError> {
-        let outcome = match queued.await {
+        let outcome = match queuing.await {
             Ok(outcome) => outcome.map_err(|e| self.store_error(e))?,
             Err(join) => match join.try_into_panic() {
                 Ok(panic) => std::panic::resume_unwind(panic),
@@ -389,9 +423,6 @@ impl Poller {
         };
         report.queued += outcome.queued;
         report.duplicates += outcome.duplicates;
-        if outcome.queued > 0 {
-            self.wake_sinks.send_modify(|generation| *generation += 1);
-        }
         Ok(())
     }
 
