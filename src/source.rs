@@ -196,7 +196,7 @@ impl AlertsClient {
         if status.is_success() {
             let content_type = header_text(response.headers(), CONTENT_TYPE.as_str());
             return Ok(Page {
-                response,
+                body: BodyReader::start(response),
                 splitter: ArraySplitter::with_secrets(vec![token.expose().to_string()]).with_field_tables(self.field_tables),
                 ready: std::collections::VecDeque::new(),
                 finished: false,
@@ -222,9 +222,51 @@ impl AlertsClient {
     }
 }
 
+/// Decompressed chunks of a response body, read by a task of their own so
+/// that inflating a gzip body overlaps with splitting it into detections.
+struct BodyReader {
+    chunks: tokio::sync::mpsc::Receiver<Result<bytes::Bytes, reqwest::Error>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Chunks read ahead of the splitter, at most.
+const BODY_CHUNKS_AHEAD: usize = 4;
+
+impl BodyReader {
+    fn start(mut response: reqwest::Response) -> Self {
+        let (sender, chunks) = tokio::sync::mpsc::channel(BODY_CHUNKS_AHEAD);
+        let task = tokio::spawn(async move {
+            loop {
+                let chunk = match response.chunk().await {
+                    Ok(Some(chunk)) => Ok(chunk),
+                    Ok(None) => return,
+                    Err(e) => Err(e),
+                };
+                let failed = chunk.is_err();
+                // An error send fails only when the page was dropped.
+                if sender.send(chunk).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Self { chunks, task }
+    }
+
+    /// The next chunk, or `None` at the end of the body.
+    async fn chunk(&mut self) -> Result<Option<bytes::Bytes>, reqwest::Error> {
+        self.chunks.recv().await.transpose()
+    }
+}
+
+impl Drop for BodyReader {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// A response body being read element by element.
 pub struct Page {
-    response: reqwest::Response,
+    body: BodyReader,
     splitter: ArraySplitter,
     ready: std::collections::VecDeque<RawElement>,
     finished: bool,
@@ -265,7 +307,7 @@ impl Page {
     /// Reads one chunk of the body into the splitter. On an error, `out`
     /// still gets the elements that were complete before it.
     async fn read_chunk(&mut self, out: &mut Vec<RawElement>) -> Result<(), SourceError> {
-        let chunk = match self.response.chunk().await {
+        let chunk = match self.body.chunk().await {
             Ok(chunk) => chunk,
             Err(source) => {
                 // The body's error is the one to report.
