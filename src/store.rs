@@ -304,37 +304,49 @@ struct QueuedBatch {
     detections: Vec<Detection>,
 }
 
-/// The batches kept in memory, newest first, at most `capacity`.
+/// The batches kept in memory, newest first: as many as fit in `capacity`
+/// detections, and always the newest.
 struct RecentBatches {
     capacity: usize,
+    /// Detections in `batches`.
+    held: usize,
     batches: std::collections::VecDeque<(u64, Arc<QueuedBatch>)>,
 }
 
 impl RecentBatches {
     fn new(capacity: usize) -> Self {
-        Self { capacity, batches: std::collections::VecDeque::with_capacity(capacity) }
+        Self { capacity, held: 0, batches: std::collections::VecDeque::new() }
     }
 
     fn get(&self, seq: u64) -> Option<Arc<QueuedBatch>> {
         self.batches.iter().find(|(s, _)| *s == seq).map(|(_, batch)| batch.clone())
     }
 
-    /// Keeps `batch` as the newest. Returns the oldest when it no longer
-    /// fits, for the caller to drop after releasing the lock: freeing a
+    /// Keeps `batch` as the newest. Returns the oldest ones that no longer
+    /// fit, for the caller to drop after releasing the lock: freeing a
     /// batch's detections takes a while.
-    #[must_use = "drop the batch pushed out after releasing the lock"]
-    fn keep(&mut self, seq: u64, batch: Arc<QueuedBatch>) -> Option<Arc<QueuedBatch>> {
-        let pushed_out = if self.batches.len() >= self.capacity { self.batches.pop_back() } else { None };
+    #[must_use = "drop the batches pushed out after releasing the lock"]
+    fn keep(&mut self, seq: u64, batch: Arc<QueuedBatch>) -> Vec<Arc<QueuedBatch>> {
+        self.held += batch.detections.len();
         self.batches.push_front((seq, batch));
-        pushed_out.map(|(_, batch)| batch)
+        let mut pushed_out = Vec::new();
+        while self.held > self.capacity && self.batches.len() > 1 {
+            if let Some((_, oldest)) = self.batches.pop_back() {
+                self.held -= oldest.detections.len();
+                pushed_out.push(oldest);
+            }
+        }
+        pushed_out
     }
 
     /// Removes the batches before sequence number `first` and returns them,
     /// for the caller to drop after releasing the lock.
     #[must_use = "drop the batches removed after releasing the lock"]
     fn drop_before(&mut self, first: u64) -> Vec<Arc<QueuedBatch>> {
-        let (kept, removed) = std::mem::take(&mut self.batches).into_iter().partition(|(seq, _)| *seq >= first);
+        let (kept, removed): (std::collections::VecDeque<_>, std::collections::VecDeque<_>) =
+            std::mem::take(&mut self.batches).into_iter().partition(|(seq, _)| *seq >= first);
         self.batches = kept;
+        self.held = self.batches.iter().map(|(_, batch)| batch.detections.len()).sum();
         removed.into_iter().map(|(_, batch)| batch).collect()
     }
 }
@@ -351,10 +363,12 @@ struct BatchMemory {
     read: RecentBatches,
 }
 
-/// Batch counts of [`BatchMemory`]. Four queued batches of 250 detections
-/// of 2 KB are about 2 MB of text.
-const QUEUED_BATCHES_KEPT: usize = 4;
-const READ_BATCHES_KEPT: usize = 2;
+/// Detections of [`BatchMemory`]: 4,000 queued detections of 2 KB are about
+/// 8 MB of text. Sinks that keep up stay within 4,000 detections of the
+/// poller; with fewer, a poller that reads faster than the sinks write
+/// pushed out batches the sinks then read back from the spool.
+const QUEUED_DETECTIONS_KEPT: usize = 2000;
+const READ_DETECTIONS_KEPT: usize = 500;
 
 /// Spooled batch format of detections the poller checked.
 const BATCH_CHECKED: u8 = 3;
@@ -661,8 +675,8 @@ impl Store {
         let store = Self {
             spool,
             recent: std::sync::Mutex::new(BatchMemory {
-                queued: RecentBatches::new(QUEUED_BATCHES_KEPT),
-                read: RecentBatches::new(READ_BATCHES_KEPT),
+                queued: RecentBatches::new(QUEUED_DETECTIONS_KEPT),
+                read: RecentBatches::new(READ_DETECTIONS_KEPT),
             }),
             append_order: std::sync::Mutex::new(()),
             checkpoints: db.open_tree("checkpoints").map_err(io)?,
@@ -2353,6 +2367,30 @@ mod tests {
         assert_eq!(texts, expected);
         assert!(from_spool.iter().all(|(_, tenant, _, _)| tenant == "tenant-a"));
         assert!(from_spool.iter().all(|(_, _, _, checked)| *checked));
+    }
+
+    /// Batches stay in memory up to a number of detections, not of batches,
+    /// so large batches do not multiply the memory kept, and the newest
+    /// batch stays even when it alone is over the limit.
+    #[test]
+    fn memory_keeps_batches_up_to_detections() {
+        let batch = |count: usize| {
+            let detections = (0..count).map(|i| detection(&format!("m:{i}"), "2026-01-01T00:00:00Z")).collect();
+            Arc::new(QueuedBatch { tenant: "t".into(), only_sink: None, checked: true, detections })
+        };
+        let mut recent = RecentBatches::new(1000);
+        for seq in 1..=4 {
+            assert!(recent.keep(seq, batch(250)).is_empty(), "batch {seq} fits");
+        }
+        let pushed_out = recent.keep(5, batch(500));
+        assert_eq!(pushed_out.iter().map(|b| b.detections.len()).collect::<Vec<_>>(), [250, 250]);
+        assert!(recent.get(2).is_none() && recent.get(3).is_some() && recent.get(5).is_some());
+        assert_eq!(recent.held, 1000);
+        assert_eq!(recent.keep(6, batch(1500)).len(), 3);
+        assert!(recent.get(6).is_some(), "the newest batch stays");
+        assert_eq!(recent.held, 1500);
+        assert_eq!(recent.drop_before(7).len(), 1);
+        assert_eq!(recent.held, 0);
     }
 
     #[tokio::test]
