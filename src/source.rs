@@ -232,20 +232,40 @@ struct BodyReader {
 /// Chunks read ahead of the splitter, at most.
 const BODY_CHUNKS_AHEAD: usize = 4;
 
+/// Bytes gathered into one chunk for the splitter. The decoder yields 4 KiB
+/// at a time, and handing each to the poller's task on its own cost more
+/// than copying them.
+const BODY_CHUNK_BYTES: usize = 64 * 1024;
+
 impl BodyReader {
     fn start(mut response: reqwest::Response) -> Self {
         let (sender, chunks) = tokio::sync::mpsc::channel(BODY_CHUNKS_AHEAD);
         let task = tokio::spawn(async move {
             loop {
-                let chunk = match response.chunk().await {
-                    Ok(Some(chunk)) => Ok(chunk),
-                    Ok(None) => return,
-                    Err(e) => Err(e),
+                let mut gathered = bytes::BytesMut::new();
+                let end = loop {
+                    match response.chunk().await {
+                        Ok(Some(chunk)) => {
+                            gathered.extend_from_slice(&chunk);
+                            if gathered.len() >= BODY_CHUNK_BYTES {
+                                break None;
+                            }
+                        }
+                        Ok(None) => break Some(Ok(())),
+                        Err(e) => break Some(Err(e)),
+                    }
                 };
-                let failed = chunk.is_err();
-                // An error send fails only when the page was dropped.
-                if sender.send(chunk).await.is_err() || failed {
+                // A send fails only when the page was dropped.
+                if !gathered.is_empty() && sender.send(Ok(gathered.freeze())).await.is_err() {
                     return;
+                }
+                match end {
+                    None => {}
+                    Some(Ok(())) => return,
+                    Some(Err(e)) => {
+                        let _ = sender.send(Err(e)).await;
+                        return;
+                    }
                 }
             }
         });
