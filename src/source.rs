@@ -76,6 +76,10 @@ pub enum SourceError {
     Malformed { tenant: String, status: u16, content_type: String, detail: ArrayError },
     #[error("tenant {tenant}: response is larger than {limit} bytes ([poll] max_response_bytes); it was cut off")]
     TooLarge { tenant: String, limit: u64 },
+    /// The task reading the body ended without reaching its end or an
+    /// error, which only a bug or a runtime shutdown causes.
+    #[error("tenant {tenant}: reading the response body stopped before its end; nothing after that point moves the checkpoint, and the cycle is retried")]
+    BodyStopped { tenant: String },
 }
 
 fn retry_note(retry_after: Option<Duration>) -> String {
@@ -90,7 +94,8 @@ impl SourceError {
             SourceError::Throttled { .. }
             | SourceError::Server { .. }
             | SourceError::Network { .. }
-            | SourceError::Malformed { .. } => true,
+            | SourceError::Malformed { .. }
+            | SourceError::BodyStopped { .. } => true,
             SourceError::Unauthorized { .. }
             | SourceError::Forbidden { .. }
             | SourceError::Rejected { .. }
@@ -224,8 +229,10 @@ impl AlertsClient {
 
 /// Decompressed chunks of a response body, read by a task of their own so
 /// that inflating a gzip body overlaps with splitting it into detections.
+/// The task sends `Ok(None)` at the end of the body, so a task that ended
+/// without it is told apart from a complete body.
 struct BodyReader {
-    chunks: tokio::sync::mpsc::Receiver<Result<bytes::Bytes, reqwest::Error>>,
+    chunks: tokio::sync::mpsc::Receiver<Result<Option<bytes::Bytes>, reqwest::Error>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -256,12 +263,15 @@ impl BodyReader {
                     }
                 };
                 // A send fails only when the page was dropped.
-                if !gathered.is_empty() && sender.send(Ok(gathered.freeze())).await.is_err() {
+                if !gathered.is_empty() && sender.send(Ok(Some(gathered.freeze()))).await.is_err() {
                     return;
                 }
                 match end {
                     None => {}
-                    Some(Ok(())) => return,
+                    Some(Ok(())) => {
+                        let _ = sender.send(Ok(None)).await;
+                        return;
+                    }
                     Some(Err(e)) => {
                         let _ = sender.send(Err(e)).await;
                         return;
@@ -272,9 +282,10 @@ impl BodyReader {
         Self { chunks, task }
     }
 
-    /// The next chunk, or `None` at the end of the body.
-    async fn chunk(&mut self) -> Result<Option<bytes::Bytes>, reqwest::Error> {
-        self.chunks.recv().await.transpose()
+    /// The next chunk, `Ok(None)` at the end of the body, or `None` when
+    /// the reading task ended before either.
+    async fn chunk(&mut self) -> Option<Result<Option<bytes::Bytes>, reqwest::Error>> {
+        self.chunks.recv().await
     }
 }
 
@@ -328,8 +339,12 @@ impl Page {
     /// still gets the elements that were complete before it.
     async fn read_chunk(&mut self, out: &mut Vec<RawElement>) -> Result<(), SourceError> {
         let chunk = match self.body.chunk().await {
-            Ok(chunk) => chunk,
-            Err(source) => {
+            Some(Ok(chunk)) => chunk,
+            None => {
+                let _ = self.splitter.flush(out);
+                return Err(SourceError::BodyStopped { tenant: self.tenant.clone() });
+            }
+            Some(Err(source)) => {
                 // The body's error is the one to report.
                 let _ = self.splitter.flush(out);
                 return Err(SourceError::Network {

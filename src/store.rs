@@ -363,10 +363,10 @@ struct BatchMemory {
     read: RecentBatches,
 }
 
-/// Detections of [`BatchMemory`]: 4,000 queued detections of 2 KB are about
-/// 8 MB of text. Sinks that keep up stay within 4,000 detections of the
-/// poller; with fewer, a poller that reads faster than the sinks write
-/// pushed out batches the sinks then read back from the spool.
+/// Detections of [`BatchMemory`]: 2,000 queued detections of 2 KB are about
+/// 4 MB of text. Sinks that keep up stay within 2,000 detections of the
+/// poller; with four batches of 250, a poller that read faster than the
+/// sinks wrote pushed out batches the sinks then read back from the spool.
 const QUEUED_DETECTIONS_KEPT: usize = 2000;
 const READ_DETECTIONS_KEPT: usize = 500;
 

@@ -136,8 +136,9 @@ pub(super) fn new_detection(shared: &Shared, tenant_id: &str) -> Value {
     detection
 }
 
-/// Generated detections compressed together ahead of time: about 32 KiB of
-/// JSON at the default size, the reach of deflate's back references.
+/// Generated detections compressed together ahead of time: about 128 KiB
+/// of JSON at 2 KB each. Each run starts without history, so longer runs
+/// compress better; a page that cuts a run compresses that run when served.
 const COMPRESSED_RUN: usize = 64;
 
 /// Adds `count` synthetic detections of about `approx_bytes` of JSON each,

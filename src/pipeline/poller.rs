@@ -325,8 +325,9 @@ impl Poller {
     /// Starts a thread that queues the batches sent to it, in order, and
     /// wakes the sinks after each flushed transaction. Up to `QUEUE_DEPTH`
     /// batches wait, so the poller splits the next ones while earlier ones
-    /// are written and synced. Batches that waited are merged, up to twice
-    /// `QUEUE_BATCH`, to save a flush and its fsyncs. The thread ends when
+    /// are written and synced. Batches that waited are merged until they
+    /// reach twice `QUEUE_BATCH` (so fewer than three times), to save a
+    /// flush and its fsyncs. The thread ends when
     /// the sender is dropped, after the batches sent so far, or at the first
     /// error.
     fn start_queuing(
