@@ -249,7 +249,9 @@ impl BodyReader {
         let (sender, chunks) = tokio::sync::mpsc::channel(BODY_CHUNKS_AHEAD);
         let task = tokio::spawn(async move {
             loop {
-                let mut gathered = bytes::BytesMut::new();
+                // One allocation of the final size: growing by doubling
+                // left freed blocks of every size behind.
+                let mut gathered = bytes::BytesMut::with_capacity(BODY_CHUNK_BYTES);
                 let end = loop {
                     match response.chunk().await {
                         Ok(Some(chunk)) => {
