@@ -229,8 +229,8 @@ impl AlertsClient {
 
 /// Decompressed chunks of a response body, read by a task of their own so
 /// that inflating a gzip body overlaps with splitting it into detections.
-/// The task sends `Ok(None)` at the end of the body, so a task that ended
-/// without it is told apart from a complete body.
+/// The task sends `Ok(None)` at the end of the body, so a complete body is
+/// distinguished from a task that ended early.
 struct BodyReader {
     chunks: tokio::sync::mpsc::Receiver<Result<Option<bytes::Bytes>, reqwest::Error>>,
     task: tokio::task::JoinHandle<()>,
@@ -284,8 +284,8 @@ impl BodyReader {
         Self { chunks, task }
     }
 
-    /// The next chunk, `Ok(None)` at the end of the body, or `None` when
-    /// the reading task ended before either.
+    /// Receives the next chunk, `Ok(None)` at the end of the body, or `None`
+    /// when the reading task ended before either.
     async fn chunk(&mut self) -> Option<Result<Option<bytes::Bytes>, reqwest::Error>> {
         self.chunks.recv().await
     }

@@ -365,8 +365,9 @@ struct BatchMemory {
 
 /// Detections of [`BatchMemory`]: 2,000 queued detections of 2 KB are about
 /// 4 MB of text. Sinks that keep up stay within 2,000 detections of the
-/// poller; with four batches of 250, a poller that read faster than the
-/// sinks wrote pushed out batches the sinks then read back from the spool.
+/// poller. With four batches of 250, a poller that read faster than the
+/// sinks wrote pushed out batches that the sinks then read back from the
+/// spool.
 const QUEUED_DETECTIONS_KEPT: usize = 2000;
 const READ_DETECTIONS_KEPT: usize = 500;
 
@@ -2384,7 +2385,9 @@ mod tests {
         }
         let pushed_out = recent.keep(5, batch(500));
         assert_eq!(pushed_out.iter().map(|b| b.detections.len()).collect::<Vec<_>>(), [250, 250]);
-        assert!(recent.get(2).is_none() && recent.get(3).is_some() && recent.get(5).is_some());
+        assert!(recent.get(2).is_none());
+        assert!(recent.get(3).is_some());
+        assert!(recent.get(5).is_some());
         assert_eq!(recent.held, 1000);
         assert_eq!(recent.keep(6, batch(1500)).len(), 3);
         assert!(recent.get(6).is_some(), "the newest batch stays");
