@@ -309,13 +309,13 @@ struct QueuedBatch {
 struct RecentBatches {
     capacity: usize,
     /// Detections in `batches`.
-    held: usize,
+    detection_count: usize,
     batches: std::collections::VecDeque<(u64, Arc<QueuedBatch>)>,
 }
 
 impl RecentBatches {
     fn new(capacity: usize) -> Self {
-        Self { capacity, held: 0, batches: std::collections::VecDeque::new() }
+        Self { capacity, detection_count: 0, batches: std::collections::VecDeque::new() }
     }
 
     fn get(&self, seq: u64) -> Option<Arc<QueuedBatch>> {
@@ -327,12 +327,12 @@ impl RecentBatches {
     /// batch's detections takes a while.
     #[must_use = "drop the batches pushed out after releasing the lock"]
     fn keep(&mut self, seq: u64, batch: Arc<QueuedBatch>) -> Vec<Arc<QueuedBatch>> {
-        self.held += batch.detections.len();
+        self.detection_count += batch.detections.len();
         self.batches.push_front((seq, batch));
         let mut pushed_out = Vec::new();
-        while self.held > self.capacity && self.batches.len() > 1 {
+        while self.detection_count > self.capacity && self.batches.len() > 1 {
             if let Some((_, oldest)) = self.batches.pop_back() {
-                self.held -= oldest.detections.len();
+                self.detection_count -= oldest.detections.len();
                 pushed_out.push(oldest);
             }
         }
@@ -346,7 +346,7 @@ impl RecentBatches {
         let (kept, removed): (std::collections::VecDeque<_>, std::collections::VecDeque<_>) =
             std::mem::take(&mut self.batches).into_iter().partition(|(seq, _)| *seq >= first);
         self.batches = kept;
-        self.held = self.batches.iter().map(|(_, batch)| batch.detections.len()).sum();
+        self.detection_count = self.batches.iter().map(|(_, batch)| batch.detections.len()).sum();
         removed.into_iter().map(|(_, batch)| batch).collect()
     }
 }
@@ -2388,12 +2388,12 @@ mod tests {
         assert!(recent.get(2).is_none());
         assert!(recent.get(3).is_some());
         assert!(recent.get(5).is_some());
-        assert_eq!(recent.held, 1000);
+        assert_eq!(recent.detection_count, 1000);
         assert_eq!(recent.keep(6, batch(1500)).len(), 3);
         assert!(recent.get(6).is_some(), "the newest batch stays");
-        assert_eq!(recent.held, 1500);
+        assert_eq!(recent.detection_count, 1500);
         assert_eq!(recent.drop_before(7).len(), 1);
-        assert_eq!(recent.held, 0);
+        assert_eq!(recent.detection_count, 0);
     }
 
     #[tokio::test]
