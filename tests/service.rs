@@ -221,6 +221,29 @@ async fn sigterm_during_reload_skips_the_new_config() {
     assert!(!log.contains("config reload rejected"), "{log}");
 }
 
+/// A reload that stops a worker with detections still queued says that the
+/// new worker sends them, not that the next run does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_names_new_worker_for_queue() {
+    let emulator = emulator_with_samples(EmulatorOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let tenant = tenant_toml("contoso", TENANT_ID, &emulator);
+    let config = write_config(dir.path(), "", &tenant, &tcp_sink_toml("siem", closed_addr()));
+    let daemon = Daemon::start(&config, &[]);
+    assert!(daemon.wait_for_log("poll complete").await, "{}", daemon.log());
+
+    // The sink cannot deliver, so its worker stops at the end of the grace period.
+    daemon.signal(libc::SIGHUP);
+    assert!(daemon.wait_for_log("config reloaded").await, "{}", daemon.log());
+    let (code, log) = daemon.terminate().await;
+
+    assert_eq!(code, Some(0), "{log}");
+    let reload = &log[..log.find("config reloaded").unwrap()];
+    assert!(reload.contains("sink siem: stopped with 46 detections still queued"), "{reload}");
+    assert!(reload.contains("its new worker sends them now"), "{reload}");
+    assert!(!reload.contains("the next run with this sink configured sends them"), "{reload}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_with_invalid_config_keeps_old_pipeline() {
     let emulator = emulator_with_samples(EmulatorOptions::default()).await;

@@ -75,12 +75,19 @@ fn grace(config: &Config) -> Duration {
     Duration::from_secs(config.service.shutdown_grace_secs)
 }
 
+/// The end of a stopped worker's message during a reload, in place of
+/// [`super::STOPPED_ADVICE`].
+const RELOAD_ADVICE: &str =
+    "; if the reloaded config keeps this sink, its new worker sends them now, otherwise the next run with this sink configured does";
+
 /// Stops pollers, drains workers within `grace`, and flushes the store.
 async fn stop_running(mut running: Running, store: &Store, grace: Duration) -> Result<(), crate::store::StoreError> {
     for failure in running.join_pollers().await {
         tracing::warn!("{failure}");
     }
     for failure in running.finish_workers(Mode::Daemon, grace, watch::channel(true).1).await {
+        // The new workers start right after, so "the next run" would mislead.
+        let failure = failure.replace(super::STOPPED_ADVICE, RELOAD_ADVICE);
         tracing::warn!("{failure}");
     }
     let flushed = store.flush().await;
