@@ -268,16 +268,10 @@ impl BodyReader {
                 if !gathered.is_empty() && sender.send(Ok(Some(gathered.freeze()))).await.is_err() {
                     return;
                 }
-                match end {
-                    None => {}
-                    Some(Ok(())) => {
-                        let _ = sender.send(Ok(None)).await;
-                        return;
-                    }
-                    Some(Err(e)) => {
-                        let _ = sender.send(Err(e)).await;
-                        return;
-                    }
+                if let Some(last) = end {
+                    // The end of the body, or its error.
+                    let _ = sender.send(last.map(|()| None)).await;
+                    return;
                 }
             }
         });

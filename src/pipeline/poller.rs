@@ -327,9 +327,8 @@ impl Poller {
     /// batches wait, so the poller splits the next ones while earlier ones
     /// are written and synced. Batches that waited are merged until they
     /// reach twice `QUEUE_BATCH` (so fewer than three times), to save a
-    /// flush and its fsyncs. The thread ends when
-    /// the sender is dropped, after the batches sent so far, or at the first
-    /// error.
+    /// flush and its fsyncs. The thread ends when the sender is dropped,
+    /// after the batches sent so far, or at the first error.
     fn start_queuing(
         &self,
         now: DateTime<Utc>,
