@@ -221,7 +221,7 @@ async fn sigterm_during_reload_skips_the_new_config() {
     assert!(!log.contains("config reload rejected"), "{log}");
 }
 
-/// A reload that stops a worker with detections still queued says that the
+/// A reload that stops a worker with detections still queued logs that the
 /// new worker sends them, not that the next run does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_names_new_worker_for_queue() {

@@ -349,8 +349,8 @@ impl GzipOutput {
     fn write(&mut self, bytes: &[u8]) {
         self.crc.update(bytes);
         self.unflushed = true;
-        // Compressing into a Vec fails only on a broken zlib state, and then
-        // the client sees a corrupt body.
+        // zlib reports an error here only for a broken stream state. The
+        // client would then see a corrupt body and fail its gzip check.
         let _ = deflate_into(&mut self.compress, bytes, &mut self.out, flate2::FlushCompress::None);
     }
 
